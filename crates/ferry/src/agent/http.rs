@@ -1,0 +1,209 @@
+//! The agent's HTTP/JSON API on a Unix socket (see docs/api.md).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use orchestrator_shim::api::{
+    ApiError, ContainerInfo, CreateContainer, HostInfo, JobEventKind, JobInfo, MigrateRequest,
+};
+
+use super::{lock, Agent};
+
+/// An API error: status plus body.
+#[derive(Debug)]
+pub(crate) struct ApiFailure {
+    status: StatusCode,
+    body: ApiError,
+}
+
+impl ApiFailure {
+    fn new(status: StatusCode, code: &str, message: String) -> Self {
+        ApiFailure {
+            status,
+            body: ApiError {
+                code: code.into(),
+                message,
+            },
+        }
+    }
+    pub(crate) fn bad_request(m: String) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", m)
+    }
+    pub(crate) fn conflict(m: String) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", m)
+    }
+    pub(crate) fn internal(m: String) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m)
+    }
+    pub(crate) fn unknown_host(m: String) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown_host", m)
+    }
+    pub(crate) fn unknown_container(name: &str, host: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "unknown_container",
+            format!("unknown container {name:?} on {host}: `ferry ps` lists containers"),
+        )
+    }
+    fn unknown_job(id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "unknown_job",
+            format!("unknown job {id:?}"),
+        )
+    }
+}
+
+impl IntoResponse for ApiFailure {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+type ApiResult<T> = std::result::Result<T, ApiFailure>;
+
+pub(crate) async fn serve(agent: Arc<Agent>) -> Result<()> {
+    let sock = agent.cfg.api_socket.clone();
+    if let Some(dir) = sock.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(&sock);
+    let listener = tokio::net::UnixListener::bind(&sock)
+        .with_context(|| format!("binding the API socket {}", sock.display()))?;
+    let app = Router::new()
+        .route("/v1/host", get(host))
+        .route("/v1/containers", get(list).post(create))
+        .route("/v1/containers/{name}", get(one).delete(delete))
+        .route("/v1/containers/{name}/migrate", post(migrate))
+        .route("/v1/jobs", get(jobs))
+        .route("/v1/jobs/{id}", get(job))
+        .route("/v1/jobs/{id}/cancel", post(cancel))
+        .route("/v1/jobs/{id}/events", get(events))
+        .with_state(agent);
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+async fn host(State(a): State<Arc<Agent>>) -> Json<HostInfo> {
+    Json(HostInfo {
+        host: a.cfg.host.clone(),
+        underlay_ip: a.cfg.underlay_ip,
+        criu: a.criu.as_ref().ok().map(|c| c.version.to_string()),
+        criu_error: a.criu.as_ref().err().cloned(),
+        peers: a.peer_names(),
+    })
+}
+
+async fn list(State(a): State<Arc<Agent>>) -> Json<Vec<ContainerInfo>> {
+    let a2 = Arc::clone(&a);
+    Json(tokio::task::spawn_blocking(move || a2.list()).await.unwrap_or_default())
+}
+
+async fn one(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<Json<ContainerInfo>> {
+    let rec = lock(&a.containers).get(&name).cloned();
+    match rec {
+        Some(r) => Ok(Json(a.container_info(&r))),
+        None => Err(ApiFailure::unknown_container(&name, &a.cfg.host)),
+    }
+}
+
+async fn create(
+    State(a): State<Arc<Agent>>,
+    Json(req): Json<CreateContainer>,
+) -> ApiResult<(StatusCode, Json<ContainerInfo>)> {
+    let info = a.create(&req.name, req.ip, req.args).await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn delete(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    a.delete(&name).await?;
+    Ok(Json(serde_json::json!({"deleted": name})))
+}
+
+async fn migrate(
+    State(a): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    Json(req): Json<MigrateRequest>,
+) -> ApiResult<(StatusCode, Json<JobInfo>)> {
+    let job = super::source::start(&a, &name, req)?;
+    Ok((StatusCode::ACCEPTED, Json(job.info())))
+}
+
+async fn jobs(State(a): State<Arc<Agent>>) -> Json<Vec<JobInfo>> {
+    Json(lock(&a.jobs).values().map(|j| j.info()).collect())
+}
+
+fn find_job(a: &Agent, id: &str) -> ApiResult<Arc<super::Job>> {
+    lock(&a.jobs).get(id).cloned().ok_or_else(|| ApiFailure::unknown_job(id))
+}
+
+async fn job(State(a): State<Arc<Agent>>, Path(id): Path<String>) -> ApiResult<Json<JobInfo>> {
+    Ok(Json(find_job(&a, &id)?.info()))
+}
+
+async fn cancel(State(a): State<Arc<Agent>>, Path(id): Path<String>) -> ApiResult<Json<JobInfo>> {
+    let job = find_job(&a, &id)?;
+    let info = job.info();
+    if info.state.past_commit_point() {
+        return Err(ApiFailure::conflict(format!(
+            "too late to cancel job {id}: the destination already confirmed the restore"
+        )));
+    }
+    if info.state.is_terminal() {
+        return Err(ApiFailure::conflict(format!("job {id} already ended ({:?})", info.state)));
+    }
+    job.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+    job.cancel_notify.notify_waiters();
+    Ok(Json(job.info()))
+}
+
+/// Newline-delimited JSON: every event so far, then new ones until the job ends.
+async fn events(State(a): State<Arc<Agent>>, Path(id): Path<String>) -> ApiResult<Response> {
+    use futures_util::StreamExt;
+    use tokio::sync::broadcast::error::RecvError;
+    let job = find_job(&a, &id)?;
+    // Subscribe before copying the history so that no event falls between the two.
+    let rx = job.tx.subscribe();
+    let past = lock(&job.history).clone();
+    let next_seq = past.len() as u64;
+    let finished = past.iter().any(is_finished);
+    let head = futures_util::stream::iter(past.into_iter().map(line));
+    let tail = futures_util::stream::unfold((rx, next_seq, finished), |(mut rx, seq, done)| async move {
+        if done {
+            return None;
+        }
+        loop {
+            match rx.recv().await {
+                Ok(ev) if ev.seq < seq => continue,
+                Ok(ev) => {
+                    let done = is_finished(&ev);
+                    let seq = ev.seq + 1;
+                    return Some((line(ev), (rx, seq, done)));
+                }
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    });
+    Ok(Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(head.chain(tail)))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
+fn is_finished(ev: &orchestrator_shim::api::JobEvent) -> bool {
+    matches!(ev.kind, JobEventKind::Finished { .. })
+}
+
+fn line(ev: orchestrator_shim::api::JobEvent) -> Result<String, Infallible> {
+    let mut s = serde_json::to_string(&ev).unwrap_or_default();
+    s.push('\n');
+    Ok(s)
+}

@@ -1,0 +1,334 @@
+//! The destination side of a migration: prepare, receive, restore, then commit or abort.
+//!
+//! Everything an incoming job creates is recorded on disk first, so that an agent restarted after
+//! a crash removes it; a job whose source disappears (connection closed) or stays silent past its
+//! deadline is aborted here without waiting for anyone.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use orchestrator_shim::api::ContainerSpec;
+use orchestrator_shim::hold::Hold;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::{lock, Agent, ContainerRecord};
+use crate::proto::PeerResponse;
+use crate::runtime::Layout;
+
+/// How long a prepared job may wait for its images.
+const PREPARED_TTL: Duration = Duration::from_secs(120);
+/// How long a restored container waits for the source's commit before it is removed.
+const RESTORED_TTL: Duration = Duration::from_secs(10);
+
+pub(crate) struct Incoming {
+    spec: ContainerSpec,
+    conn_id: usize,
+    layout: Layout,
+    hold: Option<Hold>,
+    restored: bool,
+    deadline: Instant,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Record {
+    job: String,
+    spec: ContainerSpec,
+}
+
+impl Agent {
+    fn incoming_record(&self, job: &str) -> std::path::PathBuf {
+        self.cfg.state_dir.join("incoming").join(format!("{job}.json"))
+    }
+
+    pub(crate) async fn preflight_incoming(&self, name: &str) -> Result<PeerResponse> {
+        if !self.cfg.runs_containers {
+            bail!("host {} does not run containers", self.cfg.host);
+        }
+        let criu = match &self.criu {
+            Ok(c) => c.version.to_string(),
+            Err(e) => bail!("CRIU unusable on {}: {e}", self.cfg.host),
+        };
+        let runc = self
+            .runc
+            .available()
+            .with_context(|| format!("runc unusable on {}", self.cfg.host))?;
+        if lock(&self.containers).contains_key(name)
+            || self.incoming.lock().await.values().any(|i| i.spec.name == name)
+        {
+            bail!("a container named {name:?} already exists on {}", self.cfg.host);
+        }
+        let free_bytes = crate::runtime::free_bytes(&self.cfg.state_dir)?;
+        Ok(PeerResponse::Preflight {
+            criu,
+            runc,
+            free_bytes,
+        })
+    }
+
+    pub(crate) async fn prepare(
+        &self,
+        peer: &str,
+        conn_id: usize,
+        job: String,
+        spec: ContainerSpec,
+        recv: &mut transfer::RecvStream,
+    ) -> Result<PeerResponse> {
+        if !orchestrator_shim::api::valid_name(&spec.name) || !valid_job(&job) {
+            bail!("invalid container name {:?} or job id {job:?}", spec.name);
+        }
+        if lock(&self.containers).contains_key(&spec.name) {
+            bail!("a container named {:?} already exists on {}", spec.name, self.cfg.host);
+        }
+        if self.incoming.lock().await.contains_key(&job) {
+            bail!("job {job} is already being received");
+        }
+        let layout = self.layout(&spec.name);
+        let rec = self.incoming_record(&job);
+        std::fs::create_dir_all(rec.parent().unwrap_or(&self.cfg.state_dir))?;
+        std::fs::write(&rec, serde_json::to_vec(&Record { job: job.clone(), spec: spec.clone() })?)?;
+        let r = async {
+            let _ = std::fs::remove_dir_all(&layout.bundle);
+            std::fs::create_dir_all(layout.rootfs())?;
+            let stats = transfer::tree::recv_tree(recv, &layout.rootfs(), shared_fs::Limits::default())
+                .await
+                .context("receiving the root filesystem")?;
+            crate::runtime::write_config(&layout, &spec, &self.cfg.host)?;
+            let (l, s, bridge) = (layout.clone(), spec.clone(), self.cfg.bridge.clone());
+            let hold = tokio::task::spawn_blocking(move || -> Result<Hold> {
+                crate::runtime::create_netns(&l, &s, &bridge)?;
+                Ok(Hold::start(&l.netns, 0)?)
+            })
+            .await??;
+            Ok::<_, anyhow::Error>((stats, hold))
+        }
+        .await;
+        match r {
+            Ok((stats, hold)) => {
+                info!(%job, container = %spec.name, from = peer, bytes = stats.wire_bytes, "prepared");
+                self.incoming.lock().await.insert(
+                    job,
+                    Incoming {
+                        spec,
+                        conn_id,
+                        layout,
+                        hold: Some(hold),
+                        restored: false,
+                        deadline: Instant::now() + PREPARED_TTL,
+                    },
+                );
+                Ok(PeerResponse::Ok {
+                    bytes: stats.wire_bytes,
+                })
+            }
+            Err(e) => {
+                remove_leftovers(self, &job, &layout, &spec.name);
+                Err(e)
+            }
+        }
+    }
+
+    pub(crate) async fn receive_images(
+        &self,
+        job: &str,
+        corrupt: bool,
+        recv: &mut transfer::RecvStream,
+    ) -> Result<PeerResponse> {
+        let layout = match self.incoming.lock().await.get_mut(job) {
+            Some(i) => {
+                i.deadline = Instant::now() + PREPARED_TTL;
+                i.layout.clone()
+            }
+            None => bail!("no prepared job {job} here (it expired or was aborted)"),
+        };
+        let images = self.images_dir(job);
+        let _ = std::fs::remove_dir_all(&images);
+        std::fs::create_dir_all(&images)?;
+        let limits = shared_fs::Limits::default();
+        let a = transfer::tree::recv_tree(recv, &images, limits.clone())
+            .await
+            .context("receiving CRIU images")?;
+        let b = transfer::tree::recv_tree(recv, &layout.rootfs(), limits)
+            .await
+            .context("receiving the root filesystem diff")?;
+        if corrupt {
+            // Test hook: damage the inventory so that CRIU refuses the images for real.
+            let inv = images.join("inventory.img");
+            std::fs::write(&inv, b"not a CRIU image")?;
+            warn!(%job, "images corrupted on purpose (fault hook)");
+        }
+        Ok(PeerResponse::Ok {
+            bytes: a.wire_bytes + b.wire_bytes,
+        })
+    }
+
+    pub(crate) async fn restore_incoming(&self, job: &str) -> Result<PeerResponse> {
+        let (name, layout) = match self.incoming.lock().await.get(job) {
+            Some(i) => (i.spec.name.clone(), i.layout.clone()),
+            None => bail!("no prepared job {job} here (it expired or was aborted)"),
+        };
+        let (runc, images, work) = (self.runc.clone(), self.images_dir(job), self.work_dir(job));
+        let t = Instant::now();
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&work)?;
+            runc.restore(&name, &layout.bundle, &images, &work)
+        })
+        .await??;
+        info!(%job, took_ms = crate::util::ms(t.elapsed()), "restored; waiting for commit");
+        if let Some(i) = self.incoming.lock().await.get_mut(job) {
+            i.restored = true;
+            i.deadline = Instant::now() + RESTORED_TTL;
+        }
+        Ok(PeerResponse::Ok { bytes: 0 })
+    }
+
+    pub(crate) async fn commit_incoming(&self, job: &str) -> Result<PeerResponse> {
+        let Some(mut inc) = self.incoming.lock().await.remove(job) else {
+            bail!("no restored job {job} here (it expired or was aborted)");
+        };
+        if !inc.restored {
+            let name = inc.spec.name.clone();
+            self.incoming.lock().await.insert(job.to_string(), inc);
+            bail!("job {job}: container {name:?} is not restored yet");
+        }
+        if let Some(hold) = inc.hold.take() {
+            let released = tokio::task::spawn_blocking(move || hold.release()).await??;
+            info!(%job, released, "held packets released");
+        }
+        announce(&inc.layout.netns, &inc.spec);
+        lock(&self.containers).insert(
+            inc.spec.name.clone(),
+            ContainerRecord {
+                spec: inc.spec.clone(),
+                migrating: false,
+            },
+        );
+        self.save_containers();
+        let _ = std::fs::remove_file(self.incoming_record(job));
+        let _ = std::fs::remove_dir_all(self.images_dir(job));
+        let _ = std::fs::remove_dir_all(self.work_dir(job));
+        info!(%job, container = %inc.spec.name, "migration committed: container owned here");
+        Ok(PeerResponse::Ok { bytes: 0 })
+    }
+
+    /// Removes everything job `job` created here.
+    pub(crate) async fn abort_incoming(&self, job: &str, why: &str) {
+        let inc = self.incoming.lock().await.remove(job);
+        if let Some(mut inc) = inc {
+            warn!(%job, container = %inc.spec.name, reason = why, "aborting incoming migration");
+            let hold = inc.hold.take();
+            let name = inc.spec.name.clone();
+            let layout = inc.layout.clone();
+            let this = (self.runc.clone(), self.images_dir(job), self.work_dir(job), self.incoming_record(job));
+            let _ = tokio::task::spawn_blocking(move || {
+                let (runc, images, work, rec) = this;
+                runc.delete_force(&name);
+                if let Some(h) = hold {
+                    let _ = h.discard();
+                }
+                crate::runtime::delete_netns(&layout);
+                let _ = std::fs::remove_dir_all(&layout.bundle);
+                let _ = std::fs::remove_dir_all(images);
+                let _ = std::fs::remove_dir_all(work);
+                let _ = std::fs::remove_file(rec);
+            })
+            .await;
+        }
+    }
+
+    pub(crate) async fn abort_incoming_of_conn(&self, conn_id: usize) {
+        let jobs: Vec<String> = self
+            .incoming
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, i)| i.conn_id == conn_id)
+            .map(|(j, _)| j.clone())
+            .collect();
+        for j in jobs {
+            self.abort_incoming(&j, "connection to the source lost").await;
+        }
+    }
+
+    /// At start: removes what incoming jobs of a previous run left behind.
+    pub(crate) async fn clean_stale_incoming(&self) {
+        let dir = self.cfg.state_dir.join("incoming");
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let Ok(rec) = std::fs::read(e.path())
+                .map_err(anyhow::Error::from)
+                .and_then(|b| Ok(serde_json::from_slice::<Record>(&b)?))
+            else {
+                let _ = std::fs::remove_file(e.path());
+                continue;
+            };
+            warn!(job = %rec.job, container = %rec.spec.name, "removing leftovers of an interrupted incoming migration");
+            let layout = self.layout(&rec.spec.name);
+            remove_leftovers(self, &rec.job, &layout, &rec.spec.name);
+        }
+    }
+}
+
+fn remove_leftovers(a: &Agent, job: &str, layout: &Layout, name: &str) {
+    a.runc.delete_force(name);
+    crate::runtime::delete_netns(layout);
+    let _ = std::fs::remove_dir_all(&layout.bundle);
+    let _ = std::fs::remove_dir_all(a.images_dir(job));
+    let _ = std::fs::remove_dir_all(a.work_dir(job));
+    let _ = std::fs::remove_file(a.incoming_record(job));
+}
+
+fn valid_job(job: &str) -> bool {
+    !job.is_empty()
+        && job.len() <= 80
+        && job
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Gratuitous ARP from the container's namespace, in the background.
+fn announce(netns: &str, spec: &ContainerSpec) {
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", netns, "arping", "-q", "-U", "-c", "1", "-w", "1", "-I", "eth0"])
+        .arg(spec.ip.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    match child {
+        Ok(mut c) => {
+            std::thread::spawn(move || {
+                let _ = c.wait();
+            });
+        }
+        Err(e) => warn!(error = %e, "gratuitous ARP not sent: install iputils-arping"),
+    }
+}
+
+/// Aborts incoming jobs past their deadline.
+pub(crate) async fn watchdog(agent: Arc<Agent>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let expired: Vec<(String, bool)> = agent
+            .incoming
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, i)| i.deadline < now)
+            .map(|(j, i)| (j.clone(), i.restored))
+            .collect();
+        for (j, restored) in expired {
+            let why = if restored {
+                "no commit from the source in time"
+            } else {
+                "the source went silent"
+            };
+            agent.abort_incoming(&j, why).await;
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! The agent: one per host. Runs containers with runc, serves the HTTP/JSON API on a Unix
+//! socket, and talks to other agents over QUIC with mutual TLS.
+
+mod http;
+mod incoming;
+mod peer;
+mod source;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use migrate_core::{Report, State};
+use orchestrator_shim::api::{ContainerInfo, ContainerSpec, JobEvent, JobEventKind, JobInfo};
+use orchestrator_shim::sdn::{Fdb, Mac};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, Notify};
+use tracing::{info, warn};
+
+use crate::config::AgentConfig;
+use crate::proto::{PeerRequest, PeerResponse};
+use crate::runtime::{Layout, Runc};
+
+/// A container this agent owns.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ContainerRecord {
+    spec: ContainerSpec,
+    #[serde(default)]
+    migrating: bool,
+}
+
+/// A migration job run by this agent as the source.
+pub(crate) struct Job {
+    id: String,
+    started: Instant,
+    status: Mutex<(State, Report)>,
+    history: Mutex<Vec<JobEvent>>,
+    tx: broadcast::Sender<JobEvent>,
+    cancel: AtomicBool,
+    cancel_notify: Notify,
+}
+
+impl Job {
+    fn info(&self) -> JobInfo {
+        let (state, report) = lock(&self.status).clone();
+        JobInfo {
+            id: self.id.clone(),
+            state,
+            report,
+        }
+    }
+
+    fn emit(&self, kind: JobEventKind) {
+        let mut h = lock(&self.history);
+        let ev = JobEvent {
+            seq: h.len() as u64,
+            t_ms: crate::util::ms(self.started.elapsed()),
+            kind,
+        };
+        h.push(ev.clone());
+        let _ = self.tx.send(ev);
+    }
+}
+
+/// Locks a std mutex, recovering from poisoning (a panicked holder leaves consistent data here).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The agent.
+pub(crate) struct Agent {
+    cfg: AgentConfig,
+    runc: Runc,
+    endpoint: transfer::Endpoint,
+    conns: tokio::sync::Mutex<HashMap<String, transfer::Connection>>,
+    containers: Mutex<BTreeMap<String, ContainerRecord>>,
+    jobs: Mutex<HashMap<String, Arc<Job>>>,
+    incoming: tokio::sync::Mutex<HashMap<String, incoming::Incoming>>,
+    criu: std::result::Result<criu_sys::Criu, String>,
+    job_seq: AtomicU64,
+}
+
+/// Entry point of `ferry agent`. Enters the configured network namespace first, then starts
+/// the runtime (so every thread lives in that namespace).
+pub fn main(cfg: AgentConfig) -> Result<()> {
+    crate::util::require_root("ferry agent")?;
+    if let Some(ns) = &cfg.netns {
+        crate::netns::enter(ns)?;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run(cfg))
+}
+
+async fn run(cfg: AgentConfig) -> Result<()> {
+    std::fs::create_dir_all(&cfg.state_dir)?;
+    let criu = criu_sys::Criu::discover()
+        .and_then(|c| c.check().map(|_| c))
+        .map_err(|e| e.to_string());
+    match &criu {
+        Ok(c) => info!(version = %c.version, path = %c.path.display(), "CRIU usable"),
+        Err(e) => warn!(error = %e, "CRIU not usable: migrations from or to this host will be refused"),
+    }
+    let tls = transfer::TlsFiles {
+        ca: cfg.tls.ca.clone(),
+        cert: cfg.tls.cert.clone(),
+        key: cfg.tls.key.clone(),
+    };
+    let endpoint = transfer::Endpoint::bind(
+        SocketAddr::from((cfg.underlay_ip, cfg.quic_port)),
+        &tls,
+    )
+    .with_context(|| format!("QUIC endpoint on {}:{}", cfg.underlay_ip, cfg.quic_port))?;
+    let runc = Runc::new(&cfg.runc, cfg.state_dir.join("runc"));
+    let containers = load_containers(&cfg.state_dir.join("containers.json"));
+    let agent = Arc::new(Agent {
+        runc,
+        endpoint,
+        conns: Default::default(),
+        containers: Mutex::new(containers),
+        jobs: Default::default(),
+        incoming: Default::default(),
+        criu,
+        job_seq: AtomicU64::new(0),
+        cfg,
+    });
+    agent.clean_stale_incoming().await;
+    info!(host = %agent.cfg.host, api = %agent.cfg.api_socket.display(), "agent up");
+
+    let quic = tokio::spawn(peer::serve(Arc::clone(&agent)));
+    let watchdog = tokio::spawn(incoming::watchdog(Arc::clone(&agent)));
+    let api = http::serve(Arc::clone(&agent));
+    tokio::select! {
+        r = api => r?,
+        r = quic => r??,
+        _ = watchdog => bail!("watchdog ended"),
+        _ = shutdown_signal() => info!("agent stopping"),
+    }
+    let _ = std::fs::remove_file(&agent.cfg.api_socket);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    if let Ok(mut s) = signal(SignalKind::terminate()) {
+        tokio::select! {
+            _ = s.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+}
+
+fn load_containers(path: &std::path::Path) -> BTreeMap<String, ContainerRecord> {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+impl Agent {
+    fn layout(&self, name: &str) -> Layout {
+        Layout::new(&self.cfg.state_dir, &self.cfg.host, name)
+    }
+
+    fn images_dir(&self, job: &str) -> PathBuf {
+        self.cfg.state_dir.join("images").join(job)
+    }
+
+    fn work_dir(&self, job: &str) -> PathBuf {
+        self.cfg.state_dir.join("work").join(job)
+    }
+
+    fn save_containers(&self) {
+        let c = lock(&self.containers).clone();
+        let path = self.cfg.state_dir.join("containers.json");
+        let tmp = path.with_extension("tmp");
+        let r = serde_json::to_vec_pretty(&c)
+            .map_err(anyhow::Error::from)
+            .and_then(|b| std::fs::write(&tmp, b).map_err(Into::into))
+            .and_then(|_| std::fs::rename(&tmp, &path).map_err(Into::into));
+        if let Err(e) = r {
+            warn!(error = %e, path = %path.display(), "cannot persist container list");
+        }
+    }
+
+    fn container_info(&self, rec: &ContainerRecord) -> ContainerInfo {
+        let st = self.runc.state(&rec.spec.name);
+        let state = if rec.migrating {
+            "migrating".to_string()
+        } else {
+            st.as_ref().map(|s| s.status.clone()).unwrap_or_else(|| "stopped".into())
+        };
+        ContainerInfo {
+            spec: rec.spec.clone(),
+            host: self.cfg.host.clone(),
+            state,
+            pid: st.filter(|s| s.pid > 0).map(|s| s.pid),
+        }
+    }
+
+    fn list(&self) -> Vec<ContainerInfo> {
+        let recs: Vec<ContainerRecord> = lock(&self.containers).values().cloned().collect();
+        recs.iter().map(|r| self.container_info(r)).collect()
+    }
+
+    /// A QUIC connection to a peer, reused while it lives.
+    async fn peer_conn(&self, host: &str) -> Result<transfer::Connection> {
+        let peer = self
+            .cfg
+            .peer(host)
+            .ok_or_else(|| anyhow!("unknown host {host:?}: known peers are {}", self.peer_names().join(", ")))?;
+        let mut conns = self.conns.lock().await;
+        if let Some(c) = conns.get(host) {
+            if c.conn.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let c = self
+            .endpoint
+            .connect(peer.addr(), host)
+            .await
+            .with_context(|| format!("destination {host} ({}) unreachable over QUIC", peer.addr()))?;
+        conns.insert(host.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn peer_names(&self) -> Vec<String> {
+        self.cfg.peers.iter().map(|p| p.host.clone()).collect()
+    }
+
+    /// Sends one request without trees and reads the answer.
+    async fn ask(&self, host: &str, req: &PeerRequest) -> Result<PeerResponse> {
+        let conn = self.peer_conn(host).await?;
+        Ok(peer::request(&conn, req, &[]).await?.0)
+    }
+
+    /// Points `mac` at `host` in this host's overlay (`None` or this host: local, no entry).
+    fn set_route_local(&self, mac: &str, host: Option<&str>) -> Result<()> {
+        let mac: Mac = mac.parse().map_err(|e| anyhow!("{e}"))?;
+        let fdb = Fdb::open(&self.cfg.vxlan)?;
+        match host {
+            Some(h) if h != self.cfg.host => {
+                let peer = self
+                    .cfg
+                    .peer(h)
+                    .ok_or_else(|| anyhow!("route to unknown host {h:?}"))?;
+                fdb.set(mac, peer.underlay_ip)?;
+            }
+            _ => fdb.remove(mac)?,
+        }
+        Ok(())
+    }
+
+    /// Points `mac` at `host` on every host (this one included), in parallel.
+    async fn route_everywhere(&self, mac: &str, host: Option<&str>) -> Result<()> {
+        self.set_route_local(mac, host)?;
+        let req = PeerRequest::Route {
+            mac: mac.to_string(),
+            host: host.map(str::to_string),
+        };
+        let futs = self.cfg.peers.iter().map(|p| {
+            let req = req.clone();
+            async move { (p.host.clone(), self.ask(&p.host, &req).await) }
+        });
+        let mut errors = vec![];
+        for (h, r) in futures_util::future::join_all(futs).await {
+            match r {
+                Ok(PeerResponse::Ok { .. }) => {}
+                Ok(PeerResponse::Error { message }) => errors.push(format!("{h}: {message}")),
+                Ok(other) => errors.push(format!("{h}: unexpected answer {other:?}")),
+                Err(e) => errors.push(format!("{h}: {e:#}")),
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            bail!("overlay update failed on {}", errors.join("; "))
+        }
+    }
+
+    /// Containers on every reachable host (this one included).
+    async fn list_everywhere(&self) -> Vec<ContainerInfo> {
+        let mut all = self.list();
+        let futs = self
+            .cfg
+            .peers
+            .iter()
+            .map(|p| async move { self.ask(&p.host, &PeerRequest::List).await });
+        for r in futures_util::future::join_all(futs).await {
+            if let Ok(PeerResponse::List { containers }) = r {
+                all.extend(containers);
+            }
+        }
+        all
+    }
+
+    /// Creates and starts a container here.
+    async fn create(&self, name: &str, ip: Option<Ipv4Addr>, args: Vec<String>) -> Result<ContainerInfo, http::ApiFailure> {
+        use http::ApiFailure as F;
+        if !self.cfg.runs_containers {
+            return Err(F::bad_request(format!("host {} does not run containers (it is the lab's client host)", self.cfg.host)));
+        }
+        if !orchestrator_shim::api::valid_name(name) {
+            return Err(F::bad_request(format!("invalid container name {name:?}: use 1-32 letters, digits, '-' or '_'")));
+        }
+        if args.is_empty() {
+            return Err(F::bad_request("no command given: ferry run ... -- CMD ARGS".into()));
+        }
+        let all = self.list_everywhere().await;
+        if let Some(c) = all.iter().find(|c| c.spec.name == name) {
+            return Err(F::conflict(format!("a container named {name:?} already exists on {}", c.host)));
+        }
+        let used: Vec<Ipv4Addr> = all.iter().map(|c| c.spec.ip).chain([crate::lab::CLIENT_OVERLAY_IP]).collect();
+        let ip = match ip {
+            Some(ip) if used.contains(&ip) => return Err(F::conflict(format!("address {ip} is already in use"))),
+            Some(ip) => ip,
+            None => crate::runtime::first_free(self.cfg.overlay_first, self.cfg.overlay_last, &used)
+                .ok_or_else(|| F::conflict("no free overlay address left".into()))?,
+        };
+        let spec = ContainerSpec {
+            name: name.to_string(),
+            ip,
+            mac: orchestrator_shim::api::mac_for_ip(ip),
+            prefix_len: self.cfg.overlay_prefix_len,
+            args,
+        };
+        let l = self.layout(name);
+        let r: Result<()> = (|| {
+            let _ = std::fs::remove_dir_all(&l.bundle);
+            crate::runtime::build_rootfs(&l.rootfs(), &self.cfg.workload_bin)?;
+            crate::runtime::write_config(&l, &spec, &self.cfg.host)?;
+            crate::runtime::create_netns(&l, &spec, &self.cfg.bridge)?;
+            self.runc.start(name, &l.bundle)
+        })();
+        if let Err(e) = r {
+            self.runc.delete_force(name);
+            crate::runtime::delete_netns(&l);
+            let _ = std::fs::remove_dir_all(&l.bundle);
+            return Err(F::internal(format!("{e:#}")));
+        }
+        let rec = ContainerRecord { spec: spec.clone(), migrating: false };
+        lock(&self.containers).insert(name.to_string(), rec.clone());
+        self.save_containers();
+        if let Err(e) = self.route_everywhere(&spec.mac, Some(&self.cfg.host.clone())).await {
+            warn!(container = name, error = %format!("{e:#}"), "overlay not updated on every host");
+        }
+        info!(container = name, ip = %spec.ip, "container started");
+        Ok(self.container_info(&rec))
+    }
+
+    /// Stops and removes a container here.
+    async fn delete(&self, name: &str) -> Result<(), http::ApiFailure> {
+        let rec = lock(&self.containers).get(name).cloned();
+        let Some(rec) = rec else {
+            return Err(http::ApiFailure::unknown_container(name, &self.cfg.host));
+        };
+        if rec.migrating {
+            return Err(http::ApiFailure::conflict(format!("container {name:?} is being migrated")));
+        }
+        self.runc.delete_force(name);
+        let l = self.layout(name);
+        crate::runtime::delete_netns(&l);
+        let _ = std::fs::remove_dir_all(&l.bundle);
+        lock(&self.containers).remove(name);
+        self.save_containers();
+        if let Err(e) = self.route_everywhere(&rec.spec.mac, None).await {
+            warn!(container = name, error = %format!("{e:#}"), "overlay not updated on every host");
+        }
+        Ok(())
+    }
+
+    fn new_job_id(&self) -> String {
+        let n = self.job_seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        format!("{}-{t:x}-{n}", self.cfg.host)
+    }
+}

@@ -1,0 +1,142 @@
+//! Serving and sending agent-to-agent requests over QUIC.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Result};
+use shared_fs::Diff;
+use tracing::{debug, warn};
+use transfer::frame::{read_msg, write_msg};
+
+use super::Agent;
+use crate::proto::{PeerRequest, PeerResponse, PROTO_VERSION};
+
+/// A file tree to send after a request.
+pub(crate) struct Tree<'a> {
+    pub(crate) root: &'a Path,
+    pub(crate) diff: &'a Diff,
+}
+
+/// Sends `req` and `trees` on a new stream, returns the answer and the bytes sent.
+pub(crate) async fn request(
+    conn: &transfer::Connection,
+    req: &PeerRequest,
+    trees: &[Tree<'_>],
+) -> Result<(PeerResponse, u64)> {
+    let (mut send, mut recv) = conn.open().await?;
+    let mut bytes = write_msg(&mut send, req).await?;
+    for t in trees {
+        let stats = transfer::tree::send_tree(&mut send, t.root, t.diff).await?;
+        bytes += stats.wire_bytes;
+    }
+    send.finish()
+        .map_err(|e| anyhow!("closing the request stream to {}: {e}", conn.peer_host))?;
+    let resp: PeerResponse = read_msg(&mut recv).await?;
+    Ok((resp, bytes))
+}
+
+/// Turns an answer into `Ok(())` or an error carrying the peer's message.
+pub(crate) fn expect_ok(host: &str, resp: PeerResponse) -> Result<()> {
+    match resp {
+        PeerResponse::Ok { .. } => Ok(()),
+        PeerResponse::Error { message } => bail!("{host}: {message}"),
+        other => bail!("{host} answered unexpectedly: {other:?}"),
+    }
+}
+
+/// Accepts peers until the endpoint closes.
+pub(crate) async fn serve(agent: Arc<Agent>) -> Result<()> {
+    while let Some(conn) = agent.endpoint.accept().await {
+        match conn {
+            Ok(conn) => {
+                tokio::spawn(handle_conn(Arc::clone(&agent), conn));
+            }
+            Err(e) => warn!(error = %e, "refused a peer"),
+        }
+    }
+    Ok(())
+}
+
+async fn handle_conn(agent: Arc<Agent>, conn: transfer::Connection) {
+    let peer = conn.peer_host.clone();
+    if agent.cfg.peer(&peer).is_none() {
+        warn!(%peer, "certificate is valid but the host is not a configured peer: closing");
+        conn.conn.close(1u32.into(), b"unknown peer");
+        return;
+    }
+    let conn_id = conn.conn.stable_id();
+    debug!(%peer, "peer connected");
+    loop {
+        match conn.accept_stream().await {
+            Ok((send, recv)) => {
+                tokio::spawn(handle_stream(Arc::clone(&agent), peer.clone(), conn_id, send, recv));
+            }
+            Err(e) => {
+                debug!(%peer, error = %e, "peer connection ended");
+                break;
+            }
+        }
+    }
+    // Jobs whose source is gone can never commit: remove what they prepared here.
+    agent.abort_incoming_of_conn(conn_id).await;
+}
+
+async fn handle_stream(
+    agent: Arc<Agent>,
+    peer: String,
+    conn_id: usize,
+    mut send: transfer::SendStream,
+    mut recv: transfer::RecvStream,
+) {
+    let resp = match read_msg::<_, PeerRequest>(&mut recv).await {
+        Ok(req) => match dispatch(&agent, &peer, conn_id, req, &mut recv).await {
+            Ok(r) => r,
+            Err(e) => PeerResponse::Error {
+                message: format!("{e:#}"),
+            },
+        },
+        Err(e) => PeerResponse::Error {
+            message: format!("bad request: {e}"),
+        },
+    };
+    if let Err(e) = write_msg(&mut send, &resp).await {
+        warn!(%peer, error = %e, "could not answer peer");
+    }
+    let _ = send.finish();
+    // Give the answer a chance to leave before the stream is dropped.
+    let _ = send.stopped().await;
+}
+
+async fn dispatch(
+    agent: &Arc<Agent>,
+    peer: &str,
+    conn_id: usize,
+    req: PeerRequest,
+    recv: &mut transfer::RecvStream,
+) -> Result<PeerResponse> {
+    match req {
+        PeerRequest::Preflight { version, name } => {
+            if version + 1 < PROTO_VERSION || version > PROTO_VERSION {
+                bail!("protocol version {version} not supported here (this agent speaks {PROTO_VERSION})");
+            }
+            agent.preflight_incoming(&name).await
+        }
+        PeerRequest::List => {
+            let a = Arc::clone(agent);
+            let containers = tokio::task::spawn_blocking(move || a.list()).await?;
+            Ok(PeerResponse::List { containers })
+        }
+        PeerRequest::Route { mac, host } => {
+            agent.set_route_local(&mac, host.as_deref())?;
+            Ok(PeerResponse::Ok { bytes: 0 })
+        }
+        PeerRequest::Prepare { job, spec } => agent.prepare(peer, conn_id, job, spec, recv).await,
+        PeerRequest::Images { job, corrupt } => agent.receive_images(&job, corrupt, recv).await,
+        PeerRequest::Restore { job } => agent.restore_incoming(&job).await,
+        PeerRequest::Commit { job } => agent.commit_incoming(&job).await,
+        PeerRequest::Abort { job } => {
+            agent.abort_incoming(&job, "aborted by the source").await;
+            Ok(PeerResponse::Ok { bytes: 0 })
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! The source side of a migration: drives `migrate_core::Migration` and carries out its actions.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use migrate_core::{Action, Event, Migration, Phase, RollbackPlan};
+use orchestrator_shim::api::{ContainerSpec, FaultHooks, JobEventKind, MigrateRequest};
+use shared_fs::{Diff, Snapshot};
+use tokio::sync::{broadcast, Notify};
+use tracing::{info, warn};
+
+use super::http::ApiFailure;
+use super::peer::{expect_ok, request, Tree};
+use super::{lock, Agent, Job};
+use crate::proto::{PeerRequest, PeerResponse, PROTO_VERSION};
+
+/// Validates the request and starts the job in the background.
+pub(crate) fn start(agent: &Arc<Agent>, name: &str, req: MigrateRequest) -> Result<Arc<Job>, ApiFailure> {
+    let spec = {
+        let mut cs = lock(&agent.containers);
+        let Some(rec) = cs.get_mut(name) else {
+            return Err(ApiFailure::unknown_container(name, &agent.cfg.host));
+        };
+        if rec.migrating {
+            return Err(ApiFailure::conflict(format!("container {name:?} is already being migrated")));
+        }
+        if req.to == agent.cfg.host {
+            return Err(ApiFailure::bad_request(format!("container {name:?} already runs on {}", req.to)));
+        }
+        if agent.cfg.peer(&req.to).is_none() {
+            return Err(ApiFailure::unknown_host(format!(
+                "unknown destination host {:?}: known hosts are {}",
+                req.to,
+                agent.peer_names().join(", ")
+            )));
+        }
+        rec.migrating = true;
+        rec.spec.clone()
+    };
+    let id = agent.new_job_id();
+    let machine = Migration::new(&id, name, &agent.cfg.host, &req.to);
+    let (tx, _) = broadcast::channel(256);
+    let job = Arc::new(Job {
+        id: id.clone(),
+        started: Instant::now(),
+        status: Mutex::new((machine.state(), machine.report().clone())),
+        history: Mutex::new(vec![]),
+        tx,
+        cancel: Default::default(),
+        cancel_notify: Notify::new(),
+    });
+    lock(&agent.jobs).insert(id.clone(), Arc::clone(&job));
+    let (a, j) = (Arc::clone(agent), Arc::clone(&job));
+    tokio::spawn(async move {
+        let mut d = Driver {
+            agent: a,
+            job: j,
+            spec,
+            to: req.to,
+            faults: req.faults,
+            conn: None,
+            rootfs_snapshot: None,
+        };
+        d.run(machine).await;
+    });
+    Ok(job)
+}
+
+struct Driver {
+    agent: Arc<Agent>,
+    job: Arc<Job>,
+    spec: ContainerSpec,
+    to: String,
+    faults: FaultHooks,
+    conn: Option<transfer::Connection>,
+    rootfs_snapshot: Option<Snapshot>,
+}
+
+fn phase_of(a: &Action) -> Option<Phase> {
+    Some(match a {
+        Action::Preflight => Phase::Preflight,
+        Action::Prepare => Phase::Prepare,
+        Action::Redirect => Phase::Redirect,
+        Action::Dump => Phase::Dump,
+        Action::Transfer => Phase::Transfer,
+        Action::Restore => Phase::Restore,
+        Action::Commit => Phase::Commit,
+        Action::CleanupSource => Phase::Cleanup,
+        Action::Rollback(_) => Phase::Rollback,
+        Action::Finish => return None,
+    })
+}
+
+impl Driver {
+    fn now(&self) -> Duration {
+        self.job.started.elapsed()
+    }
+
+    async fn run(&mut self, mut m: Migration) {
+        let mut cancel_fed = false;
+        let mut actions = match m.handle(Event::Start, self.now()) {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "migration could not start");
+                return;
+            }
+        };
+        self.publish(&m);
+        let mut committed_announced = false;
+        while let Some(action) = actions.pop() {
+            let Some(phase) = phase_of(&action) else {
+                break;
+            };
+            self.job.emit(JobEventKind::PhaseStarted { phase });
+            let t = Instant::now();
+            let result = self.execute(&action).await;
+            if self.job.cancel.load(Ordering::SeqCst) && !cancel_fed {
+                cancel_fed = true;
+                if let Err(e) = m.handle(Event::Cancel, self.now()) {
+                    info!(job = %self.job.id, error = %e, "cancel ignored");
+                }
+            }
+            let event = match result {
+                Ok(bytes) => {
+                    self.job.emit(JobEventKind::PhaseDone {
+                        phase,
+                        duration_ms: crate::util::ms(t.elapsed()),
+                        bytes,
+                    });
+                    Event::Done { bytes }
+                }
+                Err(e) => {
+                    let error = format!("{e:#}");
+                    warn!(job = %self.job.id, ?phase, %error, "phase failed");
+                    self.job.emit(JobEventKind::PhaseFailed {
+                        phase,
+                        error: error.clone(),
+                    });
+                    Event::Failed { error }
+                }
+            };
+            actions = match m.handle(event, self.now()) {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(job = %self.job.id, error = %e, "state machine refused an event");
+                    break;
+                }
+            };
+            self.publish(&m);
+            if m.report().committed && !committed_announced {
+                committed_announced = true;
+                self.job.emit(JobEventKind::Committed);
+            }
+        }
+        // The container is no longer "migrating" wherever it ended up.
+        if let Some(rec) = lock(&self.agent.containers).get_mut(&self.spec.name) {
+            rec.migrating = false;
+        }
+        self.agent.save_containers();
+        let report = m.finalize();
+        info!(job = %self.job.id, outcome = ?report.outcome, frozen_ms = report.frozen_ms, total_ms = report.total_ms, "migration ended");
+        self.job.emit(JobEventKind::Finished {
+            report: Box::new(report),
+        });
+    }
+
+    fn publish(&self, m: &Migration) {
+        *lock(&self.job.status) = (m.state(), m.report().clone());
+    }
+
+    async fn conn(&mut self) -> Result<transfer::Connection> {
+        if let Some(c) = &self.conn {
+            if c.conn.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+            bail!("connection to {} lost: {}", self.to, c.conn.close_reason().map(|r| r.to_string()).unwrap_or_default());
+        }
+        let c = self.agent.peer_conn(&self.to).await?;
+        self.conn = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Sends a request to the destination; a peer error becomes an error.
+    async fn ask_dest(&mut self, req: &PeerRequest, trees: &[Tree<'_>]) -> Result<u64> {
+        let conn = self.conn().await?;
+        let (resp, bytes) = request(&conn, req, trees).await?;
+        expect_ok(&self.to, resp)?;
+        Ok(bytes)
+    }
+
+    async fn execute(&mut self, action: &Action) -> Result<u64> {
+        let job = self.job.id.clone();
+        let l = self.agent.layout(&self.spec.name);
+        match action {
+            Action::Preflight => {
+                if let Err(e) = &self.agent.criu {
+                    bail!("CRIU unusable on {}: {e}", self.agent.cfg.host);
+                }
+                let st = self.agent.runc.state(&self.spec.name);
+                if st.as_ref().map(|s| s.status.as_str()) != Some("running") {
+                    bail!("container {:?} is not running on {} (runc state: {})", self.spec.name, self.agent.cfg.host,
+                        st.map(|s| s.status).unwrap_or_else(|| "unknown".into()));
+                }
+                let conn = self.conn().await?;
+                let req = PeerRequest::Preflight { version: PROTO_VERSION, name: self.spec.name.clone() };
+                let (resp, bytes) = request(&conn, &req, &[]).await?;
+                match resp {
+                    PeerResponse::Preflight { free_bytes, .. } => {
+                        let need = dir_size(&l.bundle) * 2 + (64 << 20);
+                        if free_bytes < need {
+                            bail!("{} has {} MiB free in its state directory, the container needs about {} MiB", self.to, free_bytes >> 20, need >> 20);
+                        }
+                    }
+                    other => expect_ok(&self.to, other)?,
+                }
+                Ok(bytes)
+            }
+            Action::Prepare => {
+                let root = l.rootfs();
+                let snap = tokio::task::spawn_blocking(move || shared_fs::snapshot(&root)).await??;
+                let full = shared_fs::diff(&Snapshot::default(), &snap);
+                let req = PeerRequest::Prepare { job, spec: self.spec.clone() };
+                let bytes = self.ask_dest(&req, &[Tree { root: &l.rootfs(), diff: &full }]).await?;
+                self.rootfs_snapshot = Some(snap);
+                Ok(bytes)
+            }
+            Action::Redirect => {
+                self.agent.route_everywhere(&self.spec.mac, Some(&self.to)).await?;
+                Ok(0)
+            }
+            Action::Dump => {
+                let (runc, name) = (self.agent.runc.clone(), self.spec.name.clone());
+                let (images, work) = (self.agent.images_dir(&job), self.agent.work_dir(&job));
+                tokio::task::spawn_blocking(move || {
+                    let _ = std::fs::remove_dir_all(&images);
+                    std::fs::create_dir_all(&images)?;
+                    std::fs::create_dir_all(&work)?;
+                    runc.checkpoint(&name, &images, &work)
+                })
+                .await??;
+                Ok(0)
+            }
+            Action::Transfer => {
+                if self.faults.pause_in_transfer_ms > 0 {
+                    let pause = Duration::from_millis(self.faults.pause_in_transfer_ms);
+                    warn!(%job, ms = self.faults.pause_in_transfer_ms, "pausing in transfer (fault hook)");
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = self.job.cancel_notify.notified() => bail!("cancelled during the transfer"),
+                    }
+                }
+                if self.job.cancel.load(Ordering::SeqCst) {
+                    bail!("cancelled during the transfer");
+                }
+                let images = self.agent.images_dir(&job);
+                let root = l.rootfs();
+                let before = self.rootfs_snapshot.clone().unwrap_or_default();
+                let (img_diff, fs_diff) = tokio::task::spawn_blocking(move || -> Result<(Diff, Diff)> {
+                    let img = shared_fs::diff(&Snapshot::default(), &shared_fs::snapshot(&images)?);
+                    let now = shared_fs::snapshot(&root)?;
+                    Ok((img, shared_fs::diff(&before, &now)))
+                })
+                .await??;
+                let req = PeerRequest::Images { job: job.clone(), corrupt: self.faults.corrupt_images };
+                let images = self.agent.images_dir(&job);
+                self.ask_dest(&req, &[Tree { root: &images, diff: &img_diff }, Tree { root: &l.rootfs(), diff: &fs_diff }]).await
+            }
+            Action::Restore => {
+                self.ask_dest(&PeerRequest::Restore { job }, &[]).await?;
+                Ok(0)
+            }
+            Action::Commit => {
+                self.ask_dest(&PeerRequest::Commit { job }, &[]).await?;
+                Ok(0)
+            }
+            Action::CleanupSource => {
+                let (runc, name) = (self.agent.runc.clone(), self.spec.name.clone());
+                let (images, work) = (self.agent.images_dir(&job), self.agent.work_dir(&job));
+                lock(&self.agent.containers).remove(&name);
+                tokio::task::spawn_blocking(move || {
+                    runc.delete_force(&name);
+                    crate::runtime::delete_netns(&l);
+                    let _ = std::fs::remove_dir_all(&l.bundle);
+                    let _ = std::fs::remove_dir_all(images);
+                    let _ = std::fs::remove_dir_all(work);
+                })
+                .await?;
+                Ok(0)
+            }
+            Action::Rollback(plan) => self.rollback(*plan).await.map(|_| 0),
+            Action::Finish => Ok(0),
+        }
+    }
+
+    async fn rollback(&mut self, plan: RollbackPlan) -> Result<()> {
+        let job = self.job.id.clone();
+        let name = self.spec.name.clone();
+        let mut errors = vec![];
+        if plan.restore_source {
+            let l = self.agent.layout(&name);
+            let running = self.agent.runc.state(&name).is_some_and(|s| s.status == "running");
+            if running {
+                info!(%job, "dump did not complete: container still runs on the source");
+            } else {
+                let (runc, images, work) = (self.agent.runc.clone(), self.agent.images_dir(&job), self.agent.work_dir(&job));
+                let n = name.clone();
+                let r = tokio::task::spawn_blocking(move || {
+                    runc.delete_force(&n);
+                    runc.restore(&n, &l.bundle, &images, &work)
+                })
+                .await
+                .map_err(|e| anyhow!("{e}"))
+                .and_then(|r| r);
+                match r {
+                    Ok(()) => info!(%job, "container restored on the source"),
+                    Err(e) => errors.push(format!("restoring on the source: {e:#}")),
+                }
+            }
+        }
+        if plan.redirect_back {
+            let me = self.agent.cfg.host.clone();
+            if let Err(e) = self.agent.route_everywhere(&self.spec.mac, Some(&me)).await {
+                // The destination may be the unreachable one; what matters is the others.
+                warn!(%job, error = %format!("{e:#}"), "overlay not reverted on every host");
+                if !format!("{e:#}").contains(&format!("{}:", self.to)) {
+                    errors.push(format!("{e:#}"));
+                }
+            }
+        }
+        if plan.clean_destination {
+            let r = tokio::time::timeout(Duration::from_secs(3), async {
+                let conn = self.agent.peer_conn(&self.to).await?;
+                let (resp, _) = request(&conn, &PeerRequest::Abort { job: job.clone() }, &[]).await?;
+                expect_ok(&self.to, resp)
+            })
+            .await;
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(%job, error = %format!("{e:#}"), "destination not told to abort; it cleans up on its own when the job expires"),
+                Err(_) => warn!(%job, "destination did not answer the abort in 3 s; it cleans up on its own when the job expires"),
+            }
+        }
+        let _ = std::fs::remove_dir_all(self.agent.images_dir(&job));
+        let _ = std::fs::remove_dir_all(self.agent.work_dir(&job));
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(anyhow!(errors.join("; "))).context("rollback incomplete")
+        }
+    }
+}
+
+fn dir_size(p: &std::path::Path) -> u64 {
+    shared_fs::snapshot(p)
+        .map(|s| s.entries.values().map(|e| e.size).sum())
+        .unwrap_or(0)
+}

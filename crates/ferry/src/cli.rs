@@ -1,0 +1,263 @@
+//! The command-line front end: everything but the agent talks to agents over their API.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use migrate_core::{Outcome, Phase, Report};
+use orchestrator_shim::api::{ContainerInfo, CreateContainer, FaultHooks, JobEventKind, MigrateRequest};
+
+use crate::lab::Lab;
+use crate::{Cli, Cmd, LabCmd};
+
+pub(crate) fn dispatch(cli: Cli) -> Result<ExitCode> {
+    if let Cmd::Agent { config } = &cli.cmd {
+        let cfg = crate::config::AgentConfig::load(config)?;
+        crate::agent::main(cfg)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Cmd::Probe { target, interval_ms, duration_s, stop_file, threshold_ms, series } = &cli.cmd {
+        let cfg = crate::probe::ProbeConfig {
+            target: *target,
+            interval: Duration::from_secs_f64(interval_ms / 1000.0),
+            duration: duration_s.map(Duration::from_secs_f64),
+            stop_file: stop_file.clone(),
+            threshold: Duration::from_secs_f64(threshold_ms / 1000.0),
+            series: *series,
+        };
+        let report = crate::probe::run(&cfg)?;
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(if report.intact { ExitCode::SUCCESS } else { ExitCode::from(3) });
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(run(cli))
+}
+
+fn exe_paths() -> Result<(PathBuf, PathBuf)> {
+    let exe = std::env::current_exe().context("locating the ferry binary")?;
+    let workload = exe.with_file_name("ferry-workload");
+    Ok((exe, workload))
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let dir = cli.lab_dir.clone();
+    match cli.cmd {
+        Cmd::Lab { cmd } => {
+            crate::util::require_root("ferry lab")?;
+            match cmd {
+                LabCmd::Up { hosts } => {
+                    let (exe, workload) = exe_paths()?;
+                    crate::lab::up(&dir, hosts, &exe, &workload).await?;
+                }
+                LabCmd::Down => {
+                    crate::lab::down(&dir)?;
+                    eprintln!("lab: down");
+                }
+                LabCmd::Exec { host, cmd } => {
+                    let lab = Lab::load(&dir)?;
+                    crate::lab::exec(&lab, &host, &cmd)?;
+                }
+            }
+        }
+        Cmd::Run { on, name, ip, cmd } => {
+            let lab = Lab::load(&dir)?;
+            let c = lab.client(&on)?;
+            let info = c.create(&CreateContainer { name, ip, args: cmd }).await?;
+            println!("{} running on {} with IP {} (MAC {})", info.spec.name, info.host, info.spec.ip, info.spec.mac);
+        }
+        Cmd::Ps { json } => {
+            let lab = Lab::load(&dir)?;
+            let all = ps(&lab).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                println!("{:<20} {:<8} {:<15} {:<10} PID", "NAME", "HOST", "IP", "STATE");
+                for c in all {
+                    println!(
+                        "{:<20} {:<8} {:<15} {:<10} {}",
+                        c.spec.name,
+                        c.host,
+                        c.spec.ip,
+                        c.state,
+                        c.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
+                    );
+                }
+            }
+        }
+        Cmd::Rm { name } => {
+            let lab = Lab::load(&dir)?;
+            let c = find(&lab, &name).await?;
+            lab.client(&c.host)?.delete(&name).await?;
+            println!("{name} removed from {}", c.host);
+        }
+        Cmd::Migrate { name, to, json, pause_in_transfer_ms, corrupt_images, detach } => {
+            let lab = Lab::load(&dir)?;
+            let faults = FaultHooks { pause_in_transfer_ms, corrupt_images };
+            if detach {
+                let (src, job) = start_migration(&lab, &name, &to, faults).await?;
+                println!("{}", serde_json::json!({"job": job, "host": src}));
+                return Ok(ExitCode::SUCCESS);
+            }
+            let report = migrate(&lab, &name, &to, faults, !json).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_summary(&report);
+            }
+            return Ok(if report.outcome == Outcome::Completed { ExitCode::SUCCESS } else { ExitCode::from(2) });
+        }
+        Cmd::Job { id, wait } => {
+            let lab = Lab::load(&dir)?;
+            let (host, mut info) = find_job(&lab, &id).await?;
+            if wait {
+                lab.client(&host)?.follow(&id, |_| {}).await?;
+                info = lab.client(&host)?.job(&id).await?;
+            }
+            println!("{}", serde_json::to_string_pretty(&info)?);
+        }
+        Cmd::Cancel { id } => {
+            let lab = Lab::load(&dir)?;
+            let (host, _) = find_job(&lab, &id).await?;
+            let info = lab.client(&host)?.cancel(&id).await?;
+            println!("cancel requested for job {id} (state {:?}); it rolls back at the end of the current phase", info.state);
+        }
+        Cmd::Demo { json, keep, no_baseline } => {
+            crate::util::require_root("ferry demo")?;
+            let (exe, workload) = exe_paths()?;
+            return crate::demo::run(&dir, &exe, &workload, json, keep, !no_baseline).await;
+        }
+        Cmd::Agent { .. } | Cmd::Probe { .. } => unreachable!("handled before the runtime starts"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Containers on every container host of the lab.
+pub(crate) async fn ps(lab: &Lab) -> Result<Vec<ContainerInfo>> {
+    let mut all = vec![];
+    for h in lab.container_hosts() {
+        let mut cs = lab.client(&h.name)?.containers().await.with_context(|| format!("listing containers on {}", h.name))?;
+        all.append(&mut cs);
+    }
+    all.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+    Ok(all)
+}
+
+/// Finds a container by name anywhere in the lab.
+pub(crate) async fn find(lab: &Lab, name: &str) -> Result<ContainerInfo> {
+    let all = ps(lab).await?;
+    match all.iter().find(|c| c.spec.name == name) {
+        Some(c) => Ok(c.clone()),
+        None if all.is_empty() => bail!("unknown container {name:?}: no containers are running (start one with `ferry run`)"),
+        None => bail!(
+            "unknown container {name:?}: running containers are {}",
+            all.iter().map(|c| c.spec.name.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+async fn find_job(lab: &Lab, id: &str) -> Result<(String, orchestrator_shim::api::JobInfo)> {
+    for h in lab.container_hosts() {
+        if let Ok(info) = lab.client(&h.name)?.job(id).await {
+            return Ok((h.name.clone(), info));
+        }
+    }
+    bail!("unknown job {id:?} on every host of the lab")
+}
+
+async fn start_migration(lab: &Lab, name: &str, to: &str, faults: FaultHooks) -> Result<(String, String)> {
+    lab.host(to)?;
+    let c = find(lab, name).await?;
+    let job = lab
+        .client(&c.host)?
+        .migrate(name, &MigrateRequest { to: to.into(), faults })
+        .await?;
+    Ok((c.host, job.id))
+}
+
+/// Starts a migration and follows it to its end; shows progress when `progress`.
+pub(crate) async fn migrate(lab: &Lab, name: &str, to: &str, faults: FaultHooks, progress: bool) -> Result<Report> {
+    let (src, id) = start_migration(lab, name, to, faults).await?;
+    let client = lab.client(&src)?;
+    let bar = progress.then(|| {
+        let b = indicatif::ProgressBar::new(8);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{bar:16}] {pos}/{len} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        b.enable_steady_tick(Duration::from_millis(80));
+        b.set_message(format!("migrating {name} from {src} to {to} (job {id})"));
+        b
+    });
+    let mut report = None;
+    client
+        .follow(&id, |ev| {
+            if let Some(b) = &bar {
+                match &ev.kind {
+                    JobEventKind::PhaseStarted { phase } => b.set_message(format!("{} ...", phase_name(*phase))),
+                    JobEventKind::PhaseDone { phase, duration_ms, bytes } => {
+                        b.inc(1);
+                        b.println(format!("  ok   {:<10} {:>9.1} ms {:>12}", phase_name(*phase), duration_ms, human_bytes(*bytes)));
+                    }
+                    JobEventKind::PhaseFailed { phase, error } => {
+                        b.println(format!("  FAIL {:<10} {error}", phase_name(*phase)));
+                    }
+                    JobEventKind::Committed => b.println("  commit point passed: the destination owns the container"),
+                    JobEventKind::Finished { .. } => b.finish_and_clear(),
+                }
+            }
+            if let JobEventKind::Finished { report: r } = &ev.kind {
+                report = Some((**r).clone());
+            }
+        })
+        .await?;
+    match report {
+        Some(r) => Ok(r),
+        None => Ok(client.job(&id).await?.report),
+    }
+}
+
+fn phase_name(p: Phase) -> &'static str {
+    match p {
+        Phase::Preflight => "preflight",
+        Phase::Prepare => "prepare",
+        Phase::Redirect => "redirect",
+        Phase::Dump => "dump",
+        Phase::Transfer => "transfer",
+        Phase::Restore => "restore",
+        Phase::Commit => "commit",
+        Phase::Cleanup => "cleanup",
+        Phase::Rollback => "rollback",
+    }
+}
+
+pub(crate) fn human_bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.2} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+pub(crate) fn print_summary(r: &Report) {
+    match &r.outcome {
+        Outcome::Completed => println!("{} moved from {} to {} (job {})", r.container, r.from, r.to, r.id),
+        Outcome::RolledBack { reason } => println!(
+            "{} NOT moved: rolled back, it still runs on {} (job {})\n  reason: {reason}",
+            r.container, r.from, r.id
+        ),
+        Outcome::Failed { reason } => println!("{} migration FAILED (job {}): {reason}", r.container, r.id),
+        Outcome::InProgress => println!("{} migration still in progress (job {})", r.container, r.id),
+    }
+    println!(
+        "  frozen {:.1} ms (dump {:.1}, transfer {:.1}, restore {:.1}, network switch {:.1}); total {:.1} ms; {} sent",
+        r.frozen_ms, r.freeze_to_dump_ms, r.transfer_ms, r.restore_ms, r.network_switch_ms, r.total_ms,
+        human_bytes(r.bytes_sent)
+    );
+    for w in &r.warnings {
+        println!("  warning: {w}");
+    }
+}
+

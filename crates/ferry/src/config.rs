@@ -1,0 +1,104 @@
+//! The agent's configuration file (`ferry agent --config FILE`), JSON.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// One agent's configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentConfig {
+    /// This host's name; also the DNS name in its certificate.
+    pub host: String,
+    /// Network namespace to enter at start (`/run/netns/NAME`); absent: stay where started.
+    #[serde(default)]
+    pub netns: Option<String>,
+    /// Underlay address: QUIC listens here and the VXLAN device uses it as VTEP.
+    pub underlay_ip: Ipv4Addr,
+    /// QUIC port.
+    pub quic_port: u16,
+    /// Unix socket of the HTTP/JSON API.
+    pub api_socket: PathBuf,
+    /// Where bundles, images and state live.
+    pub state_dir: PathBuf,
+    /// Mutual TLS material.
+    pub tls: TlsPaths,
+    /// Overlay bridge in this host.
+    pub bridge: String,
+    /// VXLAN device in this host.
+    pub vxlan: String,
+    /// Overlay prefix length.
+    pub overlay_prefix_len: u8,
+    /// Overlay addresses this agent may allocate: first..=last.
+    pub overlay_first: Ipv4Addr,
+    /// Last allocatable overlay address.
+    pub overlay_last: Ipv4Addr,
+    /// The other agents.
+    pub peers: Vec<Peer>,
+    /// runc binary.
+    #[serde(default = "default_runc")]
+    pub runc: String,
+    /// The workload binary copied into container root filesystems.
+    pub workload_bin: PathBuf,
+    /// Whether this host runs containers (the lab's client host does not).
+    #[serde(default = "yes")]
+    pub runs_containers: bool,
+    /// QUIC idle timeout in milliseconds: how fast a dead peer is noticed.
+    #[serde(default = "default_idle")]
+    pub quic_idle_timeout_ms: u64,
+}
+
+fn default_runc() -> String {
+    "runc".into()
+}
+fn yes() -> bool {
+    true
+}
+fn default_idle() -> u64 {
+    5000
+}
+
+/// Paths of the CA certificate, this host's certificate and key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TlsPaths {
+    /// CA certificate (PEM) that peers must chain to.
+    pub ca: PathBuf,
+    /// This host's certificate (PEM).
+    pub cert: PathBuf,
+    /// This host's key (PEM).
+    pub key: PathBuf,
+}
+
+/// Another agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Peer {
+    /// Its host name.
+    pub host: String,
+    /// Its underlay address.
+    pub underlay_ip: Ipv4Addr,
+    /// Its QUIC port.
+    pub quic_port: u16,
+}
+
+impl Peer {
+    /// QUIC address.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((self.underlay_ip, self.quic_port))
+    }
+}
+
+impl AgentConfig {
+    /// Reads a config file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read agent config {}", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("agent config {} is not valid", path.display()))
+    }
+
+    /// Finds a peer by name.
+    pub fn peer(&self, host: &str) -> Option<&Peer> {
+        self.peers.iter().find(|p| p.host == host)
+    }
+}

@@ -1,0 +1,282 @@
+//! `ferry demo`: the lab, an echo container under a live client, two migrations (there and
+//! back), and for comparison the same move done by hand with runc the way an admin would.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use migrate_core::{Outcome, Report};
+use orchestrator_shim::api::{ContainerInfo, CreateContainer, FaultHooks};
+use serde::Serialize;
+
+use crate::lab::Lab;
+use crate::probe::ProbeReport;
+use crate::runtime::{Layout, Runc};
+use crate::util::{ms, run as sh};
+
+const ECHO_PORT: u16 = 7000;
+/// Request interval of the demo's client.
+pub const PROBE_INTERVAL_MS: f64 = 5.0;
+
+/// A probe running in the lab's client host.
+pub struct ProbeProcess {
+    child: Child,
+    stop_file: PathBuf,
+}
+
+impl ProbeProcess {
+    /// Starts `ferry probe` inside the client host against `ip:ECHO_PORT`.
+    pub fn start(lab: &Lab, exe: &Path, ip: std::net::Ipv4Addr, tag: &str) -> Result<Self> {
+        let stop_file = lab.dir.join(format!("probe-{tag}.stop"));
+        let _ = std::fs::remove_file(&stop_file);
+        let client = lab.host("client")?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &client.netns])
+            .arg(exe)
+            .args(["probe", "--target", &format!("{ip}:{ECHO_PORT}")])
+            .args(["--interval-ms", &PROBE_INTERVAL_MS.to_string()])
+            .arg("--stop-file")
+            .arg(&stop_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the probe in the client host")?;
+        Ok(ProbeProcess { child, stop_file })
+    }
+
+    /// Stops the probe and returns its report.
+    pub fn finish(self) -> Result<ProbeReport> {
+        std::fs::write(&self.stop_file, b"stop")?;
+        let out = self.child.wait_with_output()?;
+        let _ = std::fs::remove_file(&self.stop_file);
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!("the probe printed no report (exit {}): {}", out.status, String::from_utf8_lossy(&out.stdout))
+        })
+    }
+}
+
+/// Starts an echo container and waits until it answers from the client host.
+pub async fn start_echo(lab: &Lab, host: &str, name: &str) -> Result<ContainerInfo> {
+    let info = lab
+        .client(host)?
+        .create(&CreateContainer {
+            name: name.into(),
+            ip: None,
+            args: vec!["/bin/ferry-workload".into(), "echo".into(), "--port".into(), ECHO_PORT.to_string()],
+        })
+        .await?;
+    let client = lab.host("client")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ok = Command::new("ip")
+            .args(["netns", "exec", &client.netns, "busybox", "nc", "-z", "-w", "1"])
+            .arg(info.spec.ip.to_string())
+            .arg(ECHO_PORT.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            return Ok(info);
+        }
+        if Instant::now() > deadline {
+            bail!("echo container {name} on {host} ({}) does not answer on port {ECHO_PORT}", info.spec.ip);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Timings of the hand-made migration.
+#[derive(Debug, Clone, Serialize)]
+pub struct BaselineReport {
+    /// `runc checkpoint --tcp-established`, ms.
+    pub checkpoint_ms: f64,
+    /// Copy of images and bundle (root filesystem) to the destination, ms.
+    pub copy_ms: f64,
+    /// Network namespace with the same IP and MAC at the destination, ms.
+    pub netns_ms: f64,
+    /// `runc restore`, ms.
+    pub restore_ms: f64,
+    /// Overlay switch (`bridge fdb replace` on every host) and gratuitous ARP, ms.
+    pub network_switch_ms: f64,
+    /// All of it, ms.
+    pub total_ms: f64,
+}
+
+/// Moves `c` from `from` to `to` by hand: runc checkpoint, copy, namespace, runc restore,
+/// overlay switch. The same lab and the same network preparation as Ferry, none of its tricks.
+pub fn baseline_migrate(lab: &Lab, c: &ContainerInfo, from: &str, to: &str) -> Result<BaselineReport> {
+    let (src, dst) = (lab.host(from)?, lab.host(to)?);
+    let (src_dir, dst_dir) = (lab.dir.join(from), lab.dir.join(to));
+    let name = c.spec.name.as_str();
+    let src_l = Layout::new(&src_dir, from, name);
+    let dst_l = Layout::new(&dst_dir, to, name);
+    let work = lab.dir.join("baseline");
+    let _ = std::fs::remove_dir_all(&work);
+    let (img_src, img_dst) = (work.join("img-src"), work.join("img-dst"));
+    std::fs::create_dir_all(&img_src)?;
+    let t0 = Instant::now();
+    sh(
+        "ip",
+        [
+            "netns", "exec", &src.netns, "runc", "--root", &src_dir.join("runc").to_string_lossy(),
+            "checkpoint", "--tcp-established", "--image-path", &img_src.to_string_lossy(),
+            "--work-path", &work.join("w1").to_string_lossy(), name,
+        ],
+    )?;
+    let t1 = Instant::now();
+    sh("cp", ["-a", &img_src.to_string_lossy(), &img_dst.to_string_lossy()])?;
+    std::fs::create_dir_all(dst_l.bundle.parent().unwrap_or(&dst_dir))?;
+    sh("cp", ["-a", &src_l.bundle.to_string_lossy(), &dst_l.bundle.to_string_lossy()])?;
+    crate::runtime::write_config(&dst_l, &c.spec, to)?;
+    let t2 = Instant::now();
+    crate::runtime::create_netns_in(Some(&dst.netns), &dst_l, &c.spec, "br0")?;
+    let t3 = Instant::now();
+    sh(
+        "ip",
+        [
+            "netns", "exec", &dst.netns, "runc", "--root", &dst_dir.join("runc").to_string_lossy(),
+            "restore", "--detach", "--tcp-established", "--bundle", &dst_l.bundle.to_string_lossy(),
+            "--image-path", &img_dst.to_string_lossy(), "--work-path", &work.join("w2").to_string_lossy(), name,
+        ],
+    )?;
+    let t4 = Instant::now();
+    let dst_vtep = dst.underlay_ip.to_string();
+    for h in &lab.hosts {
+        if h.name == to {
+            crate::util::run_quiet("bridge", ["-n", &h.netns, "fdb", "del", &c.spec.mac, "dev", "vx0", "self"]);
+        } else {
+            sh("bridge", ["-n", &h.netns, "fdb", "replace", &c.spec.mac, "dev", "vx0", "dst", &dst_vtep, "self", "permanent"])?;
+        }
+    }
+    crate::util::run_quiet(
+        "ip",
+        ["netns", "exec", &dst_l.netns, "arping", "-q", "-U", "-c", "1", "-w", "1", "-I", "eth0", &c.spec.ip.to_string()],
+    );
+    let t5 = Instant::now();
+    Ok(BaselineReport {
+        checkpoint_ms: ms(t1 - t0),
+        copy_ms: ms(t2 - t1),
+        netns_ms: ms(t3 - t2),
+        restore_ms: ms(t4 - t3),
+        network_switch_ms: ms(t5 - t4),
+        total_ms: ms(t5 - t0),
+    })
+}
+
+/// Removes what the baseline left (its container at the destination and the source record).
+pub async fn baseline_cleanup(lab: &Lab, c: &ContainerInfo, from: &str, to: &str) {
+    let dst_dir = lab.dir.join(to);
+    let l = Layout::new(&dst_dir, to, &c.spec.name);
+    Runc::new("runc", dst_dir.join("runc")).delete_force(&c.spec.name);
+    if let Ok(dst) = lab.host(to) {
+        crate::util::run_quiet("ip", ["-n", dst.netns.as_str(), "link", "del", l.veth.as_str()]);
+    }
+    crate::runtime::delete_netns(&l);
+    let _ = std::fs::remove_dir_all(&l.bundle);
+    let _ = std::fs::remove_dir_all(lab.dir.join("baseline"));
+    if let Ok(client) = lab.client(from) {
+        let _ = client.delete(&c.spec.name).await;
+    }
+}
+
+#[derive(Serialize)]
+struct DemoResult {
+    ferry: FerrySide,
+    baseline: Option<BaselineSide>,
+}
+
+#[derive(Serialize)]
+struct FerrySide {
+    probe: ProbeReport,
+    migrations: Vec<Report>,
+}
+
+#[derive(Serialize)]
+struct BaselineSide {
+    probe: ProbeReport,
+    steps: BaselineReport,
+}
+
+/// `ferry demo`.
+pub async fn run(dir: &Path, exe: &Path, workload: &Path, json: bool, keep: bool, baseline: bool) -> Result<ExitCode> {
+    crate::lab::down(dir)?;
+    let lab = crate::lab::up(dir, 2, exe, workload).await?;
+    let r = demo(&lab, exe, json, baseline).await;
+    if !keep {
+        crate::lab::down(dir)?;
+    }
+    let result = r?;
+    let ok = result.ferry.probe.intact
+        && result.ferry.migrations.iter().all(|m| m.outcome == Outcome::Completed);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        let p = &result.ferry.probe;
+        println!("\n== Ferry: echo container h1 -> h2 -> h1, client sending every {PROBE_INTERVAL_MS} ms ==");
+        for m in &result.ferry.migrations {
+            crate::cli::print_summary(m);
+        }
+        println!(
+            "client: largest gap {:.1} ms, {} errors, {} of {} answers, every byte in order: {}, server counter {} -> {}",
+            p.max_gap_ms, p.errors, p.received, p.sent, p.intact, p.counter_first, p.counter_last
+        );
+        if let Some(b) = &result.baseline {
+            println!("\n== Baseline: the same move by hand (runc checkpoint, copy, netns, runc restore, fdb) ==");
+            println!(
+                "steps: checkpoint {:.1} ms, copy {:.1} ms, netns {:.1} ms, restore {:.1} ms, network {:.1} ms; total {:.1} ms",
+                b.steps.checkpoint_ms, b.steps.copy_ms, b.steps.netns_ms, b.steps.restore_ms, b.steps.network_switch_ms, b.steps.total_ms
+            );
+            println!(
+                "client: largest gap {:.1} ms, {} errors, {} of {} answers",
+                b.probe.max_gap_ms, b.probe.errors, b.probe.received, b.probe.sent
+            );
+            if p.max_gap_ms > 0.0 {
+                println!("\nFerry's largest gap is {:.2}x the baseline's ({:.1} ms vs {:.1} ms)", p.max_gap_ms / b.probe.max_gap_ms, p.max_gap_ms, b.probe.max_gap_ms);
+            }
+        }
+        println!("\nmigration reports (JSON):\n{}", serde_json::to_string_pretty(&result.ferry.migrations)?);
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(2) })
+}
+
+async fn demo(lab: &Lab, exe: &Path, json: bool, baseline: bool) -> Result<DemoResult> {
+    let echo = start_echo(lab, "h1", "echo").await?;
+    if !json {
+        eprintln!("demo: echo container on h1 at {}, client probing every {PROBE_INTERVAL_MS} ms", echo.spec.ip);
+    }
+    let probe = ProbeProcess::start(lab, exe, echo.spec.ip, "echo")?;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let mut migrations = vec![];
+    for (to, back) in [("h2", false), ("h1", true)] {
+        if !json {
+            eprintln!("demo: migrating echo to {to}{}", if back { " (back)" } else { "" });
+        }
+        let r = crate::cli::migrate(lab, "echo", to, FaultHooks::default(), !json).await?;
+        migrations.push(r);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    let probe = probe.finish()?;
+    let baseline = if baseline {
+        if !json {
+            eprintln!("demo: baseline: echo-base on h1, moved to h2 by hand");
+        }
+        let c = start_echo(lab, "h1", "echo-base").await?;
+        let p = ProbeProcess::start(lab, exe, c.spec.ip, "base")?;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let steps = baseline_migrate(lab, &c, "h1", "h2");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let p = p.finish();
+        baseline_cleanup(lab, &c, "h1", "h2").await;
+        Some(BaselineSide { probe: p?, steps: steps? })
+    } else {
+        None
+    };
+    Ok(DemoResult {
+        ferry: FerrySide { probe, migrations },
+        baseline,
+    })
+}

@@ -1,0 +1,352 @@
+//! `ferry lab`: a multi-host lab on one machine. Hosts are network namespaces joined by an
+//! underlay bridge (itself in a namespace of its own); each host has an overlay bridge and a VXLAN
+//! device whose forwarding entries Ferry programs over netlink. Nothing is addressed outside these
+//! namespaces.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use orchestrator_shim::sdn::{self, Fdb, Mac};
+use serde::{Deserialize, Serialize};
+
+use crate::client::Client;
+use crate::config::{AgentConfig, Peer, TlsPaths};
+use crate::util::{ip, run_quiet};
+
+/// Default directory of the lab's runtime files.
+pub const LAB_DIR: &str = "/run/ferry/lab";
+/// Namespace holding the underlay bridge.
+const UNDERLAY_NS: &str = "ferry-ul";
+/// Prefix of every namespace the lab creates.
+pub const NS_PREFIX: &str = "ferry-";
+const QUIC_PORT: u16 = 7700;
+/// Overlay address of the lab's client host.
+pub const CLIENT_OVERLAY_IP: Ipv4Addr = Ipv4Addr::new(10, 232, 0, 250);
+const OVERLAY_MTU: &str = "1450";
+
+/// What `lab up` created, read by the CLI to find agents.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Lab {
+    /// Hosts, in order; the last one is `client`.
+    pub hosts: Vec<LabHost>,
+    /// Directory of the lab's files.
+    pub dir: PathBuf,
+}
+
+/// One lab host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabHost {
+    /// Name (`h1`, ..., `client`).
+    pub name: String,
+    /// Its network namespace.
+    pub netns: String,
+    /// Underlay address.
+    pub underlay_ip: Ipv4Addr,
+    /// Agent API socket.
+    pub api_socket: PathBuf,
+    /// Agent log.
+    pub log: PathBuf,
+    /// Whether it runs containers.
+    pub runs_containers: bool,
+}
+
+impl Lab {
+    /// Reads the lab description; explains how to create one when missing.
+    pub fn load(dir: &Path) -> Result<Lab> {
+        let path = dir.join("lab.json");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!("no lab is up ({} missing): run `ferry lab up` first", path.display())
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid", path.display()))
+    }
+
+    /// Finds a host by name, with an error listing the known ones.
+    pub fn host(&self, name: &str) -> Result<&LabHost> {
+        self.hosts.iter().find(|h| h.name == name).with_context(|| {
+            format!(
+                "unknown host {name:?}: the lab has {}",
+                self.hosts
+                    .iter()
+                    .map(|h| h.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+    }
+
+    /// An API client for a host's agent.
+    pub fn client(&self, host: &str) -> Result<Client> {
+        Ok(Client::new(self.host(host)?.api_socket.clone()))
+    }
+
+    /// Hosts that run containers.
+    pub fn container_hosts(&self) -> impl Iterator<Item = &LabHost> {
+        self.hosts.iter().filter(|h| h.runs_containers)
+    }
+}
+
+fn host_ns(name: &str) -> String {
+    format!("{NS_PREFIX}{name}")
+}
+
+/// `ferry lab up`.
+pub async fn up(dir: &Path, hosts: usize, exe: &Path, workload: &Path) -> Result<Lab> {
+    if !(1..=20).contains(&hosts) {
+        bail!("--hosts must be between 1 and 20, got {hosts}");
+    }
+    if dir.join("lab.json").exists() {
+        bail!("a lab is already up ({}): run `ferry lab down` first", dir.display());
+    }
+    if !workload.is_file() {
+        bail!(
+            "workload binary {} not found: build it with `cargo build --release -p ferry-workload`",
+            workload.display()
+        );
+    }
+    // Leftovers of a crashed lab would make the steps below fail half-way.
+    down(dir)?;
+    std::fs::create_dir_all(dir)?;
+    let mut names: Vec<String> = (1..=hosts).map(|i| format!("h{i}")).collect();
+    names.push("client".into());
+    let underlay = |i: usize, name: &str| -> Ipv4Addr {
+        if name == "client" {
+            Ipv4Addr::new(10, 231, 0, 250)
+        } else {
+            Ipv4Addr::new(10, 231, 0, i as u8 + 1)
+        }
+    };
+
+    eprintln!("lab: underlay bridge in namespace {UNDERLAY_NS}");
+    ip(["netns", "add", UNDERLAY_NS])?;
+    ip(["-n", UNDERLAY_NS, "link", "set", "lo", "up"])?;
+    ip(["-n", UNDERLAY_NS, "link", "add", "ul0", "type", "bridge"])?;
+    ip(["-n", UNDERLAY_NS, "link", "set", "ul0", "up"])?;
+
+    let mut lab_hosts = vec![];
+    for (i, name) in names.iter().enumerate() {
+        let ns = host_ns(name);
+        let ul_ip = underlay(i, name);
+        eprintln!("lab: host {name} (namespace {ns}, underlay {ul_ip})");
+        ip(["netns", "add", &ns])?;
+        let sysctl = |k: &str| crate::util::run("ip", ["netns", "exec", &ns, "sysctl", "-qw", k]);
+        sysctl("net.ipv6.conf.all.disable_ipv6=1")?;
+        sysctl("net.ipv6.conf.default.disable_ipv6=1")?;
+        ip(["-n", &ns, "link", "set", "lo", "up"])?;
+        let port = format!("ul-{name}");
+        ip(["-n", UNDERLAY_NS, "link", "add", &port, "type", "veth", "peer", "name", "ul0", "netns", &ns])?;
+        ip(["-n", UNDERLAY_NS, "link", "set", &port, "master", "ul0", "up"])?;
+        ip(["-n", &ns, "addr", "add", &format!("{ul_ip}/24"), "dev", "ul0"])?;
+        ip(["-n", &ns, "link", "set", "ul0", "up"])?;
+        ip(["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
+        ip([
+            "-n", &ns, "link", "add", "vx0", "type", "vxlan", "id", "42", "local",
+            &ul_ip.to_string(), "dstport", "4789", "nolearning", "dev", "ul0",
+        ])?;
+        ip(["-n", &ns, "link", "set", "vx0", "master", "br0", "up"])?;
+        // Remote MACs are never learned on the VXLAN port: the VXLAN FDB alone decides where a
+        // container lives, so a move needs no bridge flush.
+        ip(["-n", &ns, "link", "set", "dev", "vx0", "type", "bridge_slave", "learning", "off"])?;
+        ip(["-n", &ns, "link", "set", "br0", "mtu", OVERLAY_MTU, "up"])?;
+        if name == "client" {
+            let mac = orchestrator_shim::api::mac_for_ip(CLIENT_OVERLAY_IP);
+            ip(["-n", &ns, "link", "set", "br0", "address", &mac])?;
+            ip(["-n", &ns, "addr", "add", &format!("{CLIENT_OVERLAY_IP}/24"), "dev", "br0"])?;
+        }
+        lab_hosts.push(LabHost {
+            name: name.clone(),
+            netns: ns,
+            underlay_ip: ul_ip,
+            api_socket: dir.join(format!("{name}.sock")),
+            log: dir.join(format!("{name}.log")),
+            runs_containers: name != "client",
+        });
+    }
+
+    // Overlay forwarding: flood entries to every other host, and the client's MAC.
+    let client_mac: Mac = orchestrator_shim::api::mac_for_ip(CLIENT_OVERLAY_IP)
+        .parse()
+        .context("client MAC")?;
+    let client_vtep = lab_hosts.last().map(|h| h.underlay_ip).unwrap_or(Ipv4Addr::UNSPECIFIED);
+    for h in &lab_hosts {
+        let others: Vec<Ipv4Addr> = lab_hosts
+            .iter()
+            .filter(|o| o.name != h.name)
+            .map(|o| o.underlay_ip)
+            .collect();
+        let is_client = !h.runs_containers;
+        sdn::in_netns(&h.netns, move || -> Result<(), sdn::SdnError> {
+            let fdb = Fdb::open("vx0")?;
+            for dst in others {
+                fdb.add_flood(dst)?;
+            }
+            if !is_client {
+                fdb.set(client_mac, client_vtep)?;
+            }
+            Ok(())
+        })
+        .context("entering lab namespace")?
+        .context("programming the VXLAN forwarding database")?;
+    }
+
+    // PKI: a lab CA and one certificate per host.
+    let pki = dir.join("pki");
+    transfer::pki::create_ca(&pki, "ferry lab CA").context("creating the lab CA")?;
+    for h in &lab_hosts {
+        transfer::pki::issue_host_cert(&pki, &h.name, &pki)
+            .with_context(|| format!("issuing a certificate for {}", h.name))?;
+    }
+
+    // One agent per host.
+    for h in &lab_hosts {
+        let peers = lab_hosts
+            .iter()
+            .filter(|o| o.name != h.name)
+            .map(|o| Peer {
+                host: o.name.clone(),
+                underlay_ip: o.underlay_ip,
+                quic_port: QUIC_PORT,
+            })
+            .collect();
+        let cfg = AgentConfig {
+            host: h.name.clone(),
+            netns: Some(h.netns.clone()),
+            underlay_ip: h.underlay_ip,
+            quic_port: QUIC_PORT,
+            api_socket: h.api_socket.clone(),
+            state_dir: dir.join(&h.name),
+            tls: TlsPaths {
+                ca: pki.join("ca.pem"),
+                cert: pki.join(format!("{}.pem", h.name)),
+                key: pki.join(format!("{}.key", h.name)),
+            },
+            bridge: "br0".into(),
+            vxlan: "vx0".into(),
+            overlay_prefix_len: 24,
+            overlay_first: Ipv4Addr::new(10, 232, 0, 10),
+            overlay_last: Ipv4Addr::new(10, 232, 0, 249),
+            peers,
+            runc: "runc".into(),
+            workload_bin: workload.to_owned(),
+            runs_containers: h.runs_containers,
+            quic_idle_timeout_ms: 3000,
+        };
+        let cfg_path = dir.join(format!("{}.json", h.name));
+        std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)?;
+        start_agent(exe, &cfg_path, &h.log, &dir.join(format!("{}.pid", h.name)))?;
+    }
+    let lab = Lab {
+        hosts: lab_hosts,
+        dir: dir.to_owned(),
+    };
+    for h in &lab.hosts {
+        wait_agent(&lab, &h.name).await?;
+    }
+    std::fs::write(dir.join("lab.json"), serde_json::to_vec_pretty(&lab)?)?;
+    eprintln!(
+        "lab: up with hosts {}",
+        lab.hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(", ")
+    );
+    Ok(lab)
+}
+
+/// Starts one agent in the background; its output goes to `log`.
+pub fn start_agent(exe: &Path, cfg: &Path, log: &Path, pidfile: &Path) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let child = Command::new(exe)
+        .arg("agent")
+        .arg("--config")
+        .arg(cfg)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting agent {}", exe.display()))?;
+    std::fs::write(pidfile, child.id().to_string())?;
+    Ok(())
+}
+
+/// Waits until a host's agent answers.
+pub async fn wait_agent(lab: &Lab, host: &str) -> Result<()> {
+    let h = lab.host(host)?;
+    let c = Client::new(h.api_socket.clone());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match c.host_info().await {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() > deadline => {
+                let log = std::fs::read_to_string(&h.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                bail!(
+                    "agent on {host} did not come up within 15 s ({e:#}); its log {} ends with:\n{}",
+                    h.log.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// `ferry lab down`: removes everything a lab (even a half-built or crashed one) left.
+pub fn down(dir: &Path) -> Result<()> {
+    // Agents first, so they do not recreate anything.
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "pid") {
+                if let Ok(pid) = std::fs::read_to_string(&p).unwrap_or_default().trim().parse::<i32>() {
+                    let pid = nix::unistd::Pid::from_raw(pid);
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+        }
+    }
+    // Containers under every agent's runc root.
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let root = e.path().join("runc");
+            if root.is_dir() {
+                crate::runtime::Runc::new("runc", root).delete_all();
+            }
+        }
+    }
+    // Namespaces: containers', hosts', underlay.
+    let list = crate::util::run("ip", ["netns", "list"]).unwrap_or_default();
+    let mut nss: Vec<String> = list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(NS_PREFIX))
+        .map(str::to_owned)
+        .collect();
+    nss.sort_by_key(|n| std::cmp::Reverse(n.len()));
+    for ns in &nss {
+        run_quiet("ip", ["netns", "del", ns.as_str()]);
+    }
+    crate::runtime::remove_cgroups();
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    if !nss.is_empty() {
+        eprintln!("lab: removed {} namespaces", nss.len());
+    }
+    Ok(())
+}
+
+/// `ferry lab exec HOST -- CMD...`: replaces this process with CMD inside HOST.
+pub fn exec(lab: &Lab, host: &str, cmd: &[String]) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let h = lab.host(host)?;
+    if cmd.is_empty() {
+        bail!("nothing to run: ferry lab exec {host} -- CMD...");
+    }
+    let err = Command::new("ip")
+        .args(["netns", "exec", &h.netns])
+        .args(cmd)
+        .exec();
+    Err(err).with_context(|| format!("running {:?} in {host}", cmd))
+}

@@ -1,0 +1,188 @@
+//! `ferry`: live migration of Linux containers between hosts.
+
+// A binary: `pub` marks what modules share, nothing is exported.
+#![allow(unreachable_pub)]
+
+mod agent;
+mod cli;
+mod client;
+mod config;
+mod demo;
+mod lab;
+mod netns;
+mod probe;
+mod proto;
+mod runtime;
+mod util;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Ferry moves running containers between hosts, keeping their IP and TCP connections.
+#[derive(Parser)]
+#[command(name = "ferry", version, about)]
+struct Cli {
+    /// Directory of the local lab's files.
+    #[arg(long, global = true, default_value = lab::LAB_DIR)]
+    lab_dir: PathBuf,
+    /// Log filter (e.g. `info`, `ferry=debug`); also FERRY_LOG.
+    #[arg(long, global = true)]
+    log: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The local lab: hosts as network namespaces on one machine.
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
+    /// Run the agent of one host.
+    Agent {
+        /// Agent configuration (JSON).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Start a container on a host.
+    Run {
+        /// Host to run on.
+        #[arg(long)]
+        on: String,
+        /// Container name.
+        #[arg(long)]
+        name: String,
+        /// Overlay address (allocated when absent).
+        #[arg(long)]
+        ip: Option<std::net::Ipv4Addr>,
+        /// Command and arguments.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// List containers on every host.
+    Ps {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop and remove a container.
+    Rm {
+        /// Container name.
+        name: String,
+    },
+    /// Live-migrate a container to another host.
+    Migrate {
+        /// Container name.
+        name: String,
+        /// Destination host.
+        #[arg(long)]
+        to: String,
+        /// Print one JSON report instead of progress and a summary.
+        #[arg(long)]
+        json: bool,
+        /// Fault injection (tests): pause this long in the transfer phase.
+        #[arg(long, hide = true, default_value_t = 0)]
+        pause_in_transfer_ms: u64,
+        /// Fault injection (tests): damage the images at the destination.
+        #[arg(long, hide = true)]
+        corrupt_images: bool,
+        /// Start the job and print its id without following it.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Show a migration job.
+    Job {
+        /// Job id.
+        id: String,
+        /// Wait for the job to end.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Cancel a migration job (before its commit point).
+    Cancel {
+        /// Job id.
+        id: String,
+    },
+    /// Measure an echo container from a client: gaps, errors, round trips.
+    Probe {
+        /// Echo server address.
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        /// Milliseconds between requests.
+        #[arg(long, default_value_t = 5.0)]
+        interval_ms: f64,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        duration_s: Option<f64>,
+        /// Stop when this file appears.
+        #[arg(long)]
+        stop_file: Option<PathBuf>,
+        /// Gaps above this many ms count as time above threshold.
+        #[arg(long, default_value_t = 20.0)]
+        threshold_ms: f64,
+        /// Include every sample in the report.
+        #[arg(long)]
+        series: bool,
+    },
+    /// Bring up a lab, migrate an echo container there and back under a live client, report.
+    Demo {
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+        /// Leave the lab up afterwards.
+        #[arg(long)]
+        keep: bool,
+        /// Skip the hand-made runc baseline.
+        #[arg(long)]
+        no_baseline: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Create hosts h1..hN and client, the overlay, certificates, and start the agents.
+    Up {
+        /// Number of container hosts.
+        #[arg(long, default_value_t = 2)]
+        hosts: usize,
+    },
+    /// Remove everything the lab created.
+    Down,
+    /// Run a command inside a lab host.
+    Exec {
+        /// Host name.
+        host: String,
+        /// Command and arguments.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = cli
+        .log
+        .clone()
+        .or_else(|| std::env::var("FERRY_LOG").ok())
+        .unwrap_or_else(|| {
+            if matches!(cli.cmd, Cmd::Agent { .. }) {
+                "info".into()
+            } else {
+                "warn".into()
+            }
+        });
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+    match cli::dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

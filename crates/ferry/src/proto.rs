@@ -1,0 +1,93 @@
+//! The agent-to-agent protocol over QUIC (ALPN `ferry/1`, mutual TLS).
+//!
+//! Every request opens its own bidirectional stream: one framed JSON [`PeerRequest`], then for
+//! some requests file trees (see `transfer::tree`), then the sender finishes its side and reads
+//! one framed [`PeerResponse`].
+
+use orchestrator_shim::api::{ContainerInfo, ContainerSpec};
+use serde::{Deserialize, Serialize};
+
+/// Protocol version; a peer answers requests of version N and N-1.
+pub const PROTO_VERSION: u32 = 1;
+
+/// A request from one agent to another.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum PeerRequest {
+    /// Can you take container `name`? (CRIU, runc, free space, name unused.)
+    Preflight {
+        /// Protocol version of the sender.
+        version: u32,
+        /// Container name.
+        name: String,
+    },
+    /// Containers you run (for name and address uniqueness).
+    List,
+    /// Prepare to receive `spec` for job `job`: namespace, bundle, packet hold. The root
+    /// filesystem follows as a tree.
+    Prepare {
+        /// Job id.
+        job: String,
+        /// The container.
+        spec: ContainerSpec,
+    },
+    /// Point `mac` at `host`'s VTEP in your overlay (`None`: forget it).
+    Route {
+        /// Container MAC.
+        mac: String,
+        /// Host where it lives now.
+        host: Option<String>,
+    },
+    /// CRIU images follow as a tree, then the root filesystem's final diff as a tree.
+    Images {
+        /// Job id.
+        job: String,
+        /// Test hook: damage the images so that the restore fails.
+        corrupt: bool,
+    },
+    /// Restore the container of `job` from the received images.
+    Restore {
+        /// Job id.
+        job: String,
+    },
+    /// Commit point passed: release held packets, announce the container, own it.
+    Commit {
+        /// Job id.
+        job: String,
+    },
+    /// Forget `job`: remove everything it created here.
+    Abort {
+        /// Job id.
+        job: String,
+    },
+}
+
+/// An answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum PeerResponse {
+    /// Done; `bytes` received for it.
+    Ok {
+        /// Bytes the request carried.
+        bytes: u64,
+    },
+    /// Preflight answer.
+    Preflight {
+        /// CRIU version there.
+        criu: String,
+        /// runc version there.
+        runc: String,
+        /// Free bytes in the agent's state directory.
+        free_bytes: u64,
+    },
+    /// Containers there.
+    List {
+        /// The containers.
+        containers: Vec<ContainerInfo>,
+    },
+    /// Refused or failed.
+    Error {
+        /// What failed, with the value, and what to do.
+        message: String,
+    },
+}

@@ -1,0 +1,391 @@
+//! The migration state machine, pure: no sockets, no clock, no processes.
+//!
+//! The agent that owns the container (the *source*) drives a [`Migration`]: it feeds it
+//! [`Event`]s with the current time and carries out the [`Action`]s it returns. Everything that
+//! matters for safety is decided here, so it is tested here with a virtual clock:
+//!
+//! * before the **commit point** (the destination confirmed the restore) every failure or a cancel
+//!   leads to a rollback that leaves the container running on the source and the destination
+//!   clean;
+//! * after it, the source never runs again: failures only leave cleanup work, never a rollback.
+//!
+//! ```text
+//! Created -> Preflight -> Preparing -> Redirecting -> Dumping -> Transferring -> Restoring
+//!    ==(commit point)==> Committing -> CleaningUp -> Done
+//! any state before the commit point --failure/cancel--> RollingBack -> RolledBack
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod report;
+
+pub use report::{Outcome, PhaseTiming, Report};
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// A step of a migration, as reported to users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Both sides checked: CRIU, runtime, space, name.
+    Preflight,
+    /// Destination prepared while the container runs: network namespace, bundle, rootfs, hold.
+    Prepare,
+    /// The overlay points the container's MAC at the destination, which holds its packets.
+    Redirect,
+    /// Container frozen and dumped by CRIU.
+    Dump,
+    /// Images and the last filesystem diff sent to the destination.
+    Transfer,
+    /// The destination restored the container.
+    Restore,
+    /// The destination released the held packets and announced the container (gratuitous ARP).
+    Commit,
+    /// The source container and its leftovers removed.
+    Cleanup,
+    /// Undoing a migration that failed before the commit point.
+    Rollback,
+}
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Not started.
+    Created,
+    /// Running the preflight checks.
+    Preflight,
+    /// Preparing the destination.
+    Preparing,
+    /// Switching the overlay to the destination.
+    Redirecting,
+    /// Freezing and dumping.
+    Dumping,
+    /// Sending images.
+    Transferring,
+    /// Destination restoring.
+    Restoring,
+    /// Past the commit point: destination releasing the container.
+    Committing,
+    /// Past the commit point: removing the source.
+    CleaningUp,
+    /// Finished: the container runs at the destination.
+    Done,
+    /// Undoing.
+    RollingBack,
+    /// Undone: the container runs on the source.
+    RolledBack,
+    /// The rollback itself failed: operator attention needed.
+    Failed,
+}
+
+impl State {
+    /// True once the source must never run again.
+    pub fn past_commit_point(self) -> bool {
+        matches!(self, State::Committing | State::CleaningUp | State::Done)
+    }
+
+    /// True when no further event is expected.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, State::Done | State::RolledBack | State::Failed)
+    }
+
+    fn phase(self) -> Option<Phase> {
+        Some(match self {
+            State::Preflight => Phase::Preflight,
+            State::Preparing => Phase::Prepare,
+            State::Redirecting => Phase::Redirect,
+            State::Dumping => Phase::Dump,
+            State::Transferring => Phase::Transfer,
+            State::Restoring => Phase::Restore,
+            State::Committing => Phase::Commit,
+            State::CleaningUp => Phase::Cleanup,
+            State::RollingBack => Phase::Rollback,
+            _ => return None,
+        })
+    }
+}
+
+/// What happened, reported by the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The job was submitted.
+    Start,
+    /// The current phase's work succeeded; `bytes` went over the network for it.
+    Done {
+        /// Bytes sent during the phase.
+        bytes: u64,
+    },
+    /// The current phase's work failed.
+    Failed {
+        /// What failed, in words for the user.
+        error: String,
+    },
+    /// The user or orchestrator asked to cancel.
+    Cancel,
+}
+
+/// What the driver must do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Check both sides.
+    Preflight,
+    /// Prepare the destination (netns, bundle, rootfs, packet hold).
+    Prepare,
+    /// Point the overlay at the destination.
+    Redirect,
+    /// Freeze and dump the container (the source container stops existing as a process).
+    Dump,
+    /// Send images and the final filesystem diff.
+    Transfer,
+    /// Restore at the destination and wait for its confirmation.
+    Restore,
+    /// Tell the destination to release held packets and announce the container.
+    Commit,
+    /// Remove the source container and its leftovers.
+    CleanupSource,
+    /// Undo: each flag says what must be undone.
+    Rollback(RollbackPlan),
+    /// The migration ended; the report is final.
+    Finish,
+}
+
+/// What a rollback must undo, derived from how far the migration got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackPlan {
+    /// The overlay must point back at the source.
+    pub redirect_back: bool,
+    /// The source container was dumped (and stopped): restore it from its local images.
+    pub restore_source: bool,
+    /// The destination holds prepared or restored state that must be removed.
+    pub clean_destination: bool,
+}
+
+/// An event that makes no sense in the current state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransitionError {
+    /// The event cannot happen in this state.
+    #[error("event {event} is not valid in state {state:?}")]
+    Invalid {
+        /// The state.
+        state: State,
+        /// The event, described.
+        event: String,
+    },
+    /// Cancel arrived after the commit point: the migration can only finish.
+    #[error("too late to cancel: the destination already confirmed the restore (commit point passed)")]
+    PastCommitPoint,
+}
+
+/// One migration, seen from the source.
+#[derive(Debug, Clone)]
+pub struct Migration {
+    state: State,
+    report: Report,
+    phase_started: Duration,
+    reached: Reached,
+    cancel_requested: bool,
+    frozen_since: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Reached {
+    prepared: bool,
+    redirected: bool,
+    dump_started: bool,
+}
+
+impl Migration {
+    /// A new migration of `container` from `from` to `to`.
+    pub fn new(id: &str, container: &str, from: &str, to: &str) -> Self {
+        Migration {
+            state: State::Created,
+            report: Report::new(id, container, from, to),
+            phase_started: Duration::ZERO,
+            reached: Reached::default(),
+            cancel_requested: false,
+            frozen_since: None,
+        }
+    }
+
+    /// Current state.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// The report so far (final once the state is terminal).
+    pub fn report(&self) -> &Report {
+        &self.report
+    }
+
+    /// Consumes the migration, yielding its report.
+    pub fn finalize(self) -> Report {
+        self.report
+    }
+
+    /// Feeds one event at time `now` (any monotonic origin); returns the actions to carry out.
+    pub fn handle(&mut self, event: Event, now: Duration) -> Result<Vec<Action>, TransitionError> {
+        let invalid = |state, event: &Event| TransitionError::Invalid {
+            state,
+            event: format!("{event:?}"),
+        };
+        match (&event, self.state) {
+            (Event::Start, State::Created) => {
+                self.report.started_at = now;
+                Ok(self.enter(State::Preflight, now, vec![Action::Preflight]))
+            }
+            (Event::Start, s) => Err(invalid(s, &event)),
+            (Event::Cancel, s) if s.past_commit_point() => Err(TransitionError::PastCommitPoint),
+            (Event::Cancel, s) if s.is_terminal() || s == State::RollingBack => {
+                Err(invalid(s, &event))
+            }
+            (Event::Cancel, State::Created) => {
+                self.report.outcome = Outcome::RolledBack {
+                    reason: "cancelled before start".into(),
+                };
+                self.state = State::RolledBack;
+                Ok(vec![Action::Finish])
+            }
+            (Event::Cancel, _) => {
+                // The phase in progress is allowed to finish (its work is not interruptible
+                // halfway without risk); the next completion turns into a rollback.
+                self.cancel_requested = true;
+                Ok(vec![])
+            }
+            (Event::Done { bytes }, s) => {
+                let bytes = *bytes;
+                self.close_phase(now, bytes);
+                if self.cancel_requested && !s.past_commit_point() && s != State::RollingBack {
+                    self.mark_progress(s);
+                    if s == State::Restoring {
+                        // Restore confirmed: that is the commit point, cancel is too late.
+                        self.cancel_requested = false;
+                    } else {
+                        return Ok(self.start_rollback("cancelled".into(), now));
+                    }
+                }
+                self.mark_progress(s);
+                Ok(match s {
+                    State::Preflight => self.enter(State::Preparing, now, vec![Action::Prepare]),
+                    State::Preparing => {
+                        self.enter(State::Redirecting, now, vec![Action::Redirect])
+                    }
+                    State::Redirecting => {
+                        self.frozen_since = Some(now);
+                        self.enter(State::Dumping, now, vec![Action::Dump])
+                    }
+                    State::Dumping => self.enter(State::Transferring, now, vec![Action::Transfer]),
+                    State::Transferring => {
+                        self.enter(State::Restoring, now, vec![Action::Restore])
+                    }
+                    State::Restoring => {
+                        self.report.committed = true;
+                        self.enter(State::Committing, now, vec![Action::Commit])
+                    }
+                    State::Committing => {
+                        if let Some(t) = self.frozen_since {
+                            self.report.frozen_ms = ms(now.saturating_sub(t));
+                        }
+                        self.enter(State::CleaningUp, now, vec![Action::CleanupSource])
+                    }
+                    State::CleaningUp => {
+                        self.report.outcome = Outcome::Completed;
+                        self.finish(State::Done, now)
+                    }
+                    State::RollingBack => self.finish(State::RolledBack, now),
+                    s => return Err(invalid(s, &event)),
+                })
+            }
+            (Event::Failed { error }, s) => {
+                let error = error.clone();
+                match s {
+                    State::Created | State::Done | State::RolledBack | State::Failed => {
+                        Err(invalid(s, &event))
+                    }
+                    State::Committing | State::CleaningUp => {
+                        // Past the commit point: record and carry on; the container lives at the
+                        // destination.
+                        self.close_phase(now, 0);
+                        self.report.warnings.push(error);
+                        Ok(if s == State::Committing {
+                            if let Some(t) = self.frozen_since {
+                                self.report.frozen_ms = ms(now.saturating_sub(t));
+                            }
+                            self.enter(State::CleaningUp, now, vec![Action::CleanupSource])
+                        } else {
+                            self.report.outcome = Outcome::Completed;
+                            self.finish(State::Done, now)
+                        })
+                    }
+                    State::RollingBack => {
+                        self.close_phase(now, 0);
+                        let reason = match &self.report.outcome {
+                            Outcome::RolledBack { reason } => reason.clone(),
+                            _ => String::new(),
+                        };
+                        self.report.outcome = Outcome::Failed {
+                            reason: format!("{reason}; rollback failed: {error}"),
+                        };
+                        Ok(self.finish(State::Failed, now))
+                    }
+                    _ => {
+                        self.close_phase(now, 0);
+                        // A failing dump may have stopped the container: restore_source decides.
+                        if s == State::Dumping {
+                            self.reached.dump_started = true;
+                        }
+                        let phase = s.phase().map(|p| format!("{p:?}")).unwrap_or_default();
+                        Ok(self.start_rollback(format!("{phase} failed: {error}"), now))
+                    }
+                }
+            }
+        }
+    }
+
+    fn mark_progress(&mut self, done: State) {
+        match done {
+            State::Preparing => self.reached.prepared = true,
+            State::Redirecting => self.reached.redirected = true,
+            State::Dumping => self.reached.dump_started = true,
+            _ => {}
+        }
+    }
+
+    fn start_rollback(&mut self, reason: String, now: Duration) -> Vec<Action> {
+        // Redirect/prepare may have partly happened even when they failed: undo generously.
+        let plan = RollbackPlan {
+            redirect_back: self.reached.redirected || self.state == State::Redirecting,
+            restore_source: self.reached.dump_started,
+            clean_destination: self.state != State::Preflight,
+        };
+        self.report.outcome = Outcome::RolledBack { reason };
+        self.report.rollback = Some(plan);
+        self.enter(State::RollingBack, now, vec![Action::Rollback(plan)])
+    }
+
+    fn enter(&mut self, state: State, now: Duration, actions: Vec<Action>) -> Vec<Action> {
+        self.state = state;
+        self.phase_started = now;
+        actions
+    }
+
+    fn close_phase(&mut self, now: Duration, bytes: u64) {
+        if let Some(phase) = self.state.phase() {
+            self.report.record(phase, self.phase_started, now, bytes);
+        }
+    }
+
+    fn finish(&mut self, state: State, now: Duration) -> Vec<Action> {
+        self.state = state;
+        self.report.total_ms = ms(now.saturating_sub(self.report.started_at));
+        vec![Action::Finish]
+    }
+}
+
+pub(crate) fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,130 @@
+//! The machine-readable result of a migration.
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+use crate::{ms, Phase, RollbackPlan};
+
+/// How a migration ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Still running.
+    InProgress,
+    /// The container runs at the destination.
+    Completed,
+    /// The migration was undone; the container runs on the source.
+    RolledBack {
+        /// Why.
+        reason: String,
+    },
+    /// The rollback failed too.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The duration and traffic of one phase.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseTiming {
+    /// Which phase.
+    pub phase: Phase,
+    /// Start, milliseconds after the migration started.
+    pub start_ms: f64,
+    /// Duration in milliseconds.
+    pub duration_ms: f64,
+    /// Bytes sent over the network during the phase.
+    pub bytes: u64,
+}
+
+/// The report of one migration; `ferry migrate --json` prints it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Job id.
+    pub id: String,
+    /// Container name.
+    pub container: String,
+    /// Source host.
+    pub from: String,
+    /// Destination host.
+    pub to: String,
+    /// How it ended.
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    /// True once the destination confirmed the restore.
+    pub committed: bool,
+    /// Every phase that ran, in order.
+    pub phases: Vec<PhaseTiming>,
+    /// Freeze to dump complete (CRIU dump), ms.
+    pub freeze_to_dump_ms: f64,
+    /// Images and final diff sent, ms.
+    pub transfer_ms: f64,
+    /// Restore at the destination, ms.
+    pub restore_ms: f64,
+    /// Overlay redirect plus release and announcement at the destination, ms.
+    pub network_switch_ms: f64,
+    /// From the freeze until the destination released the container's packets, ms.
+    pub frozen_ms: f64,
+    /// Whole migration, ms.
+    pub total_ms: f64,
+    /// Bytes sent over the network, all phases.
+    pub bytes_sent: u64,
+    /// Problems after the commit point that did not stop the migration.
+    pub warnings: Vec<String>,
+    /// What the rollback undid, if one ran.
+    pub rollback: Option<RollbackPlan>,
+    #[serde(skip)]
+    pub(crate) started_at: Duration,
+}
+
+impl Report {
+    pub(crate) fn new(id: &str, container: &str, from: &str, to: &str) -> Self {
+        Report {
+            id: id.into(),
+            container: container.into(),
+            from: from.into(),
+            to: to.into(),
+            outcome: Outcome::InProgress,
+            committed: false,
+            phases: vec![],
+            freeze_to_dump_ms: 0.0,
+            transfer_ms: 0.0,
+            restore_ms: 0.0,
+            network_switch_ms: 0.0,
+            frozen_ms: 0.0,
+            total_ms: 0.0,
+            bytes_sent: 0,
+            warnings: vec![],
+            rollback: None,
+            started_at: Duration::ZERO,
+        }
+    }
+
+    pub(crate) fn record(&mut self, phase: Phase, start: Duration, end: Duration, bytes: u64) {
+        let d = ms(end.saturating_sub(start));
+        self.phases.push(PhaseTiming {
+            phase,
+            start_ms: ms(start.saturating_sub(self.started_at)),
+            duration_ms: d,
+            bytes,
+        });
+        self.bytes_sent += bytes;
+        match phase {
+            Phase::Dump => self.freeze_to_dump_ms += d,
+            Phase::Transfer => self.transfer_ms += d,
+            Phase::Restore => self.restore_ms += d,
+            Phase::Redirect | Phase::Commit => self.network_switch_ms += d,
+            _ => {}
+        }
+    }
+
+    /// Duration of a phase, ms, if it ran.
+    pub fn phase_ms(&self, phase: Phase) -> Option<f64> {
+        self.phases
+            .iter()
+            .filter(|p| p.phase == phase)
+            .map(|p| p.duration_ms)
+            .reduce(|a, b| a + b)
+    }
+}

@@ -1,0 +1,188 @@
+//! Types of the agent's HTTP/JSON API (documented in docs/api.md).
+
+use std::net::Ipv4Addr;
+
+use migrate_core::{Phase, Report, State};
+use serde::{Deserialize, Serialize};
+
+/// API version prefix of every route.
+pub const API_PREFIX: &str = "/v1";
+
+/// What a container is, independent of the host it runs on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    /// Unique name.
+    pub name: String,
+    /// Overlay IPv4 address; stays the same across migrations.
+    pub ip: Ipv4Addr,
+    /// Overlay MAC, derived from the IP; stays the same across migrations.
+    pub mac: String,
+    /// Prefix length of the overlay network.
+    pub prefix_len: u8,
+    /// Command and arguments run inside the container.
+    pub args: Vec<String>,
+}
+
+/// `POST /v1/containers`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateContainer {
+    /// Unique name (letters, digits, `-`, `_`; at most 32).
+    pub name: String,
+    /// Overlay address; allocated by the agent when absent.
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
+    /// Command and arguments.
+    pub args: Vec<String>,
+}
+
+/// A container as listed by `GET /v1/containers`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerInfo {
+    /// Its spec.
+    #[serde(flatten)]
+    pub spec: ContainerSpec,
+    /// The host it runs on.
+    pub host: String,
+    /// `running`, `stopped`, `migrating` or `unknown`.
+    pub state: String,
+    /// Init process id in the host's PID namespace, while running.
+    pub pid: Option<u32>,
+}
+
+/// Test-only fault injection for a migration (used by Ferry's fault tests).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultHooks {
+    /// Sleep this long at the start of the transfer phase (the container is frozen), so a test
+    /// can cut the link, kill a peer or cancel during the transfer.
+    #[serde(default)]
+    pub pause_in_transfer_ms: u64,
+    /// Damage the received images at the destination so that CRIU's restore fails for real.
+    #[serde(default)]
+    pub corrupt_images: bool,
+}
+
+/// `POST /v1/containers/{name}/migrate`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    /// Destination host name.
+    pub to: String,
+    /// Fault injection for tests.
+    #[serde(default)]
+    pub faults: FaultHooks,
+}
+
+/// A job as returned by `GET /v1/jobs/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobInfo {
+    /// Job id.
+    pub id: String,
+    /// Current state of the migration.
+    pub state: State,
+    /// The report so far (final once `state` is terminal).
+    pub report: Report,
+}
+
+/// One entry of the event stream `GET /v1/jobs/{id}/events` (newline-delimited JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobEvent {
+    /// Sequence number from 0.
+    pub seq: u64,
+    /// Milliseconds since the job started.
+    pub t_ms: f64,
+    /// What happened.
+    #[serde(flatten)]
+    pub kind: JobEventKind,
+}
+
+/// What a job event says.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum JobEventKind {
+    /// A phase began.
+    PhaseStarted {
+        /// Which.
+        phase: Phase,
+    },
+    /// A phase ended.
+    PhaseDone {
+        /// Which.
+        phase: Phase,
+        /// How long it took, ms.
+        duration_ms: f64,
+        /// Bytes sent during it.
+        bytes: u64,
+    },
+    /// A phase failed; a rollback follows if before the commit point.
+    PhaseFailed {
+        /// Which.
+        phase: Phase,
+        /// Why.
+        error: String,
+    },
+    /// The destination confirmed the restore: the source will not run again.
+    Committed,
+    /// The job ended; `report` is final.
+    Finished {
+        /// The final report.
+        report: Box<Report>,
+    },
+}
+
+/// Body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    /// Stable machine-readable code, e.g. `unknown_container`.
+    pub code: String,
+    /// What failed, with the value, and what to do.
+    pub message: String,
+}
+
+/// `GET /v1/host`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// Host name.
+    pub host: String,
+    /// Underlay address.
+    pub underlay_ip: Ipv4Addr,
+    /// CRIU version, if usable.
+    pub criu: Option<String>,
+    /// Why CRIU is not usable, if it is not.
+    pub criu_error: Option<String>,
+    /// Peers this agent knows.
+    pub peers: Vec<String>,
+}
+
+/// Derives the overlay MAC of a container from its IP: locally administered, stable.
+pub fn mac_for_ip(ip: Ipv4Addr) -> String {
+    let o = ip.octets();
+    format!("02:fe:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+}
+
+/// Checks a container name: 1-32 of `[A-Za-z0-9_-]`, not starting with `-`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_is_stable_and_local() {
+        assert_eq!(mac_for_ip(Ipv4Addr::new(10, 232, 0, 10)), "02:fe:0a:e8:00:0a");
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_name("echo-1"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("../x"));
+        assert!(!valid_name("-x"));
+        assert!(!valid_name(&"a".repeat(33)));
+    }
+}

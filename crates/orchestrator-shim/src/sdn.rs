@@ -1,0 +1,1036 @@
+//! Ferry's overlay hooks: VXLAN forwarding-database (FDB) entries programmed over a raw
+//! `NETLINK_ROUTE` socket (no shelling out), and [`in_netns`], which runs a closure on a thread
+//! moved into a named network namespace.
+//!
+//! Each host has a Linux bridge with a `nolearning` VXLAN device enslaved to it. Ferry points
+//! every remote container MAC at the VTEP (IPv4 address) of the host that currently runs the
+//! container ([`Fdb::set`]) and keeps one all-zero-MAC entry per remote host so broadcast and
+//! unknown-unicast traffic is flooded to every host ([`Fdb::add_flood`]).
+//!
+//! An [`Fdb`] talks to the kernel of the network namespace of the thread that called
+//! [`Fdb::open`]; it can afterwards be used from any thread.
+
+use std::ffi::CString;
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Directory where `ip netns add NAME` bind-mounts named network namespaces.
+pub const NETNS_RUN_DIR: &str = "/run/netns";
+
+// rtnetlink / neighbour constants (linux/rtnetlink.h, linux/neighbour.h).
+const RTM_NEWNEIGH: u16 = 28;
+const RTM_DELNEIGH: u16 = 29;
+const RTM_GETNEIGH: u16 = 30;
+const NDA_DST: u16 = 1;
+const NDA_LLADDR: u16 = 2;
+const NUD_PERMANENT: u16 = 0x80;
+const NTF_SELF: u8 = 0x02;
+const AF_BRIDGE: u8 = 7;
+/// Size of `struct ndmsg`.
+const NDMSG_LEN: usize = 12;
+
+/// A 48-bit Ethernet MAC address.
+///
+/// Displays as lowercase colon-separated hex (`02:fe:0a:e8:00:0a`) and parses from the same
+/// form (hex digits in either case). Serializes as that string.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Mac(pub [u8; 6]);
+
+impl Mac {
+    /// The all-zero MAC `00:00:00:00:00:00`, which a VXLAN FDB uses for flood (default) entries.
+    pub const ZERO: Mac = Mac([0; 6]);
+
+    /// Whether this is the all-zero MAC.
+    pub fn is_zero(&self) -> bool {
+        self.0 == [0; 6]
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl fmt::Debug for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Mac({self})")
+    }
+}
+
+/// Why a string is not a MAC address (see [`Mac`]'s `FromStr`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid MAC address {input:?}: {reason}; expected six colon-separated two-digit hex \
+     octets such as 02:fe:0a:e8:00:0a"
+)]
+pub struct ParseMacError {
+    /// The rejected input.
+    pub input: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl FromStr for Mac {
+    type Err = ParseMacError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |reason: String| ParseMacError {
+            input: s.to_owned(),
+            reason,
+        };
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 {
+            return Err(err(format!(
+                "found {} colon-separated groups instead of 6",
+                parts.len()
+            )));
+        }
+        let mut out = [0u8; 6];
+        for (i, (part, byte)) in parts.iter().zip(out.iter_mut()).enumerate() {
+            if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(err(format!(
+                    "group {} ({part:?}) is not two hex digits",
+                    i + 1
+                )));
+            }
+            *byte = u8::from_str_radix(part, 16)
+                .map_err(|e| err(format!("group {} ({part:?}): {e}", i + 1)))?;
+        }
+        Ok(Mac(out))
+    }
+}
+
+impl Serialize for Mac {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Mac {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// One VXLAN FDB entry: frames for `mac` are encapsulated towards the VTEP `dst`.
+///
+/// A [`Mac::ZERO`] entry is a flood entry (one per remote host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct FdbEntry {
+    /// Destination MAC (all-zero for flood entries).
+    pub mac: Mac,
+    /// Remote VTEP IPv4 address.
+    pub dst: Ipv4Addr,
+}
+
+/// Errors from the SDN hooks.
+#[derive(Debug, thiserror::Error)]
+pub enum SdnError {
+    /// The named device does not exist in the caller's network namespace.
+    #[error(
+        "network device {dev:?} not found in this network namespace: create it first \
+         (ip link add {dev} type vxlan id VNI dstport 4789 nolearning) or run Ferry inside the \
+         host's network namespace"
+    )]
+    DeviceNotFound {
+        /// The device name that was looked up.
+        dev: String,
+    },
+    /// The device name cannot be a Linux interface name.
+    #[error("invalid network device name {dev:?}: {reason}; use the name shown by `ip link`")]
+    InvalidDeviceName {
+        /// The rejected name.
+        dev: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A netlink socket operation failed.
+    #[error(
+        "netlink socket {op} failed for device {dev:?}: {source}; Ferry needs CAP_NET_ADMIN \
+         in the host's network namespace"
+    )]
+    Socket {
+        /// Device the socket was used for.
+        dev: String,
+        /// The failing operation (`socket`, `bind`, `send`, `recv`, ...).
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel answered a request with a non-zero error.
+    #[error(
+        "kernel rejected {request} for {what} on device {dev:?}: errno {errno} ({reason}); \
+         check that {dev:?} is a VXLAN device and the values are valid"
+    )]
+    Kernel {
+        /// The rtnetlink request (`RTM_NEWNEIGH`, ...).
+        request: &'static str,
+        /// The device the request was for.
+        dev: String,
+        /// The entry the request was about (`02:..:0a -> 10.0.0.2`, ...).
+        what: String,
+        /// The positive errno the kernel returned.
+        errno: i32,
+        /// Description of the errno, plus the kernel's extended-ACK message if any.
+        reason: String,
+    },
+    /// The kernel sent something this module cannot parse.
+    #[error(
+        "malformed netlink reply for device {dev:?}: {detail}; this is a bug in Ferry or an \
+         unsupported kernel, please report it"
+    )]
+    MalformedReply {
+        /// The device the request was for.
+        dev: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// A network namespace name is not a plain file name under `/run/netns`.
+    #[error(
+        "invalid network namespace name {name:?}: it must be a non-empty file name under \
+         /run/netns without '/', NUL, '.' or '..'"
+    )]
+    InvalidNetnsName {
+        /// The rejected name.
+        name: String,
+    },
+    /// The named network namespace could not be opened.
+    #[error(
+        "cannot open network namespace {name:?} at {}: {source}; create it with `ip netns add \
+         {name}`", path.display()
+    )]
+    NetnsOpen {
+        /// The namespace name.
+        name: String,
+        /// The path that was opened.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// `setns(2)` into the named network namespace failed.
+    #[error(
+        "setns(CLONE_NEWNET) into network namespace {name:?} failed: {source}; Ferry needs \
+         CAP_SYS_ADMIN to enter network namespaces"
+    )]
+    Setns {
+        /// The namespace name.
+        name: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The helper thread for a network namespace could not be spawned.
+    #[error(
+        "cannot spawn a thread for network namespace {name:?}: {source}; check process limits"
+    )]
+    ThreadSpawn {
+        /// The namespace name.
+        name: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The closure run inside a network namespace panicked.
+    #[error(
+        "the closure run inside network namespace {name:?} panicked; see the panic message \
+         above"
+    )]
+    ThreadPanicked {
+        /// The namespace name.
+        name: String,
+    },
+}
+
+/// Path of the named network namespace under [`NETNS_RUN_DIR`], after validating the name.
+pub fn netns_path(name: &str) -> Result<PathBuf, SdnError> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+        return Err(SdnError::InvalidNetnsName {
+            name: name.to_owned(),
+        });
+    }
+    Ok(PathBuf::from(NETNS_RUN_DIR).join(name))
+}
+
+/// Runs `f` on a fresh thread moved (`setns(CLONE_NEWNET)`) into the network namespace
+/// `/run/netns/NAME` and returns its result.
+///
+/// The calling thread's namespace is untouched. Sockets created inside `f` stay bound to the
+/// namespace and may be returned and used from any thread. Blocks until `f` returns.
+pub fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> Result<T, SdnError> {
+    let path = netns_path(name)?;
+    let file = File::open(&path).map_err(|source| SdnError::NetnsOpen {
+        name: name.to_owned(),
+        path: path.clone(),
+        source,
+    })?;
+    std::thread::scope(|scope| {
+        let handle = std::thread::Builder::new()
+            .name(format!("netns-{name}"))
+            .spawn_scoped(scope, move || {
+                // SAFETY: `file` is an open descriptor of a network namespace file that outlives
+                // this call; setns only changes the network namespace of this (new) thread.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                if rc != 0 {
+                    return Err(SdnError::Setns {
+                        name: name.to_owned(),
+                        source: io::Error::last_os_error(),
+                    });
+                }
+                drop(file);
+                tracing::trace!(netns = name, "thread entered network namespace");
+                Ok(f())
+            })
+            .map_err(|source| SdnError::ThreadSpawn {
+                name: name.to_owned(),
+                source,
+            })?;
+        handle.join().map_err(|_| SdnError::ThreadPanicked {
+            name: name.to_owned(),
+        })?
+    })
+}
+
+/// Minimal raw netlink plumbing shared by [`Fdb`] and the packet hold.
+pub(crate) mod nl {
+    use std::io;
+    use std::mem;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    pub(crate) const NLMSG_HDRLEN: usize = 16;
+    pub(crate) const NLMSG_ERROR: u16 = 2;
+    pub(crate) const NLMSG_DONE: u16 = 3;
+    pub(crate) const NLM_F_REQUEST: u16 = 0x01;
+    pub(crate) const NLM_F_MULTI: u16 = 0x02;
+    pub(crate) const NLM_F_ACK: u16 = 0x04;
+    pub(crate) const NLM_F_DUMP_INTR: u16 = 0x10;
+    pub(crate) const NLM_F_REPLACE: u16 = 0x100;
+    pub(crate) const NLM_F_CAPPED: u16 = 0x100;
+    pub(crate) const NLM_F_ACK_TLVS: u16 = 0x200;
+    pub(crate) const NLM_F_DUMP: u16 = 0x300;
+    pub(crate) const NLM_F_CREATE: u16 = 0x400;
+    pub(crate) const NLM_F_APPEND: u16 = 0x800;
+    const NLMSGERR_ATTR_MSG: u16 = 1;
+
+    /// Rounds up to netlink's 4-byte alignment.
+    pub(crate) const fn align(len: usize) -> usize {
+        (len + 3) & !3
+    }
+
+    fn u16_at(buf: &[u8], off: usize) -> Option<u16> {
+        let b = buf.get(off..off + 2)?;
+        Some(u16::from_ne_bytes([b[0], b[1]]))
+    }
+
+    pub(crate) fn u32_at(buf: &[u8], off: usize) -> Option<u32> {
+        let b = buf.get(off..off + 4)?;
+        Some(u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// Builds one netlink message: header, fixed family header, then attributes.
+    pub(crate) struct MsgBuilder {
+        buf: Vec<u8>,
+    }
+
+    impl MsgBuilder {
+        pub(crate) fn new(msg_type: u16, flags: u16, seq: u32) -> Self {
+            let mut buf = Vec::with_capacity(64);
+            buf.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_len, patched in finish()
+            buf.extend_from_slice(&msg_type.to_ne_bytes());
+            buf.extend_from_slice(&flags.to_ne_bytes());
+            buf.extend_from_slice(&seq.to_ne_bytes());
+            buf.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_pid: kernel
+            MsgBuilder { buf }
+        }
+
+        /// Appends raw bytes (the family header), padded to alignment.
+        pub(crate) fn raw(mut self, bytes: &[u8]) -> Self {
+            self.buf.extend_from_slice(bytes);
+            self.buf.resize(align(self.buf.len()), 0);
+            self
+        }
+
+        /// Appends one attribute, padded to alignment.
+        pub(crate) fn attr(mut self, attr_type: u16, data: &[u8]) -> Self {
+            // Attribute payloads here are a few bytes; saturate rather than panic.
+            let len = u16::try_from(4 + data.len()).unwrap_or(u16::MAX);
+            self.buf.extend_from_slice(&len.to_ne_bytes());
+            self.buf.extend_from_slice(&attr_type.to_ne_bytes());
+            self.buf.extend_from_slice(data);
+            self.buf.resize(align(self.buf.len()), 0);
+            self
+        }
+
+        /// Patches the length and returns the encoded message.
+        pub(crate) fn finish(mut self) -> Vec<u8> {
+            let len = u32::try_from(self.buf.len()).unwrap_or(u32::MAX);
+            self.buf[..4].copy_from_slice(&len.to_ne_bytes());
+            self.buf
+        }
+    }
+
+    /// One parsed netlink message header plus its payload.
+    pub(crate) struct Msg<'a> {
+        pub(crate) msg_type: u16,
+        pub(crate) flags: u16,
+        pub(crate) seq: u32,
+        pub(crate) payload: &'a [u8],
+    }
+
+    /// Splits a received datagram into messages; `Err` describes a malformed header.
+    pub(crate) fn messages(buf: &[u8]) -> Result<Vec<Msg<'_>>, String> {
+        let mut out = Vec::new();
+        let mut off = 0;
+        while off + NLMSG_HDRLEN <= buf.len() {
+            let len = u32_at(buf, off).unwrap_or(0) as usize;
+            if len < NLMSG_HDRLEN || off + len > buf.len() {
+                return Err(format!(
+                    "message at offset {off} has length {len}, datagram has {} bytes",
+                    buf.len()
+                ));
+            }
+            out.push(Msg {
+                msg_type: u16_at(buf, off + 4).unwrap_or(0),
+                flags: u16_at(buf, off + 6).unwrap_or(0),
+                seq: u32_at(buf, off + 8).unwrap_or(0),
+                payload: &buf[off + NLMSG_HDRLEN..off + len],
+            });
+            off += align(len);
+        }
+        Ok(out)
+    }
+
+    /// Iterates `(type, data)` attributes in `buf`, stopping at the first malformed one.
+    pub(crate) fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+        let mut off = 0;
+        std::iter::from_fn(move || {
+            let len = u16_at(buf, off)? as usize;
+            let ty = u16_at(buf, off + 2)? & 0x3fff; // strip NLA_F_NESTED / NLA_F_NET_BYTEORDER
+            if len < 4 || off + len > buf.len() {
+                return None;
+            }
+            let data = &buf[off + 4..off + len];
+            off += align(len);
+            Some((ty, data))
+        })
+    }
+
+    /// A parsed `NLMSG_ERROR` payload: `errno` is positive (0 for a plain ACK).
+    pub(crate) struct ErrorMsg {
+        pub(crate) errno: i32,
+        /// The kernel's extended-ACK message, if any.
+        pub(crate) ext_msg: Option<String>,
+    }
+
+    impl ErrorMsg {
+        /// `strerror` of the errno plus the extended-ACK message.
+        pub(crate) fn reason(&self) -> String {
+            let base = io::Error::from_raw_os_error(self.errno).to_string();
+            match &self.ext_msg {
+                Some(m) => format!("{base}: {m}"),
+                None => base,
+            }
+        }
+    }
+
+    /// Parses the payload of an `NLMSG_ERROR` message whose header flags are `flags`.
+    pub(crate) fn parse_error(flags: u16, payload: &[u8]) -> Option<ErrorMsg> {
+        let error = u32_at(payload, 0)? as i32;
+        let orig_len = u32_at(payload, 4)? as usize;
+        let mut tlv_off = 4 + NLMSG_HDRLEN;
+        if flags & NLM_F_CAPPED == 0 {
+            tlv_off = 4 + align(orig_len.max(NLMSG_HDRLEN));
+        }
+        let mut ext_msg = None;
+        if flags & NLM_F_ACK_TLVS != 0 {
+            if let Some(tlvs) = payload.get(tlv_off..) {
+                for (ty, data) in attrs(tlvs) {
+                    if ty == NLMSGERR_ATTR_MSG {
+                        let s = data.split(|b| *b == 0).next().unwrap_or_default();
+                        ext_msg = Some(String::from_utf8_lossy(s).into_owned());
+                    }
+                }
+            }
+        }
+        Some(ErrorMsg {
+            errno: error.saturating_neg(),
+            ext_msg,
+        })
+    }
+
+    /// A raw netlink socket bound to a kernel-assigned port id.
+    pub(crate) struct Socket {
+        fd: OwnedFd,
+    }
+
+    fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    }
+
+    fn kernel_addr() -> libc::sockaddr_nl {
+        // SAFETY: sockaddr_nl is plain old data for which all-zero bytes are valid.
+        let mut addr: libc::sockaddr_nl = unsafe { mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        addr
+    }
+
+    impl Socket {
+        /// Opens and binds a netlink socket of `protocol` in the calling thread's network
+        /// namespace. Returns the failing operation's name with the error.
+        pub(crate) fn open(protocol: libc::c_int) -> Result<Self, (&'static str, io::Error)> {
+            // SAFETY: plain socket(2) call with constant arguments; the result is checked.
+            let fd = cvt(unsafe {
+                libc::socket(
+                    libc::AF_NETLINK,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    protocol,
+                )
+            })
+            .map_err(|e| ("socket", e))?;
+            // SAFETY: `fd` was just returned by socket(2) and is owned by nothing else.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let sock = Socket { fd };
+            let addr = kernel_addr();
+            // SAFETY: `addr` is a valid sockaddr_nl and the length passed matches its size.
+            cvt(unsafe {
+                libc::bind(
+                    sock.fd.as_raw_fd(),
+                    (&addr as *const libc::sockaddr_nl).cast(),
+                    mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+                )
+            })
+            .map_err(|e| ("bind", e))?;
+            Ok(sock)
+        }
+
+        /// Sets an integer socket option.
+        pub(crate) fn set_opt(
+            &self,
+            level: libc::c_int,
+            name: libc::c_int,
+            value: libc::c_int,
+        ) -> io::Result<()> {
+            // SAFETY: `value` is a live c_int and the length passed matches its size.
+            cvt(unsafe {
+                libc::setsockopt(
+                    self.fd.as_raw_fd(),
+                    level,
+                    name,
+                    (&value as *const libc::c_int).cast(),
+                    mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            })
+            .map(drop)
+        }
+
+        /// Asks for extended ACKs (kernel error strings) and capped ACK payloads; best effort.
+        pub(crate) fn enable_ext_ack(&self) {
+            let _ = self.set_opt(libc::SOL_NETLINK, libc::NETLINK_EXT_ACK, 1);
+            let _ = self.set_opt(libc::SOL_NETLINK, libc::NETLINK_CAP_ACK, 1);
+        }
+
+        /// Sends one datagram (one or more messages) to the kernel.
+        pub(crate) fn send(&self, buf: &[u8]) -> io::Result<()> {
+            let addr = kernel_addr();
+            loop {
+                // SAFETY: `buf` is a valid readable slice of `buf.len()` bytes and `addr` a
+                // valid sockaddr_nl of the given length.
+                let rc = unsafe {
+                    libc::sendto(
+                        self.fd.as_raw_fd(),
+                        buf.as_ptr().cast(),
+                        buf.len(),
+                        0,
+                        (&addr as *const libc::sockaddr_nl).cast(),
+                        mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+                    )
+                };
+                if rc < 0 {
+                    let err = io::Error::last_os_error();
+                    if err.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(err);
+                }
+                return Ok(());
+            }
+        }
+
+        /// Receives one datagram into `buf`; `nonblocking` uses `MSG_DONTWAIT` (then
+        /// `WouldBlock` means nothing is pending). A datagram larger than `buf` is an error.
+        pub(crate) fn recv(&self, buf: &mut [u8], nonblocking: bool) -> io::Result<usize> {
+            let flags = libc::MSG_TRUNC | if nonblocking { libc::MSG_DONTWAIT } else { 0 };
+            loop {
+                // SAFETY: `buf` is a valid writable slice of `buf.len()` bytes.
+                let rc = unsafe {
+                    libc::recv(
+                        self.fd.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        flags,
+                    )
+                };
+                if rc < 0 {
+                    let err = io::Error::last_os_error();
+                    if err.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(err);
+                }
+                let n = rc as usize;
+                if n > buf.len() {
+                    return Err(io::Error::other(format!(
+                        "netlink datagram of {n} bytes truncated to {} bytes",
+                        buf.len()
+                    )));
+                }
+                return Ok(n);
+            }
+        }
+
+        /// Waits up to `timeout_ms` for the socket to become readable.
+        pub(crate) fn poll_readable(&self, timeout_ms: libc::c_int) -> io::Result<bool> {
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: `pfd` is a valid pollfd array of length 1 for the duration of the call.
+            let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+            if rc < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    return Ok(false);
+                }
+                return Err(err);
+            }
+            Ok(rc > 0)
+        }
+    }
+}
+
+/// State behind the [`Fdb`] mutex: the socket and the next sequence number.
+struct Conn {
+    sock: nl::Socket,
+    seq: u32,
+}
+
+/// The forwarding database of one VXLAN device, programmed over rtnetlink.
+///
+/// Bound to the network namespace of the thread that called [`Fdb::open`]. Safe to share
+/// between threads; requests are serialized.
+pub struct Fdb {
+    dev: String,
+    ifindex: u32,
+    conn: Mutex<Conn>,
+}
+
+impl fmt::Debug for Fdb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Fdb")
+            .field("dev", &self.dev)
+            .field("ifindex", &self.ifindex)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How an error from the kernel is treated by [`Fdb::request`].
+#[derive(Clone, Copy)]
+enum Tolerate {
+    Nothing,
+    Errno(i32),
+}
+
+impl Fdb {
+    /// Opens the FDB of VXLAN device `vxlan_dev` in the calling thread's network namespace.
+    ///
+    /// Fails with [`SdnError::DeviceNotFound`] if no such device exists there.
+    pub fn open(vxlan_dev: &str) -> Result<Self, SdnError> {
+        let invalid = |reason| SdnError::InvalidDeviceName {
+            dev: vxlan_dev.to_owned(),
+            reason,
+        };
+        if vxlan_dev.is_empty() {
+            return Err(invalid("it is empty"));
+        }
+        if vxlan_dev.len() >= libc::IFNAMSIZ {
+            return Err(invalid("it is longer than 15 bytes"));
+        }
+        let cname = CString::new(vxlan_dev).map_err(|_| invalid("it contains a NUL byte"))?;
+        // SAFETY: `cname` is a valid NUL-terminated string that outlives the call.
+        let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        if ifindex == 0 {
+            return Err(SdnError::DeviceNotFound {
+                dev: vxlan_dev.to_owned(),
+            });
+        }
+        let sock =
+            nl::Socket::open(libc::NETLINK_ROUTE).map_err(|(op, source)| SdnError::Socket {
+                dev: vxlan_dev.to_owned(),
+                op,
+                source,
+            })?;
+        sock.enable_ext_ack();
+        tracing::debug!(dev = vxlan_dev, ifindex, "opened VXLAN FDB");
+        Ok(Fdb {
+            dev: vxlan_dev.to_owned(),
+            ifindex,
+            conn: Mutex::new(Conn { sock, seq: 1 }),
+        })
+    }
+
+    /// The device name given to [`Fdb::open`].
+    pub fn device(&self) -> &str {
+        &self.dev
+    }
+
+    /// The device's interface index, resolved at [`Fdb::open`].
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    /// Points `mac` at the VTEP `dst`, replacing any existing entry for `mac`
+    /// (`RTM_NEWNEIGH` with `NLM_F_CREATE | NLM_F_REPLACE`).
+    pub fn set(&self, mac: Mac, dst: Ipv4Addr) -> Result<(), SdnError> {
+        self.request(
+            "RTM_NEWNEIGH",
+            RTM_NEWNEIGH,
+            nl::NLM_F_CREATE | nl::NLM_F_REPLACE,
+            mac,
+            Some(dst),
+            Tolerate::Nothing,
+        )?;
+        tracing::info!(dev = %self.dev, %mac, %dst, "FDB entry set");
+        Ok(())
+    }
+
+    /// Removes every entry for `mac` (all its destinations). Succeeds if there is none.
+    pub fn remove(&self, mac: Mac) -> Result<(), SdnError> {
+        let existed = self.request(
+            "RTM_DELNEIGH",
+            RTM_DELNEIGH,
+            0,
+            mac,
+            None,
+            Tolerate::Errno(libc::ENOENT),
+        )?;
+        tracing::info!(dev = %self.dev, %mac, existed, "FDB entry removed");
+        Ok(())
+    }
+
+    /// Appends an all-zero-MAC flood entry towards the VTEP `dst`
+    /// (`RTM_NEWNEIGH` with `NLM_F_CREATE | NLM_F_APPEND`). Succeeds if it already exists.
+    pub fn add_flood(&self, dst: Ipv4Addr) -> Result<(), SdnError> {
+        let created = self.request(
+            "RTM_NEWNEIGH",
+            RTM_NEWNEIGH,
+            nl::NLM_F_CREATE | nl::NLM_F_APPEND,
+            Mac::ZERO,
+            Some(dst),
+            Tolerate::Errno(libc::EEXIST),
+        )?;
+        tracing::info!(dev = %self.dev, %dst, created, "FDB flood entry added");
+        Ok(())
+    }
+
+    /// Removes the all-zero-MAC flood entry towards `dst` only, leaving the other remote
+    /// hosts' flood entries alone. Succeeds if there is none.
+    pub fn remove_flood(&self, dst: Ipv4Addr) -> Result<(), SdnError> {
+        let existed = self.request(
+            "RTM_DELNEIGH",
+            RTM_DELNEIGH,
+            0,
+            Mac::ZERO,
+            Some(dst),
+            Tolerate::Errno(libc::ENOENT),
+        )?;
+        tracing::info!(dev = %self.dev, %dst, existed, "FDB flood entry removed");
+        Ok(())
+    }
+
+    /// Lists this device's entries that have an IPv4 destination, in kernel order
+    /// (a MAC with several destinations, such as the flood MAC, appears once per destination).
+    pub fn entries(&self) -> Result<Vec<FdbEntry>, SdnError> {
+        const ATTEMPTS: usize = 3;
+        let mut last_interrupted = false;
+        for _ in 0..ATTEMPTS {
+            let (entries, interrupted) = self.dump()?;
+            if !interrupted {
+                return Ok(entries);
+            }
+            last_interrupted = interrupted;
+            tracing::debug!(dev = %self.dev, "FDB dump interrupted by a concurrent change; retrying");
+        }
+        Err(SdnError::MalformedReply {
+            dev: self.dev.clone(),
+            detail: format!(
+                "neighbour dump was interrupted (NLM_F_DUMP_INTR={last_interrupted}) {ATTEMPTS} \
+                 times in a row by concurrent FDB changes; retry later"
+            ),
+        })
+    }
+
+    fn ndmsg(&self) -> [u8; NDMSG_LEN] {
+        let mut nd = [0u8; NDMSG_LEN];
+        nd[0] = AF_BRIDGE;
+        nd[4..8].copy_from_slice(&self.ifindex.to_ne_bytes());
+        nd[8..10].copy_from_slice(&NUD_PERMANENT.to_ne_bytes());
+        nd[10] = NTF_SELF;
+        nd[11] = 0; // ndm_type
+        nd
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Conn> {
+        // A poisoned lock only means another thread panicked mid-request; the socket is still
+        // usable because every request matches its ACK by sequence number.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn socket_err(&self, op: &'static str) -> impl FnOnce(io::Error) -> SdnError + '_ {
+        move |source| SdnError::Socket {
+            dev: self.dev.clone(),
+            op,
+            source,
+        }
+    }
+
+    fn malformed(&self, detail: String) -> SdnError {
+        SdnError::MalformedReply {
+            dev: self.dev.clone(),
+            detail,
+        }
+    }
+
+    /// Sends one neighbour request with `NLM_F_REQUEST | NLM_F_ACK | extra_flags` and waits for
+    /// its ACK. Returns `true` on success, `false` if the tolerated errno came back.
+    fn request(
+        &self,
+        name: &'static str,
+        msg_type: u16,
+        extra_flags: u16,
+        mac: Mac,
+        dst: Option<Ipv4Addr>,
+        tolerate: Tolerate,
+    ) -> Result<bool, SdnError> {
+        let what = match dst {
+            Some(dst) => format!("{mac} -> {dst}"),
+            None => mac.to_string(),
+        };
+        let mut conn = self.lock();
+        conn.seq = conn.seq.wrapping_add(1);
+        let seq = conn.seq;
+        let mut msg = nl::MsgBuilder::new(
+            msg_type,
+            nl::NLM_F_REQUEST | nl::NLM_F_ACK | extra_flags,
+            seq,
+        )
+        .raw(&self.ndmsg())
+        .attr(NDA_LLADDR, &mac.0);
+        if let Some(dst) = dst {
+            msg = msg.attr(NDA_DST, &dst.octets());
+        }
+        conn.sock
+            .send(&msg.finish())
+            .map_err(self.socket_err("send"))?;
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = conn
+                .sock
+                .recv(&mut buf, false)
+                .map_err(self.socket_err("recv"))?;
+            let msgs = nl::messages(&buf[..n]).map_err(|d| self.malformed(d))?;
+            for m in msgs {
+                if m.msg_type != nl::NLMSG_ERROR || m.seq != seq {
+                    continue; // stale reply of an earlier, abandoned request
+                }
+                let err = nl::parse_error(m.flags, m.payload)
+                    .ok_or_else(|| self.malformed(format!("short NLMSG_ERROR for {name}")))?;
+                return match err.errno {
+                    0 => Ok(true),
+                    e if matches!(tolerate, Tolerate::Errno(t) if t == e) => {
+                        tracing::debug!(dev = %self.dev, request = name, what = %what, errno = e, "tolerated kernel error");
+                        Ok(false)
+                    }
+                    errno => Err(SdnError::Kernel {
+                        request: name,
+                        dev: self.dev.clone(),
+                        what,
+                        errno,
+                        reason: err.reason(),
+                    }),
+                };
+            }
+        }
+    }
+
+    /// One `RTM_GETNEIGH` dump; returns the entries and whether the dump was interrupted.
+    fn dump(&self) -> Result<(Vec<FdbEntry>, bool), SdnError> {
+        let mut conn = self.lock();
+        conn.seq = conn.seq.wrapping_add(1);
+        let seq = conn.seq;
+        let mut nd = [0u8; NDMSG_LEN];
+        nd[0] = AF_BRIDGE;
+        let msg = nl::MsgBuilder::new(RTM_GETNEIGH, nl::NLM_F_REQUEST | nl::NLM_F_DUMP, seq)
+            .raw(&nd)
+            .finish();
+        conn.sock.send(&msg).map_err(self.socket_err("send"))?;
+        let mut entries = Vec::new();
+        let mut interrupted = false;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = conn
+                .sock
+                .recv(&mut buf, false)
+                .map_err(self.socket_err("recv"))?;
+            let msgs = nl::messages(&buf[..n]).map_err(|d| self.malformed(d))?;
+            for m in msgs {
+                if m.seq != seq {
+                    continue;
+                }
+                if m.flags & nl::NLM_F_DUMP_INTR != 0 {
+                    interrupted = true;
+                }
+                match m.msg_type {
+                    nl::NLMSG_DONE => return Ok((entries, interrupted)),
+                    nl::NLMSG_ERROR => {
+                        let err = nl::parse_error(m.flags, m.payload).ok_or_else(|| {
+                            self.malformed("short NLMSG_ERROR for RTM_GETNEIGH".into())
+                        })?;
+                        if err.errno == 0 {
+                            return Ok((entries, interrupted));
+                        }
+                        return Err(SdnError::Kernel {
+                            request: "RTM_GETNEIGH dump",
+                            dev: self.dev.clone(),
+                            what: "all bridge FDB entries".into(),
+                            errno: err.errno,
+                            reason: err.reason(),
+                        });
+                    }
+                    RTM_NEWNEIGH => {
+                        if let Some(entry) = self.parse_neigh(m.payload) {
+                            entries.push(entry);
+                        }
+                    }
+                    _ => {}
+                }
+                if m.flags & nl::NLM_F_MULTI == 0 {
+                    return Ok((entries, interrupted));
+                }
+            }
+        }
+    }
+
+    /// Parses one `RTM_NEWNEIGH` dump record; `None` if it is not an IPv4 entry of this device.
+    fn parse_neigh(&self, payload: &[u8]) -> Option<FdbEntry> {
+        if payload.len() < NDMSG_LEN || payload[0] != AF_BRIDGE {
+            return None;
+        }
+        if nl::u32_at(payload, 4)? != self.ifindex {
+            return None;
+        }
+        let mut mac = None;
+        let mut dst = None;
+        for (ty, data) in nl::attrs(&payload[nl::align(NDMSG_LEN)..]) {
+            match ty {
+                NDA_LLADDR => mac = <[u8; 6]>::try_from(data).ok().map(Mac),
+                NDA_DST => dst = <[u8; 4]>::try_from(data).ok().map(Ipv4Addr::from),
+                _ => {}
+            }
+        }
+        Some(FdbEntry {
+            mac: mac?,
+            dst: dst?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_roundtrip() {
+        let mac: Mac = "02:FE:0a:e8:00:0a".parse().unwrap();
+        assert_eq!(mac, Mac([0x02, 0xfe, 0x0a, 0xe8, 0x00, 0x0a]));
+        assert_eq!(mac.to_string(), "02:fe:0a:e8:00:0a");
+        assert!(Mac::ZERO.is_zero());
+        let json = serde_json::to_string(&mac).unwrap();
+        assert_eq!(json, "\"02:fe:0a:e8:00:0a\"");
+        assert_eq!(serde_json::from_str::<Mac>(&json).unwrap(), mac);
+    }
+
+    #[test]
+    fn mac_parse_errors_name_the_input() {
+        for bad in [
+            "",
+            "02:fe:0a:e8:00",
+            "02:fe:0a:e8:00:0a:01",
+            "2:fe:0a:e8:00:0a",
+            "02:fe:0a:e8:00:zz",
+            "02-fe-0a-e8-00-0a",
+        ] {
+            let err = bad.parse::<Mac>().unwrap_err();
+            assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn netns_names_are_validated() {
+        for bad in ["", ".", "..", "a/b", "a\0b"] {
+            assert!(matches!(
+                netns_path(bad),
+                Err(SdnError::InvalidNetnsName { .. })
+            ));
+        }
+        assert_eq!(netns_path("x").unwrap(), PathBuf::from("/run/netns/x"));
+    }
+
+    #[test]
+    fn missing_device_is_typed() {
+        let err = Fdb::open("ferrynodev0").unwrap_err();
+        assert!(matches!(err, SdnError::DeviceNotFound { ref dev } if dev == "ferrynodev0"));
+        assert!(matches!(
+            Fdb::open("a-very-long-device-name"),
+            Err(SdnError::InvalidDeviceName { .. })
+        ));
+    }
+
+    #[test]
+    fn error_ack_parsing() {
+        // NLMSG_ERROR payload: error -17, capped original header with seq 7, ext-ack msg TLV.
+        let mut p = Vec::new();
+        p.extend_from_slice(&(-17i32).to_ne_bytes());
+        p.extend_from_slice(&16u32.to_ne_bytes());
+        p.extend_from_slice(&[0; 4]);
+        p.extend_from_slice(&7u32.to_ne_bytes());
+        p.extend_from_slice(&[0; 4]);
+        p.extend_from_slice(&8u16.to_ne_bytes());
+        p.extend_from_slice(&1u16.to_ne_bytes());
+        p.extend_from_slice(b"bad\0");
+        let e = nl::parse_error(nl::NLM_F_CAPPED | nl::NLM_F_ACK_TLVS, &p).unwrap();
+        assert_eq!(e.errno, 17);
+        assert_eq!(e.ext_msg.as_deref(), Some("bad"));
+        assert!(e.reason().contains("bad"));
+    }
+}

@@ -1,0 +1,24 @@
+//! Transport between Ferry agents: QUIC with mutual TLS, framed JSON messages and
+//! verified file trees.
+//!
+//! * [`pki`]: a small lab CA and host certificates (usable as server and client certs).
+//! * [`Endpoint`] / [`Connection`]: a QUIC endpoint acting as server and client; both
+//!   sides authenticate with certificates issued by the same CA.
+//! * [`frame`]: length-prefixed JSON messages with a size cap.
+//! * [`tree`]: sending and receiving [`shared_fs::Diff`]s, applied through
+//!   [`shared_fs::Applier`] so that every received path, size and hash is checked.
+//!
+//! Nothing received from the network is trusted: lengths are checked before
+//! allocating, paths are confined, and file contents are verified with blake3.
+#![forbid(unsafe_code)]
+
+mod endpoint;
+mod error;
+pub mod frame;
+pub mod pki;
+pub mod tree;
+
+pub use endpoint::{Connection, Endpoint, ALPN, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT};
+pub use error::TransferError;
+pub use pki::TlsFiles;
+pub use quinn::{RecvStream, SendStream};

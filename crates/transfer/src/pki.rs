@@ -1,0 +1,173 @@
+//! A minimal PKI for a lab: one CA per cluster, one certificate per host.
+//!
+//! Host certificates carry the host name as DNS SAN and both the server and client
+//! authentication extended key usages, so one certificate serves both roles of an
+//! [`crate::Endpoint`].
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+
+use crate::TransferError;
+
+/// Paths of the PEM files an [`crate::Endpoint`] needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The CA certificate that peers' certificates must chain to.
+    pub ca: PathBuf,
+    /// This host's certificate chain (leaf first).
+    pub cert: PathBuf,
+    /// This host's private key.
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The files laid out by [`create_ca`] in `ca_dir` and [`issue_host_cert`] in `host_dir`.
+    pub fn for_host(ca_dir: &Path, host_dir: &Path, host: &str) -> Self {
+        TlsFiles {
+            ca: ca_dir.join("ca.pem"),
+            cert: host_dir.join(format!("{host}.pem")),
+            key: host_dir.join(format!("{host}.key")),
+        }
+    }
+}
+
+fn rc_err(what: impl Into<String>) -> impl FnOnce(rcgen::Error) -> TransferError {
+    let what = what.into();
+    move |e| TransferError::tls(what, e)
+}
+
+/// Writes `data` to `path` atomically (temp file + rename) with the given mode.
+fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), TransferError> {
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    let res = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        // `mode` only applies to new files: enforce it on a leftover temp file too.
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    res.map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        TransferError::io("write", path, e)
+    })
+}
+
+fn read_string(path: &Path) -> Result<String, TransferError> {
+    fs::read_to_string(path).map_err(|e| TransferError::io("read", path, e))
+}
+
+/// Creates a CA in `dir` (`ca.pem` and `ca.key`, the key with mode 0600).
+///
+/// Idempotent: if both files already exist they are kept as they are. If only one of
+/// them exists, an error is returned rather than overwriting it.
+pub fn create_ca(dir: &Path, name: &str) -> Result<(), TransferError> {
+    let cert_path = dir.join("ca.pem");
+    let key_path = dir.join("ca.key");
+    match (cert_path.exists(), key_path.exists()) {
+        (true, true) => return Ok(()),
+        (false, false) => {}
+        (true, false) | (false, true) => {
+            return Err(TransferError::tls(
+                dir.display().to_string(),
+                "only one of ca.pem and ca.key exists; restore the missing one or remove both to create a new CA",
+            ))
+        }
+    }
+    fs::create_dir_all(dir).map_err(|e| TransferError::io("create directory", dir, e))?;
+    let key = KeyPair::generate().map_err(rc_err("generating the CA key"))?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    dn.push(DnType::OrganizationName, "Ferry lab CA");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = params
+        .self_signed(&key)
+        .map_err(rc_err(format!("self-signing the CA certificate {name:?}")))?;
+    // Key first: a ca.pem without its key would make the CA unusable.
+    write_file(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    write_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
+    Ok(())
+}
+
+/// Issues a certificate for `host` signed by the CA in `ca_dir`, writing
+/// `out_dir/{host}.pem` (the leaf certificate) and `out_dir/{host}.key` (mode 0600).
+///
+/// The certificate has `host` as its DNS subject alternative name and is valid for
+/// both TLS server and client authentication. Existing files are replaced.
+pub fn issue_host_cert(ca_dir: &Path, host: &str, out_dir: &Path) -> Result<(), TransferError> {
+    let dns =
+        rustls::pki_types::DnsName::try_from(host).map_err(|e| TransferError::InvalidHost {
+            host: host.to_string(),
+            reason: e.to_string(),
+        })?;
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Err(TransferError::InvalidHost {
+            host: host.to_string(),
+            reason: "an IP address is not a host name; use a DNS name".into(),
+        });
+    }
+    let ca_cert_path = ca_dir.join("ca.pem");
+    let ca_key_path = ca_dir.join("ca.key");
+    let ca_key = KeyPair::from_pem(&read_string(&ca_key_path)?)
+        .map_err(rc_err(ca_key_path.display().to_string()))?;
+    let ca_params = CertificateParams::from_ca_cert_pem(&read_string(&ca_cert_path)?)
+        .map_err(rc_err(ca_cert_path.display().to_string()))?;
+    // Re-signing the CA's own parameters with its key yields an issuer with the same
+    // subject and key identifier as the certificate on disk.
+    let ca = ca_params
+        .self_signed(&ca_key)
+        .map_err(rc_err(format!("loading the CA from {}", ca_dir.display())))?;
+
+    let key = KeyPair::generate().map_err(rc_err(format!("generating the key of {host}")))?;
+    let mut params = CertificateParams::new(vec![dns.as_ref().to_string()])
+        .map_err(rc_err(format!("certificate parameters for {host}")))?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, host);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let cert = params
+        .signed_by(&key, &ca, &ca_key)
+        .map_err(rc_err(format!("signing the certificate of {host}")))?;
+    fs::create_dir_all(out_dir).map_err(|e| TransferError::io("create directory", out_dir, e))?;
+    write_file(
+        &out_dir.join(format!("{host}.key")),
+        key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    write_file(
+        &out_dir.join(format!("{host}.pem")),
+        cert.pem().as_bytes(),
+        0o644,
+    )?;
+    Ok(())
+}

@@ -1,0 +1,315 @@
+//! Sending and receiving file trees ([`shared_fs::Diff`]) over a stream.
+//!
+//! Wire format: a sequence of framed JSON records (see [`crate::frame`]):
+//! `{"Remove": path}`, `{"Entry": EntryMeta}` and finally `{"End": {"entries": n}}`
+//! where `n` counts the `Remove` and `Entry` records. A `File` entry is followed by
+//! its content as zero or more chunks, each `u32 BE compressed_len`, `u32 BE raw_len`
+//! and `compressed_len` bytes of zstd (level 1) data with `1 <= raw_len <= 1 MiB`,
+//! then a `u32 0` marker and the 32-byte blake3 hash of the whole raw content.
+//!
+//! The receiver applies everything through [`shared_fs::Applier`], so paths are
+//! confined, sizes and counts capped and hashes verified before a file appears.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use shared_fs::{Applier, Diff, EntryKind, EntryMeta, FsError, Limits};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::frame::{read_err, read_msg_capped, write_err, write_msg, MAX_MSG};
+use crate::TransferError;
+
+/// Largest raw (uncompressed) chunk: 1 MiB.
+pub const CHUNK: usize = 1 << 20;
+
+/// Counters of one tree transfer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TreeStats {
+    /// Records sent or received (`Entry` and `Remove`).
+    pub entries: u64,
+    /// Raw file content bytes.
+    pub file_bytes: u64,
+    /// Bytes on the wire (frames, chunk headers, compressed data, hashes).
+    pub wire_bytes: u64,
+}
+
+/// Records received (owned).
+#[derive(Debug, Deserialize)]
+enum Record {
+    Remove(String),
+    Entry(EntryMeta),
+    End { entries: u64 },
+}
+
+/// Records sent (borrowed); serializes exactly like [`Record`].
+#[derive(Serialize)]
+enum RecordRef<'a> {
+    Remove(&'a str),
+    Entry(&'a EntryMeta),
+    End { entries: u64 },
+}
+
+/// Largest valid compressed size of a [`CHUNK`]-sized input.
+fn max_compressed() -> usize {
+    zstd::zstd_safe::compress_bound(CHUNK)
+}
+
+/// Sends `diff` (computed on the local tree at `root`): removals first, then entries
+/// with file contents, then the `End` record. The stream is flushed but not finished.
+///
+/// File metadata (size, mode, owner, mtime) is re-read from the open file, so the
+/// receiver gets what was actually sent even if the file changed since the snapshot.
+pub async fn send_tree<W>(s: &mut W, root: &Path, diff: &Diff) -> Result<TreeStats, TransferError>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let mut st = TreeStats::default();
+    for path in &diff.removed {
+        st.wire_bytes += write_msg(s, &RecordRef::Remove(path)).await?;
+        st.entries += 1;
+    }
+    for meta in &diff.changed {
+        if meta.kind == EntryKind::File {
+            send_file(s, root, meta, &mut st).await?;
+        } else {
+            st.wire_bytes += write_msg(s, &RecordRef::Entry(meta)).await?;
+        }
+        st.entries += 1;
+    }
+    st.wire_bytes += write_msg(
+        s,
+        &RecordRef::End {
+            entries: st.entries,
+        },
+    )
+    .await?;
+    s.flush().await.map_err(write_err("flushing a tree"))?;
+    Ok(st)
+}
+
+async fn send_file<W>(
+    s: &mut W,
+    root: &Path,
+    meta: &EntryMeta,
+    st: &mut TreeStats,
+) -> Result<(), TransferError>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    use std::os::unix::fs::MetadataExt;
+
+    let path = shared_fs::confine(root, &meta.path)?;
+    let mut file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| TransferError::io("open", &path, e))?;
+    let md = file
+        .metadata()
+        .await
+        .map_err(|e| TransferError::io("stat", &path, e))?;
+    if !md.is_file() {
+        return Err(TransferError::SourceChanged {
+            path,
+            reason: "it is no longer a regular file".into(),
+        });
+    }
+    let mut current = meta.clone();
+    current.size = md.len();
+    current.mode = md.mode() & 0o7777;
+    current.uid = md.uid();
+    current.gid = md.gid();
+    current.mtime_ns = md
+        .mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(md.mtime_nsec());
+    st.wire_bytes += write_msg(s, &RecordRef::Entry(&current)).await?;
+
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut remaining = current.size;
+    while remaining > 0 {
+        let want = usize::try_from(remaining.min(CHUNK as u64)).unwrap_or(CHUNK);
+        let mut n = 0;
+        while n < want {
+            let r = file
+                .read(&mut buf[n..want])
+                .await
+                .map_err(|e| TransferError::io("read", &path, e))?;
+            if r == 0 {
+                return Err(TransferError::SourceChanged {
+                    path,
+                    reason: format!(
+                        "it shrank below the {} bytes announced to the peer",
+                        current.size
+                    ),
+                });
+            }
+            n += r;
+        }
+        let raw = &buf[..n];
+        hasher.update(raw);
+        let compressed =
+            zstd::bulk::compress(raw, 1).map_err(|e| TransferError::io("compress", &path, e))?;
+        // Both fit in u32: raw <= 1 MiB and compressed <= compress_bound(1 MiB).
+        let clen = u32::try_from(compressed.len()).map_err(|_| TransferError::TooLarge {
+            len: compressed.len() as u64,
+            cap: max_compressed() as u64,
+        })?;
+        let rlen = u32::try_from(n).map_err(|_| TransferError::TooLarge {
+            len: n as u64,
+            cap: CHUNK as u64,
+        })?;
+        let mut hdr = [0u8; 8];
+        hdr[..4].copy_from_slice(&clen.to_be_bytes());
+        hdr[4..].copy_from_slice(&rlen.to_be_bytes());
+        s.write_all(&hdr)
+            .await
+            .map_err(write_err("writing a chunk header"))?;
+        s.write_all(&compressed)
+            .await
+            .map_err(write_err("writing a chunk"))?;
+        st.wire_bytes += 8 + compressed.len() as u64;
+        st.file_bytes += n as u64;
+        remaining -= n as u64;
+    }
+    let mut tail = [0u8; 36];
+    tail[4..].copy_from_slice(hasher.finalize().as_bytes());
+    s.write_all(&tail)
+        .await
+        .map_err(write_err("writing a file hash"))?;
+    st.wire_bytes += tail.len() as u64;
+    Ok(())
+}
+
+async fn read_u32<R>(r: &mut R, what: &'static str) -> Result<u32, TransferError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b).await.map_err(read_err(what))?;
+    Ok(u32::from_be_bytes(b))
+}
+
+/// Receives a tree sent by [`send_tree`] and applies it under `root` within `limits`.
+///
+/// Returns after the `End` record, once directory metadata has been applied. On error
+/// the tree may be partially applied, but no file with unverified content is left
+/// behind (not even a temporary file).
+pub async fn recv_tree<R>(
+    r: &mut R,
+    root: &Path,
+    limits: Limits,
+) -> Result<TreeStats, TransferError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    let mut applier = Applier::new(root, limits)?;
+    let mut st = TreeStats::default();
+    loop {
+        let Some((record, n)) = read_msg_capped::<_, Record>(r, MAX_MSG).await? else {
+            return Err(TransferError::Truncated {
+                what: "a tree (no End record)",
+            });
+        };
+        st.wire_bytes += n;
+        match record {
+            Record::Remove(path) => {
+                applier.remove(&path)?;
+                st.entries += 1;
+            }
+            Record::Entry(meta) => {
+                st.entries += 1;
+                if let Some(writer) = applier.begin(&meta)? {
+                    recv_file(r, writer, &mut st).await?;
+                }
+            }
+            Record::End { entries } => {
+                if entries != st.entries {
+                    return Err(TransferError::Protocol {
+                        reason: format!(
+                            "the sender announced {entries} records but {} were received",
+                            st.entries
+                        ),
+                    });
+                }
+                applier.finish()?;
+                return Ok(st);
+            }
+        }
+    }
+}
+
+async fn recv_file<R>(
+    r: &mut R,
+    mut writer: shared_fs::FileWriter,
+    st: &mut TreeStats,
+) -> Result<(), TransferError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    let bound = max_compressed();
+    let mut cbuf = Vec::new();
+    loop {
+        let clen = read_u32(r, "a chunk header").await?;
+        st.wire_bytes += 4;
+        if clen == 0 {
+            let mut hash = [0u8; 32];
+            r.read_exact(&mut hash)
+                .await
+                .map_err(read_err("a file hash"))?;
+            st.wire_bytes += 32;
+            return match writer.commit(&hash) {
+                Ok(()) => Ok(()),
+                Err(FsError::HashMismatch { path, .. }) => {
+                    Err(TransferError::HashMismatch { path })
+                }
+                Err(e) => Err(e.into()),
+            };
+        }
+        let rlen = read_u32(r, "a chunk header").await?;
+        st.wire_bytes += 4;
+        if rlen == 0 || rlen as usize > CHUNK {
+            return Err(TransferError::TooLarge {
+                len: u64::from(rlen),
+                cap: CHUNK as u64,
+            });
+        }
+        if clen as usize > bound {
+            return Err(TransferError::TooLarge {
+                len: u64::from(clen),
+                cap: bound as u64,
+            });
+        }
+        // Refuse content past the declared size before decompressing it.
+        let declared = writer.meta().size;
+        if writer.written() + u64::from(rlen) > declared {
+            return Err(FsError::TooLarge {
+                path: writer.meta().path.clone(),
+                size: writer.written() + u64::from(rlen),
+                limit: declared,
+            }
+            .into());
+        }
+        cbuf.resize(clen as usize, 0);
+        r.read_exact(&mut cbuf)
+            .await
+            .map_err(read_err("a file chunk"))?;
+        st.wire_bytes += u64::from(clen);
+        let raw =
+            zstd::bulk::decompress(&cbuf, rlen as usize).map_err(|e| TransferError::Decode {
+                what: "a zstd file chunk",
+                reason: format!("{} ({}): {e}", writer.meta().path, rlen),
+            })?;
+        if raw.len() != rlen as usize {
+            return Err(TransferError::Decode {
+                what: "a zstd file chunk",
+                reason: format!(
+                    "{}: chunk announced {rlen} bytes but decompressed to {}",
+                    writer.meta().path,
+                    raw.len()
+                ),
+            });
+        }
+        writer.write_chunk(&raw)?;
+        st.file_bytes += raw.len() as u64;
+    }
+}

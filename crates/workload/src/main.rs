@@ -1,0 +1,65 @@
+//! Workloads that run inside Ferry's test containers. Std only, so the binary is small and only
+//! needs the C library that Ferry copies into the container's root filesystem.
+//!
+//! `ferry-workload echo [--port P]`: a line echo server with in-memory state. Every line received
+//! on any connection increments one counter held in memory; the reply is `<counter> <line>`. A
+//! client that sees the counter advance by exactly one per line across a migration knows the
+//! process state (not only the socket) survived.
+
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("echo") => {
+            let port = flag(&args, "--port").unwrap_or(7000);
+            if let Err(e) = echo(port) {
+                eprintln!("ferry-workload echo: {e}");
+                std::process::exit(1);
+            }
+        }
+        _ => {
+            eprintln!("usage: ferry-workload echo [--port PORT]");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn flag(args: &[String], name: &str) -> Option<u16> {
+    let i = args.iter().position(|a| a == name)?;
+    args.get(i + 1)?.parse().ok()
+}
+
+fn echo(port: u16) -> std::io::Result<()> {
+    let listener = TcpListener::bind(("0.0.0.0", port))?;
+    let counter = Arc::new(AtomicU64::new(0));
+    for conn in listener.incoming() {
+        let conn = conn?;
+        let counter = Arc::clone(&counter);
+        std::thread::spawn(move || {
+            let _ = serve(conn, &counter);
+        });
+    }
+    Ok(())
+}
+
+fn serve(conn: TcpStream, counter: &AtomicU64) -> std::io::Result<()> {
+    conn.set_nodelay(true)?;
+    let mut out = conn.try_clone()?;
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        let reply = format!("{n} {}", line);
+        out.write_all(reply.as_bytes())?;
+    }
+}
