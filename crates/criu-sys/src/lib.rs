@@ -182,6 +182,52 @@ impl Criu {
     }
 }
 
+/// Where CRIU keeps its kernel-feature cache (compiled in).
+pub const KDAT_CACHE: &str = "/run/criu.kdat";
+
+impl Criu {
+    /// Makes sure CRIU's kernel-feature cache exists.
+    ///
+    /// CRIU probes the kernel at every start (about 25 ms here) unless it finds its cache in
+    /// `/run/criu.kdat`, and it only writes that cache when `/run` is a tmpfs (so that a reboot
+    /// into another kernel clears it). On hosts whose `/run` is not a tmpfs the cache never
+    /// appears; this runs `criu check` once in a private mount namespace with a tmpfs on `/run`
+    /// and installs the cache it wrote. Call it at every agent start, so the cache is always
+    /// from the running kernel. Returns whether a cache was written.
+    pub fn warm_kdat_cache(&self) -> Result<bool, CriuError> {
+        let fs_type = Command::new("stat")
+            .args(["-f", "-c", "%T", "/run"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        if fs_type == "tmpfs" {
+            // CRIU manages its cache itself.
+            let _ = std::fs::remove_file(KDAT_CACHE);
+            return self.check().map(|_| true);
+        }
+        let tmp = std::env::temp_dir().join(format!("ferry-criu-kdat-{}", std::process::id()));
+        let script = r#"mount -t tmpfs ferry-kdat /run && "$0" check >/dev/null 2>&1; cp /run/criu.kdat "$1""#;
+        let out = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", script])
+            .arg(&self.path)
+            .arg(&tmp)
+            .output()
+            .map_err(|source| CriuError::Exec {
+                path: PathBuf::from("unshare"),
+                source,
+            })?;
+        if !out.status.success() || !tmp.is_file() {
+            let _ = std::fs::remove_file(&tmp);
+            return Ok(false);
+        }
+        let staged = PathBuf::from(format!("{KDAT_CACHE}.ferry-{}", std::process::id()));
+        let r = std::fs::copy(&tmp, &staged).and_then(|_| std::fs::rename(&staged, KDAT_CACHE));
+        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(&staged);
+        Ok(r.is_ok())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::lab::Lab;
 use crate::probe::ProbeReport;
-use crate::runtime::{Layout, Runc};
+use crate::runtime::Layout;
 use crate::util::{ms, run as sh};
 
 const ECHO_PORT: u16 = 7000;
@@ -67,26 +67,8 @@ pub async fn start_echo(lab: &Lab, host: &str, name: &str) -> Result<ContainerIn
             args: vec!["/bin/ferry-workload".into(), "echo".into(), "--port".into(), ECHO_PORT.to_string()],
         })
         .await?;
-    let client = lab.host("client")?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let ok = Command::new("ip")
-            .args(["netns", "exec", &client.netns, "busybox", "nc", "-z", "-w", "1"])
-            .arg(info.spec.ip.to_string())
-            .arg(ECHO_PORT.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if ok {
-            return Ok(info);
-        }
-        if Instant::now() > deadline {
-            bail!("echo container {name} on {host} ({}) does not answer on port {ECHO_PORT}", info.spec.ip);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_echo(lab, info.spec.ip).await?;
+    Ok(info)
 }
 
 /// Timings of the hand-made migration.
@@ -106,80 +88,161 @@ pub struct BaselineReport {
     pub total_ms: f64,
 }
 
-/// Moves `c` from `from` to `to` by hand: runc checkpoint, copy, namespace, runc restore,
-/// overlay switch. The same lab and the same network preparation as Ferry, none of its tricks.
-pub fn baseline_migrate(lab: &Lab, c: &ContainerInfo, from: &str, to: &str) -> Result<BaselineReport> {
-    let (src, dst) = (lab.host(from)?, lab.host(to)?);
-    let (src_dir, dst_dir) = (lab.dir.join(from), lab.dir.join(to));
-    let name = c.spec.name.as_str();
-    let src_l = Layout::new(&src_dir, from, name);
-    let dst_l = Layout::new(&dst_dir, to, name);
-    let work = lab.dir.join("baseline");
-    let _ = std::fs::remove_dir_all(&work);
-    let (img_src, img_dst) = (work.join("img-src"), work.join("img-dst"));
-    std::fs::create_dir_all(&img_src)?;
-    let t0 = Instant::now();
-    sh(
-        "ip",
-        [
-            "netns", "exec", &src.netns, "runc", "--root", &src_dir.join("runc").to_string_lossy(),
-            "checkpoint", "--tcp-established", "--image-path", &img_src.to_string_lossy(),
-            "--work-path", &work.join("w1").to_string_lossy(), name,
-        ],
-    )?;
-    let t1 = Instant::now();
-    sh("cp", ["-a", &img_src.to_string_lossy(), &img_dst.to_string_lossy()])?;
-    std::fs::create_dir_all(dst_l.bundle.parent().unwrap_or(&dst_dir))?;
-    sh("cp", ["-a", &src_l.bundle.to_string_lossy(), &dst_l.bundle.to_string_lossy()])?;
-    crate::runtime::write_config(&dst_l, &c.spec, to)?;
-    let t2 = Instant::now();
-    crate::runtime::create_netns_in(Some(&dst.netns), &dst_l, &c.spec, "br0")?;
-    let t3 = Instant::now();
-    sh(
-        "ip",
-        [
-            "netns", "exec", &dst.netns, "runc", "--root", &dst_dir.join("runc").to_string_lossy(),
-            "restore", "--detach", "--tcp-established", "--bundle", &dst_l.bundle.to_string_lossy(),
-            "--image-path", &img_dst.to_string_lossy(), "--work-path", &work.join("w2").to_string_lossy(), name,
-        ],
-    )?;
-    let t4 = Instant::now();
-    let dst_vtep = dst.underlay_ip.to_string();
-    for h in &lab.hosts {
-        if h.name == to {
-            crate::util::run_quiet("bridge", ["-n", &h.netns, "fdb", "del", &c.spec.mac, "dev", "vx0", "self"]);
-        } else {
-            sh("bridge", ["-n", &h.netns, "fdb", "replace", &c.spec.mac, "dev", "vx0", "dst", &dst_vtep, "self", "permanent"])?;
-        }
-    }
-    crate::util::run_quiet(
-        "ip",
-        ["netns", "exec", &dst_l.netns, "arping", "-q", "-U", "-c", "1", "-w", "1", "-I", "eth0", &c.spec.ip.to_string()],
-    );
-    let t5 = Instant::now();
-    Ok(BaselineReport {
-        checkpoint_ms: ms(t1 - t0),
-        copy_ms: ms(t2 - t1),
-        netns_ms: ms(t3 - t2),
-        restore_ms: ms(t4 - t3),
-        network_switch_ms: ms(t5 - t4),
-        total_ms: ms(t5 - t0),
-    })
+/// A container run and moved by hand with runc, the way an admin would without Ferry: default
+/// CRIU settings, its own runc root per host, the same lab network.
+pub struct Baseline {
+    spec: orchestrator_shim::api::ContainerSpec,
+    dir: PathBuf,
 }
 
-/// Removes what the baseline left (its container at the destination and the source record).
-pub async fn baseline_cleanup(lab: &Lab, c: &ContainerInfo, from: &str, to: &str) {
-    let dst_dir = lab.dir.join(to);
-    let l = Layout::new(&dst_dir, to, &c.spec.name);
-    Runc::new("runc", dst_dir.join("runc")).delete_force(&c.spec.name);
-    if let Ok(dst) = lab.host(to) {
-        crate::util::run_quiet("ip", ["-n", dst.netns.as_str(), "link", "del", l.veth.as_str()]);
+impl Baseline {
+    fn state_dir(&self, host: &str) -> PathBuf {
+        self.dir.join(host)
     }
-    crate::runtime::delete_netns(&l);
-    let _ = std::fs::remove_dir_all(&l.bundle);
-    let _ = std::fs::remove_dir_all(lab.dir.join("baseline"));
-    if let Ok(client) = lab.client(from) {
-        let _ = client.delete(&c.spec.name).await;
+
+    fn layout(&self, host: &str) -> Layout {
+        Layout::new(&self.state_dir(host), host, &self.spec.name)
+    }
+
+    fn runc(&self, host: &str) -> String {
+        self.state_dir(host).join("runc").to_string_lossy().into_owned()
+    }
+
+    /// Starts the echo workload on `host` with runc and points the overlay at it.
+    pub async fn start(lab: &Lab, workload: &Path, host: &str, name: &str) -> Result<Baseline> {
+        let used: Vec<std::net::Ipv4Addr> = crate::cli::ps(lab).await?.iter().map(|c| c.spec.ip).collect();
+        let ip = crate::runtime::first_free(std::net::Ipv4Addr::new(10, 232, 0, 200), std::net::Ipv4Addr::new(10, 232, 0, 249), &used)
+            .context("no free overlay address for the baseline container")?;
+        let spec = orchestrator_shim::api::ContainerSpec {
+            name: name.into(),
+            ip,
+            mac: orchestrator_shim::api::mac_for_ip(ip),
+            prefix_len: 24,
+            args: vec!["/bin/ferry-workload".into(), "echo".into(), "--port".into(), ECHO_PORT.to_string()],
+        };
+        let b = Baseline { spec, dir: lab.dir.join("baseline") };
+        let h = lab.host(host)?;
+        let l = b.layout(host);
+        crate::runtime::build_rootfs(&l.rootfs(), workload)?;
+        crate::runtime::write_config(&l, &b.spec, host, None)?;
+        crate::runtime::create_netns_in(Some(&h.netns), &l, &b.spec, "br0")?;
+        let status = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", h.netns))
+            .args(["runc", "--root", &b.runc(host), "run", "--detach", "--bundle"])
+            .arg(&l.bundle)
+            .arg(name)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("runc run of the baseline container failed ({status})");
+        }
+        b.point_overlay(lab, host)?;
+        wait_echo(lab, ip).await?;
+        Ok(b)
+    }
+
+    fn point_overlay(&self, lab: &Lab, host: &str) -> Result<()> {
+        let vtep = lab.host(host)?.underlay_ip.to_string();
+        for h in &lab.hosts {
+            if h.name == host {
+                crate::util::run_quiet("bridge", ["-n", &h.netns, "fdb", "del", &self.spec.mac, "dev", "vx0", "self"]);
+            } else {
+                sh("bridge", ["-n", &h.netns, "fdb", "replace", &self.spec.mac, "dev", "vx0", "dst", &vtep, "self", "permanent"])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the container from `from` to `to`: runc checkpoint, copy, namespace, runc restore,
+    /// overlay switch, gratuitous ARP.
+    pub fn migrate(&self, lab: &Lab, from: &str, to: &str) -> Result<BaselineReport> {
+        let (src, dst) = (lab.host(from)?, lab.host(to)?);
+        let name = self.spec.name.as_str();
+        let (src_l, dst_l) = (self.layout(from), self.layout(to));
+        let (img_src, img_dst) = (self.dir.join("img-src"), self.dir.join("img-dst"));
+        let _ = std::fs::remove_dir_all(&img_src);
+        let _ = std::fs::remove_dir_all(&img_dst);
+        std::fs::create_dir_all(&img_src)?;
+        let t0 = Instant::now();
+        sh("nsenter", [
+            &format!("--net=/run/netns/{}", src.netns), "runc", "--root", &self.runc(from),
+            "checkpoint", "--tcp-established", "--image-path", &img_src.to_string_lossy(),
+            "--work-path", &self.dir.join("w1").to_string_lossy(), name,
+        ])?;
+        let t1 = Instant::now();
+        sh("cp", ["-a", &img_src.to_string_lossy(), &img_dst.to_string_lossy()])?;
+        std::fs::create_dir_all(self.state_dir(to).join("containers"))?;
+        sh("cp", ["-a", &src_l.bundle.to_string_lossy(), &dst_l.bundle.to_string_lossy()])?;
+        crate::runtime::write_config(&dst_l, &self.spec, to, None)?;
+        let t2 = Instant::now();
+        crate::runtime::create_netns_in(Some(&dst.netns), &dst_l, &self.spec, "br0")?;
+        let t3 = Instant::now();
+        sh("nsenter", [
+            &format!("--net=/run/netns/{}", dst.netns), "runc", "--root", &self.runc(to),
+            "restore", "--detach", "--tcp-established", "--bundle", &dst_l.bundle.to_string_lossy(),
+            "--image-path", &img_dst.to_string_lossy(), "--work-path", &self.dir.join("w2").to_string_lossy(), name,
+        ])?;
+        let t4 = Instant::now();
+        self.point_overlay(lab, to)?;
+        crate::util::run_quiet("ip", [
+            "netns", "exec", &dst_l.netns, "arping", "-q", "-U", "-c", "1", "-w", "1", "-I", "eth0",
+            &self.spec.ip.to_string(),
+        ]);
+        let t5 = Instant::now();
+        // The source's namespace is the admin's to remove once the container runs elsewhere.
+        crate::util::run_quiet("ip", ["-n", src.netns.as_str(), "link", "del", src_l.veth.as_str()]);
+        crate::runtime::delete_netns(&src_l);
+        Ok(BaselineReport {
+            checkpoint_ms: ms(t1 - t0),
+            copy_ms: ms(t2 - t1),
+            netns_ms: ms(t3 - t2),
+            restore_ms: ms(t4 - t3),
+            network_switch_ms: ms(t5 - t4),
+            total_ms: ms(t5 - t0),
+        })
+    }
+
+    /// Removes the container wherever it is, its namespaces, files and overlay entries.
+    pub fn remove(self, lab: &Lab) {
+        for h in lab.container_hosts() {
+            let _ = Command::new("runc")
+                .args(["--root", &self.runc(&h.name), "delete", "--force", &self.spec.name])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            let l = self.layout(&h.name);
+            crate::util::run_quiet("ip", ["-n", h.netns.as_str(), "link", "del", l.veth.as_str()]);
+            crate::runtime::delete_netns(&l);
+        }
+        for h in &lab.hosts {
+            crate::util::run_quiet("bridge", ["-n", h.netns.as_str(), "fdb", "del", self.spec.mac.as_str(), "dev", "vx0", "self"]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn wait_echo(lab: &Lab, ip: std::net::Ipv4Addr) -> Result<()> {
+    let client = lab.host("client")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ok = Command::new("ip")
+            .args(["netns", "exec", &client.netns, "busybox", "nc", "-z", "-w", "1"])
+            .arg(ip.to_string())
+            .arg(ECHO_PORT.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("echo server at {ip} does not answer on port {ECHO_PORT} from the client host");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -205,7 +268,7 @@ struct BaselineSide {
 pub async fn run(dir: &Path, exe: &Path, workload: &Path, json: bool, keep: bool, baseline: bool) -> Result<ExitCode> {
     crate::lab::down(dir)?;
     let lab = crate::lab::up(dir, 2, exe, workload).await?;
-    let r = demo(&lab, exe, json, baseline).await;
+    let r = demo(&lab, exe, workload, json, baseline).await;
     if !keep {
         crate::lab::down(dir)?;
     }
@@ -243,7 +306,7 @@ pub async fn run(dir: &Path, exe: &Path, workload: &Path, json: bool, keep: bool
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(2) })
 }
 
-async fn demo(lab: &Lab, exe: &Path, json: bool, baseline: bool) -> Result<DemoResult> {
+async fn demo(lab: &Lab, exe: &Path, workload: &Path, json: bool, baseline: bool) -> Result<DemoResult> {
     let echo = start_echo(lab, "h1", "echo").await?;
     if !json {
         eprintln!("demo: echo container on h1 at {}, client probing every {PROBE_INTERVAL_MS} ms", echo.spec.ip);
@@ -264,13 +327,13 @@ async fn demo(lab: &Lab, exe: &Path, json: bool, baseline: bool) -> Result<DemoR
         if !json {
             eprintln!("demo: baseline: echo-base on h1, moved to h2 by hand");
         }
-        let c = start_echo(lab, "h1", "echo-base").await?;
-        let p = ProbeProcess::start(lab, exe, c.spec.ip, "base")?;
+        let b = Baseline::start(lab, workload, "h1", "echo-base").await?;
+        let p = ProbeProcess::start(lab, exe, b.spec.ip, "base")?;
         tokio::time::sleep(Duration::from_millis(1000)).await;
-        let steps = baseline_migrate(lab, &c, "h1", "h2");
+        let steps = b.migrate(lab, "h1", "h2");
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let p = p.finish();
-        baseline_cleanup(lab, &c, "h1", "h2").await;
+        b.remove(lab);
         Some(BaselineSide { probe: p?, steps: steps? })
     } else {
         None

@@ -306,12 +306,14 @@ pub fn down(dir: &Path) -> Result<()> {
             }
         }
     }
-    // Containers under every agent's runc root.
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let root = e.path().join("runc");
-            if root.is_dir() {
-                crate::runtime::Runc::new("runc", root).delete_all();
+    // Containers under every agent's runc root, and the demo baseline's.
+    for parent in [dir.to_path_buf(), dir.join("baseline")] {
+        if let Ok(rd) = std::fs::read_dir(&parent) {
+            for e in rd.flatten() {
+                let root = e.path().join("runc");
+                if root.is_dir() {
+                    crate::runtime::Runc::new("runc", root).delete_all();
+                }
             }
         }
     }

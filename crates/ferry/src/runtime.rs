@@ -37,51 +37,73 @@ impl Runc {
         }
     }
 
-    fn cmd(&self) -> Command {
+    fn log_path(&self, op: &str, name: &str) -> PathBuf {
+        self.root.join(format!("{name}.{op}.log"))
+    }
+
+    fn cmd(&self, op: &str, name: &str) -> Command {
         let mut c = Command::new(&self.bin);
         c.arg("--root").arg(&self.root);
-        // Containers get no host files as stdio: CRIU can dump /dev/null but not host files.
-        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        c.arg("--log").arg(self.log_path(op, name));
+        // Containers inherit runc's stdio: no host files and no pipes we would wait on (CRIU
+        // can dump /dev/null but not host files). runc's own errors go to its --log file.
+        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         c
     }
 
-    fn run(&self, op: &str, name: &str, mut c: Command) -> Result<()> {
-        let out = c
-            .output()
+    /// Runs a runc command; on failure the error quotes runc's log and, when given, CRIU's.
+    fn run(&self, op: &str, name: &str, mut c: Command, criu_log: Option<&Path>) -> Result<()> {
+        let _ = std::fs::create_dir_all(&self.root);
+        let log = self.log_path(op, name);
+        let _ = std::fs::remove_file(&log);
+        let status = c
+            .status()
             .with_context(|| format!("could not start {} for `{op}`: install runc (scripts/setup.sh)", self.bin))?;
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            let excerpt: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-            bail!(
-                "runc {op} of container {name:?} failed ({}): {}",
-                out.status,
-                excerpt[excerpt.len().saturating_sub(4)..].join(" | ")
-            );
+        if !status.success() {
+            let runc_log = std::fs::read_to_string(&log).unwrap_or_default();
+            let mut excerpt: Vec<String> = runc_log
+                .lines()
+                .filter(|l| l.contains("level=error") || l.contains("\"level\":\"error\""))
+                .map(|l| l.chars().take(400).collect())
+                .collect();
+            excerpt = excerpt.split_off(excerpt.len().saturating_sub(2));
+            if let Some(p) = criu_log {
+                let text = std::fs::read_to_string(p).unwrap_or_default();
+                let errs: Vec<&str> = text.lines().filter(|l| l.contains("Error")).collect();
+                if !errs.is_empty() {
+                    excerpt.push(format!(
+                        "CRIU ({}): {}",
+                        p.display(),
+                        errs[errs.len().saturating_sub(3)..].join(" | ")
+                    ));
+                }
+            }
+            bail!("runc {op} of container {name:?} failed ({status}): {}", excerpt.join(" | "));
         }
         Ok(())
     }
 
     /// Starts a container detached.
     pub fn start(&self, name: &str, bundle: &Path) -> Result<()> {
-        let mut c = self.cmd();
+        let mut c = self.cmd("run", name);
         c.args(["run", "--detach", "--bundle"]).arg(bundle).arg(name);
-        self.run("run", name, c)
+        self.run("run", name, c, None)
     }
 
     /// Freezes and dumps with CRIU; the container stops existing as a process.
     pub fn checkpoint(&self, name: &str, images: &Path, work: &Path) -> Result<()> {
-        let mut c = self.cmd();
+        let mut c = self.cmd("checkpoint", name);
         c.args(["checkpoint", "--tcp-established", "--image-path"])
             .arg(images)
             .arg("--work-path")
             .arg(work)
             .arg(name);
-        self.run("checkpoint", name, c)
+        self.run("checkpoint", name, c, Some(&work.join("dump.log")))
     }
 
     /// Restores from images, detached.
     pub fn restore(&self, name: &str, bundle: &Path, images: &Path, work: &Path) -> Result<()> {
-        let mut c = self.cmd();
+        let mut c = self.cmd("restore", name);
         c.args(["restore", "--detach", "--tcp-established", "--bundle"])
             .arg(bundle)
             .arg("--image-path")
@@ -89,13 +111,13 @@ impl Runc {
             .arg("--work-path")
             .arg(work)
             .arg(name);
-        self.run("restore", name, c)
+        self.run("restore", name, c, Some(&work.join("restore.log")))
     }
 
     /// Kills and deletes a container; absent is fine.
     pub fn delete_force(&self, name: &str) {
-        let mut c = self.cmd();
-        c.args(["delete", "--force", name]).stderr(Stdio::null());
+        let mut c = self.cmd("delete", name);
+        c.args(["delete", "--force", name]);
         let _ = c.status();
     }
 
@@ -217,10 +239,37 @@ pub fn delete_netns(l: &Layout) {
 }
 
 /// Writes the OCI config for this host.
-pub fn write_config(l: &Layout, spec: &ContainerSpec, host: &str) -> Result<()> {
+/// `criu_conf`: a CRIU configuration file runc hands to CRIU for this container
+/// (`org.criu.config`); `None` leaves CRIU's defaults (the hand-made baseline uses that).
+pub fn write_config(l: &Layout, spec: &ContainerSpec, host: &str, criu_conf: Option<&Path>) -> Result<()> {
     let caps = json!(["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]);
+    let mut annotations = serde_json::Map::new();
+    if let Some(c) = criu_conf {
+        annotations.insert("org.criu.config".into(), json!(c));
+    }
+    // /dev lives in the root filesystem (runc creates the device nodes there) rather than on a
+    // tmpfs, and directories are masked with a read-only bind of an empty directory of the root
+    // filesystem rather than a tmpfs: CRIU archives every tmpfs with tar at dump and unpacks it
+    // at restore, about 5 ms each, all of it inside the freeze.
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc"}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+            "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+            "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
+            "options": ["nosuid", "noexec", "nodev", "ro"]}),
+    ];
+    let empty = l.rootfs().join(EMPTY_DIR);
+    for dir in MASKED_DIRS.iter().filter(|d| Path::new(d).is_dir()) {
+        mounts.push(json!({"destination": dir, "type": "bind", "source": empty,
+            "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}));
+    }
     let cfg = json!({
         "ociVersion": "1.0.2",
+        "annotations": annotations,
         "process": {
             "terminal": false,
             "user": {"uid": 0, "gid": 0},
@@ -233,29 +282,16 @@ pub fn write_config(l: &Layout, spec: &ContainerSpec, host: &str) -> Result<()> 
         },
         "root": {"path": "rootfs", "readonly": false},
         "hostname": spec.name,
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-             "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-             "options": ["nosuid", "noexec", "nodev", "ro"]}
-        ],
+        "mounts": mounts,
         "linux": {
-            "cgroupsPath": format!("/ferry/{host}/{}", spec.name),
+            "cgroupsPath": cgroup_path(host, &spec.name),
             "resources": {"devices": [{"allow": false, "access": "rwm"}]},
             "namespaces": [
                 {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
                 {"type": "network", "path": l.netns_path()}
             ],
-            "maskedPaths": ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
-                "/proc/scsi"],
+            "maskedPaths": ["/proc/acpi", "/proc/scsi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug"],
             "readonlyPaths": ["/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
                 "/proc/sysrq-trigger"]
         }
@@ -265,6 +301,12 @@ pub fn write_config(l: &Layout, spec: &ContainerSpec, host: &str) -> Result<()> 
         .with_context(|| format!("writing {}", l.bundle.join("config.json").display()))
 }
 
+/// Directories hidden from containers with a bind mount (runc refuses binds inside /proc, so
+/// /proc/acpi and /proc/scsi stay in maskedPaths, on a tmpfs).
+const MASKED_DIRS: [&str; 1] = ["/sys/firmware"];
+/// An empty directory of the root filesystem, bound read-only over [`MASKED_DIRS`].
+const EMPTY_DIR: &str = ".ferry-empty";
+
 /// Builds a busybox-based root filesystem holding Ferry's workload binary and its libraries.
 pub fn build_rootfs(rootfs: &Path, workload: &Path) -> Result<()> {
     let busybox = ["/bin/busybox", "/usr/bin/busybox"]
@@ -272,7 +314,7 @@ pub fn build_rootfs(rootfs: &Path, workload: &Path) -> Result<()> {
         .map(Path::new)
         .find(|p| p.is_file())
         .context("busybox not found: install busybox-static (scripts/setup.sh)")?;
-    for d in ["bin", "dev", "proc", "sys", "tmp", "etc", "root", "lib", "lib64", "usr/bin"] {
+    for d in ["bin", "dev", "proc", "sys", "tmp", "etc", "root", "lib", "lib64", "usr/bin", EMPTY_DIR] {
         std::fs::create_dir_all(rootfs.join(d))?;
     }
     copy_file(busybox, &rootfs.join("bin/busybox"))?;
@@ -336,6 +378,57 @@ fn remove_cgroup_tree(dir: &Path) {
         }
     }
     let _ = std::fs::remove_dir(dir);
+}
+
+/// The container's cgroup path (`cgroupsPath` in its config).
+pub fn cgroup_path(host: &str, name: &str) -> String {
+    format!("/ferry/{host}/{name}")
+}
+
+/// Freezes the container's cgroup and waits (1 ms steps, at most 2 s) until it is frozen.
+///
+/// CRIU freezes a running container itself but checks the freezer only every 100 ms; a cgroup
+/// that is already frozen when CRIU starts costs no such wait.
+pub fn freeze(host: &str, name: &str) -> Result<()> {
+    let rel = cgroup_path(host, name);
+    let v1 = PathBuf::from("/sys/fs/cgroup/freezer").join(rel.trim_start_matches('/'));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    if v1.is_dir() {
+        let state = v1.join("freezer.state");
+        std::fs::write(&state, "FROZEN").with_context(|| format!("freezing {}", state.display()))?;
+        loop {
+            if std::fs::read_to_string(&state)?.trim() == "FROZEN" {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = std::fs::write(&state, "THAWED");
+                bail!("container {name:?} did not freeze within 2 s ({})", state.display());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+    let v2 = PathBuf::from("/sys/fs/cgroup").join(rel.trim_start_matches('/'));
+    std::fs::write(v2.join("cgroup.freeze"), "1")
+        .with_context(|| format!("no freezer for container {name:?} (looked in {} and {})", v1.display(), v2.display()))?;
+    loop {
+        if std::fs::read_to_string(v2.join("cgroup.events"))?.contains("frozen 1") {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = std::fs::write(v2.join("cgroup.freeze"), "0");
+            bail!("container {name:?} did not freeze within 2 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// Thaws the container's cgroup (after a failed dump); absent is fine.
+pub fn thaw(host: &str, name: &str) {
+    let rel = cgroup_path(host, name);
+    let v1 = PathBuf::from("/sys/fs/cgroup/freezer").join(rel.trim_start_matches('/'));
+    let _ = std::fs::write(v1.join("freezer.state"), "THAWED");
+    let v2 = PathBuf::from("/sys/fs/cgroup").join(rel.trim_start_matches('/'));
+    let _ = std::fs::write(v2.join("cgroup.freeze"), "0");
 }
 
 /// Free bytes on the filesystem holding `dir`.

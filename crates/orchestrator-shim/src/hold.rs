@@ -276,6 +276,37 @@ impl Hold {
         }
     }
 
+    /// Accepts every held packet now and returns how many; the holder keeps accepting while a
+    /// background thread removes the rule, drains and stops it (errors there are logged). For
+    /// the commit path of a migration, where every millisecond is downtime.
+    pub fn release_now(mut self) -> Result<u64, HoldError> {
+        let Some(mut inner) = self.inner.take() else {
+            return Ok(0);
+        };
+        match inner.command(|reply| Cmd::Flush {
+            mode: Mode::Accepting,
+            reply,
+        }) {
+            Ok(n) => {
+                let spawned = std::thread::Builder::new()
+                    .name("ferry-hold-finish".into())
+                    .spawn(move || {
+                        if let Err(error) = inner.finish(Mode::Accepting) {
+                            tracing::error!(%error, "finishing a released hold failed");
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot spawn the hold finisher; the rule may stay");
+                }
+                Ok(n)
+            }
+            Err(e) => {
+                let _ = inner.finish(Mode::Accepting);
+                Err(e)
+            }
+        }
+    }
+
     /// Drops every held packet (and anything still queued), removes the rule and stops the
     /// holder. Returns how many packets were dropped.
     pub fn discard(mut self) -> Result<u64, HoldError> {

@@ -94,7 +94,7 @@ impl Agent {
             let stats = transfer::tree::recv_tree(recv, &layout.rootfs(), shared_fs::Limits::default())
                 .await
                 .context("receiving the root filesystem")?;
-            crate::runtime::write_config(&layout, &spec, &self.cfg.host)?;
+            crate::runtime::write_config(&layout, &spec, &self.cfg.host, Some(&self.criu_conf()))?;
             let (l, s, bridge) = (layout.clone(), spec.clone(), self.cfg.bridge.clone());
             let hold = tokio::task::spawn_blocking(move || -> Result<Hold> {
                 crate::runtime::create_netns(&l, &s, &bridge)?;
@@ -193,7 +193,7 @@ impl Agent {
             bail!("job {job}: container {name:?} is not restored yet");
         }
         if let Some(hold) = inc.hold.take() {
-            let released = tokio::task::spawn_blocking(move || hold.release()).await??;
+            let released = tokio::task::spawn_blocking(move || hold.release_now()).await??;
             info!(%job, released, "held packets released");
         }
         announce(&inc.layout.netns, &inc.spec);

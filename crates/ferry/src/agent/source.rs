@@ -233,11 +233,18 @@ impl Driver {
             Action::Dump => {
                 let (runc, name) = (self.agent.runc.clone(), self.spec.name.clone());
                 let (images, work) = (self.agent.images_dir(&job), self.agent.work_dir(&job));
+                let host = self.agent.cfg.host.clone();
                 tokio::task::spawn_blocking(move || {
                     let _ = std::fs::remove_dir_all(&images);
                     std::fs::create_dir_all(&images)?;
                     std::fs::create_dir_all(&work)?;
-                    runc.checkpoint(&name, &images, &work)
+                    crate::runtime::freeze(&host, &name)?;
+                    let r = runc.checkpoint(&name, &images, &work);
+                    if r.is_err() {
+                        // CRIU leaves a container it could not dump as it found it: frozen.
+                        crate::runtime::thaw(&host, &name);
+                    }
+                    r
                 })
                 .await??;
                 Ok(0)
@@ -300,7 +307,14 @@ impl Driver {
         let mut errors = vec![];
         if plan.restore_source {
             let l = self.agent.layout(&name);
-            let running = self.agent.runc.state(&name).is_some_and(|s| s.status == "running");
+            let running = self
+                .agent
+                .runc
+                .state(&name)
+                .is_some_and(|s| s.status == "running" || s.status == "paused");
+            if running {
+                crate::runtime::thaw(&self.agent.cfg.host, &name);
+            }
             if running {
                 info!(%job, "dump did not complete: container still runs on the source");
             } else {
