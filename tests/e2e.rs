@@ -1,1 +1,211 @@
+//! End-to-end: real runc, CRIU, namespaces, VXLAN, QUIC with mutual TLS. Root required.
 
+use std::time::Duration;
+
+use ferry_tests::*;
+use serde_json::Value;
+
+fn assert_probe_intact(p: &Value) {
+    assert_eq!(p["errors"], 0, "client saw errors: {p}");
+    assert_eq!(p["intact"], true, "client lost, reordered or duplicated data: {p}");
+    assert!(p["received"].as_u64().unwrap_or(0) > 100, "too few answers: {p}");
+    assert_eq!(p["sent"], p["received"], "{p}");
+}
+
+#[test]
+fn two_migrations_keep_the_connection_the_address_and_the_memory() {
+    let lab = Lab::up();
+    let before = lab.run_echo("h1", "echo");
+    let ip = before["ip"].as_str().unwrap().to_string();
+    let probe = Probe::start(&ip, "two");
+    let mut reports = vec![];
+    for to in ["h2", "h1"] {
+        let out = ferry_ok(&["migrate", "echo", "--to", to, "--json"]);
+        let r: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(r["result"], "completed", "{r}");
+        assert_eq!(r["committed"], true);
+        assert!(r["frozen_ms"].as_f64().unwrap() > 0.0);
+        assert!(r["bytes_sent"].as_u64().unwrap() > 0);
+        let c = lab.container("echo").unwrap();
+        assert_eq!(c["host"], to, "ferry ps shows the new host");
+        assert_eq!(c["state"], "running");
+        assert_eq!(c["ip"], before["ip"], "IP unchanged");
+        assert_eq!(c["mac"], before["mac"], "MAC unchanged");
+        let from = if to == "h2" { "h1" } else { "h2" };
+        assert_clean_host(from, "echo");
+        reports.push(r);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let p = probe.finish();
+    assert_probe_intact(&p);
+    // The server's counter advanced by exactly one per line across both moves (the probe checks
+    // each step); it started at 1, so its in-memory state was never reset.
+    assert_eq!(p["counter_first"], 1, "{p}");
+    assert_eq!(p["counter_last"], p["received"], "{p}");
+    for r in &reports {
+        eprintln!(
+            "migration {} -> {}: frozen {:.1} ms, client max gap {:.1} ms",
+            r["from"], r["to"], r["frozen_ms"].as_f64().unwrap(), p["max_gap_ms"].as_f64().unwrap()
+        );
+    }
+}
+
+/// A rollback must leave the container on h1 with the client's connection, and h2 clean.
+fn assert_rolled_back(lab: &Lab, report: &Value, probe: Probe) {
+    assert_eq!(report["result"], "rolled_back", "{report}");
+    assert_eq!(report["committed"], false);
+    assert_runs_on(lab, "h1", "echo");
+    // The client keeps talking to the container on h1 over the same connection.
+    std::thread::sleep(Duration::from_millis(1500));
+    let p = probe.finish();
+    assert_probe_intact(&p);
+    assert_eq!(p["counter_first"], 1, "{p}");
+    assert_eq!(p["counter_last"], p["received"], "{p}");
+    assert!(
+        eventually(Duration::from_secs(10), || std::panic::catch_unwind(|| assert_clean_host("h2", "echo")).is_ok()),
+        "destination not cleaned"
+    );
+    assert_clean_host("h2", "echo");
+}
+
+#[test]
+fn rollback_when_the_destination_agent_dies_during_the_transfer() {
+    let lab = Lab::up();
+    let c = lab.run_echo("h1", "echo");
+    let probe = Probe::start(c["ip"].as_str().unwrap(), "kill");
+    let (_, job) = start_migration("echo", "h2", &["--pause-in-transfer-ms", "1500"]);
+    wait_job_state(&job, "transferring");
+    let pid = lab.agent_pid("h2");
+    assert!(std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
+    let r = wait_job(&job);
+    // The dead agent's leftovers are removed when it comes back.
+    ferry_ok(&["lab", "start-agent", "h2"]);
+    assert_rolled_back(&lab, &r, probe);
+}
+
+#[test]
+fn rollback_when_the_underlay_drops_quic_during_the_transfer() {
+    let lab = Lab::up();
+    let c = lab.run_echo("h1", "echo");
+    let probe = Probe::start(c["ip"].as_str().unwrap(), "drop");
+    let (_, job) = start_migration("echo", "h2", &["--pause-in-transfer-ms", "1000"]);
+    wait_job_state(&job, "transferring");
+    let rules = [
+        ["-I", "INPUT", "-p", "udp", "--dport", "7700", "-j", "DROP"],
+        ["-I", "OUTPUT", "-p", "udp", "--sport", "7700", "-j", "DROP"],
+    ];
+    for r in &rules {
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "exec", "ferry-h2", "iptables", "-w"])
+            .args(r)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "iptables {r:?}");
+    }
+    let report = wait_job(&job);
+    for r in &rules {
+        let mut del = r.to_vec();
+        del[0] = "-D";
+        std::process::Command::new("ip").args(["netns", "exec", "ferry-h2", "iptables", "-w"]).args(&del).status().unwrap();
+    }
+    assert!(report["reason"].as_str().unwrap_or("").contains("Transfer"), "{report}");
+    assert_rolled_back(&lab, &report, probe);
+}
+
+#[test]
+fn rollback_when_the_restore_fails_at_the_destination() {
+    let lab = Lab::up();
+    let c = lab.run_echo("h1", "echo");
+    let probe = Probe::start(c["ip"].as_str().unwrap(), "restore");
+    let out = ferry(&["migrate", "echo", "--to", "h2", "--json", "--corrupt-images"]);
+    assert_eq!(out.status.code(), Some(2), "a rolled back migration exits with 2");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reason = r["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("Restore failed") && reason.contains("runc restore"), "{r}");
+    assert_rolled_back(&lab, &r, probe);
+}
+
+#[test]
+fn rollback_on_cancel_during_the_transfer() {
+    let lab = Lab::up();
+    let c = lab.run_echo("h1", "echo");
+    let probe = Probe::start(c["ip"].as_str().unwrap(), "cancel");
+    let (_, job) = start_migration("echo", "h2", &["--pause-in-transfer-ms", "5000"]);
+    wait_job_state(&job, "transferring");
+    ferry_ok(&["cancel", &job]);
+    let r = wait_job(&job);
+    assert!(r["reason"].as_str().unwrap_or("").contains("cancel"), "{r}");
+    assert_rolled_back(&lab, &r, probe);
+}
+
+fn stderr_of(args: &[&str]) -> String {
+    let out = ferry(args);
+    assert!(!out.status.success(), "ferry {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_input_gets_clear_errors() {
+    let lab = Lab::up();
+    lab.run_echo("h1", "echo");
+    let e = stderr_of(&["migrate", "nope", "--to", "h2"]);
+    assert!(e.contains("unknown container \"nope\"") && e.contains("echo"), "{e}");
+    let e = stderr_of(&["migrate", "echo", "--to", "h9"]);
+    assert!(e.contains("unknown host \"h9\"") && e.contains("h1, h2, client"), "{e}");
+    let e = stderr_of(&["run", "--on", "h1", "--name", "echo", "--", "/bin/sh"]);
+    assert!(e.contains("already exists on h1"), "{e}");
+    // Not root: the lab refuses with a reason.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(ferry_bin())
+        .args(["lab", "up"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("needs root"), "{e}");
+    // Destination unreachable: its agent is gone. Preflight fails, nothing moves.
+    let pid = lab.agent_pid("h2");
+    std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    let out = ferry(&["migrate", "echo", "--to", "h2", "--json"]);
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reason = r["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("Preflight failed") && reason.contains("unreachable"), "{r}");
+    assert_runs_on(&lab, "h1", "echo");
+}
+
+/// Starts h2's agent with `FERRY_CRIU` pointing at `criu` and returns the preflight refusal.
+fn migrate_with_criu_at_h2(lab: &Lab, criu: &str) -> String {
+    let pid = lab.agent_pid("h2");
+    std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let out = std::process::Command::new(ferry_bin())
+        .env("FERRY_CRIU", criu)
+        .args(["lab", "start-agent", "h2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = ferry(&["migrate", "echo", "--to", "h2", "--json"]);
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["result"], "rolled_back", "{r}");
+    r["reason"].as_str().unwrap_or("").to_string()
+}
+
+#[test]
+fn criu_missing_or_too_old_is_refused_before_anything_moves() {
+    let lab = Lab::up();
+    lab.run_echo("h1", "echo");
+    let dir = std::env::temp_dir().join("ferry-e2e-fake-criu");
+    std::fs::create_dir_all(&dir).unwrap();
+    let fake = dir.join("criu");
+    std::fs::write(&fake, "#!/bin/sh\necho 'Version: 3.17.1'\n").unwrap();
+    std::process::Command::new("chmod").arg("+x").arg(&fake).status().unwrap();
+    let reason = migrate_with_criu_at_h2(&lab, fake.to_str().unwrap());
+    assert!(reason.contains("CRIU 3.17.1") && reason.contains("older than 4.2"), "{reason}");
+    assert_runs_on(&lab, "h1", "echo");
+    let reason = migrate_with_criu_at_h2(&lab, "/nonexistent/criu");
+    assert!(reason.contains("CRIU not found"), "{reason}");
+    assert_runs_on(&lab, "h1", "echo");
+    assert_clean_host("h2", "echo");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,1 +1,261 @@
+//! Helpers for Ferry's end-to-end tests: they drive the real `ferry` binary, which drives real
+//! runc, CRIU, network namespaces, VXLAN and QUIC. They need root and the tools that
+//! `scripts/setup.sh` installs; without them they fail (never skip) and say why.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The lab's directory (the CLI's default).
+pub const LAB_DIR: &str = "/run/ferry/lab";
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// The built `ferry` binary: `$FERRY_BIN`, else `target/release/ferry` of this workspace.
+pub fn ferry_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("FERRY_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/ferry");
+    assert!(
+        p.is_file() && p.with_file_name("ferry-workload").is_file(),
+        "{} or ferry-workload missing: build with `cargo build --release -p ferry -p ferry-workload` (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// Fails the test unless it runs as root with the tools installed.
+pub fn require_privileges() {
+    // SAFETY-free check: `id -u` keeps this crate without unsafe code.
+    let uid = Command::new("id").arg("-u").output().expect("id -u");
+    assert_eq!(
+        String::from_utf8_lossy(&uid.stdout).trim(),
+        "0",
+        "end-to-end tests need root (CRIU, runc, network namespaces): run scripts/test.sh as root"
+    );
+    for tool in ["runc", "criu", "iptables", "ip", "arping", "busybox", "nsenter"] {
+        let ok = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "{tool} not found: run scripts/setup.sh first");
+    }
+}
+
+/// Runs `ferry ARGS`, returns its output.
+pub fn ferry(args: &[&str]) -> Output {
+    Command::new(ferry_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running ferry")
+}
+
+/// Runs `ferry ARGS` and asserts success; returns stdout.
+pub fn ferry_ok(args: &[&str]) -> String {
+    let out = ferry(args);
+    assert!(
+        out.status.success(),
+        "ferry {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A lab for one test: up on creation, down on drop. Tests are serialized (one lab at a time).
+pub struct Lab {
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Lab {
+    /// Brings a fresh lab up.
+    pub fn up() -> Lab {
+        require_privileges();
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = ferry(&["lab", "down"]);
+        ferry_ok(&["lab", "up"]);
+        Lab { _serial: serial }
+    }
+
+    /// Starts the echo workload as container `name` on `host`; returns its `ferry ps` entry.
+    pub fn run_echo(&self, host: &str, name: &str) -> Value {
+        ferry_ok(&["run", "--on", host, "--name", name, "--", "/bin/ferry-workload", "echo", "--port", "7000"]);
+        let c = self.container(name).expect("container listed after run");
+        wait_port(c["ip"].as_str().expect("ip"));
+        c
+    }
+
+    /// The `ferry ps --json` entry of `name`.
+    pub fn container(&self, name: &str) -> Option<Value> {
+        let v: Value = serde_json::from_str(&ferry_ok(&["ps", "--json"])).expect("ps --json");
+        v.as_array()?.iter().find(|c| c["name"] == name).cloned()
+    }
+
+    /// Agent pid of a host.
+    pub fn agent_pid(&self, host: &str) -> i32 {
+        std::fs::read_to_string(format!("{LAB_DIR}/{host}.pid"))
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("pid")
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = ferry(&["lab", "down"]);
+    }
+}
+
+/// Waits until the echo server at `ip` answers from the client host.
+pub fn wait_port(ip: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ok = Command::new("ip")
+            .args(["netns", "exec", "ferry-client", "timeout", "1", "bash", "-c"])
+            .arg(format!(": </dev/tcp/{ip}/7000"))
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            return;
+        }
+        assert!(Instant::now() < deadline, "echo server {ip}:7000 never answered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A `ferry probe` running in the client host.
+pub struct Probe {
+    child: Child,
+    stop: PathBuf,
+}
+
+impl Probe {
+    /// Starts probing `ip:7000` every 5 ms.
+    pub fn start(ip: &str, tag: &str) -> Probe {
+        let stop = PathBuf::from(format!("{LAB_DIR}/test-probe-{tag}.stop"));
+        let _ = std::fs::remove_file(&stop);
+        let child = Command::new("ip")
+            .args(["netns", "exec", "ferry-client"])
+            .arg(ferry_bin())
+            .args(["probe", "--target", &format!("{ip}:7000"), "--interval-ms", "5", "--stop-file"])
+            .arg(&stop)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting the probe");
+        std::thread::sleep(Duration::from_millis(300));
+        Probe { child, stop }
+    }
+
+    /// Stops it; returns its report.
+    pub fn finish(self) -> Value {
+        std::fs::write(&self.stop, b"stop").expect("stop file");
+        let out = self.child.wait_with_output().expect("probe output");
+        let _ = std::fs::remove_file(&self.stop);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("probe report unreadable ({e}): {}", String::from_utf8_lossy(&out.stdout))
+        })
+    }
+}
+
+/// Network namespaces whose name starts with `prefix`.
+pub fn netns_with_prefix(prefix: &str) -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Entries of a directory (empty when absent).
+pub fn dir_entries(p: &str) -> Vec<String> {
+    std::fs::read_dir(p)
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
+}
+
+/// Polls `f` until it returns true or `timeout` passes; returns the last result.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Asserts that `host` holds nothing of container `name`: no namespace, bundle, images,
+/// incoming records, runc state.
+pub fn assert_clean_host(host: &str, name: &str) {
+    let ns = format!("ferry-{host}-c-{name}");
+    assert!(netns_with_prefix(&ns).is_empty(), "namespace {ns} left on {host}");
+    let bundle = format!("{LAB_DIR}/{host}/containers/{name}");
+    assert!(!Path::new(&bundle).exists(), "bundle {bundle} left on {host}");
+    for d in ["images", "work", "incoming"] {
+        let p = format!("{LAB_DIR}/{host}/{d}");
+        assert!(dir_entries(&p).is_empty(), "{p} not empty on {host}: {:?}", dir_entries(&p));
+    }
+    let out = Command::new("runc")
+        .args(["--root", &format!("{LAB_DIR}/{host}/runc"), "list", "-q"])
+        .output()
+        .expect("runc list");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).lines().any(|l| l == name),
+        "runc still knows {name} on {host}"
+    );
+}
+
+/// Asserts that the source kept the container running, thawed, with no migration leftovers.
+pub fn assert_runs_on(lab: &Lab, host: &str, name: &str) {
+    let c = lab.container(name).expect("container listed");
+    assert_eq!(c["host"], host, "container should be on {host}: {c}");
+    assert_eq!(c["state"], "running", "container should run: {c}");
+    let freezer = format!("/sys/fs/cgroup/freezer/ferry/{host}/{name}/freezer.state");
+    if let Ok(s) = std::fs::read_to_string(&freezer) {
+        assert_eq!(s.trim(), "THAWED", "{freezer}");
+    }
+    for d in ["images", "work"] {
+        let p = format!("{LAB_DIR}/{host}/{d}");
+        assert!(dir_entries(&p).is_empty(), "{p} not empty on {host}");
+    }
+}
+
+/// Starts a migration in the background; returns (source host, job id).
+pub fn start_migration(name: &str, to: &str, extra: &[&str]) -> (String, String) {
+    let mut args = vec!["migrate", name, "--to", to, "--detach"];
+    args.extend_from_slice(extra);
+    let v: Value = serde_json::from_str(&ferry_ok(&args)).expect("migrate --detach json");
+    (v["host"].as_str().expect("host").into(), v["job"].as_str().expect("job").into())
+}
+
+/// Waits until job `id` reaches `state` (e.g. "transferring").
+pub fn wait_job_state(id: &str, state: &str) {
+    let ok = eventually(Duration::from_secs(20), || {
+        let out = ferry(&["job", id]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        v["state"] == state
+    });
+    assert!(ok, "job {id} never reached {state}");
+}
+
+/// Waits for job `id` to end; returns its report.
+pub fn wait_job(id: &str) -> Value {
+    let v: Value = serde_json::from_str(&ferry_ok(&["job", id, "--wait"])).expect("job json");
+    v["report"].clone()
+}

@@ -54,6 +54,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     crate::lab::down(&dir)?;
                     eprintln!("lab: down");
                 }
+                LabCmd::StartAgent { host } => {
+                    let lab = Lab::load(&dir)?;
+                    let (exe, _) = exe_paths()?;
+                    let h = lab.host(&host)?;
+                    crate::lab::start_agent(&exe, &dir.join(format!("{host}.json")), &h.log, &dir.join(format!("{host}.pid")))?;
+                    crate::lab::wait_agent(&lab, &host).await?;
+                    eprintln!("lab: agent on {host} started");
+                }
                 LabCmd::Exec { host, cmd } => {
                     let lab = Lab::load(&dir)?;
                     crate::lab::exec(&lab, &host, &cmd)?;
@@ -136,8 +144,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 pub(crate) async fn ps(lab: &Lab) -> Result<Vec<ContainerInfo>> {
     let mut all = vec![];
     for h in lab.container_hosts() {
-        let mut cs = lab.client(&h.name)?.containers().await.with_context(|| format!("listing containers on {}", h.name))?;
-        all.append(&mut cs);
+        match lab.client(&h.name)?.containers().await {
+            Ok(mut cs) => all.append(&mut cs),
+            // One host down must not hide the others' containers.
+            Err(e) => eprintln!("warning: cannot list containers on {}: {e:#}", h.name),
+        }
     }
     all.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
     Ok(all)

@@ -228,9 +228,8 @@ async fn wait_echo(lab: &Lab, ip: std::net::Ipv4Addr) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let ok = Command::new("ip")
-            .args(["netns", "exec", &client.netns, "busybox", "nc", "-z", "-w", "1"])
-            .arg(ip.to_string())
-            .arg(ECHO_PORT.to_string())
+            .args(["netns", "exec", &client.netns, "timeout", "1", "bash", "-c"])
+            .arg(format!(": </dev/tcp/{ip}/{ECHO_PORT}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()

@@ -260,6 +260,7 @@ pub fn start_agent(exe: &Path, cfg: &Path, log: &Path, pidfile: &Path) -> Result
         .arg("agent")
         .arg("--config")
         .arg(cfg)
+        .env_remove("LD_LIBRARY_PATH")
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)

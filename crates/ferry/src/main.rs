@@ -151,6 +151,11 @@ enum LabCmd {
     },
     /// Remove everything the lab created.
     Down,
+    /// Start a lab host's agent again (after it was stopped or died).
+    StartAgent {
+        /// Host name.
+        host: String,
+    },
     /// Run a command inside a lab host.
     Exec {
         /// Host name.

@@ -326,7 +326,18 @@ pub fn build_rootfs(rootfs: &Path, workload: &Path) -> Result<()> {
     }
     copy_file(workload, &rootfs.join("bin/ferry-workload"))?;
     // The workload is dynamically linked against the C library: copy what ldd lists.
-    let ldd = run("ldd", [workload])?;
+    // Resolve libraries the way the container's loader will: without the caller's
+    // LD_LIBRARY_PATH (a build tool's, for instance).
+    let out = Command::new("ldd")
+        .arg(workload)
+        .env_remove("LD_LIBRARY_PATH")
+        .env_remove("LD_PRELOAD")
+        .output()
+        .context("running ldd: install libc-bin")?;
+    if !out.status.success() {
+        bail!("ldd {} failed: {}", workload.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let ldd = String::from_utf8_lossy(&out.stdout).into_owned();
     for line in ldd.lines() {
         let path = line
             .split("=>")

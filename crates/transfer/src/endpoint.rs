@@ -50,11 +50,11 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TransferError> {
         .map_err(|e| TransferError::tls(path.display().to_string(), e))
 }
 
-fn transport() -> Result<Arc<TransportConfig>, TransferError> {
+fn transport(idle: Duration) -> Result<Arc<TransportConfig>, TransferError> {
     let mut t = TransportConfig::default();
-    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.keep_alive_interval(Some(KEEP_ALIVE.min(idle / 3)));
     t.max_idle_timeout(Some(
-        IdleTimeout::try_from(IDLE_TIMEOUT).map_err(|e| TransferError::tls("idle timeout", e))?,
+        IdleTimeout::try_from(idle).map_err(|e| TransferError::tls("idle timeout", e))?,
     ));
     t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
     t.receive_window(VarInt::from_u32(CONN_WINDOW));
@@ -63,7 +63,10 @@ fn transport() -> Result<Arc<TransportConfig>, TransferError> {
 }
 
 /// Builds the quinn server and client configurations from PEM files.
-fn configs(tls: &TlsFiles) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TransferError> {
+fn configs(
+    tls: &TlsFiles,
+    idle: Duration,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TransferError> {
     let ca = load_certs(&tls.ca)?;
     let chain = load_certs(&tls.cert)?;
     let key = load_key(&tls.key)?;
@@ -95,7 +98,7 @@ fn configs(tls: &TlsFiles) -> Result<(quinn::ServerConfig, quinn::ClientConfig),
     let server = QuicServerConfig::try_from(server)
         .map_err(|e| TransferError::tls("QUIC server config", e))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
-    server.transport_config(transport()?);
+    server.transport_config(transport(idle)?);
 
     let mut client = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&versions)
@@ -112,7 +115,7 @@ fn configs(tls: &TlsFiles) -> Result<(quinn::ServerConfig, quinn::ClientConfig),
     let client = QuicClientConfig::try_from(client)
         .map_err(|e| TransferError::tls("QUIC client config", e))?;
     let mut client = quinn::ClientConfig::new(Arc::new(client));
-    client.transport_config(transport()?);
+    client.transport_config(transport(idle)?);
     Ok((server, client))
 }
 
@@ -237,7 +240,17 @@ impl Endpoint {
     ///
     /// Must be called within a tokio runtime.
     pub fn bind(addr: SocketAddr, tls: &TlsFiles) -> Result<Self, TransferError> {
-        let (server, client) = configs(tls)?;
+        Self::bind_with_idle_timeout(addr, tls, IDLE_TIMEOUT)
+    }
+
+    /// Like [`Endpoint::bind`], with the idle timeout after which a silent peer counts as gone
+    /// (keep-alives go out at a third of it, at most every second).
+    pub fn bind_with_idle_timeout(
+        addr: SocketAddr,
+        tls: &TlsFiles,
+        idle: Duration,
+    ) -> Result<Self, TransferError> {
+        let (server, client) = configs(tls, idle)?;
         let mut ep = quinn::Endpoint::server(server, addr).map_err(|e| TransferError::Stream {
             op: "binding the QUIC endpoint",
             source: std::io::Error::new(e.kind(), format!("{addr}: {e}")),

@@ -131,9 +131,10 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         cert: cfg.tls.cert.clone(),
         key: cfg.tls.key.clone(),
     };
-    let endpoint = transfer::Endpoint::bind(
+    let endpoint = transfer::Endpoint::bind_with_idle_timeout(
         SocketAddr::from((cfg.underlay_ip, cfg.quic_port)),
         &tls,
+        std::time::Duration::from_millis(cfg.quic_idle_timeout_ms.max(500)),
     )
     .with_context(|| format!("QUIC endpoint on {}:{}", cfg.underlay_ip, cfg.quic_port))?;
     let runc = Runc::new(&cfg.runc, cfg.state_dir.join("runc"));
@@ -258,10 +259,23 @@ impl Agent {
         self.cfg.peers.iter().map(|p| p.host.clone()).collect()
     }
 
-    /// Sends one request without trees and reads the answer.
+    /// Forgets the cached connection to `host` (after it failed).
+    async fn forget_conn(&self, host: &str) {
+        self.conns.lock().await.remove(host);
+    }
+
+    /// Sends one request without trees and reads the answer. A cached connection may be stale
+    /// (the peer restarted): on failure the request is retried once on a new connection.
     async fn ask(&self, host: &str, req: &PeerRequest) -> Result<PeerResponse> {
         let conn = self.peer_conn(host).await?;
-        Ok(peer::request(&conn, req, &[]).await?.0)
+        match peer::request(&conn, req, &[]).await {
+            Ok((r, _)) => Ok(r),
+            Err(first) => {
+                self.forget_conn(host).await;
+                let conn = self.peer_conn(host).await.with_context(|| format!("{first:#}"))?;
+                Ok(peer::request(&conn, req, &[]).await?.0)
+            }
+        }
     }
 
     /// Points `mac` at `host` in this host's overlay (`None` or this host: local, no entry).

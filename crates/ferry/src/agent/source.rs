@@ -203,9 +203,19 @@ impl Driver {
                     bail!("container {:?} is not running on {} (runc state: {})", self.spec.name, self.agent.cfg.host,
                         st.map(|s| s.status).unwrap_or_else(|| "unknown".into()));
                 }
-                let conn = self.conn().await?;
+                let to = self.to.clone();
                 let req = PeerRequest::Preflight { version: PROTO_VERSION, name: self.spec.name.clone() };
-                let (resp, bytes) = request(&conn, &req, &[]).await?;
+                let (resp, bytes) = match async { request(&self.conn().await?, &req, &[]).await }.await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        // The cached connection may predate a restart of the peer: retry fresh.
+                        self.agent.forget_conn(&to).await;
+                        self.conn = None;
+                        async { request(&self.conn().await?, &req, &[]).await }
+                            .await
+                            .with_context(|| format!("destination {to} unreachable"))?
+                    }
+                };
                 match resp {
                     PeerResponse::Preflight { free_bytes, .. } => {
                         let need = dir_size(&l.bundle) * 2 + (64 << 20);
