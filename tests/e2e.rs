@@ -7,8 +7,14 @@ use serde_json::Value;
 
 fn assert_probe_intact(p: &Value) {
     assert_eq!(p["errors"], 0, "client saw errors: {p}");
-    assert_eq!(p["intact"], true, "client lost, reordered or duplicated data: {p}");
-    assert!(p["received"].as_u64().unwrap_or(0) > 100, "too few answers: {p}");
+    assert_eq!(
+        p["intact"], true,
+        "client lost, reordered or duplicated data: {p}"
+    );
+    assert!(
+        p["received"].as_u64().unwrap_or(0) > 100,
+        "too few answers: {p}"
+    );
     assert_eq!(p["sent"], p["received"], "{p}");
 }
 
@@ -45,7 +51,10 @@ fn two_migrations_keep_the_connection_the_address_and_the_memory() {
     for r in &reports {
         eprintln!(
             "migration {} -> {}: frozen {:.1} ms, client max gap {:.1} ms",
-            r["from"], r["to"], r["frozen_ms"].as_f64().unwrap(), p["max_gap_ms"].as_f64().unwrap()
+            r["from"],
+            r["to"],
+            r["frozen_ms"].as_f64().unwrap(),
+            p["max_gap_ms"].as_f64().unwrap()
         );
     }
 }
@@ -62,7 +71,10 @@ fn assert_rolled_back(lab: &Lab, report: &Value, probe: Probe) {
     assert_eq!(p["counter_first"], 1, "{p}");
     assert_eq!(p["counter_last"], p["received"], "{p}");
     assert!(
-        eventually(Duration::from_secs(10), || std::panic::catch_unwind(|| assert_clean_host("h2", "echo")).is_ok()),
+        eventually(Duration::from_secs(10), || std::panic::catch_unwind(|| {
+            assert_clean_host("h2", "echo")
+        })
+        .is_ok()),
         "destination not cleaned"
     );
     assert_clean_host("h2", "echo");
@@ -76,7 +88,11 @@ fn rollback_when_the_destination_agent_dies_during_the_transfer() {
     let (_, job) = start_migration("echo", "h2", &["--pause-in-transfer-ms", "1500"]);
     wait_job_state(&job, "transferring");
     let pid = lab.agent_pid("h2");
-    assert!(std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
     let r = wait_job(&job);
     // The dead agent's leftovers are removed when it comes back.
     ferry_ok(&["lab", "start-agent", "h2"]);
@@ -107,9 +123,16 @@ fn rollback_when_the_underlay_drops_quic_during_the_transfer() {
     for r in &rules {
         let mut del = r.to_vec();
         del[0] = "-D";
-        std::process::Command::new("ip").args(["netns", "exec", "ferry-h2", "iptables", "-w"]).args(&del).status().unwrap();
+        std::process::Command::new("ip")
+            .args(["netns", "exec", "ferry-h2", "iptables", "-w"])
+            .args(&del)
+            .status()
+            .unwrap();
     }
-    assert!(report["reason"].as_str().unwrap_or("").contains("Transfer"), "{report}");
+    assert!(
+        report["reason"].as_str().unwrap_or("").contains("Transfer"),
+        "{report}"
+    );
     assert_rolled_back(&lab, &report, probe);
 }
 
@@ -118,11 +141,25 @@ fn rollback_when_the_restore_fails_at_the_destination() {
     let lab = Lab::up();
     let c = lab.run_echo("h1", "echo");
     let probe = Probe::start(c["ip"].as_str().unwrap(), "restore");
-    let out = ferry(&["migrate", "echo", "--to", "h2", "--json", "--corrupt-images"]);
-    assert_eq!(out.status.code(), Some(2), "a rolled back migration exits with 2");
+    let out = ferry(&[
+        "migrate",
+        "echo",
+        "--to",
+        "h2",
+        "--json",
+        "--corrupt-images",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a rolled back migration exits with 2"
+    );
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     let reason = r["reason"].as_str().unwrap_or("");
-    assert!(reason.contains("Restore failed") && reason.contains("runc restore"), "{r}");
+    assert!(
+        reason.contains("Restore failed") && reason.contains("runc restore"),
+        "{r}"
+    );
     assert_rolled_back(&lab, &r, probe);
 }
 
@@ -150,9 +187,15 @@ fn bad_input_gets_clear_errors() {
     let lab = Lab::up();
     lab.run_echo("h1", "echo");
     let e = stderr_of(&["migrate", "nope", "--to", "h2"]);
-    assert!(e.contains("unknown container \"nope\"") && e.contains("echo"), "{e}");
+    assert!(
+        e.contains("unknown container \"nope\"") && e.contains("echo"),
+        "{e}"
+    );
     let e = stderr_of(&["migrate", "echo", "--to", "h9"]);
-    assert!(e.contains("unknown host \"h9\"") && e.contains("h1, h2, client"), "{e}");
+    assert!(
+        e.contains("unknown host \"h9\"") && e.contains("h1, h2, client"),
+        "{e}"
+    );
     let e = stderr_of(&["run", "--on", "h1", "--name", "echo", "--", "/bin/sh"]);
     assert!(e.contains("already exists on h1"), "{e}");
     // Not root: the lab refuses with a reason.
@@ -166,25 +209,38 @@ fn bad_input_gets_clear_errors() {
     assert!(!out.status.success() && e.contains("needs root"), "{e}");
     // Destination unreachable: its agent is gone. Preflight fails, nothing moves.
     let pid = lab.agent_pid("h2");
-    std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
     let out = ferry(&["migrate", "echo", "--to", "h2", "--json"]);
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     let reason = r["reason"].as_str().unwrap_or("");
-    assert!(reason.contains("Preflight failed") && reason.contains("unreachable"), "{r}");
+    assert!(
+        reason.contains("Preflight failed") && reason.contains("unreachable"),
+        "{r}"
+    );
     assert_runs_on(&lab, "h1", "echo");
 }
 
 /// Starts h2's agent with `FERRY_CRIU` pointing at `criu` and returns the preflight refusal.
 fn migrate_with_criu_at_h2(lab: &Lab, criu: &str) -> String {
     let pid = lab.agent_pid("h2");
-    std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let out = std::process::Command::new(ferry_bin())
         .env("FERRY_CRIU", criu)
         .args(["lab", "start-agent", "h2"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = ferry(&["migrate", "echo", "--to", "h2", "--json"]);
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["result"], "rolled_back", "{r}");
@@ -199,9 +255,16 @@ fn criu_missing_or_too_old_is_refused_before_anything_moves() {
     std::fs::create_dir_all(&dir).unwrap();
     let fake = dir.join("criu");
     std::fs::write(&fake, "#!/bin/sh\necho 'Version: 3.17.1'\n").unwrap();
-    std::process::Command::new("chmod").arg("+x").arg(&fake).status().unwrap();
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&fake)
+        .status()
+        .unwrap();
     let reason = migrate_with_criu_at_h2(&lab, fake.to_str().unwrap());
-    assert!(reason.contains("CRIU 3.17.1") && reason.contains("older than 4.2"), "{reason}");
+    assert!(
+        reason.contains("CRIU 3.17.1") && reason.contains("older than 4.2"),
+        "{reason}"
+    );
     assert_runs_on(&lab, "h1", "echo");
     let reason = migrate_with_criu_at_h2(&lab, "/nonexistent/criu");
     assert!(reason.contains("CRIU not found"), "{reason}");

@@ -37,7 +37,9 @@ pub fn require_privileges() {
         "0",
         "end-to-end tests need root (CRIU, runc, network namespaces): run scripts/test.sh as root"
     );
-    for tool in ["runc", "criu", "iptables", "ip", "arping", "busybox", "nsenter"] {
+    for tool in [
+        "runc", "criu", "iptables", "ip", "arping", "busybox", "nsenter",
+    ] {
         let ok = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .stdout(Stdio::null())
@@ -87,7 +89,18 @@ impl Lab {
 
     /// Starts the echo workload as container `name` on `host`; returns its `ferry ps` entry.
     pub fn run_echo(&self, host: &str, name: &str) -> Value {
-        ferry_ok(&["run", "--on", host, "--name", name, "--", "/bin/ferry-workload", "echo", "--port", "7000"]);
+        ferry_ok(&[
+            "run",
+            "--on",
+            host,
+            "--name",
+            name,
+            "--",
+            "/bin/ferry-workload",
+            "echo",
+            "--port",
+            "7000",
+        ]);
         let c = self.container(name).expect("container listed after run");
         wait_port(c["ip"].as_str().expect("ip"));
         c
@@ -120,7 +133,15 @@ pub fn wait_port(ip: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let ok = Command::new("ip")
-            .args(["netns", "exec", "ferry-client", "timeout", "1", "bash", "-c"])
+            .args([
+                "netns",
+                "exec",
+                "ferry-client",
+                "timeout",
+                "1",
+                "bash",
+                "-c",
+            ])
             .arg(format!(": </dev/tcp/{ip}/7000"))
             .stderr(Stdio::null())
             .status()
@@ -129,7 +150,10 @@ pub fn wait_port(ip: &str) {
         if ok {
             return;
         }
-        assert!(Instant::now() < deadline, "echo server {ip}:7000 never answered");
+        assert!(
+            Instant::now() < deadline,
+            "echo server {ip}:7000 never answered"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -148,7 +172,14 @@ impl Probe {
         let child = Command::new("ip")
             .args(["netns", "exec", "ferry-client"])
             .arg(ferry_bin())
-            .args(["probe", "--target", &format!("{ip}:7000"), "--interval-ms", "5", "--stop-file"])
+            .args([
+                "probe",
+                "--target",
+                &format!("{ip}:7000"),
+                "--interval-ms",
+                "5",
+                "--stop-file",
+            ])
             .arg(&stop)
             .stdout(Stdio::piped())
             .spawn()
@@ -163,14 +194,20 @@ impl Probe {
         let out = self.child.wait_with_output().expect("probe output");
         let _ = std::fs::remove_file(&self.stop);
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!("probe report unreadable ({e}): {}", String::from_utf8_lossy(&out.stdout))
+            panic!(
+                "probe report unreadable ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
         })
     }
 }
 
 /// Network namespaces whose name starts with `prefix`.
 pub fn netns_with_prefix(prefix: &str) -> Vec<String> {
-    let out = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split_whitespace().next())
@@ -182,7 +219,11 @@ pub fn netns_with_prefix(prefix: &str) -> Vec<String> {
 /// Entries of a directory (empty when absent).
 pub fn dir_entries(p: &str) -> Vec<String> {
     std::fs::read_dir(p)
-        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -204,19 +245,31 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 /// incoming records, runc state.
 pub fn assert_clean_host(host: &str, name: &str) {
     let ns = format!("ferry-{host}-c-{name}");
-    assert!(netns_with_prefix(&ns).is_empty(), "namespace {ns} left on {host}");
+    assert!(
+        netns_with_prefix(&ns).is_empty(),
+        "namespace {ns} left on {host}"
+    );
     let bundle = format!("{LAB_DIR}/{host}/containers/{name}");
-    assert!(!Path::new(&bundle).exists(), "bundle {bundle} left on {host}");
+    assert!(
+        !Path::new(&bundle).exists(),
+        "bundle {bundle} left on {host}"
+    );
     for d in ["images", "work", "incoming"] {
         let p = format!("{LAB_DIR}/{host}/{d}");
-        assert!(dir_entries(&p).is_empty(), "{p} not empty on {host}: {:?}", dir_entries(&p));
+        assert!(
+            dir_entries(&p).is_empty(),
+            "{p} not empty on {host}: {:?}",
+            dir_entries(&p)
+        );
     }
     let out = Command::new("runc")
         .args(["--root", &format!("{LAB_DIR}/{host}/runc"), "list", "-q"])
         .output()
         .expect("runc list");
     assert!(
-        !String::from_utf8_lossy(&out.stdout).lines().any(|l| l == name),
+        !String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l == name),
         "runc still knows {name} on {host}"
     );
 }
@@ -241,7 +294,10 @@ pub fn start_migration(name: &str, to: &str, extra: &[&str]) -> (String, String)
     let mut args = vec!["migrate", name, "--to", to, "--detach"];
     args.extend_from_slice(extra);
     let v: Value = serde_json::from_str(&ferry_ok(&args)).expect("migrate --detach json");
-    (v["host"].as_str().expect("host").into(), v["job"].as_str().expect("job").into())
+    (
+        v["host"].as_str().expect("host").into(),
+        v["job"].as_str().expect("job").into(),
+    )
 }
 
 /// Waits until job `id` reaches `state` (e.g. "transferring").

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use migrate_core::{Outcome, Phase, Report};
-use orchestrator_shim::api::{ContainerInfo, CreateContainer, FaultHooks, JobEventKind, MigrateRequest};
+use orchestrator_shim::api::{
+    ContainerInfo, CreateContainer, FaultHooks, JobEventKind, MigrateRequest,
+};
 
 use crate::lab::Lab;
 use crate::{Cli, Cmd, LabCmd};
@@ -17,7 +19,15 @@ pub(crate) fn dispatch(cli: Cli) -> Result<ExitCode> {
         crate::agent::main(cfg)?;
         return Ok(ExitCode::SUCCESS);
     }
-    if let Cmd::Probe { target, interval_ms, duration_s, stop_file, threshold_ms, series } = &cli.cmd {
+    if let Cmd::Probe {
+        target,
+        interval_ms,
+        duration_s,
+        stop_file,
+        threshold_ms,
+        series,
+    } = &cli.cmd
+    {
         let cfg = crate::probe::ProbeConfig {
             target: *target,
             interval: Duration::from_secs_f64(interval_ms / 1000.0),
@@ -28,7 +38,11 @@ pub(crate) fn dispatch(cli: Cli) -> Result<ExitCode> {
         };
         let report = crate::probe::run(&cfg)?;
         println!("{}", serde_json::to_string(&report)?);
-        return Ok(if report.intact { ExitCode::SUCCESS } else { ExitCode::from(3) });
+        return Ok(if report.intact {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(3)
+        });
     }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(run(cli))
@@ -58,7 +72,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     let lab = Lab::load(&dir)?;
                     let (exe, _) = exe_paths()?;
                     let h = lab.host(&host)?;
-                    crate::lab::start_agent(&exe, &dir.join(format!("{host}.json")), &h.log, &dir.join(format!("{host}.pid")))?;
+                    crate::lab::start_agent(
+                        &exe,
+                        &dir.join(format!("{host}.json")),
+                        &h.log,
+                        &dir.join(format!("{host}.pid")),
+                    )?;
                     crate::lab::wait_agent(&lab, &host).await?;
                     eprintln!("lab: agent on {host} started");
                 }
@@ -71,8 +90,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Run { on, name, ip, cmd } => {
             let lab = Lab::load(&dir)?;
             let c = lab.client(&on)?;
-            let info = c.create(&CreateContainer { name, ip, args: cmd }).await?;
-            println!("{} running on {} with IP {} (MAC {})", info.spec.name, info.host, info.spec.ip, info.spec.mac);
+            let info = c
+                .create(&CreateContainer {
+                    name,
+                    ip,
+                    args: cmd,
+                })
+                .await?;
+            println!(
+                "{} running on {} with IP {} (MAC {})",
+                info.spec.name, info.host, info.spec.ip, info.spec.mac
+            );
         }
         Cmd::Ps { json } => {
             let lab = Lab::load(&dir)?;
@@ -80,7 +108,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&all)?);
             } else {
-                println!("{:<20} {:<8} {:<15} {:<10} PID", "NAME", "HOST", "IP", "STATE");
+                println!(
+                    "{:<20} {:<8} {:<15} {:<10} PID",
+                    "NAME", "HOST", "IP", "STATE"
+                );
                 for c in all {
                     println!(
                         "{:<20} {:<8} {:<15} {:<10} {}",
@@ -99,9 +130,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             lab.client(&c.host)?.delete(&name).await?;
             println!("{name} removed from {}", c.host);
         }
-        Cmd::Migrate { name, to, json, pause_in_transfer_ms, corrupt_images, detach } => {
+        Cmd::Migrate {
+            name,
+            to,
+            json,
+            pause_in_transfer_ms,
+            corrupt_images,
+            detach,
+        } => {
             let lab = Lab::load(&dir)?;
-            let faults = FaultHooks { pause_in_transfer_ms, corrupt_images };
+            let faults = FaultHooks {
+                pause_in_transfer_ms,
+                corrupt_images,
+            };
             if detach {
                 let (src, job) = start_migration(&lab, &name, &to, faults).await?;
                 println!("{}", serde_json::json!({"job": job, "host": src}));
@@ -113,7 +154,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 print_summary(&report);
             }
-            return Ok(if report.outcome == Outcome::Completed { ExitCode::SUCCESS } else { ExitCode::from(2) });
+            return Ok(if report.outcome == Outcome::Completed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            });
         }
         Cmd::Job { id, wait } => {
             let lab = Lab::load(&dir)?;
@@ -130,7 +175,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let info = lab.client(&host)?.cancel(&id).await?;
             println!("cancel requested for job {id} (state {:?}); it rolls back at the end of the current phase", info.state);
         }
-        Cmd::Demo { json, keep, no_baseline } => {
+        Cmd::Demo {
+            json,
+            keep,
+            no_baseline,
+        } => {
             crate::util::require_root("ferry demo")?;
             let (exe, workload) = exe_paths()?;
             return crate::demo::run(&dir, &exe, &workload, json, keep, !no_baseline).await;
@@ -159,10 +208,15 @@ pub(crate) async fn find(lab: &Lab, name: &str) -> Result<ContainerInfo> {
     let all = ps(lab).await?;
     match all.iter().find(|c| c.spec.name == name) {
         Some(c) => Ok(c.clone()),
-        None if all.is_empty() => bail!("unknown container {name:?}: no containers are running (start one with `ferry run`)"),
+        None if all.is_empty() => bail!(
+            "unknown container {name:?}: no containers are running (start one with `ferry run`)"
+        ),
         None => bail!(
             "unknown container {name:?}: running containers are {}",
-            all.iter().map(|c| c.spec.name.as_str()).collect::<Vec<_>>().join(", ")
+            all.iter()
+                .map(|c| c.spec.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }
@@ -176,18 +230,35 @@ async fn find_job(lab: &Lab, id: &str) -> Result<(String, orchestrator_shim::api
     bail!("unknown job {id:?} on every host of the lab")
 }
 
-async fn start_migration(lab: &Lab, name: &str, to: &str, faults: FaultHooks) -> Result<(String, String)> {
+async fn start_migration(
+    lab: &Lab,
+    name: &str,
+    to: &str,
+    faults: FaultHooks,
+) -> Result<(String, String)> {
     lab.host(to)?;
     let c = find(lab, name).await?;
     let job = lab
         .client(&c.host)?
-        .migrate(name, &MigrateRequest { to: to.into(), faults })
+        .migrate(
+            name,
+            &MigrateRequest {
+                to: to.into(),
+                faults,
+            },
+        )
         .await?;
     Ok((c.host, job.id))
 }
 
 /// Starts a migration and follows it to its end; shows progress when `progress`.
-pub(crate) async fn migrate(lab: &Lab, name: &str, to: &str, faults: FaultHooks, progress: bool) -> Result<Report> {
+pub(crate) async fn migrate(
+    lab: &Lab,
+    name: &str,
+    to: &str,
+    faults: FaultHooks,
+    progress: bool,
+) -> Result<Report> {
     let (src, id) = start_migration(lab, name, to, faults).await?;
     let client = lab.client(&src)?;
     let bar = progress.then(|| {
@@ -206,15 +277,28 @@ pub(crate) async fn migrate(lab: &Lab, name: &str, to: &str, faults: FaultHooks,
         .follow(&id, |ev| {
             if let Some(b) = &bar {
                 match &ev.kind {
-                    JobEventKind::PhaseStarted { phase } => b.set_message(format!("{} ...", phase_name(*phase))),
-                    JobEventKind::PhaseDone { phase, duration_ms, bytes } => {
+                    JobEventKind::PhaseStarted { phase } => {
+                        b.set_message(format!("{} ...", phase_name(*phase)))
+                    }
+                    JobEventKind::PhaseDone {
+                        phase,
+                        duration_ms,
+                        bytes,
+                    } => {
                         b.inc(1);
-                        b.println(format!("  ok   {:<10} {:>9.1} ms {:>12}", phase_name(*phase), duration_ms, human_bytes(*bytes)));
+                        b.println(format!(
+                            "  ok   {:<10} {:>9.1} ms {:>12}",
+                            phase_name(*phase),
+                            duration_ms,
+                            human_bytes(*bytes)
+                        ));
                     }
                     JobEventKind::PhaseFailed { phase, error } => {
                         b.println(format!("  FAIL {:<10} {error}", phase_name(*phase)));
                     }
-                    JobEventKind::Committed => b.println("  commit point passed: the destination owns the container"),
+                    JobEventKind::Committed => {
+                        b.println("  commit point passed: the destination owns the container")
+                    }
                     JobEventKind::Finished { .. } => b.finish_and_clear(),
                 }
             }
@@ -254,13 +338,20 @@ pub(crate) fn human_bytes(b: u64) -> String {
 
 pub(crate) fn print_summary(r: &Report) {
     match &r.outcome {
-        Outcome::Completed => println!("{} moved from {} to {} (job {})", r.container, r.from, r.to, r.id),
+        Outcome::Completed => println!(
+            "{} moved from {} to {} (job {})",
+            r.container, r.from, r.to, r.id
+        ),
         Outcome::RolledBack { reason } => println!(
             "{} NOT moved: rolled back, it still runs on {} (job {})\n  reason: {reason}",
             r.container, r.from, r.id
         ),
-        Outcome::Failed { reason } => println!("{} migration FAILED (job {}): {reason}", r.container, r.id),
-        Outcome::InProgress => println!("{} migration still in progress (job {})", r.container, r.id),
+        Outcome::Failed { reason } => {
+            println!("{} migration FAILED (job {}): {reason}", r.container, r.id)
+        }
+        Outcome::InProgress => {
+            println!("{} migration still in progress (job {})", r.container, r.id)
+        }
     }
     println!(
         "  frozen {:.1} ms (dump {:.1}, transfer {:.1}, restore {:.1}, network switch {:.1}); total {:.1} ms; {} sent",
@@ -271,4 +362,3 @@ pub(crate) fn print_summary(r: &Report) {
         println!("  warning: {w}");
     }
 }
-

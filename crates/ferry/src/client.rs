@@ -72,7 +72,10 @@ impl Client {
             if let Ok(e) = serde_json::from_slice::<ApiError>(&bytes) {
                 bail!("{}", e.message);
             }
-            bail!("agent answered {status}: {}", String::from_utf8_lossy(&bytes));
+            bail!(
+                "agent answered {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            );
         }
         serde_json::from_slice(&bytes)
             .with_context(|| format!("agent sent an unexpected answer to {path}"))
@@ -95,19 +98,28 @@ impl Client {
 
     /// `DELETE /v1/containers/{name}`.
     pub async fn delete(&self, name: &str) -> Result<serde_json::Value> {
-        self.call(Method::DELETE, &format!("/v1/containers/{name}"), None::<&()>)
-            .await
+        self.call(
+            Method::DELETE,
+            &format!("/v1/containers/{name}"),
+            None::<&()>,
+        )
+        .await
     }
 
     /// `POST /v1/containers/{name}/migrate`.
     pub async fn migrate(&self, name: &str, req: &MigrateRequest) -> Result<JobInfo> {
-        self.call(Method::POST, &format!("/v1/containers/{name}/migrate"), Some(req))
-            .await
+        self.call(
+            Method::POST,
+            &format!("/v1/containers/{name}/migrate"),
+            Some(req),
+        )
+        .await
     }
 
     /// `GET /v1/jobs/{id}`.
     pub async fn job(&self, id: &str) -> Result<JobInfo> {
-        self.call(Method::GET, &format!("/v1/jobs/{id}"), None::<&()>).await
+        self.call(Method::GET, &format!("/v1/jobs/{id}"), None::<&()>)
+            .await
     }
 
     /// `POST /v1/jobs/{id}/cancel`.
@@ -124,7 +136,10 @@ impl Client {
         if resp.status() != StatusCode::OK {
             let status = resp.status();
             let bytes = resp.into_body().collect().await?.to_bytes();
-            bail!("events of job {id}: {status} {}", String::from_utf8_lossy(&bytes));
+            bail!(
+                "events of job {id}: {status} {}",
+                String::from_utf8_lossy(&bytes)
+            );
         }
         let mut body = resp.into_body();
         let mut buf: Vec<u8> = vec![];

@@ -52,7 +52,11 @@ impl ProbeProcess {
         let out = self.child.wait_with_output()?;
         let _ = std::fs::remove_file(&self.stop_file);
         serde_json::from_slice(&out.stdout).with_context(|| {
-            format!("the probe printed no report (exit {}): {}", out.status, String::from_utf8_lossy(&out.stdout))
+            format!(
+                "the probe printed no report (exit {}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout)
+            )
         })
     }
 }
@@ -64,7 +68,12 @@ pub async fn start_echo(lab: &Lab, host: &str, name: &str) -> Result<ContainerIn
         .create(&CreateContainer {
             name: name.into(),
             ip: None,
-            args: vec!["/bin/ferry-workload".into(), "echo".into(), "--port".into(), ECHO_PORT.to_string()],
+            args: vec![
+                "/bin/ferry-workload".into(),
+                "echo".into(),
+                "--port".into(),
+                ECHO_PORT.to_string(),
+            ],
         })
         .await?;
     wait_echo(lab, info.spec.ip).await?;
@@ -105,22 +114,41 @@ impl Baseline {
     }
 
     fn runc(&self, host: &str) -> String {
-        self.state_dir(host).join("runc").to_string_lossy().into_owned()
+        self.state_dir(host)
+            .join("runc")
+            .to_string_lossy()
+            .into_owned()
     }
 
     /// Starts the echo workload on `host` with runc and points the overlay at it.
     pub async fn start(lab: &Lab, workload: &Path, host: &str, name: &str) -> Result<Baseline> {
-        let used: Vec<std::net::Ipv4Addr> = crate::cli::ps(lab).await?.iter().map(|c| c.spec.ip).collect();
-        let ip = crate::runtime::first_free(std::net::Ipv4Addr::new(10, 232, 0, 200), std::net::Ipv4Addr::new(10, 232, 0, 249), &used)
-            .context("no free overlay address for the baseline container")?;
+        let used: Vec<std::net::Ipv4Addr> = crate::cli::ps(lab)
+            .await?
+            .iter()
+            .map(|c| c.spec.ip)
+            .collect();
+        let ip = crate::runtime::first_free(
+            std::net::Ipv4Addr::new(10, 232, 0, 200),
+            std::net::Ipv4Addr::new(10, 232, 0, 249),
+            &used,
+        )
+        .context("no free overlay address for the baseline container")?;
         let spec = orchestrator_shim::api::ContainerSpec {
             name: name.into(),
             ip,
             mac: orchestrator_shim::api::mac_for_ip(ip),
             prefix_len: 24,
-            args: vec!["/bin/ferry-workload".into(), "echo".into(), "--port".into(), ECHO_PORT.to_string()],
+            args: vec![
+                "/bin/ferry-workload".into(),
+                "echo".into(),
+                "--port".into(),
+                ECHO_PORT.to_string(),
+            ],
         };
-        let b = Baseline { spec, dir: lab.dir.join("baseline") };
+        let b = Baseline {
+            spec,
+            dir: lab.dir.join("baseline"),
+        };
         let h = lab.host(host)?;
         let l = b.layout(host);
         crate::runtime::build_rootfs(&l.rootfs(), workload)?;
@@ -128,7 +156,14 @@ impl Baseline {
         crate::runtime::create_netns_in(Some(&h.netns), &l, &b.spec, "br0")?;
         let status = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", h.netns))
-            .args(["runc", "--root", &b.runc(host), "run", "--detach", "--bundle"])
+            .args([
+                "runc",
+                "--root",
+                &b.runc(host),
+                "run",
+                "--detach",
+                "--bundle",
+            ])
             .arg(&l.bundle)
             .arg(name)
             .stdin(Stdio::null())
@@ -147,9 +182,36 @@ impl Baseline {
         let vtep = lab.host(host)?.underlay_ip.to_string();
         for h in &lab.hosts {
             if h.name == host {
-                crate::util::run_quiet("bridge", ["-n", &h.netns, "fdb", "del", &self.spec.mac, "dev", "vx0", "self"]);
+                crate::util::run_quiet(
+                    "bridge",
+                    [
+                        "-n",
+                        &h.netns,
+                        "fdb",
+                        "del",
+                        &self.spec.mac,
+                        "dev",
+                        "vx0",
+                        "self",
+                    ],
+                );
             } else {
-                sh("bridge", ["-n", &h.netns, "fdb", "replace", &self.spec.mac, "dev", "vx0", "dst", &vtep, "self", "permanent"])?;
+                sh(
+                    "bridge",
+                    [
+                        "-n",
+                        &h.netns,
+                        "fdb",
+                        "replace",
+                        &self.spec.mac,
+                        "dev",
+                        "vx0",
+                        "dst",
+                        &vtep,
+                        "self",
+                        "permanent",
+                    ],
+                )?;
             }
         }
         Ok(())
@@ -166,33 +228,85 @@ impl Baseline {
         let _ = std::fs::remove_dir_all(&img_dst);
         std::fs::create_dir_all(&img_src)?;
         let t0 = Instant::now();
-        sh("nsenter", [
-            &format!("--net=/run/netns/{}", src.netns), "runc", "--root", &self.runc(from),
-            "checkpoint", "--tcp-established", "--image-path", &img_src.to_string_lossy(),
-            "--work-path", &self.dir.join("w1").to_string_lossy(), name,
-        ])?;
+        sh(
+            "nsenter",
+            [
+                &format!("--net=/run/netns/{}", src.netns),
+                "runc",
+                "--root",
+                &self.runc(from),
+                "checkpoint",
+                "--tcp-established",
+                "--image-path",
+                &img_src.to_string_lossy(),
+                "--work-path",
+                &self.dir.join("w1").to_string_lossy(),
+                name,
+            ],
+        )?;
         let t1 = Instant::now();
-        sh("cp", ["-a", &img_src.to_string_lossy(), &img_dst.to_string_lossy()])?;
+        sh(
+            "cp",
+            ["-a", &img_src.to_string_lossy(), &img_dst.to_string_lossy()],
+        )?;
         std::fs::create_dir_all(self.state_dir(to).join("containers"))?;
-        sh("cp", ["-a", &src_l.bundle.to_string_lossy(), &dst_l.bundle.to_string_lossy()])?;
+        sh(
+            "cp",
+            [
+                "-a",
+                &src_l.bundle.to_string_lossy(),
+                &dst_l.bundle.to_string_lossy(),
+            ],
+        )?;
         crate::runtime::write_config(&dst_l, &self.spec, to, None)?;
         let t2 = Instant::now();
         crate::runtime::create_netns_in(Some(&dst.netns), &dst_l, &self.spec, "br0")?;
         let t3 = Instant::now();
-        sh("nsenter", [
-            &format!("--net=/run/netns/{}", dst.netns), "runc", "--root", &self.runc(to),
-            "restore", "--detach", "--tcp-established", "--bundle", &dst_l.bundle.to_string_lossy(),
-            "--image-path", &img_dst.to_string_lossy(), "--work-path", &self.dir.join("w2").to_string_lossy(), name,
-        ])?;
+        sh(
+            "nsenter",
+            [
+                &format!("--net=/run/netns/{}", dst.netns),
+                "runc",
+                "--root",
+                &self.runc(to),
+                "restore",
+                "--detach",
+                "--tcp-established",
+                "--bundle",
+                &dst_l.bundle.to_string_lossy(),
+                "--image-path",
+                &img_dst.to_string_lossy(),
+                "--work-path",
+                &self.dir.join("w2").to_string_lossy(),
+                name,
+            ],
+        )?;
         let t4 = Instant::now();
         self.point_overlay(lab, to)?;
-        crate::util::run_quiet("ip", [
-            "netns", "exec", &dst_l.netns, "arping", "-q", "-U", "-c", "1", "-w", "1", "-I", "eth0",
-            &self.spec.ip.to_string(),
-        ]);
+        crate::util::run_quiet(
+            "ip",
+            [
+                "netns",
+                "exec",
+                &dst_l.netns,
+                "arping",
+                "-q",
+                "-U",
+                "-c",
+                "1",
+                "-w",
+                "1",
+                "-I",
+                "eth0",
+                &self.spec.ip.to_string(),
+            ],
+        );
         let t5 = Instant::now();
         // The source's namespace is the admin's to remove once the container runs elsewhere.
-        crate::util::run_quiet("ip", ["-n", src.netns.as_str(), "link", "del", src_l.veth.as_str()]);
+        crate::util::run_quiet(
+            "ip",
+            ["-n", src.netns.as_str(), "link", "del", src_l.veth.as_str()],
+        );
         crate::runtime::delete_netns(&src_l);
         Ok(BaselineReport {
             checkpoint_ms: ms(t1 - t0),
@@ -208,16 +322,37 @@ impl Baseline {
     pub fn remove(self, lab: &Lab) {
         for h in lab.container_hosts() {
             let _ = Command::new("runc")
-                .args(["--root", &self.runc(&h.name), "delete", "--force", &self.spec.name])
+                .args([
+                    "--root",
+                    &self.runc(&h.name),
+                    "delete",
+                    "--force",
+                    &self.spec.name,
+                ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
             let l = self.layout(&h.name);
-            crate::util::run_quiet("ip", ["-n", h.netns.as_str(), "link", "del", l.veth.as_str()]);
+            crate::util::run_quiet(
+                "ip",
+                ["-n", h.netns.as_str(), "link", "del", l.veth.as_str()],
+            );
             crate::runtime::delete_netns(&l);
         }
         for h in &lab.hosts {
-            crate::util::run_quiet("bridge", ["-n", h.netns.as_str(), "fdb", "del", self.spec.mac.as_str(), "dev", "vx0", "self"]);
+            crate::util::run_quiet(
+                "bridge",
+                [
+                    "-n",
+                    h.netns.as_str(),
+                    "fdb",
+                    "del",
+                    self.spec.mac.as_str(),
+                    "dev",
+                    "vx0",
+                    "self",
+                ],
+            );
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -264,7 +399,14 @@ struct BaselineSide {
 }
 
 /// `ferry demo`.
-pub async fn run(dir: &Path, exe: &Path, workload: &Path, json: bool, keep: bool, baseline: bool) -> Result<ExitCode> {
+pub async fn run(
+    dir: &Path,
+    exe: &Path,
+    workload: &Path,
+    json: bool,
+    keep: bool,
+    baseline: bool,
+) -> Result<ExitCode> {
     crate::lab::down(dir)?;
     let lab = crate::lab::up(dir, 2, exe, workload).await?;
     let r = demo(&lab, exe, workload, json, baseline).await;
@@ -273,7 +415,11 @@ pub async fn run(dir: &Path, exe: &Path, workload: &Path, json: bool, keep: bool
     }
     let result = r?;
     let ok = result.ferry.probe.intact
-        && result.ferry.migrations.iter().all(|m| m.outcome == Outcome::Completed);
+        && result
+            .ferry
+            .migrations
+            .iter()
+            .all(|m| m.outcome == Outcome::Completed);
     if json {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {
@@ -297,25 +443,49 @@ pub async fn run(dir: &Path, exe: &Path, workload: &Path, json: bool, keep: bool
                 b.probe.max_gap_ms, b.probe.errors, b.probe.received, b.probe.sent
             );
             if p.max_gap_ms > 0.0 {
-                println!("\nFerry's largest gap is {:.2}x the baseline's ({:.1} ms vs {:.1} ms)", p.max_gap_ms / b.probe.max_gap_ms, p.max_gap_ms, b.probe.max_gap_ms);
+                println!(
+                    "\nFerry's largest gap is {:.2}x the baseline's ({:.1} ms vs {:.1} ms)",
+                    p.max_gap_ms / b.probe.max_gap_ms,
+                    p.max_gap_ms,
+                    b.probe.max_gap_ms
+                );
             }
         }
-        println!("\nmigration reports (JSON):\n{}", serde_json::to_string_pretty(&result.ferry.migrations)?);
+        println!(
+            "\nmigration reports (JSON):\n{}",
+            serde_json::to_string_pretty(&result.ferry.migrations)?
+        );
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(2) })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
 }
 
-async fn demo(lab: &Lab, exe: &Path, workload: &Path, json: bool, baseline: bool) -> Result<DemoResult> {
+async fn demo(
+    lab: &Lab,
+    exe: &Path,
+    workload: &Path,
+    json: bool,
+    baseline: bool,
+) -> Result<DemoResult> {
     let echo = start_echo(lab, "h1", "echo").await?;
     if !json {
-        eprintln!("demo: echo container on h1 at {}, client probing every {PROBE_INTERVAL_MS} ms", echo.spec.ip);
+        eprintln!(
+            "demo: echo container on h1 at {}, client probing every {PROBE_INTERVAL_MS} ms",
+            echo.spec.ip
+        );
     }
     let probe = ProbeProcess::start(lab, exe, echo.spec.ip, "echo")?;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let mut migrations = vec![];
     for (to, back) in [("h2", false), ("h1", true)] {
         if !json {
-            eprintln!("demo: migrating echo to {to}{}", if back { " (back)" } else { "" });
+            eprintln!(
+                "demo: migrating echo to {to}{}",
+                if back { " (back)" } else { "" }
+            );
         }
         let r = crate::cli::migrate(lab, "echo", to, FaultHooks::default(), !json).await?;
         migrations.push(r);
@@ -333,7 +503,10 @@ async fn demo(lab: &Lab, exe: &Path, workload: &Path, json: bool, baseline: bool
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let p = p.finish();
         b.remove(lab);
-        Some(BaselineSide { probe: p?, steps: steps? })
+        Some(BaselineSide {
+            probe: p?,
+            steps: steps?,
+        })
     } else {
         None
     };

@@ -58,7 +58,10 @@ impl Lab {
     pub fn load(dir: &Path) -> Result<Lab> {
         let path = dir.join("lab.json");
         let text = std::fs::read_to_string(&path).with_context(|| {
-            format!("no lab is up ({} missing): run `ferry lab up` first", path.display())
+            format!(
+                "no lab is up ({} missing): run `ferry lab up` first",
+                path.display()
+            )
         })?;
         serde_json::from_str(&text).with_context(|| format!("{} is not valid", path.display()))
     }
@@ -98,7 +101,10 @@ pub async fn up(dir: &Path, hosts: usize, exe: &Path, workload: &Path) -> Result
         bail!("--hosts must be between 1 and 20, got {hosts}");
     }
     if dir.join("lab.json").exists() {
-        bail!("a lab is already up ({}): run `ferry lab down` first", dir.display());
+        bail!(
+            "a lab is already up ({}): run `ferry lab down` first",
+            dir.display()
+        );
     }
     if !workload.is_file() {
         bail!(
@@ -136,24 +142,87 @@ pub async fn up(dir: &Path, hosts: usize, exe: &Path, workload: &Path) -> Result
         sysctl("net.ipv6.conf.default.disable_ipv6=1")?;
         ip(["-n", &ns, "link", "set", "lo", "up"])?;
         let port = format!("ul-{name}");
-        ip(["-n", UNDERLAY_NS, "link", "add", &port, "type", "veth", "peer", "name", "ul0", "netns", &ns])?;
-        ip(["-n", UNDERLAY_NS, "link", "set", &port, "master", "ul0", "up"])?;
-        ip(["-n", &ns, "addr", "add", &format!("{ul_ip}/24"), "dev", "ul0"])?;
+        ip([
+            "-n",
+            UNDERLAY_NS,
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ul0",
+            "netns",
+            &ns,
+        ])?;
+        ip([
+            "-n",
+            UNDERLAY_NS,
+            "link",
+            "set",
+            &port,
+            "master",
+            "ul0",
+            "up",
+        ])?;
+        ip([
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{ul_ip}/24"),
+            "dev",
+            "ul0",
+        ])?;
         ip(["-n", &ns, "link", "set", "ul0", "up"])?;
         ip(["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
         ip([
-            "-n", &ns, "link", "add", "vx0", "type", "vxlan", "id", "42", "local",
-            &ul_ip.to_string(), "dstport", "4789", "nolearning", "dev", "ul0",
+            "-n",
+            &ns,
+            "link",
+            "add",
+            "vx0",
+            "type",
+            "vxlan",
+            "id",
+            "42",
+            "local",
+            &ul_ip.to_string(),
+            "dstport",
+            "4789",
+            "nolearning",
+            "dev",
+            "ul0",
         ])?;
         ip(["-n", &ns, "link", "set", "vx0", "master", "br0", "up"])?;
         // Remote MACs are never learned on the VXLAN port: the VXLAN FDB alone decides where a
         // container lives, so a move needs no bridge flush.
-        ip(["-n", &ns, "link", "set", "dev", "vx0", "type", "bridge_slave", "learning", "off"])?;
+        ip([
+            "-n",
+            &ns,
+            "link",
+            "set",
+            "dev",
+            "vx0",
+            "type",
+            "bridge_slave",
+            "learning",
+            "off",
+        ])?;
         ip(["-n", &ns, "link", "set", "br0", "mtu", OVERLAY_MTU, "up"])?;
         if name == "client" {
             let mac = orchestrator_shim::api::mac_for_ip(CLIENT_OVERLAY_IP);
             ip(["-n", &ns, "link", "set", "br0", "address", &mac])?;
-            ip(["-n", &ns, "addr", "add", &format!("{CLIENT_OVERLAY_IP}/24"), "dev", "br0"])?;
+            ip([
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{CLIENT_OVERLAY_IP}/24"),
+                "dev",
+                "br0",
+            ])?;
         }
         lab_hosts.push(LabHost {
             name: name.clone(),
@@ -169,7 +238,10 @@ pub async fn up(dir: &Path, hosts: usize, exe: &Path, workload: &Path) -> Result
     let client_mac: Mac = orchestrator_shim::api::mac_for_ip(CLIENT_OVERLAY_IP)
         .parse()
         .context("client MAC")?;
-    let client_vtep = lab_hosts.last().map(|h| h.underlay_ip).unwrap_or(Ipv4Addr::UNSPECIFIED);
+    let client_vtep = lab_hosts
+        .last()
+        .map(|h| h.underlay_ip)
+        .unwrap_or(Ipv4Addr::UNSPECIFIED);
     for h in &lab_hosts {
         let others: Vec<Ipv4Addr> = lab_hosts
             .iter()
@@ -247,7 +319,11 @@ pub async fn up(dir: &Path, hosts: usize, exe: &Path, workload: &Path) -> Result
     std::fs::write(dir.join("lab.json"), serde_json::to_vec_pretty(&lab)?)?;
     eprintln!(
         "lab: up with hosts {}",
-        lab.hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(", ")
+        lab.hosts
+            .iter()
+            .map(|h| h.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     Ok(lab)
 }
@@ -255,7 +331,10 @@ pub async fn up(dir: &Path, hosts: usize, exe: &Path, workload: &Path) -> Result
 /// Starts one agent in the background; its output goes to `log`.
 pub fn start_agent(exe: &Path, cfg: &Path, log: &Path, pidfile: &Path) -> Result<()> {
     use std::os::unix::process::CommandExt;
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
     let child = Command::new(exe)
         .arg("agent")
         .arg("--config")
@@ -300,7 +379,11 @@ pub fn down(dir: &Path) -> Result<()> {
         for e in rd.flatten() {
             let p = e.path();
             if p.extension().is_some_and(|x| x == "pid") {
-                if let Ok(pid) = std::fs::read_to_string(&p).unwrap_or_default().trim().parse::<i32>() {
+                if let Ok(pid) = std::fs::read_to_string(&p)
+                    .unwrap_or_default()
+                    .trim()
+                    .parse::<i32>()
+                {
                     let pid = nix::unistd::Pid::from_raw(pid);
                     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
                 }

@@ -9,6 +9,7 @@ pub fn enter(name: &str) -> Result<()> {
     let path = orchestrator_shim::sdn::netns_path(name)?;
     let f = std::fs::File::open(&path)
         .with_context(|| format!("network namespace {name} not found at {}", path.display()))?;
-    setns(&f, CloneFlags::CLONE_NEWNET).with_context(|| format!("entering network namespace {name}"))?;
+    setns(&f, CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("entering network namespace {name}"))?;
     Ok(())
 }

@@ -83,7 +83,11 @@ pub fn run(cfg: &ProbeConfig) -> Result<ProbeReport> {
     let write_failed = Arc::new(AtomicBool::new(false));
     let writer = {
         let mut w = stream.try_clone()?;
-        let (stop, sent, failed) = (Arc::clone(&stop), Arc::clone(&sent), Arc::clone(&write_failed));
+        let (stop, sent, failed) = (
+            Arc::clone(&stop),
+            Arc::clone(&sent),
+            Arc::clone(&write_failed),
+        );
         let cfg = cfg.clone();
         std::thread::spawn(move || {
             let mut next = Instant::now();
@@ -139,7 +143,14 @@ pub fn run(cfg: &ProbeConfig) -> Result<ProbeReport> {
                 line.clear();
             }
             Ok(_) => continue,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
             Err(e) => {
                 r.error(format!("connection error: {e}"));
                 break;
@@ -217,7 +228,10 @@ impl Reader {
             return;
         };
         if seq != self.received {
-            self.error(format!("answer for request {seq} where {} was due", self.received));
+            self.error(format!(
+                "answer for request {seq} where {} was due",
+                self.received
+            ));
         }
         match self.counter_first {
             None => self.counter_first = Some(counter),

@@ -47,7 +47,9 @@ impl Runc {
         c.arg("--log").arg(self.log_path(op, name));
         // Containers inherit runc's stdio: no host files and no pipes we would wait on (CRIU
         // can dump /dev/null but not host files). runc's own errors go to its --log file.
-        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         c
     }
 
@@ -56,9 +58,12 @@ impl Runc {
         let _ = std::fs::create_dir_all(&self.root);
         let log = self.log_path(op, name);
         let _ = std::fs::remove_file(&log);
-        let status = c
-            .status()
-            .with_context(|| format!("could not start {} for `{op}`: install runc (scripts/setup.sh)", self.bin))?;
+        let status = c.status().with_context(|| {
+            format!(
+                "could not start {} for `{op}`: install runc (scripts/setup.sh)",
+                self.bin
+            )
+        })?;
         if !status.success() {
             let runc_log = std::fs::read_to_string(&log).unwrap_or_default();
             let mut excerpt: Vec<String> = runc_log
@@ -78,7 +83,10 @@ impl Runc {
                     ));
                 }
             }
-            bail!("runc {op} of container {name:?} failed ({status}): {}", excerpt.join(" | "));
+            bail!(
+                "runc {op} of container {name:?} failed ({status}): {}",
+                excerpt.join(" | ")
+            );
         }
         Ok(())
     }
@@ -86,7 +94,9 @@ impl Runc {
     /// Starts a container detached.
     pub fn start(&self, name: &str, bundle: &Path) -> Result<()> {
         let mut c = self.cmd("run", name);
-        c.args(["run", "--detach", "--bundle"]).arg(bundle).arg(name);
+        c.args(["run", "--detach", "--bundle"])
+            .arg(bundle)
+            .arg(name);
         self.run("run", name, c, None)
     }
 
@@ -202,7 +212,12 @@ pub fn create_netns(l: &Layout, spec: &ContainerSpec, bridge: &str) -> Result<()
 }
 
 /// Like [`create_netns`], with the host side in namespace `host_ns` instead of the caller's.
-pub fn create_netns_in(host_ns: Option<&str>, l: &Layout, spec: &ContainerSpec, bridge: &str) -> Result<()> {
+pub fn create_netns_in(
+    host_ns: Option<&str>,
+    l: &Layout,
+    spec: &ContainerSpec,
+    bridge: &str,
+) -> Result<()> {
     let ns = l.netns.as_str();
     let host_ip = |args: &[&str]| -> Result<String> {
         match host_ns {
@@ -216,20 +231,58 @@ pub fn create_netns_in(host_ns: Option<&str>, l: &Layout, spec: &ContainerSpec, 
     delete_netns(l);
     ip(["netns", "add", ns])?;
     let r = (|| -> Result<()> {
-        run("ip", ["netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
-        run("ip", ["netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"])?;
+        run(
+            "ip",
+            [
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=1",
+            ],
+        )?;
+        run(
+            "ip",
+            [
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ],
+        )?;
         ip(["-n", ns, "link", "set", "lo", "up"])?;
-        host_ip(&["link", "add", &l.veth, "mtu", "1450", "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+        host_ip(&[
+            "link", "add", &l.veth, "mtu", "1450", "type", "veth", "peer", "name", "eth0", "netns",
+            ns,
+        ])?;
         host_ip(&["link", "set", &l.veth, "master", bridge, "up"])?;
-        ip(["-n", ns, "link", "set", "eth0", "address", &spec.mac, "mtu", "1450"])?;
-        ip(["-n", ns, "addr", "add", &format!("{}/{}", spec.ip, spec.prefix_len), "dev", "eth0"])?;
+        ip([
+            "-n", ns, "link", "set", "eth0", "address", &spec.mac, "mtu", "1450",
+        ])?;
+        ip([
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{}/{}", spec.ip, spec.prefix_len),
+            "dev",
+            "eth0",
+        ])?;
         ip(["-n", ns, "link", "set", "eth0", "up"])?;
         Ok(())
     })();
     if r.is_err() {
         delete_netns(l);
     }
-    r.with_context(|| format!("preparing network namespace {ns} for {} ({})", spec.name, spec.ip))
+    r.with_context(|| {
+        format!(
+            "preparing network namespace {ns} for {} ({})",
+            spec.name, spec.ip
+        )
+    })
 }
 
 /// Removes the container's namespace and veth; absent is fine.
@@ -241,7 +294,12 @@ pub fn delete_netns(l: &Layout) {
 /// Writes the OCI config for this host.
 /// `criu_conf`: a CRIU configuration file runc hands to CRIU for this container
 /// (`org.criu.config`); `None` leaves CRIU's defaults (the hand-made baseline uses that).
-pub fn write_config(l: &Layout, spec: &ContainerSpec, host: &str, criu_conf: Option<&Path>) -> Result<()> {
+pub fn write_config(
+    l: &Layout,
+    spec: &ContainerSpec,
+    host: &str,
+    criu_conf: Option<&Path>,
+) -> Result<()> {
     let caps = json!(["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]);
     let mut annotations = serde_json::Map::new();
     if let Some(c) = criu_conf {
@@ -297,8 +355,11 @@ pub fn write_config(l: &Layout, spec: &ContainerSpec, host: &str, criu_conf: Opt
         }
     });
     std::fs::create_dir_all(&l.bundle)?;
-    std::fs::write(l.bundle.join("config.json"), serde_json::to_vec_pretty(&cfg)?)
-        .with_context(|| format!("writing {}", l.bundle.join("config.json").display()))
+    std::fs::write(
+        l.bundle.join("config.json"),
+        serde_json::to_vec_pretty(&cfg)?,
+    )
+    .with_context(|| format!("writing {}", l.bundle.join("config.json").display()))
 }
 
 /// Directories hidden from containers with a bind mount (runc refuses binds inside /proc, so
@@ -314,11 +375,15 @@ pub fn build_rootfs(rootfs: &Path, workload: &Path) -> Result<()> {
         .map(Path::new)
         .find(|p| p.is_file())
         .context("busybox not found: install busybox-static (scripts/setup.sh)")?;
-    for d in ["bin", "dev", "proc", "sys", "tmp", "etc", "root", "lib", "lib64", "usr/bin", EMPTY_DIR] {
+    for d in [
+        "bin", "dev", "proc", "sys", "tmp", "etc", "root", "lib", "lib64", "usr/bin", EMPTY_DIR,
+    ] {
         std::fs::create_dir_all(rootfs.join(d))?;
     }
     copy_file(busybox, &rootfs.join("bin/busybox"))?;
-    for applet in ["sh", "cat", "ls", "echo", "sleep", "nc", "ps", "hostname", "ip", "wc", "head"] {
+    for applet in [
+        "sh", "cat", "ls", "echo", "sleep", "nc", "ps", "hostname", "ip", "wc", "head",
+    ] {
         let link = rootfs.join("bin").join(applet);
         if !link.exists() {
             std::os::unix::fs::symlink("busybox", &link)?;
@@ -335,7 +400,11 @@ pub fn build_rootfs(rootfs: &Path, workload: &Path) -> Result<()> {
         .output()
         .context("running ldd: install libc-bin")?;
     if !out.status.success() {
-        bail!("ldd {} failed: {}", workload.display(), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ldd {} failed: {}",
+            workload.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let ldd = String::from_utf8_lossy(&out.stdout).into_owned();
     for line in ldd.lines() {
@@ -406,21 +475,30 @@ pub fn freeze(host: &str, name: &str) -> Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     if v1.is_dir() {
         let state = v1.join("freezer.state");
-        std::fs::write(&state, "FROZEN").with_context(|| format!("freezing {}", state.display()))?;
+        std::fs::write(&state, "FROZEN")
+            .with_context(|| format!("freezing {}", state.display()))?;
         loop {
             if std::fs::read_to_string(&state)?.trim() == "FROZEN" {
                 return Ok(());
             }
             if std::time::Instant::now() > deadline {
                 let _ = std::fs::write(&state, "THAWED");
-                bail!("container {name:?} did not freeze within 2 s ({})", state.display());
+                bail!(
+                    "container {name:?} did not freeze within 2 s ({})",
+                    state.display()
+                );
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
     let v2 = PathBuf::from("/sys/fs/cgroup").join(rel.trim_start_matches('/'));
-    std::fs::write(v2.join("cgroup.freeze"), "1")
-        .with_context(|| format!("no freezer for container {name:?} (looked in {} and {})", v1.display(), v2.display()))?;
+    std::fs::write(v2.join("cgroup.freeze"), "1").with_context(|| {
+        format!(
+            "no freezer for container {name:?} (looked in {} and {})",
+            v1.display(),
+            v2.display()
+        )
+    })?;
     loop {
         if std::fs::read_to_string(v2.join("cgroup.events"))?.contains("frozen 1") {
             return Ok(());
@@ -444,8 +522,8 @@ pub fn thaw(host: &str, name: &str) {
 
 /// Free bytes on the filesystem holding `dir`.
 pub fn free_bytes(dir: &Path) -> Result<u64> {
-    let st = nix::sys::statvfs::statvfs(dir)
-        .with_context(|| format!("statvfs {}", dir.display()))?;
+    let st =
+        nix::sys::statvfs::statvfs(dir).with_context(|| format!("statvfs {}", dir.display()))?;
     Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
 

@@ -16,7 +16,9 @@ where
         .args(&args)
         .stdin(Stdio::null())
         .output()
-        .with_context(|| format!("could not start `{prog}`: is it installed? (scripts/setup.sh installs it)"))?;
+        .with_context(|| {
+            format!("could not start `{prog}`: is it installed? (scripts/setup.sh installs it)")
+        })?;
     if !out.status.success() {
         let line = std::iter::once(prog.to_string())
             .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))

@@ -174,7 +174,9 @@ pub enum TransitionError {
         event: String,
     },
     /// Cancel arrived after the commit point: the migration can only finish.
-    #[error("too late to cancel: the destination already confirmed the restore (commit point passed)")]
+    #[error(
+        "too late to cancel: the destination already confirmed the restore (commit point passed)"
+    )]
     PastCommitPoint,
 }
 
@@ -268,17 +270,13 @@ impl Migration {
                 self.mark_progress(s);
                 Ok(match s {
                     State::Preflight => self.enter(State::Preparing, now, vec![Action::Prepare]),
-                    State::Preparing => {
-                        self.enter(State::Redirecting, now, vec![Action::Redirect])
-                    }
+                    State::Preparing => self.enter(State::Redirecting, now, vec![Action::Redirect]),
                     State::Redirecting => {
                         self.frozen_since = Some(now);
                         self.enter(State::Dumping, now, vec![Action::Dump])
                     }
                     State::Dumping => self.enter(State::Transferring, now, vec![Action::Transfer]),
-                    State::Transferring => {
-                        self.enter(State::Restoring, now, vec![Action::Restore])
-                    }
+                    State::Transferring => self.enter(State::Restoring, now, vec![Action::Restore]),
                     State::Restoring => {
                         self.report.committed = true;
                         self.enter(State::Committing, now, vec![Action::Commit])

@@ -24,7 +24,10 @@ fn drive_to(target: State) -> (Migration, u64) {
 #[test]
 fn happy_path_emits_every_action_in_order_and_times_phases() {
     let mut m = Migration::new("j1", "echo", "h1", "h2");
-    assert_eq!(m.handle(Event::Start, t(0)).unwrap(), vec![Action::Preflight]);
+    assert_eq!(
+        m.handle(Event::Start, t(0)).unwrap(),
+        vec![Action::Preflight]
+    );
     let expect = [
         (5, Action::Prepare),
         (25, Action::Redirect),
@@ -173,7 +176,8 @@ fn cancel_after_commit_point_is_refused() {
 #[test]
 fn failed_rollback_ends_failed() {
     let (mut m, now) = drive_to(State::Dumping);
-    m.handle(Event::Failed { error: "a".into() }, t(now)).unwrap();
+    m.handle(Event::Failed { error: "a".into() }, t(now))
+        .unwrap();
     let a = m
         .handle(
             Event::Failed {
@@ -195,5 +199,7 @@ fn impossible_events_are_typed_errors() {
     assert!(m.handle(Event::Start, t(1)).is_err());
     let (mut m, now) = drive_to(State::Done);
     assert!(m.handle(Event::Done { bytes: 0 }, t(now)).is_err());
-    assert!(m.handle(Event::Failed { error: "x".into() }, t(now)).is_err());
+    assert!(m
+        .handle(Event::Failed { error: "x".into() }, t(now))
+        .is_err());
 }

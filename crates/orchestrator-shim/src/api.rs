@@ -174,7 +174,10 @@ mod tests {
 
     #[test]
     fn mac_is_stable_and_local() {
-        assert_eq!(mac_for_ip(Ipv4Addr::new(10, 232, 0, 10)), "02:fe:0a:e8:00:0a");
+        assert_eq!(
+            mac_for_ip(Ipv4Addr::new(10, 232, 0, 10)),
+            "02:fe:0a:e8:00:0a"
+        );
     }
 
     #[test]

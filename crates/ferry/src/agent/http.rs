@@ -103,10 +103,17 @@ async fn host(State(a): State<Arc<Agent>>) -> Json<HostInfo> {
 
 async fn list(State(a): State<Arc<Agent>>) -> Json<Vec<ContainerInfo>> {
     let a2 = Arc::clone(&a);
-    Json(tokio::task::spawn_blocking(move || a2.list()).await.unwrap_or_default())
+    Json(
+        tokio::task::spawn_blocking(move || a2.list())
+            .await
+            .unwrap_or_default(),
+    )
 }
 
-async fn one(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<Json<ContainerInfo>> {
+async fn one(
+    State(a): State<Arc<Agent>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<ContainerInfo>> {
     let rec = lock(&a.containers).get(&name).cloned();
     match rec {
         Some(r) => Ok(Json(a.container_info(&r))),
@@ -122,7 +129,10 @@ async fn create(
     Ok((StatusCode::CREATED, Json(info)))
 }
 
-async fn delete(State(a): State<Arc<Agent>>, Path(name): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+async fn delete(
+    State(a): State<Arc<Agent>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
     a.delete(&name).await?;
     Ok(Json(serde_json::json!({"deleted": name})))
 }
@@ -141,7 +151,10 @@ async fn jobs(State(a): State<Arc<Agent>>) -> Json<Vec<JobInfo>> {
 }
 
 fn find_job(a: &Agent, id: &str) -> ApiResult<Arc<super::Job>> {
-    lock(&a.jobs).get(id).cloned().ok_or_else(|| ApiFailure::unknown_job(id))
+    lock(&a.jobs)
+        .get(id)
+        .cloned()
+        .ok_or_else(|| ApiFailure::unknown_job(id))
 }
 
 async fn job(State(a): State<Arc<Agent>>, Path(id): Path<String>) -> ApiResult<Json<JobInfo>> {
@@ -157,7 +170,10 @@ async fn cancel(State(a): State<Arc<Agent>>, Path(id): Path<String>) -> ApiResul
         )));
     }
     if info.state.is_terminal() {
-        return Err(ApiFailure::conflict(format!("job {id} already ended ({:?})", info.state)));
+        return Err(ApiFailure::conflict(format!(
+            "job {id} already ended ({:?})",
+            info.state
+        )));
     }
     job.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
     job.cancel_notify.notify_waiters();
@@ -175,23 +191,24 @@ async fn events(State(a): State<Arc<Agent>>, Path(id): Path<String>) -> ApiResul
     let next_seq = past.len() as u64;
     let finished = past.iter().any(is_finished);
     let head = futures_util::stream::iter(past.into_iter().map(line));
-    let tail = futures_util::stream::unfold((rx, next_seq, finished), |(mut rx, seq, done)| async move {
-        if done {
-            return None;
-        }
-        loop {
-            match rx.recv().await {
-                Ok(ev) if ev.seq < seq => continue,
-                Ok(ev) => {
-                    let done = is_finished(&ev);
-                    let seq = ev.seq + 1;
-                    return Some((line(ev), (rx, seq, done)));
-                }
-                Err(RecvError::Lagged(_)) => continue,
-                Err(RecvError::Closed) => return None,
+    let tail =
+        futures_util::stream::unfold((rx, next_seq, finished), |(mut rx, seq, done)| async move {
+            if done {
+                return None;
             }
-        }
-    });
+            loop {
+                match rx.recv().await {
+                    Ok(ev) if ev.seq < seq => continue,
+                    Ok(ev) => {
+                        let done = is_finished(&ev);
+                        let seq = ev.seq + 1;
+                        return Some((line(ev), (rx, seq, done)));
+                    }
+                    Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => return None,
+                }
+            }
+        });
     Ok(Response::builder()
         .header("content-type", "application/x-ndjson")
         .body(Body::from_stream(head.chain(tail)))

@@ -39,7 +39,10 @@ struct Record {
 
 impl Agent {
     fn incoming_record(&self, job: &str) -> std::path::PathBuf {
-        self.cfg.state_dir.join("incoming").join(format!("{job}.json"))
+        self.cfg
+            .state_dir
+            .join("incoming")
+            .join(format!("{job}.json"))
     }
 
     pub(crate) async fn preflight_incoming(&self, name: &str) -> Result<PeerResponse> {
@@ -55,9 +58,17 @@ impl Agent {
             .available()
             .with_context(|| format!("runc unusable on {}", self.cfg.host))?;
         if lock(&self.containers).contains_key(name)
-            || self.incoming.lock().await.values().any(|i| i.spec.name == name)
+            || self
+                .incoming
+                .lock()
+                .await
+                .values()
+                .any(|i| i.spec.name == name)
         {
-            bail!("a container named {name:?} already exists on {}", self.cfg.host);
+            bail!(
+                "a container named {name:?} already exists on {}",
+                self.cfg.host
+            );
         }
         let free_bytes = crate::runtime::free_bytes(&self.cfg.state_dir)?;
         Ok(PeerResponse::Preflight {
@@ -79,7 +90,11 @@ impl Agent {
             bail!("invalid container name {:?} or job id {job:?}", spec.name);
         }
         if lock(&self.containers).contains_key(&spec.name) {
-            bail!("a container named {:?} already exists on {}", spec.name, self.cfg.host);
+            bail!(
+                "a container named {:?} already exists on {}",
+                spec.name,
+                self.cfg.host
+            );
         }
         if self.incoming.lock().await.contains_key(&job) {
             bail!("job {job} is already being received");
@@ -87,13 +102,20 @@ impl Agent {
         let layout = self.layout(&spec.name);
         let rec = self.incoming_record(&job);
         std::fs::create_dir_all(rec.parent().unwrap_or(&self.cfg.state_dir))?;
-        std::fs::write(&rec, serde_json::to_vec(&Record { job: job.clone(), spec: spec.clone() })?)?;
+        std::fs::write(
+            &rec,
+            serde_json::to_vec(&Record {
+                job: job.clone(),
+                spec: spec.clone(),
+            })?,
+        )?;
         let r = async {
             let _ = std::fs::remove_dir_all(&layout.bundle);
             std::fs::create_dir_all(layout.rootfs())?;
-            let stats = transfer::tree::recv_tree(recv, &layout.rootfs(), shared_fs::Limits::default())
-                .await
-                .context("receiving the root filesystem")?;
+            let stats =
+                transfer::tree::recv_tree(recv, &layout.rootfs(), shared_fs::Limits::default())
+                    .await
+                    .context("receiving the root filesystem")?;
             crate::runtime::write_config(&layout, &spec, &self.cfg.host, Some(&self.criu_conf()))?;
             let (l, s, bridge) = (layout.clone(), spec.clone(), self.cfg.bridge.clone());
             let hold = tokio::task::spawn_blocking(move || -> Result<Hold> {
@@ -220,7 +242,12 @@ impl Agent {
             let hold = inc.hold.take();
             let name = inc.spec.name.clone();
             let layout = inc.layout.clone();
-            let this = (self.runc.clone(), self.images_dir(job), self.work_dir(job), self.incoming_record(job));
+            let this = (
+                self.runc.clone(),
+                self.images_dir(job),
+                self.work_dir(job),
+                self.incoming_record(job),
+            );
             let _ = tokio::task::spawn_blocking(move || {
                 let (runc, images, work, rec) = this;
                 runc.delete_force(&name);
@@ -247,7 +274,8 @@ impl Agent {
             .map(|(j, _)| j.clone())
             .collect();
         for j in jobs {
-            self.abort_incoming(&j, "connection to the source lost").await;
+            self.abort_incoming(&j, "connection to the source lost")
+                .await;
         }
     }
 
@@ -292,7 +320,9 @@ fn valid_job(job: &str) -> bool {
 /// Gratuitous ARP from the container's namespace, in the background.
 fn announce(netns: &str, spec: &ContainerSpec) {
     let child = std::process::Command::new("ip")
-        .args(["netns", "exec", netns, "arping", "-q", "-U", "-c", "1", "-w", "1", "-I", "eth0"])
+        .args([
+            "netns", "exec", netns, "arping", "-q", "-U", "-c", "1", "-w", "1", "-I", "eth0",
+        ])
         .arg(spec.ip.to_string())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

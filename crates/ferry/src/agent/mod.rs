@@ -114,8 +114,13 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         let c = criu_sys::Criu::discover()?;
         c.check()?;
         match c.warm_kdat_cache() {
-            Ok(true) => info!(path = criu_sys::KDAT_CACHE, "CRIU kernel-feature cache written"),
-            Ok(false) => warn!("CRIU kernel-feature cache could not be written: every CRIU run probes the kernel"),
+            Ok(true) => info!(
+                path = criu_sys::KDAT_CACHE,
+                "CRIU kernel-feature cache written"
+            ),
+            Ok(false) => warn!(
+                "CRIU kernel-feature cache could not be written: every CRIU run probes the kernel"
+            ),
             Err(e) => warn!(error = %e, "CRIU kernel-feature cache"),
         }
         Ok::<_, criu_sys::CriuError>(c)
@@ -124,7 +129,9 @@ async fn run(cfg: AgentConfig) -> Result<()> {
     .map_err(|e| e.to_string());
     match &criu {
         Ok(c) => info!(version = %c.version, path = %c.path.display(), "CRIU usable"),
-        Err(e) => warn!(error = %e, "CRIU not usable: migrations from or to this host will be refused"),
+        Err(e) => {
+            warn!(error = %e, "CRIU not usable: migrations from or to this host will be refused")
+        }
     }
     let tls = transfer::TlsFiles {
         ca: cfg.tls.ca.clone(),
@@ -219,7 +226,9 @@ impl Agent {
         let state = if rec.migrating {
             "migrating".to_string()
         } else {
-            st.as_ref().map(|s| s.status.clone()).unwrap_or_else(|| "stopped".into())
+            st.as_ref()
+                .map(|s| s.status.clone())
+                .unwrap_or_else(|| "stopped".into())
         };
         ContainerInfo {
             spec: rec.spec.clone(),
@@ -236,10 +245,12 @@ impl Agent {
 
     /// A QUIC connection to a peer, reused while it lives.
     async fn peer_conn(&self, host: &str) -> Result<transfer::Connection> {
-        let peer = self
-            .cfg
-            .peer(host)
-            .ok_or_else(|| anyhow!("unknown host {host:?}: known peers are {}", self.peer_names().join(", ")))?;
+        let peer = self.cfg.peer(host).ok_or_else(|| {
+            anyhow!(
+                "unknown host {host:?}: known peers are {}",
+                self.peer_names().join(", ")
+            )
+        })?;
         let mut conns = self.conns.lock().await;
         if let Some(c) = conns.get(host) {
             if c.conn.close_reason().is_none() {
@@ -250,7 +261,9 @@ impl Agent {
             .endpoint
             .connect(peer.addr(), host)
             .await
-            .with_context(|| format!("destination {host} ({}) unreachable over QUIC", peer.addr()))?;
+            .with_context(|| {
+                format!("destination {host} ({}) unreachable over QUIC", peer.addr())
+            })?;
         conns.insert(host.to_string(), c.clone());
         Ok(c)
     }
@@ -272,7 +285,10 @@ impl Agent {
             Ok((r, _)) => Ok(r),
             Err(first) => {
                 self.forget_conn(host).await;
-                let conn = self.peer_conn(host).await.with_context(|| format!("{first:#}"))?;
+                let conn = self
+                    .peer_conn(host)
+                    .await
+                    .with_context(|| format!("{first:#}"))?;
                 Ok(peer::request(&conn, req, &[]).await?.0)
             }
         }
@@ -339,27 +355,50 @@ impl Agent {
     }
 
     /// Creates and starts a container here.
-    async fn create(&self, name: &str, ip: Option<Ipv4Addr>, args: Vec<String>) -> Result<ContainerInfo, http::ApiFailure> {
+    async fn create(
+        &self,
+        name: &str,
+        ip: Option<Ipv4Addr>,
+        args: Vec<String>,
+    ) -> Result<ContainerInfo, http::ApiFailure> {
         use http::ApiFailure as F;
         if !self.cfg.runs_containers {
-            return Err(F::bad_request(format!("host {} does not run containers (it is the lab's client host)", self.cfg.host)));
+            return Err(F::bad_request(format!(
+                "host {} does not run containers (it is the lab's client host)",
+                self.cfg.host
+            )));
         }
         if !orchestrator_shim::api::valid_name(name) {
-            return Err(F::bad_request(format!("invalid container name {name:?}: use 1-32 letters, digits, '-' or '_'")));
+            return Err(F::bad_request(format!(
+                "invalid container name {name:?}: use 1-32 letters, digits, '-' or '_'"
+            )));
         }
         if args.is_empty() {
-            return Err(F::bad_request("no command given: ferry run ... -- CMD ARGS".into()));
+            return Err(F::bad_request(
+                "no command given: ferry run ... -- CMD ARGS".into(),
+            ));
         }
         let all = self.list_everywhere().await;
         if let Some(c) = all.iter().find(|c| c.spec.name == name) {
-            return Err(F::conflict(format!("a container named {name:?} already exists on {}", c.host)));
+            return Err(F::conflict(format!(
+                "a container named {name:?} already exists on {}",
+                c.host
+            )));
         }
-        let used: Vec<Ipv4Addr> = all.iter().map(|c| c.spec.ip).chain([crate::lab::CLIENT_OVERLAY_IP]).collect();
+        let used: Vec<Ipv4Addr> = all
+            .iter()
+            .map(|c| c.spec.ip)
+            .chain([crate::lab::CLIENT_OVERLAY_IP])
+            .collect();
         let ip = match ip {
-            Some(ip) if used.contains(&ip) => return Err(F::conflict(format!("address {ip} is already in use"))),
+            Some(ip) if used.contains(&ip) => {
+                return Err(F::conflict(format!("address {ip} is already in use")))
+            }
             Some(ip) => ip,
-            None => crate::runtime::first_free(self.cfg.overlay_first, self.cfg.overlay_last, &used)
-                .ok_or_else(|| F::conflict("no free overlay address left".into()))?,
+            None => {
+                crate::runtime::first_free(self.cfg.overlay_first, self.cfg.overlay_last, &used)
+                    .ok_or_else(|| F::conflict("no free overlay address left".into()))?
+            }
         };
         let spec = ContainerSpec {
             name: name.to_string(),
@@ -397,10 +436,16 @@ impl Agent {
         if let Err(e) = r {
             return Err(F::internal(format!("{e:#}")));
         }
-        let rec = ContainerRecord { spec: spec.clone(), migrating: false };
+        let rec = ContainerRecord {
+            spec: spec.clone(),
+            migrating: false,
+        };
         lock(&self.containers).insert(name.to_string(), rec.clone());
         self.save_containers();
-        if let Err(e) = self.route_everywhere(&spec.mac, Some(&self.cfg.host.clone())).await {
+        if let Err(e) = self
+            .route_everywhere(&spec.mac, Some(&self.cfg.host.clone()))
+            .await
+        {
             warn!(container = name, error = %format!("{e:#}"), "overlay not updated on every host");
         }
         info!(container = name, ip = %spec.ip, "container started");
@@ -414,7 +459,9 @@ impl Agent {
             return Err(http::ApiFailure::unknown_container(name, &self.cfg.host));
         };
         if rec.migrating {
-            return Err(http::ApiFailure::conflict(format!("container {name:?} is being migrated")));
+            return Err(http::ApiFailure::conflict(format!(
+                "container {name:?} is being migrated"
+            )));
         }
         self.runc.delete_force(name);
         let l = self.layout(name);

@@ -69,7 +69,13 @@ async fn handle_conn(agent: Arc<Agent>, conn: transfer::Connection) {
     loop {
         match conn.accept_stream().await {
             Ok((send, recv)) => {
-                tokio::spawn(handle_stream(Arc::clone(&agent), peer.clone(), conn_id, send, recv));
+                tokio::spawn(handle_stream(
+                    Arc::clone(&agent),
+                    peer.clone(),
+                    conn_id,
+                    send,
+                    recv,
+                ));
             }
             Err(e) => {
                 debug!(%peer, error = %e, "peer connection ended");

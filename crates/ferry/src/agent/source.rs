@@ -17,17 +17,26 @@ use super::{lock, Agent, Job};
 use crate::proto::{PeerRequest, PeerResponse, PROTO_VERSION};
 
 /// Validates the request and starts the job in the background.
-pub(crate) fn start(agent: &Arc<Agent>, name: &str, req: MigrateRequest) -> Result<Arc<Job>, ApiFailure> {
+pub(crate) fn start(
+    agent: &Arc<Agent>,
+    name: &str,
+    req: MigrateRequest,
+) -> Result<Arc<Job>, ApiFailure> {
     let spec = {
         let mut cs = lock(&agent.containers);
         let Some(rec) = cs.get_mut(name) else {
             return Err(ApiFailure::unknown_container(name, &agent.cfg.host));
         };
         if rec.migrating {
-            return Err(ApiFailure::conflict(format!("container {name:?} is already being migrated")));
+            return Err(ApiFailure::conflict(format!(
+                "container {name:?} is already being migrated"
+            )));
         }
         if req.to == agent.cfg.host {
-            return Err(ApiFailure::bad_request(format!("container {name:?} already runs on {}", req.to)));
+            return Err(ApiFailure::bad_request(format!(
+                "container {name:?} already runs on {}",
+                req.to
+            )));
         }
         if agent.cfg.peer(&req.to).is_none() {
             return Err(ApiFailure::unknown_host(format!(
@@ -175,7 +184,14 @@ impl Driver {
             if c.conn.close_reason().is_none() {
                 return Ok(c.clone());
             }
-            bail!("connection to {} lost: {}", self.to, c.conn.close_reason().map(|r| r.to_string()).unwrap_or_default());
+            bail!(
+                "connection to {} lost: {}",
+                self.to,
+                c.conn
+                    .close_reason()
+                    .map(|r| r.to_string())
+                    .unwrap_or_default()
+            );
         }
         let c = self.agent.peer_conn(&self.to).await?;
         self.conn = Some(c.clone());
@@ -200,22 +216,30 @@ impl Driver {
                 }
                 let st = self.agent.runc.state(&self.spec.name);
                 if st.as_ref().map(|s| s.status.as_str()) != Some("running") {
-                    bail!("container {:?} is not running on {} (runc state: {})", self.spec.name, self.agent.cfg.host,
-                        st.map(|s| s.status).unwrap_or_else(|| "unknown".into()));
+                    bail!(
+                        "container {:?} is not running on {} (runc state: {})",
+                        self.spec.name,
+                        self.agent.cfg.host,
+                        st.map(|s| s.status).unwrap_or_else(|| "unknown".into())
+                    );
                 }
                 let to = self.to.clone();
-                let req = PeerRequest::Preflight { version: PROTO_VERSION, name: self.spec.name.clone() };
-                let (resp, bytes) = match async { request(&self.conn().await?, &req, &[]).await }.await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        // The cached connection may predate a restart of the peer: retry fresh.
-                        self.agent.forget_conn(&to).await;
-                        self.conn = None;
-                        async { request(&self.conn().await?, &req, &[]).await }
-                            .await
-                            .with_context(|| format!("destination {to} unreachable"))?
-                    }
+                let req = PeerRequest::Preflight {
+                    version: PROTO_VERSION,
+                    name: self.spec.name.clone(),
                 };
+                let (resp, bytes) =
+                    match async { request(&self.conn().await?, &req, &[]).await }.await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            // The cached connection may predate a restart of the peer: retry fresh.
+                            self.agent.forget_conn(&to).await;
+                            self.conn = None;
+                            async { request(&self.conn().await?, &req, &[]).await }
+                                .await
+                                .with_context(|| format!("destination {to} unreachable"))?
+                        }
+                    };
                 match resp {
                     PeerResponse::Preflight { free_bytes, .. } => {
                         let need = dir_size(&l.bundle) * 2 + (64 << 20);
@@ -229,15 +253,29 @@ impl Driver {
             }
             Action::Prepare => {
                 let root = l.rootfs();
-                let snap = tokio::task::spawn_blocking(move || shared_fs::snapshot(&root)).await??;
+                let snap =
+                    tokio::task::spawn_blocking(move || shared_fs::snapshot(&root)).await??;
                 let full = shared_fs::diff(&Snapshot::default(), &snap);
-                let req = PeerRequest::Prepare { job, spec: self.spec.clone() };
-                let bytes = self.ask_dest(&req, &[Tree { root: &l.rootfs(), diff: &full }]).await?;
+                let req = PeerRequest::Prepare {
+                    job,
+                    spec: self.spec.clone(),
+                };
+                let bytes = self
+                    .ask_dest(
+                        &req,
+                        &[Tree {
+                            root: &l.rootfs(),
+                            diff: &full,
+                        }],
+                    )
+                    .await?;
                 self.rootfs_snapshot = Some(snap);
                 Ok(bytes)
             }
             Action::Redirect => {
-                self.agent.route_everywhere(&self.spec.mac, Some(&self.to)).await?;
+                self.agent
+                    .route_everywhere(&self.spec.mac, Some(&self.to))
+                    .await?;
                 Ok(0)
             }
             Action::Dump => {
@@ -274,15 +312,33 @@ impl Driver {
                 let images = self.agent.images_dir(&job);
                 let root = l.rootfs();
                 let before = self.rootfs_snapshot.clone().unwrap_or_default();
-                let (img_diff, fs_diff) = tokio::task::spawn_blocking(move || -> Result<(Diff, Diff)> {
-                    let img = shared_fs::diff(&Snapshot::default(), &shared_fs::snapshot(&images)?);
-                    let now = shared_fs::snapshot(&root)?;
-                    Ok((img, shared_fs::diff(&before, &now)))
-                })
-                .await??;
-                let req = PeerRequest::Images { job: job.clone(), corrupt: self.faults.corrupt_images };
+                let (img_diff, fs_diff) =
+                    tokio::task::spawn_blocking(move || -> Result<(Diff, Diff)> {
+                        let img =
+                            shared_fs::diff(&Snapshot::default(), &shared_fs::snapshot(&images)?);
+                        let now = shared_fs::snapshot(&root)?;
+                        Ok((img, shared_fs::diff(&before, &now)))
+                    })
+                    .await??;
+                let req = PeerRequest::Images {
+                    job: job.clone(),
+                    corrupt: self.faults.corrupt_images,
+                };
                 let images = self.agent.images_dir(&job);
-                self.ask_dest(&req, &[Tree { root: &images, diff: &img_diff }, Tree { root: &l.rootfs(), diff: &fs_diff }]).await
+                self.ask_dest(
+                    &req,
+                    &[
+                        Tree {
+                            root: &images,
+                            diff: &img_diff,
+                        },
+                        Tree {
+                            root: &l.rootfs(),
+                            diff: &fs_diff,
+                        },
+                    ],
+                )
+                .await
             }
             Action::Restore => {
                 self.ask_dest(&PeerRequest::Restore { job }, &[]).await?;
@@ -328,7 +384,11 @@ impl Driver {
             if running {
                 info!(%job, "dump did not complete: container still runs on the source");
             } else {
-                let (runc, images, work) = (self.agent.runc.clone(), self.agent.images_dir(&job), self.agent.work_dir(&job));
+                let (runc, images, work) = (
+                    self.agent.runc.clone(),
+                    self.agent.images_dir(&job),
+                    self.agent.work_dir(&job),
+                );
                 let n = name.clone();
                 let r = tokio::task::spawn_blocking(move || {
                     runc.delete_force(&n);
@@ -356,14 +416,19 @@ impl Driver {
         if plan.clean_destination {
             let r = tokio::time::timeout(Duration::from_secs(3), async {
                 let conn = self.agent.peer_conn(&self.to).await?;
-                let (resp, _) = request(&conn, &PeerRequest::Abort { job: job.clone() }, &[]).await?;
+                let (resp, _) =
+                    request(&conn, &PeerRequest::Abort { job: job.clone() }, &[]).await?;
                 expect_ok(&self.to, resp)
             })
             .await;
             match r {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!(%job, error = %format!("{e:#}"), "destination not told to abort; it cleans up on its own when the job expires"),
-                Err(_) => warn!(%job, "destination did not answer the abort in 3 s; it cleans up on its own when the job expires"),
+                Ok(Err(e)) => {
+                    warn!(%job, error = %format!("{e:#}"), "destination not told to abort; it cleans up on its own when the job expires")
+                }
+                Err(_) => {
+                    warn!(%job, "destination did not answer the abort in 3 s; it cleans up on its own when the job expires")
+                }
             }
         }
         let _ = std::fs::remove_dir_all(self.agent.images_dir(&job));
