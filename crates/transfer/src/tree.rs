@@ -64,13 +64,18 @@ where
     W: AsyncWrite + Unpin + ?Sized,
 {
     let mut st = TreeStats::default();
+    // One compression context and one buffer for the whole tree: creating them per file costs
+    // more than compressing a small file.
+    let mut zc = zstd::bulk::Compressor::new(1)
+        .map_err(|e| TransferError::io("zstd compressor", root, e))?;
+    let mut buf = Vec::new();
     for path in &diff.removed {
         st.wire_bytes += write_msg(s, &RecordRef::Remove(path)).await?;
         st.entries += 1;
     }
     for meta in &diff.changed {
         if meta.kind == EntryKind::File {
-            send_file(s, root, meta, &mut st).await?;
+            send_file(s, root, meta, &mut st, &mut zc, &mut buf).await?;
         } else {
             st.wire_bytes += write_msg(s, &RecordRef::Entry(meta)).await?;
         }
@@ -92,6 +97,8 @@ async fn send_file<W>(
     root: &Path,
     meta: &EntryMeta,
     st: &mut TreeStats,
+    zc: &mut zstd::bulk::Compressor<'static>,
+    buf: &mut Vec<u8>,
 ) -> Result<(), TransferError>
 where
     W: AsyncWrite + Unpin + ?Sized,
@@ -124,7 +131,10 @@ where
     st.wire_bytes += write_msg(s, &RecordRef::Entry(&current)).await?;
 
     let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; CHUNK];
+    let need = usize::try_from(current.size.min(CHUNK as u64)).unwrap_or(CHUNK);
+    if buf.len() < need {
+        buf.resize(need, 0);
+    }
     let mut remaining = current.size;
     while remaining > 0 {
         let want = usize::try_from(remaining.min(CHUNK as u64)).unwrap_or(CHUNK);
@@ -147,8 +157,9 @@ where
         }
         let raw = &buf[..n];
         hasher.update(raw);
-        let compressed =
-            zstd::bulk::compress(raw, 1).map_err(|e| TransferError::io("compress", &path, e))?;
+        let compressed = zc
+            .compress(raw)
+            .map_err(|e| TransferError::io("compress", &path, e))?;
         // Both fit in u32: raw <= 1 MiB and compressed <= compress_bound(1 MiB).
         let clen = u32::try_from(compressed.len()).map_err(|_| TransferError::TooLarge {
             len: compressed.len() as u64,
@@ -204,6 +215,10 @@ where
 {
     let mut applier = Applier::new(root, limits)?;
     let mut st = TreeStats::default();
+    let mut zd = zstd::bulk::Decompressor::new().map_err(|e| TransferError::Decode {
+        what: "a zstd decompressor",
+        reason: e.to_string(),
+    })?;
     loop {
         let Some((record, n)) = read_msg_capped::<_, Record>(r, MAX_MSG).await? else {
             return Err(TransferError::Truncated {
@@ -219,7 +234,7 @@ where
             Record::Entry(meta) => {
                 st.entries += 1;
                 if let Some(writer) = applier.begin(&meta)? {
-                    recv_file(r, writer, &mut st).await?;
+                    recv_file(r, writer, &mut st, &mut zd).await?;
                 }
             }
             Record::End { entries } => {
@@ -242,6 +257,7 @@ async fn recv_file<R>(
     r: &mut R,
     mut writer: shared_fs::FileWriter,
     st: &mut TreeStats,
+    zd: &mut zstd::bulk::Decompressor<'static>,
 ) -> Result<(), TransferError>
 where
     R: AsyncRead + Unpin + ?Sized,
@@ -294,8 +310,9 @@ where
             .await
             .map_err(read_err("a file chunk"))?;
         st.wire_bytes += u64::from(clen);
-        let raw =
-            zstd::bulk::decompress(&cbuf, rlen as usize).map_err(|e| TransferError::Decode {
+        let raw = zd
+            .decompress(&cbuf, rlen as usize)
+            .map_err(|e| TransferError::Decode {
                 what: "a zstd file chunk",
                 reason: format!("{} ({}): {e}", writer.meta().path, rlen),
             })?;

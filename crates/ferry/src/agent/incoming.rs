@@ -84,7 +84,7 @@ impl Agent {
         conn_id: usize,
         job: String,
         spec: ContainerSpec,
-        recv: &mut transfer::RecvStream,
+        recv: &mut super::peer::Incoming<'_>,
     ) -> Result<PeerResponse> {
         if !orchestrator_shim::api::valid_name(&spec.name) || !valid_job(&job) {
             bail!("invalid container name {:?} or job id {job:?}", spec.name);
@@ -155,7 +155,7 @@ impl Agent {
         &self,
         job: &str,
         corrupt: bool,
-        recv: &mut transfer::RecvStream,
+        recv: &mut super::peer::Incoming<'_>,
     ) -> Result<PeerResponse> {
         let layout = match self.incoming.lock().await.get_mut(job) {
             Some(i) => {
@@ -168,12 +168,15 @@ impl Agent {
         let _ = std::fs::remove_dir_all(&images);
         std::fs::create_dir_all(&images)?;
         let limits = shared_fs::Limits::default();
+        let t = Instant::now();
         let a = transfer::tree::recv_tree(recv, &images, limits.clone())
             .await
             .context("receiving CRIU images")?;
+        let images_ms = crate::util::ms(t.elapsed());
         let b = transfer::tree::recv_tree(recv, &layout.rootfs(), limits)
             .await
             .context("receiving the root filesystem diff")?;
+        info!(%job, images_ms, total_ms = crate::util::ms(t.elapsed()), files = a.entries, bytes = a.file_bytes, "images received");
         if corrupt {
             // Test hook: damage the inventory so that CRIU refuses the images for real.
             let inv = images.join("inventory.img");

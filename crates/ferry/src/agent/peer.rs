@@ -11,6 +11,9 @@ use transfer::frame::{read_msg, write_msg};
 use super::Agent;
 use crate::proto::{PeerRequest, PeerResponse, PROTO_VERSION};
 
+/// The buffered receiving side of a request stream.
+pub(crate) type Incoming<'a> = tokio::io::BufReader<&'a mut transfer::RecvStream>;
+
 /// A file tree to send after a request.
 pub(crate) struct Tree<'a> {
     pub(crate) root: &'a Path,
@@ -24,10 +27,16 @@ pub(crate) async fn request(
     trees: &[Tree<'_>],
 ) -> Result<(PeerResponse, u64)> {
     let (mut send, mut recv) = conn.open().await?;
-    let mut bytes = write_msg(&mut send, req).await?;
-    for t in trees {
-        let stats = transfer::tree::send_tree(&mut send, t.root, t.diff).await?;
-        bytes += stats.wire_bytes;
+    let mut bytes;
+    {
+        // Buffered: a tree is many small frames; send_tree flushes at its end.
+        let mut w = tokio::io::BufWriter::with_capacity(256 << 10, &mut send);
+        bytes = write_msg(&mut w, req).await?;
+        for t in trees {
+            let stats = transfer::tree::send_tree(&mut w, t.root, t.diff).await?;
+            bytes += stats.wire_bytes;
+        }
+        tokio::io::AsyncWriteExt::flush(&mut w).await?;
     }
     send.finish()
         .map_err(|e| anyhow!("closing the request stream to {}: {e}", conn.peer_host))?;
@@ -94,6 +103,8 @@ async fn handle_stream(
     mut send: transfer::SendStream,
     mut recv: transfer::RecvStream,
 ) {
+    // Buffered: trees arrive as many small frames (the reader owns the buffer for all of them).
+    let mut recv = tokio::io::BufReader::with_capacity(256 << 10, &mut recv);
     let resp = match read_msg::<_, PeerRequest>(&mut recv).await {
         Ok(req) => match dispatch(&agent, &peer, conn_id, req, &mut recv).await {
             Ok(r) => r,
@@ -118,7 +129,7 @@ async fn dispatch(
     peer: &str,
     conn_id: usize,
     req: PeerRequest,
-    recv: &mut transfer::RecvStream,
+    recv: &mut Incoming<'_>,
 ) -> Result<PeerResponse> {
     match req {
         PeerRequest::Preflight { version, name } => {

@@ -312,6 +312,7 @@ impl Driver {
                 let images = self.agent.images_dir(&job);
                 let root = l.rootfs();
                 let before = self.rootfs_snapshot.clone().unwrap_or_default();
+                let t_snap = Instant::now();
                 let (img_diff, fs_diff) =
                     tokio::task::spawn_blocking(move || -> Result<(Diff, Diff)> {
                         let img =
@@ -325,20 +326,27 @@ impl Driver {
                     corrupt: self.faults.corrupt_images,
                 };
                 let images = self.agent.images_dir(&job);
-                self.ask_dest(
-                    &req,
-                    &[
-                        Tree {
-                            root: &images,
-                            diff: &img_diff,
-                        },
-                        Tree {
-                            root: &l.rootfs(),
-                            diff: &fs_diff,
-                        },
-                    ],
-                )
-                .await
+                let snap_ms = crate::util::ms(t_snap.elapsed());
+                let t_send = Instant::now();
+                let r = self
+                    .ask_dest(
+                        &req,
+                        &[
+                            Tree {
+                                root: &images,
+                                diff: &img_diff,
+                            },
+                            Tree {
+                                root: &l.rootfs(),
+                                diff: &fs_diff,
+                            },
+                        ],
+                    )
+                    .await;
+                info!(%job, snapshot_ms = snap_ms, send_ms = crate::util::ms(t_send.elapsed()),
+                    image_files = img_diff.changed.len(), rootfs_changes = fs_diff.changed.len() + fs_diff.removed.len(),
+                    "images sent");
+                r
             }
             Action::Restore => {
                 self.ask_dest(&PeerRequest::Restore { job }, &[]).await?;
