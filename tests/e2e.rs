@@ -44,6 +44,13 @@ fn two_migrations_keep_the_connection_the_address_and_the_memory() {
     }
     let p = probe.finish();
     assert_probe_intact(&p);
+    // The packet hold at the last destination is gone once released.
+    assert!(
+        eventually(Duration::from_secs(3), || filter_rules("ferry-h1-c-echo")
+            .is_empty()),
+        "rules left: {:?}",
+        filter_rules("ferry-h1-c-echo")
+    );
     // The server's counter advanced by exactly one per line across both moves (the probe checks
     // each step); it started at 1, so its in-memory state was never reset.
     assert_eq!(p["counter_first"], 1, "{p}");

@@ -287,6 +287,28 @@ pub fn assert_runs_on(lab: &Lab, host: &str, name: &str) {
         let p = format!("{LAB_DIR}/{host}/{d}");
         assert!(dir_entries(&p).is_empty(), "{p} not empty on {host}");
     }
+    // No packet-filter leftovers (CRIU locks, packet holds) where the container lives.
+    let ns = format!("ferry-{host}-c-{name}");
+    let rules = filter_rules(&ns);
+    assert!(rules.is_empty(), "iptables rules left in {ns}: {rules:?}");
+}
+
+/// Every iptables rule (not policies) in namespace `ns`, all tables.
+pub fn filter_rules(ns: &str) -> Vec<String> {
+    let mut rules = vec![];
+    for table in ["filter", "raw", "nat", "mangle"] {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "iptables", "-w", "-t", table, "-S"])
+            .output()
+            .expect("iptables -S");
+        rules.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.starts_with("-A"))
+                .map(|l| format!("{table}: {l}")),
+        );
+    }
+    rules
 }
 
 /// Starts a migration in the background; returns (source host, job id).

@@ -283,9 +283,9 @@ impl Baseline {
         )?;
         let t4 = Instant::now();
         self.point_overlay(lab, to)?;
-        crate::util::run_quiet(
-            "ip",
-            [
+        // Gratuitous ARP, not waited for (as Ferry does it).
+        let _ = Command::new("ip")
+            .args([
                 "netns",
                 "exec",
                 &dst_l.netns,
@@ -298,9 +298,12 @@ impl Baseline {
                 "1",
                 "-I",
                 "eth0",
-                &self.spec.ip.to_string(),
-            ],
-        );
+            ])
+            .arg(self.spec.ip.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(|mut c| std::thread::spawn(move || c.wait()));
         let t5 = Instant::now();
         // The source's namespace is the admin's to remove once the container runs elsewhere.
         crate::util::run_quiet(
