@@ -520,6 +520,30 @@ pub fn thaw(host: &str, name: &str) {
     let _ = std::fs::write(v2.join("cgroup.freeze"), "0");
 }
 
+/// How many CRIU logs an agent keeps in its `logs` directory.
+pub const KEPT_LOGS: usize = 40;
+
+/// Moves a CRIU log into `logs/NAME` for later troubleshooting, keeping the newest
+/// [`KEPT_LOGS`]. Best effort: logs never fail a migration.
+pub fn keep_log(log: &Path, logs: &Path, name: &str) {
+    if std::fs::create_dir_all(logs).is_err() || std::fs::rename(log, logs.join(name)).is_err() {
+        return;
+    }
+    let Ok(rd) = std::fs::read_dir(logs) else {
+        return;
+    };
+    let mut files: Vec<(std::time::SystemTime, PathBuf)> = rd
+        .flatten()
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    if files.len() > KEPT_LOGS {
+        files.sort();
+        for (_, p) in &files[..files.len() - KEPT_LOGS] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// Free bytes on the filesystem holding `dir`.
 pub fn free_bytes(dir: &Path) -> Result<u64> {
     let st =

@@ -195,9 +195,12 @@ impl Agent {
         };
         let (runc, images, work) = (self.runc.clone(), self.images_dir(job), self.work_dir(job));
         let t = Instant::now();
+        let (logs, job_id) = (self.cfg.state_dir.join("logs"), job.to_string());
         tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&work)?;
-            runc.restore(&name, &layout.bundle, &images, &work)
+            let r = runc.restore(&name, &layout.bundle, &images, &work);
+            crate::runtime::keep_log(&work.join("restore.log"), &logs, &format!("{job_id}.restore.log"));
+            r
         })
         .await??;
         info!(%job, took_ms = crate::util::ms(t.elapsed()), "restored; waiting for commit");

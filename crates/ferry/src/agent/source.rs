@@ -282,12 +282,17 @@ impl Driver {
                 let (runc, name) = (self.agent.runc.clone(), self.spec.name.clone());
                 let (images, work) = (self.agent.images_dir(&job), self.agent.work_dir(&job));
                 let host = self.agent.cfg.host.clone();
+                let (logs, job_id) = (self.agent.cfg.state_dir.join("logs"), job.clone());
                 tokio::task::spawn_blocking(move || {
                     let _ = std::fs::remove_dir_all(&images);
                     std::fs::create_dir_all(&images)?;
                     std::fs::create_dir_all(&work)?;
+                    let t = Instant::now();
                     crate::runtime::freeze(&host, &name)?;
+                    let freeze_ms = crate::util::ms(t.elapsed());
                     let r = runc.checkpoint(&name, &images, &work);
+                    info!(container = %name, freeze_ms, checkpoint_ms = crate::util::ms(t.elapsed()) - freeze_ms, "dumped");
+                    crate::runtime::keep_log(&work.join("dump.log"), &logs, &format!("{job_id}.dump.log"));
                     if r.is_err() {
                         // CRIU leaves a container it could not dump as it found it: frozen.
                         crate::runtime::thaw(&host, &name);
