@@ -44,6 +44,9 @@ pub struct AgentConfig {
     /// Whether this host runs containers (the lab's client host does not).
     #[serde(default = "yes")]
     pub runs_containers: bool,
+    /// `ferry-criu`, handed to runc as its CRIU (answers runc's version query itself).
+    #[serde(default)]
+    pub criu_frontend: Option<PathBuf>,
     /// QUIC idle timeout in milliseconds: how fast a dead peer is noticed.
     #[serde(default = "default_idle")]
     pub quic_idle_timeout_ms: u64,

@@ -303,6 +303,7 @@ pub async fn up(dir: &Path, hosts: usize, exe: &Path, workload: &Path) -> Result
             runc: "runc".into(),
             workload_bin: workload.to_owned(),
             runs_containers: h.runs_containers,
+            criu_frontend: Some(exe.with_file_name("ferry-criu")).filter(|p| p.is_file()),
             quic_idle_timeout_ms: 3000,
         };
         let cfg_path = dir.join(format!("{}.json", h.name));

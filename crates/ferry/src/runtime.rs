@@ -17,6 +17,19 @@ use crate::util::{ip, run, run_quiet, short_hash};
 pub struct Runc {
     bin: String,
     root: PathBuf,
+    criu_frontend: Option<CriuFrontend>,
+}
+
+/// `ferry-criu` in front of the real CRIU (see criu-sys's `ferry-criu` binary): answers runc's
+/// version query without starting CRIU a second time inside the freeze.
+#[derive(Debug, Clone)]
+pub struct CriuFrontend {
+    /// The `ferry-criu` binary.
+    pub frontend: PathBuf,
+    /// The real CRIU.
+    pub real: PathBuf,
+    /// Its version, as verified at agent start.
+    pub version: String,
 }
 
 /// `runc state` output.
@@ -34,7 +47,14 @@ impl Runc {
         Runc {
             bin: bin.into(),
             root,
+            criu_frontend: None,
         }
+    }
+
+    /// Uses `f` as CRIU for checkpoint and restore.
+    pub fn with_criu_frontend(mut self, f: CriuFrontend) -> Self {
+        self.criu_frontend = Some(f);
+        self
     }
 
     fn log_path(&self, op: &str, name: &str) -> PathBuf {
@@ -45,6 +65,11 @@ impl Runc {
         let mut c = Command::new(&self.bin);
         c.arg("--root").arg(&self.root);
         c.arg("--log").arg(self.log_path(op, name));
+        if let Some(f) = &self.criu_frontend {
+            c.arg("--criu").arg(&f.frontend);
+            c.env("FERRY_CRIU_REAL", &f.real)
+                .env("FERRY_CRIU_VERSION", &f.version);
+        }
         // Containers inherit runc's stdio: no host files and no pipes we would wait on (CRIU
         // can dump /dev/null but not host files). runc's own errors go to its --log file.
         c.stdin(Stdio::null())

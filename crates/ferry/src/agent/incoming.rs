@@ -199,7 +199,11 @@ impl Agent {
         tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&work)?;
             let r = runc.restore(&name, &layout.bundle, &images, &work);
-            crate::runtime::keep_log(&work.join("restore.log"), &logs, &format!("{job_id}.restore.log"));
+            crate::runtime::keep_log(
+                &work.join("restore.log"),
+                &logs,
+                &format!("{job_id}.restore.log"),
+            );
             r
         })
         .await??;

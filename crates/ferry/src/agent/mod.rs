@@ -144,7 +144,15 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         std::time::Duration::from_millis(cfg.quic_idle_timeout_ms.max(500)),
     )
     .with_context(|| format!("QUIC endpoint on {}:{}", cfg.underlay_ip, cfg.quic_port))?;
-    let runc = Runc::new(&cfg.runc, cfg.state_dir.join("runc"));
+    let mut runc = Runc::new(&cfg.runc, cfg.state_dir.join("runc"));
+    if let (Some(front), Ok(c)) = (&cfg.criu_frontend, &criu) {
+        info!(frontend = %front.display(), "runc uses ferry-criu in front of CRIU");
+        runc = runc.with_criu_frontend(crate::runtime::CriuFrontend {
+            frontend: front.clone(),
+            real: c.path.clone(),
+            version: c.version.to_string(),
+        });
+    }
     let containers = load_containers(&cfg.state_dir.join("containers.json"));
     let agent = Arc::new(Agent {
         runc,
