@@ -2,6 +2,7 @@
 
 // A binary: `pub` marks what modules share, nothing is exported.
 #![allow(unreachable_pub)]
+#![forbid(unsafe_code)]
 
 mod agent;
 mod cli;

@@ -217,6 +217,10 @@ impl Agent {
 
     pub(crate) async fn commit_incoming(&self, job: &str) -> Result<PeerResponse> {
         let Some(mut inc) = self.incoming.lock().await.remove(job) else {
+            // A retried commit whose first answer was lost: the job is already ours.
+            if lock(&self.committed_jobs).contains(job) {
+                return Ok(PeerResponse::Ok { bytes: 0 });
+            }
             bail!("no restored job {job} here (it expired or was aborted)");
         };
         if !inc.restored {
@@ -240,6 +244,13 @@ impl Agent {
         let _ = std::fs::remove_file(self.incoming_record(job));
         let _ = std::fs::remove_dir_all(self.images_dir(job));
         let _ = std::fs::remove_dir_all(self.work_dir(job));
+        {
+            let mut done = lock(&self.committed_jobs);
+            if done.len() >= 1024 {
+                done.clear();
+            }
+            done.insert(job.to_string());
+        }
         info!(%job, container = %inc.spec.name, "migration committed: container owned here");
         Ok(PeerResponse::Ok { bytes: 0 })
     }
@@ -280,7 +291,9 @@ impl Agent {
             .lock()
             .await
             .iter()
-            .filter(|(_, i)| i.conn_id == conn_id)
+            // A restored job waits for its commit until its deadline: the source retries the
+            // commit on a new connection.
+            .filter(|(_, i)| i.conn_id == conn_id && !i.restored)
             .map(|(j, _)| j.clone())
             .collect();
         for j in jobs {

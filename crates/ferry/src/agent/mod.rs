@@ -82,6 +82,8 @@ pub(crate) struct Agent {
     incoming: tokio::sync::Mutex<HashMap<String, incoming::Incoming>>,
     criu: std::result::Result<criu_sys::Criu, String>,
     job_seq: AtomicU64,
+    /// Incoming jobs committed here (a retried commit is answered, not refused).
+    committed_jobs: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Entry point of `ferry agent`. Enters the configured network namespace first, then starts
@@ -163,6 +165,7 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         incoming: Default::default(),
         criu,
         job_seq: AtomicU64::new(0),
+        committed_jobs: Default::default(),
         cfg,
     });
     agent.clean_stale_incoming().await;

@@ -71,6 +71,7 @@ pub(crate) fn start(
             faults: req.faults,
             conn: None,
             rootfs_snapshot: None,
+            commit_unconfirmed: false,
         };
         d.run(machine).await;
     });
@@ -85,7 +86,12 @@ struct Driver {
     faults: FaultHooks,
     conn: Option<transfer::Connection>,
     rootfs_snapshot: Option<Snapshot>,
+    /// The destination never confirmed the commit: keep the images.
+    commit_unconfirmed: bool,
 }
+
+/// How long the source retries an unconfirmed commit (the destination waits 10 s for it).
+const COMMIT_RETRY_FOR: Duration = Duration::from_secs(6);
 
 fn phase_of(a: &Action) -> Option<Phase> {
     Some(match a {
@@ -358,18 +364,46 @@ impl Driver {
                 Ok(0)
             }
             Action::Commit => {
-                self.ask_dest(&PeerRequest::Commit { job }, &[]).await?;
+                // Past the commit point the destination's copy is the container: a commit that
+                // does not arrive would make the destination remove it (it waits
+                // RESTORED_TTL). Retry, on fresh connections, well within that time.
+                let deadline = Instant::now() + COMMIT_RETRY_FOR;
+                loop {
+                    match self
+                        .ask_dest(&PeerRequest::Commit { job: job.clone() }, &[])
+                        .await
+                    {
+                        Ok(_) => break,
+                        Err(e) if Instant::now() < deadline => {
+                            warn!(%job, error = %format!("{e:#}"), "commit not confirmed; retrying");
+                            self.agent.forget_conn(&self.to).await;
+                            self.conn = None;
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Err(e) => {
+                            self.commit_unconfirmed = true;
+                            return Err(e.context(format!(
+                                "commit not confirmed by {}: the source keeps its images in {} for recovery",
+                                self.to,
+                                self.agent.images_dir(&job).display()
+                            )));
+                        }
+                    }
+                }
                 Ok(0)
             }
             Action::CleanupSource => {
                 let (runc, name) = (self.agent.runc.clone(), self.spec.name.clone());
                 let (images, work) = (self.agent.images_dir(&job), self.agent.work_dir(&job));
                 lock(&self.agent.containers).remove(&name);
+                let keep_images = self.commit_unconfirmed;
                 tokio::task::spawn_blocking(move || {
                     runc.delete_force(&name);
                     crate::runtime::delete_netns(&l);
                     let _ = std::fs::remove_dir_all(&l.bundle);
-                    let _ = std::fs::remove_dir_all(images);
+                    if !keep_images {
+                        let _ = std::fs::remove_dir_all(images);
+                    }
                     let _ = std::fs::remove_dir_all(work);
                 })
                 .await?;
