@@ -279,3 +279,48 @@ fn criu_missing_or_too_old_is_refused_before_anything_moves() {
     assert_clean_host("h2", "echo");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_link_cut_right_after_the_commit_point_does_not_lose_the_container() {
+    let lab = Lab::up();
+    let c = lab.run_echo("h1", "echo");
+    let probe = Probe::start(c["ip"].as_str().unwrap(), "commit");
+    let (_, job) = start_migration("echo", "h2", &["--pause-before-commit-ms", "1500"]);
+    wait_job_state(&job, "committing");
+    // Cut the underlay's QUIC traffic at h2 for 2 s: the commit must get through afterwards.
+    let rules = [
+        ["-I", "INPUT", "-p", "udp", "--dport", "7700", "-j", "DROP"],
+        ["-I", "OUTPUT", "-p", "udp", "--sport", "7700", "-j", "DROP"],
+    ];
+    for r in &rules {
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "exec", "ferry-h2", "iptables", "-w"])
+            .args(r)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "iptables {r:?}");
+    }
+    std::thread::sleep(Duration::from_millis(2000));
+    for r in &rules {
+        let mut del = r.to_vec();
+        del[0] = "-D";
+        std::process::Command::new("ip")
+            .args(["netns", "exec", "ferry-h2", "iptables", "-w"])
+            .args(&del)
+            .status()
+            .unwrap();
+    }
+    let report = wait_job(&job);
+    assert_eq!(report["result"], "completed", "{report}");
+    assert_eq!(report["committed"], true);
+    std::thread::sleep(Duration::from_millis(1500));
+    let p = probe.finish();
+    assert_probe_intact(&p);
+    assert_eq!(p["counter_first"], 1, "{p}");
+    assert_eq!(p["counter_last"], p["received"], "{p}");
+    let c = lab.container("echo").expect("listed");
+    assert_eq!(c["host"], "h2", "{c}");
+    assert_eq!(c["state"], "running", "{c}");
+    assert_clean_host("h1", "echo");
+}

@@ -136,12 +136,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             json,
             pause_in_transfer_ms,
             corrupt_images,
+            pause_before_commit_ms,
             detach,
         } => {
             let lab = Lab::load(&dir)?;
             let faults = FaultHooks {
                 pause_in_transfer_ms,
                 corrupt_images,
+                pause_before_commit_ms,
             };
             if detach {
                 let (src, job) = start_migration(&lab, &name, &to, faults).await?;

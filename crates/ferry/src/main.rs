@@ -90,6 +90,9 @@ enum Cmd {
         /// Fault injection (tests): damage the images at the destination.
         #[arg(long, hide = true)]
         corrupt_images: bool,
+        /// Fault injection (tests): pause this long between the restore and the commit.
+        #[arg(long, hide = true, default_value_t = 0)]
+        pause_before_commit_ms: u64,
         /// Start the job and print its id without following it.
         #[arg(long)]
         detach: bool,

@@ -59,6 +59,10 @@ pub struct FaultHooks {
     /// Damage the received images at the destination so that CRIU's restore fails for real.
     #[serde(default)]
     pub corrupt_images: bool,
+    /// Sleep this long after the restore was confirmed, before the commit is sent, so a test
+    /// can cut the link right after the commit point.
+    #[serde(default)]
+    pub pause_before_commit_ms: u64,
 }
 
 /// `POST /v1/containers/{name}/migrate`.

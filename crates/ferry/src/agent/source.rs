@@ -367,6 +367,11 @@ impl Driver {
                 // Past the commit point the destination's copy is the container: a commit that
                 // does not arrive would make the destination remove it (it waits
                 // RESTORED_TTL). Retry, on fresh connections, well within that time.
+                if self.faults.pause_before_commit_ms > 0 {
+                    warn!(%job, ms = self.faults.pause_before_commit_ms, "pausing before the commit (fault hook)");
+                    tokio::time::sleep(Duration::from_millis(self.faults.pause_before_commit_ms))
+                        .await;
+                }
                 let deadline = Instant::now() + COMMIT_RETRY_FOR;
                 loop {
                     match self
