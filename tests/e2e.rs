@@ -113,29 +113,9 @@ fn rollback_when_the_underlay_drops_quic_during_the_transfer() {
     let probe = Probe::start(c["ip"].as_str().unwrap(), "drop");
     let (_, job) = start_migration("echo", "h2", &["--pause-in-transfer-ms", "1000"]);
     wait_job_state(&job, "transferring");
-    let rules = [
-        ["-I", "INPUT", "-p", "udp", "--dport", "7700", "-j", "DROP"],
-        ["-I", "OUTPUT", "-p", "udp", "--sport", "7700", "-j", "DROP"],
-    ];
-    for r in &rules {
-        let ok = std::process::Command::new("ip")
-            .args(["netns", "exec", "ferry-h2", "iptables", "-w"])
-            .args(r)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "iptables {r:?}");
-    }
+    let cut = LinkCut::new("h2");
     let report = wait_job(&job);
-    for r in &rules {
-        let mut del = r.to_vec();
-        del[0] = "-D";
-        std::process::Command::new("ip")
-            .args(["netns", "exec", "ferry-h2", "iptables", "-w"])
-            .args(&del)
-            .status()
-            .unwrap();
-    }
+    drop(cut);
     assert!(
         report["reason"].as_str().unwrap_or("").contains("Transfer"),
         "{report}"
@@ -288,29 +268,9 @@ fn a_link_cut_right_after_the_commit_point_does_not_lose_the_container() {
     let (_, job) = start_migration("echo", "h2", &["--pause-before-commit-ms", "1500"]);
     wait_job_state(&job, "committing");
     // Cut the underlay's QUIC traffic at h2 for 2 s: the commit must get through afterwards.
-    let rules = [
-        ["-I", "INPUT", "-p", "udp", "--dport", "7700", "-j", "DROP"],
-        ["-I", "OUTPUT", "-p", "udp", "--sport", "7700", "-j", "DROP"],
-    ];
-    for r in &rules {
-        let ok = std::process::Command::new("ip")
-            .args(["netns", "exec", "ferry-h2", "iptables", "-w"])
-            .args(r)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "iptables {r:?}");
-    }
+    let cut = LinkCut::new("h2");
     std::thread::sleep(Duration::from_millis(2000));
-    for r in &rules {
-        let mut del = r.to_vec();
-        del[0] = "-D";
-        std::process::Command::new("ip")
-            .args(["netns", "exec", "ferry-h2", "iptables", "-w"])
-            .args(&del)
-            .status()
-            .unwrap();
-    }
+    drop(cut);
     let report = wait_job(&job);
     assert_eq!(report["result"], "completed", "{report}");
     assert_eq!(report["committed"], true);

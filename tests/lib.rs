@@ -337,3 +337,47 @@ pub fn wait_job(id: &str) -> Value {
     let v: Value = serde_json::from_str(&ferry_ok(&["job", id, "--wait"])).expect("job json");
     v["report"].clone()
 }
+
+/// Drops QUIC (UDP 7700) in and out of lab host `host` until dropped: a cut underlay link.
+pub struct LinkCut {
+    host: String,
+}
+
+const CUT_RULES: [&[&str]; 2] = [
+    &["INPUT", "-p", "udp", "--dport", "7700", "-j", "DROP"],
+    &["OUTPUT", "-p", "udp", "--sport", "7700", "-j", "DROP"],
+];
+
+fn cut_rule(host: &str, action: &str, rule: &[&str]) -> bool {
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &format!("ferry-{host}"),
+            "iptables",
+            "-w",
+            action,
+        ])
+        .args(rule)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+impl LinkCut {
+    /// Cuts `host`'s QUIC traffic.
+    pub fn new(host: &str) -> LinkCut {
+        for r in CUT_RULES {
+            assert!(cut_rule(host, "-I", r), "iptables -I {r:?} in {host}");
+        }
+        LinkCut { host: host.into() }
+    }
+}
+
+impl Drop for LinkCut {
+    fn drop(&mut self) {
+        for r in CUT_RULES {
+            cut_rule(&self.host, "-D", r);
+        }
+    }
+}
