@@ -89,6 +89,22 @@ impl Agent {
         if !orchestrator_shim::api::valid_name(&spec.name) || !valid_job(&job) {
             bail!("invalid container name {:?} or job id {job:?}", spec.name);
         }
+        // Nothing from a peer is used unchecked: the MAC must be the one derived from the IP,
+        // the prefix sensible, the command present.
+        if spec.mac != orchestrator_shim::api::mac_for_ip(spec.ip)
+            || !(8..=30).contains(&spec.prefix_len)
+            || spec.args.is_empty()
+            || spec.args.len() > 256
+        {
+            bail!(
+                "refusing container spec for {:?}: ip {} mac {} prefix /{} args {}",
+                spec.name,
+                spec.ip,
+                spec.mac,
+                spec.prefix_len,
+                spec.args.len()
+            );
+        }
         if lock(&self.containers).contains_key(&spec.name) {
             bail!(
                 "a container named {:?} already exists on {}",
