@@ -107,7 +107,10 @@ pub fn main(cfg: AgentConfig) -> Result<()> {
 /// dumps and nothing reaches the restored sockets before they are live; CRIU's own per-connection
 /// iptables lock (an `iptables-restore` at dump and at restore, about 90 ms here) would only add
 /// downtime.
-pub(crate) const CRIU_CONF: &str = "network-lock skip\n";
+///
+/// `cgroup-yard /sys/fs/cgroup`: CRIU uses the host's cgroup mounts instead of mounting every
+/// controller again in a temporary yard at each dump and restore.
+pub(crate) const CRIU_CONF: &str = "network-lock skip\ncgroup-yard /sys/fs/cgroup\n";
 
 async fn run(cfg: AgentConfig) -> Result<()> {
     std::fs::create_dir_all(&cfg.state_dir)?;
