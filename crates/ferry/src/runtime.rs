@@ -256,28 +256,10 @@ pub fn create_netns_in(
     delete_netns(l);
     ip(["netns", "add", ns])?;
     let r = (|| -> Result<()> {
-        run(
-            "ip",
-            [
-                "netns",
-                "exec",
-                ns,
-                "sysctl",
-                "-qw",
-                "net.ipv6.conf.all.disable_ipv6=1",
-            ],
-        )?;
-        run(
-            "ip",
-            [
-                "netns",
-                "exec",
-                ns,
-                "sysctl",
-                "-qw",
-                "net.ipv6.conf.default.disable_ipv6=1",
-            ],
-        )?;
+        for key in ["all", "default"] {
+            let setting = format!("net.ipv6.conf.{key}.disable_ipv6=1");
+            run("ip", ["netns", "exec", ns, "sysctl", "-qw", &setting])?;
+        }
         ip(["-n", ns, "link", "set", "lo", "up"])?;
         host_ip(&[
             "link", "add", &l.veth, "mtu", "1450", "type", "veth", "peer", "name", "eth0", "netns",
