@@ -47,6 +47,9 @@ pub struct AgentConfig {
     /// `ferry-criu`, handed to runc as its CRIU (answers runc's version query itself).
     #[serde(default)]
     pub criu_frontend: Option<PathBuf>,
+    /// Obey the fault-injection hooks of migrate requests (test labs only).
+    #[serde(default)]
+    pub allow_fault_hooks: bool,
     /// QUIC idle timeout in milliseconds: how fast a dead peer is noticed.
     #[serde(default = "default_idle")]
     pub quic_idle_timeout_ms: u64,

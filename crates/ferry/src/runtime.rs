@@ -207,6 +207,9 @@ pub struct Layout {
     pub netns: String,
     /// Host side of its veth pair.
     pub veth: String,
+    /// An empty directory of the host, outside every container, bound read-only over masked
+    /// directories (outside: a container cannot turn it into a link to somewhere else).
+    pub empty: PathBuf,
 }
 
 impl Layout {
@@ -216,6 +219,7 @@ impl Layout {
             bundle: state_dir.join("containers").join(name),
             netns: format!("{}{host}-c-{name}", crate::lab::NS_PREFIX),
             veth: format!("fv{}", short_hash(&format!("{host}/{name}"))),
+            empty: state_dir.join("empty"),
         }
     }
 
@@ -327,7 +331,8 @@ pub fn write_config(
         json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
             "options": ["nosuid", "noexec", "nodev", "ro"]}),
     ];
-    let empty = l.rootfs().join(EMPTY_DIR);
+    let empty = &l.empty;
+    std::fs::create_dir_all(empty).with_context(|| format!("creating {}", empty.display()))?;
     for dir in MASKED_DIRS.iter().filter(|d| Path::new(d).is_dir()) {
         mounts.push(json!({"destination": dir, "type": "bind", "source": empty,
             "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}));
@@ -372,8 +377,6 @@ pub fn write_config(
 /// Directories hidden from containers with a bind mount (runc refuses binds inside /proc, so
 /// /proc/acpi and /proc/scsi stay in maskedPaths, on a tmpfs).
 const MASKED_DIRS: [&str; 1] = ["/sys/firmware"];
-/// An empty directory of the root filesystem, bound read-only over [`MASKED_DIRS`].
-const EMPTY_DIR: &str = ".ferry-empty";
 
 /// Builds a busybox-based root filesystem holding Ferry's workload binary and its libraries.
 pub fn build_rootfs(rootfs: &Path, workload: &Path) -> Result<()> {
@@ -383,7 +386,7 @@ pub fn build_rootfs(rootfs: &Path, workload: &Path) -> Result<()> {
         .find(|p| p.is_file())
         .context("busybox not found: install busybox-static (scripts/setup.sh)")?;
     for d in [
-        "bin", "dev", "proc", "sys", "tmp", "etc", "root", "lib", "lib64", "usr/bin", EMPTY_DIR,
+        "bin", "dev", "proc", "sys", "tmp", "etc", "root", "lib", "lib64", "usr/bin",
     ] {
         std::fs::create_dir_all(rootfs.join(d))?;
     }

@@ -255,6 +255,11 @@ impl Migration {
                 self.cancel_requested = true;
                 Ok(vec![])
             }
+            (Event::Done { .. } | Event::Failed { .. }, s)
+                if s.is_terminal() || s == State::Created =>
+            {
+                Err(invalid(s, &event))
+            }
             (Event::Done { bytes }, s) => {
                 let bytes = *bytes;
                 self.close_phase(now, bytes);
@@ -351,6 +356,7 @@ impl Migration {
     }
 
     fn start_rollback(&mut self, reason: String, now: Duration) -> Vec<Action> {
+        self.cancel_requested = false;
         // Redirect/prepare may have partly happened even when they failed: undo generously.
         let plan = RollbackPlan {
             redirect_back: self.reached.redirected || self.state == State::Redirecting,

@@ -203,3 +203,24 @@ fn impossible_events_are_typed_errors() {
         .handle(Event::Failed { error: "x".into() }, t(now))
         .is_err());
 }
+
+#[test]
+fn nothing_moves_a_finished_migration_even_after_a_cancel() {
+    let (mut m, now) = drive_to(State::Transferring);
+    m.handle(Event::Cancel, t(now)).unwrap();
+    done(&mut m, now + 1, 0); // -> RollingBack
+    done(&mut m, now + 2, 0); // -> RolledBack
+    assert_eq!(m.state(), State::RolledBack);
+    let before = m.report().clone();
+    assert!(m.handle(Event::Done { bytes: 0 }, t(now + 3)).is_err());
+    assert!(m
+        .handle(
+            Event::Failed {
+                error: "late".into()
+            },
+            t(now + 3)
+        )
+        .is_err());
+    assert_eq!(m.state(), State::RolledBack);
+    assert_eq!(m.report(), &before);
+}

@@ -24,9 +24,13 @@ const RESTORED_TTL: Duration = Duration::from_secs(10);
 
 pub(crate) struct Incoming {
     spec: ContainerSpec,
+    /// The peer that prepared the job: the only one that may drive it.
+    from: String,
     conn_id: usize,
     layout: Layout,
     hold: Option<Hold>,
+    /// `runc restore` is running: an abort waits for its outcome (see `restore_incoming`).
+    restoring: bool,
     restored: bool,
     deadline: Instant,
 }
@@ -112,8 +116,29 @@ impl Agent {
                 self.cfg.host
             );
         }
-        if self.incoming.lock().await.contains_key(&job) {
-            bail!("job {job} is already being received");
+        {
+            let inc = self.incoming.lock().await;
+            if inc.contains_key(&job) {
+                bail!("job {job} is already being received");
+            }
+            if inc
+                .values()
+                .any(|i| i.spec.name == spec.name || i.spec.ip == spec.ip)
+            {
+                bail!(
+                    "another migration of {:?} or of address {} is being received here",
+                    spec.name,
+                    spec.ip
+                );
+            }
+        }
+        if spec.prefix_len != self.cfg.overlay_prefix_len {
+            bail!(
+                "container {:?} comes with prefix /{}, this overlay is /{}",
+                spec.name,
+                spec.prefix_len,
+                self.cfg.overlay_prefix_len
+            );
         }
         let layout = self.layout(&spec.name);
         let rec = self.incoming_record(&job);
@@ -149,9 +174,11 @@ impl Agent {
                     job,
                     Incoming {
                         spec,
+                        from: peer.to_string(),
                         conn_id,
                         layout,
                         hold: Some(hold),
+                        restoring: false,
                         restored: false,
                         deadline: Instant::now() + PREPARED_TTL,
                     },
@@ -169,11 +196,19 @@ impl Agent {
 
     pub(crate) async fn receive_images(
         &self,
+        peer: &str,
         job: &str,
         corrupt: bool,
         recv: &mut super::peer::Incoming<'_>,
     ) -> Result<PeerResponse> {
+        if corrupt && !self.cfg.allow_fault_hooks {
+            bail!(
+                "fault hooks are disabled on {} (allow_fault_hooks in its config)",
+                self.cfg.host
+            );
+        }
         let layout = match self.incoming.lock().await.get_mut(job) {
+            Some(i) if i.from != peer => bail!("job {job} belongs to {}, not {peer}", i.from),
             Some(i) => {
                 i.deadline = Instant::now() + PREPARED_TTL;
                 i.layout.clone()
@@ -204,15 +239,19 @@ impl Agent {
         })
     }
 
-    pub(crate) async fn restore_incoming(&self, job: &str) -> Result<PeerResponse> {
-        let (name, layout) = match self.incoming.lock().await.get(job) {
-            Some(i) => (i.spec.name.clone(), i.layout.clone()),
+    pub(crate) async fn restore_incoming(&self, peer: &str, job: &str) -> Result<PeerResponse> {
+        let (name, layout) = match self.incoming.lock().await.get_mut(job) {
+            Some(i) if i.from != peer => bail!("job {job} belongs to {}, not {peer}", i.from),
+            Some(i) => {
+                i.restoring = true;
+                (i.spec.name.clone(), i.layout.clone())
+            }
             None => bail!("no prepared job {job} here (it expired or was aborted)"),
         };
         let (runc, images, work) = (self.runc.clone(), self.images_dir(job), self.work_dir(job));
         let t = Instant::now();
         let (logs, job_id) = (self.cfg.state_dir.join("logs"), job.to_string());
-        tokio::task::spawn_blocking(move || {
+        let r = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&work)?;
             let r = runc.restore(&name, &layout.bundle, &images, &work);
             crate::runtime::keep_log(
@@ -222,16 +261,31 @@ impl Agent {
             );
             r
         })
-        .await??;
-        info!(%job, took_ms = crate::util::ms(t.elapsed()), "restored; waiting for commit");
-        if let Some(i) = self.incoming.lock().await.get_mut(job) {
-            i.restored = true;
-            i.deadline = Instant::now() + RESTORED_TTL;
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r);
+        let mut incoming = self.incoming.lock().await;
+        let Some(i) = incoming.get_mut(job) else {
+            bail!("job {job} vanished during its restore");
+        };
+        i.restoring = false;
+        r?;
+        if i.deadline <= Instant::now() {
+            // An abort arrived during the restore: the watchdog removes this copy now.
+            bail!("job {job} was aborted while it was being restored");
         }
+        i.restored = true;
+        i.deadline = Instant::now() + RESTORED_TTL;
+        info!(%job, took_ms = crate::util::ms(t.elapsed()), "restored; waiting for commit");
         Ok(PeerResponse::Ok { bytes: 0 })
     }
 
-    pub(crate) async fn commit_incoming(&self, job: &str) -> Result<PeerResponse> {
+    pub(crate) async fn commit_incoming(&self, peer: &str, job: &str) -> Result<PeerResponse> {
+        if let Some(i) = self.incoming.lock().await.get(job) {
+            if i.from != peer {
+                bail!("job {job} belongs to {}, not {peer}", i.from);
+            }
+        }
         let Some(mut inc) = self.incoming.lock().await.remove(job) else {
             // A retried commit whose first answer was lost: the job is already ours.
             if lock(&self.committed_jobs).contains(job) {
@@ -245,8 +299,16 @@ impl Agent {
             bail!("job {job}: container {name:?} is not restored yet");
         }
         if let Some(hold) = inc.hold.take() {
-            let released = tokio::task::spawn_blocking(move || hold.release_now()).await??;
-            info!(%job, released, "held packets released");
+            // Past the commit point the container is ours whatever happens to the hold.
+            match tokio::task::spawn_blocking(move || hold.release_now()).await {
+                Ok(Ok(released)) => info!(%job, released, "held packets released"),
+                Ok(Err(e)) => {
+                    warn!(%job, error = %e, "releasing held packets failed; TCP peers retransmit")
+                }
+                Err(e) => {
+                    warn!(%job, error = %e, "releasing held packets failed; TCP peers retransmit")
+                }
+            }
         }
         announce(&inc.layout.netns, &inc.spec);
         lock(&self.containers).insert(
@@ -273,7 +335,19 @@ impl Agent {
 
     /// Removes everything job `job` created here.
     pub(crate) async fn abort_incoming(&self, job: &str, why: &str) {
-        let inc = self.incoming.lock().await.remove(job);
+        let inc = {
+            let mut incoming = self.incoming.lock().await;
+            match incoming.get_mut(job) {
+                // Never pull the namespace from under a running restore: expire the job now and
+                // let the watchdog abort it once the restore has finished.
+                Some(i) if i.restoring => {
+                    i.deadline = Instant::now();
+                    warn!(%job, reason = why, "abort deferred until the running restore ends");
+                    None
+                }
+                _ => incoming.remove(job),
+            }
+        };
         if let Some(mut inc) = inc {
             warn!(%job, container = %inc.spec.name, reason = why, "aborting incoming migration");
             let hold = inc.hold.take();
@@ -287,11 +361,13 @@ impl Agent {
             );
             let _ = tokio::task::spawn_blocking(move || {
                 let (runc, images, work, rec) = this;
+                // Network first: a restored copy that is killed must not send FIN or RST to
+                // peers that now talk to the source again.
+                crate::runtime::delete_netns(&layout);
                 runc.delete_force(&name);
                 if let Some(h) = hold {
                     let _ = h.discard();
                 }
-                crate::runtime::delete_netns(&layout);
                 let _ = std::fs::remove_dir_all(&layout.bundle);
                 let _ = std::fs::remove_dir_all(images);
                 let _ = std::fs::remove_dir_all(work);
@@ -340,8 +416,8 @@ impl Agent {
 }
 
 fn remove_leftovers(a: &Agent, job: &str, layout: &Layout, name: &str) {
-    a.runc.delete_force(name);
     crate::runtime::delete_netns(layout);
+    a.runc.delete_force(name);
     let _ = std::fs::remove_dir_all(&layout.bundle);
     let _ = std::fs::remove_dir_all(a.images_dir(job));
     let _ = std::fs::remove_dir_all(a.work_dir(job));

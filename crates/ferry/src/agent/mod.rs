@@ -265,12 +265,12 @@ impl Agent {
                 self.peer_names().join(", ")
             )
         })?;
-        let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(host) {
+        if let Some(c) = self.conns.lock().await.get(host) {
             if c.conn.close_reason().is_none() {
                 return Ok(c.clone());
             }
         }
+        // Connect without holding the lock: one unreachable peer must not stall the others.
         let c = self
             .endpoint
             .connect(peer.addr(), host)
@@ -278,7 +278,7 @@ impl Agent {
             .with_context(|| {
                 format!("destination {host} ({}) unreachable over QUIC", peer.addr())
             })?;
-        conns.insert(host.to_string(), c.clone());
+        self.conns.lock().await.insert(host.to_string(), c.clone());
         Ok(c)
     }
 
@@ -325,9 +325,18 @@ impl Agent {
         Ok(())
     }
 
-    /// Points `mac` at `host` on every host (this one included), in parallel.
-    async fn route_everywhere(&self, mac: &str, host: Option<&str>) -> Result<()> {
-        self.set_route_local(mac, host)?;
+    /// Points `mac` at `host` on every host (this one included), in parallel. Failures of host
+    /// `tolerate` (a destination being rolled back from, say) are not errors.
+    async fn route_everywhere(
+        &self,
+        mac: &str,
+        host: Option<&str>,
+        tolerate: Option<&str>,
+    ) -> Result<()> {
+        let mut errors = vec![];
+        if let Err(e) = self.set_route_local(mac, host) {
+            errors.push(format!("{}: {e:#}", self.cfg.host));
+        }
         let req = PeerRequest::Route {
             mac: mac.to_string(),
             host: host.map(str::to_string),
@@ -336,8 +345,15 @@ impl Agent {
             let req = req.clone();
             async move { (p.host.clone(), self.ask(&p.host, &req).await) }
         });
-        let mut errors = vec![];
         for (h, r) in futures_util::future::join_all(futs).await {
+            if tolerate == Some(h.as_str()) {
+                if let Err(e) | Ok(PeerResponse::Error { message: e }) =
+                    r.map_err(|e| format!("{e:#}"))
+                {
+                    warn!(host = %h, error = %e, "overlay not updated there (tolerated)");
+                }
+                continue;
+            }
             match r {
                 Ok(PeerResponse::Ok { .. }) => {}
                 Ok(PeerResponse::Error { message }) => errors.push(format!("{h}: {message}")),
@@ -457,7 +473,7 @@ impl Agent {
         lock(&self.containers).insert(name.to_string(), rec.clone());
         self.save_containers();
         if let Err(e) = self
-            .route_everywhere(&spec.mac, Some(&self.cfg.host.clone()))
+            .route_everywhere(&spec.mac, Some(&self.cfg.host.clone()), None)
             .await
         {
             warn!(container = name, error = %format!("{e:#}"), "overlay not updated on every host");
@@ -483,7 +499,7 @@ impl Agent {
         let _ = std::fs::remove_dir_all(&l.bundle);
         lock(&self.containers).remove(name);
         self.save_containers();
-        if let Err(e) = self.route_everywhere(&rec.spec.mac, None).await {
+        if let Err(e) = self.route_everywhere(&rec.spec.mac, None, None).await {
             warn!(container = name, error = %format!("{e:#}"), "overlay not updated on every host");
         }
         Ok(())

@@ -148,9 +148,11 @@ async fn dispatch(
             Ok(PeerResponse::Ok { bytes: 0 })
         }
         PeerRequest::Prepare { job, spec } => agent.prepare(peer, conn_id, job, spec, recv).await,
-        PeerRequest::Images { job, corrupt } => agent.receive_images(&job, corrupt, recv).await,
-        PeerRequest::Restore { job } => agent.restore_incoming(&job).await,
-        PeerRequest::Commit { job } => agent.commit_incoming(&job).await,
+        PeerRequest::Images { job, corrupt } => {
+            agent.receive_images(peer, &job, corrupt, recv).await
+        }
+        PeerRequest::Restore { job } => agent.restore_incoming(peer, &job).await,
+        PeerRequest::Commit { job } => agent.commit_incoming(peer, &job).await,
         PeerRequest::Abort { job } => {
             agent.abort_incoming(&job, "aborted by the source").await;
             Ok(PeerResponse::Ok { bytes: 0 })

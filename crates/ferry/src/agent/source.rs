@@ -38,6 +38,12 @@ pub(crate) fn start(
                 req.to
             )));
         }
+        if req.faults != FaultHooks::default() && !agent.cfg.allow_fault_hooks {
+            return Err(ApiFailure::bad_request(format!(
+                "fault hooks are disabled on {} (allow_fault_hooks in its config)",
+                agent.cfg.host
+            )));
+        }
         if agent.cfg.peer(&req.to).is_none() {
             return Err(ApiFailure::unknown_host(format!(
                 "unknown destination host {:?}: known hosts are {}",
@@ -280,7 +286,7 @@ impl Driver {
             }
             Action::Redirect => {
                 self.agent
-                    .route_everywhere(&self.spec.mac, Some(&self.to))
+                    .route_everywhere(&self.spec.mac, Some(&self.to), None)
                     .await?;
                 Ok(0)
             }
@@ -388,9 +394,10 @@ impl Driver {
                         Err(e) => {
                             self.commit_unconfirmed = true;
                             return Err(e.context(format!(
-                                "commit not confirmed by {}: the source keeps its images in {} for recovery",
+                                "commit not confirmed by {}: the source keeps its images in {} and its bundle in {} for recovery",
                                 self.to,
-                                self.agent.images_dir(&job).display()
+                                self.agent.images_dir(&job).display(),
+                                l.bundle.display()
                             )));
                         }
                     }
@@ -405,8 +412,10 @@ impl Driver {
                 tokio::task::spawn_blocking(move || {
                     runc.delete_force(&name);
                     crate::runtime::delete_netns(&l);
-                    let _ = std::fs::remove_dir_all(&l.bundle);
+                    // Without a confirmed commit, keep what a restore by hand needs: the images
+                    // and the bundle (config and root filesystem).
                     if !keep_images {
+                        let _ = std::fs::remove_dir_all(&l.bundle);
                         let _ = std::fs::remove_dir_all(images);
                     }
                     let _ = std::fs::remove_dir_all(work);
@@ -457,12 +466,13 @@ impl Driver {
         }
         if plan.redirect_back {
             let me = self.agent.cfg.host.clone();
-            if let Err(e) = self.agent.route_everywhere(&self.spec.mac, Some(&me)).await {
-                // The destination may be the unreachable one; what matters is the others.
-                warn!(%job, error = %format!("{e:#}"), "overlay not reverted on every host");
-                if !format!("{e:#}").contains(&format!("{}:", self.to)) {
-                    errors.push(format!("{e:#}"));
-                }
+            // The destination may be the unreachable one; every other host must follow.
+            if let Err(e) = self
+                .agent
+                .route_everywhere(&self.spec.mac, Some(&me), Some(&self.to))
+                .await
+            {
+                errors.push(format!("{e:#}"));
             }
         }
         if plan.clean_destination {
