@@ -84,6 +84,8 @@ pub(crate) struct Agent {
     job_seq: AtomicU64,
     /// Incoming jobs committed here (a retried commit is answered, not refused).
     committed_jobs: Mutex<std::collections::HashSet<String>>,
+    /// Names and addresses of containers being created right now.
+    creating: Mutex<Vec<(String, Ipv4Addr)>>,
 }
 
 /// Entry point of `ferry agent`. Enters the configured network namespace first, then starts
@@ -169,6 +171,7 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         criu,
         job_seq: AtomicU64::new(0),
         committed_jobs: Default::default(),
+        creating: Default::default(),
         cfg,
     });
     agent.clean_stale_incoming().await;
@@ -415,21 +418,48 @@ impl Agent {
                 c.host
             )));
         }
-        let used: Vec<Ipv4Addr> = all
-            .iter()
-            .map(|c| c.spec.ip)
-            .chain([crate::lab::CLIENT_OVERLAY_IP])
-            .collect();
-        let ip = match ip {
-            Some(ip) if used.contains(&ip) => {
-                return Err(F::conflict(format!("address {ip} is already in use")))
+        // Reserve name and address for the time of the creation: two concurrent requests must
+        // not build in the same bundle or get the same address.
+        let ip = {
+            let mut creating = lock(&self.creating);
+            if creating.iter().any(|(n, _)| n == name) || lock(&self.containers).contains_key(name)
+            {
+                return Err(F::conflict(format!(
+                    "a container named {name:?} already exists or is being created on {}",
+                    self.cfg.host
+                )));
             }
-            Some(ip) => ip,
-            None => {
-                crate::runtime::first_free(self.cfg.overlay_first, self.cfg.overlay_last, &used)
-                    .ok_or_else(|| F::conflict("no free overlay address left".into()))?
-            }
+            let used: Vec<Ipv4Addr> = all
+                .iter()
+                .map(|c| c.spec.ip)
+                .chain(creating.iter().map(|(_, ip)| *ip))
+                .chain([crate::lab::CLIENT_OVERLAY_IP])
+                .collect();
+            let ip = match ip {
+                Some(ip) if used.contains(&ip) => {
+                    return Err(F::conflict(format!("address {ip} is already in use")))
+                }
+                Some(ip) => ip,
+                None => {
+                    crate::runtime::first_free(self.cfg.overlay_first, self.cfg.overlay_last, &used)
+                        .ok_or_else(|| F::conflict("no free overlay address left".into()))?
+                }
+            };
+            creating.push((name.to_string(), ip));
+            ip
         };
+        let r = self.create_reserved(name, ip, args).await;
+        lock(&self.creating).retain(|(n, _)| n != name);
+        r
+    }
+
+    async fn create_reserved(
+        &self,
+        name: &str,
+        ip: Ipv4Addr,
+        args: Vec<String>,
+    ) -> Result<ContainerInfo, http::ApiFailure> {
+        use http::ApiFailure as F;
         let spec = ContainerSpec {
             name: name.to_string(),
             ip,
