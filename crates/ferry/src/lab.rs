@@ -386,8 +386,13 @@ pub fn down(dir: &Path) -> Result<()> {
                     .trim()
                     .parse::<i32>()
                 {
-                    let pid = nix::unistd::Pid::from_raw(pid);
-                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                    // Only a Ferry agent: a stale pid file may name a reused pid.
+                    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    let cmdline = String::from_utf8_lossy(&cmdline);
+                    if cmdline.contains("ferry") && cmdline.contains("agent") {
+                        let pid = nix::unistd::Pid::from_raw(pid);
+                        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                    }
                 }
             }
         }

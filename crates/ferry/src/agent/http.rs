@@ -116,7 +116,13 @@ async fn one(
 ) -> ApiResult<Json<ContainerInfo>> {
     let rec = lock(&a.containers).get(&name).cloned();
     match rec {
-        Some(r) => Ok(Json(a.container_info(&r))),
+        Some(r) => {
+            let a2 = Arc::clone(&a);
+            tokio::task::spawn_blocking(move || a2.container_info(&r))
+                .await
+                .map(Json)
+                .map_err(|e| ApiFailure::internal(e.to_string()))
+        }
         None => Err(ApiFailure::unknown_container(&name, &a.cfg.host)),
     }
 }

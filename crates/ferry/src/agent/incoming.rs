@@ -57,10 +57,12 @@ impl Agent {
             Ok(c) => c.version.to_string(),
             Err(e) => bail!("CRIU unusable on {}: {e}", self.cfg.host),
         };
-        let runc = self
-            .runc
-            .available()
-            .with_context(|| format!("runc unusable on {}", self.cfg.host))?;
+        let (r, dir) = (self.runc.clone(), self.cfg.state_dir.clone());
+        let (runc, free_bytes) =
+            tokio::task::spawn_blocking(move || (r.available(), crate::runtime::free_bytes(&dir)))
+                .await?;
+        let runc = runc.with_context(|| format!("runc unusable on {}", self.cfg.host))?;
+        let free_bytes = free_bytes?;
         if lock(&self.containers).contains_key(name)
             || self
                 .incoming
@@ -74,7 +76,6 @@ impl Agent {
                 self.cfg.host
             );
         }
-        let free_bytes = crate::runtime::free_bytes(&self.cfg.state_dir)?;
         Ok(PeerResponse::Preflight {
             criu,
             runc,

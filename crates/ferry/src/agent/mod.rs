@@ -523,10 +523,14 @@ impl Agent {
                 "container {name:?} is being migrated"
             )));
         }
-        self.runc.delete_force(name);
-        let l = self.layout(name);
-        crate::runtime::delete_netns(&l);
-        let _ = std::fs::remove_dir_all(&l.bundle);
+        let (runc, l, n) = (self.runc.clone(), self.layout(name), name.to_string());
+        tokio::task::spawn_blocking(move || {
+            crate::runtime::delete_netns(&l);
+            runc.delete_force(&n);
+            let _ = std::fs::remove_dir_all(&l.bundle);
+        })
+        .await
+        .map_err(|e| http::ApiFailure::internal(e.to_string()))?;
         lock(&self.containers).remove(name);
         self.save_containers();
         if let Err(e) = self.route_everywhere(&rec.spec.mac, None, None).await {

@@ -226,7 +226,14 @@ impl Driver {
                 if let Err(e) = &self.agent.criu {
                     bail!("CRIU unusable on {}: {e}", self.agent.cfg.host);
                 }
-                let st = self.agent.runc.state(&self.spec.name);
+                let (runc, n, bundle) = (
+                    self.agent.runc.clone(),
+                    self.spec.name.clone(),
+                    l.bundle.clone(),
+                );
+                let (st, size) =
+                    tokio::task::spawn_blocking(move || (runc.state(&n), dir_size(&bundle)))
+                        .await?;
                 if st.as_ref().map(|s| s.status.as_str()) != Some("running") {
                     bail!(
                         "container {:?} is not running on {} (runc state: {})",
@@ -254,7 +261,7 @@ impl Driver {
                     };
                 match resp {
                     PeerResponse::Preflight { free_bytes, .. } => {
-                        let need = dir_size(&l.bundle) * 2 + (64 << 20);
+                        let need = size * 2 + (64 << 20);
                         if free_bytes < need {
                             bail!("{} has {} MiB free in its state directory, the container needs about {} MiB", self.to, free_bytes >> 20, need >> 20);
                         }
@@ -434,10 +441,9 @@ impl Driver {
         let mut errors = vec![];
         if plan.restore_source {
             let l = self.agent.layout(&name);
-            let running = self
-                .agent
-                .runc
-                .state(&name)
+            let (runc, n) = (self.agent.runc.clone(), name.clone());
+            let running = tokio::task::spawn_blocking(move || runc.state(&n))
+                .await?
                 .is_some_and(|s| s.status == "running" || s.status == "paused");
             if running {
                 crate::runtime::thaw(&self.agent.cfg.host, &name);
