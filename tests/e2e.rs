@@ -284,3 +284,6 @@ fn a_link_cut_right_after_the_commit_point_does_not_lose_the_container() {
     assert_eq!(c["state"], "running", "{c}");
     assert_clean_host("h1", "echo");
 }
+
+#[path = "measure.rs"]
+mod measure;

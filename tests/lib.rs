@@ -38,7 +38,7 @@ pub fn require_privileges() {
         "end-to-end tests need root (CRIU, runc, network namespaces): run scripts/test.sh as root"
     );
     for tool in [
-        "runc", "criu", "iptables", "ip", "arping", "busybox", "nsenter",
+        "runc", "criu", "iptables", "ip", "arping", "busybox", "nsenter", "tc", "nc",
     ] {
         let ok = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
@@ -85,6 +85,48 @@ impl Lab {
         let _ = ferry(&["lab", "down"]);
         ferry_ok(&["lab", "up"]);
         Lab { _serial: serial }
+    }
+
+    /// Brings a fresh lab up with `ferry lab up EXTRA...`.
+    pub fn up_with(extra: &[&str]) -> Lab {
+        require_privileges();
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = ferry(&["lab", "down"]);
+        let mut args = vec!["lab", "up"];
+        args.extend_from_slice(extra);
+        ferry_ok(&args);
+        Lab { _serial: serial }
+    }
+
+    /// Takes the lab lock without bringing a lab up (for commands that bring their own).
+    pub fn exclusive() -> Lab {
+        require_privileges();
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = ferry(&["lab", "down"]);
+        Lab { _serial: serial }
+    }
+
+    /// Starts the memory workload (`ferry-workload mem`) as container `name` on `host`.
+    pub fn run_mem(&self, host: &str, name: &str, size_mib: u64, dirty_mib_s: u64) -> Value {
+        ferry_ok(&[
+            "run",
+            "--on",
+            host,
+            "--name",
+            name,
+            "--",
+            "/bin/ferry-workload",
+            "mem",
+            "--port",
+            "7000",
+            "--size-mib",
+            &size_mib.to_string(),
+            "--dirty-mib-s",
+            &dirty_mib_s.to_string(),
+        ]);
+        let c = self.container(name).expect("container listed after run");
+        wait_port(c["ip"].as_str().expect("ip"));
+        c
     }
 
     /// Starts the echo workload as container `name` on `host`; returns its `ferry ps` entry.
@@ -380,4 +422,29 @@ impl Drop for LinkCut {
             cut_rule(&self.host, "-D", r);
         }
     }
+}
+
+/// Sends one command line to the workload at `ip:7000` from the client host; returns the answer.
+pub fn ask_workload(ip: &str, line: &str) -> String {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "ferry-client",
+            "timeout",
+            "60",
+            "bash",
+            "-c",
+        ])
+        .arg(format!(
+            "exec 3<>/dev/tcp/{ip}/7000 && echo '{line}' >&3 && read -r l <&3 && echo \"$l\""
+        ))
+        .output()
+        .expect("asking the workload");
+    assert!(
+        out.status.success(),
+        "no answer from the workload at {ip}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }

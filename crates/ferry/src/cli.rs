@@ -60,9 +60,24 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Lab { cmd } => {
             crate::util::require_root("ferry lab")?;
             match cmd {
-                LabCmd::Up { hosts } => {
+                LabCmd::Up { hosts, link_rate } => {
                     let (exe, workload) = exe_paths()?;
-                    crate::lab::up(&dir, hosts, &exe, &workload).await?;
+                    crate::lab::up(&dir, hosts, &exe, &workload, link_rate).await?;
+                }
+                LabCmd::Shape { rate } => {
+                    let mut lab = Lab::load(&dir)?;
+                    let rate = match rate.as_str() {
+                        "none" | "unshaped" => None,
+                        r => Some(
+                            r.parse::<crate::lab::LinkRate>()
+                                .map_err(anyhow::Error::msg)?,
+                        ),
+                    };
+                    crate::lab::set_link_rate(&mut lab, rate)?;
+                    match rate {
+                        Some(r) => eprintln!("lab: underlay links shaped to {r}"),
+                        None => eprintln!("lab: underlay links unshaped"),
+                    }
                 }
                 LabCmd::Down => {
                     crate::lab::down(&dir)?;
@@ -136,6 +151,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             json,
             pause_in_transfer_ms,
             corrupt_images,
+            corrupt_memory_page,
             pause_before_commit_ms,
             detach,
         } => {
@@ -143,6 +159,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let faults = FaultHooks {
                 pause_in_transfer_ms,
                 corrupt_images,
+                corrupt_memory_page,
                 pause_before_commit_ms,
             };
             if detach {
@@ -185,6 +202,49 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             crate::util::require_root("ferry demo")?;
             let (exe, workload) = exe_paths()?;
             return crate::demo::run(&dir, &exe, &workload, json, keep, !no_baseline).await;
+        }
+        Cmd::Bench {
+            quick,
+            sizes_mib,
+            dirty_mib_s,
+            link_rates,
+            modes,
+            no_echo,
+            no_baseline,
+            interval_ms,
+            out,
+            keep,
+        } => {
+            crate::util::require_root("ferry bench")?;
+            let (exe, workload) = exe_paths()?;
+            let mut opts = if quick {
+                crate::bench::BenchOpts::quick(out)
+            } else {
+                crate::bench::BenchOpts::full(out)
+            };
+            if let Some(v) = sizes_mib {
+                opts.sizes_mib = v;
+            }
+            if let Some(v) = dirty_mib_s {
+                opts.dirty_mib_s = v;
+            }
+            if let Some(v) = link_rates {
+                opts.link_rates = v
+                    .iter()
+                    .map(|r| match r.as_str() {
+                        "none" | "unshaped" => Ok(None),
+                        r => r.parse().map(Some).map_err(anyhow::Error::msg),
+                    })
+                    .collect::<Result<_>>()?;
+            }
+            if let Some(v) = modes {
+                opts.modes = v;
+            }
+            opts.echo = !no_echo;
+            opts.baseline = !no_baseline;
+            opts.interval_ms = interval_ms;
+            opts.keep = keep;
+            return crate::bench::run(&dir, &exe, &workload, opts).await;
         }
         Cmd::Agent { .. } | Cmd::Probe { .. } => unreachable!("handled before the runtime starts"),
     }
@@ -315,7 +375,7 @@ pub(crate) async fn migrate(
     }
 }
 
-fn phase_name(p: Phase) -> &'static str {
+pub(crate) fn phase_name(p: Phase) -> &'static str {
     match p {
         Phase::Preflight => "preflight",
         Phase::Prepare => "prepare",

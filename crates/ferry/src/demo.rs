@@ -15,7 +15,8 @@ use crate::probe::ProbeReport;
 use crate::runtime::Layout;
 use crate::util::{ms, run as sh};
 
-const ECHO_PORT: u16 = 7000;
+/// Port the workloads serve on.
+pub const ECHO_PORT: u16 = 7000;
 /// Request interval of the demo's client.
 pub const PROBE_INTERVAL_MS: f64 = 5.0;
 
@@ -26,18 +27,37 @@ pub struct ProbeProcess {
 }
 
 impl ProbeProcess {
-    /// Starts `ferry probe` inside the client host against `ip:ECHO_PORT`.
+    /// Starts `ferry probe` inside the client host against `ip:ECHO_PORT` at the demo's rate.
     pub fn start(lab: &Lab, exe: &Path, ip: std::net::Ipv4Addr, tag: &str) -> Result<Self> {
+        Self::start_with(lab, exe, ip, tag, PROBE_INTERVAL_MS, 20.0, false)
+    }
+
+    /// Starts `ferry probe` inside the client host with a request every `interval_ms`,
+    /// counting gaps above `threshold_ms`, keeping every sample when `series`.
+    pub fn start_with(
+        lab: &Lab,
+        exe: &Path,
+        ip: std::net::Ipv4Addr,
+        tag: &str,
+        interval_ms: f64,
+        threshold_ms: f64,
+        series: bool,
+    ) -> Result<Self> {
         let stop_file = lab.dir.join(format!("probe-{tag}.stop"));
         let _ = std::fs::remove_file(&stop_file);
         let client = lab.host("client")?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &client.netns])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &client.netns])
             .arg(exe)
             .args(["probe", "--target", &format!("{ip}:{ECHO_PORT}")])
-            .args(["--interval-ms", &PROBE_INTERVAL_MS.to_string()])
+            .args(["--interval-ms", &interval_ms.to_string()])
+            .args(["--threshold-ms", &threshold_ms.to_string()])
             .arg("--stop-file")
-            .arg(&stop_file)
+            .arg(&stop_file);
+        if series {
+            cmd.arg("--series");
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -61,27 +81,44 @@ impl ProbeProcess {
     }
 }
 
+/// The echo workload's command line.
+pub fn echo_args() -> Vec<String> {
+    vec![
+        "/bin/ferry-workload".into(),
+        "echo".into(),
+        "--port".into(),
+        ECHO_PORT.to_string(),
+    ]
+}
+
 /// Starts an echo container and waits until it answers from the client host.
 pub async fn start_echo(lab: &Lab, host: &str, name: &str) -> Result<ContainerInfo> {
+    start_workload(lab, host, name, echo_args(), Duration::from_secs(10)).await
+}
+
+/// Starts a container running `args` (a workload serving on `ECHO_PORT`) and waits up to
+/// `ready` until it accepts connections from the client host.
+pub async fn start_workload(
+    lab: &Lab,
+    host: &str,
+    name: &str,
+    args: Vec<String>,
+    ready: Duration,
+) -> Result<ContainerInfo> {
     let info = lab
         .client(host)?
         .create(&CreateContainer {
             name: name.into(),
             ip: None,
-            args: vec![
-                "/bin/ferry-workload".into(),
-                "echo".into(),
-                "--port".into(),
-                ECHO_PORT.to_string(),
-            ],
+            args,
         })
         .await?;
-    wait_echo(lab, info.spec.ip).await?;
+    wait_echo(lab, info.spec.ip, ready).await?;
     Ok(info)
 }
 
 /// Timings of the hand-made migration.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct BaselineReport {
     /// `runc checkpoint --tcp-established`, ms.
     pub checkpoint_ms: f64,
@@ -95,6 +132,29 @@ pub struct BaselineReport {
     pub network_switch_ms: f64,
     /// All of it, ms.
     pub total_ms: f64,
+    /// Wall-clock start, ms since the Unix epoch.
+    pub started_unix_ms: f64,
+}
+
+impl BaselineReport {
+    /// The steps as (name, start ms, duration ms), starts relative to `started_unix_ms`.
+    pub fn steps(&self) -> Vec<(&'static str, f64, f64)> {
+        let mut t = 0.0;
+        [
+            ("checkpoint", self.checkpoint_ms),
+            ("copy", self.copy_ms),
+            ("netns", self.netns_ms),
+            ("restore", self.restore_ms),
+            ("network", self.network_switch_ms),
+        ]
+        .into_iter()
+        .map(|(n, d)| {
+            let start = t;
+            t += d;
+            (n, start, d)
+        })
+        .collect()
+    }
 }
 
 /// A container run and moved by hand with runc, the way an admin would without Ferry: default
@@ -105,6 +165,11 @@ pub struct Baseline {
 }
 
 impl Baseline {
+    /// The container's overlay address.
+    pub fn ip(&self) -> std::net::Ipv4Addr {
+        self.spec.ip
+    }
+
     fn state_dir(&self, host: &str) -> PathBuf {
         self.dir.join(host)
     }
@@ -121,7 +186,14 @@ impl Baseline {
     }
 
     /// Starts the echo workload on `host` with runc and points the overlay at it.
-    pub async fn start(lab: &Lab, workload: &Path, host: &str, name: &str) -> Result<Baseline> {
+    pub async fn start(
+        lab: &Lab,
+        workload: &Path,
+        host: &str,
+        name: &str,
+        args: Vec<String>,
+        ready: Duration,
+    ) -> Result<Baseline> {
         let used: Vec<std::net::Ipv4Addr> = crate::cli::ps(lab)
             .await?
             .iter()
@@ -138,12 +210,7 @@ impl Baseline {
             ip,
             mac: orchestrator_shim::api::mac_for_ip(ip),
             prefix_len: 24,
-            args: vec![
-                "/bin/ferry-workload".into(),
-                "echo".into(),
-                "--port".into(),
-                ECHO_PORT.to_string(),
-            ],
+            args,
         };
         let b = Baseline {
             spec,
@@ -174,7 +241,7 @@ impl Baseline {
             bail!("runc run of the baseline container failed ({status})");
         }
         b.point_overlay(lab, host)?;
-        wait_echo(lab, ip).await?;
+        wait_echo(lab, ip, ready).await?;
         Ok(b)
     }
 
@@ -227,6 +294,7 @@ impl Baseline {
         let _ = std::fs::remove_dir_all(&img_src);
         let _ = std::fs::remove_dir_all(&img_dst);
         std::fs::create_dir_all(&img_src)?;
+        let started_unix_ms = crate::util::unix_ms();
         let t0 = Instant::now();
         sh(
             "nsenter",
@@ -245,19 +313,9 @@ impl Baseline {
             ],
         )?;
         let t1 = Instant::now();
-        sh(
-            "cp",
-            ["-a", &img_src.to_string_lossy(), &img_dst.to_string_lossy()],
-        )?;
-        std::fs::create_dir_all(self.state_dir(to).join("containers"))?;
-        sh(
-            "cp",
-            [
-                "-a",
-                &src_l.bundle.to_string_lossy(),
-                &dst_l.bundle.to_string_lossy(),
-            ],
-        )?;
+        // Over the underlay, the way an admin moves files between hosts: tar into netcat.
+        net_copy(lab, from, to, &img_src, &img_dst)?;
+        net_copy(lab, from, to, &src_l.bundle, &dst_l.bundle)?;
         crate::runtime::write_config(&dst_l, &self.spec, to, None)?;
         let t2 = Instant::now();
         crate::runtime::create_netns_in(Some(&dst.netns), &dst_l, &self.spec, "br0")?;
@@ -318,6 +376,7 @@ impl Baseline {
             restore_ms: ms(t4 - t3),
             network_switch_ms: ms(t5 - t4),
             total_ms: ms(t5 - t0),
+            started_unix_ms,
         })
     }
 
@@ -361,9 +420,67 @@ impl Baseline {
     }
 }
 
-async fn wait_echo(lab: &Lab, ip: std::net::Ipv4Addr) -> Result<()> {
+/// TCP port of the baseline's file copy on the destination's underlay address.
+const COPY_PORT: u16 = 7799;
+
+/// Copies directory `src` on host `from` to `dst` on host `to` over the lab's underlay with
+/// `tar | nc` (plain TCP, no encryption), as an admin would between two machines.
+pub fn net_copy(lab: &Lab, from: &str, to: &str, src: &Path, dst: &Path) -> Result<()> {
+    let (s, d) = (lab.host(from)?, lab.host(to)?);
+    std::fs::create_dir_all(dst)?;
+    let mut recv = Command::new("ip")
+        .args(["netns", "exec", &d.netns, "sh", "-c"])
+        .arg(format!(
+            "nc -l -s {} -p {COPY_PORT} | tar -x -f - -C '{}'",
+            d.underlay_ip,
+            dst.display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting nc at the destination (scripts/setup.sh installs netcat-openbsd)")?;
+    // The sender retries until the listener is up (bounded: 3 s).
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &s.netns, "sh", "-c"])
+            .arg(format!(
+                "tar -c -f - -C '{}' . | nc -N {} {COPY_PORT}",
+                src.display(),
+                d.underlay_ip
+            ))
+            .stdin(Stdio::null())
+            .output()?;
+        if out.status.success() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = recv.kill();
+            let _ = recv.wait();
+            bail!(
+                "copying {} from {from} to {to} failed: {}",
+                src.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = recv.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "receiving {} on {to} failed ({}): {}",
+            dst.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+async fn wait_echo(lab: &Lab, ip: std::net::Ipv4Addr, ready: Duration) -> Result<()> {
     let client = lab.host("client")?;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + ready;
     loop {
         let ok = Command::new("ip")
             .args(["netns", "exec", &client.netns, "timeout", "1", "bash", "-c"])
@@ -377,7 +494,11 @@ async fn wait_echo(lab: &Lab, ip: std::net::Ipv4Addr) -> Result<()> {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("echo server at {ip} does not answer on port {ECHO_PORT} from the client host");
+            bail!(
+                "the workload at {ip} does not answer on port {ECHO_PORT} from the client host \
+                 within {} s",
+                ready.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -411,7 +532,7 @@ pub async fn run(
     baseline: bool,
 ) -> Result<ExitCode> {
     crate::lab::down(dir)?;
-    let lab = crate::lab::up(dir, 2, exe, workload).await?;
+    let lab = crate::lab::up(dir, 2, exe, workload, None).await?;
     let r = demo(&lab, exe, workload, json, baseline).await;
     if !keep {
         crate::lab::down(dir)?;
@@ -499,7 +620,15 @@ async fn demo(
         if !json {
             eprintln!("demo: baseline: echo-base on h1, moved to h2 by hand");
         }
-        let b = Baseline::start(lab, workload, "h1", "echo-base").await?;
+        let b = Baseline::start(
+            lab,
+            workload,
+            "h1",
+            "echo-base",
+            echo_args(),
+            Duration::from_secs(10),
+        )
+        .await?;
         let p = ProbeProcess::start(lab, exe, b.spec.ip, "base")?;
         tokio::time::sleep(Duration::from_millis(1000)).await;
         let steps = b.migrate(lab, "h1", "h2");

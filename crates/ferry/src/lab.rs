@@ -34,6 +34,106 @@ pub struct Lab {
     pub hosts: Vec<LabHost>,
     /// Directory of the lab's files.
     pub dir: PathBuf,
+    /// Rate limit of every host's underlay link, when shaped.
+    #[serde(default)]
+    pub link_rate: Option<LinkRate>,
+}
+
+/// A link rate for `tc`'s token bucket filter, in bits per second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkRate(pub u64);
+
+impl std::str::FromStr for LinkRate {
+    type Err = String;
+
+    /// Parses `tc`-style rates: `1gbit`, `100mbit`, `500kbit`, `2.5gbit`, `1000000bit`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim().to_ascii_lowercase();
+        let units = [("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1.0)];
+        let bad = || {
+            format!(
+                "link rate {s:?} is not understood: give a number with gbit, mbit, kbit or bit, \
+                 for example 1gbit"
+            )
+        };
+        let (num, mult) = units
+            .iter()
+            .find_map(|(u, m)| t.strip_suffix(u).map(|n| (n, *m)))
+            .ok_or_else(bad)?;
+        let v: f64 = num.trim().parse().map_err(|_| bad())?;
+        let bits = v * mult;
+        if !bits.is_finite() || !(100e3..=100e9).contains(&bits) {
+            return Err(format!(
+                "link rate {s:?} is out of range: between 100kbit and 100gbit"
+            ));
+        }
+        Ok(LinkRate(bits as u64))
+    }
+}
+
+impl std::fmt::Display for LinkRate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.0;
+        if b.is_multiple_of(1_000_000_000) {
+            write!(f, "{}gbit", b / 1_000_000_000)
+        } else if b.is_multiple_of(1_000_000) {
+            write!(f, "{}mbit", b / 1_000_000)
+        } else if b.is_multiple_of(1000) {
+            write!(f, "{}kbit", b / 1000)
+        } else {
+            write!(f, "{b}bit")
+        }
+    }
+}
+
+impl LinkRate {
+    /// Bytes per second.
+    pub fn bytes_per_s(self) -> f64 {
+        self.0 as f64 / 8.0
+    }
+}
+
+/// Shapes (or, with `None`, unshapes) every host's underlay link in both directions with a
+/// token bucket filter: the host's own port for what it sends, the underlay bridge's port
+/// towards it for what it receives. The bucket holds 2 ms at the rate (at least 64 KiB), the
+/// queue 20 ms, like a cloud NIC's shallow buffer.
+pub fn set_link_rate(lab: &mut Lab, rate: Option<LinkRate>) -> Result<()> {
+    for h in &lab.hosts {
+        let port = format!("ul-{}", h.name);
+        for (ns, dev) in [(h.netns.as_str(), "ul0"), (UNDERLAY_NS, port.as_str())] {
+            match rate {
+                Some(r) => {
+                    let burst = ((r.bytes_per_s() * 0.002) as u64).max(64 * 1024);
+                    crate::util::run(
+                        "tc",
+                        [
+                            "-n",
+                            ns,
+                            "qdisc",
+                            "replace",
+                            "dev",
+                            dev,
+                            "root",
+                            "tbf",
+                            "rate",
+                            &format!("{}bit", r.0),
+                            "burst",
+                            &burst.to_string(),
+                            "latency",
+                            "20ms",
+                        ],
+                    )
+                    .with_context(|| format!("shaping {dev} in {ns} to {r}"))?;
+                }
+                None => {
+                    run_quiet("tc", ["-n", ns, "qdisc", "del", "dev", dev, "root"]);
+                }
+            }
+        }
+    }
+    lab.link_rate = rate;
+    std::fs::write(lab.dir.join("lab.json"), serde_json::to_vec_pretty(&*lab)?)?;
+    Ok(())
 }
 
 /// One lab host.
@@ -96,7 +196,13 @@ fn host_ns(name: &str) -> String {
 }
 
 /// `ferry lab up`.
-pub async fn up(dir: &Path, hosts: usize, exe: &Path, workload: &Path) -> Result<Lab> {
+pub async fn up(
+    dir: &Path,
+    hosts: usize,
+    exe: &Path,
+    workload: &Path,
+    link_rate: Option<LinkRate>,
+) -> Result<Lab> {
     if !(1..=20).contains(&hosts) {
         bail!("--hosts must be between 1 and 20, got {hosts}");
     }
@@ -311,21 +417,28 @@ pub async fn up(dir: &Path, hosts: usize, exe: &Path, workload: &Path) -> Result
         std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)?;
         start_agent(exe, &cfg_path, &h.log, &dir.join(format!("{}.pid", h.name)))?;
     }
-    let lab = Lab {
+    let mut lab = Lab {
         hosts: lab_hosts,
         dir: dir.to_owned(),
+        link_rate: None,
     };
     for h in &lab.hosts {
         wait_agent(&lab, &h.name).await?;
     }
     std::fs::write(dir.join("lab.json"), serde_json::to_vec_pretty(&lab)?)?;
+    if link_rate.is_some() {
+        set_link_rate(&mut lab, link_rate)?;
+    }
     eprintln!(
-        "lab: up with hosts {}",
+        "lab: up with hosts {}{}",
         lab.hosts
             .iter()
             .map(|h| h.name.as_str())
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        link_rate
+            .map(|r| format!(", underlay links shaped to {r}"))
+            .unwrap_or_default()
     );
     Ok(lab)
 }
@@ -442,4 +555,29 @@ pub fn exec(lab: &Lab, host: &str, cmd: &[String]) -> Result<()> {
         .args(cmd)
         .exec();
     Err(err).with_context(|| format!("running {:?} in {host}", cmd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LinkRate;
+
+    #[test]
+    fn link_rates_parse_like_tc_and_print_back() {
+        for (s, bits, shown) in [
+            ("1gbit", 1_000_000_000, "1gbit"),
+            ("100mbit", 100_000_000, "100mbit"),
+            ("2.5gbit", 2_500_000_000, "2500mbit"),
+            ("500kbit", 500_000, "500kbit"),
+            (" 10MBit ", 10_000_000, "10mbit"),
+        ] {
+            let r: LinkRate = s.parse().unwrap();
+            assert_eq!(r.0, bits, "{s}");
+            assert_eq!(r.to_string(), shown);
+            assert_eq!(r.to_string().parse::<LinkRate>().unwrap(), r);
+        }
+        for bad in ["fast", "1gb", "", "-1gbit", "0bit", "1000gbit", "nanmbit"] {
+            let e = bad.parse::<LinkRate>().unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+    }
 }

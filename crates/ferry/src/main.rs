@@ -5,6 +5,8 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+mod bench;
+mod chart;
 mod cli;
 mod client;
 mod config;
@@ -90,6 +92,10 @@ enum Cmd {
         /// Fault injection (tests): damage the images at the destination.
         #[arg(long, hide = true)]
         corrupt_images: bool,
+        /// Fault injection (tests): flip a byte in one page of the memory workload in the
+        /// images at the destination.
+        #[arg(long, hide = true)]
+        corrupt_memory_page: bool,
         /// Fault injection (tests): pause this long between the restore and the commit.
         #[arg(long, hide = true, default_value_t = 0)]
         pause_before_commit_ms: u64,
@@ -116,7 +122,7 @@ enum Cmd {
         #[arg(long)]
         target: std::net::SocketAddr,
         /// Milliseconds between requests.
-        #[arg(long, default_value_t = 5.0)]
+        #[arg(long, default_value_t = 1.0)]
         interval_ms: f64,
         /// Stop after this many seconds.
         #[arg(long)]
@@ -130,6 +136,41 @@ enum Cmd {
         /// Include every sample in the report.
         #[arg(long)]
         series: bool,
+    },
+    /// Benchmark: a matrix of scenarios in a fresh lab, Ferry and the hand-made baseline side by
+    /// side under a 1 ms probe; writes JSON, a Markdown table and SVG charts.
+    Bench {
+        /// The quick matrix (about 3 minutes): echo, and 256 MiB of memory dirtied at 0 and
+        /// 50 MiB/s, on an unshaped and a 1 Gbit/s link.
+        #[arg(long)]
+        quick: bool,
+        /// Memory workload sizes in MiB (default 256,1024,4096; those that fit in memory).
+        #[arg(long, value_delimiter = ',')]
+        sizes_mib: Option<Vec<u64>>,
+        /// Memory workload dirty rates in MiB/s (default 0,50).
+        #[arg(long, value_delimiter = ',')]
+        dirty_mib_s: Option<Vec<f64>>,
+        /// Underlay link rates (default unshaped,1gbit).
+        #[arg(long, value_delimiter = ',')]
+        link_rates: Option<Vec<String>>,
+        /// Ferry migration modes.
+        #[arg(long, value_delimiter = ',', value_enum)]
+        modes: Option<Vec<bench::Mode>>,
+        /// Leave out the echo container.
+        #[arg(long)]
+        no_echo: bool,
+        /// Leave out the hand-made baseline.
+        #[arg(long)]
+        no_baseline: bool,
+        /// Probe request interval, ms.
+        #[arg(long, default_value_t = 1.0)]
+        interval_ms: f64,
+        /// Output directory (results.json, results.md, charts/).
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+        /// Leave the lab up afterwards.
+        #[arg(long)]
+        keep: bool,
     },
     /// Bring up a lab, migrate an echo container there and back under a live client, report.
     Demo {
@@ -152,6 +193,15 @@ enum LabCmd {
         /// Number of container hosts.
         #[arg(long, default_value_t = 2)]
         hosts: usize,
+        /// Limit every host's underlay link to this rate (tc token bucket), e.g. `1gbit`,
+        /// `100mbit`; unshaped when absent.
+        #[arg(long)]
+        link_rate: Option<lab::LinkRate>,
+    },
+    /// Change the underlay links' rate limit of a running lab (`none` removes it).
+    Shape {
+        /// Rate such as `1gbit` or `100mbit`, or `none`.
+        rate: String,
     },
     /// Remove everything the lab created.
     Down,

@@ -1,7 +1,9 @@
 //! `ferry probe`: one TCP connection to an echo container, a request every few milliseconds,
 //! every round trip recorded. Reports the largest gap between answers, the time spent above a
 //! threshold, errors, and whether every byte came back in order with the server's counter
-//! advancing by exactly one per line (the container's memory survived).
+//! advancing by exactly one per line (the container's memory survived). Against the memory
+//! workload (`ferry-workload mem`) every answer also carries the workload's own verdict on its
+//! memory (`mem=ok` or `mem=bad`), which the report keeps.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -67,6 +69,14 @@ pub struct ProbeReport {
     pub intact: bool,
     /// How long the probe ran, ms.
     pub duration_ms: f64,
+    /// Wall-clock time the probe started, ms since the Unix epoch; series times are relative
+    /// to it.
+    #[serde(default)]
+    pub started_unix_ms: f64,
+    /// The memory workload's verdict in its last answer (`None` when the server is the plain
+    /// echo workload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_intact: Option<bool>,
     /// (answer time ms, round trip ms) for every answer, when asked for.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub series: Vec<(f64, f64)>,
@@ -78,6 +88,7 @@ pub fn run(cfg: &ProbeConfig) -> Result<ProbeReport> {
         .with_context(|| format!("cannot connect to the echo server at {}", cfg.target))?;
     stream.set_nodelay(true)?;
     let start = Instant::now();
+    let started_unix_ms = crate::util::unix_ms();
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
     let write_failed = Arc::new(AtomicBool::new(false));
@@ -167,7 +178,7 @@ pub fn run(cfg: &ProbeConfig) -> Result<ProbeReport> {
         r.error(format!("{} answers missing", sent - r.received));
     }
     let _ = stream.shutdown(std::net::Shutdown::Both);
-    Ok(r.finish(cfg, sent, start))
+    Ok(r.finish(cfg, sent, start, started_unix_ms))
 }
 
 struct Reader {
@@ -185,6 +196,7 @@ struct Reader {
     series: Vec<(f64, f64)>,
     counter_first: Option<u64>,
     counter_last: u64,
+    memory_intact: Option<bool>,
 }
 
 impl Reader {
@@ -204,6 +216,7 @@ impl Reader {
             series: vec![],
             counter_first: None,
             counter_last: 0,
+            memory_intact: None,
         }
     }
 
@@ -227,6 +240,18 @@ impl Reader {
             self.error(format!("garbled answer {line:?}"));
             return;
         };
+        match it.next() {
+            Some("mem=ok") => self.memory_intact = Some(true),
+            Some("mem=bad") => {
+                if self.memory_intact != Some(false) {
+                    self.error(format!(
+                        "the workload reports damaged memory in answer {seq}"
+                    ));
+                }
+                self.memory_intact = Some(false);
+            }
+            _ => {}
+        }
         if seq != self.received {
             self.error(format!(
                 "answer for request {seq} where {} was due",
@@ -261,7 +286,13 @@ impl Reader {
         self.last_at = Some(now);
     }
 
-    fn finish(mut self, cfg: &ProbeConfig, sent: u64, start: Instant) -> ProbeReport {
+    fn finish(
+        mut self,
+        cfg: &ProbeConfig,
+        sent: u64,
+        start: Instant,
+        started_unix_ms: f64,
+    ) -> ProbeReport {
         self.rtts.sort_by(|a, b| a.total_cmp(b));
         let pct = |p: f64| -> f64 {
             if self.rtts.is_empty() {
@@ -288,6 +319,8 @@ impl Reader {
             counter_last: self.counter_last,
             intact: self.errors == 0 && self.received == sent,
             duration_ms: crate::util::ms(start.elapsed()),
+            started_unix_ms,
+            memory_intact: self.memory_intact,
             series: std::mem::take(&mut self.series),
         }
     }

@@ -44,6 +44,10 @@ pub enum PeerRequest {
         job: String,
         /// Test hook: damage the images so that the restore fails.
         corrupt: bool,
+        /// Test hook: flip one byte in one page of the memory workload, so the restore
+        /// succeeds with damaged memory.
+        #[serde(default)]
+        corrupt_page: bool,
     },
     /// Restore the container of `job` from the received images.
     Restore {

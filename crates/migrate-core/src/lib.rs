@@ -221,6 +221,12 @@ impl Migration {
         &self.report
     }
 
+    /// Records the wall-clock time of the start (ms since the Unix epoch). The state machine
+    /// itself runs on the monotonic `now` it is fed; this only labels the report.
+    pub fn set_started_unix_ms(&mut self, unix_ms: f64) {
+        self.report.started_unix_ms = unix_ms;
+    }
+
     /// Consumes the migration, yielding its report.
     pub fn finalize(self) -> Report {
         self.report

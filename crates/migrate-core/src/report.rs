@@ -74,6 +74,10 @@ pub struct Report {
     pub warnings: Vec<String>,
     /// What the rollback undid, if one ran.
     pub rollback: Option<RollbackPlan>,
+    /// Wall-clock time of the start, ms since the Unix epoch (0 when the driver did not set it),
+    /// so a harness can line the phases up with what a client observed.
+    #[serde(default)]
+    pub started_unix_ms: f64,
     #[serde(skip)]
     pub(crate) started_at: Duration,
 }
@@ -97,6 +101,7 @@ impl Report {
             bytes_sent: 0,
             warnings: vec![],
             rollback: None,
+            started_unix_ms: 0.0,
             started_at: Duration::ZERO,
         }
     }

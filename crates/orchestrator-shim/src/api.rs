@@ -59,6 +59,10 @@ pub struct FaultHooks {
     /// Damage the received images at the destination so that CRIU's restore fails for real.
     #[serde(default)]
     pub corrupt_images: bool,
+    /// Flip one byte in one page of the memory workload (`ferry-workload mem`) inside the
+    /// received images at the destination: the restore succeeds and the workload must notice.
+    #[serde(default)]
+    pub corrupt_memory_page: bool,
     /// Sleep this long after the restore was confirmed, before the commit is sent, so a test
     /// can cut the link right after the commit point.
     #[serde(default)]

@@ -5,6 +5,10 @@
 //! on any connection increments one counter held in memory; the reply is `<counter> <line>`. A
 //! client that sees the counter advance by exactly one per line across a migration knows the
 //! process state (not only the socket) survived.
+//!
+//! `ferry-workload mem [--port P] [--size-mib N] [--dirty-mib-s R] [--verify-mib-s V]`: holds N MiB
+//! of self-checking pages, rewrites R MiB/s of them and checks V MiB/s; see
+//! [`ferry_workload::mem`] for the page format and the protocol.
 
 #![forbid(unsafe_code)]
 
@@ -23,8 +27,12 @@ fn main() {
                 std::process::exit(1);
             }
         }
+        Some("mem") => std::process::exit(ferry_workload::mem::cli(&args[1..])),
         _ => {
-            eprintln!("usage: ferry-workload echo [--port PORT]");
+            eprintln!(
+                "usage: ferry-workload echo [--port PORT]\n       {}",
+                ferry_workload::mem::USAGE
+            );
             std::process::exit(2);
         }
     }

@@ -200,9 +200,10 @@ impl Agent {
         peer: &str,
         job: &str,
         corrupt: bool,
+        corrupt_page: bool,
         recv: &mut super::peer::Incoming<'_>,
     ) -> Result<PeerResponse> {
-        if corrupt && !self.cfg.allow_fault_hooks {
+        if (corrupt || corrupt_page) && !self.cfg.allow_fault_hooks {
             bail!(
                 "fault hooks are disabled on {} (allow_fault_hooks in its config)",
                 self.cfg.host
@@ -234,6 +235,12 @@ impl Agent {
             let inv = images.join("inventory.img");
             std::fs::write(&inv, b"not a CRIU image")?;
             warn!(%job, "images corrupted on purpose (fault hook)");
+        }
+        if corrupt_page {
+            let dir = images.clone();
+            let (file, offset) =
+                tokio::task::spawn_blocking(move || damage_workload_page(&dir)).await??;
+            warn!(%job, file = %file.display(), offset, "one memory page damaged on purpose (fault hook)");
         }
         Ok(PeerResponse::Ok {
             bytes: a.wire_bytes + b.wire_bytes,
@@ -321,8 +328,13 @@ impl Agent {
         );
         self.save_containers();
         let _ = std::fs::remove_file(self.incoming_record(job));
-        let _ = std::fs::remove_dir_all(self.images_dir(job));
-        let _ = std::fs::remove_dir_all(self.work_dir(job));
+        // Removing the images (as large as the container's memory) takes a while: not on the
+        // way of the commit's answer, which ends the source's count of the frozen time.
+        let (images, work) = (self.images_dir(job), self.work_dir(job));
+        tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_dir_all(images);
+            let _ = std::fs::remove_dir_all(work);
+        });
         {
             let mut done = lock(&self.committed_jobs);
             if done.len() >= 1024 {
@@ -477,4 +489,57 @@ pub(crate) async fn watchdog(agent: Arc<Agent>) {
             agent.abort_incoming(&j, why).await;
         }
     }
+}
+
+/// First word of every page of the memory workload (`ferry-workload mem`), as it lies in a
+/// CRIU pages image (little-endian).
+const WORKLOAD_PAGE_MAGIC: u64 = ferry_workload::mem::MAGIC;
+
+/// Test hook: finds the pages of the memory workload in CRIU's raw page images (every 4 KiB
+/// page that starts with the workload's magic word), and flips one byte in the middle one.
+/// Returns the file and the byte's offset.
+fn damage_workload_page(images: &std::path::Path) -> Result<(std::path::PathBuf, u64)> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    const PAGE: usize = 4096;
+    let magic = WORKLOAD_PAGE_MAGIC.to_le_bytes();
+    let mut found: Vec<(std::path::PathBuf, u64)> = vec![];
+    let mut files: Vec<_> = std::fs::read_dir(images)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("pages-") && n.ends_with(".img"))
+        })
+        .collect();
+    files.sort();
+    for f in files {
+        let mut r = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&f)?);
+        let mut page = vec![0u8; PAGE];
+        let mut off = 0u64;
+        while r.read_exact(&mut page).is_ok() {
+            if page[..8] == magic {
+                found.push((f.clone(), off));
+            }
+            off += PAGE as u64;
+        }
+    }
+    let Some((file, page_off)) = found.get(found.len() / 2).cloned() else {
+        bail!(
+            "no page of the memory workload in the images at {}: is the container running \
+             `ferry-workload mem`?",
+            images.display()
+        );
+    };
+    let at = page_off + PAGE as u64 / 2;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&file)?;
+    let mut b = [0u8; 1];
+    f.seek(SeekFrom::Start(at))?;
+    f.read_exact(&mut b)?;
+    b[0] ^= 0xff;
+    f.seek(SeekFrom::Start(at))?;
+    f.write_all(&b)?;
+    Ok((file, at))
 }

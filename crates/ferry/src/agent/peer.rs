@@ -148,8 +148,14 @@ async fn dispatch(
             Ok(PeerResponse::Ok { bytes: 0 })
         }
         PeerRequest::Prepare { job, spec } => agent.prepare(peer, conn_id, job, spec, recv).await,
-        PeerRequest::Images { job, corrupt } => {
-            agent.receive_images(peer, &job, corrupt, recv).await
+        PeerRequest::Images {
+            job,
+            corrupt,
+            corrupt_page,
+        } => {
+            agent
+                .receive_images(peer, &job, corrupt, corrupt_page, recv)
+                .await
         }
         PeerRequest::Restore { job } => agent.restore_incoming(peer, &job).await,
         PeerRequest::Commit { job } => agent.commit_incoming(peer, &job).await,

@@ -121,6 +121,7 @@ impl Driver {
 
     async fn run(&mut self, mut m: Migration) {
         let mut cancel_fed = false;
+        m.set_started_unix_ms(crate::util::unix_ms());
         let mut actions = match m.handle(Event::Start, self.now()) {
             Ok(a) => a,
             Err(e) => {
@@ -348,6 +349,7 @@ impl Driver {
                 let req = PeerRequest::Images {
                     job: job.clone(),
                     corrupt: self.faults.corrupt_images,
+                    corrupt_page: self.faults.corrupt_memory_page,
                 };
                 let images = self.agent.images_dir(&job);
                 let snap_ms = crate::util::ms(t_snap.elapsed());

@@ -1,0 +1,179 @@
+//! End-to-end checks of what Ferry's measurements rest on: the memory workload notices damaged
+//! memory, link shaping really limits the underlay, and `ferry bench` reports both methods.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_tests::*;
+use serde_json::Value;
+
+#[test]
+fn memory_workload_survives_a_migration_and_reports_a_page_damaged_in_the_images() {
+    let lab = Lab::up();
+    let c = lab.run_mem("h1", "mem", 32, 10);
+    let ip = c["ip"].as_str().unwrap().to_string();
+    assert!(
+        ask_workload(&ip, "verify").starts_with("verify ok"),
+        "fresh workload"
+    );
+
+    // A clean migration keeps every page.
+    let out = ferry_ok(&["migrate", "mem", "--to", "h2", "--json"]);
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["result"], "completed", "{r}");
+    let v = ask_workload(&ip, "verify");
+    assert!(v.starts_with("verify ok"), "after a clean migration: {v}");
+    let status = ask_workload(&ip, "status");
+    assert!(status.contains("intact=1"), "{status}");
+
+    // One byte flipped in one of its pages inside the images at the destination: the restore
+    // succeeds, and the workload finds the damage.
+    let probe = Probe::start(&ip, "mem");
+    let out = ferry_ok(&[
+        "migrate",
+        "mem",
+        "--to",
+        "h1",
+        "--json",
+        "--corrupt-memory-page",
+    ]);
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["result"], "completed", "{r}");
+    let v = ask_workload(&ip, "verify");
+    assert!(v.starts_with("verify bad"), "damage not found: {v}");
+    assert!(v.contains("bad=1 "), "exactly one page is damaged: {v}");
+    let status = ask_workload(&ip, "status");
+    assert!(status.contains("intact=0"), "{status}");
+    // The probe's answers carry the workload's verdict too.
+    let p = probe.finish();
+    assert_eq!(p["memory_intact"], false, "{p}");
+    assert_eq!(p["intact"], false, "{p}");
+}
+
+fn qdisc(ns: &str, dev: &str) -> String {
+    let out = Command::new("tc")
+        .args(["-n", ns, "qdisc", "show", "dev", dev])
+        .output()
+        .expect("tc");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Sends `bytes` from h1 to h2 over the underlay with nc; returns how long it took.
+fn send_h1_to_h2(bytes: u64) -> Duration {
+    let mut recv = Command::new("ip")
+        .args([
+            "netns", "exec", "ferry-h2", "timeout", "30", "nc", "-l", "-p", "7788",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("nc -l");
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let ok = Command::new("ip")
+        .args(["netns", "exec", "ferry-h1", "sh", "-c"])
+        .arg(format!("head -c {bytes} /dev/zero | nc -N 10.231.0.2 7788"))
+        .status()
+        .expect("nc")
+        .success();
+    let took = t.elapsed();
+    let _ = recv.wait();
+    assert!(ok, "sending over the underlay failed");
+    took
+}
+
+#[test]
+fn link_rate_shapes_every_underlay_link_and_can_be_removed() {
+    let _lab = Lab::up_with(&["--link-rate", "100mbit"]);
+    for (ns, dev) in [
+        ("ferry-h1", "ul0"),
+        ("ferry-h2", "ul0"),
+        ("ferry-client", "ul0"),
+        ("ferry-ul", "ul-h1"),
+        ("ferry-ul", "ul-h2"),
+    ] {
+        let q = qdisc(ns, dev);
+        assert!(
+            q.contains("tbf") && q.contains("rate 100Mbit"),
+            "{ns}/{dev}: {q}"
+        );
+    }
+    // 12.5 MB at 100 Mbit/s cannot cross in much less than a second (a lower bound: a slow
+    // machine only makes it longer).
+    let took = send_h1_to_h2(12_500_000);
+    assert!(took >= Duration::from_millis(800), "took only {took:?}");
+
+    let out = ferry(&["lab", "shape", "fast"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("\"fast\"") && err.contains("1gbit"), "{err}");
+
+    ferry_ok(&["lab", "shape", "none"]);
+    for (ns, dev) in [("ferry-h1", "ul0"), ("ferry-ul", "ul-h2")] {
+        assert!(!qdisc(ns, dev).contains("tbf"), "{ns}/{dev} still shaped");
+    }
+    ferry_ok(&["lab", "shape", "1gbit"]);
+    assert!(qdisc("ferry-h1", "ul0").contains("rate 1Gbit"));
+}
+
+#[test]
+fn bench_runs_ferry_and_the_baseline_side_by_side() {
+    let _lab = Lab::exclusive();
+    let out_dir = format!("{LAB_DIR}-bench-test");
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let out = ferry(&[
+        "bench",
+        "--no-echo",
+        "--sizes-mib",
+        "16",
+        "--dirty-mib-s",
+        "20",
+        "--link-rates",
+        "unshaped",
+        "--out",
+        &out_dir,
+    ]);
+    assert!(
+        out.status.success(),
+        "bench failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let r: Value = serde_json::from_slice(
+        &std::fs::read(format!("{out_dir}/results.json")).expect("results.json"),
+    )
+    .expect("results.json is JSON");
+    let scenarios = r["scenarios"].as_array().expect("scenarios");
+    assert_eq!(scenarios.len(), 1, "{r}");
+    let s = &scenarios[0];
+    for side in ["ferry", "baseline"] {
+        let run = &s[side];
+        assert_eq!(run["ok"], true, "{side}: {run}");
+        assert_eq!(run["memory_intact"], true, "{side}: {run}");
+        assert!(run["downtime_ms"].as_f64().unwrap() > 0.0, "{side}: {run}");
+        assert!(run["total_ms"].as_f64().unwrap() > 0.0, "{side}: {run}");
+        assert!(run["cpu_ms"].as_f64().unwrap() > 0.0, "{side}: {run}");
+        // The 16 MiB of memory crossed the underlay.
+        assert!(
+            run["wire_bytes"].as_u64().unwrap() > 16 << 20,
+            "{side}: {run}"
+        );
+        assert!(!run["phases"].as_array().unwrap().is_empty(), "{side}");
+    }
+    // Ferry's own frozen time and the client's gap describe the same event.
+    let f = &s["ferry"];
+    let gap = f["downtime_ms"].as_f64().unwrap();
+    let frozen = f["frozen_ms"].as_f64().unwrap();
+    assert!(
+        gap > 0.5 * frozen && gap < 2.0 * frozen + 100.0,
+        "gap {gap} ms vs frozen {frozen} ms"
+    );
+    assert!(s["downtime_ratio"].as_f64().unwrap() > 0.0);
+    let svg = std::fs::read_to_string(format!("{out_dir}/{}", s["chart"].as_str().unwrap()))
+        .expect("chart");
+    assert!(svg.starts_with("<svg") && svg.contains("dump") && svg.contains("checkpoint"));
+    let md = std::fs::read_to_string(format!("{out_dir}/results.md")).expect("results.md");
+    assert!(md.contains("| mem 16 MiB"), "{md}");
+    // The bench leaves no lab behind.
+    assert!(netns_with_prefix("ferry-").is_empty());
+    let _ = std::fs::remove_dir_all(&out_dir);
+}
