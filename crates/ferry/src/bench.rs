@@ -252,6 +252,9 @@ pub struct Run {
     pub frozen_ms: Option<f64>,
     /// Probe gap minus Ferry's frozen time, ms (Ferry only).
     pub gap_minus_frozen_ms: Option<f64>,
+    /// Ferry's network switch (redirect before the freeze, packet release in the commit), ms:
+    /// the gap and the frozen time may differ by up to this plus a probe interval.
+    pub network_switch_ms: Option<f64>,
     /// Whole migration, ms.
     pub total_ms: f64,
     /// Phases, in order.
@@ -494,6 +497,7 @@ impl Run {
             time_above_threshold_ms: 0.0,
             frozen_ms: None,
             gap_minus_frozen_ms: None,
+            network_switch_ms: None,
             total_ms: 0.0,
             phases: vec![],
             wire_bytes: 0,
@@ -624,6 +628,7 @@ async fn ferry_inner(
         time_above_threshold_ms: probe.time_above_threshold_ms,
         frozen_ms: Some(report.frozen_ms),
         gap_minus_frozen_ms: Some(downtime - report.frozen_ms),
+        network_switch_ms: Some(report.network_switch_ms),
         total_ms: report.total_ms,
         phases: report
             .phases
@@ -715,6 +720,7 @@ async fn baseline_inner(
         time_above_threshold_ms: probe.time_above_threshold_ms,
         frozen_ms: None,
         gap_minus_frozen_ms: None,
+        network_switch_ms: None,
         total_ms: steps.total_ms,
         phases: steps
             .steps()
@@ -963,7 +969,7 @@ pub fn markdown(r: &BenchResult) -> String {
     );
     let _ = writeln!(
         s,
-        "| scenario | link | Ferry downtime ms | Ferry frozen ms | gap - frozen ms | baseline downtime ms | downtime ratio | Ferry total ms | baseline total ms | total ratio | Ferry wire | baseline wire | CPU ms Ferry / baseline | memory intact |"
+        "| scenario | link | Ferry downtime ms | Ferry frozen ms | gap - frozen ms | switch ms | baseline downtime ms | downtime ratio | Ferry total ms | baseline total ms | total ratio | Ferry wire | baseline wire | CPU ms Ferry / baseline | memory intact |"
     );
     let _ = writeln!(
         s,
@@ -989,13 +995,14 @@ pub fn markdown(r: &BenchResult) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} [{}] | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} / {} |",
+            "| {} [{}] | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} / {} |",
             x.scenario.workload.label(),
             x.scenario.mode,
             x.scenario.link_label(),
             f1(val(Some(f), |r| r.downtime_ms)),
             f1(f.frozen_ms.filter(|_| f.error.is_none())),
             f1(f.gap_minus_frozen_ms.filter(|_| f.error.is_none())),
+            f1(f.network_switch_ms.filter(|_| f.error.is_none())),
             f1(val(b, |r| r.downtime_ms)),
             f2(x.downtime_ratio),
             f1(val(Some(f), |r| r.total_ms)),
