@@ -19,7 +19,7 @@ use orchestrator_shim::api::FaultHooks;
 use serde::{Deserialize, Serialize};
 
 use crate::chart::{Panel, Span};
-use crate::demo::{Baseline, BaselineReport, ProbeProcess, ECHO_PORT};
+use crate::demo::{Baseline, BaselineReport, ProbeProcess, ProbeSettings, ECHO_PORT};
 use crate::lab::{Lab, LinkRate};
 use crate::probe::ProbeReport;
 
@@ -33,6 +33,9 @@ const LEAD_OUT: Duration = Duration::from_millis(1000);
 const SETTLE: Duration = Duration::from_millis(1500);
 /// Gaps above this count as time above threshold in the probe.
 const THRESHOLD_MS: f64 = 10.0;
+/// How long a probe waits for answers still due after it stops: TCP's retransmission timer
+/// backs off to at most 120 s, so a connection frozen for long may need that long to resume.
+const DRAIN_S: f64 = 150.0;
 /// Comment marking the byte-counting iptables rules.
 const COUNTER_TAG: &str = "ferry-bench-bytes";
 
@@ -592,7 +595,7 @@ async fn ferry_inner(
     )
     .await?;
     let ip = info.spec.ip;
-    let probe = ProbeProcess::start_with(lab, exe, ip, name, opts.interval_ms, THRESHOLD_MS, true)?;
+    let probe = ProbeProcess::start_with(lab, exe, ip, name, &probe_settings(opts))?;
     tokio::time::sleep(LEAD_IN).await;
     let cpu0 = agents_cpu_ms(lab)?;
     let bytes0 = counters.read(lab)?;
@@ -688,7 +691,7 @@ async fn baseline_inner(
     name: &str,
 ) -> Result<Run> {
     let ip = b.ip();
-    let probe = ProbeProcess::start_with(lab, exe, ip, name, opts.interval_ms, THRESHOLD_MS, true)?;
+    let probe = ProbeProcess::start_with(lab, exe, ip, name, &probe_settings(opts))?;
     tokio::time::sleep(LEAD_IN).await;
     let cpu0 = children_cpu_ms();
     let bytes0 = counters.read(lab)?;
@@ -740,6 +743,15 @@ async fn baseline_inner(
         report: None,
         baseline_steps: Some(steps),
     })
+}
+
+fn probe_settings(opts: &BenchOpts) -> ProbeSettings {
+    ProbeSettings {
+        interval_ms: opts.interval_ms,
+        threshold_ms: THRESHOLD_MS,
+        drain_s: DRAIN_S,
+        series: true,
+    }
 }
 
 /// The memory workload's verdict: its last answer to the probe and a full verification pass.

@@ -26,9 +26,23 @@ pub(crate) fn dispatch(cli: Cli) -> Result<ExitCode> {
         stop_file,
         threshold_ms,
         series,
+        drain_s,
     } = &cli.cmd
     {
+        if !(0.05..=10_000.0).contains(interval_ms) {
+            bail!("--interval-ms must be between 0.05 and 10000, got {interval_ms}");
+        }
+        if !(0.0..=1e6).contains(threshold_ms) {
+            bail!("--threshold-ms must be between 0 and 1000000, got {threshold_ms}");
+        }
+        if !(0.0..=600.0).contains(drain_s) {
+            bail!("--drain-s must be between 0 and 600, got {drain_s}");
+        }
+        if duration_s.is_some_and(|d| !(0.0..=86_400.0).contains(&d)) {
+            bail!("--duration-s must be between 0 and 86400");
+        }
         let cfg = crate::probe::ProbeConfig {
+            drain: Duration::from_secs_f64(*drain_s),
             target: *target,
             interval: Duration::from_secs_f64(interval_ms / 1000.0),
             duration: duration_s.map(Duration::from_secs_f64),

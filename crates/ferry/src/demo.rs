@@ -20,6 +20,19 @@ pub const ECHO_PORT: u16 = 7000;
 /// Request interval of the demo's client.
 pub const PROBE_INTERVAL_MS: f64 = 5.0;
 
+/// How a [`ProbeProcess`] probes.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeSettings {
+    /// Request interval, ms.
+    pub interval_ms: f64,
+    /// Gaps above this count as time above threshold, ms.
+    pub threshold_ms: f64,
+    /// After the stop, wait up to this long for answers still due, s.
+    pub drain_s: f64,
+    /// Keep every sample.
+    pub series: bool,
+}
+
 /// A probe running in the lab's client host.
 pub struct ProbeProcess {
     child: Child,
@@ -29,20 +42,29 @@ pub struct ProbeProcess {
 impl ProbeProcess {
     /// Starts `ferry probe` inside the client host against `ip:ECHO_PORT` at the demo's rate.
     pub fn start(lab: &Lab, exe: &Path, ip: std::net::Ipv4Addr, tag: &str) -> Result<Self> {
-        Self::start_with(lab, exe, ip, tag, PROBE_INTERVAL_MS, 20.0, false)
+        let settings = ProbeSettings {
+            interval_ms: PROBE_INTERVAL_MS,
+            threshold_ms: 20.0,
+            drain_s: 5.0,
+            series: false,
+        };
+        Self::start_with(lab, exe, ip, tag, &settings)
     }
 
-    /// Starts `ferry probe` inside the client host with a request every `interval_ms`,
-    /// counting gaps above `threshold_ms`, keeping every sample when `series`.
+    /// Starts `ferry probe` inside the client host with the given settings.
     pub fn start_with(
         lab: &Lab,
         exe: &Path,
         ip: std::net::Ipv4Addr,
         tag: &str,
-        interval_ms: f64,
-        threshold_ms: f64,
-        series: bool,
+        settings: &ProbeSettings,
     ) -> Result<Self> {
+        let ProbeSettings {
+            interval_ms,
+            threshold_ms,
+            drain_s,
+            series,
+        } = *settings;
         let stop_file = lab.dir.join(format!("probe-{tag}.stop"));
         let _ = std::fs::remove_file(&stop_file);
         let client = lab.host("client")?;
@@ -52,6 +74,7 @@ impl ProbeProcess {
             .args(["probe", "--target", &format!("{ip}:{ECHO_PORT}")])
             .args(["--interval-ms", &interval_ms.to_string()])
             .args(["--threshold-ms", &threshold_ms.to_string()])
+            .args(["--drain-s", &drain_s.to_string()])
             .arg("--stop-file")
             .arg(&stop_file);
         if series {

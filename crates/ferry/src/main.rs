@@ -136,6 +136,9 @@ enum Cmd {
         /// Include every sample in the report.
         #[arg(long)]
         series: bool,
+        /// After stopping, wait up to this many seconds for answers still due.
+        #[arg(long, default_value_t = 5.0)]
+        drain_s: f64,
     },
     /// Benchmark: a matrix of scenarios in a fresh lab, Ferry and the hand-made baseline side by
     /// side under a 1 ms probe; writes JSON, a Markdown table and SVG charts.

@@ -30,6 +30,9 @@ pub struct ProbeConfig {
     pub threshold: Duration,
     /// Keep every sample in the report.
     pub series: bool,
+    /// After the stop, wait this long for answers still due (a connection recovering from TCP
+    /// retransmission backoff may need up to two minutes).
+    pub drain: Duration,
 }
 
 /// What the probe saw.
@@ -139,7 +142,7 @@ pub fn run(cfg: &ProbeConfig) -> Result<ProbeReport> {
     let mut drain_deadline: Option<Instant> = None;
     loop {
         if stop.load(Ordering::SeqCst) {
-            let d = *drain_deadline.get_or_insert_with(|| Instant::now() + Duration::from_secs(5));
+            let d = *drain_deadline.get_or_insert_with(|| Instant::now() + cfg.drain);
             if r.received >= sent.load(Ordering::SeqCst) || Instant::now() > d {
                 break;
             }
