@@ -326,7 +326,7 @@ pub async fn run(dir: &Path, exe: &Path, workload: &Path, opts: BenchOpts) -> Re
     }
     let t0 = Instant::now();
     let started_unix_ms = crate::util::unix_ms();
-    let (scenarios, skipped) = fit_in_memory(opts.scenarios(), opts.baseline);
+    let (scenarios, skipped) = fit_in_memory(opts.scenarios());
     for s in &skipped {
         eprintln!("bench: skipping {s}");
     }
@@ -344,7 +344,7 @@ pub async fn run(dir: &Path, exe: &Path, workload: &Path, opts: BenchOpts) -> Re
     let r = match counters {
         Ok(counters) => {
             let r = run_all(&mut lab, exe, workload, &opts, &scenarios, &counters).await;
-            counters.remove(&lab);
+            counters.remove();
             r
         }
         Err(e) => Err(e),
@@ -385,7 +385,7 @@ pub async fn run(dir: &Path, exe: &Path, workload: &Path, opts: BenchOpts) -> Re
 
 /// Leaves out memory scenarios that would not fit: the source's process and images, the
 /// destination's images and process can exist at once, plus 1 GiB for everything else.
-fn fit_in_memory(all: Vec<Scenario>, _baseline: bool) -> (Vec<Scenario>, Vec<String>) {
+fn fit_in_memory(all: Vec<Scenario>) -> (Vec<Scenario>, Vec<String>) {
     let avail_mib = mem_available_mib();
     let mut run = vec![];
     let mut skipped = vec![];
@@ -598,9 +598,9 @@ async fn ferry_inner(
     let probe = ProbeProcess::start_with(lab, exe, ip, name, &probe_settings(opts))?;
     tokio::time::sleep(LEAD_IN).await;
     let cpu0 = agents_cpu_ms(lab)?;
-    let bytes0 = counters.read(lab)?;
+    let bytes0 = counters.read()?;
     let report = crate::cli::migrate(lab, name, TO, FaultHooks::default(), false).await;
-    let bytes1 = counters.read(lab)?;
+    let bytes1 = counters.read()?;
     let cpu1 = agents_cpu_ms(lab)?;
     tokio::time::sleep(LEAD_OUT).await;
     let probe = probe.finish()?;
@@ -694,9 +694,9 @@ async fn baseline_inner(
     let probe = ProbeProcess::start_with(lab, exe, ip, name, &probe_settings(opts))?;
     tokio::time::sleep(LEAD_IN).await;
     let cpu0 = children_cpu_ms();
-    let bytes0 = counters.read(lab)?;
+    let bytes0 = counters.read()?;
     let steps = b.migrate(lab, FROM, TO);
-    let bytes1 = counters.read(lab)?;
+    let bytes1 = counters.read()?;
     let cpu1 = children_cpu_ms();
     tokio::time::sleep(LEAD_OUT).await;
     let probe = probe.finish()?;
@@ -866,7 +866,7 @@ impl ByteCounters {
         Ok(ByteCounters { pairs })
     }
 
-    fn read(&self, _lab: &Lab) -> Result<u64> {
+    fn read(&self) -> Result<u64> {
         let mut total = 0;
         for (ns, _) in &self.pairs {
             let out = crate::util::run(
@@ -889,7 +889,7 @@ impl ByteCounters {
         Ok(total)
     }
 
-    fn remove(&self, _lab: &Lab) {
+    fn remove(&self) {
         for (ns, dst) in &self.pairs {
             crate::util::run_quiet(
                 "ip",
@@ -1095,7 +1095,7 @@ mod tests {
     fn memory_scenarios_that_do_not_fit_are_skipped_with_a_reason() {
         let mut o = BenchOpts::full("x".into());
         o.sizes_mib = vec![1 << 30];
-        let (run, skipped) = fit_in_memory(o.scenarios(), true);
+        let (run, skipped) = fit_in_memory(o.scenarios());
         assert!(run.iter().all(|s| s.workload == Workload::Echo));
         assert_eq!(skipped.len(), 4);
         assert!(skipped[0].contains("MiB available"), "{skipped:?}");
