@@ -393,6 +393,7 @@ pub(crate) fn phase_name(p: Phase) -> &'static str {
     match p {
         Phase::Preflight => "preflight",
         Phase::Prepare => "prepare",
+        Phase::PreCopy => "precopy",
         Phase::Redirect => "redirect",
         Phase::Dump => "dump",
         Phase::Transfer => "transfer",

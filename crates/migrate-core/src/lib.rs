@@ -10,16 +10,22 @@
 //! * after it, the source never runs again: failures only leave cleanup work, never a rollback.
 //!
 //! ```text
-//! Created -> Preflight -> Preparing -> Redirecting -> Dumping -> Transferring -> Restoring
-//!    ==(commit point)==> Committing -> CleaningUp -> Done
+//! Created -> Preflight -> Preparing [-> PreCopying (rounds)] -> Redirecting -> Dumping
+//!    -> Transferring -> Restoring ==(commit point)==> Committing -> CleaningUp -> Done
 //! any state before the commit point --failure/cancel--> RollingBack -> RolledBack
 //! ```
+//!
+//! With a [`PrecopyPolicy`] ([`Migration::with_precopy`]) memory is copied in rounds while the
+//! container runs; after each round [`policy::decide`] chooses another round (possibly with the
+//! container's CPU throttled), the freeze, or a rollback.
 
 #![forbid(unsafe_code)]
 
+pub mod policy;
 mod report;
 
-pub use report::{Outcome, PhaseTiming, Report};
+pub use policy::{Decision, Estimate, FreezeReason, PrecopyPolicy, RoundStats, WhenStuck};
+pub use report::{Outcome, PhaseTiming, Report, RoundReport};
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -32,6 +38,8 @@ pub enum Phase {
     Preflight,
     /// Destination prepared while the container runs: network namespace, bundle, rootfs, hold.
     Prepare,
+    /// One pre-copy round: pages dirtied since the last round sent while the container runs.
+    PreCopy,
     /// The overlay points the container's MAC at the destination, which holds its packets.
     Redirect,
     /// Container frozen and dumped by CRIU.
@@ -58,6 +66,8 @@ pub enum State {
     Preflight,
     /// Preparing the destination.
     Preparing,
+    /// Copying memory in rounds while the container runs.
+    PreCopying,
     /// Switching the overlay to the destination.
     Redirecting,
     /// Freezing and dumping.
@@ -95,6 +105,7 @@ impl State {
         Some(match self {
             State::Preflight => Phase::Preflight,
             State::Preparing => Phase::Prepare,
+            State::PreCopying => Phase::PreCopy,
             State::Redirecting => Phase::Redirect,
             State::Dumping => Phase::Dump,
             State::Transferring => Phase::Transfer,
@@ -122,6 +133,8 @@ pub enum Event {
         /// What failed, in words for the user.
         error: String,
     },
+    /// A pre-copy round finished.
+    RoundDone(RoundStats),
     /// The user or orchestrator asked to cancel.
     Cancel,
 }
@@ -133,6 +146,14 @@ pub enum Action {
     Preflight,
     /// Prepare the destination (netns, bundle, rootfs, packet hold).
     Prepare,
+    /// Run pre-copy round `round` (1 = the first, full copy) with the container's CPU throttled
+    /// by `throttle_pct` percent (0: not throttled), then report [`Event::RoundDone`].
+    CopyRound {
+        /// Round number, from 1.
+        round: u32,
+        /// CPU throttle to apply for this round, percent.
+        throttle_pct: u32,
+    },
     /// Point the overlay at the destination.
     Redirect,
     /// Freeze and dump the container (the source container stops existing as a process).
@@ -160,6 +181,9 @@ pub struct RollbackPlan {
     pub restore_source: bool,
     /// The destination holds prepared or restored state that must be removed.
     pub clean_destination: bool,
+    /// The container's CPU was throttled by pre-copy: lift the throttle.
+    #[serde(default)]
+    pub unthrottle: bool,
 }
 
 /// An event that makes no sense in the current state.
@@ -189,6 +213,9 @@ pub struct Migration {
     reached: Reached,
     cancel_requested: bool,
     frozen_since: Option<Duration>,
+    precopy: Option<PrecopyPolicy>,
+    rounds: Vec<RoundStats>,
+    throttle_pct: u32,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -208,7 +235,22 @@ impl Migration {
             reached: Reached::default(),
             cancel_requested: false,
             frozen_since: None,
+            precopy: None,
+            rounds: vec![],
+            throttle_pct: 0,
         }
+    }
+
+    /// Copies memory in pre-copy rounds under `policy` before the freeze.
+    pub fn with_precopy(mut self, policy: PrecopyPolicy) -> Self {
+        self.report.mode = "pre-copy".into();
+        self.precopy = Some(policy);
+        self
+    }
+
+    /// The CPU throttle pre-copy asked for last (percent; 0 when none).
+    pub fn throttle_pct(&self) -> u32 {
+        self.throttle_pct
     }
 
     /// Current state.
@@ -261,9 +303,13 @@ impl Migration {
                 self.cancel_requested = true;
                 Ok(vec![])
             }
-            (Event::Done { .. } | Event::Failed { .. }, s)
+            (Event::Done { .. } | Event::Failed { .. } | Event::RoundDone(_), s)
                 if s.is_terminal() || s == State::Created =>
             {
+                Err(invalid(s, &event))
+            }
+            (Event::RoundDone(stats), State::PreCopying) => Ok(self.round_done(stats.clone(), now)),
+            (Event::RoundDone(_), s) | (Event::Done { .. }, s @ State::PreCopying) => {
                 Err(invalid(s, &event))
             }
             (Event::Done { bytes }, s) => {
@@ -281,6 +327,14 @@ impl Migration {
                 self.mark_progress(s);
                 Ok(match s {
                     State::Preflight => self.enter(State::Preparing, now, vec![Action::Prepare]),
+                    State::Preparing if self.precopy.is_some() => self.enter(
+                        State::PreCopying,
+                        now,
+                        vec![Action::CopyRound {
+                            round: 1,
+                            throttle_pct: 0,
+                        }],
+                    ),
                     State::Preparing => self.enter(State::Redirecting, now, vec![Action::Redirect]),
                     State::Redirecting => {
                         self.frozen_since = Some(now);
@@ -352,6 +406,49 @@ impl Migration {
         }
     }
 
+    fn round_done(&mut self, stats: RoundStats, now: Duration) -> Vec<Action> {
+        self.close_phase(now, stats.bytes_sent);
+        self.rounds.push(stats.clone());
+        let policy = self.precopy.clone().unwrap_or_default();
+        let estimate = policy::estimate(&self.rounds);
+        let decision = if self.cancel_requested {
+            Decision::Abort {
+                reason: "cancelled".into(),
+            }
+        } else {
+            policy::decide(&policy, &self.rounds, self.throttle_pct)
+        };
+        self.report.rounds.push(RoundReport {
+            round: self.rounds.len() as u32,
+            pages_sent: stats.pages_sent,
+            bytes_sent: stats.bytes_sent,
+            dirty_pages: stats.dirty_pages,
+            duration_ms: ms(stats.duration),
+            throttle_pct: self.throttle_pct,
+            estimate,
+            decision: decision.clone(),
+        });
+        match decision {
+            Decision::AnotherRound { throttle_pct } => {
+                self.throttle_pct = throttle_pct;
+                let round = self.rounds.len() as u32 + 1;
+                self.enter(
+                    State::PreCopying,
+                    now,
+                    vec![Action::CopyRound {
+                        round,
+                        throttle_pct,
+                    }],
+                )
+            }
+            Decision::Freeze { reason } => {
+                self.report.precopy_stop = Some(reason);
+                self.enter(State::Redirecting, now, vec![Action::Redirect])
+            }
+            Decision::Abort { reason } => self.start_rollback(reason, now),
+        }
+    }
+
     fn mark_progress(&mut self, done: State) {
         match done {
             State::Preparing => self.reached.prepared = true,
@@ -368,6 +465,7 @@ impl Migration {
             redirect_back: self.reached.redirected || self.state == State::Redirecting,
             restore_source: self.reached.dump_started,
             clean_destination: self.state != State::Preflight,
+            unthrottle: self.throttle_pct > 0,
         };
         self.report.outcome = Outcome::RolledBack { reason };
         self.report.rollback = Some(plan);
@@ -399,3 +497,6 @@ pub(crate) fn ms(d: Duration) -> f64 {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod precopy_tests;

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-use crate::{ms, Phase, RollbackPlan};
+use crate::{ms, Decision, Estimate, FreezeReason, Phase, RollbackPlan};
 
 /// How a migration ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,6 +38,27 @@ pub struct PhaseTiming {
     pub bytes: u64,
 }
 
+/// One pre-copy round, as the report lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundReport {
+    /// Round number, from 1.
+    pub round: u32,
+    /// Pages sent (as content or as references).
+    pub pages_sent: u64,
+    /// Bytes on the network.
+    pub bytes_sent: u64,
+    /// Pages dirty at the end of the round.
+    pub dirty_pages: u64,
+    /// Duration, ms.
+    pub duration_ms: f64,
+    /// CPU throttle in force during the round, percent.
+    pub throttle_pct: u32,
+    /// The policy's estimate after the round.
+    pub estimate: Estimate,
+    /// What the policy decided.
+    pub decision: Decision,
+}
+
 /// The report of one migration; `ferry migrate --json` prints it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -49,6 +70,9 @@ pub struct Report {
     pub from: String,
     /// Destination host.
     pub to: String,
+    /// `stop-copy` or `pre-copy`.
+    #[serde(default = "stop_copy")]
+    pub mode: String,
     /// How it ended.
     #[serde(flatten)]
     pub outcome: Outcome,
@@ -74,12 +98,22 @@ pub struct Report {
     pub warnings: Vec<String>,
     /// What the rollback undid, if one ran.
     pub rollback: Option<RollbackPlan>,
+    /// Pre-copy rounds, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rounds: Vec<RoundReport>,
+    /// Why pre-copy stopped and the container was frozen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precopy_stop: Option<FreezeReason>,
     /// Wall-clock time of the start, ms since the Unix epoch (0 when the driver did not set it),
     /// so a harness can line the phases up with what a client observed.
     #[serde(default)]
     pub started_unix_ms: f64,
     #[serde(skip)]
     pub(crate) started_at: Duration,
+}
+
+fn stop_copy() -> String {
+    "stop-copy".into()
 }
 
 impl Report {
@@ -89,6 +123,7 @@ impl Report {
             container: container.into(),
             from: from.into(),
             to: to.into(),
+            mode: stop_copy(),
             outcome: Outcome::InProgress,
             committed: false,
             phases: vec![],
@@ -101,6 +136,8 @@ impl Report {
             bytes_sent: 0,
             warnings: vec![],
             rollback: None,
+            rounds: vec![],
+            precopy_stop: None,
             started_unix_ms: 0.0,
             started_at: Duration::ZERO,
         }

@@ -1,6 +1,6 @@
 use super::*;
 
-fn t(ms: u64) -> Duration {
+pub(crate) fn t(ms: u64) -> Duration {
     Duration::from_millis(ms)
 }
 
@@ -9,7 +9,7 @@ fn done(m: &mut Migration, at: u64, bytes: u64) -> Vec<Action> {
 }
 
 /// Drives a migration to the given state along the happy path, 10 ms a phase.
-fn drive_to(target: State) -> (Migration, u64) {
+pub(crate) fn drive_to(target: State) -> (Migration, u64) {
     let mut m = Migration::new("j1", "echo", "h1", "h2");
     let mut now = 0;
     m.handle(Event::Start, t(now)).unwrap();
@@ -74,7 +74,8 @@ fn failure_before_dump_rolls_back_without_restoring_source() {
         vec![Action::Rollback(RollbackPlan {
             redirect_back: false,
             restore_source: false,
-            clean_destination: true
+            clean_destination: true,
+            unthrottle: false
         })]
     );
     assert_eq!(done(&mut m, now + 5, 0), vec![Action::Finish]);
@@ -107,7 +108,8 @@ fn failure_in_every_state_before_commit_rolls_back_with_the_right_plan() {
             vec![Action::Rollback(RollbackPlan {
                 redirect_back,
                 restore_source,
-                clean_destination
+                clean_destination,
+                unthrottle: false
             })],
             "state {state:?}"
         );

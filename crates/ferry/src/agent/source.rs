@@ -103,6 +103,7 @@ fn phase_of(a: &Action) -> Option<Phase> {
     Some(match a {
         Action::Preflight => Phase::Preflight,
         Action::Prepare => Phase::Prepare,
+        Action::CopyRound { .. } => Phase::PreCopy,
         Action::Redirect => Phase::Redirect,
         Action::Dump => Phase::Dump,
         Action::Transfer => Phase::Transfer,
@@ -434,6 +435,8 @@ impl Driver {
             }
             Action::Rollback(plan) => self.rollback(*plan).await.map(|_| 0),
             Action::Finish => Ok(0),
+            // The driver starts every migration in stop-and-copy mode: nothing asks for rounds.
+            Action::CopyRound { .. } => bail!("this agent does not run pre-copy rounds yet"),
         }
     }
 

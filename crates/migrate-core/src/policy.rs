@@ -1,0 +1,266 @@
+//! The pre-copy convergence policy, a pure function of what the rounds measured.
+//!
+//! While the container runs, each round sends the pages dirtied since the previous one. After a
+//! round, [`decide`] estimates how long sending what is dirty *now* would keep the container
+//! frozen, from the bandwidth and the bytes per page the rounds achieved. If that fits the
+//! downtime budget, the container is frozen. Otherwise another round follows, unless:
+//! - the round limit is reached;
+//! - the dirty set stops shrinking because the container dirties memory faster than the link
+//!   carries it. Then, per policy, Ferry throttles the container's CPU step by step (auto-converge,
+//!   as QEMU does), freezes anyway (stop-and-copy of what is left) or gives up (rollback).
+//!
+//! The budget covers the memory still to send. The fixed costs of the freeze come on top and are
+//! reported separately: CRIU dumping the process state, the restore, the network switch.
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// What to do when the dirty set does not shrink or the round limit is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WhenStuck {
+    /// Throttle the container's CPU, step by step, until the rounds converge; at the largest
+    /// step, freeze with what is left.
+    AutoConverge,
+    /// Freeze now and send what is left while frozen.
+    StopAndCopy,
+    /// Give up: roll back, the container keeps running on the source.
+    Abort,
+}
+
+/// Pre-copy settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrecopyPolicy {
+    /// Largest estimated time to send the last dirty set while frozen, ms.
+    pub downtime_budget_ms: f64,
+    /// Most rounds before the freeze (the first, full copy counts).
+    pub max_rounds: u32,
+    /// When the dirty set does not shrink.
+    pub when_stuck: WhenStuck,
+    /// At the round limit: `StopAndCopy` freezes with what is left, `Abort` rolls back
+    /// (`AutoConverge` acts like `StopAndCopy` here).
+    pub at_round_limit: WhenStuck,
+    /// The dirty set counts as not shrinking when a round ends with more than this fraction of
+    /// the pages it sent dirty again.
+    pub stuck_ratio: f64,
+    /// First CPU throttle step, percent of the container's CPU time taken away.
+    pub throttle_initial_pct: u32,
+    /// Each further step adds this much.
+    pub throttle_step_pct: u32,
+    /// The largest throttle.
+    pub throttle_max_pct: u32,
+}
+
+impl Default for PrecopyPolicy {
+    /// 50 ms budget, 30 rounds, auto-converge from 20 % in steps of 10 % up to 99 %
+    /// (QEMU's defaults), stop-and-copy at the round limit.
+    fn default() -> Self {
+        PrecopyPolicy {
+            downtime_budget_ms: 50.0,
+            max_rounds: 30,
+            when_stuck: WhenStuck::AutoConverge,
+            at_round_limit: WhenStuck::StopAndCopy,
+            stuck_ratio: 0.5,
+            throttle_initial_pct: 20,
+            throttle_step_pct: 10,
+            throttle_max_pct: 99,
+        }
+    }
+}
+
+impl PrecopyPolicy {
+    /// Checks the settings; the error says which one is wrong and what is allowed.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.downtime_budget_ms.is_finite() && self.downtime_budget_ms > 0.0) {
+            return Err(format!(
+                "downtime budget must be a positive number of ms, got {}",
+                self.downtime_budget_ms
+            ));
+        }
+        if !(1..=1000).contains(&self.max_rounds) {
+            return Err(format!(
+                "round limit must be between 1 and 1000, got {}",
+                self.max_rounds
+            ));
+        }
+        if !(self.stuck_ratio > 0.0 && self.stuck_ratio <= 1.0) {
+            return Err(format!(
+                "stuck ratio must be in (0, 1], got {}",
+                self.stuck_ratio
+            ));
+        }
+        if self.throttle_max_pct > 99
+            || self.throttle_initial_pct == 0
+            || self.throttle_initial_pct > self.throttle_max_pct
+            || self.throttle_step_pct == 0
+        {
+            return Err(format!(
+                "throttle steps must satisfy 0 < initial ({}) <= max ({}) <= 99 and step ({}) > 0",
+                self.throttle_initial_pct, self.throttle_max_pct, self.throttle_step_pct
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What one round measured (reported by the driver).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundStats {
+    /// Pages the round sent (as pages or as references to pages the destination holds).
+    pub pages_sent: u64,
+    /// Bytes the round put on the network.
+    pub bytes_sent: u64,
+    /// Pages found dirty at the end of the round: the next round's work.
+    pub dirty_pages: u64,
+    /// How long the round took.
+    pub duration: Duration,
+}
+
+/// The policy's view after a round.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Estimate {
+    /// Bandwidth the rounds achieved, bytes/s.
+    pub bandwidth_bytes_s: f64,
+    /// Bytes on the network per page sent (compression and references make it < 4096).
+    pub bytes_per_page: f64,
+    /// Rate at which the container dirtied pages during the last round, pages/s.
+    pub dirty_pages_s: f64,
+    /// Estimated time to send what is dirty now, ms.
+    pub expected_downtime_ms: f64,
+}
+
+/// Why the rounds stop and the container is frozen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FreezeReason {
+    /// The estimate fits the budget.
+    Converged,
+    /// The round limit was reached.
+    RoundLimit,
+    /// The dirty set does not shrink (at the largest throttle, or the policy says freeze).
+    NotConverging,
+}
+
+/// What to do after a round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "decision", rename_all = "kebab-case")]
+pub enum Decision {
+    /// Run another round with the container's CPU throttled by `throttle_pct` (0: none).
+    AnotherRound {
+        /// Percent of CPU time taken away from the container during the round.
+        throttle_pct: u32,
+    },
+    /// Freeze and send the rest.
+    Freeze {
+        /// Why.
+        reason: FreezeReason,
+    },
+    /// Roll back.
+    Abort {
+        /// Why, in words for the user.
+        reason: String,
+    },
+}
+
+/// Estimates from the rounds so far (at least one).
+pub fn estimate(rounds: &[RoundStats]) -> Estimate {
+    // Bandwidth over the last two rounds: one short round is a noisy sample.
+    let recent = &rounds[rounds.len().saturating_sub(2)..];
+    let bytes: u64 = recent.iter().map(|r| r.bytes_sent).sum();
+    let secs: f64 = recent.iter().map(|r| r.duration.as_secs_f64()).sum();
+    let bandwidth = if secs > 0.0 {
+        bytes as f64 / secs
+    } else {
+        f64::INFINITY
+    };
+    let pages: u64 = recent.iter().map(|r| r.pages_sent).sum();
+    let bytes_per_page = if pages > 0 {
+        bytes as f64 / pages as f64
+    } else {
+        4096.0
+    };
+    let last = rounds.last();
+    let dirty = last.map(|r| r.dirty_pages).unwrap_or(0);
+    let last_secs = last.map(|r| r.duration.as_secs_f64()).unwrap_or(0.0);
+    let dirty_pages_s = if last_secs > 0.0 {
+        dirty as f64 / last_secs
+    } else {
+        0.0
+    };
+    let expected_downtime_ms = if dirty == 0 {
+        0.0
+    } else if bandwidth.is_finite() && bandwidth > 0.0 {
+        dirty as f64 * bytes_per_page / bandwidth * 1000.0
+    } else {
+        0.0
+    };
+    Estimate {
+        bandwidth_bytes_s: if bandwidth.is_finite() {
+            bandwidth
+        } else {
+            0.0
+        },
+        bytes_per_page,
+        dirty_pages_s,
+        expected_downtime_ms,
+    }
+}
+
+/// Decides after a round. `rounds` holds every round so far (at least one), `throttle_pct` the
+/// throttle in force during the last one.
+pub fn decide(policy: &PrecopyPolicy, rounds: &[RoundStats], throttle_pct: u32) -> Decision {
+    let Some(last) = rounds.last() else {
+        return Decision::AnotherRound { throttle_pct: 0 };
+    };
+    let est = estimate(rounds);
+    if est.expected_downtime_ms <= policy.downtime_budget_ms {
+        return Decision::Freeze {
+            reason: FreezeReason::Converged,
+        };
+    }
+    if rounds.len() as u32 >= policy.max_rounds {
+        return match policy.at_round_limit {
+            WhenStuck::Abort => Decision::Abort {
+                reason: format!(
+                    "pre-copy did not converge in {} rounds: {} pages still dirty, about {:.0} ms \
+                     to send against a budget of {:.0} ms",
+                    rounds.len(),
+                    last.dirty_pages,
+                    est.expected_downtime_ms,
+                    policy.downtime_budget_ms
+                ),
+            },
+            _ => Decision::Freeze {
+                reason: FreezeReason::RoundLimit,
+            },
+        };
+    }
+    // The first round copies everything: it says nothing about convergence yet.
+    let stuck = rounds.len() >= 2
+        && last.pages_sent > 0
+        && last.dirty_pages as f64 > policy.stuck_ratio * last.pages_sent as f64;
+    if !stuck {
+        return Decision::AnotherRound { throttle_pct };
+    }
+    match policy.when_stuck {
+        WhenStuck::AutoConverge if throttle_pct < policy.throttle_max_pct => {
+            let next = if throttle_pct == 0 {
+                policy.throttle_initial_pct
+            } else {
+                (throttle_pct + policy.throttle_step_pct).min(policy.throttle_max_pct)
+            };
+            Decision::AnotherRound { throttle_pct: next }
+        }
+        WhenStuck::AutoConverge | WhenStuck::StopAndCopy => Decision::Freeze {
+            reason: FreezeReason::NotConverging,
+        },
+        WhenStuck::Abort => Decision::Abort {
+            reason: format!(
+                "the container dirties memory faster than the link carries it: {:.1} MiB/s \
+                 dirtied against {:.1} MiB/s sent; rerun with auto-converge or stop-and-copy",
+                est.dirty_pages_s * 4096.0 / (1 << 20) as f64,
+                est.bandwidth_bytes_s / (1 << 20) as f64
+            ),
+        },
+    }
+}
