@@ -1,0 +1,333 @@
+//! Memory pages between agents, content-addressed.
+//!
+//! A pre-copy round sends the content of pages that changed and that the destination does not
+//! already hold. The destination keeps pages in a [`PageStore`] keyed by their blake3 hash, which
+//! it computes itself: a peer never names the hash of content it sends. Later, the final dump
+//! refers to pages the destination holds by hash only (32 bytes instead of 4096), and migrating
+//! back to a host that still holds pages from an earlier visit sends only what changed.
+//!
+//! Wire format of a page stream: batches, each
+//! `u32 BE count` (1..=[`MAX_BATCH`]), `u8 encoding` (0 raw, 1 zstd), `u32 BE payload_len`,
+//! then `payload_len` bytes that are (or decompress to exactly) `count * 4096` bytes of page
+//! content; a `u32 0` ends the stream. Lengths are checked before anything is allocated, and
+//! zstd output is bounded by the announced size.
+//!
+//! The sender compresses a batch with zstd (level 1) and sends it raw when that does not save at
+//! least 1/16 of its size. After such a batch it skips compression for the next
+//! [`SKIP_AFTER_INCOMPRESSIBLE`] batches, so incompressible memory costs no compression time.
+
+use std::collections::{HashMap, HashSet};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::frame::{read_err, write_err};
+use crate::TransferError;
+
+/// Size of a page.
+pub const PAGE: usize = 4096;
+/// Most pages in one batch (1 MiB).
+pub const MAX_BATCH: usize = 256;
+/// Batches sent raw, without trying zstd, after one that did not compress.
+pub const SKIP_AFTER_INCOMPRESSIBLE: u32 = 8;
+
+/// The blake3 hash of a page's content.
+pub type PageHash = [u8; 32];
+
+/// Hashes one page.
+pub fn hash_page(page: &[u8]) -> PageHash {
+    *blake3::hash(page).as_bytes()
+}
+
+/// Pages held by a host, by content hash, with a cap on their number.
+#[derive(Debug)]
+pub struct PageStore {
+    pages: HashMap<PageHash, Box<[u8]>>,
+    max_pages: usize,
+}
+
+impl PageStore {
+    /// An empty store that holds at most `max_pages` pages.
+    pub fn new(max_pages: usize) -> PageStore {
+        PageStore {
+            pages: HashMap::new(),
+            max_pages,
+        }
+    }
+
+    /// Stores a page under the hash of its content (computed here); returns the hash.
+    pub fn insert(&mut self, page: &[u8]) -> Result<PageHash, TransferError> {
+        if page.len() != PAGE {
+            return Err(TransferError::Protocol {
+                reason: format!("a page has {} bytes, not {PAGE}", page.len()),
+            });
+        }
+        let h = hash_page(page);
+        if !self.pages.contains_key(&h) {
+            if self.pages.len() >= self.max_pages {
+                return Err(TransferError::TooLarge {
+                    len: (self.pages.len() as u64 + 1) * PAGE as u64,
+                    cap: self.max_pages as u64 * PAGE as u64,
+                });
+            }
+            self.pages.insert(h, page.into());
+        }
+        Ok(h)
+    }
+
+    /// The page with this hash, if held.
+    pub fn get(&self, h: &PageHash) -> Option<&[u8]> {
+        self.pages.get(h).map(|p| &p[..])
+    }
+
+    /// Whether the page is held.
+    pub fn contains(&self, h: &PageHash) -> bool {
+        self.pages.contains_key(h)
+    }
+
+    /// Number of distinct pages held.
+    pub fn len(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+
+    /// Every hash held (what a source needs to know to skip those pages).
+    pub fn hashes(&self) -> HashSet<PageHash> {
+        self.pages.keys().copied().collect()
+    }
+
+    /// Forgets every page not in `keep`.
+    pub fn retain(&mut self, keep: &HashSet<PageHash>) {
+        self.pages.retain(|h, _| keep.contains(h));
+    }
+}
+
+/// Counters of one page stream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageStats {
+    /// Pages in the stream.
+    pub pages: u64,
+    /// Batches.
+    pub batches: u64,
+    /// Batches sent compressed.
+    pub compressed_batches: u64,
+    /// Bytes on the stream.
+    pub wire_bytes: u64,
+}
+
+/// Writes pages as batches, compressing when it pays.
+pub struct PageWriter<'w, W: ?Sized> {
+    w: &'w mut W,
+    zc: zstd::bulk::Compressor<'static>,
+    raw: Vec<u8>,
+    skip: u32,
+    stats: PageStats,
+}
+
+impl<'w, W> PageWriter<'w, W>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    /// A writer on `w`.
+    pub fn new(w: &'w mut W) -> Result<Self, TransferError> {
+        let zc = zstd::bulk::Compressor::new(1).map_err(|e| TransferError::Decode {
+            what: "a zstd compressor",
+            reason: e.to_string(),
+        })?;
+        Ok(PageWriter {
+            w,
+            zc,
+            raw: Vec::with_capacity(MAX_BATCH * PAGE),
+            skip: 0,
+            stats: PageStats::default(),
+        })
+    }
+
+    /// Adds one page (exactly [`PAGE`] bytes); sends a batch when full.
+    pub async fn push(&mut self, page: &[u8]) -> Result<(), TransferError> {
+        if page.len() != PAGE {
+            return Err(TransferError::Protocol {
+                reason: format!("a page has {} bytes, not {PAGE}", page.len()),
+            });
+        }
+        self.raw.extend_from_slice(page);
+        if self.raw.len() == MAX_BATCH * PAGE {
+            self.flush_batch().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_batch(&mut self) -> Result<(), TransferError> {
+        if self.raw.is_empty() {
+            return Ok(());
+        }
+        let count = (self.raw.len() / PAGE) as u32;
+        let mut compressed = None;
+        if self.skip == 0 {
+            let z = self
+                .zc
+                .compress(&self.raw)
+                .map_err(|e| TransferError::Decode {
+                    what: "a zstd page batch",
+                    reason: e.to_string(),
+                })?;
+            if z.len() + self.raw.len() / 16 <= self.raw.len() {
+                compressed = Some(z);
+            } else {
+                self.skip = SKIP_AFTER_INCOMPRESSIBLE;
+            }
+        } else {
+            self.skip -= 1;
+        }
+        let (encoding, payload): (u8, &[u8]) = match &compressed {
+            Some(z) => (1, z),
+            None => (0, &self.raw),
+        };
+        let mut hdr = [0u8; 9];
+        hdr[..4].copy_from_slice(&count.to_be_bytes());
+        hdr[4] = encoding;
+        hdr[5..].copy_from_slice(&(payload.len() as u32).to_be_bytes());
+        self.w
+            .write_all(&hdr)
+            .await
+            .map_err(write_err("writing a page batch header"))?;
+        self.w
+            .write_all(payload)
+            .await
+            .map_err(write_err("writing a page batch"))?;
+        self.stats.pages += u64::from(count);
+        self.stats.batches += 1;
+        self.stats.compressed_batches += u64::from(encoding);
+        self.stats.wire_bytes += (hdr.len() + payload.len()) as u64;
+        self.raw.clear();
+        Ok(())
+    }
+
+    /// Sends the last batch and the end marker; flushes.
+    pub async fn finish(mut self) -> Result<PageStats, TransferError> {
+        self.flush_batch().await?;
+        self.w
+            .write_all(&0u32.to_be_bytes())
+            .await
+            .map_err(write_err("ending a page stream"))?;
+        self.w
+            .flush()
+            .await
+            .map_err(write_err("flushing a page stream"))?;
+        self.stats.wire_bytes += 4;
+        Ok(self.stats)
+    }
+}
+
+/// Sends `pages` (each [`PAGE`] bytes) as one stream; see the module doc for the format.
+pub async fn send_pages<W, P>(w: &mut W, pages: P) -> Result<PageStats, TransferError>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+    P: IntoIterator,
+    P::Item: AsRef<[u8]>,
+{
+    let mut pw = PageWriter::new(w)?;
+    for p in pages {
+        pw.push(p.as_ref()).await?;
+    }
+    pw.finish().await
+}
+
+/// Receives a page stream into `store`; every page is hashed here. Returns the hashes in
+/// stream order and the counters.
+pub async fn recv_pages<R>(
+    r: &mut R,
+    store: &mut PageStore,
+) -> Result<(Vec<PageHash>, PageStats), TransferError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    let mut zd = zstd::bulk::Decompressor::new().map_err(|e| TransferError::Decode {
+        what: "a zstd decompressor",
+        reason: e.to_string(),
+    })?;
+    let mut stats = PageStats::default();
+    let mut hashes = vec![];
+    let mut payload = Vec::new();
+    let raw_cap = MAX_BATCH * PAGE;
+    let z_cap = zstd::zstd_safe::compress_bound(raw_cap);
+    loop {
+        let mut c = [0u8; 4];
+        r.read_exact(&mut c)
+            .await
+            .map_err(read_err("a page batch header"))?;
+        stats.wire_bytes += 4;
+        let count = u32::from_be_bytes(c) as usize;
+        if count == 0 {
+            return Ok((hashes, stats));
+        }
+        if count > MAX_BATCH {
+            return Err(TransferError::TooLarge {
+                len: count as u64,
+                cap: MAX_BATCH as u64,
+            });
+        }
+        let mut rest = [0u8; 5];
+        r.read_exact(&mut rest)
+            .await
+            .map_err(read_err("a page batch header"))?;
+        stats.wire_bytes += 5;
+        let encoding = rest[0];
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let raw_len = count * PAGE;
+        match encoding {
+            0 if len != raw_len => {
+                return Err(TransferError::Protocol {
+                    reason: format!("a raw batch of {count} pages announces {len} bytes"),
+                })
+            }
+            0 => {}
+            1 if len > z_cap => {
+                return Err(TransferError::TooLarge {
+                    len: len as u64,
+                    cap: z_cap as u64,
+                })
+            }
+            1 => {}
+            e => {
+                return Err(TransferError::Protocol {
+                    reason: format!("unknown page batch encoding {e}"),
+                })
+            }
+        }
+        payload.resize(len, 0);
+        r.read_exact(&mut payload)
+            .await
+            .map_err(read_err("a page batch"))?;
+        stats.wire_bytes += len as u64;
+        let decompressed;
+        let raw: &[u8] = if encoding == 1 {
+            decompressed = zd
+                .decompress(&payload, raw_len)
+                .map_err(|e| TransferError::Decode {
+                    what: "a zstd page batch",
+                    reason: e.to_string(),
+                })?;
+            if decompressed.len() != raw_len {
+                return Err(TransferError::Protocol {
+                    reason: format!(
+                        "a batch of {count} pages decompressed to {} bytes",
+                        decompressed.len()
+                    ),
+                });
+            }
+            &decompressed
+        } else {
+            &payload
+        };
+        for page in raw.chunks_exact(PAGE) {
+            hashes.push(store.insert(page)?);
+        }
+        stats.pages += count as u64;
+        stats.batches += 1;
+        stats.compressed_batches += u64::from(encoding);
+    }
+}
