@@ -177,3 +177,37 @@ fn bench_runs_ferry_and_the_baseline_side_by_side() {
     assert!(netns_with_prefix("ferry-").is_empty());
     let _ = std::fs::remove_dir_all(&out_dir);
 }
+
+#[test]
+fn dirty_rate_is_measured_without_a_trace_left_for_the_dump() {
+    let lab = Lab::up();
+    let m = lab.run_mem("h1", "mem", 32, 20);
+    lab.run_echo("h1", "echo");
+    let rate = |name: &str| -> Value {
+        serde_json::from_str(&ferry_ok(&["dirty-rate", name, "--ms", "1000", "--json"])).unwrap()
+    };
+    let r = rate("mem");
+    assert_eq!(r["method"], "uffd-wp", "{r}");
+    assert_eq!(r["processes"], 1, "{r}");
+    let mib_s = r["mib_per_s"].as_f64().unwrap();
+    // The workload writes 20 MiB/s; the tracker sees the pages it touched, give or take.
+    assert!((10.0..=40.0).contains(&mib_s), "{r}");
+    let r = rate("echo");
+    assert!(
+        r["mib_per_s"].as_f64().unwrap() < 1.0,
+        "an idle echo server: {r}"
+    );
+
+    // The tracking left nothing behind: CRIU dumps the process and the memory is intact.
+    let out = ferry_ok(&["migrate", "mem", "--to", "h2", "--json"]);
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["result"], "completed", "{report}");
+    let ip = m["ip"].as_str().unwrap();
+    let v = ask_workload(ip, "verify");
+    assert!(v.starts_with("verify ok"), "{v}");
+
+    let out = ferry(&["dirty-rate", "nope"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown container \"nope\""));
+    let out = ferry(&["dirty-rate", "mem", "--ms", "5"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("between 10 and 60000"));
+}

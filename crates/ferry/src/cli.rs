@@ -153,6 +153,29 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
+        Cmd::DirtyRate { name, ms, json } => {
+            let lab = Lab::load(&dir)?;
+            let c = find(&lab, &name).await?;
+            let r = lab.client(&c.host)?.dirty_rate(&name, ms).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{name} on {}: {:.1} MiB/s written ({} pages in {:.0} ms, {} process(es), method {}{})",
+                    r.host,
+                    r.mib_per_s,
+                    r.dirty_pages,
+                    r.interval_ms,
+                    r.processes,
+                    r.method,
+                    if r.new_mapping_pages > 0 {
+                        format!(", plus {} pages of new mappings", r.new_mapping_pages)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        }
         Cmd::Rm { name } => {
             let lab = Lab::load(&dir)?;
             let c = find(&lab, &name).await?;

@@ -106,6 +106,20 @@ impl Client {
         .await
     }
 
+    /// `GET /v1/containers/{name}/dirty-rate?ms=N`.
+    pub async fn dirty_rate(
+        &self,
+        name: &str,
+        ms: u64,
+    ) -> Result<orchestrator_shim::api::DirtyRate> {
+        self.call(
+            Method::GET,
+            &format!("/v1/containers/{name}/dirty-rate?ms={ms}"),
+            None::<&()>,
+        )
+        .await
+    }
+
     /// `POST /v1/containers/{name}/migrate`.
     pub async fn migrate(&self, name: &str, req: &MigrateRequest) -> Result<JobInfo> {
         self.call(

@@ -103,6 +103,17 @@ enum Cmd {
         #[arg(long)]
         detach: bool,
     },
+    /// Measure how fast a container writes its memory (dirty pages per second).
+    DirtyRate {
+        /// Container name.
+        name: String,
+        /// Measuring interval, ms.
+        #[arg(long, default_value_t = 1000)]
+        ms: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a migration job.
     Job {
         /// Job id.

@@ -470,6 +470,30 @@ fn remove_cgroup_tree(dir: &Path) {
     let _ = std::fs::remove_dir(dir);
 }
 
+/// Every process of the container (host PIDs), from its cgroup.
+pub fn container_pids(host: &str, name: &str) -> Result<Vec<i32>> {
+    let rel = cgroup_path(host, name);
+    let rel = rel.trim_start_matches('/');
+    let candidates = [
+        PathBuf::from("/sys/fs/cgroup/pids").join(rel),
+        PathBuf::from("/sys/fs/cgroup/freezer").join(rel),
+        PathBuf::from("/sys/fs/cgroup").join(rel),
+    ];
+    for dir in &candidates {
+        if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            return Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect());
+        }
+    }
+    bail!(
+        "no cgroup for container {name:?} (looked in {})",
+        candidates
+            .iter()
+            .map(|c| c.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
 /// The container's cgroup path (`cgroupsPath` in its config).
 pub fn cgroup_path(host: &str, name: &str) -> String {
     format!("/ferry/{host}/{name}")

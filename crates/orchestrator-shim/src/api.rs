@@ -145,6 +145,28 @@ pub struct ApiError {
     pub message: String,
 }
 
+/// `GET /v1/containers/{name}/dirty-rate?ms=N`: how fast a container writes its memory,
+/// measured over N ms with the best dirty-page tracking method of the host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DirtyRate {
+    /// Container name.
+    pub container: String,
+    /// Host it runs on.
+    pub host: String,
+    /// Tracking method (`uffd-wp`, `soft-dirty` or `page-hash`).
+    pub method: String,
+    /// Processes tracked.
+    pub processes: usize,
+    /// Measuring interval, ms.
+    pub interval_ms: f64,
+    /// Pages written during the interval.
+    pub dirty_pages: u64,
+    /// Pages of mappings created during the interval.
+    pub new_mapping_pages: u64,
+    /// Written pages per second, in MiB/s.
+    pub mib_per_s: f64,
+}
+
 /// `GET /v1/host`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostInfo {

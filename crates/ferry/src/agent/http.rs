@@ -5,13 +5,14 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use orchestrator_shim::api::{
-    ApiError, ContainerInfo, CreateContainer, HostInfo, JobEventKind, JobInfo, MigrateRequest,
+    ApiError, ContainerInfo, CreateContainer, DirtyRate, HostInfo, JobEventKind, JobInfo,
+    MigrateRequest,
 };
 
 use super::{lock, Agent};
@@ -82,6 +83,7 @@ pub(crate) async fn serve(agent: Arc<Agent>) -> Result<()> {
         .route("/v1/containers", get(list).post(create))
         .route("/v1/containers/{name}", get(one).delete(delete))
         .route("/v1/containers/{name}/migrate", post(migrate))
+        .route("/v1/containers/{name}/dirty-rate", get(dirty_rate))
         .route("/v1/jobs", get(jobs))
         .route("/v1/jobs/{id}", get(job))
         .route("/v1/jobs/{id}/cancel", post(cancel))
@@ -125,6 +127,41 @@ async fn one(
         }
         None => Err(ApiFailure::unknown_container(&name, &a.cfg.host)),
     }
+}
+
+#[derive(serde::Deserialize)]
+struct DirtyRateQuery {
+    ms: Option<u64>,
+}
+
+async fn dirty_rate(
+    State(a): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    Query(q): Query<DirtyRateQuery>,
+) -> ApiResult<Json<DirtyRate>> {
+    let ms = q.ms.unwrap_or(1000);
+    if !(10..=60_000).contains(&ms) {
+        return Err(ApiFailure::bad_request(format!(
+            "ms must be between 10 and 60000, got {ms}"
+        )));
+    }
+    let rec = lock(&a.containers).get(&name).cloned();
+    let Some(rec) = rec else {
+        return Err(ApiFailure::unknown_container(&name, &a.cfg.host));
+    };
+    if rec.migrating {
+        return Err(ApiFailure::conflict(format!(
+            "container {name:?} is migrating: measure its dirty rate before or after"
+        )));
+    }
+    let host = a.cfg.host.clone();
+    tokio::task::spawn_blocking(move || {
+        super::dirty::measure(&host, &name, std::time::Duration::from_millis(ms))
+    })
+    .await
+    .map_err(|e| ApiFailure::internal(e.to_string()))?
+    .map(Json)
+    .map_err(|e| ApiFailure::internal(format!("{e:#}")))
 }
 
 async fn create(

@@ -1,6 +1,7 @@
 //! The agent: one per host. Runs containers with runc, serves the HTTP/JSON API on a Unix
 //! socket, and talks to other agents over QUIC with mutual TLS.
 
+mod dirty;
 mod http;
 mod incoming;
 mod peer;
