@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod page_server;
 pub mod rpc;
 
 use std::fmt;
