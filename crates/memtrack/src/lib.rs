@@ -273,3 +273,56 @@ pub(crate) fn process_alive(pid: i32) -> bool {
         Err(_) => false,
     }
 }
+
+/// The private writable mappings of process `pid` (anonymous and file-backed): the memory a
+/// first pre-copy round copies in full, and the only memory trackers report.
+pub fn writable_regions(pid: i32) -> Result<Vec<Region>, Error> {
+    Ok(maps::read(pid)?
+        .iter()
+        .filter(|m| m.kind() != maps::Kind::Ignored)
+        .map(maps::Mapping::region)
+        .collect())
+}
+
+/// Reads `buf.len()` bytes of process `pid`'s memory at `addr` (page-aligned, a multiple of
+/// [`PAGE_SIZE`]). Returns the bytes read: short when a page cannot be read (unmapped or
+/// without read permission meanwhile); the caller skips what was not read.
+pub fn read_memory(pid: i32, addr: u64, buf: &mut [u8]) -> Result<usize, Error> {
+    if addr % PAGE_SIZE != 0 || buf.len() as u64 % PAGE_SIZE != 0 {
+        return Err(Error::ReadMemory {
+            pid,
+            addr,
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "address and length must be page-aligned (length {})",
+                    buf.len()
+                ),
+            ),
+        });
+    }
+    let mut done = 0;
+    while done < buf.len() {
+        let at = addr + done as u64;
+        match sys::process_vm_readv(pid, &mut buf[done..], at) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            // EFAULT on the first byte: the page is gone or unreadable.
+            Err(e) if e.raw_os_error() == Some(libc::EFAULT) => break,
+            Err(e) if error::is_gone(&e) => {
+                return Err(Error::ProcessGone {
+                    pid,
+                    what: "reading its memory".into(),
+                })
+            }
+            Err(source) => {
+                return Err(Error::ReadMemory {
+                    pid,
+                    addr: at,
+                    source,
+                })
+            }
+        }
+    }
+    Ok(done - done % PAGE_SIZE as usize)
+}
