@@ -211,3 +211,38 @@ fn dirty_rate_is_measured_without_a_trace_left_for_the_dump() {
     let out = ferry(&["dirty-rate", "mem", "--ms", "5"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("between 10 and 60000"));
 }
+
+#[test]
+fn cpu_throttle_slows_a_busy_container_and_is_lifted_afterwards() {
+    let lab = Lab::up();
+    // As fast as it can: one core rewriting pages.
+    lab.run_mem("h1", "hot", 512, 4000);
+    let rate = |throttle: u32| -> Value {
+        serde_json::from_str(&ferry_ok(&[
+            "dirty-rate",
+            "hot",
+            "--ms",
+            "200",
+            "--throttle",
+            &throttle.to_string(),
+            "--json",
+        ]))
+        .unwrap()
+    };
+    let free = rate(0);
+    let throttled = rate(80);
+    let f = free["mib_per_s"].as_f64().unwrap();
+    let t = throttled["mib_per_s"].as_f64().unwrap();
+    assert!(f > 50.0, "a busy workload: {free}");
+    // 80 % of its CPU taken away: it writes far less (a hard cap of a fifth of what it used).
+    assert!(t < 0.6 * f, "throttled {t} MiB/s vs free {f} MiB/s");
+    assert_eq!(throttled["throttle_pct"], 80);
+    let allowed = throttled["allowed_cores"].as_f64().unwrap();
+    assert!(allowed > 0.0 && allowed < 0.5, "{throttled}");
+    // The quota is lifted afterwards.
+    let quota = std::fs::read_to_string("/sys/fs/cgroup/cpu/ferry/h1/hot/cpu.cfs_quota_us")
+        .expect("cpu cgroup of the container");
+    assert_eq!(quota.trim(), "-1");
+    let out = ferry(&["dirty-rate", "hot", "--throttle", "100"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("between 0 and 99"));
+}

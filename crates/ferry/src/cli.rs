@@ -153,10 +153,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Cmd::DirtyRate { name, ms, json } => {
+        Cmd::DirtyRate {
+            name,
+            ms,
+            throttle,
+            json,
+        } => {
             let lab = Lab::load(&dir)?;
             let c = find(&lab, &name).await?;
-            let r = lab.client(&c.host)?.dirty_rate(&name, ms).await?;
+            let r = lab.client(&c.host)?.dirty_rate(&name, ms, throttle).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -174,6 +179,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         String::new()
                     }
                 );
+                if let Some(c) = r.allowed_cores {
+                    println!(
+                        "  while throttled by {} % (allowed {c:.2} CPU cores)",
+                        r.throttle_pct
+                    );
+                }
             }
         }
         Cmd::Rm { name } => {

@@ -106,15 +106,16 @@ impl Client {
         .await
     }
 
-    /// `GET /v1/containers/{name}/dirty-rate?ms=N`.
+    /// `GET /v1/containers/{name}/dirty-rate?ms=N&throttle=P`.
     pub async fn dirty_rate(
         &self,
         name: &str,
         ms: u64,
+        throttle_pct: u32,
     ) -> Result<orchestrator_shim::api::DirtyRate> {
         self.call(
             Method::GET,
-            &format!("/v1/containers/{name}/dirty-rate?ms={ms}"),
+            &format!("/v1/containers/{name}/dirty-rate?ms={ms}&throttle={throttle_pct}"),
             None::<&()>,
         )
         .await

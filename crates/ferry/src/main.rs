@@ -16,6 +16,7 @@ mod netns;
 mod probe;
 mod proto;
 mod runtime;
+mod throttle;
 mod util;
 
 use std::path::PathBuf;
@@ -110,6 +111,10 @@ enum Cmd {
         /// Measuring interval, ms.
         #[arg(long, default_value_t = 1000)]
         ms: u64,
+        /// Throttle the container's CPU by this percent while measuring (what pre-copy's
+        /// auto-converge would do), then lift it.
+        #[arg(long, default_value_t = 0)]
+        throttle: u32,
         /// Print JSON.
         #[arg(long)]
         json: bool,

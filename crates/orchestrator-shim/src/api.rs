@@ -145,8 +145,9 @@ pub struct ApiError {
     pub message: String,
 }
 
-/// `GET /v1/containers/{name}/dirty-rate?ms=N`: how fast a container writes its memory,
-/// measured over N ms with the best dirty-page tracking method of the host.
+/// `GET /v1/containers/{name}/dirty-rate?ms=N[&throttle=P]`: how fast a container writes its
+/// memory, measured over N ms with the best dirty-page tracking method of the host, optionally
+/// with its CPU throttled by P percent (what pre-copy's auto-converge would do).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DirtyRate {
     /// Container name.
@@ -165,6 +166,12 @@ pub struct DirtyRate {
     pub new_mapping_pages: u64,
     /// Written pages per second, in MiB/s.
     pub mib_per_s: f64,
+    /// CPU throttle in force while measuring, percent of the container's CPU time (0: none).
+    #[serde(default)]
+    pub throttle_pct: u32,
+    /// CPU cores the container was allowed while throttled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_cores: Option<f64>,
 }
 
 /// `GET /v1/host`.

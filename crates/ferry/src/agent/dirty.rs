@@ -8,9 +8,23 @@ use orchestrator_shim::api::DirtyRate;
 use tracing::{info, warn};
 
 /// Tracks every process of container `name` for `interval` with the best method the kernel
-/// offers, then removes every trace of the tracking.
-pub(crate) fn measure(host: &str, name: &str, interval: Duration) -> Result<DirtyRate> {
+/// offers, then removes every trace of the tracking. With `throttle_pct` > 0 the container's CPU
+/// is throttled by that share of what it used in the 200 ms before, for the interval only.
+pub(crate) fn measure(
+    host: &str,
+    name: &str,
+    interval: Duration,
+    throttle_pct: u32,
+) -> Result<DirtyRate> {
     let method = memtrack::detect().context("no dirty-page tracking method works here")?;
+    let mut throttle = None;
+    let mut allowed_cores = None;
+    if throttle_pct > 0 {
+        let mut t = crate::throttle::CpuThrottle::new(host, name)?;
+        std::thread::sleep(Duration::from_millis(200));
+        allowed_cores = t.set(throttle_pct)?;
+        throttle = Some(t);
+    }
     let pids = crate::runtime::container_pids(host, name)?;
     if pids.is_empty() {
         bail!("container {name:?} has no processes: is it running?");
@@ -45,6 +59,9 @@ pub(crate) fn measure(host: &str, name: &str, interval: Duration) -> Result<Dirt
     let secs = t0.elapsed().as_secs_f64();
     let processes = trackers.len();
     stop_all(trackers);
+    if let Some(mut t) = throttle {
+        t.lift().context("lifting the CPU throttle")?;
+    }
     if let Some(e) = failure {
         return Err(e).context("collecting written pages");
     }
@@ -59,6 +76,8 @@ pub(crate) fn measure(host: &str, name: &str, interval: Duration) -> Result<Dirt
         dirty_pages: dirty,
         new_mapping_pages: new_pages,
         mib_per_s,
+        throttle_pct,
+        allowed_cores,
     })
 }
 

@@ -132,6 +132,7 @@ async fn one(
 #[derive(serde::Deserialize)]
 struct DirtyRateQuery {
     ms: Option<u64>,
+    throttle: Option<u32>,
 }
 
 async fn dirty_rate(
@@ -145,6 +146,12 @@ async fn dirty_rate(
             "ms must be between 10 and 60000, got {ms}"
         )));
     }
+    let throttle = q.throttle.unwrap_or(0);
+    if throttle > 99 {
+        return Err(ApiFailure::bad_request(format!(
+            "throttle must be between 0 and 99 percent, got {throttle}"
+        )));
+    }
     let rec = lock(&a.containers).get(&name).cloned();
     let Some(rec) = rec else {
         return Err(ApiFailure::unknown_container(&name, &a.cfg.host));
@@ -156,7 +163,7 @@ async fn dirty_rate(
     }
     let host = a.cfg.host.clone();
     tokio::task::spawn_blocking(move || {
-        super::dirty::measure(&host, &name, std::time::Duration::from_millis(ms))
+        super::dirty::measure(&host, &name, std::time::Duration::from_millis(ms), throttle)
     })
     .await
     .map_err(|e| ApiFailure::internal(e.to_string()))?

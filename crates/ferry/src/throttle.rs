@@ -1,0 +1,153 @@
+//! Auto-converge's actuator: while pre-copy cannot keep up with a container that dirties memory
+//! faster than the link carries it, Ferry takes a share of the CPU time the container used away
+//! from it with the CFS bandwidth quota of its cgroup, as QEMU throttles vCPUs.
+//!
+//! `pct` percent means: the container gets `100 - pct` percent of the CPU time it used over the
+//! last measuring interval (from `cpuacct.usage`), enforced over 10 ms periods so that the
+//! throttle bites within a short pre-copy round.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+/// CFS period used while throttled, microseconds.
+pub const PERIOD_US: u64 = 10_000;
+/// Smallest quota the kernel accepts, microseconds.
+const MIN_QUOTA_US: u64 = 1_000;
+
+/// The CFS quota (µs per [`PERIOD_US`]) that leaves a container `100 - pct` percent of the
+/// `used_cores` it used; never below the kernel's minimum.
+pub fn quota_us(used_cores: f64, pct: u32) -> u64 {
+    let pct = pct.min(99);
+    let cores = if used_cores.is_finite() && used_cores > 0.0 {
+        used_cores
+    } else {
+        0.0
+    };
+    let q = cores * f64::from(100 - pct) / 100.0 * PERIOD_US as f64;
+    (q.round() as u64).max(MIN_QUOTA_US)
+}
+
+/// A container's CPU throttle.
+pub struct CpuThrottle {
+    cpu: PathBuf,
+    usage: PathBuf,
+    last_usage_ns: u64,
+    last_at: Instant,
+    applied: bool,
+    /// Cores used before the first step: every step is a share of this.
+    base_cores: Option<f64>,
+}
+
+impl CpuThrottle {
+    /// Finds the container's cpu and cpuacct cgroups and starts measuring its usage.
+    pub fn new(host: &str, name: &str) -> Result<CpuThrottle> {
+        let rel = crate::runtime::cgroup_path(host, name);
+        let rel = rel.trim_start_matches('/');
+        let pick = |candidates: &[&str], file: &str| -> Option<PathBuf> {
+            candidates
+                .iter()
+                .map(|c| Path::new("/sys/fs/cgroup").join(c).join(rel))
+                .find(|d| d.join(file).is_file())
+        };
+        let Some(cpu) = pick(&["cpu", "cpu,cpuacct"], "cpu.cfs_quota_us") else {
+            bail!(
+                "no CPU bandwidth control for container {name:?}: the kernel needs \
+                 CONFIG_CFS_BANDWIDTH and the cgroup v1 cpu controller"
+            );
+        };
+        let Some(acct) = pick(&["cpuacct", "cpu,cpuacct"], "cpuacct.usage") else {
+            bail!("no cpuacct cgroup for container {name:?}");
+        };
+        let usage = acct.join("cpuacct.usage");
+        let last_usage_ns = read_u64(&usage)?;
+        Ok(CpuThrottle {
+            cpu,
+            usage,
+            last_usage_ns,
+            last_at: Instant::now(),
+            applied: false,
+            base_cores: None,
+        })
+    }
+
+    /// CPU cores the container used since the last call (or since `new`).
+    fn used_cores(&mut self) -> Result<f64> {
+        let now_ns = read_u64(&self.usage)?;
+        let secs = self.last_at.elapsed().as_secs_f64();
+        let used = now_ns.saturating_sub(self.last_usage_ns) as f64 / 1e9;
+        self.last_usage_ns = now_ns;
+        self.last_at = Instant::now();
+        Ok(if secs > 0.0 { used / secs } else { 0.0 })
+    }
+
+    /// Throttles by `pct` percent of what the container used before the first step (measured
+    /// since `new`); 0 lifts the throttle. Returns the cores it is now allowed.
+    pub fn set(&mut self, pct: u32) -> Result<Option<f64>> {
+        let used = self.used_cores()?;
+        if pct == 0 {
+            self.lift()?;
+            return Ok(None);
+        }
+        // A throttled container's usage is what the throttle allows: every step is a share of
+        // the usage measured before the first step, not of the throttled one.
+        let base = *self.base_cores.get_or_insert(used);
+        let q = quota_us(base, pct);
+        write(&self.cpu.join("cpu.cfs_period_us"), PERIOD_US)?;
+        write(&self.cpu.join("cpu.cfs_quota_us"), q)?;
+        self.applied = true;
+        tracing::info!(
+            cgroup = %self.cpu.display(),
+            pct,
+            used_cores = base,
+            quota_us = q,
+            "CPU throttled"
+        );
+        Ok(Some(q as f64 / PERIOD_US as f64))
+    }
+
+    /// Removes the quota.
+    pub fn lift(&mut self) -> Result<()> {
+        std::fs::write(self.cpu.join("cpu.cfs_quota_us"), "-1")
+            .with_context(|| format!("lifting the CPU quota of {}", self.cpu.display()))?;
+        self.applied = false;
+        self.base_cores = None;
+        Ok(())
+    }
+}
+
+impl Drop for CpuThrottle {
+    fn drop(&mut self) {
+        if self.applied {
+            let _ = self.lift();
+        }
+    }
+}
+
+fn read_u64(p: &Path) -> Result<u64> {
+    let s = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    s.trim()
+        .parse()
+        .with_context(|| format!("{} holds {:?}, not a number", p.display(), s.trim()))
+}
+
+fn write(p: &Path, v: u64) -> Result<()> {
+    std::fs::write(p, v.to_string()).with_context(|| format!("writing {v} to {}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_quota_leaves_the_container_the_rest_of_what_it_used() {
+        assert_eq!(quota_us(1.0, 20), 8_000);
+        assert_eq!(quota_us(2.0, 50), 10_000);
+        assert_eq!(quota_us(0.5, 99), MIN_QUOTA_US);
+        // Beyond 99 % is 99 %; an idle or unmeasured container gets the minimum.
+        assert_eq!(quota_us(1.0, 150), quota_us(1.0, 99));
+        assert_eq!(quota_us(0.0, 20), MIN_QUOTA_US);
+        assert_eq!(quota_us(f64::NAN, 20), MIN_QUOTA_US);
+    }
+}
