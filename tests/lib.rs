@@ -80,22 +80,16 @@ pub struct Lab {
 impl Lab {
     /// Brings a fresh lab up.
     pub fn up() -> Lab {
-        require_privileges();
-        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = ferry(&["lab", "down"]);
-        ferry_ok(&["lab", "up"]);
-        Lab { _serial: serial }
+        Lab::up_with(&[])
     }
 
     /// Brings a fresh lab up with `ferry lab up EXTRA...`.
     pub fn up_with(extra: &[&str]) -> Lab {
-        require_privileges();
-        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = ferry(&["lab", "down"]);
+        let lab = Lab::exclusive();
         let mut args = vec!["lab", "up"];
         args.extend_from_slice(extra);
         ferry_ok(&args);
-        Lab { _serial: serial }
+        lab
     }
 
     /// Takes the lab lock without bringing a lab up (for commands that bring their own).
@@ -108,30 +102,23 @@ impl Lab {
 
     /// Starts the memory workload (`ferry-workload mem`) as container `name` on `host`.
     pub fn run_mem(&self, host: &str, name: &str, size_mib: u64, dirty_mib_s: u64) -> Value {
-        ferry_ok(&[
-            "run",
-            "--on",
+        let (size, dirty) = (size_mib.to_string(), dirty_mib_s.to_string());
+        self.run_workload(
             host,
-            "--name",
             name,
-            "--",
-            "/bin/ferry-workload",
-            "mem",
-            "--port",
-            "7000",
-            "--size-mib",
-            &size_mib.to_string(),
-            "--dirty-mib-s",
-            &dirty_mib_s.to_string(),
-        ]);
-        let c = self.container(name).expect("container listed after run");
-        wait_port(c["ip"].as_str().expect("ip"));
-        c
+            &["mem", "--size-mib", &size, "--dirty-mib-s", &dirty],
+        )
     }
 
     /// Starts the echo workload as container `name` on `host`; returns its `ferry ps` entry.
     pub fn run_echo(&self, host: &str, name: &str) -> Value {
-        ferry_ok(&[
+        self.run_workload(host, name, &["echo"])
+    }
+
+    /// Starts `ferry-workload ARGS --port 7000` as container `name` on `host` and waits until
+    /// it answers; returns its `ferry ps` entry.
+    fn run_workload(&self, host: &str, name: &str, args: &[&str]) -> Value {
+        let mut cmd = vec![
             "run",
             "--on",
             host,
@@ -139,10 +126,10 @@ impl Lab {
             name,
             "--",
             "/bin/ferry-workload",
-            "echo",
-            "--port",
-            "7000",
-        ]);
+        ];
+        cmd.extend_from_slice(args);
+        cmd.extend_from_slice(&["--port", "7000"]);
+        ferry_ok(&cmd);
         let c = self.container(name).expect("container listed after run");
         wait_port(c["ip"].as_str().expect("ip"));
         c
