@@ -11,13 +11,9 @@
 mod pattern;
 
 use std::collections::{HashMap, HashSet};
-use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command as Process, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -25,288 +21,17 @@ use std::time::{Duration, Instant};
 use criu_sys::page_server::{
     proxy_with, Command, DstId, HookError, ImageKind, Message, PageFlags, ProxyOptions, ProxyStats,
 };
-use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use criu_testkit::{
+    restore_and_check, serial, start_page_server, start_testee, Lab, HEAP_MIB, HEAP_PAGES,
+    MEMFD_PAGES, STEP,
+};
 use nix::unistd::Pid;
 
 use pattern::{fill_page, page_identity, HEAP_MAGIC, MEMFD_MAGIC, PAGE};
 
-const TESTEE: &str = env!("CARGO_BIN_EXE_criu-sys-testee");
-const HEAP_MIB: u64 = 64;
-const HEAP_PAGES: u64 = HEAP_MIB << 20 >> 12;
-const MEMFD_PAGES: u64 = 256;
-/// Upper bound for every single step (start, dump, restore, check).
-const STEP: Duration = Duration::from_secs(60);
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// A work directory with an `images/` subdirectory; removed on drop.
-struct Lab {
-    dir: PathBuf,
-    images: PathBuf,
-    criu: PathBuf,
-}
-
-impl Lab {
-    fn new(name: &str) -> Lab {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "the real-CRIU tests need root (CRIU dumps and restores processes); run them as root"
-        );
-        let criu = criu_sys::Criu::discover()
-            .unwrap_or_else(|e| panic!("the real-CRIU tests need CRIU >= 4.2: {e}"));
-        // Restored processes are re-parented to us, so we can reap them.
-        nix::sys::prctl::set_child_subreaper(true).expect("PR_SET_CHILD_SUBREAPER");
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let dir =
-            std::env::temp_dir().join(format!("criu-sys-{name}-{}-{nanos}", std::process::id()));
-        let images = dir.join("images");
-        std::fs::create_dir_all(&images).unwrap();
-        Lab {
-            dir,
-            images,
-            criu: criu.path,
-        }
-    }
-
-    fn criu(&self) -> Process {
-        let mut c = Process::new(&self.criu);
-        c.stdin(Stdio::null()).current_dir(&self.dir);
-        c
-    }
-
-    /// The last lines of a CRIU log in the image directory, for failure messages.
-    fn log_tail(&self, log: &str) -> String {
-        let text = std::fs::read_to_string(self.images.join(log)).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let errors: Vec<&str> = lines
-            .iter()
-            .copied()
-            .filter(|l| l.contains("Error") || l.contains("Warn"))
-            .collect();
-        format!(
-            "--- {log}: errors/warnings ---\n{}\n--- {log}: last lines ---\n{}",
-            errors[errors.len().saturating_sub(15)..].join("\n"),
-            lines[lines.len().saturating_sub(15)..].join("\n")
-        )
-    }
-
-    /// Runs CRIU to completion (bounded) and fails the test with its log if it fails.
-    fn run_criu(&self, args: &[&str], log: &str) -> Duration {
-        self.run_criu_passing(args, log, None)
-    }
-
-    /// [`Lab::run_criu`], handing `pass` to CRIU as an inherited descriptor (closed here
-    /// once CRIU runs).
-    fn run_criu_passing(&self, args: &[&str], log: &str, pass: Option<UnixStream>) -> Duration {
-        if let Some(s) = &pass {
-            fcntl(s.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
-        }
-        let start = Instant::now();
-        let mut child = Guard::new(
-            self.criu()
-                .args(args)
-                .args(["-o", log, "-v4"])
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start criu: {e}")),
-            "criu",
-        );
-        drop(pass);
-        let status = child.wait(STEP);
-        let took = start.elapsed();
-        assert!(
-            status.success(),
-            "criu {} failed ({status}):\n{}",
-            args.join(" "),
-            self.log_tail(log)
-        );
-        took
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        if std::env::var_os("FERRY_KEEP_TEST_DIRS").is_some() {
-            eprintln!("keeping {}", self.dir.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-/// A child process that is killed and reaped on drop.
-struct Guard {
-    child: Option<Child>,
-    what: &'static str,
-}
-
-impl Guard {
-    fn new(child: Child, what: &'static str) -> Guard {
-        Guard {
-            child: Some(child),
-            what,
-        }
-    }
-
-    fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.as_ref().unwrap().id() as i32)
-    }
-
-    /// Waits for the exit (bounded); kills it and fails the test on timeout.
-    fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let mut child = self.child.take().expect("already waited for");
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{} did not finish within {timeout:?}", self.what);
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// A restored testee (our child through the subreaper): killed and reaped on drop.
-struct Restored {
-    pid: Option<Pid>,
-}
-
-impl Restored {
-    /// Waits for its exit (bounded).
-    fn wait(&mut self, timeout: Duration) -> WaitStatus {
-        let pid = self.pid.take().expect("already waited for");
-        let deadline = Instant::now() + timeout;
-        loop {
-            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) => {}
-                Ok(status) => return status,
-                Err(e) => panic!("waitpid({pid}): {e} (is the restored process our child?)"),
-            }
-            if Instant::now() > deadline {
-                self.pid = Some(pid);
-                panic!("the restored testee {pid} did not exit within {timeout:?}");
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Restored {
-    fn drop(&mut self) {
-        let Some(pid) = self.pid.take() else { return };
-        // Only ever kill our testee, not a process that happens to reuse the pid.
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-        if exe == Path::new(TESTEE) {
-            let _ = kill(pid, Signal::SIGKILL);
-            let _ = waitpid(pid, None);
-        }
-    }
-}
-
-fn wait_for_file(path: &Path, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} did not appear within {timeout:?}",
-            path.display()
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Starts the testee; returns it once its memory is filled.
-fn start_testee(lab: &Lab) -> Guard {
-    let child = Process::new(TESTEE)
-        .args(["--heap-mib", &HEAP_MIB.to_string()])
-        .args(["--memfd-pages", &MEMFD_PAGES.to_string()])
-        .arg("--ready")
-        .arg(lab.dir.join("ready"))
-        .arg("--result")
-        .arg(lab.dir.join("result"))
-        .args(["--lifetime", "300"])
-        .current_dir(&lab.dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {TESTEE}: {e}"));
-    let guard = Guard::new(child, "testee");
-    let pid: i32 = wait_for_file(&lab.dir.join("ready"), STEP)
-        .trim()
-        .parse()
-        .unwrap();
-    assert_eq!(pid, guard.pid().as_raw());
-    guard
-}
-
-/// Starts `criu page-server` on a free port; returns it and the port.
-///
-/// CRIU's command line refuses `--port 0`, so the port is found by binding to port 0 first;
-/// should another process take it in between, CRIU fails to bind and the next port is tried.
-fn start_page_server(lab: &Lab) -> (Guard, u16) {
-    let mut last = String::new();
-    for _ in 0..5 {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut child = lab
-            .criu()
-            .arg("page-server")
-            .arg("-D")
-            .arg(&lab.images)
-            .args(["--address", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--status-fd", "1", "-o", "page-server.log", "-v4"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start criu page-server: {e}"));
-        // CRIU writes one \0 to --status-fd once it listens.
-        let mut out = child.stdout.take().unwrap();
-        let mut guard = Guard::new(child, "criu page-server");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            let mut b = [0u8; 1];
-            let _ = tx.send(out.read(&mut b).map(|n| (n, b[0])));
-        });
-        match rx.recv_timeout(STEP) {
-            Ok(Ok((1, 0))) => return (guard, port),
-            Ok(Ok((0, _))) => {
-                // Exited before listening.
-                let status = guard.wait(STEP);
-                last = format!("exited with {status}:\n{}", lab.log_tail("page-server.log"));
-                if !last.contains("Can't bind") {
-                    break;
-                }
-            }
-            other => {
-                last = format!("{other:?}:\n{}", lab.log_tail("page-server.log"));
-                break;
-            }
-        }
-    }
-    panic!("criu page-server did not start listening: {last}");
+/// A work directory with an `images/` subdirectory, for the testee of this package.
+fn lab(name: &str) -> Lab {
+    Lab::new(&format!("criu-sys-{name}")).with_testee(env!("CARGO_BIN_EXE_criu-sys-testee"))
 }
 
 type Hook = Box<dyn FnMut(&Message, &mut [u8]) -> Result<(), HookError> + Send>;
@@ -432,36 +157,6 @@ fn expected_page_hashes(magic: u64, pages: u64) -> Vec<[u8; 32]> {
         .collect()
 }
 
-/// Restores the images, sends SIGUSR1 and returns (exit code, result file).
-fn restore_and_check(lab: &Lab) -> (i32, String, Duration) {
-    let took = lab.run_criu(
-        &[
-            "restore",
-            "-D",
-            lab.images.to_str().unwrap(),
-            "--restore-detached",
-            "--pidfile",
-            "restore.pid",
-        ],
-        "restore.log",
-    );
-    let pid: i32 = std::fs::read_to_string(lab.images.join("restore.pid"))
-        .expect("criu restore wrote no pidfile")
-        .trim()
-        .parse()
-        .unwrap();
-    let mut restored = Restored {
-        pid: Some(Pid::from_raw(pid)),
-    };
-    kill(Pid::from_raw(pid), Signal::SIGUSR1).expect("signalling the restored testee");
-    let code = match restored.wait(STEP) {
-        WaitStatus::Exited(_, code) => code,
-        other => panic!("the restored testee ended with {other:?}"),
-    };
-    let result = wait_for_file(&lab.dir.join("result"), STEP);
-    (code, result, took)
-}
-
 /// One dump through the proxy with `hook`, checked as far as CRIU goes; returns the stats,
 /// the dump's duration and the testee's pid.
 fn dump_through_proxy(lab: &Lab, transport: Transport, hook: Hook) -> (ProxyStats, Duration, Pid) {
@@ -567,8 +262,8 @@ struct Seen {
 
 #[test]
 fn dump_through_the_proxy_restores_intact_memory() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = Lab::new("proxy");
+    let _serial = serial();
+    let lab = lab("proxy");
     let seen = Arc::new(Mutex::new(Seen::default()));
     let hook: Hook = {
         let seen = seen.clone();
@@ -632,8 +327,8 @@ struct Store {
 
 #[test]
 fn pages_replaced_from_a_content_store_restore_intact_memory() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = Lab::new("store");
+    let _serial = serial();
+    let lab = lab("store");
     let store = Arc::new(Mutex::new(Store::default()));
     let hook: Hook = {
         let store = store.clone();
@@ -678,8 +373,8 @@ fn pages_replaced_from_a_content_store_restore_intact_memory() {
 
 #[test]
 fn a_corrupted_page_fails_the_memory_check() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = Lab::new("corrupt");
+    let _serial = serial();
+    let lab = lab("corrupt");
     const VICTIM: u64 = 1000;
     let corrupted = Arc::new(Mutex::new(0u32));
     let hook: Hook = {
@@ -714,8 +409,8 @@ fn a_corrupted_page_fails_the_memory_check() {
 /// The same process dumped straight to disk: the reference for the timings above.
 #[test]
 fn plain_dump_to_disk_for_comparison() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = Lab::new("plain");
+    let _serial = serial();
+    let lab = lab("plain");
     let mut testee = start_testee(&lab);
     let pid = testee.pid();
     let took = lab.run_criu(
@@ -745,8 +440,8 @@ fn plain_dump_to_disk_for_comparison() {
 /// (TCP_CORK fails with a warning), so CLOSE is not held back for the 200 ms cork timeout.
 #[test]
 fn dump_over_an_inherited_socket_restores_intact_memory() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = Lab::new("ps-socket");
+    let _serial = serial();
+    let lab = lab("ps-socket");
     let pages = Arc::new(Mutex::new(0u64));
     let hook: Hook = {
         let pages = pages.clone();
