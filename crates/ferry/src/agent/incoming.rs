@@ -189,7 +189,9 @@ impl Agent {
                 })
             }
             Err(e) => {
-                remove_leftovers(self, &job, &layout, &spec.name);
+                let undo = self.leftovers(&job, layout, &spec.name);
+                // runc and namespace removal block: not on an async worker.
+                let _ = tokio::task::spawn_blocking(move || undo.remove()).await;
                 Err(e)
             }
         }
@@ -422,19 +424,41 @@ impl Agent {
                 continue;
             };
             warn!(job = %rec.job, container = %rec.spec.name, "removing leftovers of an interrupted incoming migration");
-            let layout = self.layout(&rec.spec.name);
-            remove_leftovers(self, &rec.job, &layout, &rec.spec.name);
+            let undo = self.leftovers(&rec.job, self.layout(&rec.spec.name), &rec.spec.name);
+            let _ = tokio::task::spawn_blocking(move || undo.remove()).await;
+        }
+    }
+
+    fn leftovers(&self, job: &str, layout: Layout, name: &str) -> Leftovers {
+        Leftovers {
+            runc: self.runc.clone(),
+            name: name.to_string(),
+            layout,
+            dirs: [self.images_dir(job), self.work_dir(job)],
+            record: self.incoming_record(job),
         }
     }
 }
 
-fn remove_leftovers(a: &Agent, job: &str, layout: &Layout, name: &str) {
-    crate::runtime::delete_netns(layout);
-    a.runc.delete_force(name);
-    let _ = std::fs::remove_dir_all(&layout.bundle);
-    let _ = std::fs::remove_dir_all(a.images_dir(job));
-    let _ = std::fs::remove_dir_all(a.work_dir(job));
-    let _ = std::fs::remove_file(a.incoming_record(job));
+/// What an incoming job left on this host, to remove (blocking: runc, namespaces, files).
+struct Leftovers {
+    runc: crate::runtime::Runc,
+    name: String,
+    layout: Layout,
+    dirs: [std::path::PathBuf; 2],
+    record: std::path::PathBuf,
+}
+
+impl Leftovers {
+    fn remove(self) {
+        crate::runtime::delete_netns(&self.layout);
+        self.runc.delete_force(&self.name);
+        let _ = std::fs::remove_dir_all(&self.layout.bundle);
+        for d in &self.dirs {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        let _ = std::fs::remove_file(&self.record);
+    }
 }
 
 fn valid_job(job: &str) -> bool {
