@@ -53,6 +53,104 @@ pub fn request_type(buf: &[u8]) -> Option<u64> {
     None
 }
 
+/// `criu_req_type.DUMP`.
+pub const REQ_DUMP: u64 = 1;
+
+/// One field of an encoded protobuf message: number, wire type, and the bytes of the whole
+/// field (key included) and of its value.
+struct Field<'a> {
+    number: u64,
+    wire: u64,
+    whole: &'a [u8],
+    value: &'a [u8],
+}
+
+/// Splits an encoded message into its fields; `None` if it is malformed or uses groups.
+fn fields(buf: &[u8]) -> Option<Vec<Field<'_>>> {
+    let mut out = vec![];
+    let mut i = 0;
+    while i < buf.len() {
+        let start = i;
+        let (key, n) = varint(&buf[i..])?;
+        i += n;
+        let (number, wire) = (key >> 3, key & 7);
+        let value_start;
+        match wire {
+            0 => {
+                value_start = i;
+                let (_, n) = varint(&buf[i..])?;
+                i += n;
+            }
+            1 | 5 => {
+                value_start = i;
+                i = i.checked_add(if wire == 1 { 8 } else { 4 })?;
+            }
+            2 => {
+                let (len, n) = varint(&buf[i..])?;
+                value_start = i + n;
+                i = value_start.checked_add(usize::try_from(len).ok()?)?;
+            }
+            _ => return None,
+        }
+        if i > buf.len() {
+            return None;
+        }
+        out.push(Field {
+            number,
+            wire,
+            whole: &buf[start..i],
+            value: &buf[value_start..i],
+        });
+    }
+    Some(out)
+}
+
+fn put_bytes_field(out: &mut Vec<u8>, number: u64, value: &[u8]) {
+    put_varint(out, number << 3 | 2);
+    put_varint(out, value.len() as u64);
+    out.extend_from_slice(value);
+}
+
+/// Rewrites an encoded DUMP `criu_req` whose options name a page server by address and port
+/// (`criu_opts.ps`, field 11) so that CRIU uses the already connected socket `fd` instead
+/// (`criu_page_server_info.fd`, field 4). Every other field is kept byte for byte. `None` when
+/// the request is not a DUMP, has no page server, or is malformed: then it must be passed on
+/// unchanged.
+pub fn dump_with_page_server_fd(req: &[u8], fd: i32) -> Option<Vec<u8>> {
+    let top = fields(req)?;
+    let is_dump = top
+        .iter()
+        .any(|f| f.number == 1 && f.wire == 0 && varint(f.value).map(|v| v.0) == Some(REQ_DUMP));
+    if !is_dump || fd < 0 {
+        return None;
+    }
+    let opts = top.iter().find(|f| f.number == 2 && f.wire == 2)?;
+    let opt_fields = fields(opts.value)?;
+    if !opt_fields.iter().any(|f| f.number == 11 && f.wire == 2) {
+        return None;
+    }
+    let mut ps = Vec::new();
+    put_varint(&mut ps, 4 << 3); // fd, varint
+    put_varint(&mut ps, fd as u64);
+    let mut new_opts = Vec::with_capacity(opts.value.len());
+    for f in &opt_fields {
+        if f.number == 11 {
+            put_bytes_field(&mut new_opts, 11, &ps);
+        } else {
+            new_opts.extend_from_slice(f.whole);
+        }
+    }
+    let mut out = Vec::with_capacity(req.len() + 8);
+    for f in &top {
+        if f.number == 2 && f.wire == 2 {
+            put_bytes_field(&mut out, 2, &new_opts);
+        } else {
+            out.extend_from_slice(f.whole);
+        }
+    }
+    Some(out)
+}
+
 /// Encodes the `criu_resp` CRIU sends for a VERSION request.
 pub fn version_response(v: CriuVersion) -> Vec<u8> {
     let mut ver = Vec::new();
@@ -82,6 +180,79 @@ mod tests {
         assert_eq!(request_type(&[]), None);
         assert_eq!(request_type(&[0x12, 0x7f]), None);
         assert_eq!(request_type(&[0xff]), None);
+    }
+
+    /// A DUMP request as runc sends it, in the shape of rpc.proto: type, opts (images_dir_fd,
+    /// pid, tcp_established, log_file, ps {address, port}, a 64-bit and a 32-bit field), and
+    /// notify_success after opts.
+    fn dump_request() -> Vec<u8> {
+        let mut ps = Vec::new();
+        put_bytes_field(&mut ps, 1, b"127.0.0.1");
+        ps.extend_from_slice(&[0x10]);
+        put_varint(&mut ps, 7000);
+        let mut opts = vec![0x08, 0x05, 0x10]; // images_dir_fd = 5, pid = ...
+        put_varint(&mut opts, 123_456);
+        opts.extend_from_slice(&[0x28, 0x01]); // tcp_established = true
+        put_bytes_field(&mut opts, 10, b"dump.log");
+        put_bytes_field(&mut opts, 11, &ps);
+        opts.extend_from_slice(&[0x79, 1, 2, 3, 4, 5, 6, 7, 8]); // field 15, 64-bit
+        opts.extend_from_slice(&[0x85, 0x01, 9, 9, 9, 9]); // field 16, 32-bit
+        let mut req = vec![0x08, REQ_DUMP as u8];
+        put_bytes_field(&mut req, 2, &opts);
+        req.extend_from_slice(&[0x18, 0x01]); // notify_success = true
+        req
+    }
+
+    #[test]
+    fn a_dump_request_gets_the_page_server_socket_and_keeps_everything_else() {
+        let req = dump_request();
+        let out = dump_with_page_server_fd(&req, 9).unwrap();
+        assert_eq!(request_type(&out), Some(REQ_DUMP));
+        let top = fields(&out).unwrap();
+        assert_eq!(top.len(), 3);
+        assert_eq!(top[2].whole, &[0x18, 0x01], "notify_success kept");
+        let before = fields(&fields(&req).unwrap()[1].value.to_vec())
+            .unwrap()
+            .iter()
+            .map(|f| (f.number, f.whole.to_vec()))
+            .collect::<Vec<_>>();
+        let opts = fields(top[1].value).unwrap();
+        assert_eq!(opts.len(), before.len());
+        for (f, (n, whole)) in opts.iter().zip(&before) {
+            assert_eq!(f.number, *n, "field order kept");
+            if f.number == 11 {
+                // Only the socket: no address, no port.
+                assert_eq!(f.value, &[0x20, 0x09]);
+            } else {
+                assert_eq!(f.whole, &whole[..], "field {n} kept byte for byte");
+            }
+        }
+        // Large fd numbers need a multi-byte varint.
+        let out = dump_with_page_server_fd(&req, 300).unwrap();
+        let opts = fields(fields(&out).unwrap()[1].value).unwrap();
+        let ps = opts.iter().find(|f| f.number == 11).unwrap();
+        assert_eq!(ps.value, &[0x20, 0xac, 0x02]);
+    }
+
+    #[test]
+    fn other_requests_are_left_alone() {
+        // Not a dump.
+        let mut restore = dump_request();
+        restore[1] = 2;
+        assert_eq!(dump_with_page_server_fd(&restore, 9), None);
+        // A dump without a page server.
+        let mut req = vec![0x08, REQ_DUMP as u8];
+        put_bytes_field(&mut req, 2, &[0x08, 0x05]);
+        assert_eq!(dump_with_page_server_fd(&req, 9), None);
+        // Malformed: truncated, a group, a length past the end; and a negative fd.
+        let full = dump_request();
+        assert_eq!(dump_with_page_server_fd(&full[..full.len() - 3], 9), None);
+        assert_eq!(dump_with_page_server_fd(&[0x08, 0x01, 0x13], 9), None);
+        assert_eq!(
+            dump_with_page_server_fd(&[0x08, 0x01, 0x12, 0x40, 0x08], 9),
+            None
+        );
+        assert_eq!(dump_with_page_server_fd(&full, -1), None);
     }
 
     #[test]
