@@ -211,7 +211,7 @@ mod tests {
         let top = fields(&out).unwrap();
         assert_eq!(top.len(), 3);
         assert_eq!(top[2].whole, &[0x18, 0x01], "notify_success kept");
-        let before = fields(&fields(&req).unwrap()[1].value.to_vec())
+        let before = fields(fields(&req).unwrap()[1].value)
             .unwrap()
             .iter()
             .map(|f| (f.number, f.whole.to_vec()))
