@@ -340,15 +340,13 @@ pub async fn run(dir: &Path, exe: &Path, workload: &Path, opts: BenchOpts) -> Re
     }
     crate::lab::down(dir)?;
     let mut lab = crate::lab::up(dir, 2, exe, workload, None).await?;
-    let counters = ByteCounters::install(&lab, FROM, TO);
-    let r = match counters {
-        Ok(counters) => {
-            let r = run_all(&mut lab, exe, workload, &opts, &scenarios, &counters).await;
-            counters.remove();
-            r
-        }
-        Err(e) => Err(e),
-    };
+    let r = async {
+        let counters = ByteCounters::install(&lab, FROM, TO)?;
+        let r = run_all(&mut lab, exe, workload, &opts, &scenarios, &counters).await;
+        counters.remove();
+        r
+    }
+    .await;
     if !opts.keep {
         crate::lab::down(dir)?;
     }
@@ -835,35 +833,44 @@ struct ByteCounters {
     pairs: Vec<(String, Ipv4Addr)>,
 }
 
+/// `ip netns exec NS iptables -w OP OUTPUT -d DST -m comment --comment TAG`.
+fn counter_rule(ns: &str, op: &str, dst: Ipv4Addr) -> Vec<String> {
+    let dst = dst.to_string();
+    [
+        "netns",
+        "exec",
+        ns,
+        "iptables",
+        "-w",
+        op,
+        "OUTPUT",
+        "-d",
+        &dst,
+        "-m",
+        "comment",
+        "--comment",
+        COUNTER_TAG,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 impl ByteCounters {
     fn install(lab: &Lab, a: &str, b: &str) -> Result<ByteCounters> {
         let (ha, hb) = (lab.host(a)?, lab.host(b)?);
-        let pairs = vec![
+        let mut counters = ByteCounters { pairs: vec![] };
+        for (ns, dst) in [
             (ha.netns.clone(), hb.underlay_ip),
             (hb.netns.clone(), ha.underlay_ip),
-        ];
-        for (ns, dst) in &pairs {
-            crate::util::run(
-                "ip",
-                [
-                    "netns",
-                    "exec",
-                    ns,
-                    "iptables",
-                    "-w",
-                    "-I",
-                    "OUTPUT",
-                    "-d",
-                    &dst.to_string(),
-                    "-m",
-                    "comment",
-                    "--comment",
-                    COUNTER_TAG,
-                ],
-            )
-            .context("installing the byte-counting rule")?;
+        ] {
+            if let Err(e) = crate::util::run("ip", counter_rule(&ns, "-I", dst)) {
+                // Leave no rule behind when the second one cannot be added.
+                counters.remove();
+                return Err(e).context("installing the byte-counting rule");
+            }
+            counters.pairs.push((ns, dst));
         }
-        Ok(ByteCounters { pairs })
+        Ok(counters)
     }
 
     fn read(&self) -> Result<u64> {
@@ -891,24 +898,7 @@ impl ByteCounters {
 
     fn remove(&self) {
         for (ns, dst) in &self.pairs {
-            crate::util::run_quiet(
-                "ip",
-                [
-                    "netns",
-                    "exec",
-                    ns,
-                    "iptables",
-                    "-w",
-                    "-D",
-                    "OUTPUT",
-                    "-d",
-                    &dst.to_string(),
-                    "-m",
-                    "comment",
-                    "--comment",
-                    COUNTER_TAG,
-                ],
-            );
+            crate::util::run_quiet("ip", counter_rule(ns, "-D", *dst));
         }
     }
 }
