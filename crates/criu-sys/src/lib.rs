@@ -8,6 +8,7 @@
 
 pub mod page_server;
 pub mod rpc;
+pub mod swrk_proxy;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

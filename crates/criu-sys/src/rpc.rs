@@ -151,6 +151,96 @@ pub fn dump_with_page_server_fd(req: &[u8], fd: i32) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Field numbers of `criu_opts` that Ferry reads or rewrites.
+pub mod opt {
+    /// `images_dir_fd` (int32): a descriptor of the *requesting* process (CRIU opens
+    /// `/proc/PEER/fd/N`, PEER from `SO_PEERCRED` of the RPC socket).
+    pub const IMAGES_DIR_FD: u64 = 1;
+    /// `pid` (int32): the task to dump; absent means the requesting process itself.
+    pub const PID: u64 = 2;
+    /// `log_file` (string), relative to the work directory.
+    pub const LOG_FILE: u64 = 10;
+    /// `ps` (`criu_page_server_info`).
+    pub const PS: u64 = 11;
+    /// `work_dir_fd` (int32): like `images_dir_fd`, a descriptor of the requesting process.
+    pub const WORK_DIR_FD: u64 = 17;
+    /// `lazy_pages` (bool): with it CRIU ignores `ps.fd` and listens itself.
+    pub const LAZY_PAGES: u64 = 48;
+    /// `status_fd` (int32): a descriptor of the requesting process.
+    pub const STATUS_FD: u64 = 49;
+    /// `pidfd_store_sk` (int32): taken from the requesting process with `pidfd_getfd`.
+    pub const PIDFD_STORE_SK: u64 = 62;
+}
+
+/// The fields of the `opts` (field 2) of an encoded `criu_req`; `None` if it is malformed or
+/// has no options.
+fn opts_fields(req: &[u8]) -> Option<Vec<Field<'_>>> {
+    let top = fields(req)?;
+    let opts = top.iter().find(|f| f.number == 2 && f.wire == 2)?;
+    fields(opts.value)
+}
+
+/// The value of the varint field `number` of the request's `criu_opts` (the last one, as
+/// protobuf reads it); `None` if absent or malformed.
+pub fn opts_varint(req: &[u8], number: u64) -> Option<u64> {
+    opts_fields(req)?
+        .iter()
+        .rev()
+        .find(|f| f.number == number && f.wire == 0)
+        .and_then(|f| varint(f.value))
+        .map(|v| v.0)
+}
+
+/// The bytes of the length-delimited field `number` of the request's `criu_opts` (the last
+/// one); `None` if absent or malformed.
+pub fn opts_bytes(req: &[u8], number: u64) -> Option<&[u8]> {
+    opts_fields(req)?
+        .iter()
+        .rev()
+        .find(|f| f.number == number && f.wire == 2)
+        .map(|f| f.value)
+}
+
+/// An int32 field of the request's `criu_opts` holding a descriptor: `Some` only for a
+/// non-negative value (protobuf encodes negative int32 as 10-byte varints).
+pub fn opts_fd(req: &[u8], number: u64) -> Option<i32> {
+    opts_varint(req, number).and_then(|v| i32::try_from(v).ok())
+}
+
+/// Sets the varint field `number` of the request's `criu_opts` to `value`, which must already
+/// be there: the first occurrence is replaced, later ones dropped, every other field kept byte
+/// for byte. `None` if the field is absent or the request is malformed.
+pub fn with_opts_varint(req: &[u8], number: u64, value: u64) -> Option<Vec<u8>> {
+    let top = fields(req)?;
+    let opts_at = top.iter().position(|f| f.number == 2 && f.wire == 2)?;
+    let opt_fields = fields(top[opts_at].value)?;
+    if !opt_fields.iter().any(|f| f.number == number && f.wire == 0) {
+        return None;
+    }
+    let mut new_opts = Vec::with_capacity(top[opts_at].value.len() + 8);
+    let mut done = false;
+    for f in &opt_fields {
+        if f.number == number && f.wire == 0 {
+            if !done {
+                put_varint(&mut new_opts, number << 3);
+                put_varint(&mut new_opts, value);
+                done = true;
+            }
+        } else {
+            new_opts.extend_from_slice(f.whole);
+        }
+    }
+    let mut out = Vec::with_capacity(req.len() + 8);
+    for (i, f) in top.iter().enumerate() {
+        if i == opts_at {
+            put_bytes_field(&mut out, 2, &new_opts);
+        } else {
+            out.extend_from_slice(f.whole);
+        }
+    }
+    Some(out)
+}
+
 /// Encodes the `criu_resp` CRIU sends for a VERSION request.
 pub fn version_response(v: CriuVersion) -> Vec<u8> {
     let mut ver = Vec::new();
@@ -253,6 +343,46 @@ mod tests {
             None
         );
         assert_eq!(dump_with_page_server_fd(&full, -1), None);
+    }
+
+    #[test]
+    fn reads_and_rewrites_option_fields() {
+        let req = dump_request();
+        assert_eq!(opts_fd(&req, opt::IMAGES_DIR_FD), Some(5));
+        assert_eq!(opts_varint(&req, opt::PID), Some(123_456));
+        assert_eq!(opts_bytes(&req, opt::LOG_FILE), Some(&b"dump.log"[..]));
+        assert_eq!(opts_varint(&req, opt::WORK_DIR_FD), None);
+        assert_eq!(opts_varint(&req, opt::LAZY_PAGES), None);
+
+        let out = with_opts_varint(&req, opt::IMAGES_DIR_FD, 300).unwrap();
+        assert_eq!(opts_fd(&out, opt::IMAGES_DIR_FD), Some(300));
+        assert_eq!(
+            out.len(),
+            req.len() + 1,
+            "one more byte for the larger varint"
+        );
+        // Everything else is untouched, in order.
+        let (a, b) = (opts_fields(&req).unwrap(), opts_fields(&out).unwrap());
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b).skip(1) {
+            assert_eq!(x.whole, y.whole);
+        }
+        assert_eq!(fields(&out).unwrap()[2].whole, &[0x18, 0x01]);
+        // The page-server rewrite composes with it.
+        let both = dump_with_page_server_fd(&out, 9).unwrap();
+        assert_eq!(opts_fd(&both, opt::IMAGES_DIR_FD), Some(300));
+        assert_eq!(opts_bytes(&both, opt::PS), Some(&[0x20, 0x09][..]));
+
+        // Absent fields are not added; malformed requests are refused.
+        assert_eq!(with_opts_varint(&req, opt::WORK_DIR_FD, 7), None);
+        assert_eq!(with_opts_varint(&req[..req.len() - 3], opt::PID, 7), None);
+        // A negative int32 (images_dir_fd = -1) is not a descriptor.
+        let mut neg = vec![0x08, REQ_DUMP as u8];
+        let mut opts = vec![0x08];
+        put_varint(&mut opts, -1i64 as u64);
+        put_bytes_field(&mut neg, 2, &opts);
+        assert_eq!(opts_varint(&neg, opt::IMAGES_DIR_FD), Some(u64::MAX));
+        assert_eq!(opts_fd(&neg, opt::IMAGES_DIR_FD), None);
     }
 
     #[test]

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use migrate_core::{Outcome, Report};
-use orchestrator_shim::api::FaultHooks;
 use serde::{Deserialize, Serialize};
 
 use crate::chart::{Panel, Span};
@@ -597,7 +596,7 @@ async fn ferry_inner(
     tokio::time::sleep(LEAD_IN).await;
     let cpu0 = agents_cpu_ms(lab)?;
     let bytes0 = counters.read()?;
-    let report = crate::cli::migrate(lab, name, TO, FaultHooks::default(), false).await;
+    let report = crate::cli::migrate(lab, name, &crate::cli::stop_copy_to(TO), false).await;
     let bytes1 = counters.read()?;
     let cpu1 = agents_cpu_ms(lab)?;
     tokio::time::sleep(LEAD_OUT).await;

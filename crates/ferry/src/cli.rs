@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use migrate_core::{Outcome, Phase, Report};
 use orchestrator_shim::api::{
-    ContainerInfo, CreateContainer, FaultHooks, JobEventKind, MigrateRequest,
+    ContainerInfo, CreateContainer, FaultHooks, JobEventKind, MigrateMode, MigrateRequest,
 };
 
 use crate::lab::Lab;
@@ -197,6 +197,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             name,
             to,
             json,
+            pre_copy,
+            downtime_budget_ms,
+            max_rounds,
+            when_stuck,
             pause_in_transfer_ms,
             corrupt_images,
             corrupt_memory_page,
@@ -210,12 +214,37 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 corrupt_memory_page,
                 pause_before_commit_ms,
             };
+            let mut req = MigrateRequest {
+                to: to.clone(),
+                mode: MigrateMode::StopCopy,
+                precopy: None,
+                faults,
+            };
+            if pre_copy {
+                let mut p = migrate_core::PrecopyPolicy::default();
+                if let Some(b) = downtime_budget_ms {
+                    p.downtime_budget_ms = b;
+                }
+                if let Some(r) = max_rounds {
+                    p.max_rounds = r;
+                }
+                if let Some(w) = when_stuck {
+                    p.when_stuck = match w.as_str() {
+                        "auto-converge" => migrate_core::WhenStuck::AutoConverge,
+                        "stop-and-copy" => migrate_core::WhenStuck::StopAndCopy,
+                        _ => migrate_core::WhenStuck::Abort,
+                    };
+                }
+                p.validate().map_err(|e| anyhow::anyhow!("pre-copy: {e}"))?;
+                req.mode = MigrateMode::PreCopy;
+                req.precopy = Some(p);
+            }
             if detach {
-                let (src, job) = start_migration(&lab, &name, &to, faults).await?;
+                let (src, job) = start_migration(&lab, &name, &req).await?;
                 println!("{}", serde_json::json!({"job": job, "host": src}));
                 return Ok(ExitCode::SUCCESS);
             }
-            let report = migrate(&lab, &name, &to, faults, !json).await?;
+            let report = migrate(&lab, &name, &req, !json).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -340,24 +369,10 @@ async fn find_job(lab: &Lab, id: &str) -> Result<(String, orchestrator_shim::api
     bail!("unknown job {id:?} on every host of the lab")
 }
 
-async fn start_migration(
-    lab: &Lab,
-    name: &str,
-    to: &str,
-    faults: FaultHooks,
-) -> Result<(String, String)> {
-    lab.host(to)?;
+async fn start_migration(lab: &Lab, name: &str, req: &MigrateRequest) -> Result<(String, String)> {
+    lab.host(&req.to)?;
     let c = find(lab, name).await?;
-    let job = lab
-        .client(&c.host)?
-        .migrate(
-            name,
-            &MigrateRequest {
-                to: to.into(),
-                faults,
-            },
-        )
-        .await?;
+    let job = lab.client(&c.host)?.migrate(name, req).await?;
     Ok((c.host, job.id))
 }
 
@@ -365,11 +380,11 @@ async fn start_migration(
 pub(crate) async fn migrate(
     lab: &Lab,
     name: &str,
-    to: &str,
-    faults: FaultHooks,
+    req: &MigrateRequest,
     progress: bool,
 ) -> Result<Report> {
-    let (src, id) = start_migration(lab, name, to, faults).await?;
+    let to = req.to.as_str();
+    let (src, id) = start_migration(lab, name, req).await?;
     let client = lab.client(&src)?;
     let bar = progress.then(|| {
         let b = indicatif::ProgressBar::new(8);
@@ -420,6 +435,16 @@ pub(crate) async fn migrate(
     match report {
         Some(r) => Ok(r),
         None => Ok(client.job(&id).await?.report),
+    }
+}
+
+/// A plain stop-and-copy migration to `to`.
+pub(crate) fn stop_copy_to(to: &str) -> MigrateRequest {
+    MigrateRequest {
+        to: to.into(),
+        mode: MigrateMode::StopCopy,
+        precopy: None,
+        faults: FaultHooks::default(),
     }
 }
 

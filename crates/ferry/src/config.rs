@@ -53,6 +53,14 @@ pub struct AgentConfig {
     /// QUIC idle timeout in milliseconds: how fast a dead peer is noticed.
     #[serde(default = "default_idle")]
     pub quic_idle_timeout_ms: u64,
+    /// Memory pages (by content hash) this host keeps for pre-copy and for containers that
+    /// may come back, MiB. Pages no running migration needs are forgotten when it is full.
+    #[serde(default = "default_page_store_mib")]
+    pub page_store_mib: u64,
+}
+
+fn default_page_store_mib() -> u64 {
+    8192
 }
 
 fn default_runc() -> String {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use migrate_core::{Outcome, Report};
-use orchestrator_shim::api::{ContainerInfo, CreateContainer, FaultHooks};
+use orchestrator_shim::api::{ContainerInfo, CreateContainer};
 use serde::Serialize;
 
 use crate::lab::Lab;
@@ -634,7 +634,7 @@ async fn demo(
                 if back { " (back)" } else { "" }
             );
         }
-        let r = crate::cli::migrate(lab, "echo", to, FaultHooks::default(), !json).await?;
+        let r = crate::cli::migrate(lab, "echo", &crate::cli::stop_copy_to(to), !json).await?;
         migrations.push(r);
         tokio::time::sleep(Duration::from_millis(1000)).await;
     }

@@ -412,6 +412,7 @@ pub async fn up(
             criu_frontend: Some(exe.with_file_name("ferry-criu")).filter(|p| p.is_file()),
             quic_idle_timeout_ms: 3000,
             allow_fault_hooks: true,
+            page_store_mib: 4096,
         };
         let cfg_path = dir.join(format!("{}.json", h.name));
         std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)?;

@@ -87,6 +87,20 @@ enum Cmd {
         /// Print one JSON report instead of progress and a summary.
         #[arg(long)]
         json: bool,
+        /// Copy memory and root filesystem changes in rounds while the container runs; freeze
+        /// only for what changed since the last round.
+        #[arg(long)]
+        pre_copy: bool,
+        /// Pre-copy: freeze once the last dirty set is estimated to take at most this long.
+        #[arg(long, requires = "pre_copy")]
+        downtime_budget_ms: Option<f64>,
+        /// Pre-copy: most rounds before the freeze.
+        #[arg(long, requires = "pre_copy")]
+        max_rounds: Option<u32>,
+        /// Pre-copy: when the container dirties memory faster than the link carries it:
+        /// auto-converge (throttle its CPU step by step), stop-and-copy, or abort.
+        #[arg(long, requires = "pre_copy", value_parser = ["auto-converge", "stop-and-copy", "abort"])]
+        when_stuck: Option<String>,
         /// Fault injection (tests): pause this long in the transfer phase.
         #[arg(long, hide = true, default_value_t = 0)]
         pause_in_transfer_ms: u64,

@@ -8,7 +8,10 @@ use orchestrator_shim::api::{ContainerInfo, ContainerSpec};
 use serde::{Deserialize, Serialize};
 
 /// Protocol version; a peer answers requests of version N and N-1.
-pub const PROTO_VERSION: u32 = 1;
+pub const PROTO_VERSION: u32 = 2;
+
+/// Most page hashes one [`PeerRequest::HeldPages`] may carry (16 GiB of memory).
+pub const MAX_HASHES: u64 = 1 << 22;
 
 /// A request from one agent to another.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -49,6 +52,31 @@ pub enum PeerRequest {
         #[serde(default)]
         corrupt_page: bool,
     },
+    /// Pre-copy: which of these pages do you hold? `count` blake3 page hashes (32 bytes
+    /// each, raw) follow the message; the answer is [`PeerResponse::Held`].
+    HeldPages {
+        /// Job id.
+        job: String,
+        /// Number of hashes that follow (at most [`MAX_HASHES`]).
+        count: u64,
+    },
+    /// Pre-copy: a page stream (`transfer::pages`) follows; keep the pages for `job`.
+    Pages {
+        /// Job id.
+        job: String,
+    },
+    /// Pre-copy: a file-tree diff of the root filesystem follows; apply it.
+    RootfsRound {
+        /// Job id.
+        job: String,
+    },
+    /// Final dump: the stream carries CRIU's page-server conversation through
+    /// `precopy::relay` from here on (no JSON answer). Write the pages of `job` into its
+    /// images directory.
+    DumpPages {
+        /// Job id.
+        job: String,
+    },
     /// Restore the container of `job` from the received images.
     Restore {
         /// Job id.
@@ -74,6 +102,12 @@ pub enum PeerResponse {
     Ok {
         /// Bytes the request carried.
         bytes: u64,
+    },
+    /// Answer to [`PeerRequest::HeldPages`]: one bit per hash asked, in order (bit `i % 8` of
+    /// byte `i / 8`), set when the page is held; hex-encoded.
+    Held {
+        /// The bitmap, hex.
+        bitmap: String,
     },
     /// Preflight answer.
     Preflight {

@@ -136,6 +136,38 @@ impl Runc {
         self.run("checkpoint", name, c, Some(&work.join("dump.log")))
     }
 
+    /// Checkpoints with the memory pages sent to the page-server socket `ps_socket` (through
+    /// `ferry-criu`, which hands CRIU a connection to it) and the container left in place,
+    /// frozen, so that the source can thaw it if the migration rolls back.
+    pub fn checkpoint_relayed(
+        &self,
+        name: &str,
+        images: &Path,
+        work: &Path,
+        ps_socket: &Path,
+    ) -> Result<()> {
+        if self.criu_frontend.is_none() {
+            bail!("pre-copy needs ferry-criu in front of CRIU (criu_frontend in the agent config)");
+        }
+        let mut c = self.cmd("checkpoint", name);
+        c.env("FERRY_PAGE_SERVER_SOCKET", ps_socket);
+        // runc sends a page-server address only with a port; ferry-criu replaces it with the
+        // socket above.
+        c.args([
+            "checkpoint",
+            "--tcp-established",
+            "--leave-running",
+            "--page-server",
+            "127.0.0.1:1",
+            "--image-path",
+        ])
+        .arg(images)
+        .arg("--work-path")
+        .arg(work)
+        .arg(name);
+        self.run("checkpoint", name, c, Some(&work.join("dump.log")))
+    }
+
     /// Restores from images, detached.
     pub fn restore(&self, name: &str, bundle: &Path, images: &Path, work: &Path) -> Result<()> {
         let mut c = self.cmd("restore", name);

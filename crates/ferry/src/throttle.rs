@@ -107,6 +107,11 @@ impl CpuThrottle {
         Ok(Some(q as f64 / PERIOD_US as f64))
     }
 
+    /// True while a quota is set.
+    pub fn is_applied(&self) -> bool {
+        self.applied
+    }
+
     /// Removes the quota.
     pub fn lift(&mut self) -> Result<()> {
         std::fs::write(self.cpu.join("cpu.cfs_quota_us"), "-1")

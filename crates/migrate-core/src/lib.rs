@@ -269,6 +269,11 @@ impl Migration {
         self.report.started_unix_ms = unix_ms;
     }
 
+    /// Records how pre-copy tracks dirty pages (for the report).
+    pub fn set_dirty_tracking(&mut self, method: &str) {
+        self.report.dirty_tracking = Some(method.to_string());
+    }
+
     /// Consumes the migration, yielding its report.
     pub fn finalize(self) -> Report {
         self.report

@@ -30,6 +30,7 @@ pub enum WhenStuck {
 
 /// Pre-copy settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct PrecopyPolicy {
     /// Largest estimated time to send the last dirty set while frozen, ms.
     pub downtime_budget_ms: f64,

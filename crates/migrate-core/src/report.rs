@@ -101,6 +101,10 @@ pub struct Report {
     /// Pre-copy rounds, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rounds: Vec<RoundReport>,
+    /// How pre-copy found the pages written between rounds (`uffd-wp`, `soft-dirty`,
+    /// `page-hash`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_tracking: Option<String>,
     /// Why pre-copy stopped and the container was frozen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precopy_stop: Option<FreezeReason>,
@@ -137,6 +141,7 @@ impl Report {
             warnings: vec![],
             rollback: None,
             rounds: vec![],
+            dirty_tracking: None,
             precopy_stop: None,
             started_unix_ms: 0.0,
             started_at: Duration::ZERO,

@@ -74,9 +74,39 @@ pub struct FaultHooks {
 pub struct MigrateRequest {
     /// Destination host name.
     pub to: String,
+    /// How memory moves: `stop-copy` (all of it while frozen) or `pre-copy` (rounds while the
+    /// container runs, then only what changed while frozen).
+    #[serde(default)]
+    pub mode: MigrateMode,
+    /// Pre-copy settings (downtime budget, round limit, auto-converge); defaults when absent.
+    /// Only with `mode: pre-copy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precopy: Option<migrate_core::PrecopyPolicy>,
     /// Fault injection for tests.
     #[serde(default)]
     pub faults: FaultHooks,
+}
+
+/// How a migration moves memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrateMode {
+    /// Freeze, dump everything, send it, restore.
+    #[default]
+    StopCopy,
+    /// Copy memory and root filesystem changes in rounds while the container runs, then
+    /// freeze and send only what changed since the last round.
+    PreCopy,
+}
+
+impl MigrateMode {
+    /// The name used in the API and the report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrateMode::StopCopy => "stop-copy",
+            MigrateMode::PreCopy => "pre-copy",
+        }
+    }
 }
 
 /// A job as returned by `GET /v1/jobs/{id}`.

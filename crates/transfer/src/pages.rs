@@ -74,6 +74,45 @@ impl PageStore {
         Ok(h)
     }
 
+    /// Stores a page whose hash the caller computed itself (a host's own memory, never a
+    /// peer's data). Returns false when the store is full and the page is not held.
+    pub fn insert_own(&mut self, h: PageHash, page: &[u8]) -> bool {
+        if page.len() != PAGE {
+            return false;
+        }
+        if self.pages.contains_key(&h) {
+            return true;
+        }
+        if self.pages.len() >= self.max_pages {
+            return false;
+        }
+        self.pages.insert(h, page.into());
+        true
+    }
+
+    /// Moves every page of `other` into this store. Fails, moving nothing, when they would
+    /// not fit.
+    pub fn absorb(&mut self, other: PageStore) -> Result<(), TransferError> {
+        let new = other
+            .pages
+            .keys()
+            .filter(|h| !self.pages.contains_key(*h))
+            .count();
+        if self.pages.len() + new > self.max_pages {
+            return Err(TransferError::TooLarge {
+                len: (self.pages.len() + new) as u64 * PAGE as u64,
+                cap: self.max_pages as u64 * PAGE as u64,
+            });
+        }
+        self.pages.extend(other.pages);
+        Ok(())
+    }
+
+    /// Room left, in pages.
+    pub fn free_pages(&self) -> usize {
+        self.max_pages.saturating_sub(self.pages.len())
+    }
+
     /// The page with this hash, if held.
     pub fn get(&self, h: &PageHash) -> Option<&[u8]> {
         self.pages.get(h).map(|p| &p[..])

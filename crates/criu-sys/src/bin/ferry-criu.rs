@@ -5,12 +5,21 @@
 //! version request itself, with the version the agent verified at start
 //! (`FERRY_CRIU_VERSION`), and runs the real CRIU (`FERRY_CRIU_REAL`) for everything else, on
 //! the same socket, with the request still unread.
+//!
+//! One exception: with `FERRY_PAGE_SERVER_SOCKET` set, a dump to a page server
+//! (`runc checkpoint --page-server ADDR:PORT`) sends its pages to that UNIX socket of the
+//! agent instead. ferry-criu then starts the real CRIU itself and relays the RPC between runc
+//! and CRIU ([`criu_sys::swrk_proxy`]), exiting as CRIU does.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Command, ExitCode};
 
+use criu_sys::swrk_proxy::{self, SwrkProxyError};
+use nix::fcntl::{fcntl, FcntlArg};
 use nix::sys::socket::{recv, send, MsgFlags};
 
 fn main() -> ExitCode {
@@ -19,31 +28,70 @@ fn main() -> ExitCode {
         eprintln!("ferry-criu: FERRY_CRIU_REAL is not set (the Ferry agent sets it)");
         return ExitCode::from(2);
     };
-    if args.get(1).map(String::as_str) == Some("swrk") {
-        if let (Some(fd), Some(version)) = (
-            args.get(2).and_then(|a| a.parse::<i32>().ok()),
-            std::env::var("FERRY_CRIU_VERSION")
-                .ok()
-                .and_then(|v| criu_sys::parse_version(&format!("Version: {v}")).ok()),
-        ) {
-            let mut buf = vec![0u8; 64 << 10];
-            if let Ok(n) = recv(fd, &mut buf, MsgFlags::MSG_PEEK) {
-                if criu_sys::rpc::request_type(&buf[..n]) == Some(criu_sys::rpc::REQ_VERSION) {
-                    // Consume the request, answer it, done.
-                    let _ = recv(fd, &mut buf, MsgFlags::empty());
-                    let resp = criu_sys::rpc::version_response(version);
-                    return match send(fd, &resp, MsgFlags::empty()) {
-                        Ok(_) => ExitCode::SUCCESS,
-                        Err(e) => {
-                            eprintln!("ferry-criu: answering the version request: {e}");
-                            ExitCode::from(1)
-                        }
-                    };
-                }
+    let version = std::env::var("FERRY_CRIU_VERSION")
+        .ok()
+        .and_then(|v| criu_sys::parse_version(&format!("Version: {v}")).ok());
+    let page_server_socket = std::env::var_os(swrk_proxy::PAGE_SERVER_SOCKET_ENV);
+    let fd = (args.get(1).map(String::as_str) == Some("swrk"))
+        .then(|| args.get(2).and_then(|a| a.parse::<RawFd>().ok()))
+        .flatten();
+    if let Some(fd) = fd.filter(|_| version.is_some() || page_server_socket.is_some()) {
+        if let Ok(request) = swrk_proxy::peek_request(fd) {
+            let kind = criu_sys::rpc::request_type(&request);
+            if let (Some(criu_sys::rpc::REQ_VERSION), Some(version)) = (kind, version) {
+                // Consume the request, answer it, done.
+                let mut buf = [0u8; 64];
+                let _ = recv(fd, &mut buf, MsgFlags::empty());
+                let resp = criu_sys::rpc::version_response(version);
+                return match send(fd, &resp, MsgFlags::empty()) {
+                    Ok(_) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("ferry-criu: answering the version request: {e}");
+                        ExitCode::from(1)
+                    }
+                };
+            }
+            if let Some(socket) =
+                swrk_proxy::page_server_socket_for(&request, page_server_socket.as_deref())
+            {
+                return relay(fd, Path::new(&real), &socket);
             }
         }
     }
     let err = Command::new(&real).args(&args[1..]).exec();
     eprintln!("ferry-criu: cannot run {}: {err}", real.to_string_lossy());
     ExitCode::from(1)
+}
+
+/// Runs the dump through [`swrk_proxy::relay_dump`]; exits as CRIU did.
+fn relay(fd: RawFd, real: &Path, socket: &Path) -> ExitCode {
+    let Some(runc) = adopt_inherited_socket(fd) else {
+        eprintln!("ferry-criu: descriptor {fd} is not runc's socket");
+        return ExitCode::from(1);
+    };
+    match swrk_proxy::relay_dump(runc.as_fd(), real, socket) {
+        Ok(status) => ExitCode::from(swrk_proxy::exit_code(status)),
+        Err(e) => {
+            eprintln!("ferry-criu: {e}");
+            match e {
+                SwrkProxyError::Relay { status, .. } if !status.success() => {
+                    ExitCode::from(swrk_proxy::exit_code(status))
+                }
+                _ => ExitCode::from(1),
+            }
+        }
+    }
+}
+
+/// Takes ownership of the socket runc passed as descriptor `fd` (`swrk FD`).
+#[allow(unsafe_code)]
+fn adopt_inherited_socket(fd: RawFd) -> Option<OwnedFd> {
+    // Only an open descriptor above stdio, which std does not own.
+    if fd <= 2 || fcntl(fd, FcntlArg::F_GETFD).is_err() {
+        return None;
+    }
+    // SAFETY: `fd` is open (checked above), was inherited from runc, which named it on our
+    // command line as the RPC socket for us to use, and nothing else in this process owns or
+    // closes it (so far it was only read by number, in `main`).
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }

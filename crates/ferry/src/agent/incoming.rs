@@ -4,6 +4,7 @@
 //! a crash removes it; a job whose source disappears (connection closed) or stays silent past its
 //! deadline is aborted here without waiting for anyone.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,45 @@ pub(crate) struct Incoming {
     restoring: bool,
     restored: bool,
     deadline: Instant,
+    /// Pre-copy: pages of the store this job relies on (kept until it ends).
+    pinned: HashSet<transfer::pages::PageHash>,
+    /// The final dump's pages were written into the images directory by the relay.
+    pages_relayed: bool,
+}
+
+impl Incoming {
+    pub(crate) fn from(&self) -> &str {
+        &self.from
+    }
+
+    pub(crate) fn is_restored(&self) -> bool {
+        self.restored
+    }
+
+    /// The source is active: push the deadline back.
+    pub(crate) fn touch(&mut self) {
+        self.deadline = Instant::now() + PREPARED_TTL;
+    }
+
+    pub(crate) fn pin(&mut self, hashes: HashSet<transfer::pages::PageHash>) {
+        if self.pinned.is_empty() {
+            self.pinned = hashes;
+        } else {
+            self.pinned.extend(hashes);
+        }
+    }
+
+    pub(crate) fn pinned(&self) -> &HashSet<transfer::pages::PageHash> {
+        &self.pinned
+    }
+
+    pub(crate) fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub(crate) fn set_pages_relayed(&mut self) {
+        self.pages_relayed = true;
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -182,6 +222,8 @@ impl Agent {
                         restoring: false,
                         restored: false,
                         deadline: Instant::now() + PREPARED_TTL,
+                        pinned: HashSet::new(),
+                        pages_relayed: false,
                     },
                 );
                 Ok(PeerResponse::Ok {
@@ -211,16 +253,19 @@ impl Agent {
                 self.cfg.host
             );
         }
-        let layout = match self.incoming.lock().await.get_mut(job) {
+        let (layout, relayed) = match self.incoming.lock().await.get_mut(job) {
             Some(i) if i.from != peer => bail!("job {job} belongs to {}, not {peer}", i.from),
             Some(i) => {
                 i.deadline = Instant::now() + PREPARED_TTL;
-                i.layout.clone()
+                (i.layout.clone(), i.pages_relayed)
             }
             None => bail!("no prepared job {job} here (it expired or was aborted)"),
         };
         let images = self.images_dir(job);
-        let _ = std::fs::remove_dir_all(&images);
+        if !relayed {
+            // Without the relay, every image comes in this tree: start from nothing.
+            let _ = std::fs::remove_dir_all(&images);
+        }
         std::fs::create_dir_all(&images)?;
         let limits = shared_fs::Limits::default();
         let t = Instant::now();

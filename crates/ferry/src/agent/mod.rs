@@ -4,7 +4,9 @@
 mod dirty;
 mod http;
 mod incoming;
+mod pages;
 mod peer;
+mod rounds;
 mod source;
 
 use std::collections::{BTreeMap, HashMap};
@@ -87,6 +89,9 @@ pub(crate) struct Agent {
     committed_jobs: Mutex<std::collections::HashSet<String>>,
     /// Names and addresses of containers being created right now.
     creating: Mutex<Vec<(String, Ipv4Addr)>>,
+    /// Memory pages held here by content hash: pre-copied pages of incoming jobs, and pages of
+    /// containers that left (so that a container coming back sends only what changed).
+    pages: tokio::sync::Mutex<transfer::pages::PageStore>,
 }
 
 /// Entry point of `ferry agent`. Enters the configured network namespace first, then starts
@@ -173,6 +178,9 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         job_seq: AtomicU64::new(0),
         committed_jobs: Default::default(),
         creating: Default::default(),
+        pages: tokio::sync::Mutex::new(transfer::pages::PageStore::new(
+            (cfg.page_store_mib << 20) as usize / transfer::pages::PAGE,
+        )),
         cfg,
     });
     agent.clean_stale_incoming().await;

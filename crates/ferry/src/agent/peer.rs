@@ -106,6 +106,15 @@ async fn handle_stream(
     // Buffered: trees arrive as many small frames (the reader owns the buffer for all of them).
     let mut recv = tokio::io::BufReader::with_capacity(256 << 10, &mut recv);
     let resp = match read_msg::<_, PeerRequest>(&mut recv).await {
+        Ok(PeerRequest::DumpPages { job }) => {
+            // The relay owns the stream from here on: it answers with its own frames.
+            if let Err(e) = agent.dump_pages(&peer, &job, &mut recv, &mut send).await {
+                warn!(%peer, %job, error = %format!("{e:#}"), "final dump's pages not received");
+            }
+            let _ = send.finish();
+            let _ = send.stopped().await;
+            return;
+        }
         Ok(req) => match dispatch(&agent, &peer, conn_id, req, &mut recv).await {
             Ok(r) => r,
             Err(e) => PeerResponse::Error {
@@ -157,6 +166,10 @@ async fn dispatch(
                 .receive_images(peer, &job, corrupt, corrupt_page, recv)
                 .await
         }
+        PeerRequest::HeldPages { job, count } => agent.held_pages(peer, &job, count, recv).await,
+        PeerRequest::Pages { job } => agent.receive_pages(peer, &job, recv).await,
+        PeerRequest::RootfsRound { job } => agent.rootfs_round(peer, &job, recv).await,
+        PeerRequest::DumpPages { .. } => bail!("DumpPages is served by the stream handler"),
         PeerRequest::Restore { job } => agent.restore_incoming(peer, &job).await,
         PeerRequest::Commit { job } => agent.commit_incoming(peer, &job).await,
         PeerRequest::Abort { job } => {

@@ -5,14 +5,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use migrate_core::{Action, Event, Migration, Phase, RollbackPlan};
-use orchestrator_shim::api::{ContainerSpec, FaultHooks, JobEventKind, MigrateRequest};
+use migrate_core::{Action, Event, Migration, Phase, RollbackPlan, RoundStats};
+use orchestrator_shim::api::{
+    ContainerSpec, FaultHooks, JobEventKind, MigrateMode, MigrateRequest,
+};
 use shared_fs::{Diff, Snapshot};
 use tokio::sync::{broadcast, Notify};
 use tracing::{info, warn};
 
 use super::http::ApiFailure;
 use super::peer::{expect_ok, request, Tree};
+use super::rounds::Rounds;
 use super::{lock, Agent, Job};
 use crate::proto::{PeerRequest, PeerResponse, PROTO_VERSION};
 
@@ -44,6 +47,22 @@ pub(crate) fn start(
                 agent.cfg.host
             )));
         }
+        if req.precopy.is_some() && req.mode != MigrateMode::PreCopy {
+            return Err(ApiFailure::bad_request(
+                "precopy settings given without mode \"pre-copy\"".to_string(),
+            ));
+        }
+        if let Some(p) = &req.precopy {
+            if let Err(e) = p.validate() {
+                return Err(ApiFailure::bad_request(format!("precopy: {e}")));
+            }
+        }
+        if req.mode == MigrateMode::PreCopy && agent.cfg.criu_frontend.is_none() {
+            return Err(ApiFailure::bad_request(format!(
+                "pre-copy needs ferry-criu on {} (criu_frontend in its config)",
+                agent.cfg.host
+            )));
+        }
         if agent.cfg.peer(&req.to).is_none() {
             return Err(ApiFailure::unknown_host(format!(
                 "unknown destination host {:?}: known hosts are {}",
@@ -55,7 +74,10 @@ pub(crate) fn start(
         rec.spec.clone()
     };
     let id = agent.new_job_id();
-    let machine = Migration::new(&id, name, &agent.cfg.host, &req.to);
+    let mut machine = Migration::new(&id, name, &agent.cfg.host, &req.to);
+    if req.mode == MigrateMode::PreCopy {
+        machine = machine.with_precopy(req.precopy.clone().unwrap_or_default());
+    }
     let (tx, _) = broadcast::channel(256);
     let job = Arc::new(Job {
         id: id.clone(),
@@ -75,6 +97,8 @@ pub(crate) fn start(
             spec,
             to: req.to,
             faults: req.faults,
+            mode: req.mode,
+            rounds: Rounds::new(),
             conn: None,
             rootfs_snapshot: None,
             commit_unconfirmed: false,
@@ -90,6 +114,8 @@ struct Driver {
     spec: ContainerSpec,
     to: String,
     faults: FaultHooks,
+    mode: MigrateMode,
+    rounds: Rounds,
     conn: Option<transfer::Connection>,
     rootfs_snapshot: Option<Snapshot>,
     /// The destination never confirmed the commit: keep the images.
@@ -138,6 +164,48 @@ impl Driver {
             };
             self.job.emit(JobEventKind::PhaseStarted { phase });
             let t = Instant::now();
+            if let Action::CopyRound {
+                round,
+                throttle_pct,
+            } = action
+            {
+                let r = self.copy_round(round, throttle_pct).await;
+                if let Some(method) = self.rounds.method() {
+                    m.set_dirty_tracking(&method.to_string());
+                }
+                let event = match r {
+                    Ok(stats) => {
+                        self.job.emit(JobEventKind::PhaseDone {
+                            phase,
+                            duration_ms: crate::util::ms(t.elapsed()),
+                            bytes: stats.bytes_sent,
+                        });
+                        Event::RoundDone(stats)
+                    }
+                    Err(e) => {
+                        let error = format!("{e:#}");
+                        warn!(job = %self.job.id, round, %error, "pre-copy round failed");
+                        self.job.emit(JobEventKind::PhaseFailed {
+                            phase,
+                            error: error.clone(),
+                        });
+                        Event::Failed { error }
+                    }
+                };
+                if self.job.cancel.load(Ordering::SeqCst) && !cancel_fed {
+                    cancel_fed = true;
+                    let _ = m.handle(Event::Cancel, self.now());
+                }
+                actions = match m.handle(event, self.now()) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(job = %self.job.id, error = %e, "state machine refused an event");
+                        break;
+                    }
+                };
+                self.publish(&m);
+                continue;
+            }
             let result = self.execute(&action).await;
             if self.job.cancel.load(Ordering::SeqCst) && !cancel_fed {
                 cancel_fed = true;
@@ -299,6 +367,7 @@ impl Driver {
                     .await?;
                 Ok(0)
             }
+            Action::Dump if self.mode == MigrateMode::PreCopy => self.dump_relayed().await,
             Action::Dump => {
                 let (runc, name) = (self.agent.runc.clone(), self.spec.name.clone());
                 let (images, work) = (self.agent.images_dir(&job), self.agent.work_dir(&job));
@@ -420,8 +489,10 @@ impl Driver {
                 lock(&self.agent.containers).remove(&name);
                 let keep_images = self.commit_unconfirmed;
                 tokio::task::spawn_blocking(move || {
-                    runc.delete_force(&name);
+                    // Network first: a container left in place by a pre-copy dump still has
+                    // live sockets, which must not send FIN or RST when it is killed.
                     crate::runtime::delete_netns(&l);
+                    runc.delete_force(&name);
                     // Without a confirmed commit, keep what a restore by hand needs: the images
                     // and the bundle (config and root filesystem).
                     if !keep_images {
@@ -435,8 +506,8 @@ impl Driver {
             }
             Action::Rollback(plan) => self.rollback(*plan).await.map(|_| 0),
             Action::Finish => Ok(0),
-            // The driver starts every migration in stop-and-copy mode: nothing asks for rounds.
-            Action::CopyRound { .. } => bail!("this agent does not run pre-copy rounds yet"),
+            // Run by `copy_round`, which reports RoundDone.
+            Action::CopyRound { .. } => bail!("a pre-copy round is not a plain phase"),
         }
     }
 
@@ -444,6 +515,11 @@ impl Driver {
         let job = self.job.id.clone();
         let name = self.spec.name.clone();
         let mut errors = vec![];
+        // Pre-copy: no tracker may stay in the container, no throttle on it.
+        if let Err(e) = self.rounds.stop_tracking() {
+            errors.push(format!("{e:#}"));
+        }
+        self.rounds.lift_throttle();
         if plan.restore_source {
             let l = self.agent.layout(&name);
             let (runc, n) = (self.agent.runc.clone(), name.clone());
@@ -511,6 +587,99 @@ impl Driver {
         } else {
             Err(anyhow!(errors.join("; "))).context("rollback incomplete")
         }
+    }
+}
+
+impl Driver {
+    async fn copy_round(&mut self, round: u32, throttle_pct: u32) -> Result<RoundStats> {
+        if self.job.cancel.load(Ordering::SeqCst) {
+            bail!("cancelled");
+        }
+        let conn = self.conn().await?;
+        let l = self.agent.layout(&self.spec.name);
+        let mut snap = self.rootfs_snapshot.take().unwrap_or_default();
+        let r = self
+            .agent
+            .copy_round(
+                &self.job.id,
+                &self.spec.name,
+                &conn,
+                &mut self.rounds,
+                round,
+                throttle_pct,
+                (&l.rootfs(), &mut snap),
+            )
+            .await;
+        self.rootfs_snapshot = Some(snap);
+        r
+    }
+
+    /// Pre-copy's final dump: trackers removed, container frozen, CRIU's pages relayed to the
+    /// destination's page server (pages it holds cross as references), the container left in
+    /// place, frozen, until the commit.
+    async fn dump_relayed(&mut self) -> Result<u64> {
+        let job = self.job.id.clone();
+        let mut rounds = std::mem::replace(&mut self.rounds, Rounds::new());
+        let (stopped, rounds) = tokio::task::spawn_blocking(move || {
+            let r = rounds.stop_tracking();
+            (r, rounds)
+        })
+        .await?;
+        let known = std::mem::take(&mut *lock(&rounds.known));
+        self.rounds = rounds;
+        stopped?;
+        let run_dir = self.agent.cfg.state_dir.join("run");
+        std::fs::create_dir_all(&run_dir)?;
+        let sock = run_dir.join(format!("{job}.ps"));
+        let _ = std::fs::remove_file(&sock);
+        let listener = tokio::net::UnixListener::bind(&sock)
+            .with_context(|| format!("listening on {}", sock.display()))?;
+        let conn = self.conn().await?;
+        let (mut send, recv) = conn.open().await?;
+        transfer::frame::write_msg(&mut send, &PeerRequest::DumpPages { job: job.clone() }).await?;
+        let (runc, name) = (self.agent.runc.clone(), self.spec.name.clone());
+        let (images, work) = (self.agent.images_dir(&job), self.agent.work_dir(&job));
+        let host = self.agent.cfg.host.clone();
+        let (logs, job_id) = (self.agent.cfg.state_dir.join("logs"), job.clone());
+        let s = sock.clone();
+        let mut ckpt = tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_dir_all(&images);
+            std::fs::create_dir_all(&images)?;
+            std::fs::create_dir_all(&work)?;
+            let t = Instant::now();
+            crate::runtime::freeze(&host, &name)?;
+            let freeze_ms = crate::util::ms(t.elapsed());
+            let r = runc.checkpoint_relayed(&name, &images, &work, &s);
+            info!(container = %name, freeze_ms, checkpoint_ms = crate::util::ms(t.elapsed()) - freeze_ms, "dumped (pages relayed)");
+            crate::runtime::keep_log(&work.join("dump.log"), &logs, &format!("{job_id}.dump.log"));
+            r
+        });
+        let accepted = tokio::select! {
+            a = listener.accept() => Some(a),
+            r = &mut ckpt => {
+                let _ = std::fs::remove_file(&sock);
+                crate::runtime::thaw(&self.agent.cfg.host, &self.spec.name);
+                r??;
+                bail!("CRIU finished without connecting to the page-server socket");
+            }
+        };
+        let _ = std::fs::remove_file(&sock);
+        let (criu, _) = accepted
+            .expect("accepted")
+            .context("accepting CRIU's page-server connection")?;
+        let mut known = known;
+        let relay = precopy::relay::relay_out(criu, send, recv, &mut known).await;
+        let ck = ckpt.await?;
+        // The container stays frozen in place: rollback thaws it, the commit removes it.
+        self.rounds.lift_throttle();
+        if let Err(e) = ck {
+            crate::runtime::thaw(&self.agent.cfg.host, &self.spec.name);
+            return Err(e);
+        }
+        let stats = relay.context("relaying the final dump's pages")?;
+        info!(%job, pages = stats.pages, as_reference = stats.pages_as_reference,
+            bytes = stats.link_bytes_written, relay_ms = crate::util::ms(stats.elapsed), "final dump's pages relayed");
+        Ok(stats.link_bytes_written)
     }
 }
 

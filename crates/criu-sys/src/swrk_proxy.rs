@@ -1,0 +1,530 @@
+//! Relaying runc's CRIU RPC ("swrk" mode) through `ferry-criu`, so that a dump sends its
+//! pages over a socket connected to the Ferry agent instead of to `ADDRESS:PORT`.
+//!
+//! runc starts `CRIU swrk 3` with one end of a `SOCK_SEQPACKET` socket pair, sends one
+//! `criu_req`, answers CRIU's notifications (pre-dump, network-lock, post-dump, ...) and reads
+//! the final `criu_resp`. [`relay_dump`] stands in between: it reads runc's DUMP request,
+//! connects to the agent's UNIX socket, rewrites `opts.ps` to that socket
+//! ([`rpc::dump_with_page_server_fd`]), starts the real CRIU on a socket pair of its own and
+//! relays every message, with any descriptors passed along, until CRIU closes its end.
+//!
+//! CRIU resolves `images_dir_fd` and `work_dir_fd` as `/proc/PEER/fd/N`, PEER being the process
+//! that created its RPC socket (`SO_PEERCRED`): runc before, `ferry-criu` once it relays. runc
+//! opens those directories close-on-exec, so `ferry-criu` does not have them; it re-opens
+//! runc's descriptors and rewrites the numbers to its own ([`relay_dump`] keeps them open until
+//! CRIU exits). `ps.fd`, on the other hand, is a descriptor of CRIU itself, inherited.
+
+use std::ffi::OsStr;
+use std::fmt;
+use std::fs::File;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{
+    getsockopt, recvmsg, sendmsg, shutdown, socketpair, sockopt, AddressFamily, ControlMessage,
+    ControlMessageOwned, MsgFlags, Shutdown, SockFlag, SockType,
+};
+
+use crate::rpc::{self, opt};
+
+/// The environment variable naming the agent's UNIX socket for the dump's pages.
+pub const PAGE_SERVER_SOCKET_ENV: &str = "FERRY_PAGE_SERVER_SOCKET";
+
+/// The largest RPC message relayed (runc reads answers into 40 KiB; requests are smaller).
+pub const MAX_MESSAGE: usize = 1 << 20;
+
+/// The most descriptors one message may carry (the kernel's `SCM_MAX_FD`).
+pub const MAX_FDS: usize = 253;
+
+/// One end of the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The socket runc handed us.
+    Runc,
+    /// Our socket to the real CRIU.
+    Criu,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Runc => "runc",
+            Side::Criu => "CRIU",
+        })
+    }
+}
+
+/// Why a relayed dump failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SwrkProxyError {
+    /// The agent's socket cannot be reached.
+    #[error("cannot connect to the Ferry agent's page-server socket {} ({PAGE_SERVER_SOCKET_ENV}): {source}", path.display())]
+    Connect {
+        /// The socket's path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// runc closed its socket without sending a request.
+    #[error("runc sent no request")]
+    NoRequest,
+    /// The request is not one [`relay_dump`] handles (see [`page_server_socket_for`]).
+    #[error("runc's request is not a dump to a page server that ferry-criu can relay")]
+    NotRelayable,
+    /// The process on the other end of runc's socket cannot be identified.
+    #[error("cannot identify the process behind runc's socket (SO_PEERCRED): {0}")]
+    PeerCredentials(Errno),
+    /// A descriptor the request names cannot be re-opened from runc.
+    #[error("cannot open runc's {what} (descriptor {fd} of process {pid}): {source}")]
+    PeerFd {
+        /// Which option names it.
+        what: &'static str,
+        /// runc's pid.
+        pid: i32,
+        /// The descriptor number in runc.
+        fd: i32,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Setting up a descriptor for CRIU failed.
+    #[error("{what}: {source}")]
+    Fd {
+        /// What was being done.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The real CRIU could not be started.
+    #[error("cannot run {}: {source}", path.display())]
+    Spawn {
+        /// The binary.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Waiting for the sockets failed.
+    #[error("poll: {0}")]
+    Poll(Errno),
+    /// Receiving from or sending to one side failed.
+    #[error("{op} on the {side} socket: {source}")]
+    Socket {
+        /// The side.
+        side: Side,
+        /// `recvmsg` or `sendmsg`.
+        op: &'static str,
+        /// The OS error.
+        source: Errno,
+    },
+    /// A message was larger than the relay's buffers.
+    #[error("a message from {side} does not fit the relay ({what})")]
+    Truncated {
+        /// Who sent it.
+        side: Side,
+        /// What overflowed.
+        what: &'static str,
+    },
+    /// Waiting for CRIU failed.
+    #[error("waiting for CRIU: {0}")]
+    Wait(std::io::Error),
+    /// The relay failed after CRIU started; CRIU has been waited for.
+    #[error("relaying between runc and CRIU: {source} (CRIU {status})")]
+    Relay {
+        /// What failed.
+        source: Box<SwrkProxyError>,
+        /// How CRIU ended.
+        status: ExitStatus,
+    },
+}
+
+/// Reads runc's first request without consuming it (at most [`MAX_MESSAGE`] bytes).
+pub fn peek_request(runc: RawFd) -> Result<Vec<u8>, Errno> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let n = loop {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        match recvmsg::<()>(runc, &mut iov, None, MsgFlags::MSG_PEEK) {
+            Ok(m) => break m.bytes,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// Whether [`relay_dump`] can take `request`: a DUMP of a given pid (not of the requesting
+/// process, which would now be ferry-criu) to a page server (`opts.ps`), not in lazy-pages mode
+/// (there CRIU ignores `ps.fd` and listens itself), and without `status_fd` or `pidfd_store_sk`
+/// (descriptors of runc that CRIU would take from ferry-criu instead).
+pub fn is_relayable(request: &[u8]) -> bool {
+    rpc::request_type(request) == Some(rpc::REQ_DUMP)
+        && rpc::dump_with_page_server_fd(request, 0).is_some()
+        && rpc::opts_varint(request, opt::LAZY_PAGES).unwrap_or(0) == 0
+        && rpc::opts_fd(request, opt::PID).is_some_and(|p| p > 0)
+        && rpc::opts_varint(request, opt::STATUS_FD).is_none()
+        && rpc::opts_varint(request, opt::PIDFD_STORE_SK).is_none()
+}
+
+/// The agent's socket to relay `request` to, given the value of [`PAGE_SERVER_SOCKET_ENV`]:
+/// `None` (run CRIU unchanged) when the variable is unset or empty or the request is not
+/// [relayable](is_relayable).
+pub fn page_server_socket_for(request: &[u8], socket_env: Option<&OsStr>) -> Option<PathBuf> {
+    let path = socket_env.filter(|p| !p.is_empty())?;
+    is_relayable(request).then(|| PathBuf::from(path))
+}
+
+/// The exit code a shell would report for `status` (128 + signal when killed).
+pub fn exit_code(status: ExitStatus) -> u8 {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => (code & 0xff) as u8,
+        (None, Some(sig)) => (128 + (sig & 0x7f)) as u8,
+        _ => 1,
+    }
+}
+
+/// Descriptors received with a message; closed on drop.
+#[derive(Debug, Default)]
+struct ReceivedFds(Vec<RawFd>);
+
+impl Drop for ReceivedFds {
+    fn drop(&mut self) {
+        for fd in self.0.drain(..) {
+            let _ = nix::unistd::close(fd);
+        }
+    }
+}
+
+/// Receives one message into `buf`; `None` at end of stream. (An empty message without
+/// descriptors reads as end of stream; neither runc nor CRIU sends one.)
+fn recv_message(
+    fd: BorrowedFd<'_>,
+    side: Side,
+    buf: &mut [u8],
+    cmsg: &mut Vec<u8>,
+) -> Result<Option<(usize, ReceivedFds)>, SwrkProxyError> {
+    loop {
+        let mut iov = [IoSliceMut::new(buf)];
+        let msg = match recvmsg::<()>(
+            fd.as_raw_fd(),
+            &mut iov,
+            Some(&mut *cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(m) => m,
+            Err(Errno::EINTR) => continue,
+            Err(source) => {
+                return Err(SwrkProxyError::Socket {
+                    side,
+                    op: "recvmsg",
+                    source,
+                })
+            }
+        };
+        let mut fds = ReceivedFds::default();
+        let Ok(cmsgs) = msg.cmsgs() else {
+            return Err(SwrkProxyError::Truncated {
+                side,
+                what: "descriptors",
+            });
+        };
+        for c in cmsgs {
+            if let ControlMessageOwned::ScmRights(r) = c {
+                fds.0.extend(r);
+            }
+        }
+        if msg.flags.contains(MsgFlags::MSG_TRUNC) {
+            return Err(SwrkProxyError::Truncated {
+                side,
+                what: "bytes",
+            });
+        }
+        if msg.bytes == 0 && fds.0.is_empty() {
+            return Ok(None);
+        }
+        return Ok(Some((msg.bytes, fds)));
+    }
+}
+
+/// Sends one message with `fds` attached.
+fn send_message(fd: BorrowedFd<'_>, data: &[u8], fds: &[RawFd]) -> Result<(), Errno> {
+    let iov = [IoSlice::new(data)];
+    let rights = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
+    loop {
+        match sendmsg::<()>(fd.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(n) if n == data.len() => return Ok(()),
+            Ok(_) => return Err(Errno::EMSGSIZE),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The peer is gone (or has shut its receiving side).
+fn peer_gone(e: Errno) -> bool {
+    matches!(e, Errno::EPIPE | Errno::ECONNRESET | Errno::ENOTCONN)
+}
+
+/// What [`forward`] relayed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ForwardStats {
+    /// Messages from runc to CRIU.
+    pub to_criu: u64,
+    /// Messages from CRIU to runc.
+    pub to_runc: u64,
+    /// Descriptors passed along, both ways.
+    pub fds: u64,
+    /// Messages from CRIU dropped because runc had gone.
+    pub dropped: u64,
+}
+
+/// Relays SEQPACKET messages (with their `SCM_RIGHTS` descriptors, boundaries kept) both
+/// ways between `runc` and `criu` until CRIU closes its end. When runc closes its end (runc
+/// shuts its writing side after the final answer), CRIU's receiving side is shut; what CRIU
+/// sends after runc has gone is dropped.
+pub fn forward(runc: BorrowedFd<'_>, criu: BorrowedFd<'_>) -> Result<ForwardStats, SwrkProxyError> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut stats = ForwardStats::default();
+    let mut runc_open = true;
+    let mut criu_accepts = true;
+    let ready = PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR;
+    loop {
+        let (criu_ready, runc_ready) = {
+            let mut fds = vec![PollFd::new(criu, PollFlags::POLLIN)];
+            if runc_open {
+                fds.push(PollFd::new(runc, PollFlags::POLLIN));
+            }
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(SwrkProxyError::Poll(e)),
+            }
+            let is_ready = |p: &PollFd<'_>| p.revents().is_some_and(|r| r.intersects(ready));
+            (is_ready(&fds[0]), fds.get(1).is_some_and(is_ready))
+        };
+        if runc_ready {
+            match recv_message(runc, Side::Runc, &mut buf, &mut cmsg)? {
+                None => {
+                    runc_open = false;
+                    let _ = shutdown(criu.as_raw_fd(), Shutdown::Write);
+                }
+                Some((n, fds)) if criu_accepts => match send_message(criu, &buf[..n], &fds.0) {
+                    Ok(()) => {
+                        stats.to_criu += 1;
+                        stats.fds += fds.0.len() as u64;
+                    }
+                    // CRIU has gone: read what it left, up to its end of stream.
+                    Err(e) if peer_gone(e) => criu_accepts = false,
+                    Err(source) => {
+                        return Err(SwrkProxyError::Socket {
+                            side: Side::Criu,
+                            op: "sendmsg",
+                            source,
+                        })
+                    }
+                },
+                Some(_) => {}
+            }
+        }
+        if criu_ready {
+            match recv_message(criu, Side::Criu, &mut buf, &mut cmsg)? {
+                None => return Ok(stats),
+                Some((n, fds)) if runc_open => match send_message(runc, &buf[..n], &fds.0) {
+                    Ok(()) => {
+                        stats.to_runc += 1;
+                        stats.fds += fds.0.len() as u64;
+                    }
+                    Err(e) if peer_gone(e) => {
+                        runc_open = false;
+                        stats.dropped += 1;
+                        let _ = shutdown(criu.as_raw_fd(), Shutdown::Write);
+                    }
+                    Err(source) => {
+                        return Err(SwrkProxyError::Socket {
+                            side: Side::Runc,
+                            op: "sendmsg",
+                            source,
+                        })
+                    }
+                },
+                Some(_) => stats.dropped += 1,
+            }
+        }
+    }
+}
+
+/// A directory of runc's re-opened here: the `criu_opts` field that names it, and our copy.
+type HeldDir = (u64, File);
+
+/// Re-opens the directories the request names by runc's descriptor numbers
+/// (`images_dir_fd`, `work_dir_fd`) and points the request at our copies.
+fn adopt_peer_dirs(
+    mut request: Vec<u8>,
+    peer: i32,
+) -> Result<(Vec<u8>, Vec<HeldDir>), SwrkProxyError> {
+    let mut held = Vec::new();
+    for (field, what) in [
+        (opt::IMAGES_DIR_FD, "images directory"),
+        (opt::WORK_DIR_FD, "work directory"),
+    ] {
+        let Some(fd) = rpc::opts_fd(&request, field) else {
+            continue;
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(OFlag::O_PATH.bits())
+            .open(format!("/proc/{peer}/fd/{fd}"))
+            .map_err(|source| SwrkProxyError::PeerFd {
+                what,
+                pid: peer,
+                fd,
+                source,
+            })?;
+        request = rpc::with_opts_varint(&request, field, file.as_raw_fd() as u64)
+            .ok_or(SwrkProxyError::NotRelayable)?;
+        held.push((field, file));
+    }
+    Ok((request, held))
+}
+
+/// Writes `error` as CRIU's log (`opts.log_file` in the work or images directory), where runc
+/// quotes it from when the checkpoint fails: runc gives CRIU no stderr. Best effort.
+fn note_in_criu_log(request: &[u8], dirs: &[HeldDir], error: &str) {
+    let Some(name) = rpc::opts_bytes(request, opt::LOG_FILE)
+        .and_then(|n| std::str::from_utf8(n).ok())
+        .filter(|n| !n.is_empty() && !n.contains('/'))
+    else {
+        return;
+    };
+    let dir = [opt::WORK_DIR_FD, opt::IMAGES_DIR_FD]
+        .iter()
+        .find_map(|field| dirs.iter().find(|(f, _)| f == field));
+    if let Some((_, dir)) = dir {
+        let path = format!("/proc/self/fd/{}/{name}", dir.as_raw_fd());
+        let _ = std::fs::write(path, format!("Error (ferry-criu): {error}\n"));
+    }
+}
+
+fn set_cloexec(fd: BorrowedFd<'_>, on: bool, what: &'static str) -> Result<(), SwrkProxyError> {
+    let flags = if on {
+        FdFlag::FD_CLOEXEC
+    } else {
+        FdFlag::empty()
+    };
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(flags))
+        .map(drop)
+        .map_err(|e| SwrkProxyError::Fd {
+            what,
+            source: e.into(),
+        })
+}
+
+/// Runs one dump between runc (on `runc`, its request still unread) and the real CRIU at
+/// `real_criu`, with the pages going to the UNIX socket at `page_server_socket`.
+///
+/// Reads runc's request, which must be [relayable](is_relayable); re-opens the directories it
+/// names by runc's descriptor numbers; connects to `page_server_socket` and rewrites `opts.ps`
+/// to a duplicate of that connection that CRIU inherits; starts `real_criu swrk FD` on a new
+/// socket pair (runc's socket is not passed on; other inherited descriptors are), sends the
+/// rewritten request, relays everything else ([`forward`]) until CRIU closes its end, shuts
+/// runc's socket and returns CRIU's exit status. Without the agent's socket nothing is started:
+/// the error is returned and also written as CRIU's log, where runc looks for it.
+pub fn relay_dump(
+    runc: BorrowedFd<'_>,
+    real_criu: &Path,
+    page_server_socket: &Path,
+) -> Result<ExitStatus, SwrkProxyError> {
+    let peer = getsockopt(&runc, sockopt::PeerCredentials)
+        .map_err(SwrkProxyError::PeerCredentials)?
+        .pid();
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let (n, runc_fds) =
+        recv_message(runc, Side::Runc, &mut buf, &mut cmsg)?.ok_or(SwrkProxyError::NoRequest)?;
+    buf.truncate(n);
+    if !is_relayable(&buf) {
+        return Err(SwrkProxyError::NotRelayable);
+    }
+    let (request, dirs) = adopt_peer_dirs(buf, peer)?;
+
+    let ps: OwnedFd = {
+        let stream = UnixStream::connect(page_server_socket).map_err(|source| {
+            let e = SwrkProxyError::Connect {
+                path: page_server_socket.to_owned(),
+                source,
+            };
+            note_in_criu_log(&request, &dirs, &e.to_string());
+            e
+        })?;
+        let dup = stream
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| SwrkProxyError::Fd {
+                what: "duplicating the page-server socket",
+                source,
+            })?;
+        set_cloexec(dup.as_fd(), false, "passing the page-server socket on")?;
+        dup
+    };
+    let request = rpc::dump_with_page_server_fd(&request, ps.as_raw_fd())
+        .ok_or(SwrkProxyError::NotRelayable)?;
+
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| SwrkProxyError::Fd {
+        what: "socketpair for CRIU",
+        source: e.into(),
+    })?;
+    set_cloexec(theirs.as_fd(), false, "passing CRIU its socket")?;
+    // CRIU talks to us, not to runc: it must not hold runc's socket open.
+    set_cloexec(runc, true, "keeping runc's socket from CRIU")?;
+    let mut child = Command::new(real_criu)
+        .arg("swrk")
+        .arg(theirs.as_raw_fd().to_string())
+        .env_remove(PAGE_SERVER_SOCKET_ENV)
+        .spawn()
+        .map_err(|source| SwrkProxyError::Spawn {
+            path: real_criu.to_owned(),
+            source,
+        })?;
+    drop(theirs);
+    drop(ps);
+
+    let sent = send_message(ours.as_fd(), &request, &runc_fds.0);
+    drop(runc_fds);
+    let relayed = sent
+        .map_err(|source| SwrkProxyError::Socket {
+            side: Side::Criu,
+            op: "sendmsg",
+            source,
+        })
+        .and_then(|()| forward(runc, ours.as_fd()));
+    // On error CRIU sees the end of its socket and gives up by itself, which leaves the
+    // container as it was; killing it in the middle of a dump might not.
+    drop(ours);
+    let _ = shutdown(runc.as_raw_fd(), Shutdown::Both);
+    let status = child.wait().map_err(SwrkProxyError::Wait)?;
+    drop(dirs);
+    match relayed {
+        Ok(_) => Ok(status),
+        Err(e) => Err(SwrkProxyError::Relay {
+            source: Box::new(e),
+            status,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,283 @@
+//! Pre-copy, destination side: the page store, the answers to "which pages do you hold", the
+//! rounds' page streams and root filesystem diffs, and the final dump's page-server relay into
+//! a real `criu page-server` writing the job's images.
+
+use std::collections::HashSet;
+use std::os::fd::AsRawFd;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio::io::AsyncReadExt;
+use tracing::{info, warn};
+use transfer::pages::{PageHash, PageStore};
+
+use super::Agent;
+use crate::proto::{PeerResponse, MAX_HASHES};
+
+/// How long `criu page-server` may take to exit once the relay has ended.
+const PAGE_SERVER_EXIT: Duration = Duration::from_secs(10);
+
+impl Agent {
+    /// Checks that `job` is an incoming job of `peer`, extends its deadline, and runs `f` on it.
+    async fn with_incoming<T>(
+        &self,
+        peer: &str,
+        job: &str,
+        f: impl FnOnce(&mut super::incoming::Incoming) -> T,
+    ) -> Result<T> {
+        let mut inc = self.incoming.lock().await;
+        match inc.get_mut(job) {
+            Some(i) if i.from() != peer => bail!("job {job} belongs to {}, not {peer}", i.from()),
+            Some(i) if i.is_restored() => bail!("job {job} is already restored"),
+            Some(i) => {
+                i.touch();
+                Ok(f(i))
+            }
+            None => bail!("no prepared job {job} here (it expired or was aborted)"),
+        }
+    }
+
+    /// Answers [`crate::proto::PeerRequest::HeldPages`]: reads `count` hashes, pins the held
+    /// ones for the job (they stay until it ends) and returns the bitmap.
+    pub(crate) async fn held_pages(
+        &self,
+        peer: &str,
+        job: &str,
+        count: u64,
+        recv: &mut super::peer::Incoming<'_>,
+    ) -> Result<PeerResponse> {
+        if count > MAX_HASHES {
+            bail!("{count} page hashes asked at once; at most {MAX_HASHES}");
+        }
+        self.with_incoming(peer, job, |_| ()).await?;
+        let mut hashes: Vec<PageHash> = Vec::with_capacity(count as usize);
+        let mut buf = vec![0u8; 32 * 4096];
+        let mut left = count as usize;
+        while left > 0 {
+            let n = left.min(4096);
+            recv.read_exact(&mut buf[..n * 32])
+                .await
+                .context("reading page hashes")?;
+            for c in buf[..n * 32].chunks_exact(32) {
+                let mut h = [0u8; 32];
+                h.copy_from_slice(c);
+                hashes.push(h);
+            }
+            left -= n;
+        }
+        let mut bitmap = vec![0u8; hashes.len().div_ceil(8)];
+        let mut held = HashSet::new();
+        {
+            let store = self.pages.lock().await;
+            for (i, h) in hashes.iter().enumerate() {
+                if store.contains(h) {
+                    bitmap[i / 8] |= 1 << (i % 8);
+                    held.insert(*h);
+                }
+            }
+        }
+        let n_held = held.len();
+        self.with_incoming(peer, job, move |i| i.pin(held)).await?;
+        info!(%job, asked = count, held = n_held, "page holdings answered");
+        Ok(PeerResponse::Held {
+            bitmap: to_hex(&bitmap),
+        })
+    }
+
+    /// Receives a pre-copy round's page stream for `job` into the page store.
+    pub(crate) async fn receive_pages(
+        &self,
+        peer: &str,
+        job: &str,
+        recv: &mut super::peer::Incoming<'_>,
+    ) -> Result<PeerResponse> {
+        self.with_incoming(peer, job, |_| ()).await?;
+        let cap = self.page_store_cap();
+        let mut local = PageStore::new(cap);
+        let (hashes, stats) = transfer::pages::recv_pages(recv, &mut local)
+            .await
+            .context("receiving pages")?;
+        {
+            let mut store = self.pages.lock().await;
+            if store.free_pages() < local.len() {
+                self.make_room(&mut store).await;
+            }
+            store.absorb(local).with_context(|| {
+                format!(
+                    "the page store of {} is full ({} MiB, page_store_mib in its config)",
+                    self.cfg.host,
+                    (cap * 4096) >> 20
+                )
+            })?;
+        }
+        let pages = hashes.len();
+        self.with_incoming(peer, job, move |i| i.pin(hashes.into_iter().collect()))
+            .await?;
+        tracing::debug!(%job, pages, bytes = stats.wire_bytes, "round pages received");
+        Ok(PeerResponse::Ok {
+            bytes: stats.wire_bytes,
+        })
+    }
+
+    /// Forgets pages no incoming job relies on (pages kept from earlier migrations, this
+    /// host's own pages).
+    async fn make_room(&self, store: &mut PageStore) {
+        let mut keep = HashSet::new();
+        for i in self.incoming.lock().await.values() {
+            keep.extend(i.pinned().iter().copied());
+        }
+        let before = store.len();
+        store.retain(&keep);
+        warn!(
+            before,
+            after = store.len(),
+            "page store full: pages of finished migrations forgotten"
+        );
+    }
+
+    /// Pages the store may hold.
+    pub(crate) fn page_store_cap(&self) -> usize {
+        (self.cfg.page_store_mib << 20) as usize / transfer::pages::PAGE
+    }
+
+    /// Applies a pre-copy round's root filesystem diff.
+    pub(crate) async fn rootfs_round(
+        &self,
+        peer: &str,
+        job: &str,
+        recv: &mut super::peer::Incoming<'_>,
+    ) -> Result<PeerResponse> {
+        let root = self
+            .with_incoming(peer, job, |i| i.layout().rootfs())
+            .await?;
+        let stats = transfer::tree::recv_tree(recv, &root, shared_fs::Limits::default())
+            .await
+            .context("receiving a root filesystem diff")?;
+        Ok(PeerResponse::Ok {
+            bytes: stats.wire_bytes,
+        })
+    }
+
+    /// The final dump's pages: relays the stream into a `criu page-server` that writes the
+    /// job's images. Answers only through the relay's own frames.
+    pub(crate) async fn dump_pages(
+        &self,
+        peer: &str,
+        job: &str,
+        recv: &mut super::peer::Incoming<'_>,
+        send: &mut transfer::SendStream,
+    ) -> Result<()> {
+        let criu = match &self.criu {
+            Ok(c) => c.path.clone(),
+            Err(e) => bail!("CRIU unusable on {}: {e}", self.cfg.host),
+        };
+        self.with_incoming(peer, job, |i| i.set_pages_relayed())
+            .await?;
+        let (images, work) = (self.images_dir(job), self.work_dir(job));
+        let _ = std::fs::remove_dir_all(&images);
+        std::fs::create_dir_all(&images)?;
+        std::fs::create_dir_all(&work)?;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        // The page server inherits its end at the same number.
+        nix::fcntl::fcntl(
+            theirs.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )?;
+        let fd = theirs.as_raw_fd();
+        let mut child = std::process::Command::new(&criu)
+            .arg("page-server")
+            .arg("-D")
+            .arg(&images)
+            .arg("-W")
+            .arg(&work)
+            .args(["--ps-socket", &fd.to_string()])
+            .args(["-o", "page-server.log", "-v2"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {} page-server", criu.display()))?;
+        drop(theirs);
+        ours.set_nonblocking(true)?;
+        let ours = tokio::net::UnixStream::from_std(ours)?;
+        let t = Instant::now();
+        let relayed = {
+            let mut store = self.pages.lock().await;
+            let (rx, tx) = (&mut *recv, &mut *send);
+            precopy::relay::relay_in(rx, tx, ours, &mut store).await
+        };
+        let status = tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + PAGE_SERVER_EXIT;
+            loop {
+                if let Some(s) = child.try_wait()? {
+                    return Ok::<_, std::io::Error>(Some(s));
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Ok(None);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+        .await??;
+        let logs = self.cfg.state_dir.join("logs");
+        crate::runtime::keep_log(
+            &work.join("page-server.log"),
+            &logs,
+            &format!("{job}.page-server.log"),
+        );
+        let stats = relayed.context("relaying the final dump's pages")?;
+        match status {
+            Some(s) if s.success() => {}
+            Some(s) => bail!(
+                "criu page-server failed ({s}); see its log in {}",
+                logs.display()
+            ),
+            None => bail!("criu page-server did not exit after the relay ended"),
+        }
+        info!(%job, pages = stats.pages, as_reference = stats.pages_as_reference,
+            bytes = stats.link_bytes_read, took_ms = crate::util::ms(t.elapsed()), "final dump's pages written");
+        Ok(())
+    }
+}
+
+/// Lower-case hex.
+pub(crate) fn to_hex(b: &[u8]) -> String {
+    const D: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        s.push(D[(x >> 4) as usize] as char);
+        s.push(D[(x & 15) as usize] as char);
+    }
+    s
+}
+
+/// Parses lower- or upper-case hex.
+pub(crate) fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    s.as_bytes()
+        .chunks_exact(2)
+        .map(|p| {
+            let d = |c: u8| (c as char).to_digit(16);
+            Some((d(p[0])? * 16 + d(p[1])?) as u8)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trip() {
+        let b = [0u8, 1, 0x7f, 0x80, 0xff];
+        assert_eq!(to_hex(&b), "00017f80ff");
+        assert_eq!(from_hex(&to_hex(&b)).unwrap(), b);
+        assert_eq!(from_hex("0"), None);
+        assert_eq!(from_hex("zz"), None);
+    }
+}

@@ -1,0 +1,488 @@
+//! Pre-copy, source side: dirty-page trackers on every process of the container, the memory
+//! rounds (read, hash, skip what the destination holds, send the rest over parallel QUIC
+//! streams), the root filesystem rounds, and the CPU throttle of auto-converge.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use memtrack::{Method, Region, Tracker};
+use migrate_core::RoundStats;
+use tokio::io::AsyncWriteExt;
+use tracing::{info, warn};
+use transfer::frame::{read_msg, write_msg};
+use transfer::pages::{hash_page, PageHash, PageWriter, PAGE};
+
+use super::pages::from_hex;
+use super::{lock, Agent};
+use crate::proto::{PeerRequest, PeerResponse};
+use crate::throttle::CpuThrottle;
+
+/// Parallel QUIC streams per memory round.
+const STREAMS: usize = 4;
+/// Pages read at once (1 MiB).
+const CHUNK_PAGES: u64 = 256;
+
+/// Ranges of one process to copy.
+type Todo = Vec<(i32, Vec<Region>)>;
+
+/// The pre-copy state of one outgoing migration.
+pub(crate) struct Rounds {
+    method: Option<Method>,
+    trackers: Vec<Box<dyn Tracker>>,
+    /// What the next round copies.
+    todo: Todo,
+    /// Pages the destination holds (it said so, or this job sent them).
+    pub(crate) known: Arc<Mutex<HashSet<PageHash>>>,
+    throttle: Option<CpuThrottle>,
+}
+
+/// What one memory round sent.
+#[derive(Debug, Default, Clone, Copy)]
+struct Sent {
+    pages: u64,
+    bytes: u64,
+}
+
+impl Rounds {
+    pub(crate) fn new() -> Rounds {
+        Rounds {
+            method: None,
+            trackers: vec![],
+            todo: vec![],
+            known: Default::default(),
+            throttle: None,
+        }
+    }
+
+    pub(crate) fn method(&self) -> Option<Method> {
+        self.method
+    }
+
+    /// Applies the throttle the state machine asks for (0: none).
+    pub(crate) fn throttle(&mut self, host: &str, name: &str, pct: u32) -> Result<()> {
+        if self.throttle.is_none() {
+            // Created at the first round: it measures the container's CPU use from then on,
+            // which the first step is a share of.
+            self.throttle = Some(CpuThrottle::new(host, name)?);
+        }
+        if let Some(t) = &mut self.throttle {
+            if pct > 0 || t.is_applied() {
+                let cores = t.set(pct)?;
+                info!(container = %name, throttle_pct = pct, allowed_cores = ?cores, "CPU throttle set");
+            }
+        }
+        Ok(())
+    }
+
+    /// Lifts the throttle (before a rollback lets the container run on, or once frozen).
+    pub(crate) fn lift_throttle(&mut self) {
+        if let Some(t) = &mut self.throttle {
+            if let Err(e) = t.lift() {
+                warn!(error = %format!("{e:#}"), "lifting the CPU throttle failed");
+            }
+        }
+    }
+
+    /// Ends tracking on every process and removes every trace of it (CRIU cannot dump a
+    /// process that holds a userfaultfd).
+    pub(crate) fn stop_tracking(&mut self) -> Result<()> {
+        let mut errors = vec![];
+        for t in self.trackers.drain(..) {
+            let pid = t.pid();
+            if let Err(e) = t.stop() {
+                errors.push(format!("pid {pid}: {e}"));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            bail!("stopping dirty-page tracking: {}", errors.join("; "))
+        }
+    }
+
+    /// Starts trackers on the container's processes that have none yet; their writable memory
+    /// is copied in full by the next round.
+    fn track_new_processes(&mut self, host: &str, name: &str) -> Result<()> {
+        let method = match self.method {
+            Some(m) => m,
+            None => {
+                let m = memtrack::detect().context("no dirty-page tracking method works here")?;
+                self.method = Some(m);
+                m
+            }
+        };
+        let pids = crate::runtime::container_pids(host, name)?;
+        if pids.is_empty() {
+            bail!("container {name:?} has no processes");
+        }
+        let tracked: HashSet<i32> = self.trackers.iter().map(|t| t.pid()).collect();
+        for pid in pids.into_iter().filter(|p| !tracked.contains(p)) {
+            let t = match memtrack::start(pid, method) {
+                Ok(t) => t,
+                Err(e) if e.is_process_gone() => continue,
+                Err(e) => {
+                    return Err(e).with_context(|| format!("tracking pid {pid} with {method}"))
+                }
+            };
+            // Tracking first: a write after this point is seen by the next collect.
+            match memtrack::writable_regions(pid) {
+                Ok(r) => self.todo.push((pid, r)),
+                Err(e) if e.is_process_gone() => continue,
+                Err(e) => return Err(e).with_context(|| format!("memory map of pid {pid}")),
+            }
+            self.trackers.push(t);
+        }
+        Ok(())
+    }
+
+    /// Collects what was written since the last collect: the next round's work.
+    fn collect(&mut self) -> Result<u64> {
+        let mut dirty = 0;
+        let mut keep = vec![];
+        let all = std::mem::take(&mut self.trackers);
+        for mut t in all {
+            match t.collect() {
+                Ok(d) => {
+                    dirty += d.dirty_pages() + d.new_pages();
+                    let mut r = d.ranges;
+                    r.extend(d.new_ranges);
+                    self.todo.push((d.pid, r));
+                    keep.push(t);
+                }
+                Err(e) if e.is_process_gone() => {}
+                Err(e) => {
+                    let pid = t.pid();
+                    self.trackers = keep;
+                    return Err(e).with_context(|| format!("collecting dirty pages of pid {pid}"));
+                }
+            }
+        }
+        self.trackers = keep;
+        Ok(dirty)
+    }
+}
+
+/// Splits ranges into chunks of at most [`CHUNK_PAGES`] pages, dealt round-robin to `n`
+/// workers.
+fn deal(todo: &Todo, n: usize) -> Vec<Vec<(i32, u64, u64)>> {
+    let mut out = vec![vec![]; n];
+    let mut i = 0;
+    for (pid, regions) in todo {
+        for r in regions {
+            let mut a = r.start;
+            while a < r.end {
+                let pages = ((r.end - a) / PAGE as u64).min(CHUNK_PAGES);
+                if pages == 0 {
+                    break;
+                }
+                out[i % n].push((*pid, a, pages));
+                i += 1;
+                a += pages * PAGE as u64;
+            }
+        }
+    }
+    out
+}
+
+/// Reads a chunk; returns the bytes read (whole pages; fewer when memory went away).
+fn read_chunk(pid: i32, addr: u64, buf: &mut [u8]) -> usize {
+    match memtrack::read_memory(pid, addr, buf) {
+        Ok(n) => n - n % PAGE,
+        Err(_) => 0,
+    }
+}
+
+impl Agent {
+    /// Runs one pre-copy memory and root filesystem round of `job` towards `conn`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn copy_round(
+        self: &Arc<Self>,
+        job: &str,
+        name: &str,
+        conn: &transfer::Connection,
+        rounds: &mut Rounds,
+        round: u32,
+        throttle_pct: u32,
+        rootfs: (&std::path::Path, &mut shared_fs::Snapshot),
+    ) -> Result<RoundStats> {
+        let t0 = Instant::now();
+        let host = self.cfg.host.clone();
+        if let Err(e) = rounds.throttle(&host, name, throttle_pct) {
+            if throttle_pct > 0 {
+                return Err(e.context("auto-converge cannot throttle the container"));
+            }
+            warn!(%job, error = %format!("{e:#}"), "CPU throttle unavailable; auto-converge will fail if needed");
+        }
+        // Trackers live in a blocking thread while they work (ptrace, /proc).
+        let mut r = std::mem::replace(rounds, Rounds::new());
+        let (h, n) = (host.clone(), name.to_string());
+        let (r_back, started) = tokio::task::spawn_blocking(move || {
+            let res = r.track_new_processes(&h, &n);
+            (r, res)
+        })
+        .await?;
+        *rounds = r_back;
+        started?;
+        if round == 1 {
+            self.ask_held(job, conn, rounds).await?;
+        }
+        let todo = std::mem::take(&mut rounds.todo);
+        let sent = self
+            .send_pages_parallel(job, conn, &todo, &rounds.known)
+            .await?;
+        let mut r = std::mem::replace(rounds, Rounds::new());
+        let (r_back, dirty) = tokio::task::spawn_blocking(move || {
+            let d = r.collect();
+            (r, d)
+        })
+        .await?;
+        *rounds = r_back;
+        let dirty = dirty?;
+        let fs_bytes = self.send_rootfs_round(job, conn, rootfs).await?;
+        let duration = t0.elapsed();
+        info!(%job, round, method = ?rounds.method, pages_sent = sent.pages, bytes = sent.bytes + fs_bytes,
+            rootfs_bytes = fs_bytes, dirty_pages = dirty, ms = crate::util::ms(duration), "pre-copy round done");
+        Ok(RoundStats {
+            pages_sent: sent.pages,
+            bytes_sent: sent.bytes + fs_bytes,
+            dirty_pages: dirty,
+            duration,
+        })
+    }
+
+    /// First round: hashes everything it will copy and asks the destination which pages it
+    /// already holds (a container coming back finds most of its memory there).
+    async fn ask_held(
+        &self,
+        job: &str,
+        conn: &transfer::Connection,
+        rounds: &mut Rounds,
+    ) -> Result<()> {
+        let todo = rounds.todo.clone();
+        let hashes: Vec<PageHash> = tokio::task::spawn_blocking(move || {
+            let mut seen = HashSet::new();
+            let mut out = vec![];
+            let mut buf = vec![0u8; CHUNK_PAGES as usize * PAGE];
+            for (pid, addr, pages) in deal(&todo, 1).remove(0) {
+                let n = read_chunk(pid, addr, &mut buf[..pages as usize * PAGE]);
+                for p in buf[..n].chunks_exact(PAGE) {
+                    let h = hash_page(p);
+                    if seen.insert(h) {
+                        out.push(h);
+                    }
+                }
+            }
+            out
+        })
+        .await?;
+        if hashes.len() as u64 > crate::proto::MAX_HASHES {
+            // Too large to ask at once: copy everything.
+            return Ok(());
+        }
+        let (mut send, mut recv) = conn.open().await?;
+        {
+            let mut w = tokio::io::BufWriter::with_capacity(256 << 10, &mut send);
+            write_msg(
+                &mut w,
+                &PeerRequest::HeldPages {
+                    job: job.to_string(),
+                    count: hashes.len() as u64,
+                },
+            )
+            .await?;
+            for h in &hashes {
+                w.write_all(h).await?;
+            }
+            w.flush().await?;
+        }
+        send.finish()
+            .map_err(|e| anyhow::anyhow!("closing the held-pages stream: {e}"))?;
+        let bitmap = match read_msg::<_, PeerResponse>(&mut recv).await? {
+            PeerResponse::Held { bitmap } => {
+                from_hex(&bitmap).context("the destination's held-pages bitmap is not hex")?
+            }
+            PeerResponse::Error { message } => bail!("{message}"),
+            other => bail!("unexpected answer to held-pages: {other:?}"),
+        };
+        if bitmap.len() != hashes.len().div_ceil(8) {
+            bail!(
+                "the destination answered {} bytes of bitmap for {} hashes",
+                bitmap.len(),
+                hashes.len()
+            );
+        }
+        let mut known = lock(&rounds.known);
+        let mut held = 0u64;
+        for (i, h) in hashes.iter().enumerate() {
+            if bitmap[i / 8] & (1 << (i % 8)) != 0 {
+                known.insert(*h);
+                held += 1;
+            }
+        }
+        info!(%job, distinct_pages = hashes.len(), held, "destination's page holdings");
+        Ok(())
+    }
+
+    /// Reads, hashes and sends the pages of `todo` the destination does not hold, over
+    /// [`STREAMS`] streams at once. Sent pages join `known` and this host's page store.
+    async fn send_pages_parallel(
+        self: &Arc<Self>,
+        job: &str,
+        conn: &transfer::Connection,
+        todo: &Todo,
+        known: &Arc<Mutex<HashSet<PageHash>>>,
+    ) -> Result<Sent> {
+        let shares = deal(todo, STREAMS);
+        let mut tasks = vec![];
+        for share in shares.into_iter().filter(|s| !s.is_empty()) {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+            let known = Arc::clone(known);
+            let agent = Arc::clone(self);
+            let reader = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; CHUNK_PAGES as usize * PAGE];
+                for (pid, addr, pages) in share {
+                    let n = read_chunk(pid, addr, &mut buf[..pages as usize * PAGE]);
+                    let mut out = Vec::with_capacity(n);
+                    let mut own = vec![];
+                    {
+                        let mut k = lock(&known);
+                        for p in buf[..n].chunks_exact(PAGE) {
+                            let h = hash_page(p);
+                            if k.insert(h) {
+                                out.extend_from_slice(p);
+                                own.push(h);
+                            }
+                        }
+                    }
+                    if out.is_empty() {
+                        continue;
+                    }
+                    {
+                        // Kept here too, for a container that comes back.
+                        let mut store = agent.pages.blocking_lock();
+                        for (h, p) in own.iter().zip(out.chunks_exact(PAGE)) {
+                            if !store.insert_own(*h, p) {
+                                break;
+                            }
+                        }
+                    }
+                    if tx.blocking_send(out).is_err() {
+                        return;
+                    }
+                }
+            });
+            let conn = conn.clone();
+            let job = job.to_string();
+            tasks.push(tokio::spawn(async move {
+                let (mut send, mut recv) = conn.open().await?;
+                let mut bytes;
+                let pages;
+                {
+                    let mut w = tokio::io::BufWriter::with_capacity(256 << 10, &mut send);
+                    bytes = write_msg(&mut w, &PeerRequest::Pages { job }).await?;
+                    let mut pw = PageWriter::new(&mut w)?;
+                    while let Some(batch) = rx.recv().await {
+                        for p in batch.chunks_exact(PAGE) {
+                            pw.push(p).await?;
+                        }
+                    }
+                    let stats = pw.finish().await?;
+                    bytes += stats.wire_bytes;
+                    pages = stats.pages;
+                    w.flush().await?;
+                }
+                send.finish()
+                    .map_err(|e| anyhow::anyhow!("closing a page stream: {e}"))?;
+                match read_msg::<_, PeerResponse>(&mut recv).await? {
+                    PeerResponse::Ok { .. } => {}
+                    PeerResponse::Error { message } => bail!("{message}"),
+                    other => bail!("unexpected answer to a page stream: {other:?}"),
+                }
+                reader.await?;
+                Ok::<_, anyhow::Error>(Sent { pages, bytes })
+            }));
+        }
+        let mut sent = Sent::default();
+        let mut first_err = None;
+        for t in tasks {
+            match t.await {
+                Ok(Ok(s)) => {
+                    sent.pages += s.pages;
+                    sent.bytes += s.bytes;
+                }
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e.into());
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e.context(format!("sending pre-copy pages of job {job}"))),
+            None => Ok(sent),
+        }
+    }
+
+    /// Sends the root filesystem's changes since `snap` and moves `snap` forward.
+    async fn send_rootfs_round(
+        &self,
+        job: &str,
+        conn: &transfer::Connection,
+        (root, snap): (&std::path::Path, &mut shared_fs::Snapshot),
+    ) -> Result<u64> {
+        let (r, before) = (root.to_path_buf(), snap.clone());
+        let (now, diff) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let now = shared_fs::snapshot(&r)?;
+            let diff = shared_fs::diff(&before, &now);
+            Ok((now, diff))
+        })
+        .await??;
+        if diff.changed.is_empty() && diff.removed.is_empty() {
+            *snap = now;
+            return Ok(0);
+        }
+        let req = PeerRequest::RootfsRound {
+            job: job.to_string(),
+        };
+        let (resp, bytes) =
+            super::peer::request(conn, &req, &[super::peer::Tree { root, diff: &diff }]).await?;
+        super::peer::expect_ok(&conn.peer_host, resp)?;
+        *snap = now;
+        Ok(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deal_splits_into_chunks_round_robin() {
+        let p = PAGE as u64;
+        let todo = vec![(
+            7,
+            vec![
+                Region {
+                    start: 0,
+                    end: 600 * p,
+                },
+                Region {
+                    start: 1000 * p,
+                    end: 1001 * p,
+                },
+            ],
+        )];
+        let d = deal(&todo, 2);
+        assert_eq!(
+            d[0],
+            vec![(7, 0, 256), (7, 512 * p, 88)],
+            "chunks of at most 256 pages, alternating"
+        );
+        assert_eq!(d[1], vec![(7, 256 * p, 256), (7, 1000 * p, 1)]);
+        let total: u64 = d.iter().flatten().map(|c| c.2).sum();
+        assert_eq!(total, 601);
+    }
+}
