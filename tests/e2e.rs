@@ -5,19 +5,6 @@ use std::time::Duration;
 use ferry_tests::*;
 use serde_json::Value;
 
-fn assert_probe_intact(p: &Value) {
-    assert_eq!(p["errors"], 0, "client saw errors: {p}");
-    assert_eq!(
-        p["intact"], true,
-        "client lost, reordered or duplicated data: {p}"
-    );
-    assert!(
-        p["received"].as_u64().unwrap_or(0) > 100,
-        "too few answers: {p}"
-    );
-    assert_eq!(p["sent"], p["received"], "{p}");
-}
-
 #[test]
 fn two_migrations_keep_the_connection_the_address_and_the_memory() {
     let lab = Lab::up();

@@ -435,3 +435,157 @@ pub fn ask_workload(ip: &str, line: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// Asserts that a probe report shows an unbroken conversation: no error, nothing lost,
+/// reordered or duplicated, every request answered.
+pub fn assert_probe_intact(p: &Value) {
+    assert_eq!(p["errors"], 0, "client saw errors: {p}");
+    assert_eq!(
+        p["intact"], true,
+        "client lost, reordered or duplicated data: {p}"
+    );
+    assert!(
+        p["received"].as_u64().unwrap_or(0) > 100,
+        "too few answers: {p}"
+    );
+    assert_eq!(p["sent"], p["received"], "{p}");
+}
+
+/// Runs `ferry migrate NAME --to TO EXTRA... --json`, killing it and failing the test if it
+/// takes longer than `timeout`; returns (exit code, report).
+pub fn migrate_json(name: &str, to: &str, extra: &[&str], timeout: Duration) -> (i32, Value) {
+    let mut child = Command::new(ferry_bin())
+        .args(["migrate", name, "--to", to, "--json"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running ferry migrate");
+    let deadline = Instant::now() + timeout;
+    loop {
+        if child
+            .try_wait()
+            .expect("waiting for ferry migrate")
+            .is_some()
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("ferry migrate output");
+            panic!(
+                "ferry migrate {name} --to {to} {extra:?} still running after {timeout:?}\nstderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().expect("ferry migrate output");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "ferry migrate printed no JSON report ({e}):\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), report)
+}
+
+/// Waits at most `timeout` until job `id` reaches `state`.
+pub fn wait_job_state_within(id: &str, state: &str, timeout: Duration) {
+    let mut last = Value::Null;
+    let ok = eventually(timeout, || {
+        let out = ferry(&["job", id]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        last = v["state"].clone();
+        v["state"] == state
+    });
+    assert!(
+        ok,
+        "job {id} never reached {state} in {timeout:?} (last: {last})"
+    );
+}
+
+/// Waits at most `timeout` for job `id` to end (done, rolled back or failed); returns its
+/// report.
+pub fn wait_job_within(id: &str, timeout: Duration) -> Value {
+    let mut last = Value::Null;
+    let ok = eventually(timeout, || {
+        let out = ferry(&["job", id]);
+        last = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        matches!(
+            last["state"].as_str(),
+            Some("done" | "rolled_back" | "failed")
+        )
+    });
+    assert!(ok, "job {id} did not end in {timeout:?}: {last}");
+    last["report"].clone()
+}
+
+/// Limits the lab's underlay links to `rate` (`ferry lab shape`) until dropped, when the limit
+/// is removed again (also when the test fails).
+pub struct Shaped;
+
+impl Shaped {
+    /// Shapes every underlay link to `rate` (e.g. `100mbit`).
+    pub fn new(rate: &str) -> Shaped {
+        ferry_ok(&["lab", "shape", rate]);
+        Shaped
+    }
+}
+
+impl Drop for Shaped {
+    fn drop(&mut self) {
+        let _ = ferry(&["lab", "shape", "none"]);
+    }
+}
+
+/// Host pids of the processes of container `name` on `host` (its cgroup's members).
+pub fn container_pids(host: &str, name: &str) -> Vec<i32> {
+    for ctl in ["pids", "freezer", "memory", "cpu"] {
+        let p = format!("/sys/fs/cgroup/{ctl}/ferry/{host}/{name}/cgroup.procs");
+        if let Ok(text) = std::fs::read_to_string(&p) {
+            return text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        }
+    }
+    panic!("no cgroup.procs for container {name} on {host}");
+}
+
+/// The file descriptors of process `pid` that are userfaultfds (`fd -> anon_inode:[userfaultfd]`).
+pub fn userfaultfds(pid: i32) -> Vec<String> {
+    let dir = format!("/proc/{pid}/fd");
+    dir_entries(&dir)
+        .into_iter()
+        .filter(|fd| {
+            std::fs::read_link(format!("{dir}/{fd}"))
+                .map(|t| t.to_string_lossy().contains("userfaultfd"))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Mappings of process `pid` still registered with a userfaultfd (VmFlags `um`, `uw` or `ui`
+/// in /proc/PID/smaps): a tracker left behind.
+pub fn userfaultfd_mappings(pid: i32) -> Vec<String> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut current = String::new();
+    let mut found = vec![];
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if flags
+                .split_whitespace()
+                .any(|f| matches!(f, "um" | "uw" | "ui"))
+            {
+                found.push(format!("{current} [{}]", flags.trim()));
+            }
+        } else if line
+            .split_whitespace()
+            .next()
+            .is_some_and(|w| w.contains('-') && !w.ends_with(':'))
+        {
+            current = line.to_string();
+        }
+    }
+    found
+}

@@ -44,12 +44,25 @@ const COUNTER_TAG: &str = "ferry-bench-bytes";
 pub enum Mode {
     /// Freeze, dump everything, send, restore.
     StopCopy,
+    /// Rounds of memory and root filesystem changes while it runs, then freeze for the rest.
+    PreCopy,
+}
+
+impl Mode {
+    fn request(self, to: &str) -> orchestrator_shim::api::MigrateRequest {
+        let mut r = crate::cli::stop_copy_to(to);
+        if self == Mode::PreCopy {
+            r.mode = orchestrator_shim::api::MigrateMode::PreCopy;
+        }
+        r
+    }
 }
 
 impl std::fmt::Display for Mode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Mode::StopCopy => "stop-copy",
+            Mode::PreCopy => "pre-copy",
         })
     }
 }
@@ -166,14 +179,14 @@ pub struct BenchOpts {
 
 impl BenchOpts {
     /// The quick matrix: echo, and the memory workload at 256 MiB dirtying 0 and 50 MiB/s, on
-    /// an unshaped and a 1 Gbit/s link.
+    /// an unshaped and a 1 Gbit/s link, in stop-copy and in pre-copy mode.
     pub fn quick(out: PathBuf) -> BenchOpts {
         BenchOpts {
             echo: true,
             sizes_mib: vec![256],
             dirty_mib_s: vec![0.0, 50.0],
             link_rates: vec![None, Some(LinkRate(1_000_000_000))],
-            modes: vec![Mode::StopCopy],
+            modes: vec![Mode::StopCopy, Mode::PreCopy],
             baseline: true,
             interval_ms: 1.0,
             out,
@@ -265,6 +278,9 @@ pub struct Run {
     pub wire_bytes: u64,
     /// Payload bytes Ferry reports having sent (Ferry only).
     pub payload_bytes: Option<u64>,
+    /// The container's resident memory just before the migration (VmRSS of its processes).
+    #[serde(default)]
+    pub resident_bytes: Option<u64>,
     /// CPU time, ms: both agents and their children for Ferry; runc, CRIU, tar and nc for the
     /// baseline.
     pub cpu_ms: f64,
@@ -439,6 +455,8 @@ async fn run_all(
     counters: &ByteCounters,
 ) -> Result<Vec<ScenarioResult>> {
     let mut results = vec![];
+    // The baseline does not depend on Ferry's mode: measured once per workload and link.
+    let mut baselines: std::collections::HashMap<String, Run> = Default::default();
     let n = scenarios.len();
     for (i, s) in scenarios.iter().enumerate() {
         if lab.link_rate != s.link_rate {
@@ -454,10 +472,15 @@ async fn run_all(
         let ferry = run_ferry(lab, exe, s, opts, counters, i).await;
         eprintln!("bench   ferry:    {}", ferry.summary());
         tokio::time::sleep(SETTLE).await;
-        let baseline = if opts.baseline {
+        let key = format!("{}-{}", s.workload.slug(), s.link_label());
+        let baseline = if let Some(b) = baselines.get(&key) {
+            eprintln!("bench   baseline: measured above, {}", b.summary());
+            Some(b.clone())
+        } else if opts.baseline {
             let b = run_baseline(lab, exe, workload, s, opts, counters, i).await;
             eprintln!("bench   baseline: {}", b.summary());
             tokio::time::sleep(SETTLE).await;
+            baselines.insert(key, b.clone());
             Some(b)
         } else {
             None
@@ -502,6 +525,7 @@ impl Run {
             phases: vec![],
             wire_bytes: 0,
             payload_bytes: None,
+            resident_bytes: None,
             cpu_ms: 0.0,
             memory_intact: None,
             verify: None,
@@ -594,9 +618,10 @@ async fn ferry_inner(
     let ip = info.spec.ip;
     let probe = ProbeProcess::start_with(lab, exe, ip, name, &probe_settings(opts))?;
     tokio::time::sleep(LEAD_IN).await;
+    let resident_bytes = info.pid.and_then(resident_of);
     let cpu0 = agents_cpu_ms(lab)?;
     let bytes0 = counters.read()?;
-    let report = crate::cli::migrate(lab, name, &crate::cli::stop_copy_to(TO), false).await;
+    let report = crate::cli::migrate(lab, name, &s.mode.request(TO), false).await;
     let bytes1 = counters.read()?;
     let cpu1 = agents_cpu_ms(lab)?;
     tokio::time::sleep(LEAD_OUT).await;
@@ -641,6 +666,7 @@ async fn ferry_inner(
             .collect(),
         wire_bytes: bytes1.saturating_sub(bytes0),
         payload_bytes: Some(report.bytes_sent),
+        resident_bytes,
         cpu_ms: cpu1 - cpu0,
         memory_intact,
         verify,
@@ -648,6 +674,19 @@ async fn ferry_inner(
         report: Some(report),
         baseline_steps: None,
     })
+}
+
+/// VmRSS of process `pid` and of its children in the same container (a host pid), bytes.
+fn resident_of(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = text
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 async fn run_baseline(
@@ -733,6 +772,7 @@ async fn baseline_inner(
             .collect(),
         wire_bytes: bytes1.saturating_sub(bytes0),
         payload_bytes: None,
+        resident_bytes: None,
         cpu_ms: cpu1 - cpu0,
         memory_intact,
         verify,
@@ -961,6 +1001,64 @@ fn render_chart(s: &Scenario, ferry: &Run, baseline: Option<&Run>) -> String {
 }
 
 /// The Markdown table of a bench.
+/// Pre-copy next to stop-copy for the same workload and link: the client's gap, the bytes
+/// between the hosts against the container's resident memory, and the rounds.
+fn precopy_table(s: &mut String, r: &BenchResult) {
+    let pairs: Vec<(&ScenarioResult, &ScenarioResult)> = r
+        .scenarios
+        .iter()
+        .filter(|x| x.scenario.mode == Mode::PreCopy)
+        .filter_map(|p| {
+            r.scenarios
+                .iter()
+                .find(|x| {
+                    x.scenario.mode == Mode::StopCopy
+                        && x.scenario.workload == p.scenario.workload
+                        && x.scenario.link_rate == p.scenario.link_rate
+                })
+                .map(|sc| (p, sc))
+        })
+        .collect();
+    if pairs.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nPre-copy against stop-copy (same run):\n\n| scenario | link | pre-copy gap ms | stop-copy gap ms | gap ratio | pre-copy frozen ms | rounds | stop reason | pre-copy wire | resident | wire / resident | memory intact |"
+    );
+    let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|---|--:|--:|--:|---|");
+    for (p, sc) in pairs {
+        let (f, g) = (&p.ferry, &sc.ferry);
+        let both = f.error.is_none() && g.error.is_none();
+        let rep = f.report.as_ref();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            p.scenario.workload.label(),
+            p.scenario.link_label(),
+            if f.error.is_none() { format!("{:.1}", f.downtime_ms) } else { "failed".into() },
+            if g.error.is_none() { format!("{:.1}", g.downtime_ms) } else { "failed".into() },
+            if both && g.downtime_ms > 0.0 { format!("{:.2}", f.downtime_ms / g.downtime_ms) } else { "-".into() },
+            f.frozen_ms.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into()),
+            rep.map(|r| r.rounds.len().to_string()).unwrap_or_else(|| "-".into()),
+            rep.and_then(|r| r.precopy_stop.as_ref())
+                .map(|v| serde_json::to_value(v).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default())
+                .unwrap_or_else(|| "-".into()),
+            crate::cli::human_bytes(f.wire_bytes),
+            f.resident_bytes.map(crate::cli::human_bytes).unwrap_or_else(|| "-".into()),
+            f.resident_bytes
+                .filter(|&r| r > 0 && f.error.is_none())
+                .map(|r| format!("{:.2}", f.wire_bytes as f64 / r as f64))
+                .unwrap_or_else(|| "-".into()),
+            match f.memory_intact {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "n/a",
+            },
+        );
+    }
+}
+
 pub fn markdown(r: &BenchResult) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -1023,6 +1121,7 @@ pub fn markdown(r: &BenchResult) -> String {
             intact(b),
         );
     }
+    precopy_table(&mut s, r);
     let failures: Vec<String> = r
         .scenarios
         .iter()
@@ -1062,12 +1161,12 @@ mod tests {
     #[test]
     fn the_quick_matrix_is_what_the_issue_asks_for() {
         let s = BenchOpts::quick("x".into()).scenarios();
-        assert_eq!(s.len(), 6);
+        assert_eq!(s.len(), 12);
         let ids: std::collections::BTreeSet<_> = s.iter().map(|s| s.id.clone()).collect();
-        assert_eq!(ids.len(), 6, "ids are unique: {ids:?}");
+        assert_eq!(ids.len(), 12, "ids are unique: {ids:?}");
         for link in [None, Some(LinkRate(1_000_000_000))] {
             let on: Vec<_> = s.iter().filter(|s| s.link_rate == link).collect();
-            assert_eq!(on.len(), 3);
+            assert_eq!(on.len(), 6);
             assert!(on.iter().any(|s| s.workload == Workload::Echo));
             for dirty in [0.0, 50.0] {
                 assert!(on.iter().any(|s| s.workload
@@ -1077,7 +1176,9 @@ mod tests {
                     }));
             }
         }
-        assert!(s.iter().all(|s| s.mode == Mode::StopCopy));
+        for m in [Mode::StopCopy, Mode::PreCopy] {
+            assert_eq!(s.iter().filter(|s| s.mode == m).count(), s.len() / 2);
+        }
     }
 
     #[test]
@@ -1086,7 +1187,7 @@ mod tests {
         o.sizes_mib = vec![1 << 30];
         let (run, skipped) = fit_in_memory(o.scenarios());
         assert!(run.iter().all(|s| s.workload == Workload::Echo));
-        assert_eq!(skipped.len(), 4);
+        assert_eq!(skipped.len(), 8, "2 dirty rates x 2 links x 2 modes");
         assert!(skipped[0].contains("MiB available"), "{skipped:?}");
     }
 
