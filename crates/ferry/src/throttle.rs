@@ -11,22 +11,37 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-/// CFS period used while throttled, microseconds.
+/// CFS period used while throttled, microseconds, unless the share is below
+/// [`MIN_QUOTA_US`] per period: then the period grows (up to [`MAX_PERIOD_US`]) so that the
+/// kernel's smallest quota still means the share asked for.
 pub const PERIOD_US: u64 = 10_000;
+/// Longest CFS period the kernel accepts, microseconds.
+pub const MAX_PERIOD_US: u64 = 1_000_000;
 /// Smallest quota the kernel accepts, microseconds.
 const MIN_QUOTA_US: u64 = 1_000;
 
-/// The CFS quota (µs per [`PERIOD_US`]) that leaves a container `100 - pct` percent of the
-/// `used_cores` it used; never below the kernel's minimum.
-pub fn quota_us(used_cores: f64, pct: u32) -> u64 {
+/// The CFS `(period, quota)` in µs that leaves a container `100 - pct` percent of the
+/// `used_cores` it used. The share is exact down to 1/1000 of a core (1 ms per 1 s period);
+/// an idle or unmeasured container gets that floor.
+pub fn quota_us(used_cores: f64, pct: u32) -> (u64, u64) {
     let pct = pct.min(99);
     let cores = if used_cores.is_finite() && used_cores > 0.0 {
         used_cores
     } else {
         0.0
     };
-    let q = cores * f64::from(100 - pct) / 100.0 * PERIOD_US as f64;
-    (q.round() as u64).max(MIN_QUOTA_US)
+    let allowed = cores * f64::from(100 - pct) / 100.0;
+    let at_default = allowed * PERIOD_US as f64;
+    if at_default >= MIN_QUOTA_US as f64 {
+        return (PERIOD_US, at_default.round() as u64);
+    }
+    let period = if allowed > 0.0 {
+        ((MIN_QUOTA_US as f64 / allowed).ceil() as u64).clamp(PERIOD_US, MAX_PERIOD_US)
+    } else {
+        MAX_PERIOD_US
+    };
+    let quota = ((allowed * period as f64).round() as u64).max(MIN_QUOTA_US);
+    (period, quota)
 }
 
 /// A container's CPU throttle.
@@ -93,18 +108,21 @@ impl CpuThrottle {
         // A throttled container's usage is what the throttle allows: every step is a share of
         // the usage measured before the first step, not of the throttled one.
         let base = *self.base_cores.get_or_insert(used);
-        let q = quota_us(base, pct);
-        write(&self.cpu.join("cpu.cfs_period_us"), PERIOD_US)?;
+        let (period, q) = quota_us(base, pct);
+        // The quota first: a longer period with the old quota could briefly allow more.
+        write(&self.cpu.join("cpu.cfs_quota_us"), q.min(PERIOD_US))?;
+        write(&self.cpu.join("cpu.cfs_period_us"), period)?;
         write(&self.cpu.join("cpu.cfs_quota_us"), q)?;
         self.applied = true;
         tracing::info!(
             cgroup = %self.cpu.display(),
             pct,
             used_cores = base,
+            period_us = period,
             quota_us = q,
             "CPU throttled"
         );
-        Ok(Some(q as f64 / PERIOD_US as f64))
+        Ok(Some(q as f64 / period as f64))
     }
 
     /// True while a quota is set.
@@ -116,6 +134,7 @@ impl CpuThrottle {
     pub fn lift(&mut self) -> Result<()> {
         std::fs::write(self.cpu.join("cpu.cfs_quota_us"), "-1")
             .with_context(|| format!("lifting the CPU quota of {}", self.cpu.display()))?;
+        let _ = write(&self.cpu.join("cpu.cfs_period_us"), 100_000);
         self.applied = false;
         self.base_cores = None;
         Ok(())
@@ -147,12 +166,18 @@ mod tests {
 
     #[test]
     fn the_quota_leaves_the_container_the_rest_of_what_it_used() {
-        assert_eq!(quota_us(1.0, 20), 8_000);
-        assert_eq!(quota_us(2.0, 50), 10_000);
-        assert_eq!(quota_us(0.5, 99), MIN_QUOTA_US);
-        // Beyond 99 % is 99 %; an idle or unmeasured container gets the minimum.
+        assert_eq!(quota_us(1.0, 20), (10_000, 8_000));
+        assert_eq!(quota_us(2.0, 50), (10_000, 10_000));
+        // Below 1 ms per 10 ms the period grows so that the share stays exact.
+        assert_eq!(quota_us(0.5, 99), (200_000, 1_000));
+        assert_eq!(quota_us(0.27, 99), (370_371, 1_000));
+        let (p, q) = quota_us(0.27, 90);
+        assert!((q as f64 / p as f64 - 0.027).abs() < 1e-4, "{p} {q}");
+        // Beyond 99 % is 99 %; an idle or unmeasured container gets 1/1000 of a core.
         assert_eq!(quota_us(1.0, 150), quota_us(1.0, 99));
-        assert_eq!(quota_us(0.0, 20), MIN_QUOTA_US);
-        assert_eq!(quota_us(f64::NAN, 20), MIN_QUOTA_US);
+        assert_eq!(quota_us(0.0, 20), (MAX_PERIOD_US, 1_000));
+        assert_eq!(quota_us(f64::NAN, 20), (MAX_PERIOD_US, 1_000));
+        // A tiny share is floored at 1/1000 of a core.
+        assert_eq!(quota_us(0.0005, 50), (MAX_PERIOD_US, 1_000));
     }
 }

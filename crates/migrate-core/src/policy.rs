@@ -107,7 +107,8 @@ impl PrecopyPolicy {
 /// What one round measured (reported by the driver).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoundStats {
-    /// Pages the round sent (as pages or as references to pages the destination holds).
+    /// Pages the round sent as content (pages whose content the destination already holds
+    /// are not sent, and not counted).
     pub pages_sent: u64,
     /// Bytes the round put on the network.
     pub bytes_sent: u64,

@@ -3,6 +3,7 @@
 //! streams), the root filesystem rounds, and the CPU throttle of auto-converge.
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -15,7 +16,7 @@ use transfer::frame::{read_msg, write_msg};
 use transfer::pages::{hash_page, PageHash, PageWriter, PAGE};
 
 use super::pages::from_hex;
-use super::{lock, Agent};
+use super::{lock, Agent, Job};
 use crate::proto::{PeerRequest, PeerResponse};
 use crate::throttle::CpuThrottle;
 
@@ -199,7 +200,7 @@ impl Agent {
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn copy_round(
         self: &Arc<Self>,
-        job: &str,
+        handle: &Arc<Job>,
         name: &str,
         conn: &transfer::Connection,
         rounds: &mut Rounds,
@@ -208,6 +209,7 @@ impl Agent {
         rootfs: (&std::path::Path, &mut shared_fs::Snapshot),
     ) -> Result<RoundStats> {
         let t0 = Instant::now();
+        let job = handle.id.as_str();
         let host = self.cfg.host.clone();
         if let Err(e) = rounds.throttle(&host, name, throttle_pct) {
             if throttle_pct > 0 {
@@ -226,12 +228,15 @@ impl Agent {
         *rounds = r_back;
         started?;
         if round == 1 {
-            self.ask_held(job, conn, rounds).await?;
+            self.ask_held(handle, conn, rounds).await?;
         }
         let todo = std::mem::take(&mut rounds.todo);
         let sent = self
-            .send_pages_parallel(job, conn, &todo, &rounds.known)
+            .send_pages_parallel(handle, conn, &todo, &rounds.known)
             .await?;
+        if handle.cancel.load(Ordering::SeqCst) {
+            bail!("cancelled during pre-copy round {round}");
+        }
         let mut r = std::mem::replace(rounds, Rounds::new());
         let (r_back, dirty) = tokio::task::spawn_blocking(move || {
             let d = r.collect();
@@ -256,16 +261,21 @@ impl Agent {
     /// already holds (a container coming back finds most of its memory there).
     async fn ask_held(
         &self,
-        job: &str,
+        handle: &Arc<Job>,
         conn: &transfer::Connection,
         rounds: &mut Rounds,
     ) -> Result<()> {
+        let job = handle.id.as_str();
         let todo = rounds.todo.clone();
+        let h2 = Arc::clone(handle);
         let hashes: Vec<PageHash> = tokio::task::spawn_blocking(move || {
             let mut seen = HashSet::new();
             let mut out = vec![];
             let mut buf = vec![0u8; CHUNK_PAGES as usize * PAGE];
             for (pid, addr, pages) in deal(&todo, 1).remove(0) {
+                if h2.cancel.load(Ordering::SeqCst) {
+                    break;
+                }
                 let n = read_chunk(pid, addr, &mut buf[..pages as usize * PAGE]);
                 for p in buf[..n].chunks_exact(PAGE) {
                     let h = hash_page(p);
@@ -329,20 +339,26 @@ impl Agent {
     /// [`STREAMS`] streams at once. Sent pages join `known` and this host's page store.
     async fn send_pages_parallel(
         self: &Arc<Self>,
-        job: &str,
+        handle: &Arc<Job>,
         conn: &transfer::Connection,
         todo: &Todo,
         known: &Arc<Mutex<HashSet<PageHash>>>,
     ) -> Result<Sent> {
+        let job = handle.id.as_str();
         let shares = deal(todo, STREAMS);
         let mut tasks = vec![];
         for share in shares.into_iter().filter(|s| !s.is_empty()) {
             let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
             let known = Arc::clone(known);
             let agent = Arc::clone(self);
+            let h = Arc::clone(handle);
             let reader = tokio::task::spawn_blocking(move || {
                 let mut buf = vec![0u8; CHUNK_PAGES as usize * PAGE];
                 for (pid, addr, pages) in share {
+                    // A cancel ends the round at the next chunk.
+                    if h.cancel.load(Ordering::SeqCst) {
+                        return;
+                    }
                     let n = read_chunk(pid, addr, &mut buf[..pages as usize * PAGE]);
                     let mut out = Vec::with_capacity(n);
                     let mut own = vec![];

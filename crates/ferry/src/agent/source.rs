@@ -601,7 +601,7 @@ impl Driver {
         let r = self
             .agent
             .copy_round(
-                &self.job.id,
+                &self.job,
                 &self.spec.name,
                 &conn,
                 &mut self.rounds,
