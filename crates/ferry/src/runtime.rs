@@ -328,6 +328,27 @@ pub fn create_netns_in(
     })
 }
 
+/// Takes the host side of the container's veth down (or up again). Down, nothing the
+/// container's kernel sockets send leaves the host: after a dump that leaves the container in
+/// place, its TCP sockets are live again, and a single segment from them (a window probe with a
+/// newer timestamp) would make the client's TCP drop the restored copy's segments (PAWS).
+pub fn set_veth(l: &Layout, up: bool) -> Result<()> {
+    let state = if up { "up" } else { "down" };
+    let out = Command::new("ip")
+        .args(["link", "set", l.veth.as_str(), state])
+        .stdin(Stdio::null())
+        .output()
+        .context("running ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip link set {} {state}: {}",
+            l.veth,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// Removes the container's namespace and veth; absent is fine.
 pub fn delete_netns(l: &Layout) {
     run_quiet("ip", ["link", "del", l.veth.as_str()]);

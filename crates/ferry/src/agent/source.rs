@@ -99,6 +99,7 @@ pub(crate) fn start(
             faults: req.faults,
             mode: req.mode,
             rounds: Rounds::new(),
+            source_link_down: false,
             conn: None,
             rootfs_snapshot: None,
             commit_unconfirmed: false,
@@ -116,6 +117,8 @@ struct Driver {
     faults: FaultHooks,
     mode: MigrateMode,
     rounds: Rounds,
+    /// The source container's veth was taken down for the final dump (rollback: up again).
+    source_link_down: bool,
     conn: Option<transfer::Connection>,
     rootfs_snapshot: Option<Snapshot>,
     /// The destination never confirmed the commit: keep the images.
@@ -527,6 +530,12 @@ impl Driver {
                 .await?
                 .is_some_and(|s| s.status == "running" || s.status == "paused");
             if running {
+                if self.source_link_down {
+                    let l = self.agent.layout(&name);
+                    if let Err(e) = crate::runtime::set_veth(&l, true) {
+                        errors.push(format!("{e:#}"));
+                    }
+                }
                 crate::runtime::thaw(&self.agent.cfg.host, &name);
             }
             if running {
@@ -614,6 +623,17 @@ impl Driver {
         r
     }
 
+    /// After a failed final dump: the container runs on, on the network again.
+    fn resume_source(&mut self) {
+        let l = self.agent.layout(&self.spec.name);
+        if let Err(e) = crate::runtime::set_veth(&l, true) {
+            warn!(error = %format!("{e:#}"), "the source container's veth could not be brought up again");
+        } else {
+            self.source_link_down = false;
+        }
+        crate::runtime::thaw(&self.agent.cfg.host, &self.spec.name);
+    }
+
     /// Pre-copy's final dump: trackers removed, container frozen, CRIU's pages relayed to the
     /// destination's page server (pages it holds cross as references), the container left in
     /// place, frozen, until the commit.
@@ -642,12 +662,19 @@ impl Driver {
         let host = self.agent.cfg.host.clone();
         let (logs, job_id) = (self.agent.cfg.state_dir.join("logs"), job.clone());
         let s = sock.clone();
+        let layout = self.agent.layout(&self.spec.name);
+        self.source_link_down = true;
         let mut ckpt = tokio::task::spawn_blocking(move || {
             let _ = std::fs::remove_dir_all(&images);
             std::fs::create_dir_all(&images)?;
             std::fs::create_dir_all(&work)?;
             let t = Instant::now();
             crate::runtime::freeze(&host, &name)?;
+            // The copy left in place must stay silent (see set_veth).
+            if let Err(e) = crate::runtime::set_veth(&layout, false) {
+                crate::runtime::thaw(&host, &name);
+                return Err(e);
+            }
             let freeze_ms = crate::util::ms(t.elapsed());
             let r = runc.checkpoint_relayed(&name, &images, &work, &s);
             info!(container = %name, freeze_ms, checkpoint_ms = crate::util::ms(t.elapsed()) - freeze_ms, "dumped (pages relayed)");
@@ -658,7 +685,7 @@ impl Driver {
             a = listener.accept() => Some(a),
             r = &mut ckpt => {
                 let _ = std::fs::remove_file(&sock);
-                crate::runtime::thaw(&self.agent.cfg.host, &self.spec.name);
+                self.resume_source();
                 r??;
                 bail!("CRIU finished without connecting to the page-server socket");
             }
@@ -673,7 +700,7 @@ impl Driver {
         // The container stays frozen in place: rollback thaws it, the commit removes it.
         self.rounds.lift_throttle();
         if let Err(e) = ck {
-            crate::runtime::thaw(&self.agent.cfg.host, &self.spec.name);
+            self.resume_source();
             return Err(e);
         }
         let stats = relay.context("relaying the final dump's pages")?;
