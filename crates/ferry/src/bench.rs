@@ -469,6 +469,15 @@ async fn run_all(
             s.link_label(),
             s.mode
         );
+        // Every scenario starts with empty page stores: pages an earlier scenario left (the
+        // workload's content is the same in every run) would make Ferry send less than a
+        // first migration does.
+        for h in lab.container_hosts() {
+            lab.client(&h.name)?
+                .forget_pages()
+                .await
+                .with_context(|| format!("emptying the page store of {}", h.name))?;
+        }
         let ferry = run_ferry(lab, exe, s, opts, counters, i).await;
         eprintln!("bench   ferry:    {}", ferry.summary());
         tokio::time::sleep(SETTLE).await;

@@ -106,6 +106,11 @@ impl Client {
         .await
     }
 
+    /// `DELETE /v1/pages`: the agent forgets the pages no running migration needs.
+    pub async fn forget_pages(&self) -> Result<serde_json::Value> {
+        self.call(Method::DELETE, "/v1/pages", None::<&()>).await
+    }
+
     /// `GET /v1/containers/{name}/dirty-rate?ms=N&throttle=P`.
     pub async fn dirty_rate(
         &self,

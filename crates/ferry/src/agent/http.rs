@@ -84,6 +84,7 @@ pub(crate) async fn serve(agent: Arc<Agent>) -> Result<()> {
         .route("/v1/containers/{name}", get(one).delete(delete))
         .route("/v1/containers/{name}/migrate", post(migrate))
         .route("/v1/containers/{name}/dirty-rate", get(dirty_rate))
+        .route("/v1/pages", get(pages_info).delete(forget_pages))
         .route("/v1/jobs", get(jobs))
         .route("/v1/jobs/{id}", get(job))
         .route("/v1/jobs/{id}/cancel", post(cancel))
@@ -91,6 +92,18 @@ pub(crate) async fn serve(agent: Arc<Agent>) -> Result<()> {
         .with_state(agent);
     axum::serve(listener, app).await?;
     Ok(())
+}
+
+/// `GET /v1/pages`: the page store's size.
+async fn pages_info(State(a): State<Arc<Agent>>) -> Json<serde_json::Value> {
+    let (pages, cap) = a.page_store_stats().await;
+    Json(serde_json::json!({ "pages": pages, "max_pages": cap }))
+}
+
+/// `DELETE /v1/pages`: forgets every page no running migration relies on.
+async fn forget_pages(State(a): State<Arc<Agent>>) -> Json<serde_json::Value> {
+    let (forgotten, kept) = a.forget_pages().await;
+    Json(serde_json::json!({ "forgotten": forgotten, "kept": kept }))
 }
 
 async fn host(State(a): State<Arc<Agent>>) -> Json<HostInfo> {

@@ -136,6 +136,24 @@ impl Agent {
         );
     }
 
+    /// Pages held and the most the store may hold.
+    pub(crate) async fn page_store_stats(&self) -> (usize, usize) {
+        (self.pages.lock().await.len(), self.page_store_cap())
+    }
+
+    /// Forgets every page no incoming job pins; returns (forgotten, kept).
+    pub(crate) async fn forget_pages(&self) -> (usize, usize) {
+        let mut keep = HashSet::new();
+        for i in self.incoming.lock().await.values() {
+            keep.extend(i.pinned().iter().copied());
+        }
+        let mut store = self.pages.lock().await;
+        let before = store.len();
+        store.retain(&keep);
+        info!(forgotten = before - store.len(), kept = store.len(), "page store emptied on request");
+        (before - store.len(), store.len())
+    }
+
     /// Pages the store may hold.
     pub(crate) fn page_store_cap(&self) -> usize {
         (self.cfg.page_store_mib << 20) as usize / transfer::pages::PAGE
