@@ -315,7 +315,11 @@ fn auto_converge_throttles_a_container_that_outruns_the_link() {
     );
     assert!(rounds(&r).len() <= 12, "round limit: {throttles:?}");
     // The throttle bites: the last round's dirty rate is well below the first's.
-    let rate = |x: &Value| x["estimate"]["dirty_pages_s"].as_f64().expect("dirty_pages_s");
+    let rate = |x: &Value| {
+        x["estimate"]["dirty_pages_s"]
+            .as_f64()
+            .expect("dirty_pages_s")
+    };
     let (first, last) = (rate(&rounds(&r)[0]), rate(rounds(&r).last().unwrap()));
     assert!(
         last < first * 0.5,

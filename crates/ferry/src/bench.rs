@@ -1045,16 +1045,36 @@ fn precopy_table(s: &mut String, r: &BenchResult) {
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             p.scenario.workload.label(),
             p.scenario.link_label(),
-            if f.error.is_none() { format!("{:.1}", f.downtime_ms) } else { "failed".into() },
-            if g.error.is_none() { format!("{:.1}", g.downtime_ms) } else { "failed".into() },
-            if both && g.downtime_ms > 0.0 { format!("{:.2}", f.downtime_ms / g.downtime_ms) } else { "-".into() },
-            f.frozen_ms.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into()),
-            rep.map(|r| r.rounds.len().to_string()).unwrap_or_else(|| "-".into()),
+            if f.error.is_none() {
+                format!("{:.1}", f.downtime_ms)
+            } else {
+                "failed".into()
+            },
+            if g.error.is_none() {
+                format!("{:.1}", g.downtime_ms)
+            } else {
+                "failed".into()
+            },
+            if both && g.downtime_ms > 0.0 {
+                format!("{:.2}", f.downtime_ms / g.downtime_ms)
+            } else {
+                "-".into()
+            },
+            f.frozen_ms
+                .map(|v| format!("{v:.1}"))
+                .unwrap_or_else(|| "-".into()),
+            rep.map(|r| r.rounds.len().to_string())
+                .unwrap_or_else(|| "-".into()),
             rep.and_then(|r| r.precopy_stop.as_ref())
-                .map(|v| serde_json::to_value(v).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default())
+                .map(|v| serde_json::to_value(v)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default())
                 .unwrap_or_else(|| "-".into()),
             crate::cli::human_bytes(f.wire_bytes),
-            f.resident_bytes.map(crate::cli::human_bytes).unwrap_or_else(|| "-".into()),
+            f.resident_bytes
+                .map(crate::cli::human_bytes)
+                .unwrap_or_else(|| "-".into()),
             f.resident_bytes
                 .filter(|&r| r > 0 && f.error.is_none())
                 .map(|r| format!("{:.2}", f.wire_bytes as f64 / r as f64))

@@ -274,6 +274,13 @@ pub(crate) fn process_alive(pid: i32) -> bool {
     }
 }
 
+/// Gives the free memory of this process's heap back to the kernel (glibc's `malloc_trim`),
+/// after a large number of small buffers (e.g. pages copied from a tracked process) were
+/// freed: other processes can use it at once. Returns whether anything was released.
+pub fn release_free_heap() -> bool {
+    sys::malloc_trim()
+}
+
 /// The private writable mappings of process `pid` (anonymous and file-backed): the memory a
 /// first pre-copy round copies in full, and the only memory trackers report.
 pub fn writable_regions(pid: i32) -> Result<Vec<Region>, Error> {

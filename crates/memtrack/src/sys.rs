@@ -177,6 +177,14 @@ fn ioctl_ptr<T>(fd: BorrowedFd<'_>, request: u64, arg: &mut T) -> io::Result<lib
 // ---------------------------------------------------------------------------------------------
 
 /// userfaultfd(2) in the calling process (used only by the capability probe).
+/// Returns the free memory of this process's malloc heap to the kernel (glibc `malloc_trim`).
+/// Returns whether memory was released.
+pub(crate) fn malloc_trim() -> bool {
+    // SAFETY: malloc_trim(0) only walks the allocator's own free lists and madvises free
+    // pages away; it touches no memory the program owns and is thread-safe in glibc.
+    unsafe { libc::malloc_trim(0) == 1 }
+}
+
 pub(crate) fn userfaultfd(flags: i32) -> io::Result<OwnedFd> {
     // SAFETY: userfaultfd takes one integer argument and returns a new file descriptor.
     let fd = cvt(unsafe { libc::syscall(libc::SYS_userfaultfd, flags as libc::c_long) })?;

@@ -138,6 +138,16 @@ impl PageStore {
         self.pages.keys().copied().collect()
     }
 
+    /// Forgets the pages in `drop` that are not in `keep`; returns how many.
+    pub fn remove_except(&mut self, drop: &HashSet<PageHash>, keep: &HashSet<PageHash>) -> usize {
+        let before = self.pages.len();
+        for h in drop.iter().filter(|h| !keep.contains(*h)) {
+            self.pages.remove(h);
+        }
+        self.pages.shrink_to_fit();
+        before - self.pages.len()
+    }
+
     /// Forgets every page not in `keep`.
     pub fn retain(&mut self, keep: &HashSet<PageHash>) {
         self.pages.retain(|h, _| keep.contains(h));

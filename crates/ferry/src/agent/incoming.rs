@@ -66,6 +66,10 @@ impl Incoming {
         &self.pinned
     }
 
+    pub(crate) fn pinned_mut(&mut self) -> &mut HashSet<transfer::pages::PageHash> {
+        &mut self.pinned
+    }
+
     pub(crate) fn layout(&self) -> &Layout {
         &self.layout
     }

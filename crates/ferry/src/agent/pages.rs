@@ -150,8 +150,38 @@ impl Agent {
         let mut store = self.pages.lock().await;
         let before = store.len();
         store.retain(&keep);
-        info!(forgotten = before - store.len(), kept = store.len(), "page store emptied on request");
+        info!(
+            forgotten = before - store.len(),
+            kept = store.len(),
+            "page store emptied on request"
+        );
         (before - store.len(), store.len())
+    }
+
+    /// Once the final dump's pages are in the job's images, the store no longer needs the pages
+    /// it received for the job: they are forgotten (unless another job pins them) and the memory
+    /// goes back to the kernel at once, before the restore needs as much again.
+    async fn release_job_pages(&self, job: &str) {
+        let (mine, others) = {
+            let mut inc = self.incoming.lock().await;
+            let mine = inc
+                .get_mut(job)
+                .map(|i| std::mem::take(i.pinned_mut()))
+                .unwrap_or_default();
+            let mut others = HashSet::new();
+            for (j, i) in inc.iter() {
+                if j != job {
+                    others.extend(i.pinned().iter().copied());
+                }
+            }
+            (mine, others)
+        };
+        let t = Instant::now();
+        let removed = self.pages.lock().await.remove_except(&mine, &others);
+        let trimmed = tokio::task::spawn_blocking(memtrack::release_free_heap)
+            .await
+            .unwrap_or(false);
+        info!(%job, pages = removed, trimmed, took_ms = crate::util::ms(t.elapsed()), "received pages released after the final dump");
     }
 
     /// Pages the store may hold.
@@ -247,6 +277,7 @@ impl Agent {
             &format!("{job}.page-server.log"),
         );
         let stats = relayed.context("relaying the final dump's pages")?;
+        self.release_job_pages(job).await;
         match status {
             Some(s) if s.success() => {}
             Some(s) => bail!(
