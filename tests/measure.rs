@@ -143,36 +143,47 @@ fn bench_runs_ferry_and_the_baseline_side_by_side() {
     )
     .expect("results.json is JSON");
     let scenarios = r["scenarios"].as_array().expect("scenarios");
-    assert_eq!(scenarios.len(), 1, "{r}");
-    let s = &scenarios[0];
-    for side in ["ferry", "baseline"] {
-        let run = &s[side];
-        assert_eq!(run["ok"], true, "{side}: {run}");
-        assert_eq!(run["memory_intact"], true, "{side}: {run}");
-        assert!(run["downtime_ms"].as_f64().unwrap() > 0.0, "{side}: {run}");
-        assert!(run["total_ms"].as_f64().unwrap() > 0.0, "{side}: {run}");
-        assert!(run["cpu_ms"].as_f64().unwrap() > 0.0, "{side}: {run}");
-        // The 16 MiB of memory crossed the underlay.
+    // Both of Ferry's modes, the baseline measured once for the two.
+    assert_eq!(scenarios.len(), 2, "{r}");
+    let modes: Vec<&str> = scenarios
+        .iter()
+        .map(|s| s["scenario"]["mode"].as_str().unwrap())
+        .collect();
+    assert_eq!(modes, ["stop-copy", "pre-copy"], "{r}");
+    for s in scenarios {
+        for side in ["ferry", "baseline"] {
+            let run = &s[side];
+            assert_eq!(run["ok"], true, "{side}: {run}");
+            assert_eq!(run["memory_intact"], true, "{side}: {run}");
+            assert!(run["downtime_ms"].as_f64().unwrap() > 0.0, "{side}: {run}");
+            assert!(run["total_ms"].as_f64().unwrap() > 0.0, "{side}: {run}");
+            assert!(run["cpu_ms"].as_f64().unwrap() > 0.0, "{side}: {run}");
+            // The 16 MiB of memory crossed the underlay.
+            assert!(
+                run["wire_bytes"].as_u64().unwrap() > 16 << 20,
+                "{side}: {run}"
+            );
+            assert!(!run["phases"].as_array().unwrap().is_empty(), "{side}");
+        }
+        // Ferry's own frozen time and the client's gap describe the same event.
+        let f = &s["ferry"];
+        let gap = f["downtime_ms"].as_f64().unwrap();
+        let frozen = f["frozen_ms"].as_f64().unwrap();
         assert!(
-            run["wire_bytes"].as_u64().unwrap() > 16 << 20,
-            "{side}: {run}"
+            gap > 0.5 * frozen && gap < 2.0 * frozen + 100.0,
+            "gap {gap} ms vs frozen {frozen} ms"
         );
-        assert!(!run["phases"].as_array().unwrap().is_empty(), "{side}");
+        assert!(s["downtime_ratio"].as_f64().unwrap() > 0.0);
+        assert!(f["resident_bytes"].as_u64().unwrap() > 16 << 20, "{f}");
+        let svg = std::fs::read_to_string(format!("{out_dir}/{}", s["chart"].as_str().unwrap()))
+            .expect("chart");
+        assert!(svg.starts_with("<svg") && svg.contains("dump") && svg.contains("checkpoint"));
     }
-    // Ferry's own frozen time and the client's gap describe the same event.
-    let f = &s["ferry"];
-    let gap = f["downtime_ms"].as_f64().unwrap();
-    let frozen = f["frozen_ms"].as_f64().unwrap();
-    assert!(
-        gap > 0.5 * frozen && gap < 2.0 * frozen + 100.0,
-        "gap {gap} ms vs frozen {frozen} ms"
-    );
-    assert!(s["downtime_ratio"].as_f64().unwrap() > 0.0);
-    let svg = std::fs::read_to_string(format!("{out_dir}/{}", s["chart"].as_str().unwrap()))
-        .expect("chart");
-    assert!(svg.starts_with("<svg") && svg.contains("dump") && svg.contains("checkpoint"));
+    let pre = &scenarios[1]["ferry"]["report"];
+    assert!(!pre["rounds"].as_array().unwrap().is_empty(), "{pre}");
     let md = std::fs::read_to_string(format!("{out_dir}/results.md")).expect("results.md");
     assert!(md.contains("| mem 16 MiB"), "{md}");
+    assert!(md.contains("Pre-copy against stop-copy"), "{md}");
     // The bench leaves no lab behind.
     assert!(netns_with_prefix("ferry-").is_empty());
     let _ = std::fs::remove_dir_all(&out_dir);
