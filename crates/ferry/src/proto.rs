@@ -117,6 +117,9 @@ pub enum PeerResponse {
         runc: String,
         /// Free bytes in the agent's state directory.
         free_bytes: u64,
+        /// Pages in its page store (0: a pre-copy need not ask which pages it holds).
+        #[serde(default)]
+        pages_held: u64,
     },
     /// Containers there.
     List {

@@ -120,10 +120,12 @@ impl Agent {
                 self.cfg.host
             );
         }
+        let pages_held = self.pages.lock().await.len() as u64;
         Ok(PeerResponse::Preflight {
             criu,
             runc,
             free_bytes,
+            pages_held,
         })
     }
 

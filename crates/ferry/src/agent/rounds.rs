@@ -37,6 +37,8 @@ pub(crate) struct Rounds {
     /// Pages the destination holds (it said so, or this job sent them).
     pub(crate) known: Arc<Mutex<HashSet<PageHash>>>,
     throttle: Option<CpuThrottle>,
+    /// Pages the destination's store held at preflight (`None`: unknown, ask).
+    destination_pages: Option<u64>,
 }
 
 /// What one memory round sent.
@@ -54,7 +56,13 @@ impl Rounds {
             todo: vec![],
             known: Default::default(),
             throttle: None,
+            destination_pages: None,
         }
+    }
+
+    /// What the destination's preflight said about its page store.
+    pub(crate) fn set_destination_pages(&mut self, pages: u64) {
+        self.destination_pages = Some(pages);
     }
 
     pub(crate) fn method(&self) -> Option<Method> {
@@ -165,6 +173,47 @@ impl Rounds {
     }
 }
 
+impl Agent {
+    /// Keeps the pages of container `name`'s processes (frozen, after a committed pre-copy
+    /// migration) in this host's page store. Best effort: a full store keeps what it has.
+    pub(crate) async fn keep_own_pages(self: &Arc<Self>, host: &str, name: &str) {
+        let (agent, host, n) = (Arc::clone(self), host.to_string(), name.to_string());
+        let t = Instant::now();
+        let kept = tokio::task::spawn_blocking(move || -> Result<u64> {
+            let mut kept = 0u64;
+            let mut buf = vec![0u8; CHUNK_PAGES as usize * PAGE];
+            for pid in crate::runtime::container_pids(&host, &n)? {
+                let Ok(regions) = memtrack::writable_regions(pid) else {
+                    continue;
+                };
+                for (pid, addr, pages) in deal(&vec![(pid, regions)], 1).remove(0) {
+                    let n = read_chunk(pid, addr, &mut buf[..pages as usize * PAGE]);
+                    let mut store = agent.pages.blocking_lock();
+                    for p in buf[..n].chunks_exact(PAGE) {
+                        if !store.insert_own(hash_page(p), p) {
+                            return Ok(kept);
+                        }
+                        kept += 1;
+                    }
+                }
+            }
+            Ok(kept)
+        })
+        .await;
+        match kept {
+            Ok(Ok(pages)) => {
+                info!(container = %name, pages, took_ms = crate::util::ms(t.elapsed()), "pages of the departed container kept")
+            }
+            Ok(Err(e)) => {
+                warn!(container = %name, error = %format!("{e:#}"), "pages of the departed container not kept")
+            }
+            Err(e) => {
+                warn!(container = %name, error = %e, "pages of the departed container not kept")
+            }
+        }
+    }
+}
+
 /// Splits ranges into chunks of at most [`CHUNK_PAGES`] pages, dealt round-robin to `n`
 /// workers.
 fn deal(todo: &Todo, n: usize) -> Vec<Vec<(i32, u64, u64)>> {
@@ -227,7 +276,8 @@ impl Agent {
         .await?;
         *rounds = r_back;
         started?;
-        if round == 1 {
+        // A destination that holds no pages cannot hold any of these: no need to ask.
+        if round == 1 && rounds.destination_pages != Some(0) {
             self.ask_held(handle, conn, rounds).await?;
         }
         let todo = std::mem::take(&mut rounds.todo);
@@ -336,7 +386,7 @@ impl Agent {
     }
 
     /// Reads, hashes and sends the pages of `todo` the destination does not hold, over
-    /// [`STREAMS`] streams at once. Sent pages join `known` and this host's page store.
+    /// [`STREAMS`] streams at once. Sent pages join `known`.
     async fn send_pages_parallel(
         self: &Arc<Self>,
         handle: &Arc<Job>,
@@ -350,7 +400,6 @@ impl Agent {
         for share in shares.into_iter().filter(|s| !s.is_empty()) {
             let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
             let known = Arc::clone(known);
-            let agent = Arc::clone(self);
             let h = Arc::clone(handle);
             let reader = tokio::task::spawn_blocking(move || {
                 let mut buf = vec![0u8; CHUNK_PAGES as usize * PAGE];
@@ -361,28 +410,17 @@ impl Agent {
                     }
                     let n = read_chunk(pid, addr, &mut buf[..pages as usize * PAGE]);
                     let mut out = Vec::with_capacity(n);
-                    let mut own = vec![];
                     {
                         let mut k = lock(&known);
                         for p in buf[..n].chunks_exact(PAGE) {
                             let h = hash_page(p);
                             if k.insert(h) {
                                 out.extend_from_slice(p);
-                                own.push(h);
                             }
                         }
                     }
                     if out.is_empty() {
                         continue;
-                    }
-                    {
-                        // Kept here too, for a container that comes back.
-                        let mut store = agent.pages.blocking_lock();
-                        for (h, p) in own.iter().zip(out.chunks_exact(PAGE)) {
-                            if !store.insert_own(*h, p) {
-                                break;
-                            }
-                        }
                     }
                     if tx.blocking_send(out).is_err() {
                         return;

@@ -333,7 +333,12 @@ impl Driver {
                         }
                     };
                 match resp {
-                    PeerResponse::Preflight { free_bytes, .. } => {
+                    PeerResponse::Preflight {
+                        free_bytes,
+                        pages_held,
+                        ..
+                    } => {
+                        self.rounds.set_destination_pages(pages_held);
                         let need = size * 2 + (64 << 20);
                         if free_bytes < need {
                             bail!("{} has {} MiB free in its state directory, the container needs about {} MiB", self.to, free_bytes >> 20, need >> 20);
@@ -491,6 +496,11 @@ impl Driver {
                 let (images, work) = (self.agent.images_dir(&job), self.agent.work_dir(&job));
                 lock(&self.agent.containers).remove(&name);
                 let keep_images = self.commit_unconfirmed;
+                if self.mode == MigrateMode::PreCopy && !keep_images {
+                    // The frozen copy holds the container's final memory: keep its pages here,
+                    // so that the container sends only what changed if it comes back.
+                    self.agent.keep_own_pages(&self.agent.cfg.host, &name).await;
+                }
                 tokio::task::spawn_blocking(move || {
                     // Network first: a container left in place by a pre-copy dump still has
                     // live sockets, which must not send FIN or RST when it is killed.
