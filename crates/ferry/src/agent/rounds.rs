@@ -10,10 +10,11 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use memtrack::{Method, Region, Tracker};
 use migrate_core::RoundStats;
+use precopy::relay::{fast_key, FastHashes};
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 use transfer::frame::{read_msg, write_msg};
-use transfer::pages::{hash_page, PageHash, PageWriter, PAGE};
+use transfer::pages::{hash_page, PageHash, PageSet, PageWriter, PAGE};
 
 use super::pages::from_hex;
 use super::{lock, Agent, Job};
@@ -35,7 +36,10 @@ pub(crate) struct Rounds {
     /// What the next round copies.
     todo: Todo,
     /// Pages the destination holds (it said so, or this job sent them).
-    pub(crate) known: Arc<Mutex<HashSet<PageHash>>>,
+    pub(crate) known: Arc<Mutex<PageSet>>,
+    /// Blake3 of every page content the rounds read, by XXH3-128: the final dump then hashes
+    /// only what the rounds never saw.
+    pub(crate) fast: Arc<Mutex<FastHashes>>,
     throttle: Option<CpuThrottle>,
     /// Pages the destination's store held at preflight (`None`: unknown, ask).
     destination_pages: Option<u64>,
@@ -55,6 +59,7 @@ impl Rounds {
             trackers: vec![],
             todo: vec![],
             known: Default::default(),
+            fast: Default::default(),
             throttle: None,
             destination_pages: None,
         }
@@ -282,7 +287,7 @@ impl Agent {
         }
         let todo = std::mem::take(&mut rounds.todo);
         let sent = self
-            .send_pages_parallel(handle, conn, &todo, &rounds.known)
+            .send_pages_parallel(handle, conn, &todo, &rounds.known, &rounds.fast)
             .await?;
         if handle.cancel.load(Ordering::SeqCst) {
             bail!("cancelled during pre-copy round {round}");
@@ -392,7 +397,8 @@ impl Agent {
         handle: &Arc<Job>,
         conn: &transfer::Connection,
         todo: &Todo,
-        known: &Arc<Mutex<HashSet<PageHash>>>,
+        known: &Arc<Mutex<PageSet>>,
+        fast: &Arc<Mutex<FastHashes>>,
     ) -> Result<Sent> {
         let job = handle.id.as_str();
         let shares = deal(todo, STREAMS);
@@ -400,6 +406,7 @@ impl Agent {
         for share in shares.into_iter().filter(|s| !s.is_empty()) {
             let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
             let known = Arc::clone(known);
+            let fast = Arc::clone(fast);
             let h = Arc::clone(handle);
             let reader = tokio::task::spawn_blocking(move || {
                 let mut buf = vec![0u8; CHUNK_PAGES as usize * PAGE];
@@ -410,11 +417,15 @@ impl Agent {
                     }
                     let n = read_chunk(pid, addr, &mut buf[..pages as usize * PAGE]);
                     let mut out = Vec::with_capacity(n);
+                    let hashes: Vec<(u128, PageHash)> = buf[..n]
+                        .chunks_exact(PAGE)
+                        .map(|p| (fast_key(p), hash_page(p)))
+                        .collect();
+                    lock(&fast).extend(hashes.iter().copied());
                     {
                         let mut k = lock(&known);
-                        for p in buf[..n].chunks_exact(PAGE) {
-                            let h = hash_page(p);
-                            if k.insert(h) {
+                        for (p, (_, h)) in buf[..n].chunks_exact(PAGE).zip(&hashes) {
+                            if k.insert(*h) {
                                 out.extend_from_slice(p);
                             }
                         }

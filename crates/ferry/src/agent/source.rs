@@ -656,6 +656,7 @@ impl Driver {
         })
         .await?;
         let known = std::mem::take(&mut *lock(&rounds.known));
+        let fast = std::mem::take(&mut *lock(&rounds.fast));
         self.rounds = rounds;
         stopped?;
         let run_dir = self.agent.cfg.state_dir.join("run");
@@ -705,7 +706,8 @@ impl Driver {
             .expect("accepted")
             .context("accepting CRIU's page-server connection")?;
         let mut known = known;
-        let relay = precopy::relay::relay_out(criu, send, recv, &mut known).await;
+        let relay = precopy::relay::relay_out_with(criu, send, recv, &mut known, &fast).await;
+        drop(fast);
         let ck = ckpt.await?;
         // The container stays frozen in place: rollback thaws it, the commit removes it.
         self.rounds.lift_throttle();

@@ -116,6 +116,38 @@ async fn round_trip_deduplicates_and_rebuilds_every_page() {
 }
 
 #[tokio::test]
+async fn hashes_known_in_advance_give_the_same_stream() {
+    let (a, b, c) = (page(1), page(2), page(3));
+    let mut known = HashSet::new();
+    let mut store = PageStore::new(100);
+    store.insert(&c).unwrap();
+    known.insert(hash_page(&c));
+    // The rounds saw A and C; B is new content.
+    let mut fast = FastHashes::default();
+    for p in [&a, &c] {
+        fast.insert(fast_key(p), hash_page(p));
+    }
+    let (criu, relay_criu) = duplex(1 << 16);
+    let (ps, relay_ps) = duplex(1 << 16);
+    let (fwd_tx, fwd_rx) = duplex(1 << 16);
+    let (back_tx, back_rx) = duplex(1 << 16);
+    let (out, inn, (), got) = tokio::join!(
+        relay_out_with(relay_criu, fwd_tx, back_rx, &mut known, &fast),
+        relay_in(fwd_rx, back_tx, relay_ps, &mut store),
+        fake_criu(criu, a.clone(), b.clone(), c.clone()),
+        fake_page_server(ps),
+    );
+    let (out, inn) = (out.unwrap(), inn.unwrap());
+    assert_eq!(got[1], (add(0x10000, 3), [&a[..], &b, &a].concat()));
+    assert_eq!(got[2], (add(0x20000, 1), c.clone()));
+    assert_eq!((out.pages, out.pages_as_reference), (4, 2));
+    assert_eq!(inn.pages_as_reference, 2);
+    for p in [&a, &b, &c] {
+        assert!(known.contains(&hash_page(p)));
+    }
+}
+
+#[tokio::test]
 async fn references_resolve_from_the_stream_when_the_store_is_full() {
     let (a, b, c) = (page(4), page(5), page(6));
     let mut known = HashSet::new();
