@@ -129,6 +129,7 @@ impl Agent {
         }
         let before = store.len();
         store.retain(&keep);
+        memtrack::release_free_heap();
         warn!(
             before,
             after = store.len(),
@@ -147,15 +148,16 @@ impl Agent {
         for i in self.incoming.lock().await.values() {
             keep.extend(i.pinned().iter().copied());
         }
-        let mut store = self.pages.lock().await;
-        let before = store.len();
-        store.retain(&keep);
-        info!(
-            forgotten = before - store.len(),
-            kept = store.len(),
-            "page store emptied on request"
-        );
-        (before - store.len(), store.len())
+        let (forgotten, kept) = {
+            let mut store = self.pages.lock().await;
+            let before = store.len();
+            store.retain(&keep);
+            (before - store.len(), store.len())
+        };
+        // The memory goes back to the kernel, not to this process's heap.
+        let _ = tokio::task::spawn_blocking(memtrack::release_free_heap).await;
+        info!(forgotten, kept, "page store emptied on request");
+        (forgotten, kept)
     }
 
     /// Once the final dump's pages are in the job's images, the store no longer needs the pages
