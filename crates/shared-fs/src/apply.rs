@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions, Permissions};
-use std::io::{self, Write};
+use std::io::{self, Seek, Write};
 use std::os::unix::fs::{lchown, symlink, DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -380,6 +380,34 @@ impl Applier {
     }
 }
 
+/// Smallest all-zero write turned into a hole.
+const SPARSE_BLOCK: usize = 4096;
+
+/// Splits `data` into alternating runs of whole all-zero [`SPARSE_BLOCK`]s (`true`) and of
+/// anything else (`false`).
+fn runs(data: &[u8]) -> Vec<(bool, &[u8])> {
+    let mut out: Vec<(bool, &[u8])> = vec![];
+    let mut start = 0;
+    let mut cur: Option<bool> = None;
+    for (i, block) in data.chunks(SPARSE_BLOCK).enumerate() {
+        let zero = block.len() == SPARSE_BLOCK && block.iter().all(|&b| b == 0);
+        let at = i * SPARSE_BLOCK;
+        match cur {
+            Some(c) if c == zero => {}
+            Some(c) => {
+                out.push((c, &data[start..at]));
+                start = at;
+                cur = Some(zero);
+            }
+            None => cur = Some(zero),
+        }
+    }
+    if let Some(c) = cur {
+        out.push((c, &data[start..]));
+    }
+    out
+}
+
 /// Receives the content of one regular file into a temporary file next to its target.
 ///
 /// Writing past the declared size fails with [`FsError::TooLarge`]. Dropping the writer
@@ -422,8 +450,17 @@ impl FileWriter {
             .file
             .as_mut()
             .ok_or_else(|| FsError::io("write", tmp, io::Error::other("file already closed")))?;
-        file.write_all(data)
-            .map_err(|e| FsError::io("write temporary file", tmp, e))?;
+        // The temporary file is new: a block of zeros becomes a hole (sparse files stay
+        // sparse; `commit` sets the final length).
+        for (zero, run) in runs(data) {
+            if zero {
+                file.seek(io::SeekFrom::Current(run.len() as i64))
+                    .map_err(|e| FsError::io("seek in temporary file", tmp, e))?;
+            } else {
+                file.write_all(run)
+                    .map_err(|e| FsError::io("write temporary file", tmp, e))?;
+            }
+        }
         self.hasher.update(data);
         self.written = new;
         Ok(())
@@ -455,6 +492,9 @@ impl FileWriter {
                 io::Error::other("file already closed"),
             ));
         };
+        // Holes at the end are not part of the file until its length says so.
+        file.set_len(self.written)
+            .map_err(|e| FsError::io("set length of", &tmp, e))?;
         // chown first: it clears setuid/setgid bits that chmod then sets.
         match std::os::unix::fs::fchown(&file, Some(self.meta.uid), Some(self.meta.gid)) {
             Ok(()) => {}
@@ -496,5 +536,30 @@ impl Drop for FileWriter {
             // Best effort: the temporary file is ours and must not be left behind.
             let _ = fs::remove_file(tmp);
         }
+    }
+}
+
+#[cfg(test)]
+mod sparse_tests {
+    use super::*;
+
+    #[test]
+    fn zero_blocks_become_runs_to_skip() {
+        let mut d = vec![0u8; 3 * SPARSE_BLOCK + 10];
+        d[SPARSE_BLOCK + 5] = 1;
+        let r = runs(&d);
+        let shape: Vec<(bool, usize)> = r.iter().map(|(z, s)| (*z, s.len())).collect();
+        assert_eq!(
+            shape,
+            vec![
+                (true, SPARSE_BLOCK),
+                (false, SPARSE_BLOCK),
+                (true, SPARSE_BLOCK),
+                (false, 10)
+            ]
+        );
+        assert_eq!(r.iter().map(|(_, s)| s.len()).sum::<usize>(), d.len());
+        assert!(runs(&[]).is_empty());
+        assert_eq!(runs(&[0u8; 100]), vec![(false, &[0u8; 100][..])]);
     }
 }

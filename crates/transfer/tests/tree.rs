@@ -334,3 +334,39 @@ async fn hostile_streams_are_rejected() {
     // Nothing but the two allowed directories exists; no file anywhere.
     assert_eq!(listing(&dst), vec!["a".to_string(), "b".to_string()]);
 }
+
+#[tokio::test]
+async fn sparse_files_arrive_sparse_and_identical() {
+    use std::os::unix::fs::MetadataExt;
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    fs::create_dir_all(&src).unwrap();
+    fs::create_dir_all(&dst).unwrap();
+    // 64 MiB with data only at both ends and in the middle; the rest is a hole.
+    let f = fs::File::create(src.join("disk.img")).unwrap();
+    f.set_len(64 << 20).unwrap();
+    drop(f);
+    let data = noise(8192, 7);
+    for at in [0u64, 32 << 20, (64 << 20) - 8192] {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(src.join("disk.img"))
+            .unwrap();
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(&data).unwrap();
+    }
+    let (wire, _) = encode(&src).await;
+    recv_tree(&mut &wire[..], &dst, Limits::default())
+        .await
+        .unwrap();
+    let (a, b) = (src.join("disk.img"), dst.join("disk.img"));
+    assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
+    let m = fs::metadata(&b).unwrap();
+    assert_eq!(m.len(), 64 << 20);
+    let allocated = m.blocks() * 512;
+    assert!(
+        allocated < 4 << 20,
+        "the received file should be sparse: {allocated} bytes allocated for 64 MiB"
+    );
+}
