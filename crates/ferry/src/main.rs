@@ -173,7 +173,7 @@ enum Cmd {
     /// Benchmark: a matrix of scenarios in a fresh lab, Ferry and the hand-made baseline side by
     /// side under a 1 ms probe; writes JSON, a Markdown table and SVG charts.
     Bench {
-        /// The quick matrix (about 75 s): echo, and 256 MiB of memory dirtied at 0 and
+        /// The quick matrix (about 2 min): echo, and 256 MiB of memory dirtied at 0 and
         /// 50 MiB/s, on an unshaped and a 1 Gbit/s link.
         #[arg(long)]
         quick: bool,
