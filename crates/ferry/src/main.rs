@@ -174,7 +174,7 @@ enum Cmd {
     /// side under a 1 ms probe; writes JSON, a Markdown table and SVG charts.
     Bench {
         /// The quick matrix (about 2 min): echo, and 256 MiB of memory dirtied at 0 and
-        /// 50 MiB/s, on an unshaped and a 1 Gbit/s link.
+        /// 50 MiB/s, on an unshaped and a 1 Gbit/s link, in stop-copy and pre-copy mode.
         #[arg(long)]
         quick: bool,
         /// Memory workload sizes in MiB (default 256,1024,4096; those that fit in memory).
@@ -186,7 +186,7 @@ enum Cmd {
         /// Underlay link rates (default unshaped,1gbit).
         #[arg(long, value_delimiter = ',')]
         link_rates: Option<Vec<String>>,
-        /// Ferry migration modes.
+        /// Ferry migration modes (default stop-copy,pre-copy).
         #[arg(long, value_delimiter = ',', value_enum)]
         modes: Option<Vec<bench::Mode>>,
         /// Leave out the echo container.
