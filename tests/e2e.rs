@@ -274,3 +274,54 @@ fn a_link_cut_right_after_the_commit_point_does_not_lose_the_container() {
 
 #[path = "measure.rs"]
 mod measure;
+
+/// Pre-copy leaves the dumped container in place, frozen and off the network: a failure after
+/// the final dump must bring it back on the network, thaw it, and keep the client's connection.
+#[test]
+fn pre_copy_rolls_back_when_the_destination_agent_dies_after_the_final_dump() {
+    let lab = Lab::up();
+    let c = lab.run_echo("h1", "echo");
+    let probe = Probe::start(c["ip"].as_str().unwrap(), "pre-kill");
+    let (_, job) = start_migration(
+        "echo",
+        "h2",
+        &["--pre-copy", "--pause-in-transfer-ms", "1500"],
+    );
+    wait_job_state(&job, "transferring");
+    let pid = lab.agent_pid("h2");
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let r = wait_job(&job);
+    assert_eq!(r["mode"], "pre-copy", "{r}");
+    ferry_ok(&["lab", "start-agent", "h2"]);
+    assert_rolled_back(&lab, &r, probe);
+}
+
+#[test]
+fn pre_copy_rolls_back_when_the_restore_fails_at_the_destination() {
+    let lab = Lab::up();
+    let c = lab.run_echo("h1", "echo");
+    let probe = Probe::start(c["ip"].as_str().unwrap(), "pre-restore");
+    let out = ferry(&[
+        "migrate",
+        "echo",
+        "--to",
+        "h2",
+        "--json",
+        "--pre-copy",
+        "--corrupt-images",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a rolled back migration exits with 2"
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reason = r["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("Restore failed"), "{r}");
+    assert!(!r["rounds"].as_array().unwrap().is_empty(), "{r}");
+    assert_rolled_back(&lab, &r, probe);
+}
