@@ -167,49 +167,23 @@ impl Driver {
             };
             self.job.emit(JobEventKind::PhaseStarted { phase });
             let t = Instant::now();
-            if let Action::CopyRound {
-                round,
-                throttle_pct,
-            } = action
-            {
-                let r = self.copy_round(round, throttle_pct).await;
-                if let Some(method) = self.rounds.method() {
-                    m.set_dirty_tracking(&method.to_string());
+            // A round reports its statistics; every other phase the bytes it moved.
+            let result = match action {
+                Action::CopyRound {
+                    round,
+                    throttle_pct,
+                } => {
+                    let r = self.copy_round(round, throttle_pct).await;
+                    if let Some(method) = self.rounds.method() {
+                        m.set_dirty_tracking(&method.to_string());
+                    }
+                    r.map(|stats| (stats.bytes_sent, Event::RoundDone(stats)))
                 }
-                let event = match r {
-                    Ok(stats) => {
-                        self.job.emit(JobEventKind::PhaseDone {
-                            phase,
-                            duration_ms: crate::util::ms(t.elapsed()),
-                            bytes: stats.bytes_sent,
-                        });
-                        Event::RoundDone(stats)
-                    }
-                    Err(e) => {
-                        let error = format!("{e:#}");
-                        warn!(job = %self.job.id, round, %error, "pre-copy round failed");
-                        self.job.emit(JobEventKind::PhaseFailed {
-                            phase,
-                            error: error.clone(),
-                        });
-                        Event::Failed { error }
-                    }
-                };
-                if self.job.cancel.load(Ordering::SeqCst) && !cancel_fed {
-                    cancel_fed = true;
-                    let _ = m.handle(Event::Cancel, self.now());
-                }
-                actions = match m.handle(event, self.now()) {
-                    Ok(a) => a,
-                    Err(e) => {
-                        warn!(job = %self.job.id, error = %e, "state machine refused an event");
-                        break;
-                    }
-                };
-                self.publish(&m);
-                continue;
-            }
-            let result = self.execute(&action).await;
+                _ => self
+                    .execute(&action)
+                    .await
+                    .map(|bytes| (bytes, Event::Done { bytes })),
+            };
             if self.job.cancel.load(Ordering::SeqCst) && !cancel_fed {
                 cancel_fed = true;
                 if let Err(e) = m.handle(Event::Cancel, self.now()) {
@@ -217,13 +191,13 @@ impl Driver {
                 }
             }
             let event = match result {
-                Ok(bytes) => {
+                Ok((bytes, event)) => {
                     self.job.emit(JobEventKind::PhaseDone {
                         phase,
                         duration_ms: crate::util::ms(t.elapsed()),
                         bytes,
                     });
-                    Event::Done { bytes }
+                    event
                 }
                 Err(e) => {
                     let error = format!("{e:#}");
