@@ -54,13 +54,25 @@ pub struct AgentConfig {
     #[serde(default = "default_idle")]
     pub quic_idle_timeout_ms: u64,
     /// Memory pages (by content hash) this host keeps for pre-copy and for containers that
-    /// may come back, MiB. Pages no running migration needs are forgotten when it is full.
+    /// may come back, MiB (default: a quarter of the host's memory, at most 8 GiB). Pages no
+    /// running migration needs are forgotten when it is full.
     #[serde(default = "default_page_store_mib")]
     pub page_store_mib: u64,
 }
 
+/// A quarter of the host's memory, at most 8 GiB (256 MiB when it cannot be read).
 fn default_page_store_mib() -> u64 {
-    8192
+    let total_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        });
+    match total_kib {
+        Some(kib) => (kib / 1024 / 4).clamp(256, 8192),
+        None => 256,
+    }
 }
 
 fn default_runc() -> String {
