@@ -76,10 +76,17 @@ fn assert_rolled_back(lab: &Lab, report: &Value, probe: Probe) {
 
 #[test]
 fn rollback_when_the_destination_agent_dies_during_the_transfer() {
+    destination_agent_dies_during_the_transfer(&[], "kill");
+}
+
+/// Kills h2's agent while the transfer pauses; the migration must roll back.
+fn destination_agent_dies_during_the_transfer(extra: &[&str], tag: &str) -> Value {
     let lab = Lab::up();
     let c = lab.run_echo("h1", "echo");
-    let probe = Probe::start(c["ip"].as_str().unwrap(), "kill");
-    let (_, job) = start_migration("echo", "h2", &["--pause-in-transfer-ms", "1500"]);
+    let probe = Probe::start(c["ip"].as_str().unwrap(), tag);
+    let mut args = extra.to_vec();
+    args.extend(["--pause-in-transfer-ms", "1500"]);
+    let (_, job) = start_migration("echo", "h2", &args);
     wait_job_state(&job, "transferring");
     let pid = lab.agent_pid("h2");
     assert!(std::process::Command::new("kill")
@@ -91,6 +98,7 @@ fn rollback_when_the_destination_agent_dies_during_the_transfer() {
     // The dead agent's leftovers are removed when it comes back.
     ferry_ok(&["lab", "start-agent", "h2"]);
     assert_rolled_back(&lab, &r, probe);
+    r
 }
 
 #[test]
@@ -112,29 +120,43 @@ fn rollback_when_the_underlay_drops_quic_during_the_transfer() {
 
 #[test]
 fn rollback_when_the_restore_fails_at_the_destination() {
+    let r = restore_fails_at_the_destination(&[], "restore");
+    assert!(
+        r["reason"].as_str().unwrap_or("").contains("runc restore"),
+        "{r}"
+    );
+}
+
+/// Damages the images at h2 so that the restore fails; the migration must roll back.
+fn restore_fails_at_the_destination(extra: &[&str], tag: &str) -> Value {
     let lab = Lab::up();
     let c = lab.run_echo("h1", "echo");
-    let probe = Probe::start(c["ip"].as_str().unwrap(), "restore");
-    let out = ferry(&[
+    let probe = Probe::start(c["ip"].as_str().unwrap(), tag);
+    let mut args = vec![
         "migrate",
         "echo",
         "--to",
         "h2",
         "--json",
         "--corrupt-images",
-    ]);
+    ];
+    args.extend(extra);
+    let out = ferry(&args);
     assert_eq!(
         out.status.code(),
         Some(2),
         "a rolled back migration exits with 2"
     );
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let reason = r["reason"].as_str().unwrap_or("");
     assert!(
-        reason.contains("Restore failed") && reason.contains("runc restore"),
+        r["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Restore failed"),
         "{r}"
     );
     assert_rolled_back(&lab, &r, probe);
+    r
 }
 
 #[test]
@@ -279,49 +301,12 @@ mod measure;
 /// the final dump must bring it back on the network, thaw it, and keep the client's connection.
 #[test]
 fn pre_copy_rolls_back_when_the_destination_agent_dies_after_the_final_dump() {
-    let lab = Lab::up();
-    let c = lab.run_echo("h1", "echo");
-    let probe = Probe::start(c["ip"].as_str().unwrap(), "pre-kill");
-    let (_, job) = start_migration(
-        "echo",
-        "h2",
-        &["--pre-copy", "--pause-in-transfer-ms", "1500"],
-    );
-    wait_job_state(&job, "transferring");
-    let pid = lab.agent_pid("h2");
-    assert!(std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
-    let r = wait_job(&job);
+    let r = destination_agent_dies_during_the_transfer(&["--pre-copy"], "pre-kill");
     assert_eq!(r["mode"], "pre-copy", "{r}");
-    ferry_ok(&["lab", "start-agent", "h2"]);
-    assert_rolled_back(&lab, &r, probe);
 }
 
 #[test]
 fn pre_copy_rolls_back_when_the_restore_fails_at_the_destination() {
-    let lab = Lab::up();
-    let c = lab.run_echo("h1", "echo");
-    let probe = Probe::start(c["ip"].as_str().unwrap(), "pre-restore");
-    let out = ferry(&[
-        "migrate",
-        "echo",
-        "--to",
-        "h2",
-        "--json",
-        "--pre-copy",
-        "--corrupt-images",
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "a rolled back migration exits with 2"
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let reason = r["reason"].as_str().unwrap_or("");
-    assert!(reason.contains("Restore failed"), "{r}");
+    let r = restore_fails_at_the_destination(&["--pre-copy"], "pre-restore");
     assert!(!r["rounds"].as_array().unwrap().is_empty(), "{r}");
-    assert_rolled_back(&lab, &r, probe);
 }

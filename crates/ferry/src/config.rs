@@ -113,6 +113,11 @@ impl Peer {
 }
 
 impl AgentConfig {
+    /// Pages the page store may hold (`page_store_mib`).
+    pub fn page_store_pages(&self) -> usize {
+        (self.page_store_mib << 20) as usize / transfer::pages::PAGE
+    }
+
     /// Reads a config file.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)

@@ -268,15 +268,7 @@ where
             return Ok(stats);
         };
         start.get_or_insert_with(Instant::now);
-        if closed {
-            return Err(RelayError::Sequence(format!(
-                "CRIU sent {} after CLOSE",
-                msg.command()
-            )));
-        }
-        if msg.command() == Command::Get {
-            return Err(RelayError::Unsupported(Command::Get));
-        }
+        check_next(&msg, closed, "CRIU sent ")?;
         stats.messages += 1;
         let header = msg.encode().map_err(RelayError::Criu)?;
         tx.write_all(&[TAG_MSG])
@@ -484,15 +476,7 @@ where
         read_link(&mut rx, &mut header, "inside a message header").await?;
         stats.link_bytes_read += HEADER_LEN as u64;
         let msg = Message::decode(&header).map_err(RelayError::BadFrame)?;
-        if closed {
-            return Err(RelayError::Sequence(format!(
-                "{} after CLOSE",
-                msg.command()
-            )));
-        }
-        if msg.command() == Command::Get {
-            return Err(RelayError::Unsupported(Command::Get));
-        }
+        check_next(&msg, closed, "")?;
         stats.messages += 1;
         write_message_async(&mut ps, &msg)
             .await
@@ -562,6 +546,21 @@ where
             stats.link_bytes_written += 1 + len as u64;
         }
     }
+}
+
+/// Refuses a message after CLOSE (`who` names the sender in the error) and lazy-pages `GET`,
+/// which is never part of a dump.
+fn check_next(msg: &Message, closed: bool, who: &str) -> Result<(), RelayError> {
+    if closed {
+        return Err(RelayError::Sequence(format!(
+            "{who}{} after CLOSE",
+            msg.command()
+        )));
+    }
+    if msg.command() == Command::Get {
+        return Err(RelayError::Unsupported(Command::Get));
+    }
+    Ok(())
 }
 
 fn ps_io(what: &'static str, source: io::Error) -> RelayError {

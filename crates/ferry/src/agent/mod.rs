@@ -178,9 +178,7 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         job_seq: AtomicU64::new(0),
         committed_jobs: Default::default(),
         creating: Default::default(),
-        pages: tokio::sync::Mutex::new(transfer::pages::PageStore::new(
-            (cfg.page_store_mib << 20) as usize / transfer::pages::PAGE,
-        )),
+        pages: tokio::sync::Mutex::new(transfer::pages::PageStore::new(cfg.page_store_pages())),
         cfg,
     });
     agent.clean_stale_incoming().await;

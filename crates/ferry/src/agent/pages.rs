@@ -123,10 +123,7 @@ impl Agent {
     /// Forgets pages no incoming job relies on (pages kept from earlier migrations, this
     /// host's own pages).
     async fn make_room(&self, store: &mut PageStore) {
-        let mut keep = HashSet::new();
-        for i in self.incoming.lock().await.values() {
-            keep.extend(i.pinned().iter().copied());
-        }
+        let keep = self.pinned_by_incoming(None).await;
         let before = store.len();
         store.retain(&keep);
         memtrack::release_free_heap();
@@ -137,6 +134,17 @@ impl Agent {
         );
     }
 
+    /// The pages incoming jobs (all, or all but `except`) rely on.
+    async fn pinned_by_incoming(&self, except: Option<&str>) -> HashSet<PageHash> {
+        let mut keep = HashSet::new();
+        for (j, i) in self.incoming.lock().await.iter() {
+            if Some(j.as_str()) != except {
+                keep.extend(i.pinned().iter().copied());
+            }
+        }
+        keep
+    }
+
     /// Pages held and the most the store may hold.
     pub(crate) async fn page_store_stats(&self) -> (usize, usize) {
         (self.pages.lock().await.len(), self.page_store_cap())
@@ -144,10 +152,7 @@ impl Agent {
 
     /// Forgets every page no incoming job pins; returns (forgotten, kept).
     pub(crate) async fn forget_pages(&self) -> (usize, usize) {
-        let mut keep = HashSet::new();
-        for i in self.incoming.lock().await.values() {
-            keep.extend(i.pinned().iter().copied());
-        }
+        let keep = self.pinned_by_incoming(None).await;
         let (forgotten, kept) = {
             let mut store = self.pages.lock().await;
             let before = store.len();
@@ -164,20 +169,14 @@ impl Agent {
     /// it received for the job: they are forgotten (unless another job pins them) and the memory
     /// goes back to the kernel at once, before the restore needs as much again.
     async fn release_job_pages(&self, job: &str) {
-        let (mine, others) = {
-            let mut inc = self.incoming.lock().await;
-            let mine = inc
-                .get_mut(job)
-                .map(|i| std::mem::take(i.pinned_mut()))
-                .unwrap_or_default();
-            let mut others = HashSet::new();
-            for (j, i) in inc.iter() {
-                if j != job {
-                    others.extend(i.pinned().iter().copied());
-                }
-            }
-            (mine, others)
-        };
+        let mine = self
+            .incoming
+            .lock()
+            .await
+            .get_mut(job)
+            .map(|i| std::mem::take(i.pinned_mut()))
+            .unwrap_or_default();
+        let others = self.pinned_by_incoming(Some(job)).await;
         let t = Instant::now();
         let removed = self.pages.lock().await.remove_except(&mine, &others);
         let trimmed = tokio::task::spawn_blocking(memtrack::release_free_heap)
@@ -188,7 +187,7 @@ impl Agent {
 
     /// Pages the store may hold.
     pub(crate) fn page_store_cap(&self) -> usize {
-        (self.cfg.page_store_mib << 20) as usize / transfer::pages::PAGE
+        self.cfg.page_store_pages()
     }
 
     /// Applies a pre-copy round's root filesystem diff.

@@ -666,8 +666,11 @@ impl Driver {
             crate::runtime::keep_log(&work.join("dump.log"), &logs, &format!("{job_id}.dump.log"));
             r
         });
-        let accepted = tokio::select! {
-            a = listener.accept() => Some(a),
+        let (criu, _) = tokio::select! {
+            a = listener.accept() => {
+                let _ = std::fs::remove_file(&sock);
+                a.context("accepting CRIU's page-server connection")?
+            }
             r = &mut ckpt => {
                 let _ = std::fs::remove_file(&sock);
                 self.resume_source();
@@ -675,10 +678,6 @@ impl Driver {
                 bail!("CRIU finished without connecting to the page-server socket");
             }
         };
-        let _ = std::fs::remove_file(&sock);
-        let (criu, _) = accepted
-            .expect("accepted")
-            .context("accepting CRIU's page-server connection")?;
         let mut known = known;
         let relay = precopy::relay::relay_out_with(criu, send, recv, &mut known, &fast).await;
         drop(fast);
