@@ -24,7 +24,10 @@
 pub mod policy;
 mod report;
 
-pub use policy::{Decision, Estimate, FreezeReason, PrecopyPolicy, RoundStats, WhenStuck};
+pub use policy::{
+    hold_unwritten, Decision, Estimate, FirstRoundView, FreezeReason, PrecopyPolicy, RoundStats,
+    WhenStuck, FOLLOW_WRITES_MAX_FACTOR,
+};
 pub use report::{Outcome, PhaseTiming, Report, RoundReport};
 
 use serde::{Deserialize, Serialize};
@@ -429,6 +432,7 @@ impl Migration {
             bytes_sent: stats.bytes_sent,
             dirty_pages: stats.dirty_pages,
             duration_ms: ms(stats.duration),
+            waited_ms: ms(stats.waited),
             throttle_pct: self.throttle_pct,
             estimate,
             decision: decision.clone(),

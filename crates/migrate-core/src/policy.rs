@@ -50,11 +50,16 @@ pub struct PrecopyPolicy {
     pub throttle_step_pct: u32,
     /// The largest throttle.
     pub throttle_max_pct: u32,
+    /// First round: send each page right after the container writes it, and hold back pages it
+    /// has not written yet while it writes memory fast compared to the link (see
+    /// [`hold_unwritten`]). Needs a tracker with cheap collects (uffd-wp, soft-dirty).
+    pub follow_writes: bool,
 }
 
 impl Default for PrecopyPolicy {
     /// 50 ms budget, 30 rounds, auto-converge from 20 % in steps of 10 % up to 99 %
-    /// (QEMU's defaults), stop-and-copy at the round limit.
+    /// (QEMU's defaults), stop-and-copy at the round limit, a first round that follows the
+    /// container's writes.
     fn default() -> Self {
         PrecopyPolicy {
             downtime_budget_ms: 50.0,
@@ -65,6 +70,7 @@ impl Default for PrecopyPolicy {
             throttle_initial_pct: 20,
             throttle_step_pct: 10,
             throttle_max_pct: 99,
+            follow_writes: true,
         }
     }
 }
@@ -105,7 +111,7 @@ impl PrecopyPolicy {
 }
 
 /// What one round measured (reported by the driver).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoundStats {
     /// Pages the round sent as content (pages whose content the destination already holds
     /// are not sent, and not counted).
@@ -116,6 +122,71 @@ pub struct RoundStats {
     pub dirty_pages: u64,
     /// How long the round took.
     pub duration: Duration,
+    /// Part of `duration` during which the round held back pages the container had not
+    /// written yet, waiting for its writes ([`hold_unwritten`]); the link was not full then.
+    #[serde(default)]
+    pub waited: Duration,
+    /// Throughput measured while the link was full, bytes/s, for a round that waited (its
+    /// bytes over its duration would understate the link).
+    #[serde(default)]
+    pub link_bytes_s: Option<u64>,
+}
+
+impl RoundStats {
+    /// Time the round's bytes would take on a full link.
+    fn send_secs(&self) -> f64 {
+        match self.link_bytes_s {
+            Some(b) if b > 0 && self.waited > Duration::ZERO => self.bytes_sent as f64 / b as f64,
+            _ => self.duration.as_secs_f64(),
+        }
+    }
+}
+
+/// How much longer than sending everything at once the first round may take by waiting for
+/// the container's writes.
+pub const FOLLOW_WRITES_MAX_FACTOR: f64 = 4.0;
+
+/// What the first round measured so far, for [`hold_unwritten`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FirstRoundView {
+    /// Rate at which the container writes pages that were neither written nor sent before,
+    /// pages/s (over the last second).
+    pub first_writes_pages_s: f64,
+    /// Pages neither written nor sent yet.
+    pub unwritten_pages: u64,
+    /// Pages the round covers in all.
+    pub total_pages: u64,
+    /// Pages/s the link carried while full; `None` before it was measured.
+    pub link_pages_s: Option<f64>,
+    /// Time since the round started.
+    pub elapsed: Duration,
+}
+
+/// Whether the first round holds back the pages the container has not written yet.
+///
+/// A page sent before the container writes it crosses twice. Sending everything at once, while
+/// the container writes pages it had not written before at `g` pages/s over a link carrying
+/// `B`, sends about `g / B` of memory again, and more in the rounds after. A page sent right
+/// after a write crosses once if it is not written again before the freeze: a container that
+/// sweeps its memory (buffers, rings, caches refilled in turn) writes it next only a sweep
+/// later. So while `g >= B / FOLLOW_WRITES_MAX_FACTOR`, the round sends only what was just
+/// written and lets the container reach the rest: that takes at most that factor longer than
+/// sending everything. Pages never written (cold memory, `g` about 0) are sent at once.
+///
+/// Not held: before the link was measured (the first pages measure it), and once the round
+/// has taken the factor's limit.
+pub fn hold_unwritten(v: &FirstRoundView) -> bool {
+    let Some(link) = v.link_pages_s.filter(|b| *b > 0.0) else {
+        return false;
+    };
+    if v.unwritten_pages == 0 {
+        return false;
+    }
+    let limit = FOLLOW_WRITES_MAX_FACTOR * v.total_pages as f64 / link;
+    if v.elapsed.as_secs_f64() >= limit {
+        return false;
+    }
+    v.first_writes_pages_s >= link / FOLLOW_WRITES_MAX_FACTOR
 }
 
 /// The policy's view after a round.
@@ -169,7 +240,7 @@ pub fn estimate(rounds: &[RoundStats]) -> Estimate {
     // Bandwidth over the last two rounds: one short round is a noisy sample.
     let recent = &rounds[rounds.len().saturating_sub(2)..];
     let bytes: u64 = recent.iter().map(|r| r.bytes_sent).sum();
-    let secs: f64 = recent.iter().map(|r| r.duration.as_secs_f64()).sum();
+    let secs: f64 = recent.iter().map(RoundStats::send_secs).sum();
     let bandwidth = if secs > 0.0 {
         bytes as f64 / secs
     } else {

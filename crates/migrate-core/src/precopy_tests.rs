@@ -3,6 +3,7 @@
 //! clock.
 
 use super::*;
+use crate::policy::{decide, estimate};
 use crate::tests::{drive_to, t};
 
 const PAGE: u64 = 4096;
@@ -60,6 +61,7 @@ impl Sim {
             bytes_sent: bytes,
             dirty_pages: self.dirty,
             duration,
+            ..Default::default()
         }
     }
 
@@ -292,6 +294,7 @@ fn a_failed_round_rolls_back_and_events_out_of_place_are_refused() {
         bytes_sent: 1,
         dirty_pages: 0,
         duration: t(1),
+        ..Default::default()
     };
     assert!(m.handle(Event::RoundDone(stats.clone()), t(1)).is_err());
     m.handle(Event::Done { bytes: 0 }, t(2)).unwrap();
@@ -340,6 +343,7 @@ fn estimates_follow_the_measured_link() {
         bytes_sent: bytes,
         dirty_pages: dirty,
         duration: t(ms),
+        ..Default::default()
     };
     // 1000 pages in 1000 bytes each over 100 ms: 10 MB/s; 500 dirty pages -> 50 ms.
     let e = policy::estimate(&[r(1000, 1_000_000, 500, 100)]);
@@ -406,4 +410,73 @@ fn bad_policies_are_refused_with_the_setting_named() {
         let e = p.validate().unwrap_err();
         assert!(e.contains(word), "{e}");
     }
+}
+
+fn view(first_writes: f64, unwritten: u64, link: Option<f64>, elapsed_ms: u64) -> FirstRoundView {
+    FirstRoundView {
+        first_writes_pages_s: first_writes,
+        unwritten_pages: unwritten,
+        total_pages: 262_144,
+        link_pages_s: link,
+        elapsed: t(elapsed_ms),
+    }
+}
+
+#[test]
+fn the_first_round_waits_for_a_container_that_sweeps_its_memory_fast() {
+    // 1 GiB written at 50 MiB/s over a link carrying about 119 MiB/s.
+    let (sweep, link) = (12_800.0, 30_500.0);
+    assert!(hold_unwritten(&view(sweep, 200_000, Some(link), 1_000)));
+    // The limit: at most 4 x the time everything would take at once (4 x 8.6 s).
+    assert!(hold_unwritten(&view(sweep, 10, Some(link), 34_000)));
+    assert!(!hold_unwritten(&view(sweep, 10, Some(link), 34_500)));
+}
+
+#[test]
+fn the_first_round_sends_at_once_what_the_container_does_not_write() {
+    let link = Some(30_500.0);
+    // Cold memory, or writes slow against the link: waiting saves little and costs time.
+    assert!(!hold_unwritten(&view(0.0, 200_000, link, 1_000)));
+    assert!(!hold_unwritten(&view(7_000.0, 200_000, link, 1_000)));
+    // The link not measured yet: send, which measures it.
+    assert!(!hold_unwritten(&view(12_800.0, 200_000, None, 100)));
+    // Nothing left to hold.
+    assert!(!hold_unwritten(&view(12_800.0, 0, link, 1_000)));
+}
+
+#[test]
+fn a_round_that_waited_is_measured_by_its_full_link_throughput() {
+    // 1 GiB sent over 20 s, most of it spent waiting for writes; the link carried 125 MB/s
+    // while full. Then 1280 pages are dirty: about 42 ms at 125 MB/s, not 102 ms at 51 MB/s.
+    let r = RoundStats {
+        pages_sent: 262_144,
+        bytes_sent: 1 << 30,
+        dirty_pages: 1280,
+        duration: t(20_000),
+        waited: t(19_000),
+        link_bytes_s: Some(125_000_000),
+    };
+    let e = estimate(std::slice::from_ref(&r));
+    assert!((e.bandwidth_bytes_s - 125e6).abs() < 1.0, "{e:?}");
+    assert!((e.expected_downtime_ms - 41.9).abs() < 0.1, "{e:?}");
+    assert_eq!(
+        decide(&PrecopyPolicy::default(), &[r], 0),
+        Decision::Freeze {
+            reason: FreezeReason::Converged
+        }
+    );
+    // The same round without the measurement falls back to bytes over duration.
+    let plain = RoundStats {
+        waited: Duration::ZERO,
+        link_bytes_s: None,
+        ..RoundStats::default()
+    };
+    let e = estimate(&[RoundStats {
+        bytes_sent: 1 << 30,
+        duration: t(20_000),
+        dirty_pages: 1280,
+        pages_sent: 262_144,
+        ..plain
+    }]);
+    assert!((e.bandwidth_bytes_s - (1u64 << 30) as f64 / 20.0).abs() < 1.0);
 }

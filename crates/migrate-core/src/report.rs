@@ -51,6 +51,10 @@ pub struct RoundReport {
     pub dirty_pages: u64,
     /// Duration, ms.
     pub duration_ms: f64,
+    /// Part of the duration spent waiting for the container to write pages it had not written
+    /// yet (a first round that follows writes), ms.
+    #[serde(default)]
+    pub waited_ms: f64,
     /// CPU throttle in force during the round, percent.
     pub throttle_pct: u32,
     /// The policy's estimate after the round.

@@ -273,6 +273,11 @@ where
         })
     }
 
+    /// Bytes written to the stream so far (whole batches).
+    pub fn wire_bytes(&self) -> u64 {
+        self.stats.wire_bytes
+    }
+
     /// Adds one page (exactly [`PAGE`] bytes); sends a batch when full.
     pub async fn push(&mut self, page: &[u8]) -> Result<(), TransferError> {
         if page.len() != PAGE {

@@ -2,6 +2,7 @@
 //! socket, and talks to other agents over QUIC with mutual TLS.
 
 mod dirty;
+mod firstpass;
 mod http;
 mod incoming;
 mod pages;

@@ -2,20 +2,21 @@
 //! rounds (read, hash, skip what the destination holds, send the rest over parallel QUIC
 //! streams), the root filesystem rounds, and the CPU throttle of auto-converge.
 
-use std::collections::HashSet;
-use std::sync::atomic::Ordering;
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use memtrack::{Method, Region, Tracker};
-use migrate_core::RoundStats;
+use migrate_core::{hold_unwritten, FirstRoundView, RoundStats};
 use precopy::relay::{fast_key, FastHashes};
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 use transfer::frame::{read_msg, write_msg};
 use transfer::pages::{hash_page, PageHash, PageSet, PageWriter, PAGE};
 
+use super::firstpass::{Batch, FirstPass};
 use super::pages::from_hex;
 use super::{lock, Agent, Job};
 use crate::proto::{PeerRequest, PeerResponse};
@@ -27,7 +28,13 @@ const STREAMS: usize = 4;
 const CHUNK_PAGES: u64 = 256;
 
 /// Ranges of one process to copy.
-type Todo = Vec<(i32, Vec<Region>)>;
+pub(crate) type Todo = Vec<(i32, Vec<Region>)>;
+/// How often a first round that follows writes collects them.
+const TICK: Duration = Duration::from_millis(50);
+/// Batches handed to the readers ahead of time: few, so what is sent follows the writes.
+const QUEUE_BATCHES: usize = 4;
+/// Busy ticks that measure the link (0.3 s).
+const LINK_SAMPLES: usize = 6;
 
 /// The pre-copy state of one outgoing migration.
 pub(crate) struct Rounds {
@@ -43,6 +50,17 @@ pub(crate) struct Rounds {
     throttle: Option<CpuThrottle>,
     /// Pages the destination's store held at preflight (`None`: unknown, ask).
     destination_pages: Option<u64>,
+    /// The first round follows the container's writes (policy `follow_writes`).
+    follow_writes: bool,
+}
+
+/// What the readers and streams of a round have done so far, for the link measurement.
+#[derive(Default)]
+struct Meter {
+    /// Pages read (sent, or skipped because the destination holds them).
+    pages: AtomicU64,
+    /// Bytes written to the page streams.
+    wire: AtomicU64,
 }
 
 /// What one memory round sent.
@@ -62,7 +80,13 @@ impl Rounds {
             fast: Default::default(),
             throttle: None,
             destination_pages: None,
+            follow_writes: false,
         }
+    }
+
+    /// Whether the first round follows the container's writes.
+    pub(crate) fn set_follow_writes(&mut self, on: bool) {
+        self.follow_writes = on;
     }
 
     /// What the destination's preflight said about its page store.
@@ -153,6 +177,19 @@ impl Rounds {
 
     /// Collects what was written since the last collect: the next round's work.
     fn collect(&mut self) -> Result<u64> {
+        let mut found = vec![];
+        let dirty = self.collect_with(|d| {
+            let mut r = d.ranges;
+            r.extend(d.new_ranges);
+            found.push((d.pid, r));
+        })?;
+        self.todo.extend(found);
+        Ok(dirty)
+    }
+
+    /// Collects what was written since the last collect from every tracker, handing each
+    /// process's finding to `f`; returns the pages found. Trackers of exited processes go.
+    fn collect_with(&mut self, mut f: impl FnMut(memtrack::Dirty)) -> Result<u64> {
         let mut dirty = 0;
         let mut keep = vec![];
         let all = std::mem::take(&mut self.trackers);
@@ -160,9 +197,7 @@ impl Rounds {
             match t.collect() {
                 Ok(d) => {
                     dirty += d.dirty_pages() + d.new_pages();
-                    let mut r = d.ranges;
-                    r.extend(d.new_ranges);
-                    self.todo.push((d.pid, r));
+                    f(d);
                     keep.push(t);
                 }
                 Err(e) if e.is_process_gone() => {}
@@ -176,6 +211,209 @@ impl Rounds {
         self.trackers = keep;
         Ok(dirty)
     }
+
+    /// Records a collect in `pass` (new mappings are for the next round).
+    fn collect_into(&mut self, pass: &mut FirstPass, following: bool) -> Result<()> {
+        self.collect_with(|d| {
+            pass.written(d.pid, &d.ranges, following);
+            pass.written(d.pid, &d.new_ranges, false);
+        })?;
+        Ok(())
+    }
+}
+
+/// What a first round that follows writes measured.
+#[derive(Debug, Default)]
+struct Followed {
+    waited: Duration,
+    link_bytes_s: Option<u64>,
+}
+
+/// The link's throughput, measured over ticks during which it was kept busy. Pages leave the
+/// application in bursts (flow control), so the rate is QUIC's own UDP output, summed over
+/// the last [`LINK_SAMPLES`] busy ticks.
+#[derive(Default)]
+struct LinkRate {
+    /// (pages carried, UDP bytes sent, seconds) of recent busy ticks.
+    samples: VecDeque<(u64, u64, f64)>,
+}
+
+impl LinkRate {
+    fn add(&mut self, pages: u64, bytes: u64, secs: f64) {
+        self.samples.push_back((pages, bytes, secs));
+        if self.samples.len() > LINK_SAMPLES {
+            self.samples.pop_front();
+        }
+    }
+
+    /// (pages/s, bytes/s), once [`LINK_SAMPLES`] busy ticks were seen.
+    fn get(&self) -> Option<(f64, f64)> {
+        if self.samples.len() < LINK_SAMPLES {
+            return None;
+        }
+        let secs: f64 = self.samples.iter().map(|s| s.2).sum();
+        let pages: u64 = self.samples.iter().map(|s| s.0).sum();
+        let bytes: u64 = self.samples.iter().map(|s| s.1).sum();
+        (secs > 0.0).then(|| (pages as f64 / secs, bytes as f64 / secs))
+    }
+}
+
+/// Rate of first writes: the smaller of the rate over the last second and over the last two
+/// ticks, so that the end of the container's writes shows at once.
+#[derive(Default)]
+struct FirstWrites {
+    history: VecDeque<(Instant, u64)>,
+}
+
+impl FirstWrites {
+    fn add(&mut self, now: Instant, total: u64) -> f64 {
+        self.history.push_back((now, total));
+        while self.history.len() > 3
+            && now.duration_since(self.history[1].0) >= Duration::from_secs(1)
+        {
+            self.history.pop_front();
+        }
+        let rate = |(t, n): (Instant, u64)| {
+            let secs = now.duration_since(t).as_secs_f64();
+            if secs > 0.0 {
+                (total - n) as f64 / secs
+            } else {
+                0.0
+            }
+        };
+        let long = rate(self.history[0]);
+        let short = rate(self.history[self.history.len().saturating_sub(3)]);
+        long.min(short)
+    }
+}
+
+/// Pages handed out for sending but not yet on the network are sent in vain if the container
+/// writes them first: before unwritten pages are handed out, at most this much (or two
+/// congestion windows) may wait in QUIC's buffers.
+const MAX_QUEUED_BYTES: u64 = 8 << 20;
+
+/// Runs a first round that follows writes: every [`TICK`], collects what the container wrote,
+/// hands the written pages to the readers, then (unless the policy holds them back) pages not
+/// written yet, until the tick ends or the link is busy enough. Returns when every page was
+/// handed out; the caller's last collect then finds what is for the next round.
+fn follow_writes(
+    rounds: &mut Rounds,
+    pass: &mut FirstPass,
+    work: crossbeam_channel::Sender<Batch>,
+    meter: &Meter,
+    quic: &quinn::Connection,
+    cancel: &std::sync::atomic::AtomicBool,
+    job: &str,
+) -> Result<Followed> {
+    let t0 = Instant::now();
+    let udp0 = quic.stats().udp_tx.bytes;
+    let mut out = Followed::default();
+    let mut link = LinkRate::default();
+    let mut first = FirstWrites::default();
+    first.add(t0, 0);
+    let mut pending: Option<Batch> = None;
+    let mut was_busy = false;
+    let mut holding = false;
+    loop {
+        if cancel.load(Ordering::SeqCst) {
+            bail!("cancelled during pre-copy round 1");
+        }
+        let tick = Instant::now();
+        rounds.collect_into(pass, true)?;
+        let now = Instant::now();
+        let first_writes_pages_s = first.add(now, pass.first_writes());
+        let view = FirstRoundView {
+            first_writes_pages_s,
+            unwritten_pages: pass.unsent(),
+            total_pages: pass.total(),
+            link_pages_s: link.get().map(|l| l.0),
+            elapsed: now.duration_since(t0),
+        };
+        let hold = hold_unwritten(&view);
+        if hold != holding {
+            info!(%job, holding = hold, first_writes_pages_s = first_writes_pages_s as u64,
+                link_pages_s = ?view.link_pages_s.map(|l| l as u64), unwritten = pass.unsent(),
+                "pre-copy round 1: {}", if hold { "following the container's writes" } else { "sending unwritten pages too" });
+            holding = hold;
+        }
+        if pending.is_none() && pass.done() {
+            break;
+        }
+        let deadline = tick + TICK;
+        let (pages0, udp_tick0) = (
+            meter.pages.load(Ordering::Relaxed),
+            quic.stats().udp_tx.bytes,
+        );
+        let mut busy = false;
+        loop {
+            let batch = match pending.take() {
+                Some(b) => b,
+                None => match pass.next_written(CHUNK_PAGES) {
+                    Some(b) => b,
+                    None if hold => break,
+                    None => {
+                        let stats = quic.stats();
+                        let on_network = stats.udp_tx.bytes - udp0;
+                        let queued = meter
+                            .wire
+                            .load(Ordering::Relaxed)
+                            .saturating_sub(on_network);
+                        if queued >= MAX_QUEUED_BYTES.max(2 * stats.path.cwnd) {
+                            busy = true;
+                            if Instant::now() + Duration::from_millis(2) >= deadline {
+                                break;
+                            }
+                            std::thread::sleep(Duration::from_millis(2));
+                            continue;
+                        }
+                        match pass.next_unwritten(CHUNK_PAGES) {
+                            Some(b) => b,
+                            None => break,
+                        }
+                    }
+                },
+            };
+            match work.send_deadline(batch, deadline) {
+                Ok(()) => {}
+                Err(crossbeam_channel::SendTimeoutError::Timeout(b)) => {
+                    pending = Some(b);
+                    busy = true;
+                    break;
+                }
+                Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => {
+                    bail!("the page streams ended during pre-copy round 1")
+                }
+            }
+        }
+        std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+        let secs = tick.elapsed().as_secs_f64();
+        let (pages, udp) = (
+            meter.pages.load(Ordering::Relaxed) - pages0,
+            quic.stats().udp_tx.bytes - udp_tick0,
+        );
+        if busy && was_busy && secs > 0.0 {
+            // Pages the link carries: its bytes at the round's bytes per page so far (pages
+            // the destination holds cost nothing, compressed ones less).
+            let (read, written) = (
+                meter.pages.load(Ordering::Relaxed),
+                meter.wire.load(Ordering::Relaxed),
+            );
+            let per_page = if read > 0 && written > 0 {
+                written as f64 / read as f64
+            } else {
+                PAGE as f64
+            };
+            link.add((udp as f64 / per_page) as u64, udp, secs);
+        }
+        tracing::debug!(%job, busy, hold, secs, first_writes_pages_s = first_writes_pages_s as u64,
+            pages, udp, unwritten = pass.unsent(), "pre-copy round 1 tick");
+        was_busy = busy;
+        if hold {
+            out.waited += tick.elapsed();
+        }
+    }
+    out.link_bytes_s = link.get().map(|l| l.1 as u64);
+    Ok(out)
 }
 
 impl Agent {
@@ -285,31 +523,92 @@ impl Agent {
         if round == 1 && rounds.destination_pages != Some(0) {
             self.ask_held(handle, conn, rounds).await?;
         }
-        let todo = std::mem::take(&mut rounds.todo);
-        let sent = self
-            .send_pages_parallel(handle, conn, &todo, &rounds.known, &rounds.fast)
+        let follow = round == 1 && rounds.follow_writes && rounds.method == Some(Method::UffdWp);
+        let (sent, dirty, followed) = if follow {
+            self.follow_round(handle, conn, rounds).await?
+        } else {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            for chunk in deal(&std::mem::take(&mut rounds.todo), 1).remove(0) {
+                let _ = tx.send(vec![chunk]);
+            }
+            drop(tx);
+            let sent = self
+                .send_pages_parallel(
+                    handle,
+                    conn,
+                    rx,
+                    &rounds.known,
+                    &rounds.fast,
+                    &Default::default(),
+                )
+                .await?;
+            if handle.cancel.load(Ordering::SeqCst) {
+                bail!("cancelled during pre-copy round {round}");
+            }
+            let mut r = std::mem::replace(rounds, Rounds::new());
+            let (r_back, dirty) = tokio::task::spawn_blocking(move || {
+                let d = r.collect();
+                (r, d)
+            })
             .await?;
-        if handle.cancel.load(Ordering::SeqCst) {
-            bail!("cancelled during pre-copy round {round}");
-        }
-        let mut r = std::mem::replace(rounds, Rounds::new());
-        let (r_back, dirty) = tokio::task::spawn_blocking(move || {
-            let d = r.collect();
-            (r, d)
-        })
-        .await?;
-        *rounds = r_back;
-        let dirty = dirty?;
+            *rounds = r_back;
+            (sent, dirty?, Followed::default())
+        };
         let fs_bytes = self.send_rootfs_round(job, conn, rootfs).await?;
         let duration = t0.elapsed();
         info!(%job, round, method = ?rounds.method, pages_sent = sent.pages, bytes = sent.bytes + fs_bytes,
-            rootfs_bytes = fs_bytes, dirty_pages = dirty, ms = crate::util::ms(duration), "pre-copy round done");
+            rootfs_bytes = fs_bytes, dirty_pages = dirty, ms = crate::util::ms(duration),
+            waited_ms = crate::util::ms(followed.waited), link_bytes_s = ?followed.link_bytes_s, "pre-copy round done");
         Ok(RoundStats {
             pages_sent: sent.pages,
             bytes_sent: sent.bytes + fs_bytes,
             dirty_pages: dirty,
             duration,
+            waited: followed.waited,
+            link_bytes_s: followed.link_bytes_s,
         })
+    }
+
+    /// A first round that follows the container's writes ([`follow_writes`]); returns what
+    /// it sent, the pages left for the next round, and what it measured.
+    async fn follow_round(
+        self: &Arc<Self>,
+        handle: &Arc<Job>,
+        conn: &transfer::Connection,
+        rounds: &mut Rounds,
+    ) -> Result<(Sent, u64, Followed)> {
+        let job = handle.id.clone();
+        let mut pass = FirstPass::new(&std::mem::take(&mut rounds.todo));
+        let (tx, rx) = crossbeam_channel::bounded(QUEUE_BATCHES);
+        let meter = Arc::new(Meter::default());
+        let (known, fast) = (Arc::clone(&rounds.known), Arc::clone(&rounds.fast));
+        let mut r = std::mem::replace(rounds, Rounds::new());
+        let (m, h, quic) = (Arc::clone(&meter), Arc::clone(handle), conn.conn.clone());
+        let scheduler = tokio::task::spawn_blocking(move || {
+            let res = follow_writes(&mut r, &mut pass, tx, &m, &quic, &h.cancel, &h.id);
+            (r, pass, res)
+        });
+        let (sent, scheduled) = tokio::join!(
+            self.send_pages_parallel(handle, conn, rx, &known, &fast, &meter),
+            scheduler
+        );
+        let (r_back, mut pass, followed) = scheduled?;
+        *rounds = r_back;
+        // A scheduler error (cancel, collect) ends the streams: it is the cause.
+        let followed = followed?;
+        let sent = sent?;
+        let mut r = std::mem::replace(rounds, Rounds::new());
+        let (r_back, pass, last) = tokio::task::spawn_blocking(move || {
+            let res = r.collect_into(&mut pass, false);
+            (r, pass, res)
+        })
+        .await?;
+        *rounds = r_back;
+        last?;
+        let (todo, dirty) = pass.into_next_round();
+        rounds.todo = todo;
+        info!(%job, pages_sent = sent.pages, dirty, waited_ms = crate::util::ms(followed.waited), "pre-copy round 1 followed the container's writes");
+        Ok((sent, dirty, followed))
     }
 
     /// First round: hashes everything it will copy and asks the destination which pages it
@@ -390,32 +689,44 @@ impl Agent {
         Ok(())
     }
 
-    /// Reads, hashes and sends the pages of `todo` the destination does not hold, over
-    /// [`STREAMS`] streams at once. Sent pages join `known`.
+    /// Reads, hashes and sends the pages of the batches from `work` the destination does not
+    /// hold, over [`STREAMS`] streams at once, until `work` ends. Sent pages join `known`.
     async fn send_pages_parallel(
         self: &Arc<Self>,
         handle: &Arc<Job>,
         conn: &transfer::Connection,
-        todo: &Todo,
+        work: crossbeam_channel::Receiver<Batch>,
         known: &Arc<Mutex<PageSet>>,
         fast: &Arc<Mutex<FastHashes>>,
+        meter: &Arc<Meter>,
     ) -> Result<Sent> {
         let job = handle.id.as_str();
-        let shares = deal(todo, STREAMS);
         let mut tasks = vec![];
-        for share in shares.into_iter().filter(|s| !s.is_empty()) {
+        // A queue filled in advance needs no more streams than it has batches.
+        let streams = match work.capacity() {
+            None => STREAMS.min(work.len()),
+            Some(_) => STREAMS,
+        };
+        for _ in 0..streams {
             let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
             let known = Arc::clone(known);
             let fast = Arc::clone(fast);
             let h = Arc::clone(handle);
+            let work = work.clone();
+            let m = Arc::clone(meter);
             let reader = tokio::task::spawn_blocking(move || {
                 let mut buf = vec![0u8; CHUNK_PAGES as usize * PAGE];
-                for (pid, addr, pages) in share {
-                    // A cancel ends the round at the next chunk.
+                for batch in work.iter() {
+                    // A cancel ends the round at the next batch.
                     if h.cancel.load(Ordering::SeqCst) {
                         return;
                     }
-                    let n = read_chunk(pid, addr, &mut buf[..pages as usize * PAGE]);
+                    let mut n = 0;
+                    for (pid, addr, pages) in batch {
+                        let want = (pages as usize * PAGE).min(buf.len() - n);
+                        n += read_chunk(pid, addr, &mut buf[n..n + want]);
+                    }
+                    m.pages.fetch_add((n / PAGE) as u64, Ordering::Relaxed);
                     let mut out = Vec::with_capacity(n);
                     let hashes: Vec<(u128, PageHash)> = buf[..n]
                         .chunks_exact(PAGE)
@@ -440,6 +751,7 @@ impl Agent {
             });
             let conn = conn.clone();
             let job = job.to_string();
+            let m = Arc::clone(meter);
             tasks.push(tokio::spawn(async move {
                 let (mut send, mut recv) = conn.open().await?;
                 let mut bytes;
@@ -448,10 +760,14 @@ impl Agent {
                     let mut w = tokio::io::BufWriter::with_capacity(256 << 10, &mut send);
                     bytes = write_msg(&mut w, &PeerRequest::Pages { job }).await?;
                     let mut pw = PageWriter::new(&mut w)?;
+                    let mut counted = 0;
                     while let Some(batch) = rx.recv().await {
                         for p in batch.chunks_exact(PAGE) {
                             pw.push(p).await?;
                         }
+                        m.wire
+                            .fetch_add(pw.wire_bytes() - counted, Ordering::Relaxed);
+                        counted = pw.wire_bytes();
                     }
                     let stats = pw.finish().await?;
                     bytes += stats.wire_bytes;

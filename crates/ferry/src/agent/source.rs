@@ -90,6 +90,8 @@ pub(crate) fn start(
     });
     lock(&agent.jobs).insert(id.clone(), Arc::clone(&job));
     let (a, j) = (Arc::clone(agent), Arc::clone(&job));
+    let mut rounds = Rounds::new();
+    rounds.set_follow_writes(req.precopy.as_ref().is_none_or(|p| p.follow_writes));
     tokio::spawn(async move {
         let mut d = Driver {
             agent: a,
@@ -98,7 +100,7 @@ pub(crate) fn start(
             to: req.to,
             faults: req.faults,
             mode: req.mode,
-            rounds: Rounds::new(),
+            rounds,
             source_link_down: false,
             conn: None,
             rootfs_snapshot: None,
