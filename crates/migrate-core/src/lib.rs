@@ -26,7 +26,7 @@ mod report;
 
 pub use policy::{
     hold_unwritten, Decision, Estimate, FirstRoundView, FreezeReason, PrecopyPolicy, RoundStats,
-    WhenStuck, FOLLOW_WRITES_MAX_FACTOR,
+    WhenStuck, FOLLOW_WRITES_MAX_FACTOR, FOLLOW_WRITES_MIN_WAIT,
 };
 pub use report::{Outcome, PhaseTiming, Report, RoundReport};
 

@@ -146,6 +146,9 @@ impl RoundStats {
 /// the container's writes.
 pub const FOLLOW_WRITES_MAX_FACTOR: f64 = 4.0;
 
+/// Unwritten pages that the link carries in less than this are sent rather than waited for.
+pub const FOLLOW_WRITES_MIN_WAIT: Duration = Duration::from_millis(50);
+
 /// What the first round measured so far, for [`hold_unwritten`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FirstRoundView {
@@ -173,13 +176,15 @@ pub struct FirstRoundView {
 /// written and lets the container reach the rest: that takes at most that factor longer than
 /// sending everything. Pages never written (cold memory, `g` about 0) are sent at once.
 ///
-/// Not held: before the link was measured (the first pages measure it), and once the round
-/// has taken the factor's limit.
+/// Not held: before the link was measured (the first pages measure it), once the round has
+/// taken the factor's limit, and when what is left takes the link less than
+/// [`FOLLOW_WRITES_MIN_WAIT`].
 pub fn hold_unwritten(v: &FirstRoundView) -> bool {
     let Some(link) = v.link_pages_s.filter(|b| *b > 0.0) else {
         return false;
     };
-    if v.unwritten_pages == 0 {
+    // What the link carries in a moment is not worth waiting for.
+    if (v.unwritten_pages as f64) < link * FOLLOW_WRITES_MIN_WAIT.as_secs_f64() {
         return false;
     }
     let limit = FOLLOW_WRITES_MAX_FACTOR * v.total_pages as f64 / link;

@@ -428,8 +428,8 @@ fn the_first_round_waits_for_a_container_that_sweeps_its_memory_fast() {
     let (sweep, link) = (12_800.0, 30_500.0);
     assert!(hold_unwritten(&view(sweep, 200_000, Some(link), 1_000)));
     // The limit: at most 4 x the time everything would take at once (4 x 8.6 s).
-    assert!(hold_unwritten(&view(sweep, 10, Some(link), 34_000)));
-    assert!(!hold_unwritten(&view(sweep, 10, Some(link), 34_500)));
+    assert!(hold_unwritten(&view(sweep, 2_000, Some(link), 34_000)));
+    assert!(!hold_unwritten(&view(sweep, 2_000, Some(link), 34_500)));
 }
 
 #[test]
@@ -440,8 +440,10 @@ fn the_first_round_sends_at_once_what_the_container_does_not_write() {
     assert!(!hold_unwritten(&view(7_000.0, 200_000, link, 1_000)));
     // The link not measured yet: send, which measures it.
     assert!(!hold_unwritten(&view(12_800.0, 200_000, None, 100)));
-    // Nothing left to hold.
+    // Nothing left to hold, or less than the link carries in 50 ms.
     assert!(!hold_unwritten(&view(12_800.0, 0, link, 1_000)));
+    assert!(!hold_unwritten(&view(12_800.0, 1_500, link, 1_000)));
+    assert!(hold_unwritten(&view(12_800.0, 1_600, link, 1_000)));
 }
 
 #[test]

@@ -13,12 +13,14 @@
 //! |---|---|---|
 //! | unsent | neither written nor sent | queued (a first write) |
 //! | queued | written, waiting to be sent | stays queued (sent with its latest content) |
-//! | sent-unwritten | sent before any write | queued again |
+//! | sent-unwritten | sent before any write | requeued |
+//! | requeued | sent, then written, waiting to be sent again | stays requeued |
 //! | sent-written | sent after a write | dirty |
 //! | dirty | written again after it was sent | stays dirty |
 //!
 //! Handing out a page marks it sent before it is read, so a write after that point is always
-//! seen by a later collect. Dirty pages (written repeatedly: hot) and memory outside the areas
+//! seen by a later collect. The round is done when every page was sent once: requeued pages
+//! still waiting then are for the next round. Dirty pages (written repeatedly: hot) and memory outside the areas
 //! the round started with wait for the next round.
 
 use std::collections::VecDeque;
@@ -36,6 +38,7 @@ const QUEUED: u8 = 1;
 const SENT_UNWRITTEN: u8 = 2;
 const SENT_WRITTEN: u8 = 3;
 const DIRTY: u8 = 4;
+const REQUEUED: u8 = 5;
 
 /// One contiguous range of one process, a state per page.
 struct Area {
@@ -59,6 +62,8 @@ pub(crate) struct FirstPass {
     /// Where the search for unsent pages goes on: (area, page index).
     cursor: (usize, usize),
     unsent: u64,
+    /// Pages in the queue that were never sent.
+    queued_unsent: u64,
     total: u64,
     first_writes: u64,
     /// Written memory outside the areas: for the next round.
@@ -93,6 +98,7 @@ impl FirstPass {
             queue: VecDeque::new(),
             cursor: (0, 0),
             unsent: total,
+            queued_unsent: 0,
             total,
             first_writes: 0,
             outside: vec![],
@@ -114,9 +120,9 @@ impl FirstPass {
         self.first_writes
     }
 
-    /// Every page was sent and nothing written waits.
+    /// Every page was handed out at least once.
     pub(crate) fn done(&self) -> bool {
-        self.unsent == 0 && self.queue.is_empty()
+        self.unsent == 0 && self.queued_unsent == 0
     }
 
     fn area_of(&self, pid: i32, addr: u64) -> Option<usize> {
@@ -160,20 +166,21 @@ impl FirstPass {
                     *s = match (*s, following) {
                         (UNSENT, true) => {
                             self.unsent -= 1;
+                            self.queued_unsent += 1;
                             self.first_writes += 1;
                             self.queue.push_back((ai, p));
                             QUEUED
                         }
                         (SENT_UNWRITTEN, true) => {
                             self.queue.push_back((ai, p));
-                            QUEUED
+                            REQUEUED
                         }
-                        (QUEUED, true) => QUEUED,
+                        (QUEUED | REQUEUED, true) => *s,
                         (UNSENT, false) => {
                             self.unsent -= 1;
                             DIRTY
                         }
-                        (QUEUED, false) => QUEUED,
+                        (QUEUED | REQUEUED, false) => *s,
                         _ => DIRTY,
                     };
                 }
@@ -191,6 +198,9 @@ impl FirstPass {
                 break;
             };
             let area = &mut self.areas[ai];
+            if area.state[p] == QUEUED {
+                self.queued_unsent -= 1;
+            }
             area.state[p] = SENT_WRITTEN;
             push_page(&mut batch, area.pid, area.start + p as u64 * PAGE as u64);
             n += 1;
@@ -373,6 +383,25 @@ mod tests {
             ]
         );
         assert_eq!(n, 2 + 1 + 5);
+    }
+
+    #[test]
+    fn the_round_is_done_once_every_page_went_even_with_resends_waiting() {
+        let mut f = FirstPass::new(&one(7, 0, 4));
+        assert_eq!(f.next_unwritten(4), Some(vec![(7, 0, 4)]));
+        assert!(f.done());
+        // Written after its send: requeued, but the round does not wait for it.
+        f.written(7, &[pages(1, 2)], true);
+        assert!(f.done());
+        let (todo, n) = f.into_next_round();
+        assert_eq!((todo, n), (vec![(7, vec![pages(1, 2)])], 1));
+        // A page never sent keeps the round going until it goes.
+        let mut f = FirstPass::new(&one(7, 0, 4));
+        assert_eq!(f.next_unwritten(3), Some(vec![(7, 0, 3)]));
+        f.written(7, &[pages(3, 4)], true);
+        assert!(!f.done());
+        assert_eq!(f.next_written(4), Some(vec![(7, 3 * P, 1)]));
+        assert!(f.done());
     }
 
     #[test]

@@ -258,8 +258,7 @@ impl LinkRate {
     }
 }
 
-/// Rate of first writes: the smaller of the rate over the last second and over the last two
-/// ticks, so that the end of the container's writes shows at once.
+/// Rate of first writes over the last second.
 #[derive(Default)]
 struct FirstWrites {
     history: VecDeque<(Instant, u64)>,
@@ -268,22 +267,18 @@ struct FirstWrites {
 impl FirstWrites {
     fn add(&mut self, now: Instant, total: u64) -> f64 {
         self.history.push_back((now, total));
-        while self.history.len() > 3
+        while self.history.len() > 2
             && now.duration_since(self.history[1].0) >= Duration::from_secs(1)
         {
             self.history.pop_front();
         }
-        let rate = |(t, n): (Instant, u64)| {
-            let secs = now.duration_since(t).as_secs_f64();
-            if secs > 0.0 {
-                (total - n) as f64 / secs
-            } else {
-                0.0
-            }
-        };
-        let long = rate(self.history[0]);
-        let short = rate(self.history[self.history.len().saturating_sub(3)]);
-        long.min(short)
+        let (t, n) = self.history[0];
+        let secs = now.duration_since(t).as_secs_f64();
+        if secs > 0.0 {
+            (total - n) as f64 / secs
+        } else {
+            0.0
+        }
     }
 }
 
@@ -294,8 +289,10 @@ const MAX_QUEUED_BYTES: u64 = 8 << 20;
 
 /// Runs a first round that follows writes: every [`TICK`], collects what the container wrote,
 /// hands the written pages to the readers, then (unless the policy holds them back) pages not
-/// written yet, until the tick ends or the link is busy enough. Returns when every page was
-/// handed out; the caller's last collect then finds what is for the next round.
+/// written yet, until the tick ends or the link is busy enough. The policy decides once the
+/// link is measured; once it releases the unwritten pages, they are not held again. Returns
+/// when every page was handed out; the caller's last collect then finds what is for the next
+/// round.
 fn follow_writes(
     rounds: &mut Rounds,
     pass: &mut FirstPass,
@@ -314,6 +311,7 @@ fn follow_writes(
     let mut pending: Option<Batch> = None;
     let mut was_busy = false;
     let mut holding = false;
+    let mut released = false;
     loop {
         if cancel.load(Ordering::SeqCst) {
             bail!("cancelled during pre-copy round 1");
@@ -329,7 +327,12 @@ fn follow_writes(
             link_pages_s: link.get().map(|l| l.0),
             elapsed: now.duration_since(t0),
         };
-        let hold = hold_unwritten(&view);
+        // Once it sends unwritten pages after the link was measured, the round keeps doing
+        // so: holding them back now and then would cost both the resends and the time.
+        let hold = !released && hold_unwritten(&view);
+        if view.link_pages_s.is_some() && !hold {
+            released = true;
+        }
         if hold != holding {
             info!(%job, holding = hold, first_writes_pages_s = first_writes_pages_s as u64,
                 link_pages_s = ?view.link_pages_s.map(|l| l as u64), unwritten = pass.unsent(),
