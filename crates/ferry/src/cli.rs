@@ -201,6 +201,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             downtime_budget_ms,
             max_rounds,
             when_stuck,
+            no_follow_writes,
             pause_in_transfer_ms,
             corrupt_images,
             corrupt_memory_page,
@@ -235,6 +236,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         _ => migrate_core::WhenStuck::Abort,
                     };
                 }
+                p.follow_writes = !no_follow_writes;
                 p.validate().map_err(|e| anyhow::anyhow!("pre-copy: {e}"))?;
                 req.mode = MigrateMode::PreCopy;
                 req.precopy = Some(p);

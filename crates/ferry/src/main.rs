@@ -101,6 +101,10 @@ enum Cmd {
         /// auto-converge (throttle its CPU step by step), stop-and-copy, or abort.
         #[arg(long, requires = "pre_copy", value_parser = ["auto-converge", "stop-and-copy", "abort"])]
         when_stuck: Option<String>,
+        /// Pre-copy: send all memory at once in the first round instead of following the
+        /// container's writes (which sends fewer bytes but may take up to 4 x longer).
+        #[arg(long, requires = "pre_copy")]
+        no_follow_writes: bool,
         /// Fault injection (tests): pause this long in the transfer phase.
         #[arg(long, hide = true, default_value_t = 0)]
         pause_in_transfer_ms: u64,
