@@ -597,9 +597,10 @@ impl Agent {
         );
         let (r_back, mut pass, followed) = scheduled?;
         *rounds = r_back;
-        // A scheduler error (cancel, collect) ends the streams: it is the cause.
-        let followed = followed?;
+        // A failing stream stops the scheduler ("the page streams ended"): its error is the
+        // cause. A failing scheduler (cancel, collect) only ends the streams, which succeed.
         let sent = sent?;
+        let followed = followed?;
         let mut r = std::mem::replace(rounds, Rounds::new());
         let (r_back, pass, last) = tokio::task::spawn_blocking(move || {
             let res = r.collect_into(&mut pass, false);
