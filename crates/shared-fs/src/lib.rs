@@ -13,7 +13,9 @@
 
 mod apply;
 mod confine;
+pub mod oci;
 mod snapshot;
+pub mod store;
 mod sys;
 
 use std::path::PathBuf;
@@ -23,6 +25,7 @@ use serde::{Deserialize, Serialize};
 pub use apply::{Applier, ApplyStats, FileWriter};
 pub use confine::{confine, MAX_COMPONENT_LEN, MAX_PATH_LEN};
 pub use snapshot::{diff, snapshot, Diff, Snapshot};
+pub use store::{ChunkRef, ImageRecord, Store, Tree, TreeEntry};
 
 /// Resource caps enforced by [`Applier`] on entries received from a peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -184,6 +187,42 @@ pub enum FsError {
         expected: String,
         /// Hash of the received content (hex).
         actual: String,
+    },
+    /// A chunk or tree whose content does not hash to its name: rejected before use.
+    #[error("content of {expected} hashes to {actual}: corrupted or forged, rejected before use")]
+    ChunkMismatch {
+        /// The name it was stored or sent under.
+        expected: String,
+        /// The blake3 of its content.
+        actual: String,
+    },
+    /// Something is not in the store.
+    #[error("{what} {id} is not in the store")]
+    Missing {
+        /// `chunk`, `tree` or `image`.
+        what: &'static str,
+        /// Its id or name.
+        id: String,
+    },
+    /// A tree breaks the rules of [`store::Tree::validate`].
+    #[error("invalid tree: {reason}")]
+    InvalidTree {
+        /// What is wrong, with the entry.
+        reason: String,
+    },
+    /// An image name with characters outside letters, digits and `._-:/@`.
+    #[error("invalid image name {name:?}: use 1-255 letters, digits and ._-:/@, not starting with . or /")]
+    InvalidImageName {
+        /// The name as given.
+        name: String,
+    },
+    /// An OCI image layout that cannot be imported.
+    #[error("OCI image layout {}: {reason}", layout.display())]
+    Oci {
+        /// The layout's directory.
+        layout: PathBuf,
+        /// What is wrong.
+        reason: String,
     },
     /// A hard link entry points at something that is not an existing regular file under the root.
     #[error("hard link {path:?} -> {target:?} rejected: {reason}")]

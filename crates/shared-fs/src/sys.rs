@@ -66,3 +66,80 @@ pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid takes no arguments, cannot fail and touches no memory of ours.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// Extended attributes of `path` (not following a final symlink), sorted by name.
+pub(crate) fn list_xattrs(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
+    let c = cpath(path)?;
+    let mut names = vec![0u8; 4096];
+    let len = loop {
+        // SAFETY: `c` is NUL-terminated and `names` is a writable buffer of the length given;
+        // llistxattr writes at most that many bytes into it.
+        let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ERANGE) if names.len() < (1 << 20) => names.resize(names.len() * 4, 0),
+            // Filesystems without xattr support have none.
+            Some(libc::ENOTSUP) => return Ok(vec![]),
+            _ => return Err(e),
+        }
+    };
+    let mut out = vec![];
+    for name in names[..len].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let Ok(name_str) = std::str::from_utf8(name) else {
+            continue;
+        };
+        let cname = CString::new(name)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "xattr name with NUL"))?;
+        let mut value = vec![0u8; 256];
+        let vlen = loop {
+            // SAFETY: `c` and `cname` are NUL-terminated; `value` is a writable buffer of the
+            // length given, which lgetxattr does not exceed.
+            let n = unsafe {
+                libc::lgetxattr(
+                    c.as_ptr(),
+                    cname.as_ptr(),
+                    value.as_mut_ptr().cast(),
+                    value.len(),
+                )
+            };
+            if n >= 0 {
+                break n as usize;
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::ERANGE) if value.len() < (1 << 20) => value.resize(value.len() * 4, 0),
+                _ => return Err(e),
+            }
+        };
+        value.truncate(vlen);
+        out.push((name_str.to_owned(), value));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Sets extended attribute `name` of `path` (not following a final symlink).
+pub(crate) fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
+    let c = cpath(path)?;
+    let cname = CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "xattr name with NUL"))?;
+    // SAFETY: `c` and `cname` are NUL-terminated strings and `value` a readable buffer of the
+    // length given, all living until the call returns; lsetxattr only reads them.
+    let rc = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            cname.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

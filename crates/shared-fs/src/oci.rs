@@ -1,0 +1,604 @@
+//! Importing an OCI image layout (`oci-layout`, `index.json`, `blobs/sha256/…`) into a
+//! [`Store`]: the manifest's layers are applied in order, with whiteouts (`.wh.NAME` removes
+//! NAME of the layers below, `.wh..wh..opq` empties its directory of them), hard links,
+//! symlinks, devices and extended attributes (PAX `SCHILY.xattr.*`). Every blob is checked
+//! against its digest; a layer whose digest does not match fails the import before anything
+//! is named.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::confine::check_syntax;
+use crate::store::{tree_from_entries, Id, ImportStats, Store, TreeEntry, Xattr};
+use crate::{EntryKind, EntryMeta, FsError};
+
+/// Largest `index.json` or manifest read.
+const MAX_JSON: u64 = 4 << 20;
+/// The annotation that names an image in an index.
+pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+/// What [`import_oci`] imported.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct OciImport {
+    /// The reference picked from the index, if it had one.
+    pub reference: Option<String>,
+    /// The manifest's digest.
+    pub manifest: String,
+    /// Layers applied.
+    pub layers: usize,
+    /// Content found.
+    pub stats: ImportStats,
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    digest: String,
+    size: u64,
+    #[serde(default)]
+    annotations: HashMap<String, String>,
+    #[serde(default)]
+    platform: Option<Platform>,
+}
+
+#[derive(Deserialize)]
+struct Platform {
+    #[serde(default)]
+    architecture: String,
+    #[serde(default)]
+    os: String,
+}
+
+#[derive(Deserialize)]
+struct Index {
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+}
+
+fn err(layout: &Path, reason: impl Into<String>) -> FsError {
+    FsError::Oci {
+        layout: layout.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// The blob file of `digest` (`sha256:<64 hex>`), confined to `blobs/sha256/`.
+fn blob_path(layout: &Path, digest: &str) -> Result<PathBuf, FsError> {
+    let hex = digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        .ok_or_else(|| {
+            err(
+                layout,
+                format!(
+                    "digest {:?} is not sha256:<64 lowercase hex digits>",
+                    digest.chars().take(100).collect::<String>()
+                ),
+            )
+        })?;
+    Ok(layout.join("blobs").join("sha256").join(hex))
+}
+
+/// Reads a small JSON blob, checking size and digest.
+fn read_json_blob<T: serde::de::DeserializeOwned>(
+    layout: &Path,
+    d: &Descriptor,
+) -> Result<T, FsError> {
+    if d.size > MAX_JSON {
+        return Err(err(
+            layout,
+            format!("{} is {} bytes (at most {MAX_JSON})", d.digest, d.size),
+        ));
+    }
+    let path = blob_path(layout, &d.digest)?;
+    let bytes = std::fs::read(&path).map_err(|e| FsError::io("read", &path, e))?;
+    let actual = format!("sha256:{}", hex_of(&Sha256::digest(&bytes)));
+    if actual != d.digest || bytes.len() as u64 != d.size {
+        return Err(err(
+            layout,
+            format!(
+                "blob {} holds {} bytes hashing to {actual}: corrupted",
+                d.digest,
+                bytes.len()
+            ),
+        ));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| err(layout, format!("{}: {e}", d.digest)))
+}
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Reads through, hashing (sha256) and counting what passes.
+struct DigestReader<R> {
+    inner: R,
+    hasher: Sha256,
+    count: u64,
+}
+
+impl<R: Read> Read for DigestReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// Imports the image `reference` (an `org.opencontainers.image.ref.name` of the index; may be
+/// omitted when the index has one image) of the OCI layout at `layout`. Returns the tree's id.
+pub fn import_oci(
+    store: &Store,
+    layout: &Path,
+    reference: Option<&str>,
+) -> Result<(Id, OciImport), FsError> {
+    let marker = layout.join("oci-layout");
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&marker).map_err(|e| FsError::io("read", &marker, e))?,
+    )
+    .map_err(|e| err(layout, format!("oci-layout: {e}")))?;
+    if m["imageLayoutVersion"].as_str().is_none() {
+        return Err(err(layout, "oci-layout has no imageLayoutVersion"));
+    }
+    let index_path = layout.join("index.json");
+    let len = std::fs::metadata(&index_path)
+        .map_err(|e| FsError::io("stat", &index_path, e))?
+        .len();
+    if len > MAX_JSON {
+        return Err(err(
+            layout,
+            format!("index.json is {len} bytes (at most {MAX_JSON})"),
+        ));
+    }
+    let index: Index = serde_json::from_slice(
+        &std::fs::read(&index_path).map_err(|e| FsError::io("read", &index_path, e))?,
+    )
+    .map_err(|e| err(layout, format!("index.json: {e}")))?;
+    let desc = pick(layout, &index.manifests, reference)?;
+    let mut out = OciImport {
+        reference: desc.annotations.get(REF_NAME).cloned(),
+        manifest: desc.digest.clone(),
+        ..OciImport::default()
+    };
+    // A nested index (multi-platform image): pick this machine's platform.
+    let manifest: Manifest = if desc.media_type.ends_with("image.index.v1+json")
+        || desc.media_type.ends_with("manifest.list.v2+json")
+    {
+        let nested: Index = read_json_blob(layout, desc)?;
+        let arch = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            a => a,
+        };
+        let d = nested
+            .manifests
+            .iter()
+            .find(|d| {
+                d.platform
+                    .as_ref()
+                    .is_some_and(|p| p.os == "linux" && p.architecture == arch)
+            })
+            .ok_or_else(|| err(layout, format!("no linux/{arch} image in {}", desc.digest)))?;
+        out.manifest = d.digest.clone();
+        read_json_blob(layout, d)?
+    } else {
+        read_json_blob(layout, desc)?
+    };
+    let mut state = Layers::new(store);
+    for l in &manifest.layers {
+        state.apply_layer(layout, l).map_err(|e| match e {
+            FsError::Oci { .. } => e,
+            other => err(layout, format!("layer {}: {other}", l.digest)),
+        })?;
+        out.layers += 1;
+    }
+    out.stats = state.stats.clone();
+    out.stats.entries = state.map.len() as u64;
+    let tree = tree_from_entries(state.map.into_iter().collect());
+    Ok((store.put_tree(&tree)?, out))
+}
+
+fn pick<'a>(
+    layout: &Path,
+    manifests: &'a [Descriptor],
+    reference: Option<&str>,
+) -> Result<&'a Descriptor, FsError> {
+    let names: Vec<&str> = manifests
+        .iter()
+        .filter_map(|d| d.annotations.get(REF_NAME).map(String::as_str))
+        .collect();
+    match reference {
+        Some(r) => manifests
+            .iter()
+            .find(|d| d.annotations.get(REF_NAME).is_some_and(|n| n == r))
+            .ok_or_else(|| {
+                err(
+                    layout,
+                    format!("no image {r:?} in index.json (it has {names:?})"),
+                )
+            }),
+        None if manifests.len() == 1 => Ok(&manifests[0]),
+        None => Err(err(
+            layout,
+            format!(
+                "index.json lists {} images: name one with --ref (it has {names:?})",
+                manifests.len()
+            ),
+        )),
+    }
+}
+
+/// The tree being built, layer after layer.
+struct Layers<'s> {
+    store: &'s Store,
+    map: BTreeMap<String, TreeEntry>,
+    stats: ImportStats,
+}
+
+fn dir_entry(path: &str, meta: EntryMeta) -> TreeEntry {
+    TreeEntry {
+        meta: EntryMeta {
+            path: path.to_owned(),
+            ..meta
+        },
+        xattrs: vec![],
+        chunks: vec![],
+        blake3: None,
+    }
+}
+
+/// A tar path as a tree path: without `./`, leading or trailing `/`; `None` for the root.
+fn normalize(raw: &[u8]) -> Result<Option<String>, String> {
+    let s = std::str::from_utf8(raw).map_err(|_| "a path that is not UTF-8".to_string())?;
+    let mut s = s.trim_end_matches('/');
+    loop {
+        if let Some(r) = s.strip_prefix("./") {
+            s = r;
+        } else if let Some(r) = s.strip_prefix('/') {
+            s = r;
+        } else {
+            break;
+        }
+    }
+    if s.is_empty() || s == "." {
+        return Ok(None);
+    }
+    check_syntax(s, crate::MAX_PATH_LEN).map_err(|e| e.to_string())?;
+    Ok(Some(s.to_owned()))
+}
+
+fn parent_of(path: &str) -> &str {
+    path.rsplit_once('/').map_or("", |(p, _)| p)
+}
+
+impl<'s> Layers<'s> {
+    fn new(store: &'s Store) -> Self {
+        Layers {
+            store,
+            map: BTreeMap::new(),
+            stats: ImportStats::default(),
+        }
+    }
+
+    /// Removes `path` and everything under it, except what `keep` holds; a file that hard
+    /// links point at hands its content to the first remaining link.
+    fn remove(&mut self, path: &str, keep: &HashSet<String>) {
+        let prefix = format!("{path}/");
+        let mut gone: Vec<String> = self
+            .map
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, _)| k.clone())
+            .filter(|k| !keep.contains(k))
+            .collect();
+        if self.map.contains_key(path) && !keep.contains(path) {
+            gone.push(path.to_owned());
+        }
+        for g in &gone {
+            let Some(e) = self.map.remove(g) else {
+                continue;
+            };
+            if e.meta.kind != EntryKind::File {
+                continue;
+            }
+            let links: Vec<String> = self
+                .map
+                .iter()
+                .filter(
+                    |(_, x)| matches!(&x.meta.kind, EntryKind::Hardlink { target } if target == g),
+                )
+                .map(|(k, _)| k.clone())
+                .collect();
+            if let Some((first, rest)) = links.split_first() {
+                let mut f = e.clone();
+                f.meta.path = first.clone();
+                self.map.insert(first.clone(), f);
+                for l in rest {
+                    if let Some(x) = self.map.get_mut(l) {
+                        x.meta.kind = EntryKind::Hardlink {
+                            target: first.clone(),
+                        };
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply_layer(&mut self, layout: &Path, d: &Descriptor) -> Result<(), FsError> {
+        let path = blob_path(layout, &d.digest)?;
+        let file = File::open(&path).map_err(|e| FsError::io("open", &path, e))?;
+        let mut raw = DigestReader {
+            inner: file,
+            hasher: Sha256::new(),
+            count: 0,
+        };
+        // The digest is checked even when the tar breaks: a damaged blob is reported as such.
+        let applied = (|| {
+            let mut buffered = BufReader::with_capacity(256 << 10, &mut raw);
+            let head = buffered
+                .fill_buf()
+                .map_err(|e| FsError::io("read", &path, e))?
+                .to_vec();
+            let mut tar_stream: Box<dyn Read + '_> = if head.starts_with(&[0x1f, 0x8b]) {
+                Box::new(flate2::read::GzDecoder::new(buffered))
+            } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+                Box::new(
+                    zstd::stream::read::Decoder::with_buffer(buffered)
+                        .map_err(|e| FsError::io("decompress", &path, e))?,
+                )
+            } else {
+                Box::new(buffered)
+            };
+            self.apply_tar(layout, &mut tar_stream)?;
+            // The digest covers the whole blob, past the tar's end-of-archive blocks.
+            io::copy(&mut tar_stream, &mut io::sink())
+                .map_err(|e| FsError::io("read", &path, e))?;
+            Ok(())
+        })();
+        io::copy(&mut raw, &mut io::sink()).map_err(|e| FsError::io("read", &path, e))?;
+        let actual = format!("sha256:{}", hex_of(&raw.hasher.finalize()));
+        if actual != d.digest {
+            return Err(err(
+                layout,
+                format!(
+                    "layer {} hashes to {actual} ({} bytes): corrupted, nothing imported",
+                    d.digest, raw.count
+                ),
+            ));
+        }
+        applied
+    }
+
+    fn apply_tar(&mut self, layout: &Path, r: &mut dyn Read) -> Result<(), FsError> {
+        let limits = self.store.limits().clone();
+        let mut archive = tar::Archive::new(r);
+        let mut added: HashSet<String> = HashSet::new();
+        let entries = archive
+            .entries()
+            .map_err(|e| err(layout, format!("not a tar archive: {e}")))?;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| err(layout, format!("bad tar entry: {e}")))?;
+            let kind = entry.header().entry_type();
+            if matches!(
+                kind,
+                tar::EntryType::XGlobalHeader | tar::EntryType::XHeader
+            ) {
+                continue;
+            }
+            let raw_path = entry.path_bytes().into_owned();
+            let path = normalize(&raw_path).map_err(|reason| {
+                err(
+                    layout,
+                    format!(
+                        "tar entry {:?}: {reason}",
+                        String::from_utf8_lossy(&raw_path)
+                            .chars()
+                            .take(300)
+                            .collect::<String>()
+                    ),
+                )
+            })?;
+            let Some(path) = path else {
+                continue;
+            };
+            let name = path.rsplit('/').next().unwrap_or(&path).to_owned();
+            let parent = parent_of(&path).to_owned();
+            // Whiteouts act on the layers below.
+            if name == ".wh..wh..opq" {
+                let prefix = if parent.is_empty() {
+                    String::new()
+                } else {
+                    format!("{parent}/")
+                };
+                let under: Vec<String> = self
+                    .map
+                    .range(prefix.clone()..)
+                    .take_while(|(k, _)| k.starts_with(&prefix))
+                    .map(|(k, _)| k.clone())
+                    .filter(|k| *k != parent)
+                    .collect();
+                for k in under {
+                    if !added.contains(&k) {
+                        self.remove(&k, &added);
+                    }
+                }
+                continue;
+            }
+            if let Some(target) = name.strip_prefix(".wh.") {
+                let victim = if parent.is_empty() {
+                    target.to_owned()
+                } else {
+                    format!("{parent}/{target}")
+                };
+                self.remove(&victim, &added);
+                continue;
+            }
+            if self.map.len() as u64 >= limits.max_entries {
+                return Err(FsError::TooManyEntries {
+                    limit: limits.max_entries,
+                });
+            }
+            let h = entry.header();
+            let meta = EntryMeta {
+                path: path.clone(),
+                kind: EntryKind::Dir,
+                mode: h.mode().unwrap_or(0o644) & 0o7777,
+                uid: h.uid().unwrap_or(0) as u32,
+                gid: h.gid().unwrap_or(0) as u32,
+                mtime_ns: (h.mtime().unwrap_or(0) as i64).saturating_mul(1_000_000_000),
+                size: 0,
+            };
+            let mut xattrs: Vec<Xattr> = vec![];
+            if let Ok(Some(pax)) = entry.pax_extensions() {
+                for ext in pax.flatten() {
+                    if let Ok(k) = ext.key() {
+                        if let Some(n) = k.strip_prefix("SCHILY.xattr.") {
+                            xattrs.push(Xattr {
+                                name: n.to_owned(),
+                                value: hex_of(ext.value_bytes()),
+                            });
+                        }
+                    }
+                }
+            }
+            xattrs.sort();
+            let link_target = entry
+                .link_name_bytes()
+                .map(|b| b.into_owned())
+                .unwrap_or_default();
+            let mut e = TreeEntry {
+                meta,
+                xattrs,
+                chunks: vec![],
+                blake3: None,
+            };
+            match kind {
+                tar::EntryType::Directory => {
+                    if let Some(old) = self.map.get(&path) {
+                        if old.meta.kind != EntryKind::Dir {
+                            self.remove(&path, &HashSet::new());
+                        }
+                    }
+                }
+                tar::EntryType::Regular
+                | tar::EntryType::Continuous
+                | tar::EntryType::GNUSparse => {
+                    let declared = entry.header().size().unwrap_or(0);
+                    if declared > limits.max_file_size {
+                        return Err(FsError::TooLarge {
+                            path,
+                            size: declared,
+                            limit: limits.max_file_size,
+                        });
+                    }
+                    if self.stats.bytes.saturating_add(declared) > limits.max_total_bytes {
+                        return Err(FsError::TotalTooLarge {
+                            path,
+                            total: self.stats.bytes.saturating_add(declared),
+                            limit: limits.max_total_bytes,
+                        });
+                    }
+                    self.remove(&path, &HashSet::new());
+                    let (chunks, b3, size) = self.store.put_content(&mut entry, &mut self.stats)?;
+                    e.meta.kind = EntryKind::File;
+                    e.meta.size = size;
+                    e.chunks = chunks;
+                    e.blake3 = Some(b3);
+                }
+                tar::EntryType::Symlink => {
+                    let target = String::from_utf8(link_target).map_err(|_| {
+                        err(layout, format!("symlink {path:?}: target is not UTF-8"))
+                    })?;
+                    self.remove(&path, &HashSet::new());
+                    e.meta.kind = EntryKind::Symlink { target };
+                }
+                tar::EntryType::Link => {
+                    let target = normalize(&link_target)
+                        .map_err(|reason| err(layout, format!("hard link {path:?}: {reason}")))?
+                        .ok_or_else(|| err(layout, format!("hard link {path:?} to the root")))?;
+                    let target = match self.map.get(&target).map(|t| &t.meta.kind) {
+                        Some(EntryKind::File) => target,
+                        Some(EntryKind::Hardlink { target: t }) => t.clone(),
+                        _ => {
+                            return Err(err(
+                                layout,
+                                format!("hard link {path:?} -> {target:?}: no such file before it"),
+                            ))
+                        }
+                    };
+                    if target == path {
+                        continue;
+                    }
+                    self.remove(&path, &HashSet::new());
+                    e.meta.kind = EntryKind::Hardlink { target };
+                }
+                tar::EntryType::Char | tar::EntryType::Block => {
+                    let major =
+                        u64::from(entry.header().device_major().ok().flatten().unwrap_or(0));
+                    let minor =
+                        u64::from(entry.header().device_minor().ok().flatten().unwrap_or(0));
+                    // glibc's makedev.
+                    let rdev = ((major & 0xffff_f000) << 32)
+                        | ((major & 0xfff) << 8)
+                        | ((minor & 0xffff_ff00) << 12)
+                        | (minor & 0xff);
+                    self.remove(&path, &HashSet::new());
+                    e.meta.kind = if kind == tar::EntryType::Char {
+                        EntryKind::CharDev { rdev }
+                    } else {
+                        EntryKind::BlockDev { rdev }
+                    };
+                }
+                tar::EntryType::Fifo => {
+                    self.remove(&path, &HashSet::new());
+                    e.meta.kind = EntryKind::Fifo;
+                }
+                other => {
+                    tracing::warn!(path = %path, kind = ?other, "tar entry of an unsupported type skipped");
+                    continue;
+                }
+            }
+            // Parents the layer does not list keep what lower layers said, or get defaults.
+            let mut p = parent.clone();
+            while !p.is_empty() && !self.map.contains_key(&p) {
+                let d = dir_entry(
+                    &p,
+                    EntryMeta {
+                        path: String::new(),
+                        kind: EntryKind::Dir,
+                        mode: 0o755,
+                        uid: 0,
+                        gid: 0,
+                        mtime_ns: 0,
+                        size: 0,
+                    },
+                );
+                self.map.insert(p.clone(), d);
+                p = parent_of(&p).to_owned();
+            }
+            if let Some(EntryKind::Dir) = self.map.get(&parent).map(|x| &x.meta.kind) {
+            } else if !parent.is_empty() {
+                return Err(err(
+                    layout,
+                    format!("{path:?}: its parent {parent:?} is not a directory"),
+                ));
+            }
+            added.insert(path.clone());
+            self.map.insert(path, e);
+        }
+        Ok(())
+    }
+}

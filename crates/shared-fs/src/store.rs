@@ -1,0 +1,972 @@
+//! A content-addressed store of file trees, one per host.
+//!
+//! ```text
+//! <root>/chunks/ab/ab12…      file content, split by content-defined chunking (FastCDC,
+//!                             16/64/256 KiB), named by the blake3 of the bytes
+//! <root>/trees/<id>.json      a tree: every entry's metadata and its content's chunks;
+//!                             <id> is the blake3 of the file's bytes
+//! <root>/images/<hex>.json    an image: a name pointing at a tree
+//! <root>/layers/<id>/         a tree materialized as a directory (read-only base layers)
+//! <root>/tmp/                 where everything is written before it is renamed into place
+//! ```
+//!
+//! A chunk or tree is written to `tmp/`, synced, then renamed to its name: a crash leaves at
+//! most a stray file in `tmp/` (emptied on [`Store::open`]), never a partial object under its
+//! name. Every read checks the content against its name. A tree is validated (paths,
+//! ordering, sizes, links) whenever it enters the store and whenever it is read back, so a
+//! tree received from a peer is checked like a local one.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::confine::check_syntax;
+use crate::{sys, Applier, EntryKind, EntryMeta, FsError, Limits};
+
+/// Smallest chunk (but the last of a file).
+pub const CHUNK_MIN: u32 = 16 << 10;
+/// Average chunk.
+pub const CHUNK_AVG: u32 = 64 << 10;
+/// Largest chunk.
+pub const CHUNK_MAX: u32 = 256 << 10;
+/// Largest tree file read from the store or accepted from a peer.
+pub const MAX_TREE_BYTES: u64 = 256 << 20;
+/// Most extended attributes per entry.
+pub const MAX_XATTRS: usize = 64;
+/// Largest extended attribute value.
+pub const MAX_XATTR_VALUE: usize = 64 << 10;
+/// Tree format version.
+pub const TREE_VERSION: u32 = 1;
+
+/// The blake3 of a chunk or tree, as 64 lowercase hex digits.
+pub type Id = String;
+
+/// One chunk of a file's content.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ChunkRef {
+    /// blake3 of the chunk's bytes.
+    pub hash: Id,
+    /// Its length in bytes.
+    pub len: u32,
+}
+
+/// An extended attribute.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Xattr {
+    /// Its name, e.g. `user.comment` or `security.capability`.
+    pub name: String,
+    /// Its value, hex-encoded.
+    pub value: String,
+}
+
+/// One entry of a tree: metadata, extended attributes and, for a file, its content.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TreeEntry {
+    /// Path, kind, mode, owner, mtime, size.
+    #[serde(flatten)]
+    pub meta: EntryMeta,
+    /// Extended attributes, sorted by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub xattrs: Vec<Xattr>,
+    /// A file's content, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chunks: Vec<ChunkRef>,
+    /// A file's blake3 over its whole content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<Id>,
+}
+
+/// A file tree: entries sorted by path, every parent before its children, every hard link
+/// after the file it links to.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Tree {
+    /// [`TREE_VERSION`].
+    pub version: u32,
+    /// The entries.
+    pub entries: Vec<TreeEntry>,
+}
+
+/// A named image.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ImageRecord {
+    /// Its name.
+    pub name: String,
+    /// Its tree.
+    pub tree: Id,
+    /// Where it came from (a directory, an OCI layout, a peer).
+    pub source: String,
+    /// When it was named, ms since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// Its content's size in bytes (files, before dedup).
+    pub bytes: u64,
+    /// Its entries.
+    pub entries: u64,
+}
+
+/// What a [`Store::gc`] removed.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct GcStats {
+    /// Chunks removed.
+    pub chunks: u64,
+    /// Their bytes.
+    pub chunk_bytes: u64,
+    /// Trees removed.
+    pub trees: u64,
+    /// Materialized layers removed.
+    pub layers: u64,
+}
+
+/// What a store holds.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Chunks.
+    pub chunks: u64,
+    /// Bytes in chunks.
+    pub chunk_bytes: u64,
+    /// Trees.
+    pub trees: u64,
+    /// Images.
+    pub images: u64,
+}
+
+/// What an import found.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImportStats {
+    /// Entries of the tree.
+    pub entries: u64,
+    /// Bytes of file content.
+    pub bytes: u64,
+    /// Chunks of that content.
+    pub chunks: u64,
+    /// Chunks that were new to the store.
+    pub new_chunks: u64,
+    /// Bytes of those.
+    pub new_bytes: u64,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const D: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(D[usize::from(b >> 4)] as char);
+        s.push(D[usize::from(b & 15)] as char);
+    }
+    s
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Whether `s` is a well-formed [`Id`]: 64 lowercase hex digits.
+pub fn is_id(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn invalid_tree(reason: String) -> FsError {
+    FsError::InvalidTree { reason }
+}
+
+fn parent_of(path: &str) -> &str {
+    path.rsplit_once('/').map_or("", |(p, _)| p)
+}
+
+impl Tree {
+    /// The tree's id: blake3 of its canonical JSON (as stored).
+    pub fn id(&self) -> Id {
+        hex(blake3::hash(&self.to_bytes()).as_bytes())
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        // Serializing plain structs of strings and integers cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Bytes of file content (hard links counted once).
+    pub fn bytes(&self) -> u64 {
+        self.entries
+            .iter()
+            .filter(|e| e.meta.kind == EntryKind::File)
+            .map(|e| e.meta.size)
+            .sum()
+    }
+
+    /// Every distinct chunk the tree uses, with its length.
+    pub fn chunks(&self) -> BTreeMap<&str, u32> {
+        self.entries
+            .iter()
+            .flat_map(|e| e.chunks.iter())
+            .map(|c| (c.hash.as_str(), c.len))
+            .collect()
+    }
+
+    /// Checks everything a tree from anywhere must satisfy before it is used:
+    /// - [`TREE_VERSION`], at most `limits.max_entries` entries;
+    /// - every path relative and confined (no `..`, `.`, empty component, leading `/`, NUL),
+    ///   at most `limits.max_path_len` bytes, paths strictly increasing;
+    /// - every parent an earlier directory entry;
+    /// - a file's size the sum of its chunks, each at most [`CHUNK_MAX`], ids well-formed,
+    ///   sizes within `limits.max_file_size` and `limits.max_total_bytes`;
+    /// - a hard link pointing at an earlier file; only files have content;
+    /// - at most [`MAX_XATTRS`] extended attributes per entry, values hex, at most
+    ///   [`MAX_XATTR_VALUE`] bytes.
+    pub fn validate(&self, limits: &Limits) -> Result<(), FsError> {
+        if self.version != TREE_VERSION {
+            return Err(invalid_tree(format!(
+                "version {} (this Ferry reads version {TREE_VERSION})",
+                self.version
+            )));
+        }
+        if self.entries.len() as u64 > limits.max_entries {
+            return Err(FsError::TooManyEntries {
+                limit: limits.max_entries,
+            });
+        }
+        let mut dirs: HashSet<&str> = HashSet::from([""]);
+        let mut files: HashSet<&str> = HashSet::new();
+        let mut total = 0u64;
+        let mut prev: Option<&str> = None;
+        for e in &self.entries {
+            let m = &e.meta;
+            check_syntax(&m.path, limits.max_path_len)?;
+            if let Some(p) = prev {
+                if p >= m.path.as_str() {
+                    return Err(invalid_tree(format!(
+                        "entries out of order or repeated: {:?} after {p:?}",
+                        m.path
+                    )));
+                }
+            }
+            prev = Some(&m.path);
+            let parent = parent_of(&m.path);
+            if !dirs.contains(parent) {
+                return Err(invalid_tree(format!(
+                    "{:?} comes before its directory {parent:?}, or that is not a directory",
+                    m.path
+                )));
+            }
+            if e.xattrs.len() > MAX_XATTRS {
+                return Err(invalid_tree(format!(
+                    "{:?} has {} extended attributes (at most {MAX_XATTRS})",
+                    m.path,
+                    e.xattrs.len()
+                )));
+            }
+            for x in &e.xattrs {
+                let ok = !x.name.is_empty()
+                    && x.name.len() <= 255
+                    && !x.name.contains('\0')
+                    && x.value.len() <= 2 * MAX_XATTR_VALUE
+                    && unhex(&x.value).is_some();
+                if !ok {
+                    return Err(invalid_tree(format!(
+                        "{:?}: extended attribute {:?} is malformed or too large",
+                        m.path,
+                        x.name.chars().take(64).collect::<String>()
+                    )));
+                }
+            }
+            match &m.kind {
+                EntryKind::File => {
+                    if m.size > limits.max_file_size {
+                        return Err(FsError::TooLarge {
+                            path: m.path.clone(),
+                            size: m.size,
+                            limit: limits.max_file_size,
+                        });
+                    }
+                    total = total.saturating_add(m.size);
+                    if total > limits.max_total_bytes {
+                        return Err(FsError::TotalTooLarge {
+                            path: m.path.clone(),
+                            total,
+                            limit: limits.max_total_bytes,
+                        });
+                    }
+                    let mut sum = 0u64;
+                    for c in &e.chunks {
+                        if !is_id(&c.hash) || c.len == 0 || c.len > CHUNK_MAX {
+                            return Err(invalid_tree(format!(
+                                "{:?}: chunk {:?} of {} bytes is malformed",
+                                m.path,
+                                c.hash.chars().take(64).collect::<String>(),
+                                c.len
+                            )));
+                        }
+                        sum += u64::from(c.len);
+                    }
+                    if sum != m.size {
+                        return Err(invalid_tree(format!(
+                            "{:?}: size {} but its chunks hold {sum} bytes",
+                            m.path, m.size
+                        )));
+                    }
+                    if !e.blake3.as_deref().is_some_and(is_id) {
+                        return Err(invalid_tree(format!(
+                            "{:?}: a file needs its blake3",
+                            m.path
+                        )));
+                    }
+                    files.insert(&m.path);
+                }
+                kind => {
+                    if !e.chunks.is_empty() || m.size != 0 || e.blake3.is_some() {
+                        return Err(invalid_tree(format!(
+                            "{:?}: only files have content",
+                            m.path
+                        )));
+                    }
+                    match kind {
+                        EntryKind::Dir => {
+                            dirs.insert(&m.path);
+                        }
+                        EntryKind::Hardlink { target } if !files.contains(target.as_str()) => {
+                            return Err(FsError::BadHardlink {
+                                path: m.path.clone(),
+                                target: target.chars().take(300).collect(),
+                                reason: "the target is not an earlier file of the tree",
+                            });
+                        }
+                        EntryKind::Symlink { target }
+                            if (target.is_empty()
+                                || target.len() > limits.max_path_len
+                                || target.contains('\0')) =>
+                        {
+                            return Err(invalid_tree(format!(
+                                "{:?}: symlink target is empty, too long or has a NUL byte",
+                                m.path
+                            )));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A content-addressed store of chunks, trees and named images under one directory.
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    limits: Limits,
+    tmp_counter: AtomicU64,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `root`, with the default [`Limits`]. Leftovers
+    /// of interrupted writes in `tmp/` are removed.
+    pub fn open(root: &Path) -> Result<Store, FsError> {
+        Store::open_with(root, Limits::default())
+    }
+
+    /// [`Store::open`] with explicit limits for trees.
+    pub fn open_with(root: &Path, limits: Limits) -> Result<Store, FsError> {
+        for d in ["chunks", "trees", "images", "layers", "tmp"] {
+            let p = root.join(d);
+            fs::create_dir_all(&p).map_err(|e| FsError::io("create store directory", &p, e))?;
+        }
+        let tmp = root.join("tmp");
+        let leftovers = fs::read_dir(&tmp).map_err(|e| FsError::io("read", &tmp, e))?;
+        for e in leftovers.flatten() {
+            let p = e.path();
+            let _ = if p.is_dir() && !p.is_symlink() {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            };
+        }
+        Ok(Store {
+            root: root.to_path_buf(),
+            limits,
+            tmp_counter: AtomicU64::new(0),
+        })
+    }
+
+    /// The store's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The limits trees are checked against.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        self.root.join("tmp").join(format!(
+            "{}.{n}.{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ))
+    }
+
+    fn chunk_path(&self, id: &str) -> PathBuf {
+        self.root.join("chunks").join(&id[..2]).join(id)
+    }
+
+    fn tree_path(&self, id: &str) -> PathBuf {
+        self.root.join("trees").join(format!("{id}.json"))
+    }
+
+    fn image_path(&self, name: &str) -> PathBuf {
+        self.root
+            .join("images")
+            .join(format!("{}.json", hex(name.as_bytes())))
+    }
+
+    /// Where tree `id` is (or will be) materialized.
+    pub fn layer_path(&self, id: &str) -> PathBuf {
+        self.root.join("layers").join(id)
+    }
+
+    /// Writes `data` to `dest` atomically: a temporary file, synced, renamed into place.
+    fn write_atomic(&self, dest: &Path, data: &[u8]) -> Result<(), FsError> {
+        if let Some(dir) = dest.parent() {
+            fs::create_dir_all(dir).map_err(|e| FsError::io("create directory", dir, e))?;
+        }
+        let tmp = self.tmp_path();
+        let res = (|| {
+            let mut f = File::create(&tmp).map_err(|e| FsError::io("create", &tmp, e))?;
+            f.write_all(data)
+                .map_err(|e| FsError::io("write", &tmp, e))?;
+            f.sync_all().map_err(|e| FsError::io("sync", &tmp, e))?;
+            fs::rename(&tmp, dest).map_err(|e| FsError::io("rename into place", dest, e))
+        })();
+        if res.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        res
+    }
+
+    /// Whether chunk `id` is in the store.
+    pub fn has_chunk(&self, id: &str) -> bool {
+        is_id(id) && self.chunk_path(id).is_file()
+    }
+
+    /// Of `ids`, those the store lacks.
+    pub fn missing_chunks<'a>(&self, ids: impl IntoIterator<Item = &'a str>) -> Vec<Id> {
+        ids.into_iter()
+            .filter(|id| !self.has_chunk(id))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Stores `data` as a chunk (once: an existing chunk is kept). Returns its reference and
+    /// whether it was new.
+    pub fn put_chunk(&self, data: &[u8]) -> Result<(ChunkRef, bool), FsError> {
+        let id = hex(blake3::hash(data).as_bytes());
+        self.put_chunk_as(&id, data)
+    }
+
+    /// Stores `data`, received as chunk `expected`: rejected, with nothing written, unless its
+    /// blake3 is `expected` and it is at most [`CHUNK_MAX`] bytes.
+    pub fn put_chunk_checked(
+        &self,
+        expected: &str,
+        data: &[u8],
+    ) -> Result<(ChunkRef, bool), FsError> {
+        if data.len() > CHUNK_MAX as usize {
+            return Err(FsError::TooLarge {
+                path: format!("chunk {}", expected.chars().take(64).collect::<String>()),
+                size: data.len() as u64,
+                limit: u64::from(CHUNK_MAX),
+            });
+        }
+        let actual = hex(blake3::hash(data).as_bytes());
+        if actual != expected {
+            return Err(FsError::ChunkMismatch {
+                expected: expected.chars().take(64).collect(),
+                actual,
+            });
+        }
+        self.put_chunk_as(&actual, data)
+    }
+
+    fn put_chunk_as(&self, id: &str, data: &[u8]) -> Result<(ChunkRef, bool), FsError> {
+        let r = ChunkRef {
+            hash: id.to_owned(),
+            len: data.len() as u32,
+        };
+        let path = self.chunk_path(id);
+        if path.is_file() {
+            return Ok((r, false));
+        }
+        self.write_atomic(&path, data)?;
+        Ok((r, true))
+    }
+
+    /// Reads chunk `id`, checking its content against its name.
+    pub fn read_chunk(&self, id: &str) -> Result<Vec<u8>, FsError> {
+        if !is_id(id) {
+            return Err(invalid_tree(format!(
+                "{:?} is not a chunk id",
+                id.chars().take(64).collect::<String>()
+            )));
+        }
+        let path = self.chunk_path(id);
+        let data = match fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(FsError::Missing {
+                    what: "chunk",
+                    id: id.to_owned(),
+                })
+            }
+            Err(e) => return Err(FsError::io("read", &path, e)),
+        };
+        let actual = hex(blake3::hash(&data).as_bytes());
+        if actual != id {
+            return Err(FsError::ChunkMismatch {
+                expected: id.to_owned(),
+                actual,
+            });
+        }
+        Ok(data)
+    }
+
+    /// Validates `tree`, checks that the store holds every chunk it uses, and stores it.
+    /// Returns its id.
+    pub fn put_tree(&self, tree: &Tree) -> Result<Id, FsError> {
+        tree.validate(&self.limits)?;
+        if let Some(missing) = tree.chunks().keys().find(|c| !self.has_chunk(c)) {
+            return Err(FsError::Missing {
+                what: "chunk",
+                id: (*missing).to_owned(),
+            });
+        }
+        let bytes = tree.to_bytes();
+        let id = hex(blake3::hash(&bytes).as_bytes());
+        let path = self.tree_path(&id);
+        if !path.is_file() {
+            self.write_atomic(&path, &bytes)?;
+        }
+        Ok(id)
+    }
+
+    /// Parses and validates a tree received as bytes (from a peer): its id must be `expected`.
+    pub fn tree_from_bytes(&self, expected: &str, bytes: &[u8]) -> Result<Tree, FsError> {
+        if bytes.len() as u64 > MAX_TREE_BYTES {
+            return Err(FsError::TooLarge {
+                path: format!("tree {expected}"),
+                size: bytes.len() as u64,
+                limit: MAX_TREE_BYTES,
+            });
+        }
+        let actual = hex(blake3::hash(bytes).as_bytes());
+        if actual != expected {
+            return Err(FsError::ChunkMismatch {
+                expected: expected.chars().take(64).collect(),
+                actual,
+            });
+        }
+        let tree: Tree = serde_json::from_slice(bytes)
+            .map_err(|e| invalid_tree(format!("tree {expected} does not parse: {e}")))?;
+        tree.validate(&self.limits)?;
+        Ok(tree)
+    }
+
+    /// Reads tree `id` back, checking its content against its id and validating it.
+    pub fn get_tree(&self, id: &str) -> Result<Tree, FsError> {
+        if !is_id(id) {
+            return Err(invalid_tree(format!(
+                "{:?} is not a tree id",
+                id.chars().take(64).collect::<String>()
+            )));
+        }
+        let path = self.tree_path(id);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(FsError::Missing {
+                    what: "tree",
+                    id: id.to_owned(),
+                })
+            }
+            Err(e) => return Err(FsError::io("read", &path, e)),
+        };
+        self.tree_from_bytes(id, &bytes)
+    }
+
+    /// The stored tree's bytes (to send to a peer).
+    pub fn tree_bytes(&self, id: &str) -> Result<Vec<u8>, FsError> {
+        self.get_tree(id)?;
+        let path = self.tree_path(id);
+        fs::read(&path).map_err(|e| FsError::io("read", &path, e))
+    }
+
+    /// Chunks the content read from `r` into the store; returns the chunks, the content's
+    /// blake3 and its size, and counts new chunks into `stats`.
+    pub fn put_content(
+        &self,
+        r: impl Read,
+        stats: &mut ImportStats,
+    ) -> Result<(Vec<ChunkRef>, Id, u64), FsError> {
+        let mut whole = blake3::Hasher::new();
+        let mut chunks = vec![];
+        let mut size = 0u64;
+        for c in fastcdc::v2020::StreamCDC::new(r, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
+            let c = c.map_err(|e| FsError::io("read content", "", io::Error::other(e)))?;
+            whole.update(&c.data);
+            let (r, new) = self.put_chunk(&c.data)?;
+            size += c.data.len() as u64;
+            stats.chunks += 1;
+            if new {
+                stats.new_chunks += 1;
+                stats.new_bytes += c.data.len() as u64;
+            }
+            chunks.push(r);
+        }
+        stats.bytes += size;
+        Ok((chunks, hex(whole.finalize().as_bytes()), size))
+    }
+
+    /// Imports the directory `dir` (never following symlinks) as a tree; returns its id.
+    pub fn import_dir(&self, dir: &Path) -> Result<(Id, ImportStats), FsError> {
+        let snap = crate::snapshot(dir)?;
+        let mut stats = ImportStats::default();
+        let mut entries = Vec::with_capacity(snap.entries.len());
+        for (path, meta) in &snap.entries {
+            let full = dir.join(path);
+            let xattrs = sys::list_xattrs(&full)
+                .map_err(|e| FsError::io("read extended attributes of", &full, e))?
+                .into_iter()
+                .map(|(name, value)| Xattr {
+                    name,
+                    value: hex(&value),
+                })
+                .collect();
+            let mut e = TreeEntry {
+                meta: meta.clone(),
+                xattrs,
+                chunks: vec![],
+                blake3: None,
+            };
+            if meta.kind == EntryKind::File {
+                let f = File::open(&full).map_err(|e| FsError::io("open", &full, e))?;
+                let (chunks, b3, size) = self.put_content(f, &mut stats)?;
+                if size != meta.size {
+                    return Err(FsError::SizeMismatch {
+                        path: path.clone(),
+                        expected: meta.size,
+                        actual: size,
+                    });
+                }
+                e.chunks = chunks;
+                e.blake3 = Some(b3);
+            }
+            entries.push(e);
+        }
+        stats.entries = entries.len() as u64;
+        let tree = Tree {
+            version: TREE_VERSION,
+            entries,
+        };
+        Ok((self.put_tree(&tree)?, stats))
+    }
+
+    /// Writes tree `id` out as a directory under `dest` (which must not exist), checking
+    /// every chunk. Paths are confined to `dest` by [`Applier`].
+    pub fn write_tree(&self, id: &str, dest: &Path) -> Result<(), FsError> {
+        let tree = self.get_tree(id)?;
+        let mut a = Applier::new(dest, self.limits.clone())?;
+        for e in &tree.entries {
+            if let Some(mut w) = a.begin(&e.meta)? {
+                for c in &e.chunks {
+                    let data = self.read_chunk(&c.hash)?;
+                    if data.len() != c.len as usize {
+                        return Err(invalid_tree(format!(
+                            "{:?}: chunk {} has {} bytes, the tree says {}",
+                            e.meta.path,
+                            c.hash,
+                            data.len(),
+                            c.len
+                        )));
+                    }
+                    w.write_chunk(&data)?;
+                }
+                let b3 = e.blake3.as_deref().and_then(unhex).unwrap_or_default();
+                let b3: [u8; 32] = b3
+                    .try_into()
+                    .map_err(|_| invalid_tree(format!("{:?}: malformed blake3", e.meta.path)))?;
+                w.commit(&b3)?;
+            }
+            if !e.xattrs.is_empty() {
+                let path = dest.join(&e.meta.path);
+                for x in &e.xattrs {
+                    let value = unhex(&x.value).unwrap_or_default();
+                    sys::set_xattr(&path, &x.name, &value)
+                        .map_err(|err| FsError::io("set extended attribute", &path, err))?;
+                }
+            }
+        }
+        a.finish()?;
+        Ok(())
+    }
+
+    /// Materializes tree `id` once under `layers/<id>` (built aside, then renamed into
+    /// place) and returns that directory.
+    pub fn materialize(&self, id: &str) -> Result<PathBuf, FsError> {
+        let dest = self.layer_path(id);
+        if dest.is_dir() {
+            return Ok(dest);
+        }
+        let tmp = self.tmp_path();
+        let res = self.write_tree(id, &tmp).and_then(|()| {
+            fs::rename(&tmp, &dest).map_err(|e| FsError::io("rename into place", &dest, e))
+        });
+        match res {
+            Ok(()) => Ok(dest),
+            Err(_) if dest.is_dir() => {
+                // Materialized meanwhile by someone else.
+                let _ = fs::remove_dir_all(&tmp);
+                Ok(dest)
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Names tree `id` (which must be in the store) `name`, replacing an earlier image of that
+    /// name.
+    pub fn tag(&self, name: &str, id: &str, source: &str) -> Result<ImageRecord, FsError> {
+        check_image_name(name)?;
+        let tree = self.get_tree(id)?;
+        let rec = ImageRecord {
+            name: name.to_owned(),
+            tree: id.to_owned(),
+            source: source.to_owned(),
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            bytes: tree.bytes(),
+            entries: tree.entries.len() as u64,
+        };
+        let bytes = serde_json::to_vec_pretty(&rec)
+            .map_err(|e| invalid_tree(format!("image record: {e}")))?;
+        self.write_atomic(&self.image_path(name), &bytes)?;
+        Ok(rec)
+    }
+
+    /// The image named `name`.
+    pub fn image(&self, name: &str) -> Result<ImageRecord, FsError> {
+        check_image_name(name)?;
+        let path = self.image_path(name);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(FsError::Missing {
+                    what: "image",
+                    id: name.to_owned(),
+                })
+            }
+            Err(e) => return Err(FsError::io("read", &path, e)),
+        };
+        serde_json::from_slice(&bytes)
+            .map_err(|e| invalid_tree(format!("image record {}: {e}", path.display())))
+    }
+
+    /// Every image, by name.
+    pub fn images(&self) -> Result<Vec<ImageRecord>, FsError> {
+        let dir = self.root.join("images");
+        let mut out = vec![];
+        for e in fs::read_dir(&dir).map_err(|e| FsError::io("read", &dir, e))? {
+            let e = e.map_err(|e| FsError::io("read", &dir, e))?;
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "json") {
+                let bytes = fs::read(&p).map_err(|e| FsError::io("read", &p, e))?;
+                if let Ok(r) = serde_json::from_slice::<ImageRecord>(&bytes) {
+                    out.push(r);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Removes the name `name` (its content goes at the next [`Store::gc`] if nothing else
+    /// uses it).
+    pub fn remove_image(&self, name: &str) -> Result<ImageRecord, FsError> {
+        let rec = self.image(name)?;
+        let path = self.image_path(name);
+        fs::remove_file(&path).map_err(|e| FsError::io("remove", &path, e))?;
+        Ok(rec)
+    }
+
+    /// Removes every tree that no image names and that is not in `keep` (trees containers
+    /// use), their materialized layers, and every chunk no remaining tree uses.
+    pub fn gc(&self, keep: &[Id]) -> Result<GcStats, FsError> {
+        let mut live: HashSet<Id> = keep.iter().cloned().collect();
+        live.extend(self.images()?.into_iter().map(|r| r.tree));
+        let mut stats = GcStats::default();
+        let mut used: HashSet<Id> = HashSet::new();
+        let trees = self.root.join("trees");
+        for e in fs::read_dir(&trees).map_err(|e| FsError::io("read", &trees, e))? {
+            let p = e.map_err(|e| FsError::io("read", &trees, e))?.path();
+            let Some(id) = p.file_stem().and_then(|s| s.to_str()).map(str::to_owned) else {
+                continue;
+            };
+            if live.contains(&id) {
+                // A live tree that does not read back is kept, its chunks too: refuse to
+                // collect rather than lose data.
+                let tree = self.get_tree(&id)?;
+                used.extend(tree.chunks().keys().map(|c| (*c).to_owned()));
+            } else {
+                fs::remove_file(&p).map_err(|e| FsError::io("remove", &p, e))?;
+                stats.trees += 1;
+            }
+        }
+        let layers = self.root.join("layers");
+        for e in fs::read_dir(&layers).map_err(|e| FsError::io("read", &layers, e))? {
+            let p = e.map_err(|e| FsError::io("read", &layers, e))?.path();
+            let name = p.file_name().and_then(|s| s.to_str()).unwrap_or_default();
+            if !live.contains(name) {
+                fs::remove_dir_all(&p).map_err(|e| FsError::io("remove", &p, e))?;
+                stats.layers += 1;
+            }
+        }
+        let chunks = self.root.join("chunks");
+        for d in fs::read_dir(&chunks).map_err(|e| FsError::io("read", &chunks, e))? {
+            let d = d.map_err(|e| FsError::io("read", &chunks, e))?.path();
+            for e in fs::read_dir(&d).map_err(|e| FsError::io("read", &d, e))? {
+                let e = e.map_err(|e| FsError::io("read", &d, e))?;
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !used.contains(&name) {
+                    let len = e.metadata().map_or(0, |m| m.len());
+                    let p = e.path();
+                    fs::remove_file(&p).map_err(|e| FsError::io("remove", &p, e))?;
+                    stats.chunks += 1;
+                    stats.chunk_bytes += len;
+                }
+            }
+        }
+        Ok(stats)
+    }
+
+    /// What the store holds.
+    pub fn usage(&self) -> Result<Usage, FsError> {
+        let mut u = Usage {
+            images: self.images()?.len() as u64,
+            ..Usage::default()
+        };
+        let trees = self.root.join("trees");
+        u.trees = fs::read_dir(&trees)
+            .map_err(|e| FsError::io("read", &trees, e))?
+            .count() as u64;
+        let chunks = self.root.join("chunks");
+        for d in fs::read_dir(&chunks).map_err(|e| FsError::io("read", &chunks, e))? {
+            let d = d.map_err(|e| FsError::io("read", &chunks, e))?.path();
+            for e in fs::read_dir(&d)
+                .map_err(|e| FsError::io("read", &d, e))?
+                .flatten()
+            {
+                u.chunks += 1;
+                u.chunk_bytes += e.metadata().map_or(0, |m| m.len());
+            }
+        }
+        Ok(u)
+    }
+}
+
+/// Image names: 1-255 bytes of letters, digits and `._-:/@`, not starting with `.` or `/`.
+pub fn check_image_name(name: &str) -> Result<(), FsError> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with(['.', '/'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-:/@".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(FsError::InvalidImageName {
+            name: name.chars().take(300).collect(),
+        })
+    }
+}
+
+/// Builds a [`Tree`] from entries in any order: sorts them, adds missing parent directories
+/// (mode 0755, root, mtime 0), and makes the first path of every hard-link group the file.
+pub fn tree_from_entries(entries: HashMap<String, TreeEntry>) -> Tree {
+    let mut map: BTreeMap<String, TreeEntry> = entries.into_iter().collect();
+    let paths: Vec<String> = map.keys().cloned().collect();
+    for p in paths {
+        let mut parent = parent_of(&p).to_owned();
+        while !parent.is_empty() && !map.contains_key(&parent) {
+            map.insert(
+                parent.clone(),
+                TreeEntry {
+                    meta: EntryMeta {
+                        path: parent.clone(),
+                        kind: EntryKind::Dir,
+                        mode: 0o755,
+                        uid: 0,
+                        gid: 0,
+                        mtime_ns: 0,
+                        size: 0,
+                    },
+                    xattrs: vec![],
+                    chunks: vec![],
+                    blake3: None,
+                },
+            );
+            parent = parent_of(&parent).to_owned();
+        }
+    }
+    // Hard-link groups: the file and every link to it; the smallest path becomes the file.
+    let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (p, e) in &map {
+        if let EntryKind::Hardlink { target } = &e.meta.kind {
+            groups.entry(target.clone()).or_default().push(p.clone());
+        }
+    }
+    for (file, links) in groups {
+        let Some(first) = links.iter().min().cloned() else {
+            continue;
+        };
+        if first > file || !map.contains_key(&file) {
+            continue;
+        }
+        // `first` sorts before the file: swap roles.
+        let Some(f) = map.get(&file).cloned() else {
+            continue;
+        };
+        let mut new_file = f.clone();
+        new_file.meta.path = first.clone();
+        map.insert(first.clone(), new_file);
+        for p in links.iter().chain(std::iter::once(&file)) {
+            if *p == first {
+                continue;
+            }
+            let mut l = f.clone();
+            l.meta.path = p.clone();
+            l.meta.kind = EntryKind::Hardlink {
+                target: first.clone(),
+            };
+            l.meta.size = 0;
+            l.chunks.clear();
+            l.blake3 = None;
+            map.insert(p.clone(), l);
+        }
+    }
+    Tree {
+        version: TREE_VERSION,
+        entries: map.into_values().collect(),
+    }
+}
