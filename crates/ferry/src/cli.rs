@@ -1,6 +1,6 @@
 //! The command-line front end: everything but the agent talks to agents over their API.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use orchestrator_shim::api::{
 };
 
 use crate::lab::Lab;
-use crate::{Cli, Cmd, LabCmd};
+use crate::{Cli, Cmd, ImageCmd, LabCmd};
 
 pub(crate) fn dispatch(cli: Cli) -> Result<ExitCode> {
     if let Cmd::Agent { config } = &cli.cmd {
@@ -187,6 +187,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
+        Cmd::Image { cmd } => return image_cmd(&dir, cmd).await,
         Cmd::Rm { name } => {
             let lab = Lab::load(&dir)?;
             let c = find(&lab, &name).await?;
@@ -499,4 +500,102 @@ pub(crate) fn print_summary(r: &Report) {
     for w in &r.warnings {
         println!("  warning: {w}");
     }
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+}
+
+async fn image_cmd(dir: &Path, cmd: ImageCmd) -> Result<ExitCode> {
+    let lab = Lab::load(dir)?;
+    match cmd {
+        ImageCmd::Import {
+            on,
+            name,
+            oci_ref,
+            path,
+            json,
+        } => {
+            let path = std::fs::canonicalize(&path)
+                .with_context(|| format!("image path {}", path.display()))?;
+            let req = crate::agent::images::ImportImage {
+                name,
+                path,
+                oci_ref,
+            };
+            let r = lab.client(&on)?.import_image(&req).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{} imported on {on} ({}): {} entries, {} of content in {} chunks; new to {on}: {} in {} chunks; tree {}",
+                    r.image.name,
+                    r.format,
+                    r.image.entries,
+                    mib(r.stats.bytes),
+                    r.stats.chunks,
+                    mib(r.stats.new_bytes),
+                    r.stats.new_chunks,
+                    r.image.tree
+                );
+            }
+        }
+        ImageCmd::Ls { on, json } => {
+            let hosts: Vec<String> = match on {
+                Some(h) => vec![h],
+                None => lab.container_hosts().map(|h| h.name.clone()).collect(),
+            };
+            let mut lists = vec![];
+            for h in hosts {
+                lists.push(lab.client(&h)?.images().await?);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&lists)?);
+            } else {
+                println!(
+                    "{:<8} {:<24} {:>12} {:>8}  tree",
+                    "HOST", "IMAGE", "SIZE", "ENTRIES"
+                );
+                for l in &lists {
+                    for i in &l.images {
+                        println!(
+                            "{:<8} {:<24} {:>12} {:>8}  {}",
+                            l.host,
+                            i.name,
+                            mib(i.bytes),
+                            i.entries,
+                            &i.tree[..16]
+                        );
+                    }
+                }
+                for l in &lists {
+                    println!(
+                        "{}: {} images, {} chunks, {} stored",
+                        l.host,
+                        l.usage.images,
+                        l.usage.chunks,
+                        mib(l.usage.chunk_bytes)
+                    );
+                }
+            }
+        }
+        ImageCmd::Rm { on, name } => {
+            let r = lab.client(&on)?.remove_image(&name).await?;
+            println!(
+                "{} removed from {on} (`ferry image gc --on {on}` frees its content)",
+                r.name
+            );
+        }
+        ImageCmd::Gc { on } => {
+            let s = lab.client(&on)?.gc_images().await?;
+            println!(
+                "{on}: removed {} chunks ({}), {} trees, {} layers",
+                s.chunks,
+                mib(s.chunk_bytes),
+                s.trees,
+                s.layers
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -106,6 +106,34 @@ impl Client {
         .await
     }
 
+    /// `POST /v1/images`.
+    pub async fn import_image(
+        &self,
+        req: &crate::agent::images::ImportImage,
+    ) -> Result<crate::agent::images::Imported> {
+        self.call(Method::POST, "/v1/images", Some(req)).await
+    }
+
+    /// `GET /v1/images`.
+    pub async fn images(&self) -> Result<crate::agent::images::ImageList> {
+        self.call(Method::GET, "/v1/images", None::<&()>).await
+    }
+
+    /// `DELETE /v1/images/{name}`.
+    pub async fn remove_image(&self, name: &str) -> Result<shared_fs::ImageRecord> {
+        self.call(
+            Method::DELETE,
+            &format!("/v1/images/{}", percent_encode(name)),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// `POST /v1/images/gc`.
+    pub async fn gc_images(&self) -> Result<shared_fs::store::GcStats> {
+        self.call(Method::POST, "/v1/images/gc", None::<&()>).await
+    }
+
     /// `DELETE /v1/pages`: the agent forgets the pages no running migration needs.
     pub async fn forget_pages(&self) -> Result<serde_json::Value> {
         self.call(Method::DELETE, "/v1/pages", None::<&()>).await
@@ -179,4 +207,17 @@ impl Client {
         }
         Ok(())
     }
+}
+
+/// Percent-encodes everything but unreserved characters (for names in URL paths).
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }

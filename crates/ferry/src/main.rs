@@ -66,6 +66,11 @@ enum Cmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
+    /// The hosts' image stores: import, list, remove, collect.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
     /// List containers on every host.
     Ps {
         /// Print JSON.
@@ -220,6 +225,51 @@ enum Cmd {
         /// Skip the hand-made runc baseline.
         #[arg(long)]
         no_baseline: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Import a root filesystem directory or an OCI image layout into a host's store. Content
+    /// is stored once per host, however many images share it.
+    Import {
+        /// Host whose store receives it.
+        #[arg(long)]
+        on: String,
+        /// Name of the image (letters, digits, `._-:/@`).
+        #[arg(long)]
+        name: String,
+        /// For an OCI layout with several images: the one to import (its ref name).
+        #[arg(long = "ref")]
+        oci_ref: Option<String>,
+        /// A root filesystem directory, or an OCI image layout directory.
+        path: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the images of every host (or one).
+    Ls {
+        /// Only this host.
+        #[arg(long)]
+        on: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image's name from a host (its content goes at the next gc).
+    Rm {
+        /// Host.
+        #[arg(long)]
+        on: String,
+        /// Image name.
+        name: String,
+    },
+    /// Remove the content no image and no container of a host uses.
+    Gc {
+        /// Host.
+        #[arg(long)]
+        on: String,
     },
 }
 

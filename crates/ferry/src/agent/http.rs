@@ -37,6 +37,9 @@ impl ApiFailure {
     pub(crate) fn bad_request(m: String) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", m)
     }
+    pub(crate) fn not_found(code: &str, m: String) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, m)
+    }
     pub(crate) fn conflict(m: String) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict", m)
     }
@@ -85,6 +88,15 @@ pub(crate) async fn serve(agent: Arc<Agent>) -> Result<()> {
         .route("/v1/containers/{name}/migrate", post(migrate))
         .route("/v1/containers/{name}/dirty-rate", get(dirty_rate))
         .route("/v1/pages", get(pages_info).delete(forget_pages))
+        .route(
+            "/v1/images",
+            get(super::images::list).post(super::images::import),
+        )
+        .route("/v1/images/gc", post(super::images::gc))
+        .route(
+            "/v1/images/{name}",
+            axum::routing::delete(super::images::remove),
+        )
         .route("/v1/jobs", get(jobs))
         .route("/v1/jobs/{id}", get(job))
         .route("/v1/jobs/{id}/cancel", post(cancel))

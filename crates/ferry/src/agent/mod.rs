@@ -4,6 +4,7 @@
 mod dirty;
 mod firstpass;
 mod http;
+pub(crate) mod images;
 mod incoming;
 mod pages;
 mod peer;
@@ -93,6 +94,8 @@ pub(crate) struct Agent {
     /// Memory pages held here by content hash: pre-copied pages of incoming jobs, and pages of
     /// containers that left (so that a container coming back sends only what changed).
     pages: tokio::sync::Mutex<transfer::pages::PageStore>,
+    /// The host's image store: chunks, trees, images, materialized base layers.
+    store: Arc<shared_fs::Store>,
 }
 
 /// Entry point of `ferry agent`. Enters the configured network namespace first, then starts
@@ -168,6 +171,11 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         });
     }
     let containers = load_containers(&cfg.state_dir.join("containers.json"));
+    let store_dir = cfg.state_dir.join("store");
+    let store = Arc::new(
+        shared_fs::Store::open(&store_dir)
+            .with_context(|| format!("opening the image store {}", store_dir.display()))?,
+    );
     let agent = Arc::new(Agent {
         runc,
         endpoint,
@@ -180,6 +188,7 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         committed_jobs: Default::default(),
         creating: Default::default(),
         pages: tokio::sync::Mutex::new(transfer::pages::PageStore::new(cfg.page_store_pages())),
+        store,
         cfg,
     });
     agent.clean_stale_incoming().await;
