@@ -116,7 +116,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Cmd::Run { on, name, ip, cmd } => {
+        Cmd::Run {
+            on,
+            name,
+            ip,
+            image,
+            cmd,
+        } => {
             let lab = Lab::load(&dir)?;
             let c = lab.client(&on)?;
             let info = c
@@ -124,11 +130,20 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     name,
                     ip,
                     args: cmd,
+                    image,
                 })
                 .await?;
             println!(
-                "{} running on {} with IP {} (MAC {})",
-                info.spec.name, info.host, info.spec.ip, info.spec.mac
+                "{} running on {} with IP {} (MAC {}){}",
+                info.spec.name,
+                info.host,
+                info.spec.ip,
+                info.spec.mac,
+                info.spec
+                    .image
+                    .as_ref()
+                    .map(|i| format!(", from image {} (tree {})", i.name, &i.tree[..16]))
+                    .unwrap_or_default()
             );
         }
         Cmd::Ps { json } => {

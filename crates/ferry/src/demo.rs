@@ -134,6 +134,7 @@ pub async fn start_workload(
             name: name.into(),
             ip: None,
             args,
+            image: None,
         })
         .await?;
     wait_echo(lab, info.spec.ip, ready).await?;
@@ -234,6 +235,7 @@ impl Baseline {
             mac: orchestrator_shim::api::mac_for_ip(ip),
             prefix_len: 24,
             args,
+            image: None,
         };
         let b = Baseline {
             spec,

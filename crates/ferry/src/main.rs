@@ -62,6 +62,10 @@ enum Cmd {
         /// Overlay address (allocated when absent).
         #[arg(long)]
         ip: Option<std::net::Ipv4Addr>,
+        /// Run from this image of the host's store: an overlay root whose base is shared by
+        /// every container using the image (`ferry image import`).
+        #[arg(long)]
+        image: Option<String>,
         /// Command and arguments.
         #[arg(last = true, required = true)]
         cmd: Vec<String>,

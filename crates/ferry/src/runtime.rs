@@ -260,6 +260,16 @@ impl Layout {
         self.bundle.join("rootfs")
     }
 
+    /// The container's own layer, when its root is an overlay on an image.
+    pub fn upper(&self) -> PathBuf {
+        self.bundle.join("upper")
+    }
+
+    /// Overlayfs's work directory (same filesystem as the upper layer).
+    pub fn overlay_work(&self) -> PathBuf {
+        self.bundle.join("overlay-work")
+    }
+
     /// `/run/netns/...` path of the namespace.
     pub fn netns_path(&self) -> PathBuf {
         PathBuf::from("/run/netns").join(&self.netns)
@@ -643,4 +653,50 @@ pub fn first_free(first: Ipv4Addr, last: Ipv4Addr, used: &[Ipv4Addr]) -> Option<
     (u32::from(first)..=u32::from(last))
         .map(Ipv4Addr::from)
         .find(|a| !used.contains(a))
+}
+
+/// Mounts the container's root as an overlay: `lower` (an image's materialized tree, read-only,
+/// shared) under the container's own upper layer.
+pub fn mount_overlay_rootfs(l: &Layout, lower: &Path) -> Result<()> {
+    for d in [l.upper(), l.overlay_work(), l.rootfs()] {
+        std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        l.upper().display(),
+        l.overlay_work().display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        &l.rootfs(),
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .with_context(|| format!("mounting the overlay root at {} ({opts})", l.rootfs().display()))
+}
+
+/// Whether `path` is a mount point.
+fn is_mount_point(path: &Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let p = path.to_string_lossy();
+    mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(4).is_some_and(|m| m == p))
+}
+
+/// Removes a container's bundle, unmounting its overlay root first (removing through the mount
+/// would only fill the upper layer with whiteouts and leave the mount behind).
+pub fn remove_bundle(l: &Layout) {
+    let root = l.rootfs();
+    while is_mount_point(&root) {
+        if let Err(e) = nix::mount::umount2(&root, nix::mount::MntFlags::MNT_DETACH) {
+            tracing::warn!(path = %root.display(), error = %e, "unmounting the overlay root failed");
+            return;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&l.bundle);
 }

@@ -21,6 +21,21 @@ pub struct ContainerSpec {
     pub prefix_len: u8,
     /// Command and arguments run inside the container.
     pub args: Vec<String>,
+    /// The image its root filesystem's base layer comes from (none: a root filesystem of its
+    /// own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageRef>,
+}
+
+/// The image a container runs from: its root filesystem is an overlay whose read-only lower
+/// layer is the image's tree, materialized once per host, and whose upper layer is the
+/// container's own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRef {
+    /// The image's name on the host it was started on.
+    pub name: String,
+    /// Its tree (blake3 of the tree's manifest): what the base layer holds, on every host.
+    pub tree: String,
 }
 
 /// `POST /v1/containers`.
@@ -33,6 +48,10 @@ pub struct CreateContainer {
     pub ip: Option<Ipv4Addr>,
     /// Command and arguments.
     pub args: Vec<String>,
+    /// Run from this image of the host's store (`ferry image ls`); none: a root filesystem
+    /// with Ferry's workload binary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// A container as listed by `GET /v1/containers`.

@@ -51,7 +51,7 @@ pub struct ImageList {
 }
 
 /// Maps a store error to an API answer.
-fn failure(e: FsError) -> ApiFailure {
+pub(crate) fn failure(e: FsError) -> ApiFailure {
     match &e {
         FsError::Missing { what: "image", id } => ApiFailure::not_found(
             "unknown_image",
@@ -165,8 +165,11 @@ pub(crate) async fn gc(State(a): State<Arc<Agent>>) -> Result<Json<GcStats>, Api
 }
 
 impl Agent {
-    /// Trees the containers on this host run from.
+    /// Trees the containers on this host run from (gc keeps them, named or not).
     pub(crate) fn trees_in_use(&self) -> Vec<String> {
-        vec![]
+        super::lock(&self.containers)
+            .values()
+            .filter_map(|c| c.spec.image.as_ref().map(|i| i.tree.clone()))
+            .collect()
     }
 }

@@ -198,7 +198,7 @@ impl Agent {
             })?,
         )?;
         let r = async {
-            let _ = std::fs::remove_dir_all(&layout.bundle);
+            crate::runtime::remove_bundle(&layout);
             std::fs::create_dir_all(layout.rootfs())?;
             let stats =
                 transfer::tree::recv_tree(recv, &layout.rootfs(), shared_fs::Limits::default())
@@ -434,7 +434,7 @@ impl Agent {
                 if let Some(h) = hold {
                     let _ = h.discard();
                 }
-                let _ = std::fs::remove_dir_all(&layout.bundle);
+                crate::runtime::remove_bundle(&layout);
                 let _ = std::fs::remove_dir_all(images);
                 let _ = std::fs::remove_dir_all(work);
                 let _ = std::fs::remove_file(rec);
@@ -504,7 +504,7 @@ impl Leftovers {
     fn remove(self) {
         crate::runtime::delete_netns(&self.layout);
         self.runc.delete_force(&self.name);
-        let _ = std::fs::remove_dir_all(&self.layout.bundle);
+        crate::runtime::remove_bundle(&self.layout);
         for d in &self.dirs {
             let _ = std::fs::remove_dir_all(d);
         }

@@ -410,6 +410,7 @@ impl Agent {
         name: &str,
         ip: Option<Ipv4Addr>,
         args: Vec<String>,
+        image: Option<String>,
     ) -> Result<ContainerInfo, http::ApiFailure> {
         use http::ApiFailure as F;
         if !self.cfg.runs_containers {
@@ -465,7 +466,7 @@ impl Agent {
             creating.push((name.to_string(), ip));
             ip
         };
-        let r = self.create_reserved(name, ip, args).await;
+        let r = self.create_reserved(name, ip, args, image).await;
         lock(&self.creating).retain(|(n, _)| n != name);
         r
     }
@@ -475,14 +476,38 @@ impl Agent {
         name: &str,
         ip: Ipv4Addr,
         args: Vec<String>,
+        image: Option<String>,
     ) -> Result<ContainerInfo, http::ApiFailure> {
         use http::ApiFailure as F;
+        // An image's tree is materialized once per host; every container from it shares it.
+        let (image, lower) = match image {
+            Some(img) => {
+                let store = Arc::clone(&self.store);
+                let (r, layer) = tokio::task::spawn_blocking(move || {
+                    let rec = store.image(&img)?;
+                    let layer = store.materialize(&rec.tree)?;
+                    Ok::<_, shared_fs::FsError>((rec, layer))
+                })
+                .await
+                .map_err(|e| F::internal(e.to_string()))?
+                .map_err(images::failure)?;
+                (
+                    Some(orchestrator_shim::api::ImageRef {
+                        name: r.name,
+                        tree: r.tree,
+                    }),
+                    Some(layer),
+                )
+            }
+            None => (None, None),
+        };
         let spec = ContainerSpec {
             name: name.to_string(),
             ip,
             mac: orchestrator_shim::api::mac_for_ip(ip),
             prefix_len: self.cfg.overlay_prefix_len,
             args,
+            image,
         };
         let l = self.layout(name);
         let (runc, workload, host, bridge, conf) = (
@@ -495,8 +520,11 @@ impl Agent {
         let (n, s) = (name.to_string(), spec.clone());
         let r = tokio::task::spawn_blocking(move || -> Result<()> {
             let r = (|| {
-                let _ = std::fs::remove_dir_all(&l.bundle);
-                crate::runtime::build_rootfs(&l.rootfs(), &workload)?;
+                crate::runtime::remove_bundle(&l);
+                match &lower {
+                    Some(layer) => crate::runtime::mount_overlay_rootfs(&l, layer)?,
+                    None => crate::runtime::build_rootfs(&l.rootfs(), &workload)?,
+                }
                 crate::runtime::write_config(&l, &s, &host, Some(&conf))?;
                 crate::runtime::create_netns(&l, &s, &bridge)?;
                 runc.start(&n, &l.bundle)
@@ -504,7 +532,7 @@ impl Agent {
             if r.is_err() {
                 runc.delete_force(&n);
                 crate::runtime::delete_netns(&l);
-                let _ = std::fs::remove_dir_all(&l.bundle);
+                crate::runtime::remove_bundle(&l);
             }
             r
         })
@@ -544,7 +572,7 @@ impl Agent {
         tokio::task::spawn_blocking(move || {
             crate::runtime::delete_netns(&l);
             runc.delete_force(&n);
-            let _ = std::fs::remove_dir_all(&l.bundle);
+            crate::runtime::remove_bundle(&l);
         })
         .await
         .map_err(|e| http::ApiFailure::internal(e.to_string()))?;

@@ -485,7 +485,7 @@ impl Driver {
                     // Without a confirmed commit, keep what a restore by hand needs: the images
                     // and the bundle (config and root filesystem).
                     if !keep_images {
-                        let _ = std::fs::remove_dir_all(&l.bundle);
+                        crate::runtime::remove_bundle(&l);
                         let _ = std::fs::remove_dir_all(images);
                     }
                     let _ = std::fs::remove_dir_all(work);
