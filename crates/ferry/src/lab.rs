@@ -535,6 +535,7 @@ pub fn down(dir: &Path) -> Result<()> {
         run_quiet("ip", ["netns", "del", ns.as_str()]);
     }
     crate::runtime::remove_cgroups();
+    crate::runtime::unmount_under(dir);
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
     }

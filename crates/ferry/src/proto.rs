@@ -70,6 +70,29 @@ pub enum PeerRequest {
         /// Job id.
         job: String,
     },
+    /// Do you hold base tree `tree` (the tree and every chunk it uses)? Answer:
+    /// [`PeerResponse::BaseHeld`].
+    BaseHave {
+        /// Tree id.
+        tree: String,
+    },
+    /// Tree `tree`'s bytes follow (`len`, at most `shared_fs::store::MAX_TREE_BYTES`). Answer:
+    /// [`PeerResponse::BaseMissing`], the chunks it uses that you lack.
+    BaseTree {
+        /// Tree id (the blake3 of the bytes).
+        tree: String,
+        /// Their length.
+        len: u64,
+    },
+    /// The chunks of tree `tree` you said you lack follow: per chunk its 32-byte blake3, a
+    /// big-endian u32 length (at most `shared_fs::store::CHUNK_MAX`) and the bytes. Store
+    /// them and the tree.
+    BaseChunks {
+        /// Tree id.
+        tree: String,
+        /// Chunks that follow.
+        count: u64,
+    },
     /// Final dump: the stream carries CRIU's page-server conversation through
     /// `precopy::relay` from here on (no JSON answer). Write the pages of `job` into its
     /// images directory.
@@ -120,6 +143,16 @@ pub enum PeerResponse {
         /// Pages in its page store (0: a pre-copy need not ask which pages it holds).
         #[serde(default)]
         pages_held: u64,
+    },
+    /// Answer to [`PeerRequest::BaseHave`].
+    BaseHeld {
+        /// The tree and all its chunks are here.
+        held: bool,
+    },
+    /// Answer to [`PeerRequest::BaseTree`]: the chunks to send, hex ids.
+    BaseMissing {
+        /// Chunk ids.
+        chunks: Vec<String>,
     },
     /// Containers there.
     List {

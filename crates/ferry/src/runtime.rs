@@ -260,6 +260,16 @@ impl Layout {
         self.bundle.join("rootfs")
     }
 
+    /// The directory whose changes move with the container: its own upper layer when it runs
+    /// from an image (the base moves through the image store), else its whole root.
+    pub fn own_fs(&self, spec: &ContainerSpec) -> PathBuf {
+        if spec.image.is_some() {
+            self.upper()
+        } else {
+            self.rootfs()
+        }
+    }
+
     /// The container's own layer, when its root is an overlay on an image.
     pub fn upper(&self) -> PathBuf {
         self.bundle.join("upper")
@@ -674,7 +684,12 @@ pub fn mount_overlay_rootfs(l: &Layout, lower: &Path) -> Result<()> {
         nix::mount::MsFlags::empty(),
         Some(opts.as_str()),
     )
-    .with_context(|| format!("mounting the overlay root at {} ({opts})", l.rootfs().display()))
+    .with_context(|| {
+        format!(
+            "mounting the overlay root at {} ({opts})",
+            l.rootfs().display()
+        )
+    })
 }
 
 /// Whether `path` is a mount point.
@@ -699,4 +714,25 @@ pub fn remove_bundle(l: &Layout) {
         }
     }
     let _ = std::fs::remove_dir_all(&l.bundle);
+}
+
+/// Unmounts every mount at or under `dir` (containers' overlay roots), deepest first.
+pub fn unmount_under(dir: &Path) {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let prefix = dir.to_string_lossy().trim_end_matches('/').to_string();
+    let mut points: Vec<String> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter(|m| *m == prefix || m.starts_with(&format!("{prefix}/")))
+        .map(str::to_owned)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    points.dedup();
+    for p in points {
+        if let Err(e) = nix::mount::umount2(Path::new(&p), nix::mount::MntFlags::MNT_DETACH) {
+            tracing::warn!(path = %p, error = %e, "unmount failed");
+        }
+    }
 }

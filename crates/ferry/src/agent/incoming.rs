@@ -70,8 +70,9 @@ impl Incoming {
         &mut self.pinned
     }
 
-    pub(crate) fn layout(&self) -> &Layout {
-        &self.layout
+    /// Where the container's own files go (its upper layer, or its whole root).
+    pub(crate) fn own_fs(&self) -> std::path::PathBuf {
+        self.layout.own_fs(&self.spec)
     }
 
     pub(crate) fn set_pages_relayed(&mut self) {
@@ -199,11 +200,20 @@ impl Agent {
         )?;
         let r = async {
             crate::runtime::remove_bundle(&layout);
-            std::fs::create_dir_all(layout.rootfs())?;
-            let stats =
-                transfer::tree::recv_tree(recv, &layout.rootfs(), shared_fs::Limits::default())
-                    .await
-                    .context("receiving the root filesystem")?;
+            // A container from an image: its base must be here already (the source sent what
+            // was missing); the tree that follows is its own layer.
+            let lower = match &spec.image {
+                Some(img) => Some(self.base_layer(img).await?),
+                None => None,
+            };
+            let own = layout.own_fs(&spec);
+            std::fs::create_dir_all(&own)?;
+            let stats = transfer::tree::recv_tree(recv, &own, shared_fs::Limits::default())
+                .await
+                .context("receiving the root filesystem")?;
+            if let Some(lower) = &lower {
+                crate::runtime::mount_overlay_rootfs(&layout, lower)?;
+            }
             crate::runtime::write_config(&layout, &spec, &self.cfg.host, Some(&self.criu_conf()))?;
             let (l, s, bridge) = (layout.clone(), spec.clone(), self.cfg.bridge.clone());
             let hold = tokio::task::spawn_blocking(move || -> Result<Hold> {
@@ -259,11 +269,11 @@ impl Agent {
                 self.cfg.host
             );
         }
-        let (layout, relayed) = match self.incoming.lock().await.get_mut(job) {
+        let (_, relayed, own) = match self.incoming.lock().await.get_mut(job) {
             Some(i) if i.from != peer => bail!("job {job} belongs to {}, not {peer}", i.from),
             Some(i) => {
                 i.deadline = Instant::now() + PREPARED_TTL;
-                (i.layout.clone(), i.pages_relayed)
+                (i.layout.clone(), i.pages_relayed, i.layout.own_fs(&i.spec))
             }
             None => bail!("no prepared job {job} here (it expired or was aborted)"),
         };
@@ -279,7 +289,7 @@ impl Agent {
             .await
             .context("receiving CRIU images")?;
         let images_ms = crate::util::ms(t.elapsed());
-        let b = transfer::tree::recv_tree(recv, &layout.rootfs(), limits)
+        let b = transfer::tree::recv_tree(recv, &own, limits)
             .await
             .context("receiving the root filesystem diff")?;
         info!(%job, images_ms, total_ms = crate::util::ms(t.elapsed()), files = a.entries, bytes = a.file_bytes, "images received");
@@ -617,4 +627,26 @@ fn damage_workload_page(images: &std::path::Path) -> Result<(std::path::PathBuf,
     f.seek(SeekFrom::Start(at))?;
     f.write_all(&b)?;
     Ok((file, at))
+}
+
+impl Agent {
+    /// The materialized base layer of `img`, whose tree must be in this host's store. Names
+    /// the image here too when the name is free, so that `ferry image ls` shows it.
+    async fn base_layer(
+        &self,
+        img: &orchestrator_shim::api::ImageRef,
+    ) -> Result<std::path::PathBuf> {
+        let store = std::sync::Arc::clone(&self.store);
+        let img = img.clone();
+        tokio::task::spawn_blocking(move || -> Result<std::path::PathBuf> {
+            let layer = store.materialize(&img.tree).with_context(|| {
+                format!("the base layer of image {:?} (tree {})", img.name, img.tree)
+            })?;
+            if store.image(&img.name).is_err() {
+                store.tag(&img.name, &img.tree, "migration")?;
+            }
+            Ok(layer)
+        })
+        .await?
+    }
 }

@@ -1,6 +1,7 @@
 //! The agent: one per host. Runs containers with runc, serves the HTTP/JSON API on a Unix
 //! socket, and talks to other agents over QUIC with mutual TLS.
 
+mod base;
 mod dirty;
 mod firstpass;
 mod http;
@@ -96,6 +97,8 @@ pub(crate) struct Agent {
     pages: tokio::sync::Mutex<transfer::pages::PageStore>,
     /// The host's image store: chunks, trees, images, materialized base layers.
     store: Arc<shared_fs::Store>,
+    /// Base trees received from a source, waiting for their chunks.
+    pending_bases: Mutex<HashMap<String, base::PendingBase>>,
 }
 
 /// Entry point of `ferry agent`. Enters the configured network namespace first, then starts
@@ -189,6 +192,7 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         creating: Default::default(),
         pages: tokio::sync::Mutex::new(transfer::pages::PageStore::new(cfg.page_store_pages())),
         store,
+        pending_bases: Default::default(),
         cfg,
     });
     agent.clean_stale_incoming().await;

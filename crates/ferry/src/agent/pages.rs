@@ -197,9 +197,7 @@ impl Agent {
         job: &str,
         recv: &mut super::peer::Incoming<'_>,
     ) -> Result<PeerResponse> {
-        let root = self
-            .with_incoming(peer, job, |i| i.layout().rootfs())
-            .await?;
+        let root = self.with_incoming(peer, job, |i| i.own_fs()).await?;
         let stats = transfer::tree::recv_tree(recv, &root, shared_fs::Limits::default())
             .await
             .context("receiving a root filesystem diff")?;

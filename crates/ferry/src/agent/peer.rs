@@ -157,6 +157,9 @@ async fn dispatch(
             Ok(PeerResponse::Ok { bytes: 0 })
         }
         PeerRequest::Prepare { job, spec } => agent.prepare(peer, conn_id, job, spec, recv).await,
+        PeerRequest::BaseHave { tree } => agent.base_have(tree).await,
+        PeerRequest::BaseTree { tree, len } => agent.base_tree(tree, len, recv).await,
+        PeerRequest::BaseChunks { tree, count } => agent.base_chunks(tree, count, recv).await,
         PeerRequest::Images {
             job,
             corrupt,

@@ -325,7 +325,15 @@ impl Driver {
                 Ok(bytes)
             }
             Action::Prepare => {
-                let root = l.rootfs();
+                // From an image: the destination gets the base's missing chunks first, then
+                // only the container's own layer.
+                let mut base_bytes = 0;
+                if let Some(tree) = self.spec.image.as_ref().map(|i| i.tree.clone()) {
+                    let conn = self.conn().await?;
+                    base_bytes = self.agent.send_base(&conn, &tree).await?;
+                }
+                let own = l.own_fs(&self.spec);
+                let root = own.clone();
                 let snap =
                     tokio::task::spawn_blocking(move || shared_fs::snapshot(&root)).await??;
                 let full = shared_fs::diff(&Snapshot::default(), &snap);
@@ -337,13 +345,13 @@ impl Driver {
                     .ask_dest(
                         &req,
                         &[Tree {
-                            root: &l.rootfs(),
+                            root: &own,
                             diff: &full,
                         }],
                     )
                     .await?;
                 self.rootfs_snapshot = Some(snap);
-                Ok(bytes)
+                Ok(base_bytes + bytes)
             }
             Action::Redirect => {
                 self.agent
@@ -389,7 +397,7 @@ impl Driver {
                     bail!("cancelled during the transfer");
                 }
                 let images = self.agent.images_dir(&job);
-                let root = l.rootfs();
+                let root = l.own_fs(&self.spec);
                 let before = self.rootfs_snapshot.clone().unwrap_or_default();
                 let t_snap = Instant::now();
                 let (img_diff, fs_diff) =
@@ -417,7 +425,7 @@ impl Driver {
                                 diff: &img_diff,
                             },
                             Tree {
-                                root: &l.rootfs(),
+                                root: &l.own_fs(&self.spec),
                                 diff: &fs_diff,
                             },
                         ],
@@ -602,7 +610,7 @@ impl Driver {
                 &mut self.rounds,
                 round,
                 throttle_pct,
-                (&l.rootfs(), &mut snap),
+                (&l.own_fs(&self.spec), &mut snap),
             )
             .await;
         self.rootfs_snapshot = Some(snap);

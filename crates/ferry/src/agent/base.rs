@@ -1,0 +1,216 @@
+//! Moving a container's base layer: before a migration of a container that runs from an
+//! image, the source makes sure the destination holds the image's tree and every chunk it
+//! uses, sending only the chunks the destination lacks (`BaseHave`, `BaseTree`, `BaseChunks`).
+//! The destination checks the tree (ids, paths, sizes) and every chunk's content before it
+//! stores anything.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use shared_fs::store::{Tree, CHUNK_MAX, MAX_TREE_BYTES};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::info;
+use transfer::frame::{read_msg, write_msg};
+
+use super::peer::Incoming;
+use super::{lock, Agent};
+use crate::proto::{PeerRequest, PeerResponse};
+
+/// A base tree received, waiting for its chunks.
+pub(crate) struct PendingBase {
+    tree: Tree,
+    missing: HashSet<String>,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Opens a stream, sends `req` and `body`, returns the answer.
+async fn ask(
+    conn: &transfer::Connection,
+    req: &PeerRequest,
+    body: impl AsyncFnOnce(&mut tokio::io::BufWriter<&mut transfer::SendStream>) -> Result<u64>,
+) -> Result<(PeerResponse, u64)> {
+    let (mut send, mut recv) = conn.open().await?;
+    let bytes;
+    {
+        let mut w = tokio::io::BufWriter::with_capacity(256 << 10, &mut send);
+        let head = write_msg(&mut w, req).await?;
+        bytes = head + body(&mut w).await?;
+        w.flush().await?;
+    }
+    send.finish()
+        .map_err(|e| anyhow!("closing a stream to {}: {e}", conn.peer_host))?;
+    Ok((read_msg(&mut recv).await?, bytes))
+}
+
+impl Agent {
+    /// Source: makes sure `conn`'s host holds base tree `tree`; returns the bytes sent.
+    pub(crate) async fn send_base(
+        self: &Arc<Self>,
+        conn: &transfer::Connection,
+        tree: &str,
+    ) -> Result<u64> {
+        let t = std::time::Instant::now();
+        let to = conn.peer_host.clone();
+        let (resp, mut sent) = ask(
+            conn,
+            &PeerRequest::BaseHave { tree: tree.into() },
+            async |_| Ok(0),
+        )
+        .await?;
+        match resp {
+            PeerResponse::BaseHeld { held: true } => {
+                info!(%tree, %to, "destination holds the base layer");
+                return Ok(sent);
+            }
+            PeerResponse::BaseHeld { held: false } => {}
+            PeerResponse::Error { message } => bail!("{to}: {message}"),
+            other => bail!("{to} answered unexpectedly: {other:?}"),
+        }
+        let store = Arc::clone(&self.store);
+        let id = tree.to_string();
+        let bytes = tokio::task::spawn_blocking(move || store.tree_bytes(&id)).await??;
+        let req = PeerRequest::BaseTree {
+            tree: tree.into(),
+            len: bytes.len() as u64,
+        };
+        let (resp, n) = ask(conn, &req, async |w| {
+            w.write_all(&bytes).await?;
+            Ok(bytes.len() as u64)
+        })
+        .await?;
+        sent += n;
+        let chunks = match resp {
+            PeerResponse::BaseMissing { chunks } => chunks,
+            PeerResponse::Error { message } => bail!("{to}: {message}"),
+            other => bail!("{to} answered unexpectedly: {other:?}"),
+        };
+        let store = Arc::clone(&self.store);
+        let req = PeerRequest::BaseChunks {
+            tree: tree.into(),
+            count: chunks.len() as u64,
+        };
+        let count = chunks.len();
+        let (resp, n) = ask(conn, &req, async |w| {
+            let mut n = 0u64;
+            for c in chunks {
+                let s = Arc::clone(&store);
+                let id = c.clone();
+                let data = tokio::task::spawn_blocking(move || s.read_chunk(&id))
+                    .await?
+                    .with_context(|| format!("reading chunk {c} of the base layer"))?;
+                let raw: Vec<u8> = (0..32)
+                    .map(|i| u8::from_str_radix(&c[2 * i..2 * i + 2], 16))
+                    .collect::<Result<_, _>>()?;
+                w.write_all(&raw).await?;
+                w.write_all(&(data.len() as u32).to_be_bytes()).await?;
+                w.write_all(&data).await?;
+                n += 36 + data.len() as u64;
+            }
+            Ok(n)
+        })
+        .await?;
+        sent += n;
+        match resp {
+            PeerResponse::Ok { .. } => {}
+            PeerResponse::Error { message } => bail!("{to}: {message}"),
+            other => bail!("{to} answered unexpectedly: {other:?}"),
+        }
+        info!(%tree, %to, chunks = count, bytes = sent, ms = crate::util::ms(t.elapsed()), "base layer sent");
+        Ok(sent)
+    }
+
+    /// Destination: `BaseHave`.
+    pub(crate) async fn base_have(self: &Arc<Self>, tree: String) -> Result<PeerResponse> {
+        let store = Arc::clone(&self.store);
+        let held = tokio::task::spawn_blocking(move || match store.get_tree(&tree) {
+            Ok(t) => store.missing_chunks(t.chunks().into_keys()).is_empty(),
+            Err(_) => false,
+        })
+        .await?;
+        Ok(PeerResponse::BaseHeld { held })
+    }
+
+    /// Destination: `BaseTree`: checks the tree, answers what it lacks.
+    pub(crate) async fn base_tree(
+        self: &Arc<Self>,
+        tree: String,
+        len: u64,
+        recv: &mut Incoming<'_>,
+    ) -> Result<PeerResponse> {
+        if len > MAX_TREE_BYTES {
+            bail!("base tree {tree} is {len} bytes, more than the {MAX_TREE_BYTES} accepted");
+        }
+        let mut bytes = vec![0u8; len as usize];
+        recv.read_exact(&mut bytes)
+            .await
+            .context("reading the base tree")?;
+        let store = Arc::clone(&self.store);
+        let id = tree.clone();
+        let (t, missing) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let t = store.tree_from_bytes(&id, &bytes)?;
+            let missing = store.missing_chunks(t.chunks().into_keys());
+            Ok((t, missing))
+        })
+        .await??;
+        lock(&self.pending_bases).insert(
+            tree,
+            PendingBase {
+                tree: t,
+                missing: missing.iter().cloned().collect(),
+            },
+        );
+        Ok(PeerResponse::BaseMissing { chunks: missing })
+    }
+
+    /// Destination: `BaseChunks`: stores each chunk after checking its content, then the tree.
+    pub(crate) async fn base_chunks(
+        self: &Arc<Self>,
+        tree: String,
+        count: u64,
+        recv: &mut Incoming<'_>,
+    ) -> Result<PeerResponse> {
+        let Some(mut pending) = lock(&self.pending_bases).remove(&tree) else {
+            bail!("chunks of base tree {tree} sent before the tree");
+        };
+        if count != pending.missing.len() as u64 {
+            bail!(
+                "{count} chunks announced for base tree {tree}, {} were asked for",
+                pending.missing.len()
+            );
+        }
+        let mut bytes = 0u64;
+        for _ in 0..count {
+            let mut id = [0u8; 32];
+            recv.read_exact(&mut id)
+                .await
+                .context("reading a chunk id")?;
+            let id = hex(&id);
+            let len = recv.read_u32().await.context("reading a chunk length")?;
+            if len == 0 || len > CHUNK_MAX {
+                bail!("chunk {id} of {len} bytes refused (1..={CHUNK_MAX})");
+            }
+            if !pending.missing.remove(&id) {
+                bail!("chunk {id} was not asked for");
+            }
+            let mut data = vec![0u8; len as usize];
+            recv.read_exact(&mut data)
+                .await
+                .context("reading a chunk")?;
+            let store = Arc::clone(&self.store);
+            tokio::task::spawn_blocking(move || store.put_chunk_checked(&id, &data)).await??;
+            bytes += 36 + u64::from(len);
+        }
+        let store = Arc::clone(&self.store);
+        let t = pending.tree;
+        let id = tokio::task::spawn_blocking(move || store.put_tree(&t)).await??;
+        if id != tree {
+            bail!("base tree stored as {id}, announced as {tree}");
+        }
+        info!(%tree, chunks = count, bytes, "base layer received");
+        Ok(PeerResponse::Ok { bytes })
+    }
+}
