@@ -97,6 +97,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     crate::lab::down(&dir)?;
                     eprintln!("lab: down");
                 }
+                LabCmd::Rootfs { dir: out } => {
+                    if out.exists() {
+                        bail!("{} exists: give a new directory", out.display());
+                    }
+                    let (_, workload) = exe_paths()?;
+                    crate::runtime::build_rootfs(&out, &workload)?;
+                    eprintln!("lab: workload root filesystem written to {}", out.display());
+                }
                 LabCmd::StartAgent { host } => {
                     let lab = Lab::load(&dir)?;
                     let (exe, _) = exe_paths()?;

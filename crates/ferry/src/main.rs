@@ -296,6 +296,12 @@ enum LabCmd {
     },
     /// Remove everything the lab created.
     Down,
+    /// Write the lab's workload root filesystem (busybox, ferry-workload and its libraries)
+    /// to DIR, e.g. to import it as an image (`ferry image import`).
+    Rootfs {
+        /// Directory to create (must not exist).
+        dir: PathBuf,
+    },
     /// Start a lab host's agent again (after it was stopped or died).
     StartAgent {
         /// Host name.

@@ -1,0 +1,323 @@
+//! Images and the deduplicated base layer, end to end: containers from one image share its
+//! base on a host, a migration sends the base once per host and then only each container's own
+//! layer, and an OCI image layout built here imports and runs.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use ferry_tests::*;
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+
+/// A fresh directory under the lab's directory (removed with the lab).
+fn scratch(name: &str) -> PathBuf {
+    let p = PathBuf::from(format!("{LAB_DIR}/test-{name}"));
+    let _ = std::fs::remove_dir_all(&p);
+    p
+}
+
+/// Disk use of `dir` in bytes, not crossing into other filesystems (the overlay mounts).
+fn du(dir: &str) -> u64 {
+    let out = Command::new("du")
+        .args(["-x", "-s", "-B1", dir])
+        .output()
+        .expect("du");
+    assert!(out.status.success(), "du {dir}");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("du output")
+}
+
+/// Writes `len` incompressible bytes to `path`.
+fn filler(path: &Path, len: usize) {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let data: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(path, data).unwrap();
+}
+
+fn run_from_image(lab: &Lab, host: &str, name: &str, image: &str) -> Value {
+    ferry_ok(&[
+        "run",
+        "--on",
+        host,
+        "--name",
+        name,
+        "--image",
+        image,
+        "--",
+        "/bin/ferry-workload",
+        "echo",
+        "--port",
+        "7000",
+    ]);
+    let c = lab.container(name).expect("listed");
+    assert_eq!(c["image"]["name"], image, "{c}");
+    wait_port(c["ip"].as_str().unwrap());
+    c
+}
+
+fn images_on(host: &str) -> Value {
+    let v: Value =
+        serde_json::from_str(&ferry_ok(&["image", "ls", "--on", host, "--json"])).unwrap();
+    v[0].clone()
+}
+
+#[test]
+fn containers_share_their_image_and_a_migration_sends_it_once_per_host() {
+    let lab = Lab::up();
+    let root = scratch("image-rootfs");
+    ferry_ok(&["lab", "rootfs", root.to_str().unwrap()]);
+    filler(&root.join("filler"), 32 << 20);
+    let imported: Value = serde_json::from_str(&ferry_ok(&[
+        "image",
+        "import",
+        "--on",
+        "h1",
+        "--name",
+        "base:1",
+        "--json",
+        root.to_str().unwrap(),
+    ]))
+    .unwrap();
+    let base = imported["image"]["bytes"].as_u64().unwrap();
+    assert!(base > 32 * MIB, "{imported}");
+    let state = format!("{LAB_DIR}/h1");
+
+    // Two containers from the image: the base is materialized once, the second container
+    // adds only its own (empty) layer.
+    let u0 = du(&state);
+    let c1 = run_from_image(&lab, "h1", "c1", "base:1");
+    let u1 = du(&state);
+    let c2 = run_from_image(&lab, "h1", "c2", "base:1");
+    let u2 = du(&state);
+    eprintln!(
+        "h1 state: {:.1} MiB with the image stored, {:.1} MiB with one container, {:.1} MiB with two (image {:.1} MiB)",
+        u0 as f64 / MIB as f64,
+        u1 as f64 / MIB as f64,
+        u2 as f64 / MIB as f64,
+        base as f64 / MIB as f64
+    );
+    assert!(
+        u1 - u0 <= base + 2 * MIB,
+        "the first container materializes the base once: +{} bytes",
+        u1 - u0
+    );
+    assert!(
+        u2 - u1 < MIB,
+        "the second container must not copy the base: +{} bytes",
+        u2 - u1
+    );
+
+    // The second container changes its root: a new file, and a base file deleted.
+    let c2_root = format!("{state}/containers/c2/rootfs");
+    std::fs::write(format!("{c2_root}/own.txt"), b"c2's own file\n").unwrap();
+    std::fs::remove_file(format!("{c2_root}/filler")).unwrap();
+
+    // h2 lacks the image: the first migration brings it.
+    let (code, r1) = migrate_json("c1", "h2", &[], Duration::from_secs(120));
+    assert_eq!(code, 0, "{r1}");
+    let sent1 = r1["bytes_sent"].as_u64().unwrap();
+    eprintln!("c1 h1 -> h2 (h2 lacks the image): {sent1} bytes sent");
+    assert!(
+        sent1 >= base && sent1 < base + base / 10 + 2 * MIB,
+        "the image crosses once: {sent1} bytes for a {base}-byte image"
+    );
+    assert_eq!(ask_workload(c1["ip"].as_str().unwrap(), "hi"), "1 hi");
+    let h2 = images_on("h2");
+    assert_eq!(h2["images"][0]["name"], "base:1", "{h2}");
+    assert_eq!(h2["images"][0]["tree"], imported["image"]["tree"], "{h2}");
+
+    // Now h2 holds it: the second container sends only its own layer.
+    let (code, r2) = migrate_json("c2", "h2", &[], Duration::from_secs(120));
+    assert_eq!(code, 0, "{r2}");
+    let sent2 = r2["bytes_sent"].as_u64().unwrap();
+    eprintln!("c2 h1 -> h2 (h2 holds the image): {sent2} bytes sent");
+    assert!(
+        sent2 < MIB,
+        "only c2's own layer should cross: {sent2} bytes"
+    );
+    assert_eq!(ask_workload(c2["ip"].as_str().unwrap(), "hi"), "1 hi");
+    let c2_there = format!("{LAB_DIR}/h2/containers/c2/rootfs");
+    assert_eq!(
+        std::fs::read(format!("{c2_there}/own.txt")).unwrap(),
+        b"c2's own file\n"
+    );
+    assert!(
+        !Path::new(&format!("{c2_there}/filler")).exists(),
+        "the deletion moved with the container"
+    );
+    assert!(
+        Path::new(&format!("{LAB_DIR}/h2/containers/c1/rootfs/filler")).exists(),
+        "the base itself is intact"
+    );
+    // h2 stores the base once for both, and gc keeps what containers use.
+    let s = images_on("h2");
+    assert_eq!(s["usage"]["chunk_bytes"].as_u64().unwrap(), base, "{s}");
+    ferry_ok(&["image", "rm", "--on", "h2", "base:1"]);
+    let out = ferry_ok(&["image", "gc", "--on", "h2"]);
+    assert!(out.contains("removed 0 chunks"), "{out}");
+    assert_clean_host("h1", "c1");
+    assert_clean_host("h1", "c2");
+}
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Moves `file` into `layout`'s blobs; returns its descriptor.
+fn blob(layout: &Path, file: &Path, media_type: &str) -> Value {
+    let hex = sha256(file);
+    let size = std::fs::metadata(file).unwrap().len();
+    std::fs::rename(file, layout.join("blobs/sha256").join(&hex)).unwrap();
+    serde_json::json!({"mediaType": media_type, "digest": format!("sha256:{hex}"), "size": size})
+}
+
+fn write_json_blob(layout: &Path, v: &Value, media_type: &str) -> Value {
+    let tmp = layout.join("tmp.json");
+    std::fs::write(&tmp, serde_json::to_vec(v).unwrap()).unwrap();
+    blob(layout, &tmp, media_type)
+}
+
+fn tar(dir: &Path, out: &Path, gzip: bool) {
+    let status = Command::new("tar")
+        .args(["--numeric-owner", "-C"])
+        .arg(dir)
+        .arg(if gzip { "-czf" } else { "-cf" })
+        .arg(out)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn an_oci_image_layout_built_here_imports_and_runs() {
+    let lab = Lab::up();
+    let work = scratch("oci");
+    std::fs::create_dir_all(&work).unwrap();
+    // Layer 1 (gzip): the workload root filesystem, a hard link, and a file layer 2 removes.
+    let l1 = work.join("l1");
+    ferry_ok(&["lab", "rootfs", l1.to_str().unwrap()]);
+    std::fs::hard_link(l1.join("bin/ferry-workload"), l1.join("bin/wl-again")).unwrap();
+    std::fs::create_dir_all(l1.join("etc")).unwrap();
+    std::fs::write(l1.join("etc/old"), b"removed by the next layer\n").unwrap();
+    // Layer 2 (plain tar): a whiteout of etc/old and a new file.
+    let l2 = work.join("l2");
+    std::fs::create_dir_all(l2.join("etc")).unwrap();
+    std::fs::write(l2.join("etc/.wh.old"), b"").unwrap();
+    std::fs::write(l2.join("etc/motd"), b"from layer 2\n").unwrap();
+
+    let layout = work.join("layout");
+    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    tar(&l1, &work.join("l1.tar.gz"), true);
+    tar(&l2, &work.join("l2.tar"), false);
+    let d1 = blob(
+        &layout,
+        &work.join("l1.tar.gz"),
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+    );
+    let d2 = blob(
+        &layout,
+        &work.join("l2.tar"),
+        "application/vnd.oci.image.layer.v1.tar",
+    );
+    let d2_digest = d2["digest"].as_str().unwrap().to_string();
+    let config = write_json_blob(
+        &layout,
+        &serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}),
+        "application/vnd.oci.image.config.v1+json",
+    );
+    let mut manifest = write_json_blob(
+        &layout,
+        &serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": config, "layers": [d1, d2]}),
+        "application/vnd.oci.image.manifest.v1+json",
+    );
+    manifest["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": "wl:oci"});
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [manifest]}))
+            .unwrap(),
+    )
+    .unwrap();
+
+    let out: Value = serde_json::from_str(&ferry_ok(&[
+        "image",
+        "import",
+        "--on",
+        "h1",
+        "--name",
+        "wl:oci",
+        "--json",
+        layout.to_str().unwrap(),
+    ]))
+    .unwrap();
+    assert_eq!(out["format"], "oci", "{out}");
+    // A layout with a damaged layer is refused with the reason, and nothing is named.
+    let broken = work.join("broken");
+    assert!(Command::new("cp")
+        .args(["-a"])
+        .arg(&layout)
+        .arg(&broken)
+        .status()
+        .unwrap()
+        .success());
+    let hex = d2_digest.trim_start_matches("sha256:");
+    let mut l2_bytes = std::fs::read(broken.join("blobs/sha256").join(hex)).unwrap();
+    l2_bytes[700] ^= 0x40;
+    std::fs::write(broken.join("blobs/sha256").join(hex), l2_bytes).unwrap();
+    let bad = ferry(&[
+        "image",
+        "import",
+        "--on",
+        "h1",
+        "--name",
+        "x",
+        broken.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("corrupted"), "{err}");
+    let names: Vec<String> = images_on("h1")["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, vec!["wl:oci"]);
+
+    let c = run_from_image(&lab, "h1", "oci1", "wl:oci");
+    assert_eq!(ask_workload(c["ip"].as_str().unwrap(), "hello"), "1 hello");
+    let root = format!("{LAB_DIR}/h1/containers/oci1/rootfs");
+    assert!(
+        !Path::new(&format!("{root}/etc/old")).exists(),
+        "whiteout applied"
+    );
+    assert_eq!(
+        std::fs::read(format!("{root}/etc/motd")).unwrap(),
+        b"from layer 2\n"
+    );
+    let a = std::fs::metadata(format!("{root}/bin/ferry-workload")).unwrap();
+    let b = std::fs::metadata(format!("{root}/bin/wl-again")).unwrap();
+    assert_eq!(a.ino(), b.ino(), "the hard link is a hard link");
+}
