@@ -80,6 +80,9 @@ fn containers_share_their_image_and_a_migration_sends_it_once_per_host() {
     let root = scratch("image-rootfs");
     ferry_ok(&["lab", "rootfs", root.to_str().unwrap()]);
     filler(&root.join("filler"), 32 << 20);
+    std::fs::create_dir_all(root.join("data")).unwrap();
+    std::fs::write(root.join("data/a"), b"a\n").unwrap();
+    std::fs::write(root.join("data/b"), b"b\n").unwrap();
     let imported: Value = serde_json::from_str(&ferry_ok(&[
         "image",
         "import",
@@ -124,6 +127,10 @@ fn containers_share_their_image_and_a_migration_sends_it_once_per_host() {
     let c2_root = format!("{state}/containers/c2/rootfs");
     std::fs::write(format!("{c2_root}/own.txt"), b"c2's own file\n").unwrap();
     std::fs::remove_file(format!("{c2_root}/filler")).unwrap();
+    // A base directory replaced by one of its own: overlayfs marks it opaque.
+    std::fs::remove_dir_all(format!("{c2_root}/data")).unwrap();
+    std::fs::create_dir(format!("{c2_root}/data")).unwrap();
+    std::fs::write(format!("{c2_root}/data/c"), b"c\n").unwrap();
 
     // h2 lacks the image: the first migration brings it.
     let (code, r1) = migrate_json("c1", "h2", &[], Duration::from_secs(120));
@@ -157,6 +164,15 @@ fn containers_share_their_image_and_a_migration_sends_it_once_per_host() {
     assert!(
         !Path::new(&format!("{c2_there}/filler")).exists(),
         "the deletion moved with the container"
+    );
+    let listed: Vec<String> = std::fs::read_dir(format!("{c2_there}/data"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        listed,
+        ["c"],
+        "the opaque directory hides the base's files there too"
     );
     assert!(
         Path::new(&format!("{LAB_DIR}/h2/containers/c1/rootfs/filler")).exists(),

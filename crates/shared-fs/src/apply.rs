@@ -80,6 +80,34 @@ fn set_owner(path: &Path, uid: u32, gid: u32, is_root: bool) -> Result<(), FsErr
     }
 }
 
+/// Makes the extended attributes of `path` exactly `wanted` (`security.selinux` is left to
+/// the system). Without root, attributes it may not set are skipped, like ownership.
+fn set_xattrs(path: &Path, wanted: &[crate::Xattr], is_root: bool) -> Result<(), FsError> {
+    let have =
+        sys::list_xattrs(path).map_err(|e| FsError::io("read extended attributes of", path, e))?;
+    if have.is_empty() && wanted.is_empty() {
+        return Ok(());
+    }
+    for (name, _) in &have {
+        if name != "security.selinux" && !wanted.iter().any(|w| &w.name == name) {
+            sys::remove_xattr(path, name)
+                .map_err(|e| FsError::io("remove extended attribute of", path, e))?;
+        }
+    }
+    for w in wanted {
+        let value = crate::unhex(&w.value).unwrap_or_default();
+        if have.iter().any(|(n, v)| *n == w.name && *v == value) {
+            continue;
+        }
+        match sys::set_xattr(path, &w.name, &value) {
+            Ok(()) => {}
+            Err(e) if !is_root && e.kind() == io::ErrorKind::PermissionDenied => {}
+            Err(e) => return Err(FsError::io("set extended attribute of", path, e)),
+        }
+    }
+    Ok(())
+}
+
 /// Removes whatever exists at `path` (file, symlink, node or directory tree); missing is fine.
 fn remove_any(path: &Path) -> Result<(), FsError> {
     match fs::symlink_metadata(path) {
@@ -205,7 +233,22 @@ impl Applier {
     /// bytes to it and [`FileWriter::commit`] it; nothing appears at the path before that.
     pub fn begin(&mut self, meta: &EntryMeta) -> Result<Option<FileWriter>, FsError> {
         let path = self.confine(&meta.path)?;
+        crate::check_xattrs(&meta.path, &meta.xattrs)?;
         self.count_entry()?;
+        let r = self.begin_entry(meta, &path)?;
+        // A file gets its attributes when it is committed; a hard link shares its file's.
+        if r.is_none() && !matches!(meta.kind, EntryKind::Hardlink { .. }) {
+            set_xattrs(&path, &meta.xattrs, self.is_root)?;
+        }
+        Ok(r)
+    }
+
+    fn begin_entry(
+        &mut self,
+        meta: &EntryMeta,
+        path: &Path,
+    ) -> Result<Option<FileWriter>, FsError> {
+        let path = path.to_path_buf();
         let mode = meta.mode & 0o7777;
         match &meta.kind {
             EntryKind::Dir => {
@@ -506,6 +549,7 @@ impl FileWriter {
         file.set_times(fs::FileTimes::new().set_modified(time_from_ns(self.meta.mtime_ns)))
             .map_err(|e| FsError::io("set mtime of", &tmp, e))?;
         drop(file);
+        set_xattrs(&tmp, &self.meta.xattrs, self.is_root)?;
         fs::rename(&tmp, &self.target)
             .map_err(|e| FsError::io("rename temporary file over", &self.target, e))?;
         self.tmp = None;

@@ -100,6 +100,66 @@ pub struct EntryMeta {
     pub mtime_ns: i64,
     /// Content size in bytes for [`EntryKind::File`], 0 otherwise.
     pub size: u64,
+    /// Extended attributes (user, trusted, security: e.g. file capabilities, or overlayfs's
+    /// `trusted.overlay.opaque` on a container's own layer), sorted by name. Hard links share
+    /// their file's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub xattrs: Vec<Xattr>,
+}
+
+/// An extended attribute.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Xattr {
+    /// Its name, e.g. `user.comment` or `security.capability`.
+    pub name: String,
+    /// Its value, hex-encoded.
+    pub value: String,
+}
+
+/// Most extended attributes per entry.
+pub const MAX_XATTRS: usize = 64;
+/// Largest extended attribute value.
+pub const MAX_XATTR_VALUE: usize = 64 << 10;
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const D: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(D[usize::from(b >> 4)] as char);
+        s.push(D[usize::from(b & 15)] as char);
+    }
+    s
+}
+
+pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Checks a list of extended attributes received from anywhere: at most [`MAX_XATTRS`],
+/// names 1-255 bytes without NUL, values hex of at most [`MAX_XATTR_VALUE`] bytes.
+pub(crate) fn check_xattrs(path: &str, xattrs: &[Xattr]) -> Result<(), FsError> {
+    let bad = |reason: &'static str| FsError::InvalidPath {
+        path: path.chars().take(300).collect(),
+        reason,
+    };
+    if xattrs.len() > MAX_XATTRS {
+        return Err(bad("more than 64 extended attributes"));
+    }
+    for x in xattrs {
+        if x.name.is_empty() || x.name.len() > 255 || x.name.contains('\0') {
+            return Err(bad("malformed extended attribute name"));
+        }
+        if x.value.len() > 2 * MAX_XATTR_VALUE || unhex(&x.value).is_none() {
+            return Err(bad("extended attribute value too large or not hex"));
+        }
+    }
+    Ok(())
 }
 
 /// Errors of this crate. Each names the path or value that failed.

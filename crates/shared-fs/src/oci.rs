@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::confine::check_syntax;
-use crate::store::{tree_from_entries, Id, ImportStats, Store, TreeEntry, Xattr};
+use crate::store::{tree_from_entries, Id, ImportStats, Store, TreeEntry};
+use crate::Xattr;
 use crate::{EntryKind, EntryMeta, FsError};
 
 /// Largest `index.json` or manifest read.
@@ -254,7 +255,6 @@ fn dir_entry(path: &str, meta: EntryMeta) -> TreeEntry {
             path: path.to_owned(),
             ..meta
         },
-        xattrs: vec![],
         chunks: vec![],
         blake3: None,
     }
@@ -460,6 +460,7 @@ impl<'s> Layers<'s> {
                 gid: h.gid().unwrap_or(0) as u32,
                 mtime_ns: (h.mtime().unwrap_or(0) as i64).saturating_mul(1_000_000_000),
                 size: 0,
+                xattrs: vec![],
             };
             let mut xattrs: Vec<Xattr> = vec![];
             if let Ok(Some(pax)) = entry.pax_extensions() {
@@ -480,8 +481,7 @@ impl<'s> Layers<'s> {
                 .map(|b| b.into_owned())
                 .unwrap_or_default();
             let mut e = TreeEntry {
-                meta,
-                xattrs,
+                meta: EntryMeta { xattrs, ..meta },
                 chunks: vec![],
                 blake3: None,
             };
@@ -544,6 +544,8 @@ impl<'s> Layers<'s> {
                     }
                     self.remove(&path, &HashSet::new());
                     e.meta.kind = EntryKind::Hardlink { target };
+                    // A hard link shares its file's attributes.
+                    e.meta.xattrs.clear();
                 }
                 tar::EntryType::Char | tar::EntryType::Block => {
                     let major =
@@ -584,6 +586,7 @@ impl<'s> Layers<'s> {
                         gid: 0,
                         mtime_ns: 0,
                         size: 0,
+                        xattrs: vec![],
                     },
                 );
                 self.map.insert(p.clone(), d);

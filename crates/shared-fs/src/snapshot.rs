@@ -99,6 +99,14 @@ pub fn snapshot(root: &Path) -> Result<Snapshot, FsError> {
                 continue;
             };
             snap.inodes.insert(rel.clone(), (md.dev(), md.ino()));
+            let xattrs = crate::sys::list_xattrs(&full)
+                .map_err(|e| FsError::io("read extended attributes of", &full, e))?
+                .into_iter()
+                .map(|(name, value)| crate::Xattr {
+                    name,
+                    value: crate::hex(&value),
+                })
+                .collect();
             snap.entries.insert(
                 rel.clone(),
                 EntryMeta {
@@ -109,6 +117,7 @@ pub fn snapshot(root: &Path) -> Result<Snapshot, FsError> {
                     gid: md.gid(),
                     mtime_ns: mtime_ns(&md),
                     size,
+                    xattrs,
                 },
             );
         }
@@ -128,6 +137,8 @@ pub fn snapshot(root: &Path) -> Result<Snapshot, FsError> {
                     target: target.clone(),
                 };
                 meta.size = 0;
+                // Shared with the file.
+                meta.xattrs.clear();
             }
             None => {
                 first.insert(id, path.clone());

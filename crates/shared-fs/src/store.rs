@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::confine::check_syntax;
-use crate::{sys, Applier, EntryKind, EntryMeta, FsError, Limits};
+use crate::{hex, unhex, Applier, EntryKind, EntryMeta, FsError, Limits};
 
 /// Smallest chunk (but the last of a file).
 pub const CHUNK_MIN: u32 = 16 << 10;
@@ -35,10 +35,6 @@ pub const CHUNK_AVG: u32 = 64 << 10;
 pub const CHUNK_MAX: u32 = 256 << 10;
 /// Largest tree file read from the store or accepted from a peer.
 pub const MAX_TREE_BYTES: u64 = 256 << 20;
-/// Most extended attributes per entry.
-pub const MAX_XATTRS: usize = 64;
-/// Largest extended attribute value.
-pub const MAX_XATTR_VALUE: usize = 64 << 10;
 /// Tree format version.
 pub const TREE_VERSION: u32 = 1;
 
@@ -54,24 +50,12 @@ pub struct ChunkRef {
     pub len: u32,
 }
 
-/// An extended attribute.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Xattr {
-    /// Its name, e.g. `user.comment` or `security.capability`.
-    pub name: String,
-    /// Its value, hex-encoded.
-    pub value: String,
-}
-
-/// One entry of a tree: metadata, extended attributes and, for a file, its content.
+/// One entry of a tree: metadata (with extended attributes) and, for a file, its content.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct TreeEntry {
-    /// Path, kind, mode, owner, mtime, size.
+    /// Path, kind, mode, owner, mtime, size, extended attributes.
     #[serde(flatten)]
     pub meta: EntryMeta,
-    /// Extended attributes, sorted by name.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub xattrs: Vec<Xattr>,
     /// A file's content, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chunks: Vec<ChunkRef>,
@@ -146,26 +130,6 @@ pub struct ImportStats {
     pub new_chunks: u64,
     /// Bytes of those.
     pub new_bytes: u64,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const D: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(D[usize::from(b >> 4)] as char);
-        s.push(D[usize::from(b & 15)] as char);
-    }
-    s
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 /// Whether `s` is a well-formed [`Id`]: 64 lowercase hex digits.
@@ -255,27 +219,7 @@ impl Tree {
                     m.path
                 )));
             }
-            if e.xattrs.len() > MAX_XATTRS {
-                return Err(invalid_tree(format!(
-                    "{:?} has {} extended attributes (at most {MAX_XATTRS})",
-                    m.path,
-                    e.xattrs.len()
-                )));
-            }
-            for x in &e.xattrs {
-                let ok = !x.name.is_empty()
-                    && x.name.len() <= 255
-                    && !x.name.contains('\0')
-                    && x.value.len() <= 2 * MAX_XATTR_VALUE
-                    && unhex(&x.value).is_some();
-                if !ok {
-                    return Err(invalid_tree(format!(
-                        "{:?}: extended attribute {:?} is malformed or too large",
-                        m.path,
-                        x.name.chars().take(64).collect::<String>()
-                    )));
-                }
-            }
+            crate::check_xattrs(&m.path, &m.xattrs)?;
             match &m.kind {
                 EntryKind::File => {
                     if m.size > limits.max_file_size {
@@ -642,17 +586,8 @@ impl Store {
         let mut entries = Vec::with_capacity(snap.entries.len());
         for (path, meta) in &snap.entries {
             let full = dir.join(path);
-            let xattrs = sys::list_xattrs(&full)
-                .map_err(|e| FsError::io("read extended attributes of", &full, e))?
-                .into_iter()
-                .map(|(name, value)| Xattr {
-                    name,
-                    value: hex(&value),
-                })
-                .collect();
             let mut e = TreeEntry {
                 meta: meta.clone(),
-                xattrs,
                 chunks: vec![],
                 blake3: None,
             };
@@ -704,14 +639,6 @@ impl Store {
                     .try_into()
                     .map_err(|_| invalid_tree(format!("{:?}: malformed blake3", e.meta.path)))?;
                 w.commit(&b3)?;
-            }
-            if !e.xattrs.is_empty() {
-                let path = dest.join(&e.meta.path);
-                for x in &e.xattrs {
-                    let value = unhex(&x.value).unwrap_or_default();
-                    sys::set_xattr(&path, &x.name, &value)
-                        .map_err(|err| FsError::io("set extended attribute", &path, err))?;
-                }
             }
         }
         a.finish()?;
@@ -920,8 +847,8 @@ pub fn tree_from_entries(entries: HashMap<String, TreeEntry>) -> Tree {
                         gid: 0,
                         mtime_ns: 0,
                         size: 0,
+                        xattrs: vec![],
                     },
-                    xattrs: vec![],
                     chunks: vec![],
                     blake3: None,
                 },
@@ -960,6 +887,7 @@ pub fn tree_from_entries(entries: HashMap<String, TreeEntry>) -> Tree {
                 target: first.clone(),
             };
             l.meta.size = 0;
+            l.meta.xattrs.clear();
             l.chunks.clear();
             l.blake3 = None;
             map.insert(p.clone(), l);

@@ -143,3 +143,18 @@ pub(crate) fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()>
         Err(io::Error::last_os_error())
     }
 }
+
+/// Removes extended attribute `name` of `path` (not following a final symlink).
+pub(crate) fn remove_xattr(path: &Path, name: &str) -> io::Result<()> {
+    let c = cpath(path)?;
+    let cname = CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "xattr name with NUL"))?;
+    // SAFETY: `c` and `cname` are NUL-terminated strings living until the call returns;
+    // lremovexattr only reads them.
+    let rc = unsafe { libc::lremovexattr(c.as_ptr(), cname.as_ptr()) };
+    if rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::ENODATA) {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

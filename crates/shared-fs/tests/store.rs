@@ -64,8 +64,8 @@ fn entry(path: &str, kind: EntryKind, size: u64) -> TreeEntry {
             gid: 0,
             mtime_ns: 0,
             size,
+            xattrs: vec![],
         },
-        xattrs: vec![],
         chunks: vec![],
         blake3: None,
     }
@@ -566,7 +566,7 @@ fn an_oci_layout_with_a_whiteout_and_a_hard_link_imports_as_its_tarballs_say() {
         0o600,
         "the upper layer's version"
     );
-    assert_eq!(by("etc/passwd").xattrs[0].name, "user.origin");
+    assert_eq!(by("etc/passwd").meta.xattrs[0].name, "user.origin");
 
     // Materialized, it is exactly that tree: importing the directory gives the same id.
     let layer = store.materialize(&id).unwrap();

@@ -56,6 +56,7 @@ fn file_meta(path: &str, size: u64) -> EntryMeta {
         gid: 0,
         mtime_ns: 1_000_000_000,
         size,
+        xattrs: vec![],
     }
 }
 
@@ -321,6 +322,7 @@ fn applier_enforces_entry_limit_and_confinement() {
         gid: 0,
         mtime_ns: 0,
         size: 0,
+        xattrs: vec![],
     };
     a.begin(&dir("a")).unwrap();
     a.begin(&dir("b")).unwrap();

@@ -43,6 +43,28 @@ fn build(src: &Path) {
     fs::hard_link(src.join("app/big.bin"), src.join("data/big-link")).unwrap();
     symlink("../app/config.json", src.join("data/config")).unwrap();
     symlink("/does/not/exist", src.join("dangling")).unwrap();
+    // What a container's own overlay layer holds: extended attributes (an opaque directory,
+    // a file capability-like attribute) and a whiteout (character device 0/0).
+    let attr = |name: &str, value: &str, path: &Path| {
+        let ok = std::process::Command::new("setfattr")
+            .args(["-n", name, "-v", value])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "setfattr (package attr) must work here: {name} on {}",
+            path.display()
+        );
+    };
+    attr("user.ferry", "kept", &src.join("app/config.json"));
+    attr("trusted.overlay.opaque", "y", &src.join("data/empty"));
+    let ok = std::process::Command::new("mknod")
+        .arg(src.join("data/whiteout"))
+        .args(["c", "0", "0"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "mknod needs root");
 }
 
 fn assert_same(a: &Snapshot, b: &Snapshot) {
@@ -123,6 +145,19 @@ async fn tree_over_quic_arrives_identical() {
 
     let d1 = snapshot(&dst).unwrap();
     assert_same(&s1, &d1);
+    let xattr_names = |path: &str| -> Vec<String> {
+        d1.entries[path]
+            .xattrs
+            .iter()
+            .map(|x| x.name.clone())
+            .collect()
+    };
+    assert_eq!(xattr_names("data/empty"), ["trusted.overlay.opaque"]);
+    assert_eq!(xattr_names("app/config.json"), ["user.ferry"]);
+    assert_eq!(
+        d1.entries["data/whiteout"].kind,
+        EntryKind::CharDev { rdev: 0 }
+    );
     assert_eq!(
         fs::read(dst.join("app/big.bin")).unwrap(),
         noise(3 << 20, 1)
@@ -226,6 +261,7 @@ fn file_meta(path: &str, size: u64) -> EntryMeta {
         gid: 0,
         mtime_ns: 0,
         size,
+        xattrs: vec![],
     }
 }
 
