@@ -333,6 +333,28 @@ fn an_oci_image_layout_built_here_imports_and_runs() {
         std::fs::read(format!("{root}/etc/motd")).unwrap(),
         b"from layer 2\n"
     );
+    // Every file the tarballs hold is in the container's root with the same content, but the
+    // one the whiteout removed.
+    let mut checked = 0;
+    let mut stack = vec![l1.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(&l1).unwrap().to_string_lossy().into_owned();
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            if md.is_dir() {
+                stack.push(p);
+            } else if md.is_file() && rel != "etc/old" {
+                assert_eq!(
+                    std::fs::read(&p).unwrap(),
+                    std::fs::read(format!("{root}/{rel}")).unwrap(),
+                    "{rel}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 3, "{checked} files compared");
     let a = std::fs::metadata(format!("{root}/bin/ferry-workload")).unwrap();
     let b = std::fs::metadata(format!("{root}/bin/wl-again")).unwrap();
     assert_eq!(a.ino(), b.ino(), "the hard link is a hard link");

@@ -17,11 +17,17 @@ use super::peer::Incoming;
 use super::{lock, Agent};
 use crate::proto::{PeerRequest, PeerResponse};
 
-/// A base tree received, waiting for its chunks.
+/// A base tree received, waiting for its chunks. Two migrations may bring the same base at
+/// once: both may send its chunks, each is checked and stored once.
+#[derive(Clone)]
 pub(crate) struct PendingBase {
     tree: Tree,
-    missing: HashSet<String>,
+    chunks: HashSet<String>,
 }
+
+/// Most base trees waiting for their chunks at once (a source that stops between the tree and
+/// its chunks leaves one behind).
+const MAX_PENDING: usize = 64;
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -156,13 +162,12 @@ impl Agent {
             Ok((t, missing))
         })
         .await??;
-        lock(&self.pending_bases).insert(
-            tree,
-            PendingBase {
-                tree: t,
-                missing: missing.iter().cloned().collect(),
-            },
-        );
+        let chunks = t.chunks().into_keys().map(str::to_owned).collect();
+        let mut pending = lock(&self.pending_bases);
+        if pending.len() >= MAX_PENDING && !pending.contains_key(&tree) {
+            bail!("{MAX_PENDING} base layers are already on their way here; retry later");
+        }
+        pending.insert(tree, PendingBase { tree: t, chunks });
         Ok(PeerResponse::BaseMissing { chunks: missing })
     }
 
@@ -173,15 +178,16 @@ impl Agent {
         count: u64,
         recv: &mut Incoming<'_>,
     ) -> Result<PeerResponse> {
-        let Some(mut pending) = lock(&self.pending_bases).remove(&tree) else {
+        let Some(pending) = lock(&self.pending_bases).get(&tree).cloned() else {
             bail!("chunks of base tree {tree} sent before the tree");
         };
-        if count != pending.missing.len() as u64 {
+        if count > pending.chunks.len() as u64 {
             bail!(
-                "{count} chunks announced for base tree {tree}, {} were asked for",
-                pending.missing.len()
+                "{count} chunks announced for base tree {tree}, which uses {}",
+                pending.chunks.len()
             );
         }
+        let mut seen = HashSet::new();
         let mut bytes = 0u64;
         for _ in 0..count {
             let mut id = [0u8; 32];
@@ -193,8 +199,8 @@ impl Agent {
             if len == 0 || len > CHUNK_MAX {
                 bail!("chunk {id} of {len} bytes refused (1..={CHUNK_MAX})");
             }
-            if !pending.missing.remove(&id) {
-                bail!("chunk {id} was not asked for");
+            if !pending.chunks.contains(&id) || !seen.insert(id.clone()) {
+                bail!("chunk {id} is not part of base tree {tree}, or came twice");
             }
             let mut data = vec![0u8; len as usize];
             recv.read_exact(&mut data)
@@ -204,12 +210,16 @@ impl Agent {
             tokio::task::spawn_blocking(move || store.put_chunk_checked(&id, &data)).await??;
             bytes += 36 + u64::from(len);
         }
+        // Every chunk must be here now (sent, or already held); put_tree checks it.
         let store = Arc::clone(&self.store);
         let t = pending.tree;
-        let id = tokio::task::spawn_blocking(move || store.put_tree(&t)).await??;
+        let id = tokio::task::spawn_blocking(move || store.put_tree(&t))
+            .await?
+            .with_context(|| format!("base tree {tree} is still incomplete"))?;
         if id != tree {
             bail!("base tree stored as {id}, announced as {tree}");
         }
+        lock(&self.pending_bases).remove(&tree);
         info!(%tree, chunks = count, bytes, "base layer received");
         Ok(PeerResponse::Ok { bytes })
     }
