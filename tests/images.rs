@@ -290,6 +290,24 @@ fn an_oci_image_layout_built_here_imports_and_runs() {
     ]))
     .unwrap();
     assert_eq!(out["format"], "oci", "{out}");
+    // The same layout as an archive (what `docker save` writes) is the same image.
+    let archive = work.join("layout.tar");
+    tar(&layout, &archive, false);
+    let packed: Value = serde_json::from_str(&ferry_ok(&[
+        "image",
+        "import",
+        "--on",
+        "h1",
+        "--name",
+        "wl:tar",
+        "--json",
+        archive.to_str().unwrap(),
+    ]))
+    .unwrap();
+    assert_eq!(packed["format"], "oci-archive", "{packed}");
+    assert_eq!(packed["image"]["tree"], out["image"]["tree"]);
+    assert_eq!(packed["stats"]["new_chunks"], 0, "nothing new: {packed}");
+    ferry_ok(&["image", "rm", "--on", "h1", "wl:tar"]);
     // A layout with a damaged layer is refused with the reason, and nothing is named.
     let broken = work.join("broken");
     assert!(Command::new("cp")

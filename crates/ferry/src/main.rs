@@ -246,7 +246,8 @@ enum ImageCmd {
         /// For an OCI layout with several images: the one to import (its ref name).
         #[arg(long = "ref")]
         oci_ref: Option<String>,
-        /// A root filesystem directory, or an OCI image layout directory.
+        /// A root filesystem directory, an OCI image layout directory, or an OCI layout
+        /// archive (`docker save` since Docker 25, `skopeo copy ... oci-archive:`).
         path: PathBuf,
         /// Print JSON.
         #[arg(long)]

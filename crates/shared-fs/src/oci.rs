@@ -139,6 +139,43 @@ impl<R: Read> Read for DigestReader<R> {
     }
 }
 
+/// Imports an OCI image layout packed as a tar archive (what `docker save` writes since Docker
+/// 25, or `skopeo copy ... oci-archive:`): unpacked into the store's scratch space (the tar
+/// crate never writes outside it), imported with [`import_oci`], then removed.
+pub fn import_oci_archive(
+    store: &Store,
+    archive: &Path,
+    reference: Option<&str>,
+) -> Result<(Id, OciImport), FsError> {
+    let dir = store.scratch_dir()?;
+    let res = (|| {
+        let f = File::open(archive).map_err(|e| FsError::io("open", archive, e))?;
+        let mut r = BufReader::new(f);
+        let head = r
+            .fill_buf()
+            .map_err(|e| FsError::io("read", archive, e))?
+            .to_vec();
+        let stream: Box<dyn Read> = if head.starts_with(&[0x1f, 0x8b]) {
+            Box::new(flate2::read::GzDecoder::new(r))
+        } else {
+            Box::new(r)
+        };
+        tar::Archive::new(stream)
+            .unpack(&dir)
+            .map_err(|e| err(archive, format!("not a readable tar archive: {e}")))?;
+        if !dir.join("oci-layout").is_file() {
+            return Err(err(
+                archive,
+                "no oci-layout file in the archive: not an OCI image layout (older `docker save` \
+                 archives are not; `skopeo copy docker-archive:IN oci:DIR` converts them)",
+            ));
+        }
+        import_oci(store, &dir, reference)
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    res
+}
+
 /// Imports the image `reference` (an `org.opencontainers.image.ref.name` of the index; may be
 /// omitted when the index has one image) of the OCI layout at `layout`. Returns the tree's id.
 pub fn import_oci(

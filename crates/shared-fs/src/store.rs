@@ -373,6 +373,14 @@ impl Store {
             .join(format!("{}.json", hex(name.as_bytes())))
     }
 
+    /// A new empty directory under the store's `tmp/` (emptied at the next [`Store::open`] if
+    /// left behind); the caller removes it.
+    pub fn scratch_dir(&self) -> Result<PathBuf, FsError> {
+        let p = self.tmp_path();
+        fs::create_dir(&p).map_err(|e| FsError::io("create", &p, e))?;
+        Ok(p)
+    }
+
     /// Where tree `id` is (or will be) materialized.
     pub fn layer_path(&self, id: &str) -> PathBuf {
         self.root.join("layers").join(id)

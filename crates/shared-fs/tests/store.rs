@@ -7,7 +7,7 @@ use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use shared_fs::oci::import_oci;
+use shared_fs::oci::{import_oci, import_oci_archive};
 use shared_fs::store::{is_id, ChunkRef, Tree, TreeEntry, TREE_VERSION};
 use shared_fs::{EntryKind, EntryMeta, FsError, Limits, Store};
 
@@ -629,4 +629,38 @@ fn a_layer_with_a_path_out_of_the_tree_is_rejected() {
         assert!(!t.path().join("escape").exists());
         assert_eq!(files_under(t.path()), vec!["layout", "store"]);
     }
+}
+
+#[test]
+fn an_oci_layout_archive_imports_like_the_layout() {
+    let t = tempfile::tempdir().unwrap();
+    let store = Store::open(&t.path().join("store")).unwrap();
+    let layout = t.path().join("layout");
+    make_layout(&layout, false);
+    let (from_dir, _) = import_oci(&store, &layout, None).unwrap();
+    let archive = t.path().join("image.tar");
+    let mut b = tar::Builder::new(fs::File::create(&archive).unwrap());
+    b.append_dir_all(".", &layout).unwrap();
+    b.finish().unwrap();
+    drop(b);
+    let (from_tar, info) = import_oci_archive(&store, &archive, Some("test:1")).unwrap();
+    assert_eq!(from_tar, from_dir);
+    assert_eq!(info.layers, 2);
+    assert!(
+        files_under(&store.root().join("tmp")).is_empty(),
+        "scratch removed"
+    );
+    // A tar that is not an OCI layout says so.
+    let other = t.path().join("other.tar");
+    let mut b = tar::Builder::new(fs::File::create(&other).unwrap());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(2);
+    h.set_cksum();
+    b.append_data(&mut h, "manifest.json", &b"[]"[..]).unwrap();
+    b.finish().unwrap();
+    drop(b);
+    let e = import_oci_archive(&store, &other, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no oci-layout file"), "{e}");
 }

@@ -33,7 +33,7 @@ pub struct ImportImage {
 pub struct Imported {
     /// The image as named.
     pub image: ImageRecord,
-    /// `rootfs` or `oci`.
+    /// `rootfs`, `oci` or `oci-archive`.
     pub format: String,
     /// Chunks and bytes found, and how many were new to this host.
     pub stats: ImportStats,
@@ -106,18 +106,23 @@ pub(crate) async fn import(
             req.path.display()
         )));
     }
-    if !req.path.is_dir() {
+    if !req.path.is_dir() && !req.path.is_file() {
         return Err(ApiFailure::bad_request(format!(
-            "no such directory on {}: {}; give a root filesystem directory or an OCI image layout",
-            a.cfg.host,
-            req.path.display()
+            "nothing at {} on {}; give a root filesystem directory, an OCI image layout, or an \
+             OCI layout archive (.tar, .tar.gz)",
+            req.path.display(),
+            a.cfg.host
         )));
     }
     let store = Arc::clone(&a.store);
     let r = req.clone();
     let t = std::time::Instant::now();
     let out = blocking(move || {
-        let (tree, format, stats) = if r.path.join("oci-layout").is_file() {
+        let (tree, format, stats) = if r.path.is_file() {
+            let (tree, info) =
+                shared_fs::oci::import_oci_archive(&store, &r.path, r.oci_ref.as_deref())?;
+            (tree, "oci-archive", info.stats)
+        } else if r.path.join("oci-layout").is_file() {
             let (tree, info) = shared_fs::oci::import_oci(&store, &r.path, r.oci_ref.as_deref())?;
             (tree, "oci", info.stats)
         } else {
