@@ -183,6 +183,7 @@ pub fn import_oci(
     layout: &Path,
     reference: Option<&str>,
 ) -> Result<(Id, OciImport), FsError> {
+    let _import = store.import_guard();
     let marker = layout.join("oci-layout");
     let m: serde_json::Value = serde_json::from_slice(
         &std::fs::read(&marker).map_err(|e| FsError::io("read", &marker, e))?,

@@ -306,6 +306,9 @@ pub struct Store {
     root: PathBuf,
     limits: Limits,
     tmp_counter: AtomicU64,
+    /// Imports (chunks first, their tree last) hold it shared; [`Store::gc`] exclusively, so it
+    /// never removes the chunks of a tree being written.
+    gate: std::sync::RwLock<()>,
 }
 
 impl Store {
@@ -335,6 +338,7 @@ impl Store {
             root: root.to_path_buf(),
             limits,
             tmp_counter: AtomicU64::new(0),
+            gate: std::sync::RwLock::new(()),
         })
     }
 
@@ -587,8 +591,14 @@ impl Store {
         Ok((chunks, hex(whole.finalize().as_bytes()), size))
     }
 
+    /// Holds off [`Store::gc`] while a tree's chunks and then the tree are written.
+    pub fn import_guard(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Imports the directory `dir` (never following symlinks) as a tree; returns its id.
     pub fn import_dir(&self, dir: &Path) -> Result<(Id, ImportStats), FsError> {
+        let _import = self.import_guard();
         let snap = crate::snapshot(dir)?;
         let mut stats = ImportStats::default();
         let mut entries = Vec::with_capacity(snap.entries.len());
@@ -745,12 +755,14 @@ impl Store {
     }
 
     /// Removes every tree that no image names and that is not in `keep` (trees containers
-    /// use), their materialized layers, and every chunk no remaining tree uses.
-    pub fn gc(&self, keep: &[Id]) -> Result<GcStats, FsError> {
+    /// use), their materialized layers, and every chunk no remaining tree uses and that is not
+    /// in `keep_chunks` (chunks of trees on their way here).
+    pub fn gc(&self, keep: &[Id], keep_chunks: &[Id]) -> Result<GcStats, FsError> {
+        let _exclusive = self.gate.write().unwrap_or_else(|e| e.into_inner());
         let mut live: HashSet<Id> = keep.iter().cloned().collect();
         live.extend(self.images()?.into_iter().map(|r| r.tree));
         let mut stats = GcStats::default();
-        let mut used: HashSet<Id> = HashSet::new();
+        let mut used: HashSet<Id> = keep_chunks.iter().cloned().collect();
         let trees = self.root.join("trees");
         for e in fs::read_dir(&trees).map_err(|e| FsError::io("read", &trees, e))? {
             let p = e.map_err(|e| FsError::io("read", &trees, e))?.path();

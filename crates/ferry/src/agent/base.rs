@@ -129,6 +129,14 @@ impl Agent {
         Ok(sent)
     }
 
+    /// Chunks of the base trees on their way here (gc keeps them).
+    pub(crate) fn pending_base_chunks(&self) -> Vec<String> {
+        lock(&self.pending_bases)
+            .values()
+            .flat_map(|p| p.chunks.iter().cloned())
+            .collect()
+    }
+
     /// Destination: `BaseHave`.
     pub(crate) async fn base_have(self: &Arc<Self>, tree: String) -> Result<PeerResponse> {
         let store = Arc::clone(&self.store);

@@ -158,7 +158,8 @@ pub(crate) async fn remove(
 pub(crate) async fn gc(State(a): State<Arc<Agent>>) -> Result<Json<GcStats>, ApiFailure> {
     let store = Arc::clone(&a.store);
     let keep = a.trees_in_use();
-    let s = blocking(move || store.gc(&keep)).await?;
+    let keep_chunks = a.pending_base_chunks();
+    let s = blocking(move || store.gc(&keep, &keep_chunks)).await?;
     info!(
         chunks = s.chunks,
         bytes = s.chunk_bytes,
