@@ -692,15 +692,19 @@ pub fn mount_overlay_rootfs(l: &Layout, lower: &Path) -> Result<()> {
     })
 }
 
+/// Mount points of this mount namespace (`/proc/self/mountinfo`, field 5).
+fn mount_points() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4).map(str::to_owned))
+        .collect()
+}
+
 /// Whether `path` is a mount point.
 fn is_mount_point(path: &Path) -> bool {
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
     let p = path.to_string_lossy();
-    mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(4).is_some_and(|m| m == p))
+    mount_points().iter().any(|m| *m == p)
 }
 
 /// Removes a container's bundle, unmounting its overlay root first (removing through the mount
@@ -718,15 +722,10 @@ pub fn remove_bundle(l: &Layout) {
 
 /// Unmounts every mount at or under `dir` (containers' overlay roots), deepest first.
 pub fn unmount_under(dir: &Path) {
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
     let prefix = dir.to_string_lossy().trim_end_matches('/').to_string();
-    let mut points: Vec<String> = mounts
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
+    let mut points: Vec<String> = mount_points()
+        .into_iter()
         .filter(|m| *m == prefix || m.starts_with(&format!("{prefix}/")))
-        .map(str::to_owned)
         .collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.len()));
     points.dedup();

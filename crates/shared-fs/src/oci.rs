@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::confine::check_syntax;
-use crate::store::{tree_from_entries, Id, ImportStats, Store, TreeEntry};
+use crate::store::{implicit_dir, parent_of, tree_from_entries, Id, ImportStats, Store, TreeEntry};
 use crate::Xattr;
 use crate::{EntryKind, EntryMeta, FsError};
 
@@ -105,7 +105,7 @@ fn read_json_blob<T: serde::de::DeserializeOwned>(
     }
     let path = blob_path(layout, &d.digest)?;
     let bytes = std::fs::read(&path).map_err(|e| FsError::io("read", &path, e))?;
-    let actual = format!("sha256:{}", hex_of(&Sha256::digest(&bytes)));
+    let actual = format!("sha256:{}", crate::hex(&Sha256::digest(&bytes)));
     if actual != d.digest || bytes.len() as u64 != d.size {
         return Err(err(
             layout,
@@ -117,10 +117,6 @@ fn read_json_blob<T: serde::de::DeserializeOwned>(
         ));
     }
     serde_json::from_slice(&bytes).map_err(|e| err(layout, format!("{}: {e}", d.digest)))
-}
-
-fn hex_of(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Reads through, hashing (sha256) and counting what passes.
@@ -287,17 +283,6 @@ struct Layers<'s> {
     stats: ImportStats,
 }
 
-fn dir_entry(path: &str, meta: EntryMeta) -> TreeEntry {
-    TreeEntry {
-        meta: EntryMeta {
-            path: path.to_owned(),
-            ..meta
-        },
-        chunks: vec![],
-        blake3: None,
-    }
-}
-
 /// A tar path as a tree path: without `./`, leading or trailing `/`; `None` for the root.
 fn normalize(raw: &[u8]) -> Result<Option<String>, String> {
     let s = std::str::from_utf8(raw).map_err(|_| "a path that is not UTF-8".to_string())?;
@@ -316,10 +301,6 @@ fn normalize(raw: &[u8]) -> Result<Option<String>, String> {
     }
     check_syntax(s, crate::MAX_PATH_LEN).map_err(|e| e.to_string())?;
     Ok(Some(s.to_owned()))
-}
-
-fn parent_of(path: &str) -> &str {
-    path.rsplit_once('/').map_or("", |(p, _)| p)
 }
 
 impl<'s> Layers<'s> {
@@ -407,7 +388,7 @@ impl<'s> Layers<'s> {
             Ok(())
         })();
         io::copy(&mut raw, &mut io::sink()).map_err(|e| FsError::io("read", &path, e))?;
-        let actual = format!("sha256:{}", hex_of(&raw.hasher.finalize()));
+        let actual = format!("sha256:{}", crate::hex(&raw.hasher.finalize()));
         if actual != d.digest {
             return Err(err(
                 layout,
@@ -507,7 +488,7 @@ impl<'s> Layers<'s> {
                         if let Some(n) = k.strip_prefix("SCHILY.xattr.") {
                             xattrs.push(Xattr {
                                 name: n.to_owned(),
-                                value: hex_of(ext.value_bytes()),
+                                value: crate::hex(ext.value_bytes()),
                             });
                         }
                     }
@@ -614,20 +595,7 @@ impl<'s> Layers<'s> {
             // Parents the layer does not list keep what lower layers said, or get defaults.
             let mut p = parent.clone();
             while !p.is_empty() && !self.map.contains_key(&p) {
-                let d = dir_entry(
-                    &p,
-                    EntryMeta {
-                        path: String::new(),
-                        kind: EntryKind::Dir,
-                        mode: 0o755,
-                        uid: 0,
-                        gid: 0,
-                        mtime_ns: 0,
-                        size: 0,
-                        xattrs: vec![],
-                    },
-                );
-                self.map.insert(p.clone(), d);
+                self.map.insert(p.clone(), implicit_dir(&p));
                 p = parent_of(&p).to_owned();
             }
             if let Some(EntryKind::Dir) = self.map.get(&parent).map(|x| &x.meta.kind) {

@@ -141,8 +141,38 @@ fn invalid_tree(reason: String) -> FsError {
     FsError::InvalidTree { reason }
 }
 
-fn parent_of(path: &str) -> &str {
+pub(crate) fn parent_of(path: &str) -> &str {
     path.rsplit_once('/').map_or("", |(p, _)| p)
+}
+
+/// A directory a tree needs but no source listed: mode 0755, owned by root, mtime 0.
+pub(crate) fn implicit_dir(path: &str) -> TreeEntry {
+    TreeEntry {
+        meta: EntryMeta {
+            path: path.to_owned(),
+            kind: EntryKind::Dir,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 0,
+            size: 0,
+            xattrs: vec![],
+        },
+        chunks: vec![],
+        blake3: None,
+    }
+}
+
+/// Reads an object of the store; a missing file is [`FsError::Missing`] (`what` `id`).
+fn read_object(path: &Path, what: &'static str, id: &str) -> Result<Vec<u8>, FsError> {
+    match fs::read(path) {
+        Ok(b) => Ok(b),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(FsError::Missing {
+            what,
+            id: id.to_owned(),
+        }),
+        Err(e) => Err(FsError::io("read", path, e)),
+    }
 }
 
 impl Tree {
@@ -474,17 +504,7 @@ impl Store {
                 id.chars().take(64).collect::<String>()
             )));
         }
-        let path = self.chunk_path(id);
-        let data = match fs::read(&path) {
-            Ok(d) => d,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(FsError::Missing {
-                    what: "chunk",
-                    id: id.to_owned(),
-                })
-            }
-            Err(e) => return Err(FsError::io("read", &path, e)),
-        };
+        let data = read_object(&self.chunk_path(id), "chunk", id)?;
         let actual = hex(blake3::hash(&data).as_bytes());
         if actual != id {
             return Err(FsError::ChunkMismatch {
@@ -538,31 +558,23 @@ impl Store {
 
     /// Reads tree `id` back, checking its content against its id and validating it.
     pub fn get_tree(&self, id: &str) -> Result<Tree, FsError> {
+        self.get_tree_with_bytes(id).map(|(t, _)| t)
+    }
+
+    /// The stored tree's bytes (to send to a peer), checked like [`Store::get_tree`].
+    pub fn tree_bytes(&self, id: &str) -> Result<Vec<u8>, FsError> {
+        self.get_tree_with_bytes(id).map(|(_, b)| b)
+    }
+
+    fn get_tree_with_bytes(&self, id: &str) -> Result<(Tree, Vec<u8>), FsError> {
         if !is_id(id) {
             return Err(invalid_tree(format!(
                 "{:?} is not a tree id",
                 id.chars().take(64).collect::<String>()
             )));
         }
-        let path = self.tree_path(id);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(FsError::Missing {
-                    what: "tree",
-                    id: id.to_owned(),
-                })
-            }
-            Err(e) => return Err(FsError::io("read", &path, e)),
-        };
-        self.tree_from_bytes(id, &bytes)
-    }
-
-    /// The stored tree's bytes (to send to a peer).
-    pub fn tree_bytes(&self, id: &str) -> Result<Vec<u8>, FsError> {
-        self.get_tree(id)?;
-        let path = self.tree_path(id);
-        fs::read(&path).map_err(|e| FsError::io("read", &path, e))
+        let bytes = read_object(&self.tree_path(id), "tree", id)?;
+        Ok((self.tree_from_bytes(id, &bytes)?, bytes))
     }
 
     /// Chunks the content read from `r` into the store; returns the chunks, the content's
@@ -713,16 +725,7 @@ impl Store {
     pub fn image(&self, name: &str) -> Result<ImageRecord, FsError> {
         check_image_name(name)?;
         let path = self.image_path(name);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(FsError::Missing {
-                    what: "image",
-                    id: name.to_owned(),
-                })
-            }
-            Err(e) => return Err(FsError::io("read", &path, e)),
-        };
+        let bytes = read_object(&path, "image", name)?;
         serde_json::from_slice(&bytes)
             .map_err(|e| invalid_tree(format!("image record {}: {e}", path.display())))
     }
@@ -856,23 +859,7 @@ pub fn tree_from_entries(entries: HashMap<String, TreeEntry>) -> Tree {
     for p in paths {
         let mut parent = parent_of(&p).to_owned();
         while !parent.is_empty() && !map.contains_key(&parent) {
-            map.insert(
-                parent.clone(),
-                TreeEntry {
-                    meta: EntryMeta {
-                        path: parent.clone(),
-                        kind: EntryKind::Dir,
-                        mode: 0o755,
-                        uid: 0,
-                        gid: 0,
-                        mtime_ns: 0,
-                        size: 0,
-                        xattrs: vec![],
-                    },
-                    chunks: vec![],
-                    blake3: None,
-                },
-            );
+            map.insert(parent.clone(), implicit_dir(&parent));
             parent = parent_of(&parent).to_owned();
         }
     }

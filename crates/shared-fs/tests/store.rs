@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use shared_fs::oci::{import_oci, import_oci_archive};
@@ -137,7 +137,7 @@ fn a_tree_round_trips_through_its_materialized_layer() {
     assert!(fs::symlink_metadata(layer.join("etc/fifo"))
         .unwrap()
         .file_type()
-        .is_fifo_like());
+        .is_fifo());
     let x = std::process::Command::new("getfattr")
         .args(["--only-values", "-n", "user.ferry"])
         .arg(layer.join("etc/hostname"))
@@ -149,17 +149,6 @@ fn a_tree_round_trips_through_its_materialized_layer() {
     assert_eq!(id2, id);
     // A second materialize reuses the layer.
     assert_eq!(store.materialize(&id).unwrap(), layer);
-}
-
-trait FifoLike {
-    fn is_fifo_like(&self) -> bool;
-}
-
-impl FifoLike for fs::FileType {
-    fn is_fifo_like(&self) -> bool {
-        use std::os::unix::fs::FileTypeExt;
-        self.is_fifo()
-    }
 }
 
 #[test]

@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::info;
 use transfer::frame::{read_msg, write_msg};
 
+use super::pages::{from_hex, to_hex};
 use super::peer::Incoming;
 use super::{lock, Agent};
 use crate::proto::{PeerRequest, PeerResponse};
@@ -28,10 +29,6 @@ pub(crate) struct PendingBase {
 /// Most base trees waiting for their chunks at once (a source that stops between the tree and
 /// its chunks leaves one behind).
 const MAX_PENDING: usize = 64;
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
 
 /// Opens a stream, sends `req` and `body`, returns the answer.
 async fn ask(
@@ -108,9 +105,9 @@ impl Agent {
                 let data = tokio::task::spawn_blocking(move || s.read_chunk(&id))
                     .await?
                     .with_context(|| format!("reading chunk {c} of the base layer"))?;
-                let raw: Vec<u8> = (0..32)
-                    .map(|i| u8::from_str_radix(&c[2 * i..2 * i + 2], 16))
-                    .collect::<Result<_, _>>()?;
+                let raw = from_hex(&c)
+                    .filter(|r| r.len() == 32)
+                    .ok_or_else(|| anyhow!("{to} asked for chunk {c:?}, which is not an id"))?;
                 w.write_all(&raw).await?;
                 w.write_all(&(data.len() as u32).to_be_bytes()).await?;
                 w.write_all(&data).await?;
@@ -202,7 +199,7 @@ impl Agent {
             recv.read_exact(&mut id)
                 .await
                 .context("reading a chunk id")?;
-            let id = hex(&id);
+            let id = to_hex(&id);
             let len = recv.read_u32().await.context("reading a chunk length")?;
             if len == 0 || len > CHUNK_MAX {
                 bail!("chunk {id} of {len} bytes refused (1..={CHUNK_MAX})");
