@@ -230,6 +230,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             corrupt_images,
             corrupt_memory_page,
             pause_before_commit_ms,
+            corrupt_rootfs,
             detach,
         } => {
             let lab = Lab::load(&dir)?;
@@ -238,6 +239,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 corrupt_images,
                 corrupt_memory_page,
                 pause_before_commit_ms,
+                corrupt_rootfs,
             };
             let mut req = MigrateRequest {
                 to: to.clone(),

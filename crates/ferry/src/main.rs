@@ -127,6 +127,10 @@ enum Cmd {
         /// Fault injection (tests): pause this long between the restore and the commit.
         #[arg(long, hide = true, default_value_t = 0)]
         pause_before_commit_ms: u64,
+        /// Fault injection (tests): add a stray file to the root at the destination after the
+        /// final diff.
+        #[arg(long, hide = true)]
+        corrupt_rootfs: bool,
         /// Start the job and print its id without following it.
         #[arg(long)]
         detach: bool,

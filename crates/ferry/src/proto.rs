@@ -51,6 +51,13 @@ pub enum PeerRequest {
         /// succeeds with damaged memory.
         #[serde(default)]
         corrupt_page: bool,
+        /// Test hook: add a stray file to the root here after the final diff.
+        #[serde(default)]
+        corrupt_rootfs: bool,
+        /// [`shared_fs::Snapshot::digest`] of the source's root filesystem at the freeze: the
+        /// destination's copy must match it once the final diff is applied.
+        #[serde(default)]
+        rootfs_digest: Option<String>,
     },
     /// Pre-copy: which of these pages do you hold? `count` blake3 page hashes (32 bytes
     /// each, raw) follow the message; the answer is [`PeerResponse::Held`].

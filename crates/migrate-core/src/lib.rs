@@ -277,6 +277,11 @@ impl Migration {
         self.report.dirty_tracking = Some(method.to_string());
     }
 
+    /// Records the digest of the root filesystem at the freeze, which the destination matched.
+    pub fn set_rootfs_digest(&mut self, digest: &str) {
+        self.report.rootfs_digest = Some(digest.to_string());
+    }
+
     /// Consumes the migration, yielding its report.
     pub fn finalize(self) -> Report {
         self.report

@@ -116,6 +116,11 @@ pub struct Report {
     /// so a harness can line the phases up with what a client observed.
     #[serde(default)]
     pub started_unix_ms: f64,
+    /// Digest of the container's root filesystem as it was while frozen (every entry's path,
+    /// kind, mode, owner, mtime, size and extended attributes), which the destination's copy
+    /// matched before the restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_digest: Option<String>,
     #[serde(skip)]
     pub(crate) started_at: Duration,
 }
@@ -148,6 +153,7 @@ impl Report {
             dirty_tracking: None,
             precopy_stop: None,
             started_unix_ms: 0.0,
+            rootfs_digest: None,
             started_at: Duration::ZERO,
         }
     }

@@ -86,6 +86,10 @@ pub struct FaultHooks {
     /// can cut the link right after the commit point.
     #[serde(default)]
     pub pause_before_commit_ms: u64,
+    /// Add a stray file to the container's root at the destination after the final diff, so
+    /// that its copy no longer matches the source's at the freeze and the migration rolls back.
+    #[serde(default)]
+    pub corrupt_rootfs: bool,
 }
 
 /// `POST /v1/containers/{name}/migrate`.

@@ -8,10 +8,13 @@
 //!   directory, enforcing [`Limits`], path confinement ([`confine`]) and content
 //!   hashes (blake3).
 //!
+//! * [`RootDir`] opens entries of a live tree beneath its root without following symlinks.
+//!
 //! Unsafe code is confined to the private `sys` module (mknod, utimensat, geteuid).
 #![deny(unsafe_code)]
 
 mod apply;
+pub mod beneath;
 mod confine;
 pub mod oci;
 mod snapshot;
@@ -23,8 +26,9 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use apply::{Applier, ApplyStats, FileWriter};
+pub use beneath::RootDir;
 pub use confine::{confine, MAX_COMPONENT_LEN, MAX_PATH_LEN};
-pub use snapshot::{diff, snapshot, Diff, Snapshot};
+pub use snapshot::{diff, snapshot, Diff, Ident, Snapshot};
 pub use store::{ChunkRef, ImageRecord, Store, Tree, TreeEntry};
 
 /// Resource caps enforced by [`Applier`] on entries received from a peer.

@@ -137,6 +137,18 @@ pub fn is_id(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
+/// [`is_id`], as an error that names the value.
+pub fn check_id(s: &str) -> Result<(), FsError> {
+    if is_id(s) {
+        Ok(())
+    } else {
+        Err(invalid_tree(format!(
+            "{:?} is not a tree id (64 lowercase hex digits)",
+            s.chars().take(80).collect::<String>()
+        )))
+    }
+}
+
 fn invalid_tree(reason: String) -> FsError {
     FsError::InvalidTree { reason }
 }
@@ -416,8 +428,12 @@ impl Store {
     }
 
     /// Where tree `id` is (or will be) materialized.
-    pub fn layer_path(&self, id: &str) -> PathBuf {
-        self.root.join("layers").join(id)
+    ///
+    /// Refuses anything but a well-formed id: an id from a peer such as `/` or `../..` must
+    /// never name a directory outside the store.
+    pub fn layer_path(&self, id: &str) -> Result<PathBuf, FsError> {
+        check_id(id)?;
+        Ok(self.root.join("layers").join(id))
     }
 
     /// Writes `data` to `dest` atomically: a temporary file, synced, renamed into place.
@@ -678,7 +694,7 @@ impl Store {
     /// Materializes tree `id` once under `layers/<id>` (built aside, then renamed into
     /// place) and returns that directory.
     pub fn materialize(&self, id: &str) -> Result<PathBuf, FsError> {
-        let dest = self.layer_path(id);
+        let dest = self.layer_path(id)?;
         if dest.is_dir() {
             return Ok(dest);
         }

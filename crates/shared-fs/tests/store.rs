@@ -121,7 +121,7 @@ fn a_tree_round_trips_through_its_materialized_layer() {
     make_rootfs(&a);
     let (id, _) = store.import_dir(&a).unwrap();
     let layer = store.materialize(&id).unwrap();
-    assert_eq!(layer, store.layer_path(&id));
+    assert_eq!(layer, store.layer_path(&id).unwrap());
     assert_eq!(
         fs::read(layer.join("usr/bin/big")).unwrap(),
         noise(1, 1 << 20)
@@ -315,7 +315,7 @@ fn a_chunk_with_the_wrong_content_is_rejected_before_use() {
     assert!(matches!(e, FsError::ChunkMismatch { .. }), "{e}");
     let e = store.materialize(&id).unwrap_err();
     assert!(matches!(e, FsError::ChunkMismatch { .. }), "{e}");
-    assert!(!store.layer_path(&id).exists());
+    assert!(!store.layer_path(&id).unwrap().exists());
     assert!(files_under(&store.root().join("tmp")).is_empty());
 }
 
@@ -658,4 +658,36 @@ fn an_oci_layout_archive_imports_like_the_layout() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("no oci-layout file"), "{e}");
+}
+
+#[test]
+fn a_tree_id_that_is_a_path_never_names_a_directory() {
+    // A peer's container spec names its base by tree id; an id such as "/" or "../.." must not
+    // turn into a host directory used as the container's lower layer.
+    let t = tempfile::tempdir().unwrap();
+    let store = Store::open(&t.path().join("store")).unwrap();
+    for id in [
+        "/",
+        "..",
+        "../..",
+        "../../../etc",
+        "/etc",
+        "",
+        "layers",
+        &"A".repeat(64),
+        &format!("{}/", "a".repeat(63)),
+        &format!("../{}", "a".repeat(61)),
+    ] {
+        match store.materialize(id) {
+            Err(FsError::InvalidTree { reason }) => {
+                assert!(reason.contains("not a tree id"), "{id:?}: {reason}")
+            }
+            other => panic!("{id:?} must be refused as not a tree id, got {other:?}"),
+        }
+        assert!(store.layer_path(id).is_err(), "{id:?}");
+    }
+    // Nothing was created for them.
+    let layers = t.path().join("store/layers");
+    let n = fs::read_dir(&layers).map_or(0, |d| d.count());
+    assert_eq!(n, 0, "no layer appeared");
 }

@@ -10,10 +10,12 @@
 //! The receiver applies everything through [`shared_fs::Applier`], so paths are
 //! confined, sizes and counts capped and hashes verified before a file appears.
 
+use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use shared_fs::{Applier, Diff, EntryKind, EntryMeta, FsError, Limits};
+use shared_fs::{Applier, Diff, EntryKind, EntryMeta, FsError, Limits, RootDir};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::frame::{read_err, read_msg_capped, write_err, write_msg, MAX_MSG};
@@ -23,7 +25,7 @@ use crate::TransferError;
 pub const CHUNK: usize = 1 << 20;
 
 /// Counters of one tree transfer.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TreeStats {
     /// Records sent or received (`Entry` and `Remove`).
     pub entries: u64,
@@ -31,7 +33,29 @@ pub struct TreeStats {
     pub file_bytes: u64,
     /// Bytes on the wire (frames, chunk headers, compressed data, hashes).
     pub wire_bytes: u64,
+    /// Paths of the diff whose content at the peer may not be what the snapshot recorded: they
+    /// vanished or changed kind before they could be read (not sent), changed while being
+    /// read, or were written so recently that a write in the same clock tick would not show in
+    /// their metadata. Always empty with [`Reads::Frozen`]. The sender marks them
+    /// ([`shared_fs::Snapshot::unsettle`]) so that its next diff sends them again.
+    pub unsettled: Vec<String>,
 }
+
+/// How the tree being sent may change while it is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reads {
+    /// Its owner runs (a pre-copy round, the first copy of a root): a file that vanishes,
+    /// changes kind, is another inode than snapshotted or changes while it is read is normal;
+    /// it is skipped or sent as read, and reported in [`TreeStats::unsettled`].
+    Live,
+    /// Nothing changes it (the container is frozen, or the agent owns the tree): any such
+    /// change is an error, since this copy is authoritative.
+    Frozen,
+}
+
+/// A write this close (or closer) to a read may share the file's mtime and ctime with an
+/// earlier one: timestamps come from a coarse clock (one tick: 1-10 ms).
+const RACY_WINDOW_NS: i64 = 50_000_000;
 
 /// Records received (owned).
 #[derive(Debug, Deserialize)]
@@ -57,13 +81,23 @@ fn max_compressed() -> usize {
 /// Sends `diff` (computed on the local tree at `root`): removals first, then entries
 /// with file contents, then the `End` record. The stream is flushed but not finished.
 ///
-/// File metadata (size, mode, owner, mtime) is re-read from the open file, so the
-/// receiver gets what was actually sent even if the file changed since the snapshot.
-pub async fn send_tree<W>(s: &mut W, root: &Path, diff: &Diff) -> Result<TreeStats, TransferError>
+/// Every file is opened beneath `root` without following any symlink ([`RootDir`]) and must
+/// be the regular file (device and inode) that was snapshotted. Its metadata (size, mode,
+/// owner, mtime) is re-read from the open file, so the receiver gets what was actually sent.
+/// What happens when the tree changed under the snapshot depends on `reads`.
+pub async fn send_tree<W>(
+    s: &mut W,
+    root: &Path,
+    diff: &Diff,
+    reads: Reads,
+) -> Result<TreeStats, TransferError>
 where
     W: AsyncWrite + Unpin + ?Sized,
 {
     let mut st = TreeStats::default();
+    // One open(2) of a local directory: not worth a blocking task.
+    let rd = RootDir::open(root)?;
+    let rd = Arc::new(rd);
     // One compression context and one buffer for the whole tree: creating them per file costs
     // more than compressing a small file.
     let mut zc = zstd::bulk::Compressor::new(1)
@@ -73,11 +107,27 @@ where
         st.wire_bytes += write_msg(s, &RecordRef::Remove(path)).await?;
         st.entries += 1;
     }
+    let mut skipped: HashSet<&str> = HashSet::new();
     for meta in &diff.changed {
-        if meta.kind == EntryKind::File {
-            send_file(s, root, meta, &mut st, &mut zc, &mut buf).await?;
-        } else {
-            st.wire_bytes += write_msg(s, &RecordRef::Entry(meta)).await?;
+        match &meta.kind {
+            EntryKind::File => {
+                let file = FileToSend {
+                    rd: &rd,
+                    meta,
+                    id: diff.identity(&meta.path),
+                    reads,
+                };
+                if !send_file(s, file, &mut st, &mut zc, &mut buf).await? {
+                    skipped.insert(&meta.path);
+                    continue;
+                }
+            }
+            // Its file was not sent: neither is the link (both go with the next diff).
+            EntryKind::Hardlink { target } if skipped.contains(target.as_str()) => {
+                st.unsettled.push(meta.path.clone());
+                continue;
+            }
+            _ => st.wire_bytes += write_msg(s, &RecordRef::Entry(meta)).await?,
         }
         st.entries += 1;
     }
@@ -92,42 +142,104 @@ where
     Ok(st)
 }
 
+/// One file of a diff to send.
+struct FileToSend<'a> {
+    rd: &'a Arc<RootDir>,
+    meta: &'a EntryMeta,
+    /// `(device, inode)` as snapshotted.
+    id: Option<(u64, u64)>,
+    reads: Reads,
+}
+
+/// Why a file of the diff cannot be read as snapshotted.
+enum Open {
+    Ready(std::fs::File),
+    Changed(String),
+}
+
+fn open_checked(rd: &RootDir, rel: &str, id: Option<(u64, u64)>) -> Result<Open, std::io::Error> {
+    let opened = match rd.open_path(rel) {
+        Ok(o) => o,
+        Err(e) if shared_fs::beneath::is_changed_under_us(&e) => {
+            return Ok(Open::Changed(format!(
+                "it vanished or a parent changed ({e})"
+            )))
+        }
+        Err(e) => return Err(e),
+    };
+    if !opened.meta.is_file() {
+        return Ok(Open::Changed("it is no longer a regular file".into()));
+    }
+    if let Some(id) = id {
+        if opened.identity() != id {
+            return Ok(Open::Changed(format!(
+                "it is another file than snapshotted (device/inode {:?}, snapshotted {id:?})",
+                opened.identity()
+            )));
+        }
+    }
+    opened.reopen_for_reading().map(Open::Ready)
+}
+
+fn mtime_ctime(md: &std::fs::Metadata) -> (i64, i64) {
+    use std::os::unix::fs::MetadataExt;
+    let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+    (
+        ns(md.mtime(), md.mtime_nsec()),
+        ns(md.ctime(), md.ctime_nsec()),
+    )
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Sends one file; `Ok(false)` if it was skipped (vanished or changed kind, with
+/// [`Reads::Live`]): nothing of it was written then.
 async fn send_file<W>(
     s: &mut W,
-    root: &Path,
-    meta: &EntryMeta,
+    f: FileToSend<'_>,
     st: &mut TreeStats,
     zc: &mut zstd::bulk::Compressor<'static>,
     buf: &mut Vec<u8>,
-) -> Result<(), TransferError>
+) -> Result<bool, TransferError>
 where
     W: AsyncWrite + Unpin + ?Sized,
 {
     use std::os::unix::fs::MetadataExt;
 
-    let path = shared_fs::confine(root, &meta.path)?;
-    let mut file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|e| TransferError::io("open", &path, e))?;
+    let meta = f.meta;
+    let path = f.rd.display_path(&meta.path);
+    let opened = {
+        let (rd, rel, id) = (Arc::clone(f.rd), meta.path.clone(), f.id);
+        tokio::task::spawn_blocking(move || open_checked(&rd, &rel, id))
+            .await
+            .map_err(|e| TransferError::io("open", &path, std::io::Error::other(e.to_string())))?
+            .map_err(|e| TransferError::io("open", &path, e))?
+    };
+    let file = match opened {
+        Open::Ready(file) => file,
+        Open::Changed(reason) if f.reads == Reads::Live => {
+            tracing::debug!(path = %meta.path, %reason, "skipped a file that changed since the snapshot");
+            st.unsettled.push(meta.path.clone());
+            return Ok(false);
+        }
+        Open::Changed(reason) => return Err(TransferError::SourceChanged { path, reason }),
+    };
+    let mut file = tokio::fs::File::from_std(file);
     let md = file
         .metadata()
         .await
         .map_err(|e| TransferError::io("stat", &path, e))?;
-    if !md.is_file() {
-        return Err(TransferError::SourceChanged {
-            path,
-            reason: "it is no longer a regular file".into(),
-        });
-    }
     let mut current = meta.clone();
     current.size = md.len();
     current.mode = md.mode() & 0o7777;
     current.uid = md.uid();
     current.gid = md.gid();
-    current.mtime_ns = md
-        .mtime()
-        .saturating_mul(1_000_000_000)
-        .saturating_add(md.mtime_nsec());
+    current.mtime_ns = mtime_ctime(&md).0;
     st.wire_bytes += write_msg(s, &RecordRef::Entry(&current)).await?;
 
     let mut hasher = blake3::Hasher::new();
@@ -136,24 +248,34 @@ where
         buf.resize(need, 0);
     }
     let mut remaining = current.size;
+    let mut shrank = false;
     while remaining > 0 {
         let want = usize::try_from(remaining.min(CHUNK as u64)).unwrap_or(CHUNK);
         let mut n = 0;
-        while n < want {
+        while n < want && !shrank {
             let r = file
                 .read(&mut buf[n..want])
                 .await
                 .map_err(|e| TransferError::io("read", &path, e))?;
             if r == 0 {
-                return Err(TransferError::SourceChanged {
-                    path,
-                    reason: format!(
-                        "it shrank below the {} bytes announced to the peer",
-                        current.size
-                    ),
-                });
+                if f.reads == Reads::Frozen {
+                    return Err(TransferError::SourceChanged {
+                        path,
+                        reason: format!(
+                            "it shrank below the {} bytes announced to the peer",
+                            current.size
+                        ),
+                    });
+                }
+                // Truncated while read: the announced size is completed with zeros and the
+                // file goes again with the next diff.
+                shrank = true;
             }
             n += r;
+        }
+        if shrank {
+            buf[n..want].fill(0);
+            n = want;
         }
         let raw = &buf[..n];
         hasher.update(raw);
@@ -188,7 +310,29 @@ where
         .await
         .map_err(write_err("writing a file hash"))?;
     st.wire_bytes += tail.len() as u64;
-    Ok(())
+
+    // Did it change while it was read, or so recently that a further write could go unseen?
+    let after = file
+        .metadata()
+        .await
+        .map_err(|e| TransferError::io("stat", &path, e))?;
+    let changed = shrank || after.len() != md.len() || mtime_ctime(&after) != mtime_ctime(&md);
+    match f.reads {
+        Reads::Frozen if changed => {
+            return Err(TransferError::SourceChanged {
+                path,
+                reason: "it changed while it was read".into(),
+            })
+        }
+        Reads::Frozen => {}
+        Reads::Live => {
+            let (m, c) = mtime_ctime(&after);
+            if changed || m.max(c) > now_ns().saturating_sub(RACY_WINDOW_NS) {
+                st.unsettled.push(meta.path.clone());
+            }
+        }
+    }
+    Ok(true)
 }
 
 async fn read_u32<R>(r: &mut R, what: &'static str) -> Result<u32, TransferError>

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use shared_fs::{diff, snapshot, EntryKind, EntryMeta, Limits, Snapshot};
 use transfer::frame::write_msg;
 use transfer::pki::{create_ca, issue_host_cert};
-use transfer::tree::{recv_tree, send_tree, TreeStats};
+use transfer::tree::{recv_tree, send_tree, Reads, TreeStats};
 use transfer::{Endpoint, TlsFiles, TransferError};
 
 /// Deterministic, poorly compressible bytes.
@@ -135,7 +135,7 @@ async fn tree_over_quic_arrives_identical() {
     let s1 = snapshot(&src).unwrap();
     let full = diff(&Snapshot::default(), &s1);
     let (mut s, mut r) = conn.open().await.unwrap();
-    let sent = send_tree(&mut s, &src, &full).await.unwrap();
+    let sent = send_tree(&mut s, &src, &full, Reads::Frozen).await.unwrap();
     s.finish().unwrap();
     let acked: u64 = transfer::frame::read_msg(&mut r).await.unwrap();
     assert_eq!(acked, sent.entries);
@@ -171,7 +171,9 @@ async fn tree_over_quic_arrives_identical() {
     fs::write(src.join("data/new"), noise(5000, 2)).unwrap();
     let s2 = snapshot(&src).unwrap();
     let (mut s, mut r) = conn.open().await.unwrap();
-    let sent2 = send_tree(&mut s, &src, &diff(&s1, &s2)).await.unwrap();
+    let sent2 = send_tree(&mut s, &src, &diff(&s1, &s2), Reads::Frozen)
+        .await
+        .unwrap();
     s.finish().unwrap();
     let _: u64 = transfer::frame::read_msg(&mut r).await.unwrap();
     conn.close("done");
@@ -189,9 +191,14 @@ async fn tree_over_quic_arrives_identical() {
 async fn encode(src: &Path) -> (Vec<u8>, TreeStats) {
     let s = snapshot(src).unwrap();
     let mut wire = Vec::new();
-    let st = send_tree(&mut wire, src, &diff(&Snapshot::default(), &s))
-        .await
-        .unwrap();
+    let st = send_tree(
+        &mut wire,
+        src,
+        &diff(&Snapshot::default(), &s),
+        Reads::Frozen,
+    )
+    .await
+    .unwrap();
     (wire, st)
 }
 

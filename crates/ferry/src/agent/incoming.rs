@@ -80,6 +80,16 @@ impl Incoming {
     }
 }
 
+/// Test hooks of an `Images` request (refused unless the agent allows fault hooks).
+pub(crate) struct ImageHooks {
+    /// Damage the images so that the restore fails.
+    pub(crate) corrupt: bool,
+    /// Damage one memory page of the workload.
+    pub(crate) corrupt_page: bool,
+    /// Add a stray file to the container's root after the final diff.
+    pub(crate) corrupt_rootfs: bool,
+}
+
 #[derive(Serialize, Deserialize)]
 struct Record {
     job: String,
@@ -156,6 +166,13 @@ impl Agent {
                 spec.prefix_len,
                 spec.args.len()
             );
+        }
+        // The base is named by a tree id that becomes a path under the store: anything but 64
+        // hex digits (such as "/" or "../..") is refused before any directory is touched.
+        if let Some(img) = &spec.image {
+            shared_fs::store::check_id(&img.tree)
+                .and_then(|()| shared_fs::store::check_image_name(&img.name))
+                .with_context(|| format!("refusing container spec for {:?}", spec.name))?;
         }
         if lock(&self.containers).contains_key(&spec.name) {
             bail!(
@@ -259,11 +276,15 @@ impl Agent {
         &self,
         peer: &str,
         job: &str,
-        corrupt: bool,
-        corrupt_page: bool,
+        ImageHooks {
+            corrupt,
+            corrupt_page,
+            corrupt_rootfs,
+        }: ImageHooks,
+        rootfs_digest: Option<String>,
         recv: &mut super::peer::Incoming<'_>,
     ) -> Result<PeerResponse> {
-        if (corrupt || corrupt_page) && !self.cfg.allow_fault_hooks {
+        if (corrupt || corrupt_page || corrupt_rootfs) && !self.cfg.allow_fault_hooks {
             bail!(
                 "fault hooks are disabled on {} (allow_fault_hooks in its config)",
                 self.cfg.host
@@ -293,6 +314,23 @@ impl Agent {
             .await
             .context("receiving the root filesystem diff")?;
         info!(%job, images_ms, total_ms = crate::util::ms(t.elapsed()), files = a.entries, bytes = a.file_bytes, "images received");
+        if corrupt_rootfs {
+            std::fs::write(own.join("ferry-stray-file"), b"not at the source")?;
+            warn!(%job, "a stray file added to the root on purpose (fault hook)");
+        }
+        if let Some(expected) = rootfs_digest {
+            // The copy here must be the source's root as it was at the freeze: whatever the
+            // rounds skipped or resent while the container ran, the final diff settled.
+            let root = own.clone();
+            let got = tokio::task::spawn_blocking(move || shared_fs::snapshot(&root))
+                .await??
+                .digest();
+            if got != expected {
+                bail!(
+                    "the root filesystem received here (digest {got}) differs from the source's at the freeze ({expected}); refusing to restore"
+                );
+            }
+        }
         if corrupt {
             // Test hook: damage the inventory so that CRIU refuses the images for real.
             let inv = images.join("inventory.img");

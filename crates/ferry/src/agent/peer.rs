@@ -7,6 +7,7 @@ use anyhow::{anyhow, bail, Result};
 use shared_fs::Diff;
 use tracing::{debug, warn};
 use transfer::frame::{read_msg, write_msg};
+use transfer::tree::Reads;
 
 use super::Agent;
 use crate::proto::{PeerRequest, PeerResponse, PROTO_VERSION};
@@ -18,6 +19,19 @@ pub(crate) type Incoming<'a> = tokio::io::BufReader<&'a mut transfer::RecvStream
 pub(crate) struct Tree<'a> {
     pub(crate) root: &'a Path,
     pub(crate) diff: &'a Diff,
+    /// Whether the tree may change while it is sent (its container runs).
+    pub(crate) reads: Reads,
+}
+
+/// What a request with trees sent.
+pub(crate) struct Sent {
+    pub(crate) resp: PeerResponse,
+    /// Bytes written to the stream.
+    pub(crate) bytes: u64,
+    /// Paths of all trees that the next diff must send again ([`TreeStats::unsettled`]).
+    ///
+    /// [`TreeStats::unsettled`]: transfer::tree::TreeStats::unsettled
+    pub(crate) unsettled: Vec<String>,
 }
 
 /// Sends `req` and `trees` on a new stream, returns the answer and the bytes sent.
@@ -26,22 +40,38 @@ pub(crate) async fn request(
     req: &PeerRequest,
     trees: &[Tree<'_>],
 ) -> Result<(PeerResponse, u64)> {
+    let sent = request_trees(conn, req, trees).await?;
+    Ok((sent.resp, sent.bytes))
+}
+
+/// [`request`], also telling which paths of the trees are unsettled.
+pub(crate) async fn request_trees(
+    conn: &transfer::Connection,
+    req: &PeerRequest,
+    trees: &[Tree<'_>],
+) -> Result<Sent> {
     let (mut send, mut recv) = conn.open().await?;
     let mut bytes;
+    let mut unsettled = Vec::new();
     {
         // Buffered: a tree is many small frames; send_tree flushes at its end.
         let mut w = tokio::io::BufWriter::with_capacity(256 << 10, &mut send);
         bytes = write_msg(&mut w, req).await?;
         for t in trees {
-            let stats = transfer::tree::send_tree(&mut w, t.root, t.diff).await?;
+            let stats = transfer::tree::send_tree(&mut w, t.root, t.diff, t.reads).await?;
             bytes += stats.wire_bytes;
+            unsettled.extend(stats.unsettled);
         }
         tokio::io::AsyncWriteExt::flush(&mut w).await?;
     }
     send.finish()
         .map_err(|e| anyhow!("closing the request stream to {}: {e}", conn.peer_host))?;
     let resp: PeerResponse = read_msg(&mut recv).await?;
-    Ok((resp, bytes))
+    Ok(Sent {
+        resp,
+        bytes,
+        unsettled,
+    })
 }
 
 /// Turns an answer into `Ok(())` or an error carrying the peer's message.
@@ -164,9 +194,16 @@ async fn dispatch(
             job,
             corrupt,
             corrupt_page,
+            corrupt_rootfs,
+            rootfs_digest,
         } => {
+            let hooks = super::incoming::ImageHooks {
+                corrupt,
+                corrupt_page,
+                corrupt_rootfs,
+            };
             agent
-                .receive_images(peer, &job, corrupt, corrupt_page, recv)
+                .receive_images(peer, &job, hooks, rootfs_digest, recv)
                 .await
         }
         PeerRequest::HeldPages { job, count } => agent.held_pages(peer, &job, count, recv).await,

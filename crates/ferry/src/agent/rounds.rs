@@ -160,6 +160,21 @@ impl Rounds {
             let t = match memtrack::start(pid, method) {
                 Ok(t) => t,
                 Err(e) if e.is_process_gone() => continue,
+                // One process the method cannot follow (no `syscall` instruction to inject in
+                // a zombie or a process between fork and exec, a process already traced...)
+                // does not stop the migration: its pages are compared by hash instead.
+                Err(e) if method != Method::PageHash => {
+                    warn!(pid, %method, error = %e, "this process is tracked by page hashes instead");
+                    match memtrack::start(pid, Method::PageHash) {
+                        Ok(t) => t,
+                        Err(e) if e.is_process_gone() => continue,
+                        Err(e) => {
+                            return Err(e).with_context(|| {
+                                format!("tracking pid {pid} with {method}, then by page hashes")
+                            })
+                        }
+                    }
+                }
                 Err(e) => {
                     return Err(e).with_context(|| format!("tracking pid {pid} with {method}"))
                 }
@@ -832,11 +847,18 @@ impl Agent {
         let req = PeerRequest::RootfsRound {
             job: job.to_string(),
         };
-        let (resp, bytes) =
-            super::peer::request(conn, &req, &[super::peer::Tree { root, diff: &diff }]).await?;
-        super::peer::expect_ok(&conn.peer_host, resp)?;
+        let tree = super::peer::Tree {
+            root,
+            diff: &diff,
+            reads: transfer::tree::Reads::Live,
+        };
+        let sent = super::peer::request_trees(conn, &req, &[tree]).await?;
+        super::peer::expect_ok(&conn.peer_host, sent.resp)?;
         *snap = now;
-        Ok(bytes)
+        for p in &sent.unsettled {
+            snap.unsettle(p);
+        }
+        Ok(sent.bytes)
     }
 }
 

@@ -12,9 +12,10 @@ use orchestrator_shim::api::{
 use shared_fs::{Diff, Snapshot};
 use tokio::sync::{broadcast, Notify};
 use tracing::{info, warn};
+use transfer::tree::Reads;
 
 use super::http::ApiFailure;
-use super::peer::{expect_ok, request, Tree};
+use super::peer::{expect_ok, request, request_trees, Tree};
 use super::rounds::Rounds;
 use super::{lock, Agent, Job};
 use crate::proto::{PeerRequest, PeerResponse, PROTO_VERSION};
@@ -104,6 +105,7 @@ pub(crate) fn start(
             source_link_down: false,
             conn: None,
             rootfs_snapshot: None,
+            rootfs_digest: None,
             commit_unconfirmed: false,
         };
         d.run(machine).await;
@@ -123,6 +125,8 @@ struct Driver {
     source_link_down: bool,
     conn: Option<transfer::Connection>,
     rootfs_snapshot: Option<Snapshot>,
+    /// Digest of the root filesystem at the freeze, sent for the destination to match.
+    rootfs_digest: Option<String>,
     /// The destination never confirmed the commit: keep the images.
     commit_unconfirmed: bool,
 }
@@ -181,10 +185,13 @@ impl Driver {
                     }
                     r.map(|stats| (stats.bytes_sent, Event::RoundDone(stats)))
                 }
-                _ => self
-                    .execute(&action)
-                    .await
-                    .map(|bytes| (bytes, Event::Done { bytes })),
+                _ => {
+                    let r = self.execute(&action).await;
+                    if let Some(d) = &self.rootfs_digest {
+                        m.set_rootfs_digest(d);
+                    }
+                    r.map(|bytes| (bytes, Event::Done { bytes }))
+                }
             };
             if self.job.cancel.load(Ordering::SeqCst) && !cancel_fed {
                 cancel_fed = true;
@@ -341,17 +348,22 @@ impl Driver {
                     job,
                     spec: self.spec.clone(),
                 };
-                let bytes = self
-                    .ask_dest(
-                        &req,
-                        &[Tree {
-                            root: &own,
-                            diff: &full,
-                        }],
-                    )
-                    .await?;
+                // The container runs: what changes under this first copy goes again with the
+                // next diff (a round, or the final one while it is frozen).
+                let conn = self.conn().await?;
+                let tree = Tree {
+                    root: &own,
+                    diff: &full,
+                    reads: Reads::Live,
+                };
+                let sent = request_trees(&conn, &req, &[tree]).await?;
+                expect_ok(&self.to, sent.resp)?;
+                let mut snap = snap;
+                for p in &sent.unsettled {
+                    snap.unsettle(p);
+                }
                 self.rootfs_snapshot = Some(snap);
-                Ok(base_bytes + bytes)
+                Ok(base_bytes + sent.bytes)
             }
             Action::Redirect => {
                 self.agent
@@ -400,19 +412,22 @@ impl Driver {
                 let root = l.own_fs(&self.spec);
                 let before = self.rootfs_snapshot.clone().unwrap_or_default();
                 let t_snap = Instant::now();
-                let (img_diff, fs_diff) =
-                    tokio::task::spawn_blocking(move || -> Result<(Diff, Diff)> {
+                let (img_diff, fs_diff, digest) =
+                    tokio::task::spawn_blocking(move || -> Result<(Diff, Diff, String)> {
                         let img =
                             shared_fs::diff(&Snapshot::default(), &shared_fs::snapshot(&images)?);
                         let now = shared_fs::snapshot(&root)?;
-                        Ok((img, shared_fs::diff(&before, &now)))
+                        Ok((img, shared_fs::diff(&before, &now), now.digest()))
                     })
                     .await??;
                 let req = PeerRequest::Images {
                     job: job.clone(),
                     corrupt: self.faults.corrupt_images,
                     corrupt_page: self.faults.corrupt_memory_page,
+                    corrupt_rootfs: self.faults.corrupt_rootfs,
+                    rootfs_digest: Some(digest.clone()),
                 };
+                self.rootfs_digest = Some(digest);
                 let images = self.agent.images_dir(&job);
                 let snap_ms = crate::util::ms(t_snap.elapsed());
                 let t_send = Instant::now();
@@ -420,13 +435,16 @@ impl Driver {
                     .ask_dest(
                         &req,
                         &[
+                            // Frozen: this diff is authoritative, any change under it fails.
                             Tree {
                                 root: &images,
                                 diff: &img_diff,
+                                reads: Reads::Frozen,
                             },
                             Tree {
                                 root: &l.own_fs(&self.spec),
                                 diff: &fs_diff,
+                                reads: Reads::Frozen,
                             },
                         ],
                     )
