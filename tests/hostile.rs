@@ -89,9 +89,37 @@ fn a_container_swapping_its_files_for_symlinks_to_host_files_never_receives_them
     ]);
     shuttle("trick", &[]);
     shuttle("trick", &["--pre-copy"]);
-    assert!(lab
-        .container("trick")
-        .is_some_and(|c| c["state"] == "running"));
+    // The swaps did land between a snapshot and a read (the agents said so): the test
+    // exercised the window it is about.
+    let skipped: usize = ["h1", "h2"]
+        .iter()
+        .map(|h| {
+            std::fs::read_to_string(format!("{LAB_DIR}/{h}.log"))
+                .unwrap_or_default()
+                .matches("changed while they were read")
+                .count()
+        })
+        .sum();
+    assert!(
+        skipped > 0,
+        "in {} migrations no entry changed between a snapshot and its read",
+        2 * MIGRATIONS
+    );
+    let c = lab.container("trick").expect("trick listed");
+    assert_eq!(c["state"], "running", "{c}");
+    // Paused, so that this scan does not race with the swaps (reading a path that just became
+    // a symlink would read the canary from here, on the host).
+    let host = c["host"].as_str().expect("host");
+    let paused = Command::new("runc")
+        .args([
+            "--root",
+            &format!("{LAB_DIR}/{host}/runc"),
+            "pause",
+            "trick",
+        ])
+        .status()
+        .expect("runc pause");
+    assert!(paused.success(), "runc pause trick on {host}");
     for host in ["h1", "h2"] {
         for f in files_under(Path::new(&format!("{LAB_DIR}/{host}"))) {
             let Ok(data) = std::fs::read(&f) else {

@@ -858,6 +858,10 @@ impl Agent {
         for p in &sent.unsettled {
             snap.unsettle(p);
         }
+        if !sent.unsettled.is_empty() {
+            info!(%job, unsettled = sent.unsettled.len(), first = %sent.unsettled[0],
+                "root filesystem entries changed while they were read: they go again with the next diff");
+        }
         Ok(sent.bytes)
     }
 }

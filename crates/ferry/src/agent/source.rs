@@ -345,7 +345,7 @@ impl Driver {
                     tokio::task::spawn_blocking(move || shared_fs::snapshot(&root)).await??;
                 let full = shared_fs::diff(&Snapshot::default(), &snap);
                 let req = PeerRequest::Prepare {
-                    job,
+                    job: job.clone(),
                     spec: self.spec.clone(),
                 };
                 // The container runs: what changes under this first copy goes again with the
@@ -361,6 +361,10 @@ impl Driver {
                 let mut snap = snap;
                 for p in &sent.unsettled {
                     snap.unsettle(p);
+                }
+                if !sent.unsettled.is_empty() {
+                    info!(%job, unsettled = sent.unsettled.len(), first = %sent.unsettled[0],
+                        "root filesystem entries changed while they were read: they go again with the next diff");
                 }
                 self.rootfs_snapshot = Some(snap);
                 Ok(base_bytes + sent.bytes)
