@@ -231,6 +231,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             corrupt_memory_page,
             pause_before_commit_ms,
             corrupt_rootfs,
+            pause_in_dump_ms,
+            pause_in_restore_ms,
+            pause_after_commit_ms,
             detach,
         } => {
             let lab = Lab::load(&dir)?;
@@ -240,6 +243,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 corrupt_memory_page,
                 pause_before_commit_ms,
                 corrupt_rootfs,
+                pause_in_dump_ms,
+                pause_in_restore_ms,
+                pause_after_commit_ms,
             };
             let mut req = MigrateRequest {
                 to: to.clone(),

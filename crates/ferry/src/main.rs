@@ -131,6 +131,15 @@ enum Cmd {
         /// final diff.
         #[arg(long, hide = true)]
         corrupt_rootfs: bool,
+        /// Fault injection (tests): pause this long in the dump (stop-and-copy), frozen.
+        #[arg(long, hide = true, default_value_t = 0)]
+        pause_in_dump_ms: u64,
+        /// Fault injection (tests): pause this long at the destination before its restore.
+        #[arg(long, hide = true, default_value_t = 0)]
+        pause_in_restore_ms: u64,
+        /// Fault injection (tests): pause this long after the commit, before the source's cleanup.
+        #[arg(long, hide = true, default_value_t = 0)]
+        pause_after_commit_ms: u64,
         /// Start the job and print its id without following it.
         #[arg(long)]
         detach: bool,

@@ -111,6 +111,9 @@ pub enum PeerRequest {
     Restore {
         /// Job id.
         job: String,
+        /// Test hook: sleep this long before restoring (refused unless fault hooks are allowed).
+        #[serde(default)]
+        pause_ms: u64,
     },
     /// Commit point passed: release held packets, announce the container, own it.
     Commit {
@@ -165,6 +168,13 @@ pub enum PeerResponse {
     List {
         /// The containers.
         containers: Vec<ContainerInfo>,
+    },
+    /// Answer to [`PeerRequest::Commit`]: the job is not (or no longer) here and was never
+    /// committed here (its copy timed out, was aborted or removed at a restart): the source
+    /// keeps its container.
+    Aborted {
+        /// Job id.
+        job: String,
     },
     /// Refused or failed.
     Error {

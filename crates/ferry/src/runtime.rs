@@ -126,13 +126,21 @@ impl Runc {
     }
 
     /// Freezes and dumps with CRIU; the container stops existing as a process.
+    ///
+    /// The container is left in place (`--leave-running`, inside a cgroup the caller froze):
+    /// until the destination has committed, a rollback only thaws it, which cannot fail.
     pub fn checkpoint(&self, name: &str, images: &Path, work: &Path) -> Result<()> {
         let mut c = self.cmd("checkpoint", name);
-        c.args(["checkpoint", "--tcp-established", "--image-path"])
-            .arg(images)
-            .arg("--work-path")
-            .arg(work)
-            .arg(name);
+        c.args([
+            "checkpoint",
+            "--tcp-established",
+            "--leave-running",
+            "--image-path",
+        ])
+        .arg(images)
+        .arg("--work-path")
+        .arg(work)
+        .arg(name);
         self.run("checkpoint", name, c, Some(&work.join("dump.log")))
     }
 

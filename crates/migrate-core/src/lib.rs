@@ -4,15 +4,19 @@
 //! [`Event`]s with the current time and carries out the [`Action`]s it returns. Everything that
 //! matters for safety is decided here, so it is tested here with a virtual clock:
 //!
-//! * before the **commit point** (the destination confirmed the restore) every failure or a cancel
-//!   leads to a rollback that leaves the container running on the source and the destination
-//!   clean;
+//! * before the **commit point** (the destination recorded the commit and said so) every
+//!   failure leads to a rollback that leaves the container running on the source (it was left
+//!   in place, frozen, by the dump) and the destination clean; a cancel does too, until the
+//!   destination confirmed the restore;
+//! * in `Committing` the source waits for the destination's answer (the driver retries until it
+//!   gets one): committed, or never committed, which rolls back like any failure before the
+//!   commit point;
 //! * after it, the source never runs again: failures only leave cleanup work, never a rollback.
 //!
 //! ```text
 //! Created -> Preflight -> Preparing [-> PreCopying (rounds)] -> Redirecting -> Dumping
-//!    -> Transferring -> Restoring ==(commit point)==> Committing -> CleaningUp -> Done
-//! any state before the commit point --failure/cancel--> RollingBack -> RolledBack
+//!    -> Transferring -> Restoring -> Committing ==(commit point)==> CleaningUp -> Done
+//! any state before the commit point --failure--> RollingBack -> RolledBack
 //! ```
 //!
 //! With a [`PrecopyPolicy`] ([`Migration::with_precopy`]) memory is copied in rounds while the
@@ -355,11 +359,9 @@ impl Migration {
                     }
                     State::Dumping => self.enter(State::Transferring, now, vec![Action::Transfer]),
                     State::Transferring => self.enter(State::Restoring, now, vec![Action::Restore]),
-                    State::Restoring => {
-                        self.report.committed = true;
-                        self.enter(State::Committing, now, vec![Action::Commit])
-                    }
+                    State::Restoring => self.enter(State::Committing, now, vec![Action::Commit]),
                     State::Committing => {
+                        self.report.committed = true;
                         if let Some(t) = self.frozen_since {
                             self.report.frozen_ms = ms(now.saturating_sub(t));
                         }
@@ -379,20 +381,13 @@ impl Migration {
                     State::Created | State::Done | State::RolledBack | State::Failed => {
                         Err(invalid(s, &event))
                     }
-                    State::Committing | State::CleaningUp => {
+                    State::CleaningUp => {
                         // Past the commit point: record and carry on; the container lives at the
                         // destination.
                         self.close_phase(now, 0);
                         self.report.warnings.push(error);
-                        Ok(if s == State::Committing {
-                            if let Some(t) = self.frozen_since {
-                                self.report.frozen_ms = ms(now.saturating_sub(t));
-                            }
-                            self.enter(State::CleaningUp, now, vec![Action::CleanupSource])
-                        } else {
-                            self.report.outcome = Outcome::Completed;
-                            self.finish(State::Done, now)
-                        })
+                        self.report.outcome = Outcome::Completed;
+                        Ok(self.finish(State::Done, now))
                     }
                     State::RollingBack => {
                         self.close_phase(now, 0);

@@ -119,17 +119,8 @@ fn failure_in_every_state_before_commit_rolls_back_with_the_right_plan() {
 
 #[test]
 fn failure_after_commit_never_rolls_back() {
-    let (mut m, now) = drive_to(State::Committing);
+    let (mut m, now) = drive_to(State::CleaningUp);
     assert!(m.report().committed);
-    let a = m
-        .handle(
-            Event::Failed {
-                error: "garp failed".into(),
-            },
-            t(now + 1),
-        )
-        .unwrap();
-    assert_eq!(a, vec![Action::CleanupSource]);
     let a = m
         .handle(
             Event::Failed {
@@ -141,8 +132,45 @@ fn failure_after_commit_never_rolls_back() {
     assert_eq!(a, vec![Action::Finish]);
     assert_eq!(m.state(), State::Done);
     assert_eq!(m.report().outcome, Outcome::Completed);
-    assert_eq!(m.report().warnings.len(), 2);
+    assert_eq!(m.report().warnings.len(), 1);
     assert!(m.report().rollback.is_none());
+}
+
+#[test]
+fn a_destination_that_never_committed_rolls_back_to_the_frozen_source() {
+    // The driver fails Committing only when the destination answered that it never committed
+    // (its copy timed out, was aborted or removed at a restart): the source thaws its copy.
+    let (mut m, now) = drive_to(State::Committing);
+    assert!(
+        !m.report().committed,
+        "not committed before the destination says so"
+    );
+    let a = m
+        .handle(
+            Event::Failed {
+                error: "h2 never committed job j1".into(),
+            },
+            t(now + 1),
+        )
+        .unwrap();
+    assert_eq!(
+        a,
+        vec![Action::Rollback(RollbackPlan {
+            redirect_back: true,
+            restore_source: true,
+            clean_destination: true,
+            unthrottle: false
+        })]
+    );
+    assert!(!m.report().committed);
+    // A cancel while the commit is in flight is refused: only the destination decides now.
+    assert_eq!(
+        drive_to(State::Committing)
+            .0
+            .handle(Event::Cancel, t(now))
+            .unwrap_err(),
+        TransitionError::PastCommitPoint
+    );
 }
 
 #[test]
@@ -172,6 +200,7 @@ fn cancel_after_commit_point_is_refused() {
     let (mut m, now) = drive_to(State::Restoring);
     m.handle(Event::Cancel, t(now)).unwrap();
     assert_eq!(done(&mut m, now + 1, 0), vec![Action::Commit]);
+    assert_eq!(done(&mut m, now + 2, 0), vec![Action::CleanupSource]);
     assert!(m.report().committed);
 }
 

@@ -90,6 +90,18 @@ pub struct FaultHooks {
     /// that its copy no longer matches the source's at the freeze and the migration rolls back.
     #[serde(default)]
     pub corrupt_rootfs: bool,
+    /// Sleep this long in the dump, with the container frozen (stop-and-copy), so a test can
+    /// kill the source agent there.
+    #[serde(default)]
+    pub pause_in_dump_ms: u64,
+    /// Sleep this long at the destination before its restore, so a test can kill an agent
+    /// while the restore runs.
+    #[serde(default)]
+    pub pause_in_restore_ms: u64,
+    /// Sleep this long after the destination confirmed the commit, before the source cleans
+    /// up, so a test can kill an agent right after the commit.
+    #[serde(default)]
+    pub pause_after_commit_ms: u64,
 }
 
 /// `POST /v1/containers/{name}/migrate`.

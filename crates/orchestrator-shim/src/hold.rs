@@ -399,6 +399,17 @@ impl Inner {
 }
 
 /// Runs `ip netns exec NETNS iptables -w -t raw ACTION PREROUTING -j NFQUEUE --queue-num N`.
+/// Removes the queue rule of a hold whose holder is gone (its process died): every rule of
+/// queue `queue_num` in `netns`, if any.
+pub fn remove_rule(netns: &str, queue_num: u16) -> Result<(), HoldError> {
+    for _ in 0..16 {
+        if iptables(netns, "-D", queue_num).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
 fn iptables(netns: &str, action: &str, queue_num: u16) -> Result<(), HoldError> {
     let num = queue_num.to_string();
     let args = [

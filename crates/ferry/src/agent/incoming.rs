@@ -348,7 +348,18 @@ impl Agent {
         })
     }
 
-    pub(crate) async fn restore_incoming(&self, peer: &str, job: &str) -> Result<PeerResponse> {
+    pub(crate) async fn restore_incoming(
+        &self,
+        peer: &str,
+        job: &str,
+        pause_ms: u64,
+    ) -> Result<PeerResponse> {
+        if pause_ms > 0 && !self.cfg.allow_fault_hooks {
+            bail!(
+                "fault hooks are disabled on {} (allow_fault_hooks in its config)",
+                self.cfg.host
+            );
+        }
         let (name, layout) = match self.incoming.lock().await.get_mut(job) {
             Some(i) if i.from != peer => bail!("job {job} belongs to {}, not {peer}", i.from),
             Some(i) => {
@@ -362,6 +373,10 @@ impl Agent {
         let (logs, job_id) = (self.cfg.state_dir.join("logs"), job.to_string());
         let r = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&work)?;
+            if pause_ms > 0 {
+                warn!(container = %name, ms = pause_ms, "pausing before the restore (fault hook)");
+                std::thread::sleep(Duration::from_millis(pause_ms));
+            }
             let r = runc.restore(&name, &layout.bundle, &images, &work);
             crate::runtime::keep_log(
                 &work.join("restore.log"),
@@ -390,23 +405,33 @@ impl Agent {
     }
 
     pub(crate) async fn commit_incoming(&self, peer: &str, job: &str) -> Result<PeerResponse> {
-        if let Some(i) = self.incoming.lock().await.get(job) {
+        let mut incoming = self.incoming.lock().await;
+        if let Some(i) = incoming.get(job) {
             if i.from != peer {
                 bail!("job {job} belongs to {}, not {peer}", i.from);
             }
+            if !i.restored {
+                bail!("job {job}: container {:?} is not restored yet", i.spec.name);
+            }
         }
-        let Some(mut inc) = self.incoming.lock().await.remove(job) else {
-            // A retried commit whose first answer was lost: the job is already ours.
-            if lock(&self.committed_jobs).contains(job) {
+        let Some(mut inc) = incoming.remove(job) else {
+            drop(incoming);
+            // A retried commit whose first answer was lost: the job is already ours. A job
+            // this host does not know was never committed here (presumed abort).
+            if self.was_committed(job) {
                 return Ok(PeerResponse::Ok { bytes: 0 });
             }
-            bail!("no restored job {job} here (it expired or was aborted)");
+            return Ok(PeerResponse::Aborted {
+                job: job.to_string(),
+            });
         };
-        if !inc.restored {
-            let name = inc.spec.name.clone();
-            self.incoming.lock().await.insert(job.to_string(), inc);
-            bail!("job {job}: container {name:?} is not restored yet");
+        // The commit point: recorded (synced) before anything else, under the lock that keeps
+        // the watchdog and aborts away from this job.
+        if let Err(e) = self.record_committed(job) {
+            incoming.insert(job.to_string(), inc);
+            return Err(e);
         }
+        drop(incoming);
         if let Some(hold) = inc.hold.take() {
             // Past the commit point the container is ours whatever happens to the hold.
             match tokio::task::spawn_blocking(move || hold.release_now()).await {
@@ -436,13 +461,6 @@ impl Agent {
             let _ = std::fs::remove_dir_all(images);
             let _ = std::fs::remove_dir_all(work);
         });
-        {
-            let mut done = lock(&self.committed_jobs);
-            if done.len() >= 1024 {
-                done.clear();
-            }
-            done.insert(job.to_string());
-        }
         info!(%job, container = %inc.spec.name, "migration committed: container owned here");
         Ok(PeerResponse::Ok { bytes: 0 })
     }
@@ -522,10 +540,48 @@ impl Agent {
                 let _ = std::fs::remove_file(e.path());
                 continue;
             };
+            if self.was_committed(&rec.job) {
+                self.finish_recorded_commit(rec).await;
+                continue;
+            }
             warn!(job = %rec.job, container = %rec.spec.name, "removing leftovers of an interrupted incoming migration");
             let undo = self.leftovers(&rec.job, self.layout(&rec.spec.name), &rec.spec.name);
             let _ = tokio::task::spawn_blocking(move || undo.remove()).await;
         }
+    }
+
+    /// At start: an incoming job that committed before this agent died owns its container;
+    /// finishes what the commit had left (the packet hold's rule, the announcement, the
+    /// container record).
+    async fn finish_recorded_commit(&self, rec: Record) {
+        let layout = self.layout(&rec.spec.name);
+        let (runc, name) = (self.runc.clone(), rec.spec.name.clone());
+        let running = tokio::task::spawn_blocking(move || runc.state(&name))
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.status == "running");
+        warn!(job = %rec.job, container = %rec.spec.name, running, "finishing a commit recorded before a restart");
+        let (netns, spec) = (layout.netns.clone(), rec.spec.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            // The dead agent's hold left its queue rule: without a reader it drops every packet.
+            if let Err(e) = orchestrator_shim::hold::remove_rule(&netns, 0) {
+                warn!(netns = %netns, error = %e, "removing a packet hold's rule left by a restart");
+            }
+            announce(&netns, &spec);
+        })
+        .await;
+        lock(&self.containers).insert(
+            rec.spec.name.clone(),
+            ContainerRecord {
+                spec: rec.spec.clone(),
+                migrating: false,
+            },
+        );
+        self.save_containers();
+        let _ = std::fs::remove_file(self.incoming_record(&rec.job));
+        let _ = std::fs::remove_dir_all(self.images_dir(&rec.job));
+        let _ = std::fs::remove_dir_all(self.work_dir(&rec.job));
     }
 
     fn leftovers(&self, job: &str, layout: Layout, name: &str) -> Leftovers {
@@ -560,7 +616,7 @@ impl Leftovers {
     }
 }
 
-fn valid_job(job: &str) -> bool {
+pub(crate) fn valid_job(job: &str) -> bool {
     !job.is_empty()
         && job.len() <= 80
         && job

@@ -7,6 +7,7 @@ mod firstpass;
 mod http;
 pub(crate) mod images;
 mod incoming;
+mod journal;
 mod pages;
 mod peer;
 mod rounds;
@@ -88,8 +89,6 @@ pub(crate) struct Agent {
     incoming: tokio::sync::Mutex<HashMap<String, incoming::Incoming>>,
     criu: std::result::Result<criu_sys::Criu, String>,
     job_seq: AtomicU64,
-    /// Incoming jobs committed here (a retried commit is answered, not refused).
-    committed_jobs: Mutex<std::collections::HashSet<String>>,
     /// Names and addresses of containers being created right now.
     creating: Mutex<Vec<(String, Ipv4Addr)>>,
     /// Memory pages held here by content hash: pre-copied pages of incoming jobs, and pages of
@@ -173,7 +172,7 @@ async fn run(cfg: AgentConfig) -> Result<()> {
             version: c.version.to_string(),
         });
     }
-    let containers = load_containers(&cfg.state_dir.join("containers.json"));
+    let containers = load_containers(&cfg.state_dir.join("containers.json"))?;
     let store_dir = cfg.state_dir.join("store");
     let store = Arc::new(
         shared_fs::Store::open(&store_dir)
@@ -188,7 +187,6 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         incoming: Default::default(),
         criu,
         job_seq: AtomicU64::new(0),
-        committed_jobs: Default::default(),
         creating: Default::default(),
         pages: tokio::sync::Mutex::new(transfer::pages::PageStore::new(cfg.page_store_pages())),
         store,
@@ -196,6 +194,7 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         cfg,
     });
     agent.clean_stale_incoming().await;
+    agent.recover_outgoing().await;
     info!(host = %agent.cfg.host, api = %agent.cfg.api_socket.display(), "agent up");
 
     let quic = tokio::spawn(peer::serve(Arc::clone(&agent)));
@@ -221,11 +220,21 @@ async fn shutdown_signal() {
     }
 }
 
-fn load_containers(path: &std::path::Path) -> BTreeMap<String, ContainerRecord> {
-    std::fs::read(path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
+/// The containers this host owns. A missing file is an empty list; a file that cannot be read
+/// or parsed stops the agent (starting with an empty list would forget running containers).
+fn load_containers(path: &std::path::Path) -> Result<BTreeMap<String, ContainerRecord>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "{} is damaged, so this host's containers are unknown; the agent does not start \
+             rather than forget them. Repair the file, or move it aside to start with none",
+            path.display()
+        )
+    })
 }
 
 impl Agent {
@@ -249,11 +258,9 @@ impl Agent {
     fn save_containers(&self) {
         let c = lock(&self.containers).clone();
         let path = self.cfg.state_dir.join("containers.json");
-        let tmp = path.with_extension("tmp");
         let r = serde_json::to_vec_pretty(&c)
             .map_err(anyhow::Error::from)
-            .and_then(|b| std::fs::write(&tmp, b).map_err(Into::into))
-            .and_then(|_| std::fs::rename(&tmp, &path).map_err(Into::into));
+            .and_then(|b| journal::write_durable(&path, &b).map_err(Into::into));
         if let Err(e) = r {
             warn!(error = %e, path = %path.display(), "cannot persist container list");
         }

@@ -210,7 +210,9 @@ async fn dispatch(
         PeerRequest::Pages { job } => agent.receive_pages(peer, &job, recv).await,
         PeerRequest::RootfsRound { job } => agent.rootfs_round(peer, &job, recv).await,
         PeerRequest::DumpPages { .. } => bail!("DumpPages is served by the stream handler"),
-        PeerRequest::Restore { job } => agent.restore_incoming(peer, &job).await,
+        PeerRequest::Restore { job, pause_ms } => {
+            agent.restore_incoming(peer, &job, pause_ms).await
+        }
         PeerRequest::Commit { job } => agent.commit_incoming(peer, &job).await,
         PeerRequest::Abort { job } => {
             agent.abort_incoming(&job, "aborted by the source").await;

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use transfer::tree::Reads;
 
 use super::http::ApiFailure;
+use super::journal::{OutPhase, Outgoing};
 use super::peer::{expect_ok, request, request_trees, Tree};
 use super::rounds::Rounds;
 use super::{lock, Agent, Job};
@@ -75,6 +76,20 @@ pub(crate) fn start(
         rec.spec.clone()
     };
     let id = agent.new_job_id();
+    // Recorded before anything happens to the container: if this agent dies, its next start
+    // resolves the job (see journal.rs).
+    let journal = Outgoing {
+        job: id.clone(),
+        name: name.to_string(),
+        to: req.to.clone(),
+        phase: OutPhase::Started,
+    };
+    if let Err(e) = agent.journal_outgoing(&journal) {
+        if let Some(rec) = lock(&agent.containers).get_mut(name) {
+            rec.migrating = false;
+        }
+        return Err(ApiFailure::internal(format!("{e:#}")));
+    }
     let mut machine = Migration::new(&id, name, &agent.cfg.host, &req.to);
     if req.mode == MigrateMode::PreCopy {
         machine = machine.with_precopy(req.precopy.clone().unwrap_or_default());
@@ -106,9 +121,12 @@ pub(crate) fn start(
             conn: None,
             rootfs_snapshot: None,
             rootfs_digest: None,
-            commit_unconfirmed: false,
         };
+        let job_id = d.job.id.clone();
         d.run(machine).await;
+        // Resolved here, whatever the outcome: only a job interrupted by the agent's death is
+        // left for recovery.
+        d.agent.forget_outgoing(&job_id);
     });
     Ok(job)
 }
@@ -127,12 +145,7 @@ struct Driver {
     rootfs_snapshot: Option<Snapshot>,
     /// Digest of the root filesystem at the freeze, sent for the destination to match.
     rootfs_digest: Option<String>,
-    /// The destination never confirmed the commit: keep the images.
-    commit_unconfirmed: bool,
 }
-
-/// How long the source retries an unconfirmed commit (the destination waits 10 s for it).
-const COMMIT_RETRY_FOR: Duration = Duration::from_secs(6);
 
 fn phase_of(a: &Action) -> Option<Phase> {
     Some(match a {
@@ -381,23 +394,33 @@ impl Driver {
                 let (images, work) = (self.agent.images_dir(&job), self.agent.work_dir(&job));
                 let host = self.agent.cfg.host.clone();
                 let (logs, job_id) = (self.agent.cfg.state_dir.join("logs"), job.clone());
-                tokio::task::spawn_blocking(move || {
+                let layout = self.agent.layout(&self.spec.name);
+                let pause = self.faults.pause_in_dump_ms;
+                self.source_link_down = true;
+                let r = tokio::task::spawn_blocking(move || {
                     let _ = std::fs::remove_dir_all(&images);
                     std::fs::create_dir_all(&images)?;
                     std::fs::create_dir_all(&work)?;
                     let t = Instant::now();
                     crate::runtime::freeze(&host, &name)?;
+                    // The copy left in place must stay silent (see set_veth).
+                    crate::runtime::set_veth(&layout, false)?;
+                    if pause > 0 {
+                        warn!(container = %name, ms = pause, "pausing in the dump (fault hook)");
+                        std::thread::sleep(Duration::from_millis(pause));
+                    }
                     let freeze_ms = crate::util::ms(t.elapsed());
                     let r = runc.checkpoint(&name, &images, &work);
-                    info!(container = %name, freeze_ms, checkpoint_ms = crate::util::ms(t.elapsed()) - freeze_ms, "dumped");
+                    info!(container = %name, freeze_ms, checkpoint_ms = crate::util::ms(t.elapsed()) - freeze_ms, "dumped (left in place, frozen)");
                     crate::runtime::keep_log(&work.join("dump.log"), &logs, &format!("{job_id}.dump.log"));
-                    if r.is_err() {
-                        // CRIU leaves a container it could not dump as it found it: frozen.
-                        crate::runtime::thaw(&host, &name);
-                    }
                     r
                 })
-                .await??;
+                .await?;
+                if r.is_err() {
+                    // CRIU leaves a container it could not dump as it found it: frozen.
+                    self.resume_source();
+                }
+                r?;
                 Ok(0)
             }
             Action::Transfer => {
@@ -459,68 +482,66 @@ impl Driver {
                 r
             }
             Action::Restore => {
-                self.ask_dest(&PeerRequest::Restore { job }, &[]).await?;
+                let pause_ms = self.faults.pause_in_restore_ms;
+                self.ask_dest(&PeerRequest::Restore { job, pause_ms }, &[])
+                    .await?;
                 Ok(0)
             }
             Action::Commit => {
-                // Past the commit point the destination's copy is the container: a commit that
-                // does not arrive would make the destination remove it (it waits
-                // RESTORED_TTL). Retry, on fresh connections, well within that time.
+                // The destination decides: it commits by recording the job (synced) before it
+                // answers. Until the answer, this copy stays frozen in place; an answer that
+                // it never committed (it timed out, restarted or aborted) rolls back here.
                 if self.faults.pause_before_commit_ms > 0 {
                     warn!(%job, ms = self.faults.pause_before_commit_ms, "pausing before the commit (fault hook)");
                     tokio::time::sleep(Duration::from_millis(self.faults.pause_before_commit_ms))
                         .await;
                 }
-                let deadline = Instant::now() + COMMIT_RETRY_FOR;
+                self.agent.journal_outgoing(&Outgoing {
+                    job: job.clone(),
+                    name: self.spec.name.clone(),
+                    to: self.to.clone(),
+                    phase: OutPhase::CommitSent,
+                })?;
+                let mut wait = Duration::from_millis(100);
+                let mut tries = 0u32;
                 loop {
-                    match self
-                        .ask_dest(&PeerRequest::Commit { job: job.clone() }, &[])
-                        .await
-                    {
-                        Ok(_) => break,
-                        Err(e) if Instant::now() < deadline => {
-                            warn!(%job, error = %format!("{e:#}"), "commit not confirmed; retrying");
-                            self.agent.forget_conn(&self.to).await;
-                            self.conn = None;
-                            tokio::time::sleep(Duration::from_millis(200)).await;
+                    let answer = async {
+                        let conn = self.conn().await?;
+                        request(&conn, &PeerRequest::Commit { job: job.clone() }, &[]).await
+                    }
+                    .await;
+                    match answer {
+                        Ok((PeerResponse::Ok { .. }, _)) => break,
+                        Ok((PeerResponse::Aborted { .. }, _)) => bail!(
+                            "{} never committed job {job} (its copy timed out, restarted or was aborted): the container runs on here",
+                            self.to
+                        ),
+                        Ok((other, _)) => {
+                            warn!(%job, answer = ?other, "unexpected answer to the commit; asking again")
                         }
                         Err(e) => {
-                            self.commit_unconfirmed = true;
-                            return Err(e.context(format!(
-                                "commit not confirmed by {}: the source keeps its images in {} and its bundle in {} for recovery",
-                                self.to,
-                                self.agent.images_dir(&job).display(),
-                                l.bundle.display()
-                            )));
+                            tries += 1;
+                            warn!(%job, tries, error = %format!("{e:#}"), "commit not confirmed; the container stays frozen here until the destination answers");
+                            self.agent.forget_conn(&self.to).await;
+                            self.conn = None;
                         }
                     }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
                 }
                 Ok(0)
             }
             Action::CleanupSource => {
-                let (runc, name) = (self.agent.runc.clone(), self.spec.name.clone());
-                let (images, work) = (self.agent.images_dir(&job), self.agent.work_dir(&job));
-                lock(&self.agent.containers).remove(&name);
-                let keep_images = self.commit_unconfirmed;
-                if self.mode == MigrateMode::PreCopy && !keep_images {
-                    // The frozen copy holds the container's final memory: keep its pages here,
-                    // so that the container sends only what changed if it comes back.
-                    self.agent.keep_own_pages(&self.agent.cfg.host, &name).await;
+                if self.faults.pause_after_commit_ms > 0 {
+                    warn!(%job, ms = self.faults.pause_after_commit_ms, "pausing after the commit (fault hook)");
+                    tokio::time::sleep(Duration::from_millis(self.faults.pause_after_commit_ms))
+                        .await;
                 }
-                tokio::task::spawn_blocking(move || {
-                    // Network first: a container left in place by a pre-copy dump still has
-                    // live sockets, which must not send FIN or RST when it is killed.
-                    crate::runtime::delete_netns(&l);
-                    runc.delete_force(&name);
-                    // Without a confirmed commit, keep what a restore by hand needs: the images
-                    // and the bundle (config and root filesystem).
-                    if !keep_images {
-                        crate::runtime::remove_bundle(&l);
-                        let _ = std::fs::remove_dir_all(images);
-                    }
-                    let _ = std::fs::remove_dir_all(work);
-                })
-                .await?;
+                let name = self.spec.name.clone();
+                self.agent
+                    .remove_departed(&job, &name, self.mode == MigrateMode::PreCopy)
+                    .await;
+                self.agent.forget_outgoing(&job);
                 Ok(0)
             }
             Action::Rollback(plan) => self.rollback(*plan).await.map(|_| 0),
@@ -534,6 +555,8 @@ impl Driver {
         let job = self.job.id.clone();
         let name = self.spec.name.clone();
         let mut errors = vec![];
+        // Images that are the only copy of a container that could not be restored are kept.
+        let mut keep_images = false;
         // Pre-copy: no tracker may stay in the container, no throttle on it.
         if let Err(e) = self.rounds.stop_tracking() {
             errors.push(format!("{e:#}"));
@@ -572,7 +595,13 @@ impl Driver {
                 .and_then(|r| r);
                 match r {
                     Ok(()) => info!(%job, "container restored on the source"),
-                    Err(e) => errors.push(format!("restoring on the source: {e:#}")),
+                    Err(e) => {
+                        keep_images = true;
+                        errors.push(format!(
+                            "restoring on the source: {e:#} (its images are kept in {} for a restore by hand)",
+                            self.agent.images_dir(&job).display()
+                        ))
+                    }
                 }
             }
         }
@@ -605,8 +634,10 @@ impl Driver {
                 }
             }
         }
-        let _ = std::fs::remove_dir_all(self.agent.images_dir(&job));
-        let _ = std::fs::remove_dir_all(self.agent.work_dir(&job));
+        if !keep_images {
+            let _ = std::fs::remove_dir_all(self.agent.images_dir(&job));
+            let _ = std::fs::remove_dir_all(self.agent.work_dir(&job));
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -731,4 +762,28 @@ fn dir_size(p: &std::path::Path) -> u64 {
     shared_fs::snapshot(p)
         .map(|s| s.entries.values().map(|e| e.size).sum())
         .unwrap_or(0)
+}
+
+impl Agent {
+    /// After the destination committed: removes the copy left here, frozen (network first: it
+    /// still has live sockets, which must not send FIN or RST when it is killed), its bundle,
+    /// images and record. With `keep_pages`, the frozen copy's memory is kept in the page store
+    /// first, so that the container sends only what changed if it comes back.
+    pub(crate) async fn remove_departed(self: &Arc<Self>, job: &str, name: &str, keep_pages: bool) {
+        lock(&self.containers).remove(name);
+        self.save_containers();
+        if keep_pages {
+            self.keep_own_pages(&self.cfg.host, name).await;
+        }
+        let (runc, l, n) = (self.runc.clone(), self.layout(name), name.to_string());
+        let (images, work) = (self.images_dir(job), self.work_dir(job));
+        let _ = tokio::task::spawn_blocking(move || {
+            crate::runtime::delete_netns(&l);
+            runc.delete_force(&n);
+            crate::runtime::remove_bundle(&l);
+            let _ = std::fs::remove_dir_all(images);
+            let _ = std::fs::remove_dir_all(work);
+        })
+        .await;
+    }
 }
