@@ -234,6 +234,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             pause_in_dump_ms,
             pause_in_restore_ms,
             pause_after_commit_ms,
+            pause_in_phase,
+            pause_in_phase_ms,
+            dump_deadline_s,
+            restore_deadline_s,
             detach,
         } => {
             let lab = Lab::load(&dir)?;
@@ -246,11 +250,26 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 pause_in_dump_ms,
                 pause_in_restore_ms,
                 pause_after_commit_ms,
+                pause_in_phase: pause_in_phase
+                    .map(|p| {
+                        serde_json::from_value(serde_json::Value::String(p.clone()))
+                            .map_err(|_| anyhow::anyhow!("--pause-in-phase {p:?}: not a phase"))
+                    })
+                    .transpose()?,
+                pause_in_phase_ms,
             };
+            let mut deadlines = orchestrator_shim::api::Deadlines::default();
+            if let Some(s) = dump_deadline_s {
+                deadlines.dump_s = s;
+            }
+            if let Some(s) = restore_deadline_s {
+                deadlines.restore_s = s;
+            }
             let mut req = MigrateRequest {
                 to: to.clone(),
                 mode: MigrateMode::StopCopy,
                 precopy: None,
+                deadlines,
                 faults,
             };
             if pre_copy {
@@ -478,6 +497,7 @@ pub(crate) fn stop_copy_to(to: &str) -> MigrateRequest {
         to: to.into(),
         mode: MigrateMode::StopCopy,
         precopy: None,
+        deadlines: Default::default(),
         faults: FaultHooks::default(),
     }
 }

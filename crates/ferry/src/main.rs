@@ -140,6 +140,21 @@ enum Cmd {
         /// Fault injection (tests): pause this long after the commit, before the source's cleanup.
         #[arg(long, hide = true, default_value_t = 0)]
         pause_after_commit_ms: u64,
+        /// Fault injection (tests): pause at the start of this phase (preflight, prepare,
+        /// pre_copy, redirect, dump, transfer, restore) for --pause-in-phase-ms.
+        #[arg(long, hide = true)]
+        pause_in_phase: Option<String>,
+        /// Fault injection (tests): see --pause-in-phase.
+        #[arg(long, hide = true, default_value_t = 0)]
+        pause_in_phase_ms: u64,
+        /// Roll back if the dump (the container frozen) takes longer than this, in seconds
+        /// (default 120).
+        #[arg(long)]
+        dump_deadline_s: Option<f64>,
+        /// Roll back if the restore at the destination takes longer than this, in seconds
+        /// (default 120).
+        #[arg(long)]
+        restore_deadline_s: Option<f64>,
         /// Start the job and print its id without following it.
         #[arg(long)]
         detach: bool,

@@ -13,6 +13,10 @@ pub const PROTO_VERSION: u32 = 2;
 /// Most page hashes one [`PeerRequest::HeldPages`] may carry (16 GiB of memory).
 pub const MAX_HASHES: u64 = 1 << 22;
 
+fn default_restore_deadline_ms() -> u64 {
+    120_000
+}
+
 /// A request from one agent to another.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -114,6 +118,9 @@ pub enum PeerRequest {
         /// Test hook: sleep this long before restoring (refused unless fault hooks are allowed).
         #[serde(default)]
         pause_ms: u64,
+        /// Kill the restore (and remove the copy) if it takes longer than this.
+        #[serde(default = "default_restore_deadline_ms")]
+        deadline_ms: u64,
     },
     /// Commit point passed: release held packets, announce the container, own it.
     Commit {

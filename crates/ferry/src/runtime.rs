@@ -2,7 +2,10 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use orchestrator_shim::api::ContainerSpec;
@@ -18,6 +21,33 @@ pub struct Runc {
     bin: String,
     root: PathBuf,
     criu_frontend: Option<CriuFrontend>,
+    bound: Bound,
+}
+
+/// How long a runc command that names no deadline may run (a `state`, `delete`, `run`).
+pub const COMMAND_DEADLINE: Duration = Duration::from_secs(30);
+
+/// What bounds a runc command (with CRIU under it): a deadline, and a flag that cancels it.
+/// A command past either is killed with its whole process group (runc, `ferry-criu`, CRIU).
+#[derive(Debug, Clone, Default)]
+pub struct Bound {
+    /// Kill the command at this instant ([`COMMAND_DEADLINE`] from its start if `None`).
+    pub deadline: Option<Instant>,
+    /// Kill the command as soon as this is set.
+    pub cancel: Option<Arc<AtomicBool>>,
+    /// What the deadline is, for the error (e.g. "the dump deadline (60 s)").
+    pub what: &'static str,
+}
+
+impl Bound {
+    /// A deadline `d` from now named `what`, cancelled by `cancel`.
+    pub fn new(d: Duration, what: &'static str, cancel: Option<Arc<AtomicBool>>) -> Self {
+        Bound {
+            deadline: Some(Instant::now() + d),
+            cancel,
+            what,
+        }
+    }
 }
 
 /// `ferry-criu` in front of the real CRIU (see criu-sys's `ferry-criu` binary): answers runc's
@@ -48,7 +78,15 @@ impl Runc {
             bin: bin.into(),
             root,
             criu_frontend: None,
+            bound: Bound::default(),
         }
+    }
+
+    /// This runc with its commands bounded by `b` (see [`Bound`]).
+    pub fn bounded(&self, b: Bound) -> Self {
+        let mut r = self.clone();
+        r.bound = b;
+        r
     }
 
     /// Uses `f` as CRIU for checkpoint and restore.
@@ -79,16 +117,11 @@ impl Runc {
     }
 
     /// Runs a runc command; on failure the error quotes runc's log and, when given, CRIU's.
-    fn run(&self, op: &str, name: &str, mut c: Command, criu_log: Option<&Path>) -> Result<()> {
+    fn run(&self, op: &str, name: &str, c: Command, criu_log: Option<&Path>) -> Result<()> {
         let _ = std::fs::create_dir_all(&self.root);
         let log = self.log_path(op, name);
         let _ = std::fs::remove_file(&log);
-        let status = c.status().with_context(|| {
-            format!(
-                "could not start {} for `{op}`: install runc (scripts/setup.sh)",
-                self.bin
-            )
-        })?;
+        let status = self.run_bounded(op, name, c)?;
         if !status.success() {
             let runc_log = std::fs::read_to_string(&log).unwrap_or_default();
             let mut excerpt: Vec<String> = runc_log
@@ -114,6 +147,71 @@ impl Runc {
             );
         }
         Ok(())
+    }
+
+    /// Runs `c` in a process group of its own until it ends, the deadline passes or the cancel
+    /// flag is set; then the group is killed (SIGKILL) and the command abandoned to a thread that
+    /// reaps it (a process in uninterruptible sleep dies when it wakes).
+    fn run_bounded(&self, op: &str, name: &str, mut c: Command) -> Result<ExitStatus> {
+        use std::os::unix::process::CommandExt;
+        c.process_group(0);
+        let started = Instant::now();
+        let mut child = c.spawn().with_context(|| {
+            format!(
+                "could not start {} for `{op}`: install runc (scripts/setup.sh)",
+                self.bin
+            )
+        })?;
+        let pgid = child.id() as i32;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        let deadline = self
+            .bound
+            .deadline
+            .unwrap_or_else(|| started + COMMAND_DEADLINE);
+        let what = if self.bound.deadline.is_some() {
+            self.bound.what
+        } else {
+            "the command deadline"
+        };
+        let why = loop {
+            let now = Instant::now();
+            if now >= deadline {
+                break format!(
+                    "did not finish within {what} ({:.1} s)",
+                    deadline.saturating_duration_since(started).as_secs_f64()
+                );
+            }
+            if self
+                .bound
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::SeqCst))
+            {
+                break "was cancelled".to_string();
+            }
+            // Short steps only to notice a cancel; an exit is noticed at once.
+            match rx.recv_timeout((deadline - now).min(Duration::from_millis(20))) {
+                Ok(r) => {
+                    let _ = waiter.join();
+                    return r.with_context(|| format!("waiting for runc {op} of {name:?}"));
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!("runc {op} of {name:?}: lost track of the command")
+                }
+            }
+        };
+        // The group is runc's: runc, ferry-criu and CRIU, never the container's tasks (they
+        // keep their own groups).
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pgid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        tracing::warn!(op, container = name, pgid, reason = %why, "runc command killed");
+        bail!("runc {op} of container {name:?} {why}; it was killed (process group {pgid})")
     }
 
     /// Starts a container detached.

@@ -102,6 +102,13 @@ pub struct FaultHooks {
     /// up, so a test can kill an agent right after the commit.
     #[serde(default)]
     pub pause_after_commit_ms: u64,
+    /// Sleep [`FaultHooks::pause_in_phase_ms`] at the start of this phase (a cancel ends the
+    /// sleep), so a test can act while the migration is in any phase.
+    #[serde(default)]
+    pub pause_in_phase: Option<migrate_core::Phase>,
+    /// See [`FaultHooks::pause_in_phase`].
+    #[serde(default)]
+    pub pause_in_phase_ms: u64,
 }
 
 /// `POST /v1/containers/{name}/migrate`.
@@ -117,9 +124,86 @@ pub struct MigrateRequest {
     /// Only with `mode: pre-copy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precopy: Option<migrate_core::PrecopyPolicy>,
+    /// How long each phase may take before the migration rolls back.
+    #[serde(default)]
+    pub deadlines: Deadlines,
     /// Fault injection for tests.
     #[serde(default)]
     pub faults: FaultHooks,
+}
+
+/// How long the phases of a migration may take. A phase past its deadline fails, which rolls
+/// the migration back (the container thawed at the source); the commands under it (runc, CRIU)
+/// are killed. Transfers are not bounded in total time, only by progress: QUIC closes a
+/// connection that carries nothing for its idle timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deadlines {
+    /// The checkpoint (CRIU's dump, the container frozen), seconds.
+    #[serde(default = "default_dump_s")]
+    pub dump_s: f64,
+    /// The restore at the destination, seconds.
+    #[serde(default = "default_restore_s")]
+    pub restore_s: f64,
+    /// Every other request to the destination that moves no bulk data (preflight, redirect,
+    /// abort), seconds.
+    #[serde(default = "default_request_s")]
+    pub request_s: f64,
+}
+
+fn default_dump_s() -> f64 {
+    120.0
+}
+
+fn default_restore_s() -> f64 {
+    120.0
+}
+
+fn default_request_s() -> f64 {
+    15.0
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Deadlines {
+            dump_s: default_dump_s(),
+            restore_s: default_restore_s(),
+            request_s: default_request_s(),
+        }
+    }
+}
+
+impl Deadlines {
+    /// Checks that every deadline is a positive number of seconds, at most a day.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, v) in [
+            ("dump_s", self.dump_s),
+            ("restore_s", self.restore_s),
+            ("request_s", self.request_s),
+        ] {
+            if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+                return Err(format!(
+                    "deadlines.{name} is {v}: give seconds between 0 and 86400"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Deadlines::dump_s`] as a duration.
+    pub fn dump(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.dump_s)
+    }
+
+    /// [`Deadlines::restore_s`] as a duration.
+    pub fn restore(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.restore_s)
+    }
+
+    /// [`Deadlines::request_s`] as a duration.
+    pub fn request(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.request_s)
+    }
 }
 
 /// How a migration moves memory.

@@ -241,7 +241,7 @@ async fn cancel(State(a): State<Arc<Agent>>, Path(id): Path<String>) -> ApiResul
     let info = job.info();
     if info.state.past_commit_point() {
         return Err(ApiFailure::conflict(format!(
-            "too late to cancel job {id}: the destination already confirmed the restore"
+            "too late to cancel job {id}: the destination restored the container and decides the commit now"
         )));
     }
     if info.state.is_terminal() {

@@ -30,8 +30,11 @@ pub(crate) struct Incoming {
     conn_id: usize,
     layout: Layout,
     hold: Option<Hold>,
-    /// `runc restore` is running: an abort waits for its outcome (see `restore_incoming`).
+    /// `runc restore` is running: an abort kills it through `abort` and waits for its outcome
+    /// (see `restore_incoming`).
     restoring: bool,
+    /// Set by an abort: kills the running restore.
+    abort: std::sync::Arc<std::sync::atomic::AtomicBool>,
     restored: bool,
     deadline: Instant,
     /// Pre-copy: pages of the store this job relies on (kept until it ends).
@@ -78,6 +81,14 @@ impl Incoming {
     pub(crate) fn set_pages_relayed(&mut self) {
         self.pages_relayed = true;
     }
+}
+
+/// Bounds of a restore, from the source's request.
+pub(crate) struct RestoreLimits {
+    /// Test hook: sleep this long before restoring.
+    pub(crate) pause_ms: u64,
+    /// The restore (and the pause) is killed after this.
+    pub(crate) deadline: Duration,
 }
 
 /// Test hooks of an `Images` request (refused unless the agent allows fault hooks).
@@ -253,6 +264,7 @@ impl Agent {
                         layout,
                         hold: Some(hold),
                         restoring: false,
+                        abort: Default::default(),
                         restored: false,
                         deadline: Instant::now() + PREPARED_TTL,
                         pinned: HashSet::new(),
@@ -352,7 +364,7 @@ impl Agent {
         &self,
         peer: &str,
         job: &str,
-        pause_ms: u64,
+        RestoreLimits { pause_ms, deadline }: RestoreLimits,
     ) -> Result<PeerResponse> {
         if pause_ms > 0 && !self.cfg.allow_fault_hooks {
             bail!(
@@ -360,22 +372,48 @@ impl Agent {
                 self.cfg.host
             );
         }
-        let (name, layout) = match self.incoming.lock().await.get_mut(job) {
+        let (name, layout, abort) = match self.incoming.lock().await.get_mut(job) {
             Some(i) if i.from != peer => bail!("job {job} belongs to {}, not {peer}", i.from),
             Some(i) => {
                 i.restoring = true;
-                (i.spec.name.clone(), i.layout.clone())
+                (
+                    i.spec.name.clone(),
+                    i.layout.clone(),
+                    std::sync::Arc::clone(&i.abort),
+                )
             }
             None => bail!("no prepared job {job} here (it expired or was aborted)"),
         };
-        let (runc, images, work) = (self.runc.clone(), self.images_dir(job), self.work_dir(job));
+        let bound = crate::runtime::Bound::new(
+            deadline,
+            "the restore deadline",
+            Some(std::sync::Arc::clone(&abort)),
+        );
+        let until = bound.deadline;
+        let (runc, images, work) = (
+            self.runc.bounded(bound),
+            self.images_dir(job),
+            self.work_dir(job),
+        );
         let t = Instant::now();
         let (logs, job_id) = (self.cfg.state_dir.join("logs"), job.to_string());
         let r = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&work)?;
             if pause_ms > 0 {
                 warn!(container = %name, ms = pause_ms, "pausing before the restore (fault hook)");
-                std::thread::sleep(Duration::from_millis(pause_ms));
+                let end = Instant::now() + Duration::from_millis(pause_ms);
+                while Instant::now() < end {
+                    if abort.load(std::sync::atomic::Ordering::SeqCst) {
+                        bail!("the restore of {name:?} was aborted");
+                    }
+                    if until.is_some_and(|u| Instant::now() >= u) {
+                        bail!(
+                            "the restore of {name:?} did not finish within the restore deadline ({:.1} s)",
+                            deadline.as_secs_f64()
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
             let r = runc.restore(&name, &layout.bundle, &images, &work);
             crate::runtime::keep_log(
@@ -474,6 +512,7 @@ impl Agent {
                 // let the watchdog abort it once the restore has finished.
                 Some(i) if i.restoring => {
                     i.deadline = Instant::now();
+                    i.abort.store(true, std::sync::atomic::Ordering::SeqCst);
                     warn!(%job, reason = why, "abort deferred until the running restore ends");
                     None
                 }

@@ -47,8 +47,22 @@ pub(crate) struct Job {
     status: Mutex<(State, Report)>,
     history: Mutex<Vec<JobEvent>>,
     tx: broadcast::Sender<JobEvent>,
-    cancel: AtomicBool,
+    /// Set by a cancel; also kills the runc command of the phase under way (see `Bound`).
+    cancel: Arc<AtomicBool>,
     cancel_notify: Notify,
+}
+
+impl Job {
+    /// Returns once the job is cancelled.
+    async fn cancelled(&self) {
+        let n = self.cancel_notify.notified();
+        tokio::pin!(n);
+        n.as_mut().enable();
+        if self.cancel.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        n.await;
+    }
 }
 
 impl Job {

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
 use shared_fs::Diff;
@@ -210,8 +211,16 @@ async fn dispatch(
         PeerRequest::Pages { job } => agent.receive_pages(peer, &job, recv).await,
         PeerRequest::RootfsRound { job } => agent.rootfs_round(peer, &job, recv).await,
         PeerRequest::DumpPages { .. } => bail!("DumpPages is served by the stream handler"),
-        PeerRequest::Restore { job, pause_ms } => {
-            agent.restore_incoming(peer, &job, pause_ms).await
+        PeerRequest::Restore {
+            job,
+            pause_ms,
+            deadline_ms,
+        } => {
+            let limits = super::incoming::RestoreLimits {
+                pause_ms,
+                deadline: Duration::from_millis(deadline_ms.clamp(1_000, 86_400_000)),
+            };
+            agent.restore_incoming(peer, &job, limits).await
         }
         PeerRequest::Commit { job } => agent.commit_incoming(peer, &job).await,
         PeerRequest::Abort { job } => {

@@ -49,6 +49,9 @@ pub(crate) fn start(
                 agent.cfg.host
             )));
         }
+        if let Err(e) = req.deadlines.validate() {
+            return Err(ApiFailure::bad_request(e));
+        }
         if req.precopy.is_some() && req.mode != MigrateMode::PreCopy {
             return Err(ApiFailure::bad_request(
                 "precopy settings given without mode \"pre-copy\"".to_string(),
@@ -115,6 +118,7 @@ pub(crate) fn start(
             spec,
             to: req.to,
             faults: req.faults,
+            deadlines: req.deadlines,
             mode: req.mode,
             rounds,
             source_link_down: false,
@@ -137,6 +141,7 @@ struct Driver {
     spec: ContainerSpec,
     to: String,
     faults: FaultHooks,
+    deadlines: orchestrator_shim::api::Deadlines,
     mode: MigrateMode,
     rounds: Rounds,
     /// The source container's veth was taken down for the final dump (rollback: up again).
@@ -186,6 +191,15 @@ impl Driver {
             };
             self.job.emit(JobEventKind::PhaseStarted { phase });
             let t = Instant::now();
+            if self.faults.pause_in_phase == Some(phase) && self.faults.pause_in_phase_ms > 0 {
+                let ms = self.faults.pause_in_phase_ms;
+                warn!(job = %self.job.id, ?phase, ms, "pausing at the start of a phase (fault hook)");
+                let job = Arc::clone(&self.job);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
+                    _ = job.cancelled() => {}
+                }
+            }
             // A round reports its statistics; every other phase the bytes it moved.
             let result = match action {
                 Action::CopyRound {
@@ -199,7 +213,26 @@ impl Driver {
                     r.map(|stats| (stats.bytes_sent, Event::RoundDone(stats)))
                 }
                 _ => {
-                    let r = self.execute(&action).await;
+                    // A cancel interrupts any phase before the commit: the request to the
+                    // destination is dropped (the rollback tells it to abort, which kills its
+                    // restore); the dump's runc is killed through the job's cancel flag.
+                    let cancellable = matches!(
+                        action,
+                        Action::Preflight
+                            | Action::Prepare
+                            | Action::Redirect
+                            | Action::Transfer
+                            | Action::Restore
+                    );
+                    let job = Arc::clone(&self.job);
+                    let r = if cancellable {
+                        tokio::select! {
+                            r = self.execute(&action) => r,
+                            _ = job.cancelled() => Err(anyhow!("cancelled during the {} phase", crate::cli::phase_name(phase))),
+                        }
+                    } else {
+                        self.execute(&action).await
+                    };
                     if let Some(d) = &self.rootfs_digest {
                         m.set_rootfs_digest(d);
                     }
@@ -390,12 +423,14 @@ impl Driver {
             }
             Action::Dump if self.mode == MigrateMode::PreCopy => self.dump_relayed().await,
             Action::Dump => {
-                let (runc, name) = (self.agent.runc.clone(), self.spec.name.clone());
+                let runc = self.agent.runc.bounded(self.dump_bound());
+                let name = self.spec.name.clone();
                 let (images, work) = (self.agent.images_dir(&job), self.agent.work_dir(&job));
                 let host = self.agent.cfg.host.clone();
                 let (logs, job_id) = (self.agent.cfg.state_dir.join("logs"), job.clone());
                 let layout = self.agent.layout(&self.spec.name);
                 let pause = self.faults.pause_in_dump_ms;
+                let cancel = Arc::clone(&self.job.cancel);
                 self.source_link_down = true;
                 let r = tokio::task::spawn_blocking(move || {
                     let _ = std::fs::remove_dir_all(&images);
@@ -407,7 +442,13 @@ impl Driver {
                     crate::runtime::set_veth(&layout, false)?;
                     if pause > 0 {
                         warn!(container = %name, ms = pause, "pausing in the dump (fault hook)");
-                        std::thread::sleep(Duration::from_millis(pause));
+                        let until = Instant::now() + Duration::from_millis(pause);
+                        while Instant::now() < until {
+                            if cancel.load(Ordering::SeqCst) {
+                                bail!("cancelled during the dump");
+                            }
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
                     }
                     let freeze_ms = crate::util::ms(t.elapsed());
                     let r = runc.checkpoint(&name, &images, &work);
@@ -483,8 +524,23 @@ impl Driver {
             }
             Action::Restore => {
                 let pause_ms = self.faults.pause_in_restore_ms;
-                self.ask_dest(&PeerRequest::Restore { job, pause_ms }, &[])
-                    .await?;
+                let limit = self.deadlines.restore();
+                let req = PeerRequest::Restore {
+                    job,
+                    pause_ms,
+                    deadline_ms: limit.as_millis() as u64,
+                };
+                // The destination kills its restore at the deadline; an answer that does not
+                // come shortly after is not waited for.
+                tokio::time::timeout(limit + self.deadlines.request(), self.ask_dest(&req, &[]))
+                    .await
+                    .map_err(|_| {
+                        anyhow!(
+                            "{} did not answer the restore within its deadline ({:.0} s)",
+                            self.to,
+                            limit.as_secs_f64()
+                        )
+                    })??;
                 Ok(0)
             }
             Action::Commit => {
@@ -670,6 +726,15 @@ impl Driver {
         r
     }
 
+    /// The dump's deadline, from the job's policy; a cancel kills it too.
+    fn dump_bound(&self) -> crate::runtime::Bound {
+        crate::runtime::Bound::new(
+            self.deadlines.dump(),
+            "the dump deadline",
+            Some(Arc::clone(&self.job.cancel)),
+        )
+    }
+
     /// After a failed final dump: the container runs on, on the network again.
     fn resume_source(&mut self) {
         let l = self.agent.layout(&self.spec.name);
@@ -705,7 +770,10 @@ impl Driver {
         let conn = self.conn().await?;
         let (mut send, recv) = conn.open().await?;
         transfer::frame::write_msg(&mut send, &PeerRequest::DumpPages { job: job.clone() }).await?;
-        let (runc, name) = (self.agent.runc.clone(), self.spec.name.clone());
+        let (runc, name) = (
+            self.agent.runc.bounded(self.dump_bound()),
+            self.spec.name.clone(),
+        );
         let (images, work) = (self.agent.images_dir(&job), self.agent.work_dir(&job));
         let host = self.agent.cfg.host.clone();
         let (logs, job_id) = (self.agent.cfg.state_dir.join("logs"), job.clone());
