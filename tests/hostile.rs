@@ -174,44 +174,6 @@ fn mounts_under(dir: &str) -> Vec<String> {
         .collect()
 }
 
-/// Sends `req` to `to`'s agent as `as_host` (with its lab certificate) from inside `as_host`'s
-/// namespace, followed by `trees` empty file trees; returns the answer.
-fn peer_request(as_host: &str, to: &str, req: &Value, trees: usize) -> Value {
-    let pki = format!("{LAB_DIR}/pki");
-    let cfg: Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{LAB_DIR}/{to}.json")).expect("host config"),
-    )
-    .expect("host config JSON");
-    let addr = format!(
-        "{}:{}",
-        cfg["underlay_ip"].as_str().expect("underlay_ip"),
-        cfg["quic_port"]
-    );
-    let out = Command::new("ip")
-        .args(["netns", "exec", &format!("ferry-{as_host}")])
-        .arg(env!("CARGO_BIN_EXE_ferry-test-peer"))
-        .arg(format!("{pki}/ca.pem"))
-        .arg(format!("{pki}/{as_host}.pem"))
-        .arg(format!("{pki}/{as_host}.key"))
-        .arg(addr)
-        .arg(to)
-        .arg(req.to_string())
-        .arg(trees.to_string())
-        .output()
-        .expect("running ferry-test-peer");
-    assert!(
-        out.status.success(),
-        "ferry-test-peer failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "ferry-test-peer printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
-
 #[test]
 fn a_prepare_naming_a_host_directory_as_its_base_is_refused_before_any_mount() {
     let _lab = Lab::up();

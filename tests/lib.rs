@@ -589,3 +589,62 @@ pub fn userfaultfd_mappings(pid: i32) -> Vec<String> {
     }
     found
 }
+
+/// Sends `req` to `to`'s agent as `as_host` (with its lab certificate) from inside `as_host`'s
+/// namespace, followed by `trees` empty file trees; returns the answer, or
+/// `{"transport_error": ...}` when the connection is refused or dropped.
+pub fn peer_request(as_host: &str, to: &str, req: &Value, trees: usize) -> Value {
+    let pki = format!("{LAB_DIR}/pki");
+    peer_request_with(
+        &format!("ferry-{as_host}"),
+        (
+            &format!("{pki}/{as_host}.pem"),
+            &format!("{pki}/{as_host}.key"),
+        ),
+        to,
+        req,
+        trees,
+    )
+}
+
+/// [`peer_request`] from network namespace `netns` with the certificate and key `cert`.
+pub fn peer_request_with(
+    netns: &str,
+    cert: (&str, &str),
+    to: &str,
+    req: &Value,
+    trees: usize,
+) -> Value {
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{LAB_DIR}/{to}.json")).expect("host config"),
+    )
+    .expect("host config JSON");
+    let addr = format!(
+        "{}:{}",
+        cfg["underlay_ip"].as_str().expect("underlay_ip"),
+        cfg["quic_port"]
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns])
+        .arg(ferry_bin().with_file_name("ferry-test-peer"))
+        .arg(format!("{LAB_DIR}/pki/ca.pem"))
+        .arg(cert.0)
+        .arg(cert.1)
+        .arg(addr)
+        .arg(to)
+        .arg(req.to_string())
+        .arg(trees.to_string())
+        .output()
+        .expect("running ferry-test-peer");
+    assert!(
+        out.status.success(),
+        "ferry-test-peer failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "ferry-test-peer printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}

@@ -47,19 +47,26 @@ async fn run(
     let ep =
         Endpoint::bind("0.0.0.0:0".parse().expect("address"), tls).map_err(|e| e.to_string())?;
     let conn = ep.connect(addr, host).await.map_err(|e| e.to_string())?;
-    let (mut send, mut recv) = conn.open().await.map_err(|e| e.to_string())?;
-    write_msg(&mut send, req).await.map_err(|e| e.to_string())?;
+    // A refusal closes the connection with a reason: report it with the error.
+    let why = |e: String| match conn.conn.close_reason() {
+        Some(r) => format!("{e} (connection closed: {r})"),
+        None => e,
+    };
+    let (mut send, mut recv) = conn.open().await.map_err(|e| why(e.to_string()))?;
+    write_msg(&mut send, req)
+        .await
+        .map_err(|e| why(e.to_string()))?;
     for _ in 0..trees {
         write_msg(&mut send, &serde_json::json!({"End": {"entries": 0}}))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| why(e.to_string()))?;
     }
-    send.finish().map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| why(e.to_string()))?;
     let resp: serde_json::Value =
         tokio::time::timeout(std::time::Duration::from_secs(20), read_msg(&mut recv))
             .await
             .map_err(|_| "no answer within 20 s".to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| why(e.to_string()))?;
     conn.close("done");
     Ok(resp)
 }

@@ -1,4 +1,5 @@
-//! Holding a container's inbound IPv4 packets at the migration destination while it is frozen.
+//! Holding a container's IPv4 packets at the migration destination while it is frozen: those
+//! that come in, and those a restored copy sends before its commit.
 //!
 //! During a live migration Ferry points the overlay at the destination before the source
 //! container is frozen. Until the restored container is live, its inbound packets must be
@@ -8,7 +9,9 @@
 //! Mechanism: a holder thread owns an `nfnetlink_queue` socket opened inside the container's
 //! network namespace and bound to queue `N`; then the rule
 //! `iptables -w -t raw -I PREROUTING -j NFQUEUE --queue-num N` (without `--queue-bypass`)
-//! sends every inbound IPv4 packet to that queue. The kernel keeps each queued packet until
+//! sends every inbound IPv4 packet to that queue, and the same rule in `OUTPUT` every packet the
+//! container sends, so that a restored copy cannot talk before the commit (the source may still
+//! roll back and thaw its own). The kernel keeps each queued packet until
 //! the holder gives a verdict; the holder only records packet ids (metadata-only copy mode).
 //! [`Hold::release`] accepts them in arrival order, [`Hold::discard`] drops them.
 
@@ -398,19 +401,45 @@ impl Inner {
     }
 }
 
-/// Runs `ip netns exec NETNS iptables -w -t raw ACTION PREROUTING -j NFQUEUE --queue-num N`.
-/// Removes the queue rule of a hold whose holder is gone (its process died): every rule of
-/// queue `queue_num` in `netns`, if any.
+/// Removes the queue rules of a hold whose holder is gone (its process died): every rule of
+/// queue `queue_num` in `netns`, in both chains, if any.
 pub fn remove_rule(netns: &str, queue_num: u16) -> Result<(), HoldError> {
-    for _ in 0..16 {
-        if iptables(netns, "-D", queue_num).is_err() {
-            return Ok(());
+    for chain in CHAINS {
+        for _ in 0..16 {
+            if iptables_chain(netns, "-D", chain, queue_num).is_err() {
+                break;
+            }
         }
     }
     Ok(())
 }
 
+/// What a hold queues: packets coming in (`PREROUTING`) and packets the container sends
+/// (`OUTPUT`), so that a restored copy stays silent until its commit.
+const CHAINS: [&str; 2] = ["PREROUTING", "OUTPUT"];
+
+/// Installs (`-I`) or removes (`-D`) the queue rule in both [`CHAINS`]; an insert that fails
+/// half-way removes what it added.
 fn iptables(netns: &str, action: &str, queue_num: u16) -> Result<(), HoldError> {
+    let mut done: Vec<&str> = vec![];
+    for chain in CHAINS {
+        match iptables_chain(netns, action, chain, queue_num) {
+            Ok(()) => done.push(chain),
+            Err(e) => {
+                if action == "-I" {
+                    for c in done {
+                        let _ = iptables_chain(netns, "-D", c, queue_num);
+                    }
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `ip netns exec NETNS iptables -w -t raw ACTION CHAIN -j NFQUEUE --queue-num N`.
+fn iptables_chain(netns: &str, action: &str, chain: &str, queue_num: u16) -> Result<(), HoldError> {
     let num = queue_num.to_string();
     let args = [
         "netns",
@@ -421,7 +450,7 @@ fn iptables(netns: &str, action: &str, queue_num: u16) -> Result<(), HoldError> 
         "-t",
         "raw",
         action,
-        "PREROUTING",
+        chain,
         "-j",
         "NFQUEUE",
         "--queue-num",

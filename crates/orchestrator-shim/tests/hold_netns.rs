@@ -86,18 +86,10 @@ fn pair(tag: &str, k: u8) -> (Netns, Netns) {
     (a, b)
 }
 
+/// The NFQUEUE rules of the raw table (both chains a hold uses).
 fn nfqueue_rules(ns: &str) -> Vec<String> {
     run(&[
-        "ip",
-        "netns",
-        "exec",
-        ns,
-        "iptables",
-        "-w",
-        "-t",
-        "raw",
-        "-S",
-        "PREROUTING",
+        "ip", "netns", "exec", ns, "iptables", "-w", "-t", "raw", "-S",
     ])
     .lines()
     .filter(|l| l.contains("NFQUEUE"))
@@ -155,7 +147,7 @@ fn scenario(tag: &str, k: u8, queue_num: u16, finish: Finish) {
     send(&mut client, 10);
 
     let hold = Hold::start(&b.0, queue_num).expect("start hold");
-    assert_eq!(nfqueue_rules(&b.0).len(), 1, "rule installed");
+    assert_eq!(nfqueue_rules(&b.0).len(), 2, "rules installed (in and out)");
     let started = Instant::now();
     let mut max_held = 0;
     let mut baseline = None;
@@ -216,12 +208,46 @@ fn drop_discards_and_queue_is_exclusive() {
         Err(HoldError::QueueBusy { queue_num: 9, .. }) => {}
         other => panic!("expected QueueBusy, got {other:?}"),
     }
-    // The failed start must not have touched the first hold's rule.
-    assert_eq!(nfqueue_rules(&b.0).len(), 1);
+    // The failed start must not have touched the first hold's rules.
+    assert_eq!(nfqueue_rules(&b.0).len(), 2);
     drop(hold);
     assert!(nfqueue_rules(&b.0).is_empty(), "Drop removed the rule");
     // The queue is free again.
     let hold = Hold::start(&b.0, 9).expect("restart hold");
     assert_eq!(hold.discard().expect("discard"), 0);
+    assert!(nfqueue_rules(&b.0).is_empty());
+}
+
+#[test]
+fn what_the_held_side_sends_is_held_too_until_release() {
+    // A restored copy must not talk before its commit: its datagrams wait in the queue and
+    // leave in order on release.
+    require_root();
+    let (a, b) = pair("o", 3);
+    let to: SocketAddr = "10.233.3.1:7001".parse().unwrap();
+    let rx = in_netns(&a.0, || std::net::UdpSocket::bind(to))
+        .expect("enter A")
+        .expect("bind in A");
+    rx.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let tx = in_netns(&b.0, || std::net::UdpSocket::bind("10.233.3.2:0"))
+        .expect("enter B")
+        .expect("bind in B");
+    let hold = Hold::start(&b.0, 11).expect("start hold");
+    for i in 0..20u8 {
+        tx.send_to(&[i], to).expect("send from B");
+    }
+    let mut buf = [0u8; 16];
+    assert!(
+        rx.recv_from(&mut buf).is_err(),
+        "a datagram left the held side before the release"
+    );
+    assert!(hold.held() >= 20, "held {}", hold.held());
+    hold.release().expect("release");
+    let mut got = vec![];
+    while let Ok((n, _)) = rx.recv_from(&mut buf) {
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got, (0..20u8).collect::<Vec<_>>(), "all of them, in order");
     assert!(nfqueue_rules(&b.0).is_empty());
 }

@@ -96,6 +96,7 @@ pub fn create_ca(dir: &Path, name: &str) -> Result<(), TransferError> {
     dn.push(DnType::OrganizationName, "Ferry lab CA");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    (params.not_before, params.not_after) = validity(CA_VALIDITY_DAYS);
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
@@ -110,12 +111,41 @@ pub fn create_ca(dir: &Path, name: &str) -> Result<(), TransferError> {
     Ok(())
 }
 
+/// How long a CA certificate is valid.
+pub const CA_VALIDITY_DAYS: i64 = 3650;
+/// How long a host certificate is valid: peers refuse it afterwards (issue a new one).
+pub const HOST_VALIDITY_DAYS: i64 = 365;
+
+/// From an hour ago (clock skew between hosts) to `days` from now.
+fn validity(days: i64) -> (time::OffsetDateTime, time::OffsetDateTime) {
+    let now = time::OffsetDateTime::now_utc();
+    (
+        now - time::Duration::hours(1),
+        now + time::Duration::days(days),
+    )
+}
+
 /// Issues a certificate for `host` signed by the CA in `ca_dir`, writing
 /// `out_dir/{host}.pem` (the leaf certificate) and `out_dir/{host}.key` (mode 0600).
 ///
 /// The certificate has `host` as its DNS subject alternative name and is valid for
 /// both TLS server and client authentication. Existing files are replaced.
+///
+/// Valid from an hour ago for [`HOST_VALIDITY_DAYS`].
 pub fn issue_host_cert(ca_dir: &Path, host: &str, out_dir: &Path) -> Result<(), TransferError> {
+    let (from, until) = validity(HOST_VALIDITY_DAYS);
+    issue_host_cert_valid(ca_dir, host, out_dir, from, until)
+}
+
+/// [`issue_host_cert`] valid from `from` until `until` (a test may issue one that has
+/// expired).
+pub fn issue_host_cert_valid(
+    ca_dir: &Path,
+    host: &str,
+    out_dir: &Path,
+    from: time::OffsetDateTime,
+    until: time::OffsetDateTime,
+) -> Result<(), TransferError> {
     let dns =
         rustls::pki_types::DnsName::try_from(host).map_err(|e| TransferError::InvalidHost {
             host: host.to_string(),
@@ -146,6 +176,7 @@ pub fn issue_host_cert(ca_dir: &Path, host: &str, out_dir: &Path) -> Result<(), 
     dn.push(DnType::CommonName, host);
     params.distinguished_name = dn;
     params.is_ca = IsCa::ExplicitNoCa;
+    (params.not_before, params.not_after) = (from, until);
     params.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,

@@ -245,3 +245,74 @@ async fn bind_reports_missing_files() {
     assert!(err.to_string().contains("missing.key"), "{err}");
     let _ = Path::new("");
 }
+
+#[tokio::test]
+async fn certificates_expire_and_an_expired_one_is_refused() {
+    let l = lab();
+    // Issued certificates carry an expiry: a year for hosts, ten for the CA.
+    for (pem, days) in [
+        (l.certs.join("alpha.pem"), transfer::pki::HOST_VALIDITY_DAYS),
+        (l.ca.join("ca.pem"), transfer::pki::CA_VALIDITY_DAYS),
+    ] {
+        let text = std::fs::read_to_string(&pem).unwrap();
+        let (_, der) = x509_parser::pem::parse_x509_pem(text.as_bytes()).unwrap();
+        let cert = der.parse_x509().unwrap();
+        let left = cert.validity().not_after.timestamp() - time_now();
+        let want = days * 86_400;
+        assert!(
+            (want - 86_400..=want + 86_400).contains(&left),
+            "{}: expires in {left} s, expected about {days} days",
+            pem.display()
+        );
+    }
+    // One that expired yesterday is refused, as a client and as a server.
+    let now = time::OffsetDateTime::now_utc();
+    transfer::pki::issue_host_cert_valid(
+        &l.ca,
+        "delta",
+        &l.certs,
+        now - time::Duration::days(30),
+        now - time::Duration::days(1),
+    )
+    .unwrap();
+    let server = Arc::new(Endpoint::bind(lo(), &l.files("alpha")).unwrap());
+    let addr = server.local_addr().unwrap();
+    let srv = {
+        let server = server.clone();
+        tokio::spawn(async move { server.accept().await.map(|r| r.map(|c| c.peer_host)) })
+    };
+    let expired = Endpoint::bind(lo(), &l.files("delta")).unwrap();
+    let res = ping(&expired, addr, "alpha").await;
+    assert!(
+        res.is_err(),
+        "a client with an expired certificate was served"
+    );
+    match srv.await.unwrap() {
+        Some(Err(TransferError::PeerRejected { reason, .. })) => {
+            assert!(reason.to_lowercase().contains("expired"), "{reason}")
+        }
+        other => panic!("expected PeerRejected, got {other:?}"),
+    }
+    let expired_server = Arc::new(Endpoint::bind(lo(), &l.files("delta")).unwrap());
+    let eaddr = expired_server.local_addr().unwrap();
+    let _accepting = {
+        let s = expired_server.clone();
+        tokio::spawn(async move { s.accept().await.map(|r| r.map(|c| c.peer_host)) })
+    };
+    let client = Endpoint::bind(lo(), &l.files("beta")).unwrap();
+    match client.connect(eaddr, "delta").await {
+        Err(TransferError::PeerRejected { .. }) => {}
+        other => panic!(
+            "expected PeerRejected, got {:?}",
+            other.map(|c| c.peer_host)
+        ),
+    }
+    server.close();
+}
+
+fn time_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}

@@ -43,6 +43,10 @@ impl ApiFailure {
     pub(crate) fn conflict(m: String) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict", m)
     }
+    /// A peer needed for the answer cannot be reached (503, retry later).
+    pub(crate) fn unavailable(m: String) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "peer_unavailable", m)
+    }
     pub(crate) fn internal(m: String) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m)
     }

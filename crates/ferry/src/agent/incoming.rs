@@ -185,29 +185,45 @@ impl Agent {
                 .and_then(|()| shared_fs::store::check_image_name(&img.name))
                 .with_context(|| format!("refusing container spec for {:?}", spec.name))?;
         }
-        if lock(&self.containers).contains_key(&spec.name) {
-            bail!(
-                "a container named {:?} already exists on {}",
-                spec.name,
-                self.cfg.host
-            );
-        }
+        // Name and address are checked and reserved in one step against the containers here,
+        // the ones being created and the other incoming jobs (the reservation ends below).
         {
             let inc = self.incoming.lock().await;
-            if inc.contains_key(&job) {
-                bail!("job {job} is already being received");
+            let mut creating = lock(&self.creating);
+            if inc.contains_key(&job) || self.was_committed(&job) {
+                bail!("job {job} is already being received or was received");
             }
-            if inc
+            let taken = lock(&self.containers)
                 .values()
-                .any(|i| i.spec.name == spec.name || i.spec.ip == spec.ip)
-            {
+                .map(|c| (c.spec.name.clone(), c.spec.ip))
+                .chain(creating.iter().cloned())
+                .chain(inc.values().map(|i| (i.spec.name.clone(), i.spec.ip)))
+                .find(|(n, ip)| *n == spec.name || *ip == spec.ip);
+            if let Some((n, ip)) = taken {
                 bail!(
-                    "another migration of {:?} or of address {} is being received here",
+                    "container {:?} ({}) cannot come here: {n:?} with address {ip} exists or is arriving on {}",
                     spec.name,
-                    spec.ip
+                    spec.ip,
+                    self.cfg.host
                 );
             }
+            creating.push((spec.name.clone(), spec.ip));
         }
+        let r = self
+            .prepare_reserved(peer, conn_id, job, spec.clone(), recv)
+            .await;
+        lock(&self.creating).retain(|(n, _)| *n != spec.name);
+        r
+    }
+
+    async fn prepare_reserved(
+        &self,
+        peer: &str,
+        conn_id: usize,
+        job: String,
+        spec: ContainerSpec,
+        recv: &mut super::peer::Incoming<'_>,
+    ) -> Result<PeerResponse> {
         if spec.prefix_len != self.cfg.overlay_prefix_len {
             bail!(
                 "container {:?} comes with prefix /{}, this overlay is /{}",
@@ -501,6 +517,11 @@ impl Agent {
         });
         info!(%job, container = %inc.spec.name, "migration committed: container owned here");
         Ok(PeerResponse::Ok { bytes: 0 })
+    }
+
+    /// The peer that prepared incoming job `job`, if it is here.
+    pub(crate) async fn incoming_owner(&self, job: &str) -> Option<String> {
+        self.incoming.lock().await.get(job).map(|i| i.from.clone())
     }
 
     /// Removes everything job `job` created here.

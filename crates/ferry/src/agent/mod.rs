@@ -110,6 +110,8 @@ pub(crate) struct Agent {
     pages: tokio::sync::Mutex<transfer::pages::PageStore>,
     /// The host's image store: chunks, trees, images, materialized base layers.
     store: Arc<shared_fs::Store>,
+    /// Per MAC, the peer that last moved it to another host (it may take it back).
+    route_movers: Mutex<HashMap<String, String>>,
     /// Base trees received from a source, waiting for their chunks.
     pending_bases: Mutex<HashMap<String, base::PendingBase>>,
 }
@@ -205,6 +207,7 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         pages: tokio::sync::Mutex::new(transfer::pages::PageStore::new(cfg.page_store_pages())),
         store,
         pending_bases: Default::default(),
+        route_movers: Default::default(),
         cfg,
     });
     agent.clean_stale_incoming().await;
@@ -354,6 +357,57 @@ impl Agent {
     }
 
     /// Points `mac` at `host` in this host's overlay (`None` or this host: local, no entry).
+    /// A peer's `Route`: accepted only from the host the overlay delivers `mac` to now (its
+    /// owner, moving it), from a host claiming a MAC nobody here owns yet for itself, or from
+    /// the host that moved it last, taking it back (a rollback). A container running here is
+    /// never pointed elsewhere by a peer.
+    fn route_from_peer(&self, peer: &str, mac: &str, host: Option<&str>) -> Result<()> {
+        let m: Mac = mac.parse().map_err(|e| anyhow!("{e}"))?;
+        let here = lock(&self.containers)
+            .values()
+            .any(|c| c.spec.mac.eq_ignore_ascii_case(mac) && !c.migrating);
+        if here {
+            bail!(
+                "refusing a route for {mac} from {peer}: that container runs on {}",
+                self.cfg.host
+            );
+        }
+        let fdb = Fdb::open(&self.cfg.vxlan)?;
+        let current = fdb
+            .entries()?
+            .into_iter()
+            .find(|e| e.mac == m)
+            .and_then(|e| {
+                self.cfg
+                    .peers
+                    .iter()
+                    .find(|p| p.underlay_ip == e.dst)
+                    .map(|p| p.host.clone())
+            });
+        let key = m.to_string();
+        let previous = lock(&self.route_movers).get(&key).cloned();
+        let allowed = match &current {
+            Some(owner) => {
+                owner == peer || (host == Some(peer) && previous.as_deref() == Some(peer))
+            }
+            None => host == Some(peer) || previous.as_deref() == Some(peer),
+        };
+        if !allowed {
+            bail!(
+                "refusing a route for {mac} from {peer}: it is {} here, and {peer} may only move a MAC it owns or claim a new one for itself",
+                current.map_or("not routed".to_string(), |c| format!("routed to {c}"))
+            );
+        }
+        if host != Some(peer) {
+            let mut movers = lock(&self.route_movers);
+            // One entry per MAC of the overlay; a bound against a peer inventing MACs.
+            if movers.len() < 65_536 || movers.contains_key(&key) {
+                movers.insert(key, peer.to_string());
+            }
+        }
+        self.set_route_local(mac, host)
+    }
+
     fn set_route_local(&self, mac: &str, host: Option<&str>) -> Result<()> {
         let mac: Mac = mac.parse().map_err(|e| anyhow!("{e}"))?;
         let fdb = Fdb::open(&self.cfg.vxlan)?;
@@ -414,19 +468,35 @@ impl Agent {
     }
 
     /// Containers on every reachable host (this one included).
-    async fn list_everywhere(&self) -> Vec<ContainerInfo> {
+    /// Every container of every host. Fails, naming the host, if a peer cannot tell: a name or
+    /// address checked against an incomplete list could be taken twice.
+    async fn list_everywhere(&self) -> Result<Vec<ContainerInfo>> {
         let mut all = self.list();
-        let futs = self
-            .cfg
-            .peers
-            .iter()
-            .map(|p| async move { self.ask(&p.host, &PeerRequest::List).await });
-        for r in futures_util::future::join_all(futs).await {
-            if let Ok(PeerResponse::List { containers }) = r {
-                all.extend(containers);
+        let futs = self.cfg.peers.iter().map(|p| async move {
+            (
+                p.host.clone(),
+                tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    self.ask(&p.host, &PeerRequest::List),
+                )
+                .await,
+            )
+        });
+        for (host, r) in futures_util::future::join_all(futs).await {
+            match r {
+                Ok(Ok(PeerResponse::List { containers })) => all.extend(containers),
+                Ok(Ok(other)) => bail!("{host} answered the container list with {other:?}"),
+                Ok(Err(e)) => {
+                    return Err(e.context(format!(
+                        "cannot list the containers of {host}, so names and addresses cannot be checked; retry when it is back"
+                    )))
+                }
+                Err(_) => bail!(
+                    "{host} did not list its containers within 5 s, so names and addresses cannot be checked; retry when it answers"
+                ),
             }
         }
-        all
+        Ok(all)
     }
 
     /// Creates and starts a container here.
@@ -454,7 +524,10 @@ impl Agent {
                 "no command given: ferry run ... -- CMD ARGS".into(),
             ));
         }
-        let all = self.list_everywhere().await;
+        let all = self
+            .list_everywhere()
+            .await
+            .map_err(|e| F::unavailable(format!("{e:#}")))?;
         if let Some(c) = all.iter().find(|c| c.spec.name == name) {
             return Err(F::conflict(format!(
                 "a container named {name:?} already exists on {}",

@@ -99,9 +99,19 @@ pub(crate) async fn serve(agent: Arc<Agent>) -> Result<()> {
 
 async fn handle_conn(agent: Arc<Agent>, conn: transfer::Connection) {
     let peer = conn.peer_host.clone();
-    if agent.cfg.peer(&peer).is_none() {
+    let Some(configured) = agent.cfg.peer(&peer) else {
         warn!(%peer, "certificate is valid but the host is not a configured peer: closing");
         conn.conn.close(1u32.into(), b"unknown peer");
+        return;
+    };
+    // A certificate speaks for one host, from that host's configured address only: a stolen
+    // or misissued certificate used from elsewhere is refused.
+    let from = conn.remote_addr().ip();
+    if from != std::net::IpAddr::V4(configured.underlay_ip) {
+        warn!(%peer, %from, configured = %configured.underlay_ip,
+            "certificate names a configured peer but the connection comes from another address: closing");
+        conn.conn
+            .close(1u32.into(), b"certificate does not match the address");
         return;
     }
     let conn_id = conn.conn.stable_id();
@@ -184,7 +194,7 @@ async fn dispatch(
             Ok(PeerResponse::List { containers })
         }
         PeerRequest::Route { mac, host } => {
-            agent.set_route_local(&mac, host.as_deref())?;
+            agent.route_from_peer(peer, &mac, host.as_deref())?;
             Ok(PeerResponse::Ok { bytes: 0 })
         }
         PeerRequest::Prepare { job, spec } => agent.prepare(peer, conn_id, job, spec, recv).await,
@@ -224,6 +234,11 @@ async fn dispatch(
         }
         PeerRequest::Commit { job } => agent.commit_incoming(peer, &job).await,
         PeerRequest::Abort { job } => {
+            if let Some(owner) = agent.incoming_owner(&job).await {
+                if owner != peer {
+                    bail!("job {job} belongs to {owner}, not {peer}");
+                }
+            }
             agent.abort_incoming(&job, "aborted by the source").await;
             Ok(PeerResponse::Ok { bytes: 0 })
         }
