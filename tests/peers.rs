@@ -249,3 +249,60 @@ fn a_name_or_an_address_is_taken_once_even_at_once() {
     });
     assert!(clean, "h2 still holds the prepared twin");
 }
+
+#[test]
+fn a_default_agent_refuses_fault_hooks() {
+    let lab = Lab::up();
+    lab.run_echo("h1", "echo");
+    // h1 as deployed: fault hooks off (the lab turns them on for tests).
+    let cfg_path = format!("{LAB_DIR}/h1.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).expect("h1.json")).expect("json");
+    cfg.as_object_mut()
+        .expect("object")
+        .remove("allow_fault_hooks");
+    std::fs::write(&cfg_path, cfg.to_string()).expect("writing h1.json");
+    let pid = lab.agent_pid("h1").to_string();
+    assert!(Command::new("kill")
+        .arg(&pid)
+        .status()
+        .is_ok_and(|s| s.success()));
+    assert!(eventually(Duration::from_secs(10), || {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    }));
+    ferry_ok(&["lab", "start-agent", "h1"]);
+    for hook in [
+        ["--pause-in-transfer-ms", "100"],
+        ["--pause-in-dump-ms", "100"],
+        ["--pause-in-phase-ms", "100"],
+    ] {
+        let out = ferry(&["migrate", "echo", "--to", "h2", hook[0], hook[1]]);
+        assert!(!out.status.success(), "{hook:?} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("fault hooks are disabled"), "{hook:?}: {err}");
+    }
+    // Peer requests with hooks are refused by the default agent too.
+    for req in [
+        json!({"op": "images", "job": "h2-x-1", "corrupt": true}),
+        json!({"op": "restore", "job": "h2-x-1", "pause_ms": 100}),
+    ] {
+        let r = peer_request("h2", "h1", &req, 0);
+        let msg = refused(&r, &format!("{req}"));
+        assert!(msg.contains("fault hooks are disabled"), "{req}: {msg}");
+    }
+    // A hook asking for a very long pause is refused even where hooks are allowed.
+    let out = ferry(&[
+        "migrate",
+        "echo",
+        "--to",
+        "h2",
+        "--pause-in-transfer-ms",
+        "999999999",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pause at most"), "{err}");
+    // The container still moves.
+    let (code, r) = migrate_json("echo", "h2", &[], Duration::from_secs(60));
+    assert_eq!(code, 0, "{r}");
+}

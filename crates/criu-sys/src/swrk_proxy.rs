@@ -25,6 +25,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 
+use command_fds::CommandFdExt;
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -464,15 +465,9 @@ pub fn relay_dump(
             note_in_criu_log(&request, &dirs, &e.to_string());
             e
         })?;
-        let dup = stream
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|source| SwrkProxyError::Fd {
-                what: "duplicating the page-server socket",
-                source,
-            })?;
-        set_cloexec(dup.as_fd(), false, "passing the page-server socket on")?;
-        dup
+        // Close-on-exec here; CRIU gets it under the same number through `preserved_fds`
+        // (set in the child only, so that no other thread's child inherits it).
+        OwnedFd::from(stream)
     };
     let request = rpc::dump_with_page_server_fd(&request, ps.as_raw_fd())
         .ok_or(SwrkProxyError::NotRelayable)?;
@@ -487,20 +482,19 @@ pub fn relay_dump(
         what: "socketpair for CRIU",
         source: e.into(),
     })?;
-    set_cloexec(theirs.as_fd(), false, "passing CRIU its socket")?;
     // CRIU talks to us, not to runc: it must not hold runc's socket open.
     set_cloexec(runc, true, "keeping runc's socket from CRIU")?;
-    let mut child = Command::new(real_criu)
-        .arg("swrk")
+    let mut cmd = Command::new(real_criu);
+    cmd.arg("swrk")
         .arg(theirs.as_raw_fd().to_string())
         .env_remove(PAGE_SERVER_SOCKET_ENV)
-        .spawn()
-        .map_err(|source| SwrkProxyError::Spawn {
-            path: real_criu.to_owned(),
-            source,
-        })?;
-    drop(theirs);
-    drop(ps);
+        .preserved_fds(vec![theirs, ps]);
+    let mut child = cmd.spawn().map_err(|source| SwrkProxyError::Spawn {
+        path: real_criu.to_owned(),
+        source,
+    })?;
+    // Our copies of CRIU's descriptors close with the command.
+    drop(cmd);
 
     let sent = send_message(ours.as_fd(), &request, &runc_fds.0);
     drop(runc_fds);

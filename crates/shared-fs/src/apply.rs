@@ -45,6 +45,10 @@ pub struct Applier {
     dirs: BTreeMap<String, DirFixup>,
     is_root: bool,
     tmp_counter: u64,
+    /// Sync every file before it takes its name, and every directory touched at `finish`.
+    durable: bool,
+    /// Directories whose entries changed (synced at `finish` when durable).
+    touched: std::collections::BTreeSet<String>,
 }
 
 fn parent_rel(rel: &str) -> &str {
@@ -145,7 +149,17 @@ impl Applier {
             dirs: BTreeMap::new(),
             is_root: sys::is_root(),
             tmp_counter: 0,
+            durable: false,
+            touched: Default::default(),
         })
+    }
+
+    /// Makes what this applier writes durable: each file is synced before it is renamed into
+    /// place, and each directory whose entries changed is synced by [`Applier::finish`]. For a
+    /// container's root filesystem, which must survive a crash once the migration commits.
+    pub fn durable(mut self) -> Self {
+        self.durable = true;
+        self
     }
 
     /// The root directory entries are applied under.
@@ -306,6 +320,9 @@ impl Applier {
                     .mode(0o600)
                     .open(&tmp)
                     .map_err(|e| FsError::io("create temporary file", &tmp, e))?;
+                if self.durable {
+                    self.touched.insert(parent_rel(&meta.path).to_string());
+                }
                 Ok(Some(FileWriter {
                     file: Some(file),
                     tmp: Some(tmp),
@@ -315,6 +332,7 @@ impl Applier {
                     hasher: blake3::Hasher::new(),
                     committed: Arc::clone(&self.committed),
                     is_root: self.is_root,
+                    durable: self.durable,
                 }))
             }
             EntryKind::Symlink { target } => {
@@ -385,6 +403,9 @@ impl Applier {
     /// A missing entry is not an error. The path is confined like in [`Applier::begin`].
     pub fn remove(&mut self, rel: &str) -> Result<(), FsError> {
         let path = self.confine(rel)?;
+        if self.durable {
+            self.touched.insert(parent_rel(rel).to_string());
+        }
         match fs::symlink_metadata(&path) {
             Ok(_) => {}
             Err(e) if is_missing(&e) => return Ok(()),
@@ -415,6 +436,27 @@ impl Applier {
             }
             sys::set_mtime_nofollow(&path, fix.mtime_ns)
                 .map_err(|e| FsError::io("set mtime of", &path, e))?;
+        }
+        if self.durable {
+            // Every other entry kind is created in a directory that a file or a removal also
+            // touched, or in one listed here: sync them all, deepest first.
+            let mut dirs: Vec<&String> = self.touched.iter().chain(self.dirs.keys()).collect();
+            dirs.sort_by(|a, b| b.cmp(a));
+            dirs.dedup();
+            for rel in dirs {
+                let path = if rel.is_empty() {
+                    self.root.clone()
+                } else {
+                    self.root.join(rel)
+                };
+                match File::open(&path) {
+                    Ok(d) => d
+                        .sync_all()
+                        .map_err(|e| FsError::io("sync directory", &path, e))?,
+                    Err(e) if is_missing(&e) => {}
+                    Err(e) => return Err(FsError::io("open directory", &path, e)),
+                }
+            }
         }
         Ok(ApplyStats {
             entries: self.entries,
@@ -465,6 +507,7 @@ pub struct FileWriter {
     hasher: blake3::Hasher,
     committed: Arc<AtomicU64>,
     is_root: bool,
+    durable: bool,
 }
 
 impl FileWriter {
@@ -548,6 +591,9 @@ impl FileWriter {
             .map_err(|e| FsError::io("chmod", &tmp, e))?;
         file.set_times(fs::FileTimes::new().set_modified(time_from_ns(self.meta.mtime_ns)))
             .map_err(|e| FsError::io("set mtime of", &tmp, e))?;
+        if self.durable {
+            file.sync_all().map_err(|e| FsError::io("sync", &tmp, e))?;
+        }
         drop(file);
         set_xattrs(&tmp, &self.meta.xattrs, self.is_root)?;
         fs::rename(&tmp, &self.target)

@@ -357,7 +357,24 @@ pub async fn recv_tree<R>(
 where
     R: AsyncRead + Unpin + ?Sized,
 {
+    recv_tree_with(r, root, limits, false).await
+}
+
+/// [`recv_tree`]; with `durable`, every file is synced before it takes its name and every
+/// directory it changed is synced before this returns ([`Applier::durable`]).
+pub async fn recv_tree_with<R>(
+    r: &mut R,
+    root: &Path,
+    limits: Limits,
+    durable: bool,
+) -> Result<TreeStats, TransferError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
     let mut applier = Applier::new(root, limits)?;
+    if durable {
+        applier = applier.durable();
+    }
     let mut st = TreeStats::default();
     let mut zd = zstd::bulk::Decompressor::new().map_err(|e| TransferError::Decode {
         what: "a zstd decompressor",

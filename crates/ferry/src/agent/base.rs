@@ -24,7 +24,13 @@ use crate::proto::{PeerRequest, PeerResponse};
 pub(crate) struct PendingBase {
     tree: Tree,
     chunks: HashSet<String>,
+    /// When its tree arrived: a base whose chunks never come is forgotten after
+    /// [`PENDING_TTL`].
+    since: std::time::Instant,
 }
+
+/// How long a base tree may wait for its chunks before it is forgotten.
+const PENDING_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Most base trees waiting for their chunks at once (a source that stops between the tree and
 /// its chunks leaves one behind).
@@ -155,10 +161,19 @@ impl Agent {
         if len > MAX_TREE_BYTES {
             bail!("base tree {tree} is {len} bytes, more than the {MAX_TREE_BYTES} accepted");
         }
-        let mut bytes = vec![0u8; len as usize];
-        recv.read_exact(&mut bytes)
+        // Memory grows with what arrives, not with what the peer announced.
+        let mut bytes = Vec::new();
+        (&mut *recv)
+            .take(len)
+            .read_to_end(&mut bytes)
             .await
             .context("reading the base tree")?;
+        if bytes.len() as u64 != len {
+            bail!(
+                "base tree {tree}: {} of the {len} announced bytes arrived",
+                bytes.len()
+            );
+        }
         let store = Arc::clone(&self.store);
         let id = tree.clone();
         let (t, missing) = tokio::task::spawn_blocking(move || -> Result<_> {
@@ -169,21 +184,43 @@ impl Agent {
         .await??;
         let chunks = t.chunks().into_keys().map(str::to_owned).collect();
         let mut pending = lock(&self.pending_bases);
+        pending.retain(|_, p| p.since.elapsed() < PENDING_TTL);
         if pending.len() >= MAX_PENDING && !pending.contains_key(&tree) {
             bail!("{MAX_PENDING} base layers are already on their way here; retry later");
         }
-        pending.insert(tree, PendingBase { tree: t, chunks });
+        pending.insert(
+            tree,
+            PendingBase {
+                tree: t,
+                chunks,
+                since: std::time::Instant::now(),
+            },
+        );
         Ok(PeerResponse::BaseMissing { chunks: missing })
     }
 
     /// Destination: `BaseChunks`: stores each chunk after checking its content, then the tree.
+    /// A transfer that fails is forgotten: its source starts again with `BaseTree`.
     pub(crate) async fn base_chunks(
         self: &Arc<Self>,
         tree: String,
         count: u64,
         recv: &mut Incoming<'_>,
     ) -> Result<PeerResponse> {
-        let Some(pending) = lock(&self.pending_bases).get(&tree).cloned() else {
+        let r = self.base_chunks_inner(&tree, count, recv).await;
+        if r.is_err() {
+            lock(&self.pending_bases).remove(&tree);
+        }
+        r
+    }
+
+    async fn base_chunks_inner(
+        self: &Arc<Self>,
+        tree: &str,
+        count: u64,
+        recv: &mut Incoming<'_>,
+    ) -> Result<PeerResponse> {
+        let Some(pending) = lock(&self.pending_bases).get(tree).cloned() else {
             bail!("chunks of base tree {tree} sent before the tree");
         };
         if count > pending.chunks.len() as u64 {
@@ -224,7 +261,7 @@ impl Agent {
         if id != tree {
             bail!("base tree stored as {id}, announced as {tree}");
         }
-        lock(&self.pending_bases).remove(&tree);
+        lock(&self.pending_bases).remove(tree);
         info!(%tree, chunks = count, bytes, "base layer received");
         Ok(PeerResponse::Ok { bytes })
     }

@@ -83,8 +83,19 @@ pub(crate) async fn serve(agent: Arc<Agent>) -> Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     let _ = std::fs::remove_file(&sock);
-    let listener = tokio::net::UnixListener::bind(&sock)
-        .with_context(|| format!("binding the API socket {}", sock.display()))?;
+    // Root only, whatever the umask: bound under a temporary name, made 0600, then renamed into
+    // place, so that nobody can connect while it has another mode.
+    let staged = sock.with_extension(format!("sock.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&staged);
+    let listener = tokio::net::UnixListener::bind(&staged)
+        .with_context(|| format!("binding the API socket {}", staged.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("making {} root-only", staged.display()))?;
+    }
+    std::fs::rename(&staged, &sock)
+        .with_context(|| format!("moving the API socket to {}", sock.display()))?;
     let app = Router::new()
         .route("/v1/host", get(host))
         .route("/v1/containers", get(list).post(create))

@@ -252,9 +252,12 @@ impl Agent {
             };
             let own = layout.own_fs(&spec);
             std::fs::create_dir_all(&own)?;
-            let stats = transfer::tree::recv_tree(recv, &own, shared_fs::Limits::default())
-                .await
-                .context("receiving the root filesystem")?;
+            // The container's own files: synced as they arrive (they must survive a crash
+            // once the migration commits).
+            let stats =
+                transfer::tree::recv_tree_with(recv, &own, shared_fs::Limits::default(), true)
+                    .await
+                    .context("receiving the root filesystem")?;
             if let Some(lower) = &lower {
                 crate::runtime::mount_overlay_rootfs(&layout, lower)?;
             }
@@ -338,7 +341,7 @@ impl Agent {
             .await
             .context("receiving CRIU images")?;
         let images_ms = crate::util::ms(t.elapsed());
-        let b = transfer::tree::recv_tree(recv, &own, limits)
+        let b = transfer::tree::recv_tree_with(recv, &own, limits, true)
             .await
             .context("receiving the root filesystem diff")?;
         info!(%job, images_ms, total_ms = crate::util::ms(t.elapsed()), files = a.entries, bytes = a.file_bytes, "images received");
@@ -382,6 +385,11 @@ impl Agent {
         job: &str,
         RestoreLimits { pause_ms, deadline }: RestoreLimits,
     ) -> Result<PeerResponse> {
+        if pause_ms > 120_000 {
+            bail!(
+                "a restore pause of {pause_ms} ms is refused: fault hooks pause at most 120000 ms"
+            );
+        }
         if pause_ms > 0 && !self.cfg.allow_fault_hooks {
             bail!(
                 "fault hooks are disabled on {} (allow_fault_hooks in its config)",

@@ -198,7 +198,7 @@ impl Agent {
         recv: &mut super::peer::Incoming<'_>,
     ) -> Result<PeerResponse> {
         let root = self.with_incoming(peer, job, |i| i.own_fs()).await?;
-        let stats = transfer::tree::recv_tree(recv, &root, shared_fs::Limits::default())
+        let stats = transfer::tree::recv_tree_with(recv, &root, shared_fs::Limits::default(), true)
             .await
             .context("receiving a root filesystem diff")?;
         Ok(PeerResponse::Ok {

@@ -43,6 +43,9 @@ pub(crate) fn start(
                 req.to
             )));
         }
+        if let Err(e) = check_fault_bounds(&req.faults) {
+            return Err(ApiFailure::bad_request(e));
+        }
         if req.faults != FaultHooks::default() && !agent.cfg.allow_fault_hooks {
             return Err(ApiFailure::bad_request(format!(
                 "fault hooks are disabled on {} (allow_fault_hooks in its config)",
@@ -854,4 +857,26 @@ impl Agent {
         })
         .await;
     }
+}
+
+/// Longest pause a fault hook may ask for.
+const MAX_FAULT_PAUSE_MS: u64 = 120_000;
+
+/// Every pause of a fault hook is bounded (a test must not be able to park a migration).
+fn check_fault_bounds(f: &FaultHooks) -> std::result::Result<(), String> {
+    for (name, ms) in [
+        ("pause_in_transfer_ms", f.pause_in_transfer_ms),
+        ("pause_before_commit_ms", f.pause_before_commit_ms),
+        ("pause_in_dump_ms", f.pause_in_dump_ms),
+        ("pause_in_restore_ms", f.pause_in_restore_ms),
+        ("pause_after_commit_ms", f.pause_after_commit_ms),
+        ("pause_in_phase_ms", f.pause_in_phase_ms),
+    ] {
+        if ms > MAX_FAULT_PAUSE_MS {
+            return Err(format!(
+                "faults.{name} is {ms}: fault hooks pause at most {MAX_FAULT_PAUSE_MS} ms"
+            ));
+        }
+    }
+    Ok(())
 }
