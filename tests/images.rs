@@ -377,3 +377,135 @@ fn an_oci_image_layout_built_here_imports_and_runs() {
     let b = std::fs::metadata(format!("{root}/bin/wl-again")).unwrap();
     assert_eq!(a.ino(), b.ino(), "the hard link is a hard link");
 }
+
+/// A valid one-file base tree (distinct for each `i`) as the store serializes trees: its bytes
+/// and id (their blake3).
+fn tiny_tree(i: u32) -> (Vec<u8>, String) {
+    let content = format!("file {i}\n");
+    let chunk = blake3_hex(content.as_bytes());
+    let tree = serde_json::json!({
+        "version": 1,
+        "entries": [{
+            "path": format!("f{i}"),
+            "kind": "File",
+            "mode": 420,
+            "uid": 0,
+            "gid": 0,
+            "mtime_ns": 0,
+            "size": content.len(),
+            "chunks": [{"hash": chunk, "len": content.len()}],
+            "blake3": chunk,
+        }]
+    });
+    let bytes = serde_json::to_vec(&tree).expect("tree json");
+    let id = blake3_hex(&bytes);
+    (bytes, id)
+}
+
+fn blake3_hex(b: &[u8]) -> String {
+    blake3::hash(b).to_hex().to_string()
+}
+
+#[test]
+fn a_hundred_failed_base_transfers_do_not_block_the_next() {
+    let lab = Lab::up();
+    // A source that sends a base tree, then chunks that are not the tree's: refused, and the
+    // tree it left waiting is forgotten (64 such leftovers used to refuse every new base).
+    for i in 0..100 {
+        let (bytes, id) = tiny_tree(i);
+        let r = peer_request_payload(
+            "h1",
+            "h2",
+            &serde_json::json!({"op": "base_tree", "tree": id, "len": bytes.len()}),
+            &bytes,
+        );
+        assert_eq!(r["result"], "base_missing", "base tree {i}: {r}");
+        let mut wrong = vec![0xabu8; 32];
+        wrong.extend_from_slice(&1u32.to_be_bytes());
+        wrong.push(b'x');
+        let r = peer_request_payload(
+            "h1",
+            "h2",
+            &serde_json::json!({"op": "base_chunks", "tree": id, "count": 1}),
+            &wrong,
+        );
+        assert_eq!(r["result"], "error", "chunks of base {i}: {r}");
+        assert!(
+            r["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("not part of base tree"),
+            "{r}"
+        );
+    }
+    // A real base still arrives: a container from an image h2 lacks moves there.
+    let root = scratch("base-after-failures");
+    ferry_ok(&["lab", "rootfs", root.to_str().unwrap()]);
+    ferry_ok(&[
+        "image",
+        "import",
+        "--on",
+        "h1",
+        "--name",
+        "wl:1",
+        root.to_str().unwrap(),
+    ]);
+    run_from_image(&lab, "h1", "c1", "wl:1");
+    let (code, r) = migrate_json("c1", "h2", &[], Duration::from_secs(120));
+    assert_eq!(
+        (code, &r["result"]),
+        (0, &serde_json::json!("completed")),
+        "{r}"
+    );
+    assert_eq!(images_on("h2")["images"][0]["name"], "wl:1");
+}
+
+#[test]
+fn gc_during_an_incoming_migration_keeps_its_base() {
+    let lab = Lab::up();
+    // h2 already names "wl:1" another image, so the base arriving for c1 is not named there:
+    // only the incoming job keeps it from gc.
+    let other = scratch("gc-other");
+    ferry_ok(&["lab", "rootfs", other.to_str().unwrap()]);
+    std::fs::write(other.join("etc/other"), b"another image").unwrap();
+    ferry_ok(&[
+        "image",
+        "import",
+        "--on",
+        "h2",
+        "--name",
+        "wl:1",
+        other.to_str().unwrap(),
+    ]);
+    let root = scratch("gc-base");
+    ferry_ok(&["lab", "rootfs", root.to_str().unwrap()]);
+    ferry_ok(&[
+        "image",
+        "import",
+        "--on",
+        "h1",
+        "--name",
+        "wl:1",
+        root.to_str().unwrap(),
+    ]);
+    let c = run_from_image(&lab, "h1", "c1", "wl:1");
+    let tree = c["image"]["tree"].as_str().expect("tree").to_string();
+    let (_, job) = start_migration("c1", "h2", &["--pause-in-transfer-ms", "4000"]);
+    wait_job_state(&job, "transferring");
+    let gc = ferry_ok(&["image", "gc", "--on", "h2"]);
+    assert!(
+        std::path::Path::new(&format!("{LAB_DIR}/h2/store/layers/{tree}")).is_dir(),
+        "gc removed the base of an incoming migration: {gc}"
+    );
+    let r = wait_job(&job);
+    assert_eq!(r["result"], "completed", "{r}");
+    let c = lab.container("c1").expect("c1");
+    assert_eq!(c["host"], "h2");
+    wait_port(c["ip"].as_str().expect("ip"));
+    // Its base is still whole at h2: a file of the image reads back.
+    let file = format!("{LAB_DIR}/h2/store/layers/{tree}/etc/passwd");
+    assert!(
+        std::fs::read_to_string(&file).is_ok_and(|s| s.contains("root")),
+        "{file}"
+    );
+}

@@ -594,8 +594,18 @@ pub fn userfaultfd_mappings(pid: i32) -> Vec<String> {
 /// namespace, followed by `trees` empty file trees; returns the answer, or
 /// `{"transport_error": ...}` when the connection is refused or dropped.
 pub fn peer_request(as_host: &str, to: &str, req: &Value, trees: usize) -> Value {
+    peer_request_raw(as_host, to, req, &trees.to_string())
+}
+
+/// [`peer_request`] followed by the raw bytes `payload` (a base tree, chunks).
+pub fn peer_request_payload(as_host: &str, to: &str, req: &Value, payload: &[u8]) -> Value {
+    let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
+    peer_request_raw(as_host, to, req, &format!("hex:{hex}"))
+}
+
+fn peer_request_raw(as_host: &str, to: &str, req: &Value, after: &str) -> Value {
     let pki = format!("{LAB_DIR}/pki");
-    peer_request_with(
+    peer_request_after(
         &format!("ferry-{as_host}"),
         (
             &format!("{pki}/{as_host}.pem"),
@@ -603,7 +613,7 @@ pub fn peer_request(as_host: &str, to: &str, req: &Value, trees: usize) -> Value
         ),
         to,
         req,
-        trees,
+        after,
     )
 }
 
@@ -614,6 +624,16 @@ pub fn peer_request_with(
     to: &str,
     req: &Value,
     trees: usize,
+) -> Value {
+    peer_request_after(netns, cert, to, req, &trees.to_string())
+}
+
+fn peer_request_after(
+    netns: &str,
+    cert: (&str, &str),
+    to: &str,
+    req: &Value,
+    after: &str,
 ) -> Value {
     let cfg: Value = serde_json::from_str(
         &std::fs::read_to_string(format!("{LAB_DIR}/{to}.json")).expect("host config"),
@@ -633,7 +653,7 @@ pub fn peer_request_with(
         .arg(addr)
         .arg(to)
         .arg(req.to_string())
-        .arg(trees.to_string())
+        .arg(after)
         .output()
         .expect("running ferry-test-peer");
     assert!(

@@ -5,8 +5,11 @@
 //! network namespace (`ip netns exec ferry-h1 ...`).
 //!
 //! ```text
-//! ferry-test-peer CA CERT KEY ADDR PEER_HOST REQUEST_JSON [EMPTY_TREES]
+//! ferry-test-peer CA CERT KEY ADDR PEER_HOST REQUEST_JSON [EMPTY_TREES | hex:PAYLOAD]
 //! ```
+//!
+//! `hex:PAYLOAD` writes those bytes after the request instead of empty trees (a base tree,
+//! chunks).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,8 +31,12 @@ async fn main() {
     };
     let addr: SocketAddr = args[3].parse().expect("ADDR is ip:port");
     let req: serde_json::Value = serde_json::from_str(&args[5]).expect("REQUEST_JSON is JSON");
-    let trees: usize = args.get(6).map_or(0, |n| n.parse().expect("EMPTY_TREES"));
-    match run(&tls, addr, &args[4], &req, trees).await {
+    let (trees, payload) = match args.get(6) {
+        Some(a) if a.starts_with("hex:") => (0, unhex(&a[4..])),
+        Some(n) => (n.parse().expect("EMPTY_TREES"), vec![]),
+        None => (0, vec![]),
+    };
+    match run(&tls, addr, &args[4], &req, trees, &payload).await {
         Ok(v) => println!("{v}"),
         Err(e) => {
             println!("{}", serde_json::json!({"transport_error": e}));
@@ -43,6 +50,7 @@ async fn run(
     host: &str,
     req: &serde_json::Value,
     trees: usize,
+    payload: &[u8],
 ) -> Result<serde_json::Value, String> {
     let ep =
         Endpoint::bind("0.0.0.0:0".parse().expect("address"), tls).map_err(|e| e.to_string())?;
@@ -61,6 +69,9 @@ async fn run(
             .await
             .map_err(|e| why(e.to_string()))?;
     }
+    tokio::io::AsyncWriteExt::write_all(&mut send, payload)
+        .await
+        .map_err(|e| why(e.to_string()))?;
     send.finish().map_err(|e| why(e.to_string()))?;
     let resp: serde_json::Value =
         tokio::time::timeout(std::time::Duration::from_secs(20), read_msg(&mut recv))
@@ -69,4 +80,11 @@ async fn run(
             .map_err(|e| why(e.to_string()))?;
     conn.close("done");
     Ok(resp)
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex payload"))
+        .collect()
 }

@@ -777,7 +777,15 @@ impl Store {
     /// use), their materialized layers, and every chunk no remaining tree uses and that is not
     /// in `keep_chunks` (chunks of trees on their way here).
     pub fn gc(&self, keep: &[Id], keep_chunks: &[Id]) -> Result<GcStats, FsError> {
+        self.gc_with(|| (keep.to_vec(), keep_chunks.to_vec()))
+    }
+
+    /// [`Store::gc`] with what to keep decided by `keep` (trees, chunks) once the store is held
+    /// exclusively: nothing that holds [`Store::import_guard`] (an import, a materialization, a
+    /// base arriving) runs between that decision and the collection.
+    pub fn gc_with(&self, keep: impl FnOnce() -> (Vec<Id>, Vec<Id>)) -> Result<GcStats, FsError> {
         let _exclusive = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let (keep, keep_chunks) = keep();
         let mut live: HashSet<Id> = keep.iter().cloned().collect();
         live.extend(self.images()?.into_iter().map(|r| r.tree));
         let mut stats = GcStats::default();

@@ -249,15 +249,22 @@ impl Agent {
                 .await
                 .context("reading a chunk")?;
             let store = Arc::clone(&self.store);
-            tokio::task::spawn_blocking(move || store.put_chunk_checked(&id, &data)).await??;
+            tokio::task::spawn_blocking(move || {
+                let _shared = store.import_guard();
+                store.put_chunk_checked(&id, &data)
+            })
+            .await??;
             bytes += 36 + u64::from(len);
         }
         // Every chunk must be here now (sent, or already held); put_tree checks it.
         let store = Arc::clone(&self.store);
         let t = pending.tree;
-        let id = tokio::task::spawn_blocking(move || store.put_tree(&t))
-            .await?
-            .with_context(|| format!("base tree {tree} is still incomplete"))?;
+        let id = tokio::task::spawn_blocking(move || {
+            let _shared = store.import_guard();
+            store.put_tree(&t)
+        })
+        .await?
+        .with_context(|| format!("base tree {tree} is still incomplete"))?;
         if id != tree {
             bail!("base tree stored as {id}, announced as {tree}");
         }

@@ -157,9 +157,9 @@ pub(crate) async fn remove(
 /// `POST /v1/images/gc`: removes trees, layers and chunks no image and no container here uses.
 pub(crate) async fn gc(State(a): State<Arc<Agent>>) -> Result<Json<GcStats>, ApiFailure> {
     let store = Arc::clone(&a.store);
-    let keep = a.trees_in_use();
-    let keep_chunks = a.pending_base_chunks();
-    let s = blocking(move || store.gc(&keep, &keep_chunks)).await?;
+    let agent = Arc::clone(&a);
+    let s = blocking(move || store.gc_with(|| (agent.trees_in_use(), agent.pending_base_chunks())))
+        .await?;
     info!(
         chunks = s.chunks,
         bytes = s.chunk_bytes,
@@ -171,11 +171,14 @@ pub(crate) async fn gc(State(a): State<Arc<Agent>>) -> Result<Json<GcStats>, Api
 }
 
 impl Agent {
-    /// Trees the containers on this host run from (gc keeps them, named or not).
+    /// Trees the containers on this host run from, and the bases of incoming migrations (gc
+    /// keeps them, named or not).
     pub(crate) fn trees_in_use(&self) -> Vec<String> {
-        super::lock(&self.containers)
+        let mut trees: Vec<String> = super::lock(&self.containers)
             .values()
             .filter_map(|c| c.spec.image.as_ref().map(|i| i.tree.clone()))
-            .collect()
+            .collect();
+        trees.extend(super::lock(&self.incoming_bases).values().cloned());
+        trees
     }
 }

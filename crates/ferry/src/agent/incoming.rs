@@ -209,10 +209,16 @@ impl Agent {
             }
             creating.push((spec.name.clone(), spec.ip));
         }
+        if let Some(img) = &spec.image {
+            lock(&self.incoming_bases).insert(job.clone(), img.tree.clone());
+        }
         let r = self
-            .prepare_reserved(peer, conn_id, job, spec.clone(), recv)
+            .prepare_reserved(peer, conn_id, job.clone(), spec.clone(), recv)
             .await;
         lock(&self.creating).retain(|(n, _)| *n != spec.name);
+        if r.is_err() {
+            lock(&self.incoming_bases).remove(&job);
+        }
         r
     }
 
@@ -515,6 +521,8 @@ impl Agent {
             },
         );
         self.save_containers();
+        // The container record keeps its base from gc now.
+        lock(&self.incoming_bases).remove(job);
         let _ = std::fs::remove_file(self.incoming_record(job));
         // Removing the images (as large as the container's memory) takes a while: not on the
         // way of the commit's answer, which ends the source's count of the frozen time.
@@ -549,6 +557,7 @@ impl Agent {
             }
         };
         if let Some(mut inc) = inc {
+            lock(&self.incoming_bases).remove(job);
             warn!(%job, container = %inc.spec.name, reason = why, "aborting incoming migration");
             let hold = inc.hold.take();
             let name = inc.spec.name.clone();
@@ -801,6 +810,8 @@ impl Agent {
         let store = std::sync::Arc::clone(&self.store);
         let img = img.clone();
         tokio::task::spawn_blocking(move || -> Result<std::path::PathBuf> {
+            // Not while gc runs (gc keeps this base: the job registered it at its prepare).
+            let _shared = store.import_guard();
             let layer = store.materialize(&img.tree).with_context(|| {
                 format!("the base layer of image {:?} (tree {})", img.name, img.tree)
             })?;

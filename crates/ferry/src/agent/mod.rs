@@ -110,6 +110,9 @@ pub(crate) struct Agent {
     pages: tokio::sync::Mutex<transfer::pages::PageStore>,
     /// The host's image store: chunks, trees, images, materialized base layers.
     store: Arc<shared_fs::Store>,
+    /// Base trees of incoming jobs (job -> tree), from their prepare until they end: gc keeps
+    /// them.
+    incoming_bases: Mutex<HashMap<String, String>>,
     /// Per MAC, the peer that last moved it to another host (it may take it back).
     route_movers: Mutex<HashMap<String, String>>,
     /// Base trees received from a source, waiting for their chunks.
@@ -208,6 +211,7 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         store,
         pending_bases: Default::default(),
         route_movers: Default::default(),
+        incoming_bases: Default::default(),
         cfg,
     });
     agent.clean_stale_incoming().await;
