@@ -103,6 +103,9 @@ pub struct RelayStats {
     pub elapsed: Duration,
 }
 
+/// Most pages of one dump kept aside when the page store is full (256 MiB).
+pub const MAX_OVERFLOW_PAGES: usize = 65_536;
+
 /// Why a relay stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -141,6 +144,13 @@ pub enum RelayError {
     /// Valid frames in an order that makes no sense.
     #[error("relay link: {0}")]
     Sequence(String),
+    /// The page store was full and more of this dump's pages arrived than the relay keeps
+    /// aside ([`MAX_OVERFLOW_PAGES`]).
+    #[error("the page store is full and more than {pages} pages of this dump did not fit; raise page_store_mib in the destination's config")]
+    Overflow {
+        /// The cap that was reached.
+        pages: usize,
+    },
     /// A reference to a page the destination does not hold.
     #[error("page {hash} referenced but not held")]
     NotHeld {
@@ -496,6 +506,11 @@ where
                         read_link(&mut rx, page, "inside a page").await?;
                         stats.link_bytes_read += 1 + PAGE_SIZE as u64;
                         if store.insert(page).is_err() {
+                            if overflow.len() >= MAX_OVERFLOW_PAGES {
+                                return Err(RelayError::Overflow {
+                                    pages: MAX_OVERFLOW_PAGES,
+                                });
+                            }
                             overflow.insert(hash_page(page), (&*page).into());
                         }
                     }

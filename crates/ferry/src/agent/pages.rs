@@ -51,7 +51,8 @@ impl Agent {
             bail!("{count} page hashes asked at once; at most {MAX_HASHES}");
         }
         self.with_incoming(peer, job, |_| ()).await?;
-        let mut hashes: Vec<PageHash> = Vec::with_capacity(count as usize);
+        // Memory grows with what arrives, not with what the peer announced.
+        let mut hashes: Vec<PageHash> = Vec::with_capacity((count as usize).min(4096));
         let mut buf = vec![0u8; 32 * 4096];
         let mut left = count as usize;
         while left > 0 {

@@ -110,7 +110,22 @@ pub(crate) fn start(
         cancel: Default::default(),
         cancel_notify: Notify::new(),
     });
-    lock(&agent.jobs).insert(id.clone(), Arc::clone(&job));
+    {
+        // Finished jobs stay listed for `ferry job`, the oldest forgotten past MAX_JOBS.
+        let mut jobs = lock(&agent.jobs);
+        if jobs.len() >= MAX_JOBS {
+            let mut done: Vec<(Instant, String)> = jobs
+                .values()
+                .filter(|j| lock(&j.status).0.is_terminal())
+                .map(|j| (j.started, j.id.clone()))
+                .collect();
+            done.sort();
+            for (_, old) in done.iter().take(jobs.len() + 1 - MAX_JOBS) {
+                jobs.remove(old);
+            }
+        }
+        jobs.insert(id.clone(), Arc::clone(&job));
+    }
     let (a, j) = (Arc::clone(agent), Arc::clone(&job));
     let mut rounds = Rounds::new();
     rounds.set_follow_writes(req.precopy.as_ref().is_none_or(|p| p.follow_writes));
@@ -858,6 +873,9 @@ impl Agent {
         .await;
     }
 }
+
+/// Most jobs an agent lists; past it the oldest finished ones are forgotten.
+const MAX_JOBS: usize = 1024;
 
 /// Longest pause a fault hook may ask for.
 const MAX_FAULT_PAUSE_MS: u64 = 120_000;
