@@ -209,7 +209,15 @@ impl Criu {
             let _ = std::fs::remove_file(KDAT_CACHE);
             return self.check().map(|_| true);
         }
-        let tmp = std::env::temp_dir().join(format!("ferry-criu-kdat-{}", std::process::id()));
+        // A fresh directory only root can enter, under an unpredictable name: nobody can place
+        // a link where the cache copy is written.
+        let Ok(dir) = tempfile::Builder::new()
+            .prefix("ferry-criu-kdat-")
+            .tempdir()
+        else {
+            return Ok(false);
+        };
+        let tmp = dir.path().join("criu.kdat");
         let script = r#"mount -t tmpfs ferry-kdat /run && "$0" check >/dev/null 2>&1; cp /run/criu.kdat "$1""#;
         let out = Command::new("unshare")
             .args(["--mount", "--propagation", "private", "sh", "-c", script])
