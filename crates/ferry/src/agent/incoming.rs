@@ -35,6 +35,9 @@ pub(crate) struct Incoming {
     restoring: bool,
     /// Set by an abort: kills the running restore.
     abort: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Streams of this job being received now: the watchdog judges a job by progress, so it
+    /// never expires while one runs (QUIC's idle timeout ends a stream that stalls).
+    streams: std::sync::Arc<Streams>,
     restored: bool,
     deadline: Instant,
     /// Pre-copy: pages of the store this job relies on (kept until it ends).
@@ -55,6 +58,30 @@ impl Incoming {
     /// The source is active: push the deadline back.
     pub(crate) fn touch(&mut self) {
         self.deadline = Instant::now() + PREPARED_TTL;
+    }
+
+    /// A stream of this job starts: the job does not expire until it ends, and its end counts
+    /// as activity.
+    pub(crate) fn stream(&mut self) -> StreamGuard {
+        self.touch();
+        self.streams
+            .active
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        StreamGuard(std::sync::Arc::clone(&self.streams))
+    }
+
+    /// Whether the watchdog may remove this job now.
+    fn expired(&self, now: Instant) -> bool {
+        if self.restored {
+            return self.deadline < now;
+        }
+        let ended = *lock(&self.streams.last_end);
+        self.streams
+            .active
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 0
+            && self.deadline < now
+            && ended.is_none_or(|e| e + PREPARED_TTL < now)
     }
 
     pub(crate) fn pin(&mut self, hashes: HashSet<transfer::pages::PageHash>) {
@@ -80,6 +107,25 @@ impl Incoming {
 
     pub(crate) fn set_pages_relayed(&mut self) {
         self.pages_relayed = true;
+    }
+}
+
+/// The streams of an incoming job being received.
+#[derive(Default)]
+pub(crate) struct Streams {
+    active: std::sync::atomic::AtomicUsize,
+    last_end: std::sync::Mutex<Option<Instant>>,
+}
+
+/// One stream of an incoming job being received (see [`Incoming::stream`]).
+pub(crate) struct StreamGuard(std::sync::Arc<Streams>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        *lock(&self.0.last_end) = Some(Instant::now());
+        self.0
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -290,6 +336,7 @@ impl Agent {
                         hold: Some(hold),
                         restoring: false,
                         abort: Default::default(),
+                        streams: Default::default(),
                         restored: false,
                         deadline: Instant::now() + PREPARED_TTL,
                         pinned: HashSet::new(),
@@ -327,12 +374,9 @@ impl Agent {
                 self.cfg.host
             );
         }
-        let (_, relayed, own) = match self.incoming.lock().await.get_mut(job) {
+        let (_stream, relayed, own) = match self.incoming.lock().await.get_mut(job) {
             Some(i) if i.from != peer => bail!("job {job} belongs to {}, not {peer}", i.from),
-            Some(i) => {
-                i.deadline = Instant::now() + PREPARED_TTL;
-                (i.layout.clone(), i.pages_relayed, i.layout.own_fs(&i.spec))
-            }
+            Some(i) => (i.stream(), i.pages_relayed, i.layout.own_fs(&i.spec)),
             None => bail!("no prepared job {job} here (it expired or was aborted)"),
         };
         let images = self.images_dir(job);
@@ -733,7 +777,7 @@ pub(crate) async fn watchdog(agent: Arc<Agent>) {
             .lock()
             .await
             .iter()
-            .filter(|(_, i)| i.deadline < now)
+            .filter(|(_, i)| i.expired(now))
             .map(|(j, i)| (j.clone(), i.restored))
             .collect();
         for (j, restored) in expired {

@@ -50,7 +50,7 @@ impl Agent {
         if count > MAX_HASHES {
             bail!("{count} page hashes asked at once; at most {MAX_HASHES}");
         }
-        self.with_incoming(peer, job, |_| ()).await?;
+        let _stream = self.with_incoming(peer, job, |i| i.stream()).await?;
         // Memory grows with what arrives, not with what the peer announced.
         let mut hashes: Vec<PageHash> = Vec::with_capacity((count as usize).min(4096));
         let mut buf = vec![0u8; 32 * 4096];
@@ -93,7 +93,7 @@ impl Agent {
         job: &str,
         recv: &mut super::peer::Incoming<'_>,
     ) -> Result<PeerResponse> {
-        self.with_incoming(peer, job, |_| ()).await?;
+        let _stream = self.with_incoming(peer, job, |i| i.stream()).await?;
         let cap = self.page_store_cap();
         let mut local = PageStore::new(cap);
         let (hashes, stats) = transfer::pages::recv_pages(recv, &mut local)
@@ -198,7 +198,9 @@ impl Agent {
         job: &str,
         recv: &mut super::peer::Incoming<'_>,
     ) -> Result<PeerResponse> {
-        let root = self.with_incoming(peer, job, |i| i.own_fs()).await?;
+        let (root, _stream) = self
+            .with_incoming(peer, job, |i| (i.own_fs(), i.stream()))
+            .await?;
         let stats = transfer::tree::recv_tree_with(recv, &root, shared_fs::Limits::default(), true)
             .await
             .context("receiving a root filesystem diff")?;
@@ -220,20 +222,26 @@ impl Agent {
             Ok(c) => c.path.clone(),
             Err(e) => bail!("CRIU unusable on {}: {e}", self.cfg.host),
         };
-        self.with_incoming(peer, job, |i| i.set_pages_relayed())
+        let _stream = self
+            .with_incoming(peer, job, |i| {
+                i.set_pages_relayed();
+                i.stream()
+            })
             .await?;
         let (images, work) = (self.images_dir(job), self.work_dir(job));
         let _ = std::fs::remove_dir_all(&images);
         std::fs::create_dir_all(&images)?;
         std::fs::create_dir_all(&work)?;
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-        // The page server inherits its end at the same number.
-        nix::fcntl::fcntl(
-            theirs.as_raw_fd(),
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-        )?;
+        // The page server gets its end at the same number, in the child only: clearing
+        // close-on-exec here would leak it to children other threads spawn meanwhile.
         let fd = theirs.as_raw_fd();
-        let mut child = std::process::Command::new(&criu)
+        let mut cmd = std::process::Command::new(&criu);
+        command_fds::CommandFdExt::preserved_fds(
+            &mut cmd,
+            vec![std::os::fd::OwnedFd::from(theirs)],
+        );
+        let mut child = cmd
             .arg("page-server")
             .arg("-D")
             .arg(&images)
@@ -246,7 +254,8 @@ impl Agent {
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {} page-server", criu.display()))?;
-        drop(theirs);
+        // Our copy of the page server's end closes with the command.
+        drop(cmd);
         ours.set_nonblocking(true)?;
         let ours = tokio::net::UnixStream::from_std(ours)?;
         let t = Instant::now();
