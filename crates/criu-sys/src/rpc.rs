@@ -6,10 +6,15 @@ use crate::CriuVersion;
 /// `criu_req_type.VERSION`.
 pub const REQ_VERSION: u64 = 10;
 
-/// Reads a protobuf varint; returns (value, bytes used).
+/// Reads a protobuf varint; returns (value, bytes used). `None` past 10 bytes, and for a 10th
+/// byte with bits beyond the 64th: Ferry would read another value than CRIU (protobuf-c reads
+/// a `bool` as set when any bit of its varint is).
 fn varint(buf: &[u8]) -> Option<(u64, usize)> {
     let mut v: u64 = 0;
     for (i, b) in buf.iter().enumerate().take(10) {
+        if i == 9 && b & 0x7e != 0 {
+            return None;
+        }
         v |= u64::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
             return Some((v, i + 1));
@@ -26,31 +31,16 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-/// The `type` (field 1) of an encoded `criu_req`, if the bytes hold one.
+/// The `type` (field 1) of an encoded `criu_req` as CRIU reads it: the last occurrence (as
+/// protobuf does), an enum, hence the low 32 bits of its varint. `None` if absent or the
+/// message is malformed.
 pub fn request_type(buf: &[u8]) -> Option<u64> {
-    let mut i = 0;
-    while i < buf.len() {
-        let (key, n) = varint(&buf[i..])?;
-        i += n;
-        let (field, wire) = (key >> 3, key & 7);
-        match wire {
-            0 => {
-                let (v, n) = varint(&buf[i..])?;
-                i += n;
-                if field == 1 {
-                    return Some(v);
-                }
-            }
-            2 => {
-                let (len, n) = varint(&buf[i..])?;
-                i = i.checked_add(n)?.checked_add(usize::try_from(len).ok()?)?;
-            }
-            1 => i = i.checked_add(8)?,
-            5 => i = i.checked_add(4)?,
-            _ => return None,
-        }
-    }
-    None
+    fields(buf)?
+        .iter()
+        .rev()
+        .find(|f| f.number == 1 && f.wire == 0)
+        .and_then(|f| varint(f.value))
+        .map(|(v, _)| u64::from(v as u32))
 }
 
 /// `criu_req_type.DUMP`.
@@ -111,20 +101,31 @@ fn put_bytes_field(out: &mut Vec<u8>, number: u64, value: &[u8]) {
     out.extend_from_slice(value);
 }
 
+/// The position of the only `opts` (field 2) among a request's top-level fields. `None` when
+/// it is absent or occurs more than once: protobuf merges repeated occurrences of a message
+/// field, so CRIU would read fields from all of them (a later one overriding what Ferry read
+/// or rewrote in the first). runc sends one; other requests are refused here.
+fn single_opts(top: &[Field<'_>]) -> Option<usize> {
+    let mut opts = top
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.number == 2 && f.wire == 2);
+    let (at, _) = opts.next()?;
+    opts.next().is_none().then_some(at)
+}
+
 /// Rewrites an encoded DUMP `criu_req` whose options name a page server by address and port
 /// (`criu_opts.ps`, field 11) so that CRIU uses the already connected socket `fd` instead
 /// (`criu_page_server_info.fd`, field 4). Every other field is kept byte for byte. `None` when
-/// the request is not a DUMP, has no page server, or is malformed: then it must be passed on
-/// unchanged.
+/// the request is not a DUMP (as CRIU reads its type, [`request_type`]), has no page server,
+/// has more than one `opts`, or is malformed: then it must be passed on unchanged.
 pub fn dump_with_page_server_fd(req: &[u8], fd: i32) -> Option<Vec<u8>> {
     let top = fields(req)?;
-    let is_dump = top
-        .iter()
-        .any(|f| f.number == 1 && f.wire == 0 && varint(f.value).map(|v| v.0) == Some(REQ_DUMP));
-    if !is_dump || fd < 0 {
+    if request_type(req) != Some(REQ_DUMP) || fd < 0 {
         return None;
     }
-    let opts = top.iter().find(|f| f.number == 2 && f.wire == 2)?;
+    let opts_at = single_opts(&top)?;
+    let opts = &top[opts_at];
     let opt_fields = fields(opts.value)?;
     if !opt_fields.iter().any(|f| f.number == 11 && f.wire == 2) {
         return None;
@@ -141,8 +142,8 @@ pub fn dump_with_page_server_fd(req: &[u8], fd: i32) -> Option<Vec<u8>> {
         }
     }
     let mut out = Vec::with_capacity(req.len() + 8);
-    for f in &top {
-        if f.number == 2 && f.wire == 2 {
+    for (i, f) in top.iter().enumerate() {
+        if i == opts_at {
             put_bytes_field(&mut out, 2, &new_opts);
         } else {
             out.extend_from_slice(f.whole);
@@ -173,15 +174,14 @@ pub mod opt {
 }
 
 /// The fields of the `opts` (field 2) of an encoded `criu_req`; `None` if it is malformed or
-/// has no options.
+/// has no options, or more than one `opts` ([`single_opts`]).
 fn opts_fields(req: &[u8]) -> Option<Vec<Field<'_>>> {
     let top = fields(req)?;
-    let opts = top.iter().find(|f| f.number == 2 && f.wire == 2)?;
-    fields(opts.value)
+    fields(top[single_opts(&top)?].value)
 }
 
 /// The value of the varint field `number` of the request's `criu_opts` (the last one, as
-/// protobuf reads it); `None` if absent or malformed.
+/// protobuf reads it); `None` if absent or malformed (which includes more than one `opts`).
 pub fn opts_varint(req: &[u8], number: u64) -> Option<u64> {
     opts_fields(req)?
         .iter()
@@ -201,18 +201,22 @@ pub fn opts_bytes(req: &[u8], number: u64) -> Option<&[u8]> {
         .map(|f| f.value)
 }
 
-/// An int32 field of the request's `criu_opts` holding a descriptor: `Some` only for a
-/// non-negative value (protobuf encodes negative int32 as 10-byte varints).
+/// An int32 field of the request's `criu_opts` holding a descriptor, read as protobuf reads an
+/// int32 (the low 32 bits of the varint, so what CRIU uses): `Some` only for a non-negative
+/// value (protobuf encodes negative int32 as 10-byte varints).
 pub fn opts_fd(req: &[u8], number: u64) -> Option<i32> {
-    opts_varint(req, number).and_then(|v| i32::try_from(v).ok())
+    opts_varint(req, number)
+        .map(|v| v as u32 as i32)
+        .filter(|fd| *fd >= 0)
 }
 
 /// Sets the varint field `number` of the request's `criu_opts` to `value`, which must already
 /// be there: the first occurrence is replaced, later ones dropped, every other field kept byte
-/// for byte. `None` if the field is absent or the request is malformed.
+/// for byte. `None` if the field is absent or the request is malformed (or has more than one
+/// `opts`).
 pub fn with_opts_varint(req: &[u8], number: u64, value: u64) -> Option<Vec<u8>> {
     let top = fields(req)?;
-    let opts_at = top.iter().position(|f| f.number == 2 && f.wire == 2)?;
+    let opts_at = single_opts(&top)?;
     let opt_fields = fields(top[opts_at].value)?;
     if !opt_fields.iter().any(|f| f.number == number && f.wire == 0) {
         return None;

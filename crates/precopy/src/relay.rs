@@ -43,10 +43,10 @@
 //! count); replies through [`decode_reply`]; error texts are capped at
 //! [`MAX_ERROR_LEN`] bytes. Nothing is allocated from a length read off the link: pages are
 //! rebuilt and written to the page server [`CHUNK_PAGES`] at a time. A stream that ends
-//! inside a frame, or without END, is truncated; END before CLOSE, any message after CLOSE
-//! and lazy-pages `GET` (never part of a dump) are refused. A REFERENCE to a page the
-//! destination holds neither in its store nor from earlier in the same stream fails with
-//! "page <hash> referenced but not held".
+//! inside a frame, or without END, is truncated; END before CLOSE, anything after END, any
+//! message after CLOSE and lazy-pages `GET` (never part of a dump) are refused. A REFERENCE to
+//! a page the destination holds neither in its store nor from earlier in the same stream fails
+//! with "page <hash> referenced but not held".
 //!
 //! Content pages are stored in the destination's [`PageStore`] (which computes their hash
 //! itself) so that later references, in this stream or the next round, resolve. When the
@@ -468,6 +468,12 @@ where
                     return Err(RelayError::Sequence(
                         "END before CLOSE: the dump did not finish".into(),
                     ));
+                }
+                // Nothing follows END: the source shuts the stream down right after it.
+                if let Some(tag) = read_tag(&mut rx, "after the END frame").await? {
+                    return Err(RelayError::Sequence(format!(
+                        "data after the END frame (a byte {tag:#04x})"
+                    )));
                 }
                 ps.flush().await.map_err(|e| ps_io("flushing", e))?;
                 ps.shutdown().await.map_err(|e| ps_io("shutting down", e))?;
