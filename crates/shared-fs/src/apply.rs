@@ -415,13 +415,26 @@ impl Applier {
         remove_any(&path)
     }
 
+    /// The path of the directory `rel` ("" = root) recorded earlier, if it is still beneath the
+    /// root: `None` when a parent component has since been replaced by a symlink (the peer
+    /// sent one in its place), since acting on the path would then act on whatever the
+    /// symlink points at, outside the root.
+    fn recorded_dir(&self, rel: &str) -> Result<Option<PathBuf>, FsError> {
+        if rel.is_empty() {
+            return Ok(Some(self.root.clone()));
+        }
+        match self.confine(rel) {
+            Ok(p) => Ok(Some(p)),
+            Err(FsError::SymlinkInPath { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Sets directory modes and mtimes (after all children were written) and returns counters.
     pub fn finish(self) -> Result<ApplyStats, FsError> {
         for (rel, fix) in self.dirs.iter().rev() {
-            let path = if rel.is_empty() {
-                self.root.clone()
-            } else {
-                self.root.join(rel)
+            let Some(path) = self.recorded_dir(rel)? else {
+                continue;
             };
             // Only directories still present as directories (not symlinks) are fixed up.
             match fs::symlink_metadata(&path) {
@@ -444,16 +457,20 @@ impl Applier {
             dirs.sort_by(|a, b| b.cmp(a));
             dirs.dedup();
             for rel in dirs {
-                let path = if rel.is_empty() {
-                    self.root.clone()
-                } else {
-                    self.root.join(rel)
+                let Some(path) = self.recorded_dir(rel)? else {
+                    continue;
                 };
-                match File::open(&path) {
+                // Only what is still a directory: opening a FIFO the peer put in its place
+                // would block forever, a device would be opened.
+                let opened = OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                    .open(&path);
+                match opened {
                     Ok(d) => d
                         .sync_all()
                         .map_err(|e| FsError::io("sync directory", &path, e))?,
-                    Err(e) if is_missing(&e) => {}
+                    Err(e) if is_missing(&e) || e.raw_os_error() == Some(libc::ELOOP) => {}
                     Err(e) => return Err(FsError::io("open directory", &path, e)),
                 }
             }

@@ -75,6 +75,42 @@ fn err(layout: &Path, reason: impl Into<String>) -> FsError {
     }
 }
 
+/// Opens a file of a layout for reading; only a regular file. Whatever else stands at its name
+/// (a symlink from an archive to a FIFO or a device, say) is refused without blocking on it:
+/// opening a FIFO would wait forever for a writer, `/dev/zero` would never end.
+fn open_regular(layout: &Path, path: &Path) -> Result<File, FsError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| FsError::io("open", path, e))?;
+    let md = f.metadata().map_err(|e| FsError::io("stat", path, e))?;
+    if !md.is_file() {
+        return Err(err(
+            layout,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    Ok(f)
+}
+
+/// Reads a small file of a layout (a regular file of at most `cap` bytes).
+fn read_small(layout: &Path, path: &Path, cap: u64) -> Result<Vec<u8>, FsError> {
+    let mut bytes = vec![];
+    open_regular(layout, path)?
+        .take(cap.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| FsError::io("read", path, e))?;
+    if bytes.len() as u64 > cap {
+        return Err(err(
+            layout,
+            format!("{} is larger than {cap} bytes", path.display()),
+        ));
+    }
+    Ok(bytes)
+}
+
 /// The blob file of `digest` (`sha256:<64 hex>`), confined to `blobs/sha256/`.
 fn blob_path(layout: &Path, digest: &str) -> Result<PathBuf, FsError> {
     let hex = digest
@@ -104,7 +140,7 @@ fn read_json_blob<T: serde::de::DeserializeOwned>(
         ));
     }
     let path = blob_path(layout, &d.digest)?;
-    let bytes = std::fs::read(&path).map_err(|e| FsError::io("read", &path, e))?;
+    let bytes = read_small(layout, &path, d.size)?;
     let actual = format!("sha256:{}", crate::hex(&Sha256::digest(&bytes)));
     if actual != d.digest || bytes.len() as u64 != d.size {
         return Err(err(
@@ -156,9 +192,26 @@ pub fn import_oci_archive(
         } else {
             Box::new(r)
         };
-        tar::Archive::new(stream)
-            .unpack(&dir)
-            .map_err(|e| err(archive, format!("not a readable tar archive: {e}")))?;
+        let bad = |e: io::Error| err(archive, format!("not a readable tar archive: {e}"));
+        let mut tar = tar::Archive::new(stream);
+        // Directories last, like `Archive::unpack`: their modes may forbid writing into them.
+        let mut dirs = vec![];
+        for entry in tar.entries().map_err(bad)? {
+            let mut entry = entry.map_err(bad)?;
+            // A layout is directories and regular files. Anything else (a symlink from
+            // `index.json` to a FIFO or to a host file, a device) is left out, so that what
+            // the import opens is what the archive holds.
+            match entry.header().entry_type() {
+                tar::EntryType::Regular | tar::EntryType::Continuous => {
+                    entry.unpack_in(&dir).map_err(bad)?;
+                }
+                tar::EntryType::Directory => dirs.push(entry),
+                other => tracing::debug!(kind = ?other, "archive entry of another type skipped"),
+            }
+        }
+        for mut d in dirs {
+            d.unpack_in(&dir).map_err(bad)?;
+        }
         if !dir.join("oci-layout").is_file() {
             return Err(err(
                 archive,
@@ -181,27 +234,14 @@ pub fn import_oci(
 ) -> Result<(Id, OciImport), FsError> {
     let _import = store.import_guard();
     let marker = layout.join("oci-layout");
-    let m: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(&marker).map_err(|e| FsError::io("read", &marker, e))?,
-    )
-    .map_err(|e| err(layout, format!("oci-layout: {e}")))?;
+    let m: serde_json::Value = serde_json::from_slice(&read_small(layout, &marker, MAX_JSON)?)
+        .map_err(|e| err(layout, format!("oci-layout: {e}")))?;
     if m["imageLayoutVersion"].as_str().is_none() {
         return Err(err(layout, "oci-layout has no imageLayoutVersion"));
     }
     let index_path = layout.join("index.json");
-    let len = std::fs::metadata(&index_path)
-        .map_err(|e| FsError::io("stat", &index_path, e))?
-        .len();
-    if len > MAX_JSON {
-        return Err(err(
-            layout,
-            format!("index.json is {len} bytes (at most {MAX_JSON})"),
-        ));
-    }
-    let index: Index = serde_json::from_slice(
-        &std::fs::read(&index_path).map_err(|e| FsError::io("read", &index_path, e))?,
-    )
-    .map_err(|e| err(layout, format!("index.json: {e}")))?;
+    let index: Index = serde_json::from_slice(&read_small(layout, &index_path, MAX_JSON)?)
+        .map_err(|e| err(layout, format!("index.json: {e}")))?;
     let desc = pick(layout, &index.manifests, reference)?;
     let mut out = OciImport {
         reference: desc.annotations.get(REF_NAME).cloned(),
@@ -358,7 +398,7 @@ impl<'s> Layers<'s> {
 
     fn apply_layer(&mut self, layout: &Path, d: &Descriptor) -> Result<(), FsError> {
         let path = blob_path(layout, &d.digest)?;
-        let file = File::open(&path).map_err(|e| FsError::io("open", &path, e))?;
+        let file = open_regular(layout, &path)?;
         let mut raw = DigestReader {
             inner: file,
             hasher: Sha256::new(),

@@ -220,6 +220,7 @@ impl Tree {
     /// - [`TREE_VERSION`], at most `limits.max_entries` entries;
     /// - every path relative and confined (no `..`, `.`, empty component, leading `/`, NUL),
     ///   at most `limits.max_path_len` bytes, paths strictly increasing;
+    /// - modes of permission bits only (at most `0o7777`, as [`EntryMeta::mode`] says);
     /// - every parent an earlier directory entry;
     /// - a file's size the sum of its chunks, each at most [`CHUNK_MAX`], ids well-formed,
     ///   sizes within `limits.max_file_size` and `limits.max_total_bytes`;
@@ -259,6 +260,12 @@ impl Tree {
                 return Err(invalid_tree(format!(
                     "{:?} comes before its directory {parent:?}, or that is not a directory",
                     m.path
+                )));
+            }
+            if m.mode & !0o7777 != 0 {
+                return Err(invalid_tree(format!(
+                    "{:?}: mode {:o} is more than permission bits (at most 7777)",
+                    m.path, m.mode
                 )));
             }
             crate::check_xattrs(&m.path, &m.xattrs)?;
