@@ -72,6 +72,10 @@ impl Incoming {
 
     /// Whether the watchdog may remove this job now.
     fn expired(&self, now: Instant) -> bool {
+        // An abort that arrived during the restore: removed as soon as the restore ends.
+        if self.abort.load(std::sync::atomic::Ordering::SeqCst) {
+            return true;
+        }
         if self.restored {
             return self.deadline < now;
         }
