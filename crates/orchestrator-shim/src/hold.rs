@@ -419,8 +419,19 @@ pub fn remove_rule(netns: &str, queue_num: u16) -> Result<(), HoldError> {
 const CHAINS: [&str; 2] = ["PREROUTING", "OUTPUT"];
 
 /// Installs (`-I`) or removes (`-D`) the queue rule in both [`CHAINS`]; an insert that fails
-/// half-way removes what it added.
+/// half-way removes what it added, a removal tries both chains and reports the first error.
 fn iptables(netns: &str, action: &str, queue_num: u16) -> Result<(), HoldError> {
+    if action == "-D" {
+        let mut first = Ok(());
+        for chain in CHAINS {
+            if let Err(e) = iptables_chain(netns, action, chain, queue_num) {
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        return first;
+    }
     let mut done: Vec<&str> = vec![];
     for chain in CHAINS {
         match iptables_chain(netns, action, chain, queue_num) {

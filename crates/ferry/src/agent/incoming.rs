@@ -653,6 +653,18 @@ impl Agent {
 
     /// At start: removes what incoming jobs of a previous run left behind.
     pub(crate) async fn clean_stale_incoming(&self) {
+        // A packet hold belongs to an incoming job only: a queue rule left in the namespace of
+        // a container this host owns (its releaser died with the previous run) drops packets.
+        let owned: Vec<String> = lock(&self.containers)
+            .values()
+            .map(|c| self.layout(&c.spec.name).netns)
+            .collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for netns in owned {
+                let _ = orchestrator_shim::hold::remove_rule(&netns, 0);
+            }
+        })
+        .await;
         let dir = self.cfg.state_dir.join("incoming");
         let Ok(rd) = std::fs::read_dir(&dir) else {
             return;
