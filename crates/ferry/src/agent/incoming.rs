@@ -561,17 +561,7 @@ impl Agent {
             }
         }
         announce(&inc.layout.netns, &inc.spec);
-        lock(&self.containers).insert(
-            inc.spec.name.clone(),
-            ContainerRecord {
-                spec: inc.spec.clone(),
-                migrating: false,
-            },
-        );
-        self.save_containers();
-        // The container record keeps its base from gc now.
-        lock(&self.incoming_bases).remove(job);
-        let _ = std::fs::remove_file(self.incoming_record(job));
+        self.adopt(job, &inc.spec);
         // Removing the images (as large as the container's memory) takes a while: not on the
         // way of the commit's answer, which ends the source's count of the frozen time.
         let (images, work) = (self.images_dir(job), self.work_dir(job));
@@ -708,17 +698,24 @@ impl Agent {
             announce(&netns, &spec);
         })
         .await;
+        self.adopt(&rec.job, &rec.spec);
+        let _ = std::fs::remove_dir_all(self.images_dir(&rec.job));
+        let _ = std::fs::remove_dir_all(self.work_dir(&rec.job));
+    }
+
+    /// A committed incoming job's container is owned here from now on: recorded (its record
+    /// keeps its base from gc), the job's own records dropped.
+    fn adopt(&self, job: &str, spec: &ContainerSpec) {
         lock(&self.containers).insert(
-            rec.spec.name.clone(),
+            spec.name.clone(),
             ContainerRecord {
-                spec: rec.spec.clone(),
+                spec: spec.clone(),
                 migrating: false,
             },
         );
         self.save_containers();
-        let _ = std::fs::remove_file(self.incoming_record(&rec.job));
-        let _ = std::fs::remove_dir_all(self.images_dir(&rec.job));
-        let _ = std::fs::remove_dir_all(self.work_dir(&rec.job));
+        lock(&self.incoming_bases).remove(job);
+        let _ = std::fs::remove_file(self.incoming_record(job));
     }
 
     fn leftovers(&self, job: &str, layout: Layout, name: &str) -> Leftovers {
