@@ -171,6 +171,48 @@ impl<R: Read> Read for DigestReader<R> {
     }
 }
 
+/// The most bytes a layer's tar stream may decompress to under `l`: its content, plus three
+/// 512-byte blocks of headers for each entry (a PAX record, a long name, the header), plus
+/// 1 MiB of slack for padding and whiteouts.
+fn expansion_cap(l: &crate::Limits) -> u64 {
+    l.max_total_bytes
+        .saturating_add(l.max_entries.saturating_mul(3 * 512))
+        .saturating_add(1 << 20)
+}
+
+/// Reads at most `left` bytes from `inner`; a read past them fails and sets `exceeded`.
+struct Capped<R> {
+    inner: R,
+    left: u64,
+    exceeded: bool,
+}
+
+impl<R: Read> Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.left == 0 {
+            // One byte more tells a stream that ends exactly here from one that goes on.
+            let mut probe = [0u8; 1];
+            if self.inner.read(&mut probe)? == 0 {
+                return Ok(0);
+            }
+            self.exceeded = true;
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "it expands past the most the store's limits allow",
+            ));
+        }
+        let n = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let got = self.inner.read(&mut buf[..n])?;
+        self.left -= got as u64;
+        Ok(got)
+    }
+}
+
 /// Imports an OCI image layout packed as a tar archive (what `docker save` writes since Docker
 /// 25, or `skopeo copy ... oci-archive:`): unpacked into the store's scratch space (the tar
 /// crate never writes outside it), imported with [`import_oci`], then removed.
@@ -193,7 +235,15 @@ pub fn import_oci_archive(
             Box::new(r)
         };
         let bad = |e: io::Error| err(archive, format!("not a readable tar archive: {e}"));
-        let mut tar = tar::Archive::new(stream);
+        // What the layout may hold: its layers' content, compressed or not, and small JSON.
+        let cap = expansion_cap(store.limits());
+        let mut capped = Capped {
+            inner: stream,
+            left: cap.saturating_mul(2),
+            exceeded: false,
+        };
+        let mut unpacked = 0u64;
+        let mut tar = tar::Archive::new(&mut capped);
         // Directories last, like `Archive::unpack`: their modes may forbid writing into them.
         let mut dirs = vec![];
         for entry in tar.entries().map_err(bad)? {
@@ -203,6 +253,17 @@ pub fn import_oci_archive(
             // the import opens is what the archive holds.
             match entry.header().entry_type() {
                 tar::EntryType::Regular | tar::EntryType::Continuous => {
+                    unpacked = unpacked.saturating_add(entry.size());
+                    if unpacked > cap {
+                        return Err(err(
+                            archive,
+                            format!(
+                                "the archive holds more than {cap} bytes of files, more than an \
+                                 image within the store's limits can ({} bytes of content)",
+                                store.limits().max_total_bytes
+                            ),
+                        ));
+                    }
                     entry.unpack_in(&dir).map_err(bad)?;
                 }
                 tar::EntryType::Directory => dirs.push(entry),
@@ -411,7 +472,7 @@ impl<'s> Layers<'s> {
                 .fill_buf()
                 .map_err(|e| FsError::io("read", &path, e))?
                 .to_vec();
-            let mut tar_stream: Box<dyn Read + '_> = if head.starts_with(&[0x1f, 0x8b]) {
+            let tar_stream: Box<dyn Read + '_> = if head.starts_with(&[0x1f, 0x8b]) {
                 Box::new(flate2::read::GzDecoder::new(buffered))
             } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
                 Box::new(
@@ -421,13 +482,49 @@ impl<'s> Layers<'s> {
             } else {
                 Box::new(buffered)
             };
-            self.apply_tar(layout, &mut tar_stream)?;
-            // The digest covers the whole blob, past the tar's end-of-archive blocks.
-            io::copy(&mut tar_stream, &mut io::sink())
-                .map_err(|e| FsError::io("read", &path, e))?;
-            Ok(())
+            // Decompressed bytes are capped: headers, padding and skipped entries' data count
+            // too, so that no layer expands without bound however little it keeps.
+            let cap = expansion_cap(self.store.limits());
+            let mut capped = Capped {
+                inner: tar_stream,
+                left: cap,
+                exceeded: false,
+            };
+            let r = self.apply_tar(layout, &mut capped);
+            if capped.exceeded {
+                return Err(err(
+                    layout,
+                    format!(
+                        "layer {} expands past {cap} bytes, more than its entries may hold \
+                         ({} entries of at most {} bytes in all; the store's limits)",
+                        d.digest,
+                        self.store.limits().max_entries,
+                        self.store.limits().max_total_bytes
+                    ),
+                ));
+            }
+            // Nothing after the tar's end-of-archive is decompressed: the digest below is of
+            // the raw blob.
+            r
         })();
-        io::copy(&mut raw, &mut io::sink()).map_err(|e| FsError::io("read", &path, e))?;
+        // The rest of the blob is hashed raw, reading at most one byte past its declared size.
+        let rest = d.size.saturating_sub(raw.count).saturating_add(1);
+        io::copy(&mut (&mut raw).take(rest), &mut io::sink())
+            .map_err(|e| FsError::io("read", &path, e))?;
+        if raw.count != d.size {
+            let what = if raw.count > d.size {
+                "is larger than".to_string()
+            } else {
+                format!("is {} bytes, not", raw.count)
+            };
+            return Err(err(
+                layout,
+                format!(
+                    "layer {} {what} the {} bytes its descriptor says: corrupted, nothing imported",
+                    d.digest, d.size
+                ),
+            ));
+        }
         let actual = format!("sha256:{}", crate::hex(&raw.hasher.finalize()));
         if actual != d.digest {
             return Err(err(
@@ -555,7 +652,9 @@ impl<'s> Layers<'s> {
                 tar::EntryType::Regular
                 | tar::EntryType::Continuous
                 | tar::EntryType::GNUSparse => {
-                    let declared = entry.header().size().unwrap_or(0);
+                    // The size the entry's data really has: a PAX `size` record overrides
+                    // the header's field.
+                    let declared = entry.size();
                     if declared > limits.max_file_size {
                         return Err(FsError::TooLarge {
                             path,
@@ -571,7 +670,15 @@ impl<'s> Layers<'s> {
                         });
                     }
                     self.remove(&path, &HashSet::new());
-                    let (chunks, b3, size) = self.store.put_content(&mut entry, &mut self.stats)?;
+                    let capped = (&mut entry).take(limits.max_file_size.saturating_add(1));
+                    let (chunks, b3, size) = self.store.put_content(capped, &mut self.stats)?;
+                    if size > limits.max_file_size {
+                        return Err(FsError::TooLarge {
+                            path,
+                            size,
+                            limit: limits.max_file_size,
+                        });
+                    }
                     e.meta.kind = EntryKind::File;
                     e.meta.size = size;
                     e.chunks = chunks;

@@ -1464,3 +1464,176 @@ fn regression_layout_files_that_are_fifos_are_refused() {
         assert!(e.contains("not a regular file"), "{name}: {e}");
     }
 }
+
+/// Writes a layout of one layer whose blob is `blob_bytes` (already compressed or not).
+fn write_raw_layer_layout(dir: &Path, blob_bytes: &[u8]) {
+    fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let layer = blob(dir, "application/vnd.oci.image.layer.v1.tar", blob_bytes);
+    let config = blob(
+        dir,
+        "application/vnd.oci.image.config.v1+json",
+        br#"{"architecture":"amd64","os":"linux"}"#,
+    );
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": config,
+        "layers": [layer],
+    });
+    let md = blob(
+        dir,
+        "application/vnd.oci.image.manifest.v1+json",
+        &serde_json::to_vec(&manifest).unwrap(),
+    );
+    let index = json!({"schemaVersion": 2, "manifests": [md]});
+    fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+/// Bytes of the regular files under `dir`.
+fn walkdir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let m = fs::symlink_metadata(e.path()).unwrap();
+        if m.is_dir() {
+            total += walkdir_bytes(&e.path());
+        } else if m.is_file() {
+            total += m.len();
+        }
+    }
+    total
+}
+
+/// Found in review of the layer reader: a PAX `size` record overrides the header's size, and
+/// the per-file cap was checked against the header's (0 here), so a file of any size was
+/// chunked into the store before the tree's validation refused it. The cap now applies to
+/// the size the entry really has, before anything is read.
+#[test]
+fn regression_pax_size_cannot_bypass_the_file_size_cap() {
+    let big = oci_limits().max_file_size + 4096;
+    let tar = {
+        let mut b = tar::Builder::new(vec![]);
+        let record = format!(" size={big}\n");
+        let record = format!(
+            "{}{record}",
+            record.len() + format!("{}", record.len()).len()
+        );
+        let h = raw_header(
+            b"PaxHeaders/big",
+            tar::EntryType::XHeader,
+            record.len() as u64,
+            0o644,
+        );
+        b.append(&h, record.as_bytes()).unwrap();
+        // The header says 0 bytes; the data that follows is `big` bytes.
+        let mut h = raw_header(b"big", tar::EntryType::Regular, 0, 0o644);
+        h.set_cksum();
+        let mut raw = b.into_inner().unwrap();
+        // `into_inner` wrote the end-of-archive blocks; put the entry before them.
+        raw.truncate(raw.len() - 1024);
+        raw.extend_from_slice(h.as_bytes());
+        raw.extend(noise(big as usize, 7));
+        raw.resize(raw.len().div_ceil(512) * 512 + 1024, 0);
+        raw
+    };
+    let arena = Arena::new(|top| {
+        write_raw_layer_layout(&top.join("layout"), &compress(Compression::Gzip, &tar))
+    });
+    let e = import_layout_checked(&arena, None).unwrap_err();
+    assert!(e.contains(&big.to_string()) && e.contains("big"), "{e}");
+    // Refused before its content was stored, not after.
+    let stored: u64 = walkdir_bytes(&arena.path("store"));
+    assert!(stored < big / 2, "{stored} bytes stored for a refused file");
+}
+
+/// Found in review: entries the import skips (a global PAX header here) still had their data
+/// decompressed, without bound. A layer now expands to at most its limits' worth.
+#[test]
+fn regression_a_layer_cannot_expand_without_bound() {
+    let l = oci_limits();
+    let pad = l.max_total_bytes + l.max_entries * 1536 + (2 << 20);
+    let tar = {
+        let mut b = tar::Builder::new(vec![]);
+        let h = raw_header(
+            b"pax_global_header",
+            tar::EntryType::XGlobalHeader,
+            pad,
+            0o644,
+        );
+        b.append(&h, std::io::Read::take(std::io::repeat(b'a'), pad))
+            .unwrap();
+        let h = raw_header(b"small", tar::EntryType::Regular, 2, 0o644);
+        b.append(&h, &b"x\n"[..]).unwrap();
+        b.into_inner().unwrap()
+    };
+    let arena = Arena::new(|top| {
+        write_raw_layer_layout(&top.join("layout"), &compress(Compression::Gzip, &tar))
+    });
+    let e = import_layout_checked(&arena, None).unwrap_err();
+    assert!(e.contains("expands past"), "{e}");
+}
+
+/// Found in review: after the tar's end the rest of the compressed stream was decompressed
+/// too (to hash it), so data hidden after the end-of-archive blocks was expanded. The digest
+/// is of the raw blob; nothing after the tar's end is decompressed: here the gzip stream
+/// goes on after the tar with bytes that are not deflate data, and the import never reads them.
+#[test]
+fn regression_nothing_after_the_tar_end_is_decompressed() {
+    let tar = build_tar(&[TarEnt::File {
+        path: "f".into(),
+        data: b"data\n".to_vec(),
+        mode: 0o644,
+    }]);
+    let mut gz = compress(Compression::Gzip, &tar);
+    // Cut the gzip trailer and the end of the deflate stream after the tar's last header
+    // block: decompressing to the end would fail.
+    gz.truncate(gz.len() - 8);
+    gz.extend_from_slice(&[0xff; 64]);
+    let arena = Arena::new(|top| write_raw_layer_layout(&top.join("layout"), &gz));
+    let id = import_layout_checked(&arena, None).unwrap();
+    let store = Store::open_with(&arena.path("store"), oci_limits()).unwrap();
+    let paths: Vec<String> = store
+        .get_tree(&id)
+        .unwrap()
+        .entries
+        .into_iter()
+        .map(|e| e.meta.path)
+        .collect();
+    assert_eq!(paths, ["f"]);
+}
+
+/// The blob is hashed raw up to one byte past its declared size: a blob file longer than
+/// its descriptor says is refused with both sizes.
+#[test]
+fn a_blob_longer_than_its_descriptor_is_refused() {
+    let tar = build_tar(&[TarEnt::Dir("d".into())]);
+    let arena = Arena::new(|top| {
+        let layout = top.join("layout");
+        write_raw_layer_layout(&layout, &tar);
+        let index: Value =
+            serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+        let md = index["manifests"][0]["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:")
+            .to_owned();
+        let manifest: Value =
+            serde_json::from_slice(&fs::read(layout.join("blobs/sha256").join(md)).unwrap())
+                .unwrap();
+        let ld = manifest["layers"][0]["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:")
+            .to_owned();
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(layout.join("blobs/sha256").join(ld))
+            .unwrap();
+        f.write_all(b"extra").unwrap();
+    });
+    let e = import_layout_checked(&arena, None).unwrap_err();
+    assert!(
+        e.contains("larger than") && e.contains(&tar.len().to_string()),
+        "{e}"
+    );
+}

@@ -5,6 +5,7 @@
 //! * [`Endpoint`] / [`Connection`]: a QUIC endpoint acting as server and client; both
 //!   sides authenticate with certificates issued by the same CA.
 //! * [`frame`]: length-prefixed JSON messages with a size cap.
+//! * [`lists`]: hash lists, held bitmaps, chunk id lists and chunk streams.
 //! * [`pages`]: memory pages, content-addressed (blake3), batched and compressed when it pays.
 //! * [`tree`]: sending and receiving [`shared_fs::Diff`]s, applied through
 //!   [`shared_fs::Applier`] so that every received path, size and hash is checked.
@@ -16,6 +17,7 @@
 mod endpoint;
 mod error;
 pub mod frame;
+pub mod lists;
 pub mod pages;
 pub mod pki;
 pub mod tree;

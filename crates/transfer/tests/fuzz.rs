@@ -1,5 +1,6 @@
 //! Property-based and mutation tests of every parser of network input of this crate: framed
-//! messages, file-tree streams and page streams. Random bytes, mutations of valid encodings
+//! messages, file-tree streams, page streams, hash lists and held bitmaps, chunk id lists and
+//! chunk streams. Random bytes, mutations of valid encodings
 //! (bit flips, truncations, insertions, removals, changed length fields) and generated record
 //! sequences; each property says what must hold for any input: no panic, an answer in bounded
 //! time, nothing written outside the destination, and anything accepted consistent with what
@@ -18,6 +19,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use shared_fs::{diff, snapshot, EntryKind, EntryMeta, Limits, Snapshot, Xattr};
 use transfer::frame::{read_msg_capped, write_msg, MAX_MSG};
+use transfer::lists::{
+    decode_bitmap, encode_bitmap, parse_chunk_ids, read_hashes, write_chunk, write_hashes,
+    ChunkStream, Hash,
+};
 use transfer::pages::{hash_page, recv_pages, send_pages, PageStore, MAX_BATCH, PAGE};
 use transfer::tree::{recv_tree, recv_tree_with, send_tree, Reads, TreeStats, CHUNK};
 use transfer::TransferError;
@@ -1158,6 +1163,209 @@ proptest! {
             b
         };
         let _ = recv_pages_checked(input);
+    }
+}
+
+// ---- hash lists, held bitmaps, chunk id lists and chunk streams ----
+
+/// What a chunk stream parser must answer for `input`, computed independently: every record
+/// read in order, each id announced and new, each length within the cap, each content
+/// matching its id; anything else an error.
+fn expected_chunks(
+    input: &[u8],
+    expected: &std::collections::HashSet<Hash>,
+    count: u64,
+    max_len: u32,
+) -> Result<Vec<(Hash, Vec<u8>)>, ()> {
+    if count > expected.len() as u64 {
+        return Err(());
+    }
+    let mut out = vec![];
+    let mut seen = std::collections::HashSet::new();
+    let mut at = 0usize;
+    for _ in 0..count {
+        let id: Hash = input.get(at..at + 32).ok_or(())?.try_into().unwrap();
+        let len = be32(input, at + 32).ok_or(())?;
+        if len == 0 || len > max_len || !expected.contains(&id) || !seen.insert(id) {
+            return Err(());
+        }
+        let data = input.get(at + 36..at + 36 + len as usize).ok_or(())?;
+        if *blake3::hash(data).as_bytes() != id {
+            return Err(());
+        }
+        out.push((id, data.to_vec()));
+        at += 36 + len as usize;
+    }
+    Ok(out)
+}
+
+fn read_chunks(
+    input: Vec<u8>,
+    expected: std::collections::HashSet<Hash>,
+    count: u64,
+    max_len: u32,
+) -> Result<Vec<(Hash, Vec<u8>)>, ()> {
+    within("a chunk stream", move || {
+        block_on(async {
+            let mut r = &input[..];
+            let mut s = ChunkStream::new(expected, count, max_len).map_err(|_| ())?;
+            let mut out = vec![];
+            while let Some(c) = s.next(&mut r).await.map_err(|_| ())? {
+                out.push(c);
+            }
+            Ok(out)
+        })
+    })
+}
+
+fn chunk_fields(b: &[u8]) -> Vec<usize> {
+    // Length fields sit 32 bytes into each record, as far as the records parse.
+    let mut out = vec![];
+    let mut at = 0usize;
+    while let Some(len) = be32(b, at + 32) {
+        out.push(at + 32);
+        at = match at.checked_add(36 + len as usize) {
+            Some(n) if n <= b.len() => n,
+            _ => break,
+        };
+    }
+    out
+}
+
+fn chunk_set() -> impl Strategy<Value = Vec<Vec<u8>>> {
+    prop::collection::vec(
+        (1usize..300, any::<u64>()).prop_map(|(len, seed)| noise(len, seed)),
+        0..6,
+    )
+}
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    #[test]
+    fn hash_lists_read_what_was_written_or_fail(
+        hashes in prop::collection::vec(any::<[u8; 32]>(), 0..40),
+        announced_delta in -3i64..=3,
+        max in prop::sample::select(vec![0u64, 5, 39, 1 << 22]),
+        cut in any::<Index>(),
+        truncate in any::<bool>(),
+    ) {
+        let mut bytes = vec![];
+        block_on(write_hashes(&mut bytes, &hashes)).unwrap();
+        if truncate {
+            bytes.truncate(cut.index(bytes.len() + 1));
+        }
+        let count = (hashes.len() as i64 + announced_delta).max(0) as u64;
+        let input = bytes.clone();
+        let got = within("a hash list", move || block_on(read_hashes(&mut &input[..], count, max)));
+        let whole = count as usize * 32 <= bytes.len();
+        match got {
+            Ok(v) => {
+                prop_assert!(count <= max && whole);
+                prop_assert_eq!(v.len() as u64, count);
+                for (i, h) in v.iter().enumerate() {
+                    prop_assert_eq!(&h[..], &bytes[i * 32..i * 32 + 32]);
+                }
+            }
+            Err(TransferError::TooLarge { .. }) => prop_assert!(count > max),
+            Err(TransferError::Truncated { .. }) => prop_assert!(count <= max && !whole),
+            Err(e) => prop_assert!(false, "unexpected error {e}"),
+        }
+    }
+
+    #[test]
+    fn bitmaps_round_trip_and_refuse_anything_else(
+        bits in prop::collection::vec(any::<bool>(), 0..70),
+        text in "[0-9a-fA-Fxz ]{0,24}",
+        count in 0usize..100,
+    ) {
+        let enc = encode_bitmap(&bits);
+        prop_assert_eq!(decode_bitmap(&enc, bits.len()).unwrap(), bits.clone());
+        // Any other text: either refused, or exactly `count` bits whose encoding is the text.
+        if let Ok(v) = decode_bitmap(&text, count) {
+            prop_assert_eq!(v.len(), count);
+            prop_assert_eq!(encode_bitmap(&v), text.to_lowercase());
+        }
+        if !bits.is_empty() {
+            prop_assert!(decode_bitmap(&enc, bits.len() + 8).is_err());
+        }
+    }
+
+    #[test]
+    fn chunk_id_lists_accept_only_distinct_ids(
+        ids in prop::collection::vec(
+            prop_oneof![
+                any::<[u8; 32]>().prop_map(|h| transfer::lists::to_hex(&h)),
+                "[0-9a-fA-F]{62,66}",
+                ".{0,70}",
+            ],
+            0..8,
+        ),
+        dup in any::<Option<Index>>(),
+        max in 0usize..10,
+    ) {
+        let mut ids = ids;
+        if let (Some(i), false) = (dup, ids.is_empty()) {
+            let c = ids[i.index(ids.len())].clone();
+            ids.push(c);
+        }
+        let got = parse_chunk_ids(&ids, max);
+        let valid = ids.len() <= max
+            && ids.iter().all(|s| s.len() == 64 && s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)))
+            && ids.iter().collect::<std::collections::HashSet<_>>().len() == ids.len();
+        prop_assert_eq!(got.is_ok(), valid);
+        if let Ok(v) = got {
+            for (s, h) in ids.iter().zip(v) {
+                prop_assert_eq!(s, &transfer::lists::to_hex(&h));
+            }
+        }
+    }
+
+    #[test]
+    fn chunk_streams_match_the_format(
+        chunks in chunk_set(),
+        extra_expected in prop::collection::vec(any::<[u8; 32]>(), 0..3),
+        count_delta in -2i64..=2,
+        max_len in prop::sample::select(vec![1u32, 100, 299, 1 << 18]),
+        muts in prop::collection::vec(mutation(), 0..4),
+    ) {
+        let mut valid = vec![];
+        let mut expected = std::collections::HashSet::new();
+        block_on(async {
+            for c in &chunks {
+                let id = *blake3::hash(c).as_bytes();
+                expected.insert(id);
+                write_chunk(&mut valid, &id, c).await.unwrap();
+            }
+        });
+        expected.extend(extra_expected);
+        let count = (chunks.len() as i64 + count_delta).max(0) as u64;
+        let input = mutate(valid, &muts, &chunk_fields);
+        let want = expected_chunks(&input, &expected, count, max_len);
+        let got = read_chunks(input, expected, count, max_len);
+        prop_assert_eq!(&got, &want);
+        if muts.is_empty() && count_delta == 0 && chunks.iter().all(|c| c.len() as u32 <= max_len)
+            && chunks.iter().map(|c| blake3::hash(c)).collect::<std::collections::HashSet<_>>().len() == chunks.len()
+        {
+            prop_assert_eq!(got.unwrap().len(), chunks.len());
+        }
+    }
+
+    #[test]
+    fn chunk_streams_of_random_bytes_match_the_format(
+        input in prop::collection::vec(any::<u8>(), 0..400),
+        count in 0u64..4,
+    ) {
+        // Random ids are never expected ones, except by seeding the set with the input's own.
+        let mut expected = std::collections::HashSet::new();
+        if let Some(id) = input.get(..32) {
+            expected.insert(<Hash>::try_from(id).unwrap());
+        }
+        expected.insert([7u8; 32]);
+        expected.insert([9u8; 32]);
+        expected.insert([11u8; 32]);
+        let want = expected_chunks(&input, &expected, count, 1 << 18);
+        prop_assert_eq!(read_chunks(input, expected, count, 1 << 18), want);
     }
 }
 

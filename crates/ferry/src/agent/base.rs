@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::info;
 use transfer::frame::{read_msg, write_msg};
 
-use super::pages::{from_hex, to_hex};
+use super::pages::to_hex;
 use super::peer::Incoming;
 use super::{lock, Agent};
 use crate::proto::{PeerRequest, PeerResponse};
@@ -35,6 +35,9 @@ const PENDING_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 /// Most base trees waiting for their chunks at once (a source that stops between the tree and
 /// its chunks leaves one behind).
 const MAX_PENDING: usize = 64;
+
+/// Most chunks one base tree may name (at 16 KiB each at least, 64 GiB of content).
+const MAX_BASE_CHUNKS: usize = 1 << 22;
 
 /// Opens a stream, sends `req` and `body`, returns the answer.
 async fn ask(
@@ -97,6 +100,8 @@ impl Agent {
             PeerResponse::Error { message } => bail!("{to}: {message}"),
             other => bail!("{to} answered unexpectedly: {other:?}"),
         };
+        let ids = transfer::lists::parse_chunk_ids(&chunks, MAX_BASE_CHUNKS)
+            .with_context(|| format!("{to}'s list of the chunks of base tree {tree} it lacks"))?;
         let store = Arc::clone(&self.store);
         let req = PeerRequest::BaseChunks {
             tree: tree.into(),
@@ -105,19 +110,13 @@ impl Agent {
         let count = chunks.len();
         let (resp, n) = ask(conn, &req, async |w| {
             let mut n = 0u64;
-            for c in chunks {
+            for (c, raw) in chunks.into_iter().zip(ids) {
                 let s = Arc::clone(&store);
                 let id = c.clone();
                 let data = tokio::task::spawn_blocking(move || s.read_chunk(&id))
                     .await?
                     .with_context(|| format!("reading chunk {c} of the base layer"))?;
-                let raw = from_hex(&c)
-                    .filter(|r| r.len() == 32)
-                    .ok_or_else(|| anyhow!("{to} asked for chunk {c:?}, which is not an id"))?;
-                w.write_all(&raw).await?;
-                w.write_all(&(data.len() as u32).to_be_bytes()).await?;
-                w.write_all(&data).await?;
-                n += 36 + data.len() as u64;
+                n += transfer::lists::write_chunk(w, &raw, &data).await?;
             }
             Ok(n)
         })
@@ -223,38 +222,26 @@ impl Agent {
         let Some(pending) = lock(&self.pending_bases).get(tree).cloned() else {
             bail!("chunks of base tree {tree} sent before the tree");
         };
-        if count > pending.chunks.len() as u64 {
-            bail!(
-                "{count} chunks announced for base tree {tree}, which uses {}",
-                pending.chunks.len()
-            );
-        }
-        let mut seen = HashSet::new();
+        let expected = pending
+            .chunks
+            .iter()
+            .map(|c| transfer::lists::parse_id(c))
+            .collect::<Result<_, _>>()?;
+        let mut stream = transfer::lists::ChunkStream::new(expected, count, CHUNK_MAX)
+            .with_context(|| format!("chunks of base tree {tree}"))?;
         let mut bytes = 0u64;
-        for _ in 0..count {
-            let mut id = [0u8; 32];
-            recv.read_exact(&mut id)
-                .await
-                .context("reading a chunk id")?;
-            let id = to_hex(&id);
-            let len = recv.read_u32().await.context("reading a chunk length")?;
-            if len == 0 || len > CHUNK_MAX {
-                bail!("chunk {id} of {len} bytes refused (1..={CHUNK_MAX})");
-            }
-            if !pending.chunks.contains(&id) || !seen.insert(id.clone()) {
-                bail!("chunk {id} is not part of base tree {tree}, or came twice");
-            }
-            let mut data = vec![0u8; len as usize];
-            recv.read_exact(&mut data)
-                .await
-                .context("reading a chunk")?;
+        while let Some((id, data)) = stream
+            .next(recv)
+            .await
+            .with_context(|| format!("chunks of base tree {tree}"))?
+        {
+            bytes += 36 + data.len() as u64;
             let store = Arc::clone(&self.store);
             tokio::task::spawn_blocking(move || {
                 let _shared = store.import_guard();
-                store.put_chunk_checked(&id, &data)
+                store.put_chunk_checked(&to_hex(&id), &data)
             })
             .await??;
-            bytes += 36 + u64::from(len);
         }
         // Every chunk must be here now (sent, or already held); put_tree checks it.
         let store = Arc::clone(&self.store);

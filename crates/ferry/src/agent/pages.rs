@@ -8,7 +8,6 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use tokio::io::AsyncReadExt;
 use tracing::{info, warn};
 use transfer::pages::{PageHash, PageStore};
 
@@ -51,29 +50,16 @@ impl Agent {
             bail!("{count} page hashes asked at once; at most {MAX_HASHES}");
         }
         let _stream = self.with_incoming(peer, job, |i| i.stream()).await?;
-        // Memory grows with what arrives, not with what the peer announced.
-        let mut hashes: Vec<PageHash> = Vec::with_capacity((count as usize).min(4096));
-        let mut buf = vec![0u8; 32 * 4096];
-        let mut left = count as usize;
-        while left > 0 {
-            let n = left.min(4096);
-            recv.read_exact(&mut buf[..n * 32])
-                .await
-                .context("reading page hashes")?;
-            for c in buf[..n * 32].chunks_exact(32) {
-                let mut h = [0u8; 32];
-                h.copy_from_slice(c);
-                hashes.push(h);
-            }
-            left -= n;
-        }
-        let mut bitmap = vec![0u8; hashes.len().div_ceil(8)];
+        let hashes = transfer::lists::read_hashes(recv, count, MAX_HASHES)
+            .await
+            .context("reading page hashes")?;
+        let mut bits = vec![false; hashes.len()];
         let mut held = HashSet::new();
         {
             let store = self.pages.lock().await;
             for (i, h) in hashes.iter().enumerate() {
                 if store.contains(h) {
-                    bitmap[i / 8] |= 1 << (i % 8);
+                    bits[i] = true;
                     held.insert(*h);
                 }
             }
@@ -82,7 +68,7 @@ impl Agent {
         self.with_incoming(peer, job, move |i| i.pin(held)).await?;
         info!(%job, asked = count, held = n_held, "page holdings answered");
         Ok(PeerResponse::Held {
-            bitmap: to_hex(&bitmap),
+            bitmap: transfer::lists::encode_bitmap(&bits),
         })
     }
 
@@ -303,39 +289,5 @@ impl Agent {
 
 /// Lower-case hex.
 pub(crate) fn to_hex(b: &[u8]) -> String {
-    const D: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        s.push(D[(x >> 4) as usize] as char);
-        s.push(D[(x & 15) as usize] as char);
-    }
-    s
-}
-
-/// Parses lower- or upper-case hex.
-pub(crate) fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    s.as_bytes()
-        .chunks_exact(2)
-        .map(|p| {
-            let d = |c: u8| (c as char).to_digit(16);
-            Some((d(p[0])? * 16 + d(p[1])?) as u8)
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hex_round_trip() {
-        let b = [0u8, 1, 0x7f, 0x80, 0xff];
-        assert_eq!(to_hex(&b), "00017f80ff");
-        assert_eq!(from_hex(&to_hex(&b)).unwrap(), b);
-        assert_eq!(from_hex("0"), None);
-        assert_eq!(from_hex("zz"), None);
-    }
+    transfer::lists::to_hex(b)
 }

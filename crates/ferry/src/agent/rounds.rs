@@ -17,7 +17,6 @@ use transfer::frame::{read_msg, write_msg};
 use transfer::pages::{hash_page, PageHash, PageSet, PageWriter, PAGE};
 
 use super::firstpass::{Batch, FirstPass};
-use super::pages::from_hex;
 use super::{lock, Agent, Job};
 use crate::proto::{PeerRequest, PeerResponse};
 use crate::throttle::CpuThrottle;
@@ -675,34 +674,22 @@ impl Agent {
                 },
             )
             .await?;
-            for h in &hashes {
-                w.write_all(h).await?;
-            }
+            transfer::lists::write_hashes(&mut w, &hashes).await?;
             w.flush().await?;
         }
         send.finish()
             .map_err(|e| anyhow::anyhow!("closing the held-pages stream: {e}"))?;
-        let bitmap = match read_msg::<_, PeerResponse>(&mut recv).await? {
-            PeerResponse::Held { bitmap } => {
-                from_hex(&bitmap).context("the destination's held-pages bitmap is not hex")?
-            }
+        let bits = match read_msg::<_, PeerResponse>(&mut recv).await? {
+            PeerResponse::Held { bitmap } => transfer::lists::decode_bitmap(&bitmap, hashes.len())
+                .context("the destination's held-pages answer")?,
             PeerResponse::Error { message } => bail!("{message}"),
             other => bail!("unexpected answer to held-pages: {other:?}"),
         };
-        if bitmap.len() != hashes.len().div_ceil(8) {
-            bail!(
-                "the destination answered {} bytes of bitmap for {} hashes",
-                bitmap.len(),
-                hashes.len()
-            );
-        }
         let mut known = lock(&rounds.known);
         let mut held = 0u64;
-        for (i, h) in hashes.iter().enumerate() {
-            if bitmap[i / 8] & (1 << (i % 8)) != 0 {
-                known.insert(*h);
-                held += 1;
-            }
+        for (h, _) in hashes.iter().zip(&bits).filter(|(_, b)| **b) {
+            known.insert(*h);
+            held += 1;
         }
         info!(%job, distinct_pages = hashes.len(), held, "destination's page holdings");
         Ok(())
