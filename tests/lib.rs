@@ -149,6 +149,23 @@ impl Lab {
             .parse()
             .expect("pid")
     }
+
+    /// Kills `host`'s agent with SIGKILL and waits until it is gone.
+    pub fn kill_agent(&self, host: &str) {
+        let pid = self.agent_pid(host).to_string();
+        let ok = Command::new("kill")
+            .args(["-9", &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -9 {pid} (agent of {host})");
+        assert!(
+            eventually(Duration::from_secs(5), || !std::path::Path::new(&format!(
+                "/proc/{pid}"
+            ))
+            .exists()),
+            "agent {pid} of {host} still alive"
+        );
+    }
 }
 
 impl Drop for Lab {

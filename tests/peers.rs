@@ -151,6 +151,36 @@ fn a_route_comes_only_from_the_host_that_owns_the_container() {
     assert_eq!((code, &r["result"]), (0, &json!("completed")), "{r}");
 }
 
+/// A host that restarts remembers which peer moved each MAC away: the route back of a
+/// rollback is still accepted from that peer after the restart.
+#[test]
+fn a_restarted_host_remembers_who_moved_a_mac() {
+    let lab = Lab::up();
+    let c = lab.run_echo("h1", "echo");
+    let mac = c["mac"].as_str().expect("mac").to_string();
+    assert_eq!(fdb_target("client", &mac).as_deref(), Some("10.231.0.1"));
+    // h1, the owner, points the MAC at h2 (a migration's redirect).
+    let r = peer_request(
+        "h1",
+        "client",
+        &json!({"op": "route", "mac": mac, "host": "h2"}),
+        0,
+    );
+    assert_eq!(r["result"], "ok", "{r}");
+    assert_eq!(fdb_target("client", &mac).as_deref(), Some("10.231.0.2"));
+    lab.kill_agent("client");
+    ferry_ok(&["lab", "start-agent", "client"]);
+    // h1 takes it back (a rollback), though the overlay delivers it to h2 now.
+    let r = peer_request(
+        "h1",
+        "client",
+        &json!({"op": "route", "mac": mac, "host": "h1"}),
+        0,
+    );
+    assert_eq!(r["result"], "ok", "the route back after a restart: {r}");
+    assert_eq!(fdb_target("client", &mac).as_deref(), Some("10.231.0.1"));
+}
+
 #[test]
 fn a_replayed_request_changes_nothing() {
     let lab = Lab::up();

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use migrate_core::{Outcome, Phase, Report};
 use orchestrator_shim::api::{
     ContainerInfo, CreateContainer, FaultHooks, JobEventKind, MigrateMode, MigrateRequest,
+    Resolution,
 };
 
 use crate::lab::Lab;
@@ -323,6 +324,29 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let (host, _) = find_job(&lab, &id).await?;
             let info = lab.client(&host)?.cancel(&id).await?;
             println!("cancel requested for job {id} (state {:?}); it rolls back at the end of the current phase", info.state);
+        }
+        Cmd::Resolve {
+            id,
+            resume_here,
+            committed,
+        } => {
+            let outcome = match (resume_here, committed) {
+                (true, false) => Resolution::ResumeHere,
+                (false, true) => Resolution::Committed,
+                _ => bail!("give exactly one of --resume-here and --committed"),
+            };
+            let lab = Lab::load(&dir)?;
+            let mut refusals = vec![];
+            for h in lab.container_hosts() {
+                match lab.client(&h.name)?.resolve(&id, outcome).await {
+                    Ok(a) => {
+                        println!("{}", serde_json::to_string_pretty(&a)?);
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    Err(e) => refusals.push(format!("{}: {e:#}", h.name)),
+                }
+            }
+            bail!("no host settled job {id:?}: {}", refusals.join("; "));
         }
         Cmd::Demo {
             json,

@@ -9,6 +9,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use orchestrator_shim::api::{
     ApiError, ContainerInfo, CreateContainer, HostInfo, JobEvent, JobInfo, MigrateRequest,
+    Resolution, ResolveAnswer, ResolveRequest,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -174,6 +175,16 @@ impl Client {
     pub async fn cancel(&self, id: &str) -> Result<JobInfo> {
         self.call(Method::POST, &format!("/v1/jobs/{id}/cancel"), None::<&()>)
             .await
+    }
+
+    /// `POST /v1/jobs/{id}/resolve`.
+    pub async fn resolve(&self, id: &str, outcome: Resolution) -> Result<ResolveAnswer> {
+        self.call(
+            Method::POST,
+            &format!("/v1/jobs/{id}/resolve"),
+            Some(&ResolveRequest { outcome }),
+        )
+        .await
     }
 
     /// Follows `GET /v1/jobs/{id}/events`, calling `f` for each event until the stream ends.

@@ -187,6 +187,21 @@ enum Cmd {
         /// Job id.
         id: String,
     },
+    /// Settle by hand a migration whose destination cannot say whether it committed (its
+    /// host is gone): the container stays frozen at the source until the destination answers
+    /// or this command says what happened.
+    #[command(group(clap::ArgGroup::new("outcome").required(true).args(["resume_here", "committed"])))]
+    Resolve {
+        /// Job id (the source's log names it).
+        id: String,
+        /// The destination is gone for good and never runs the container: it runs on at the
+        /// source. If the destination committed and comes back, two copies run.
+        #[arg(long)]
+        resume_here: bool,
+        /// The destination runs the container: the source removes its frozen copy.
+        #[arg(long)]
+        committed: bool,
+    },
     /// Measure an echo container from a client: gaps, errors, round trips.
     Probe {
         /// Echo server address.

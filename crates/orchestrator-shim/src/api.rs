@@ -285,6 +285,40 @@ pub enum JobEventKind {
     },
 }
 
+/// What an operator asserts about a job whose destination cannot say whether it committed
+/// (it is gone, or unreachable for good). Until then the container stays frozen at the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resolution {
+    /// The destination runs the container: the source removes its frozen copy.
+    Committed,
+    /// The destination will never run it (its host is gone for good): the container runs on
+    /// at the source. If the destination committed and comes back, two copies run.
+    ResumeHere,
+}
+
+/// `POST /v1/jobs/{id}/resolve`: settles a job waiting for its destination's answer about
+/// the commit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveRequest {
+    /// What the operator knows of the destination.
+    pub outcome: Resolution,
+}
+
+/// Answer to [`ResolveRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResolveAnswer {
+    /// The job.
+    pub job: String,
+    /// Its container.
+    pub container: String,
+    /// The destination that did not answer.
+    pub destination: String,
+    /// The outcome applied.
+    pub outcome: Resolution,
+}
+
 /// Body of every error response.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApiError {

@@ -12,7 +12,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use orchestrator_shim::api::{
     ApiError, ContainerInfo, CreateContainer, DirtyRate, HostInfo, JobEventKind, JobInfo,
-    MigrateRequest,
+    MigrateRequest, ResolveAnswer, ResolveRequest,
 };
 
 use super::{lock, Agent};
@@ -115,6 +115,7 @@ pub(crate) async fn serve(agent: Arc<Agent>) -> Result<()> {
         .route("/v1/jobs", get(jobs))
         .route("/v1/jobs/{id}", get(job))
         .route("/v1/jobs/{id}/cancel", post(cancel))
+        .route("/v1/jobs/{id}/resolve", post(resolve))
         .route("/v1/jobs/{id}/events", get(events))
         .with_state(agent);
     axum::serve(listener, app).await?;
@@ -256,7 +257,8 @@ async fn cancel(State(a): State<Arc<Agent>>, Path(id): Path<String>) -> ApiResul
     let info = job.info();
     if info.state.past_commit_point() {
         return Err(ApiFailure::conflict(format!(
-            "too late to cancel job {id}: the destination restored the container and decides the commit now"
+            "too late to cancel job {id}: the destination restored the container and decides the commit now \
+             (if it is gone for good, `ferry resolve {id} --resume-here` runs the container on at the source)"
         )));
     }
     if info.state.is_terminal() {
@@ -268,6 +270,26 @@ async fn cancel(State(a): State<Arc<Agent>>, Path(id): Path<String>) -> ApiResul
     job.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
     job.cancel_notify.notify_waiters();
     Ok(Json(job.info()))
+}
+
+/// Settles a job whose destination cannot answer about the commit (see
+/// `orchestrator_shim::api::Resolution`).
+async fn resolve(
+    State(a): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    Json(req): Json<ResolveRequest>,
+) -> ApiResult<Json<ResolveAnswer>> {
+    if let Some(answer) = a.resolve_by_hand(&id, req.outcome) {
+        return Ok(Json(answer));
+    }
+    match lock(&a.jobs).get(&id) {
+        Some(job) => Err(ApiFailure::conflict(format!(
+            "job {id} is not waiting for its destination's answer about the commit (state {:?}); \
+             only such a job can be settled by hand",
+            job.info().state
+        ))),
+        None => Err(ApiFailure::unknown_job(&id)),
+    }
 }
 
 /// Newline-delimited JSON: every event so far, then new ones until the job ends.

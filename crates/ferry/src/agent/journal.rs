@@ -14,14 +14,19 @@
 //! the destination until it answers: committed (the source removes its frozen copy) or not
 //! (the source thaws it). The destination finishes the commits it recorded and removes every
 //! other incoming job's leftovers.
+//!
+//! A destination that never comes back cannot answer: the container stays frozen at the
+//! source until an operator settles the job by hand (`ferry resolve JOB --resume-here` or
+//! `--committed`, [`Agent::resolve_by_hand`]), live or after a restart.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use orchestrator_shim::api::{Resolution, ResolveAnswer};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
@@ -74,7 +79,89 @@ pub(crate) struct Outgoing {
     pub(crate) phase: OutPhase,
 }
 
+/// A job waiting for its destination's answer about the commit, which an operator may
+/// settle by hand.
+pub(crate) struct Unresolved {
+    pub(crate) name: String,
+    pub(crate) to: String,
+    decision: Mutex<Option<Resolution>>,
+    notify: tokio::sync::Notify,
+}
+
+/// Registers a job as waiting for its destination ([`Agent::awaiting_commit`]); removes it
+/// when dropped.
+pub(crate) struct AwaitingCommit {
+    agent: Arc<Agent>,
+    job: String,
+    u: Arc<Unresolved>,
+}
+
+impl AwaitingCommit {
+    /// Waits up to `d`, or until an operator settles the job; returns their decision, if any.
+    pub(crate) async fn wait(&self, d: Duration) -> Option<Resolution> {
+        if let Some(r) = *lock(&self.u.decision) {
+            return Some(r);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = self.u.notify.notified() => {}
+        }
+        *lock(&self.u.decision)
+    }
+
+    /// What the operator's log line says to do if the destination never comes back.
+    pub(crate) fn hint(&self) -> String {
+        format!(
+            "if {} is gone for good, `ferry resolve {} --resume-here` runs the container on here \
+             (or `--committed` if it runs there)",
+            self.u.to, self.job
+        )
+    }
+}
+
+impl Drop for AwaitingCommit {
+    fn drop(&mut self) {
+        lock(&self.agent.unresolved).remove(&self.job);
+    }
+}
+
 impl Agent {
+    /// Registers `job` (container `name`, destination `to`) as waiting for its destination's
+    /// answer about the commit, until the returned guard is dropped.
+    pub(crate) fn awaiting_commit(
+        self: &Arc<Self>,
+        job: &str,
+        name: &str,
+        to: &str,
+    ) -> AwaitingCommit {
+        let u = Arc::new(Unresolved {
+            name: name.to_string(),
+            to: to.to_string(),
+            decision: Mutex::new(None),
+            notify: tokio::sync::Notify::new(),
+        });
+        lock(&self.unresolved).insert(job.to_string(), Arc::clone(&u));
+        AwaitingCommit {
+            agent: Arc::clone(self),
+            job: job.to_string(),
+            u,
+        }
+    }
+
+    /// Settles a job waiting for its destination by hand; `None` if no such job waits here.
+    pub(crate) fn resolve_by_hand(&self, job: &str, outcome: Resolution) -> Option<ResolveAnswer> {
+        let u = lock(&self.unresolved).get(job).cloned()?;
+        *lock(&u.decision) = Some(outcome);
+        u.notify.notify_one();
+        warn!(%job, container = %u.name, to = %u.to, ?outcome, "job settled by hand");
+        Some(ResolveAnswer {
+            job: job.to_string(),
+            container: u.name.clone(),
+            destination: u.to.clone(),
+            outcome,
+        })
+    }
+
     fn outgoing_dir(&self) -> PathBuf {
         self.cfg.state_dir.join("outgoing")
     }
@@ -179,6 +266,7 @@ impl Agent {
             job: rec.job.clone(),
         };
         let mut wait = Duration::from_millis(200);
+        let waiting = self.awaiting_commit(&rec.job, &rec.name, &rec.to);
         loop {
             match self.ask(&rec.to, &req).await {
                 Ok(PeerResponse::Ok { .. }) => {
@@ -198,11 +286,24 @@ impl Agent {
                     warn!(job = %rec.job, answer = ?other, "unexpected answer about a commit; asking again")
                 }
                 Err(e) => {
-                    warn!(job = %rec.job, to = %rec.to, error = %format!("{e:#}"),
+                    warn!(job = %rec.job, to = %rec.to, error = %format!("{e:#}"), hint = %waiting.hint(),
                         "destination unreachable: the container stays frozen here until it answers")
                 }
             }
-            tokio::time::sleep(wait).await;
+            match waiting.wait(wait).await {
+                Some(Resolution::Committed) => {
+                    info!(job = %rec.job, container = %rec.name, "settled by hand as committed: removing the frozen copy here");
+                    self.remove_departed(&rec.job, &rec.name, false).await;
+                    self.forget_outgoing(&rec.job);
+                    return;
+                }
+                Some(Resolution::ResumeHere) => {
+                    info!(job = %rec.job, container = %rec.name, "settled by hand: the container runs on here");
+                    self.roll_back_outgoing(&rec).await;
+                    return;
+                }
+                None => {}
+            }
             wait = (wait * 2).min(Duration::from_secs(5));
         }
     }

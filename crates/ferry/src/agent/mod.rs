@@ -15,7 +15,7 @@ mod source;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -115,6 +115,9 @@ pub(crate) struct Agent {
     incoming_bases: Mutex<HashMap<String, String>>,
     /// Per MAC, the peer that last moved it to another host (it may take it back).
     route_movers: Mutex<HashMap<String, String>>,
+    /// Jobs whose source waits for its destination's answer about the commit, by id: an
+    /// operator may settle them by hand (`POST /v1/jobs/{id}/resolve`).
+    unresolved: Mutex<HashMap<String, Arc<journal::Unresolved>>>,
     /// Base trees received from a source, waiting for their chunks.
     pending_bases: Mutex<HashMap<String, base::PendingBase>>,
 }
@@ -210,7 +213,8 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         pages: tokio::sync::Mutex::new(transfer::pages::PageStore::new(cfg.page_store_pages())),
         store,
         pending_bases: Default::default(),
-        route_movers: Default::default(),
+        route_movers: Mutex::new(load_route_movers(&cfg.state_dir)),
+        unresolved: Default::default(),
         incoming_bases: Default::default(),
         cfg,
     });
@@ -405,8 +409,15 @@ impl Agent {
         if host != Some(peer) {
             let mut movers = lock(&self.route_movers);
             // One entry per MAC of the overlay; a bound against a peer inventing MACs.
-            if movers.len() < 65_536 || movers.contains_key(&key) {
-                movers.insert(key, peer.to_string());
+            if (movers.len() < 65_536 || movers.contains_key(&key))
+                && movers.insert(key, peer.to_string()).as_deref() != Some(peer)
+            {
+                // Kept across restarts: a rollback's route back may come after one.
+                let path = self.cfg.state_dir.join(ROUTE_MOVERS_FILE);
+                let bytes = serde_json::to_vec(&*movers)?;
+                journal::write_durable(&path, &bytes).with_context(|| {
+                    format!("recording the route's mover in {}", path.display())
+                })?;
             }
         }
         self.set_route_local(mac, host)
@@ -693,5 +704,32 @@ impl Agent {
             .map(|d| d.as_millis())
             .unwrap_or(0);
         format!("{}-{t:x}-{n}", self.cfg.host)
+    }
+}
+
+/// Which peer last moved each MAC away (`Agent::route_from_peer`), kept across restarts.
+const ROUTE_MOVERS_FILE: &str = "route-movers.json";
+
+/// Reads the route movers saved by an earlier run. A missing or unreadable file gives none:
+/// that only refuses more (a route back from a mover it forgot), never accepts more.
+fn load_route_movers(state_dir: &Path) -> HashMap<String, String> {
+    let path = state_dir.join(ROUTE_MOVERS_FILE);
+    match std::fs::read(&path) {
+        Ok(b) => match serde_json::from_slice::<HashMap<String, String>>(&b) {
+            Ok(m) if m.len() <= 65_536 => m,
+            Ok(m) => {
+                warn!(path = %path.display(), entries = m.len(), "too many route movers recorded; starting without them");
+                HashMap::new()
+            }
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "the route movers' record is damaged; starting without it");
+                HashMap::new()
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "cannot read the route movers' record; starting without it");
+            HashMap::new()
+        }
     }
 }

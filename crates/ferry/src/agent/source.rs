@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use migrate_core::{Action, Event, Migration, Phase, RollbackPlan, RoundStats};
 use orchestrator_shim::api::{
-    ContainerSpec, FaultHooks, JobEventKind, MigrateMode, MigrateRequest,
+    ContainerSpec, FaultHooks, JobEventKind, MigrateMode, MigrateRequest, Resolution,
 };
 use shared_fs::{Diff, Snapshot};
 use tokio::sync::{broadcast, Notify};
@@ -578,6 +578,7 @@ impl Driver {
                 })?;
                 let mut wait = Duration::from_millis(100);
                 let mut tries = 0u32;
+                let waiting = self.agent.awaiting_commit(&job, &self.spec.name, &self.to);
                 loop {
                     let answer = async {
                         let conn = self.conn().await?;
@@ -595,12 +596,22 @@ impl Driver {
                         }
                         Err(e) => {
                             tries += 1;
-                            warn!(%job, tries, error = %format!("{e:#}"), "commit not confirmed; the container stays frozen here until the destination answers");
+                            warn!(%job, tries, error = %format!("{e:#}"), hint = %waiting.hint(), "commit not confirmed; the container stays frozen here until the destination answers");
                             self.agent.forget_conn(&self.to).await;
                             self.conn = None;
                         }
                     }
-                    tokio::time::sleep(wait).await;
+                    match waiting.wait(wait).await {
+                        Some(Resolution::Committed) => {
+                            warn!(%job, "settled by hand as committed at {}", self.to);
+                            break;
+                        }
+                        Some(Resolution::ResumeHere) => bail!(
+                            "settled by hand: {} is taken as gone and never to run job {job}'s container; it runs on here",
+                            self.to
+                        ),
+                        None => {}
+                    }
                     wait = (wait * 2).min(Duration::from_secs(2));
                 }
                 Ok(0)
