@@ -434,7 +434,7 @@ fn a_hundred_failed_base_transfers_do_not_block_the_next() {
             r["message"]
                 .as_str()
                 .unwrap_or_default()
-                .contains("not part of base tree"),
+                .contains("was not asked for"),
             "{r}"
         );
     }
