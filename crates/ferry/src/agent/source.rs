@@ -790,6 +790,10 @@ impl Driver {
         let fast = std::mem::take(&mut *lock(&rounds.fast));
         self.rounds = rounds;
         stopped?;
+        // A container throttled hard (auto-converge) may not reach the freezer in time: it
+        // runs unthrottled for the few milliseconds until the freeze, whose dump reads every
+        // page anyway.
+        self.rounds.lift_throttle();
         let run_dir = self.agent.cfg.state_dir.join("run");
         std::fs::create_dir_all(&run_dir)?;
         let sock = run_dir.join(format!("{job}.ps"));
@@ -843,7 +847,6 @@ impl Driver {
         drop(fast);
         let ck = ckpt.await?;
         // The container stays frozen in place: rollback thaws it, the commit removes it.
-        self.rounds.lift_throttle();
         if let Err(e) = ck {
             self.resume_source();
             return Err(e);
