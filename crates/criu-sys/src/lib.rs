@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod image;
 pub mod page_server;
 pub mod rpc;
 pub mod swrk_proxy;

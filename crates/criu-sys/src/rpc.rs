@@ -9,7 +9,7 @@ pub const REQ_VERSION: u64 = 10;
 /// Reads a protobuf varint; returns (value, bytes used). `None` past 10 bytes, and for a 10th
 /// byte with bits beyond the 64th: Ferry would read another value than CRIU (protobuf-c reads
 /// a `bool` as set when any bit of its varint is).
-fn varint(buf: &[u8]) -> Option<(u64, usize)> {
+pub(crate) fn varint(buf: &[u8]) -> Option<(u64, usize)> {
     let mut v: u64 = 0;
     for (i, b) in buf.iter().enumerate().take(10) {
         if i == 9 && b & 0x7e != 0 {
@@ -23,7 +23,7 @@ fn varint(buf: &[u8]) -> Option<(u64, usize)> {
     None
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -48,15 +48,15 @@ pub const REQ_DUMP: u64 = 1;
 
 /// One field of an encoded protobuf message: number, wire type, and the bytes of the whole
 /// field (key included) and of its value.
-struct Field<'a> {
-    number: u64,
-    wire: u64,
-    whole: &'a [u8],
-    value: &'a [u8],
+pub(crate) struct Field<'a> {
+    pub(crate) number: u64,
+    pub(crate) wire: u64,
+    pub(crate) whole: &'a [u8],
+    pub(crate) value: &'a [u8],
 }
 
 /// Splits an encoded message into its fields; `None` if it is malformed or uses groups.
-fn fields(buf: &[u8]) -> Option<Vec<Field<'_>>> {
+pub(crate) fn fields(buf: &[u8]) -> Option<Vec<Field<'_>>> {
     let mut out = vec![];
     let mut i = 0;
     while i < buf.len() {
@@ -152,6 +152,46 @@ pub fn dump_with_page_server_fd(req: &[u8], fd: i32) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Rewrites an encoded DUMP `criu_req` (as [`dump_with_page_server_fd`] accepts it) into a
+/// *lazy* dump whose page server uses the already connected socket `fd`: `lazy_pages` is set,
+/// `ps` is dropped, and `config_file` names `config`, a file that must say `ps-socket FD` (over
+/// RPC a lazy dump ignores `ps.fd` and would listen on a TCP port of every address; an RPC
+/// configuration file is read after the request and may set `ps-socket`). Every other field is
+/// kept byte for byte. Returns the new request and the configuration file runc named, if any
+/// (its lines must be copied into `config`). `None` when the request is not such a DUMP.
+pub fn lazy_dump_with_page_server_fd(
+    req: &[u8],
+    config: &str,
+) -> Option<(Vec<u8>, Option<String>)> {
+    dump_with_page_server_fd(req, 0)?;
+    let top = fields(req)?;
+    let opts_at = single_opts(&top)?;
+    let opt_fields = fields(top[opts_at].value)?;
+    let mut earlier = None;
+    let mut new_opts = Vec::with_capacity(top[opts_at].value.len() + config.len() + 8);
+    for f in &opt_fields {
+        match f.number {
+            opt::PS | opt::LAZY_PAGES => {}
+            opt::CONFIG_FILE => {
+                earlier = Some(String::from_utf8(f.value.to_vec()).ok()?);
+            }
+            _ => new_opts.extend_from_slice(f.whole),
+        }
+    }
+    put_varint(&mut new_opts, opt::LAZY_PAGES << 3);
+    put_varint(&mut new_opts, 1);
+    put_bytes_field(&mut new_opts, opt::CONFIG_FILE, config.as_bytes());
+    let mut out = Vec::with_capacity(req.len() + config.len() + 16);
+    for (i, f) in top.iter().enumerate() {
+        if i == opts_at {
+            put_bytes_field(&mut out, 2, &new_opts);
+        } else {
+            out.extend_from_slice(f.whole);
+        }
+    }
+    Some((out, earlier))
+}
+
 /// Field numbers of `criu_opts` that Ferry reads or rewrites.
 pub mod opt {
     /// `images_dir_fd` (int32): a descriptor of the *requesting* process (CRIU opens
@@ -169,6 +209,8 @@ pub mod opt {
     pub const LAZY_PAGES: u64 = 48;
     /// `status_fd` (int32): a descriptor of the requesting process.
     pub const STATUS_FD: u64 = 49;
+    /// `config_file` (string): an RPC configuration file, read after the request's options.
+    pub const CONFIG_FILE: u64 = 51;
     /// `pidfd_store_sk` (int32): taken from the requesting process with `pidfd_getfd`.
     pub const PIDFD_STORE_SK: u64 = 62;
 }
@@ -262,6 +304,11 @@ pub fn version_response(v: CriuVersion) -> Vec<u8> {
 }
 
 #[cfg(test)]
+pub(crate) mod tests_support {
+    pub(crate) use super::put_varint;
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -295,6 +342,36 @@ mod tests {
         put_bytes_field(&mut req, 2, &opts);
         req.extend_from_slice(&[0x18, 0x01]); // notify_success = true
         req
+    }
+
+    #[test]
+    fn a_lazy_dump_names_its_config_and_drops_the_page_server_address() {
+        let req = dump_request();
+        let (lazy, earlier) = lazy_dump_with_page_server_fd(&req, "/w/lazy.conf").unwrap();
+        assert_eq!(earlier, None);
+        assert_eq!(request_type(&lazy), Some(REQ_DUMP));
+        assert_eq!(opts_varint(&lazy, opt::LAZY_PAGES), Some(1));
+        assert_eq!(
+            opts_bytes(&lazy, opt::CONFIG_FILE),
+            Some(&b"/w/lazy.conf"[..])
+        );
+        assert_eq!(opts_bytes(&lazy, opt::PS), None);
+        assert_eq!(opts_varint(&lazy, 5), Some(1), "tcp_established kept");
+        assert_eq!(opts_bytes(&lazy, opt::LOG_FILE), Some(&b"dump.log"[..]));
+        assert!(lazy.ends_with(&[0x18, 0x01]), "notify_success kept");
+        // runc's own configuration file is reported, to be copied.
+        let mut with_conf = req.clone();
+        let top = fields(&req).unwrap();
+        let mut opts = top[1].value.to_vec();
+        put_bytes_field(&mut opts, opt::CONFIG_FILE, b"/etc/criu/runc.conf");
+        with_conf.clear();
+        with_conf.extend_from_slice(top[0].whole);
+        put_bytes_field(&mut with_conf, 2, &opts);
+        let (lazy, earlier) = lazy_dump_with_page_server_fd(&with_conf, "/w/l.conf").unwrap();
+        assert_eq!(earlier.as_deref(), Some("/etc/criu/runc.conf"));
+        assert_eq!(opts_bytes(&lazy, opt::CONFIG_FILE), Some(&b"/w/l.conf"[..]));
+        // Not a dump to a page server: left alone.
+        assert!(lazy_dump_with_page_server_fd(&[0x08, 0x02], "/x").is_none());
     }
 
     #[test]

@@ -39,6 +39,10 @@ use crate::rpc::{self, opt};
 /// The environment variable naming the agent's UNIX socket for the dump's pages.
 pub const PAGE_SERVER_SOCKET_ENV: &str = "FERRY_PAGE_SERVER_SOCKET";
 
+/// With [`PAGE_SERVER_SOCKET_ENV`]: the dump is lazy, and this names the CRIU configuration
+/// file to write for it (see [`relay_dump`]).
+pub const LAZY_DUMP_CONFIG_ENV: &str = "FERRY_LAZY_DUMP_CONFIG";
+
 /// The largest RPC message relayed (runc reads answers into 40 KiB; requests are smaller).
 pub const MAX_MESSAGE: usize = 1 << 20;
 
@@ -438,10 +442,16 @@ fn set_cloexec(fd: BorrowedFd<'_>, on: bool, what: &'static str) -> Result<(), S
 /// rewritten request, relays everything else ([`forward`]) until CRIU closes its end, shuts
 /// runc's socket and returns CRIU's exit status. Without the agent's socket nothing is started:
 /// the error is returned and also written as CRIU's log, where runc looks for it.
+///
+/// With `lazy_config` the dump becomes a *lazy* dump ([`rpc::lazy_dump_with_page_server_fd`]):
+/// CRIU writes every image but the contents of lazy memory, then serves those pages from the
+/// frozen tree over the same socket until the agent sends `PS_IOV_CLOSE`. The RPC configuration
+/// file `lazy_config` is written here (`ps-socket FD`, then the lines of runc's own file).
 pub fn relay_dump(
     runc: BorrowedFd<'_>,
     real_criu: &Path,
     page_server_socket: &Path,
+    lazy_config: Option<&Path>,
 ) -> Result<ExitStatus, SwrkProxyError> {
     let peer = getsockopt(&runc, sockopt::PeerCredentials)
         .map_err(SwrkProxyError::PeerCredentials)?
@@ -469,8 +479,34 @@ pub fn relay_dump(
         // (set in the child only, so that no other thread's child inherits it).
         OwnedFd::from(stream)
     };
-    let request = rpc::dump_with_page_server_fd(&request, ps.as_raw_fd())
-        .ok_or(SwrkProxyError::NotRelayable)?;
+    let request = match lazy_config {
+        None => rpc::dump_with_page_server_fd(&request, ps.as_raw_fd())
+            .ok_or(SwrkProxyError::NotRelayable)?,
+        Some(config) => {
+            let path = config.to_str().ok_or(SwrkProxyError::NotRelayable)?;
+            let (lazy, earlier) = rpc::lazy_dump_with_page_server_fd(&request, path)
+                .ok_or(SwrkProxyError::NotRelayable)?;
+            let mut text = format!("ps-socket {}\n", ps.as_raw_fd());
+            if let Some(earlier) = earlier {
+                let more =
+                    std::fs::read_to_string(&earlier).map_err(|source| SwrkProxyError::Fd {
+                        what: "reading runc's CRIU configuration file",
+                        source,
+                    })?;
+                text.push_str(&more);
+                text.push('\n');
+            }
+            std::fs::write(config, text).map_err(|source| {
+                let e = SwrkProxyError::Fd {
+                    what: "writing the lazy dump's CRIU configuration file",
+                    source,
+                };
+                note_in_criu_log(&request, &dirs, &e.to_string());
+                e
+            })?;
+            lazy
+        }
+    };
 
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
@@ -488,6 +524,7 @@ pub fn relay_dump(
     cmd.arg("swrk")
         .arg(theirs.as_raw_fd().to_string())
         .env_remove(PAGE_SERVER_SOCKET_ENV)
+        .env_remove(LAZY_DUMP_CONFIG_ENV)
         .preserved_fds(vec![theirs, ps]);
     let mut child = cmd.spawn().map_err(|source| SwrkProxyError::Spawn {
         path: real_criu.to_owned(),

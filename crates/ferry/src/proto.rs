@@ -121,6 +121,26 @@ pub enum PeerRequest {
         /// Kill the restore (and remove the copy) if it takes longer than this.
         #[serde(default = "default_restore_deadline_ms")]
         deadline_ms: u64,
+        /// Restore lazily: the images leave out lazy memory, which a `criu lazy-pages` daemon
+        /// fills from this host's page store (where [`PeerRequest::PageMap`] placed it) while
+        /// the container runs.
+        #[serde(default)]
+        lazy: bool,
+    },
+    /// Pre-copy with lazy restore: `count` location records (`transfer::lists::Location`)
+    /// follow, saying which page of the store is at which address of which process. Every
+    /// page they name must already be in the store (sent or held for this job).
+    PageMap {
+        /// Job id.
+        job: String,
+        /// Records that follow.
+        count: u64,
+    },
+    /// Answer when the lazy restore of `job` has filled in all its memory (or failed):
+    /// [`PeerResponse::Filled`].
+    FillWait {
+        /// Job id.
+        job: String,
     },
     /// Commit point passed: release held packets, announce the container, own it.
     Commit {
@@ -182,6 +202,15 @@ pub enum PeerResponse {
     Aborted {
         /// Job id.
         job: String,
+    },
+    /// Answer to [`PeerRequest::FillWait`]: every lazy page was copied in.
+    Filled {
+        /// Pages the lazy-pages daemon asked for and got from the page store.
+        pages: u64,
+        /// Its requests.
+        requests: u64,
+        /// Milliseconds from the end of the restore to the last page.
+        fill_ms: u64,
     },
     /// Refused or failed.
     Error {

@@ -274,10 +274,57 @@ impl Runc {
         self.run("checkpoint", name, c, Some(&work.join("dump.log")))
     }
 
-    /// Restores from images, detached.
-    pub fn restore(&self, name: &str, bundle: &Path, images: &Path, work: &Path) -> Result<()> {
+    /// A lazy dump ([`criu_sys::swrk_proxy::relay_dump`]): CRIU writes every image but the
+    /// contents of lazy memory, then serves those pages from the frozen tree over a connection
+    /// to `ps_socket` until the agent closes it; the container is left in place, frozen.
+    pub fn checkpoint_lazy(
+        &self,
+        name: &str,
+        images: &Path,
+        work: &Path,
+        ps_socket: &Path,
+    ) -> Result<()> {
+        if self.criu_frontend.is_none() {
+            bail!("lazy restore needs ferry-criu in front of CRIU (criu_frontend in the agent config)");
+        }
+        let mut c = self.cmd("checkpoint", name);
+        c.env(criu_sys::swrk_proxy::PAGE_SERVER_SOCKET_ENV, ps_socket)
+            .env(
+                criu_sys::swrk_proxy::LAZY_DUMP_CONFIG_ENV,
+                work.join("lazy-dump.conf"),
+            );
+        c.args([
+            "checkpoint",
+            "--tcp-established",
+            "--leave-running",
+            "--page-server",
+            "127.0.0.1:1",
+            "--image-path",
+        ])
+        .arg(images)
+        .arg("--work-path")
+        .arg(work)
+        .arg(name);
+        self.run("checkpoint", name, c, Some(&work.join("dump.log")))
+    }
+
+    /// Restores from images, detached; `lazy`: lazy memory comes from the `criu lazy-pages`
+    /// daemon listening in `work` (see `agent::fill`).
+    pub fn restore(
+        &self,
+        name: &str,
+        bundle: &Path,
+        images: &Path,
+        work: &Path,
+        lazy: bool,
+    ) -> Result<()> {
         let mut c = self.cmd("restore", name);
-        c.args(["restore", "--detach", "--tcp-established", "--bundle"])
+        if lazy {
+            c.arg("restore").arg("--lazy-pages");
+        } else {
+            c.arg("restore");
+        }
+        c.args(["--detach", "--tcp-established", "--bundle"])
             .arg(bundle)
             .arg("--image-path")
             .arg(images)

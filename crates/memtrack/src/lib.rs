@@ -71,6 +71,16 @@ use std::fmt;
 use std::os::fd::{BorrowedFd, OwnedFd};
 
 pub use error::Error;
+
+/// Sorts `v` and merges overlapping or adjacent regions.
+pub fn normalize_regions(v: Vec<Region>) -> Vec<Region> {
+    ranges::normalize(v)
+}
+
+/// The parts of `r` outside `set` (which must be [normalized](normalize_regions)).
+pub fn subtract_regions(r: Region, set: &[Region]) -> Vec<Region> {
+    ranges::subtract_one(r, set)
+}
 pub use probe::{detect, support, Availability, Support};
 
 /// Size of the pages memtrack reports (x86-64 base pages).

@@ -54,6 +54,10 @@ pub struct PrecopyPolicy {
     /// has not written yet while it writes memory fast compared to the link (see
     /// [`hold_unwritten`]). Needs a tracker with cheap collects (uffd-wp, soft-dirty).
     pub follow_writes: bool,
+    /// Restore lazily: the final dump writes no memory the rounds already placed at the
+    /// destination, which restores with CRIU's lazy pages and fills the memory in from its
+    /// page store while the container runs.
+    pub lazy_restore: bool,
 }
 
 impl Default for PrecopyPolicy {
@@ -71,6 +75,7 @@ impl Default for PrecopyPolicy {
             throttle_step_pct: 10,
             throttle_max_pct: 99,
             follow_writes: true,
+            lazy_restore: true,
         }
     }
 }

@@ -11,6 +11,12 @@
 //! * A chunk stream is `count` records `id (32 bytes) | len (u32 BE) | data`;
 //!   [`ChunkStream`] accepts only announced, not yet seen ids, lengths within a cap, and
 //!   data whose blake3 is its id.
+//! * A location list says where pages live in the container: `count` records
+//!   `pid (u32 BE) | vaddr (u64 BE) | seq (u64 BE) | n (u32 BE) | n hashes`, page `i` of a
+//!   record being at `vaddr + i * 4096` of process `pid` (as the container's PID namespace
+//!   numbers it), with content `hashes[i]` as read at sequence number `seq` (a later read of
+//!   the same page has a larger one). [`read_locations`] refuses unaligned or overflowing
+//!   addresses, empty records and more pages than its cap.
 
 use std::collections::HashSet;
 
@@ -294,4 +300,88 @@ mod tests {
         assert!(parse_id(&id[..62]).is_err());
         assert!(parse_chunk_ids(&[id.clone(), id], 10).is_err());
     }
+}
+
+/// Where some pages of a container live: `hashes.len()` pages of process `pid` from `vaddr`,
+/// read at sequence number `seq` (see the module's documentation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    /// The process, as the container's PID namespace numbers it.
+    pub pid: u32,
+    /// The first page's address.
+    pub vaddr: u64,
+    /// When the pages were read (larger is later).
+    pub seq: u64,
+    /// The pages' contents, in address order.
+    pub hashes: Vec<Hash>,
+}
+
+/// The largest address a location may name (x86-64 and arm64 user space with 5-level pages).
+pub const MAX_ADDRESS: u64 = 1 << 57;
+
+/// Writes `locations`; returns the bytes written.
+pub async fn write_locations<W>(w: &mut W, locations: &[Location]) -> Result<u64, TransferError>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let mut bytes = 0;
+    for l in locations {
+        let mut head = [0u8; 24];
+        head[..4].copy_from_slice(&l.pid.to_be_bytes());
+        head[4..12].copy_from_slice(&l.vaddr.to_be_bytes());
+        head[12..20].copy_from_slice(&l.seq.to_be_bytes());
+        head[20..].copy_from_slice(&(l.hashes.len() as u32).to_be_bytes());
+        w.write_all(&head).await.map_err(write_err("a location"))?;
+        bytes += 24 + write_hashes(w, &l.hashes).await?;
+    }
+    Ok(bytes)
+}
+
+/// Reads `count` location records holding at most `max_pages` pages in all.
+pub async fn read_locations<R>(
+    r: &mut R,
+    count: u64,
+    max_pages: u64,
+) -> Result<Vec<Location>, TransferError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    let mut out = Vec::with_capacity((count as usize).min(HASH_BATCH));
+    let mut pages = 0u64;
+    for _ in 0..count {
+        let mut head = [0u8; 24];
+        r.read_exact(&mut head)
+            .await
+            .map_err(read_err("a location"))?;
+        let pid = u32::from_be_bytes(head[..4].try_into().expect("4 bytes"));
+        let vaddr = u64::from_be_bytes(head[4..12].try_into().expect("8 bytes"));
+        let seq = u64::from_be_bytes(head[12..20].try_into().expect("8 bytes"));
+        let n = u64::from(u32::from_be_bytes(head[20..].try_into().expect("4 bytes")));
+        let end = n
+            .checked_mul(4096)
+            .and_then(|len| vaddr.checked_add(len))
+            .filter(|end| *end <= MAX_ADDRESS);
+        if n == 0 || vaddr % 4096 != 0 || end.is_none() {
+            return Err(TransferError::Protocol {
+                reason: format!(
+                    "a location of {n} pages at {vaddr:#x} of pid {pid} (empty, unaligned or past {MAX_ADDRESS:#x})"
+                ),
+            });
+        }
+        pages += n;
+        if pages > max_pages {
+            return Err(TransferError::TooLarge {
+                len: pages.saturating_mul(32),
+                cap: max_pages.saturating_mul(32),
+            });
+        }
+        let hashes = read_hashes(r, n, n).await?;
+        out.push(Location {
+            pid,
+            vaddr,
+            seq,
+            hashes,
+        });
+    }
+    Ok(out)
 }

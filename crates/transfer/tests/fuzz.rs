@@ -1431,3 +1431,53 @@ fn regression_durable_finish_does_not_open_a_fifo_put_in_place_of_a_directory() 
     let records = [dir_or("a", GenKind::Dir), dir_or("a", GenKind::CharDev)];
     recv_records(&records, 0, true).unwrap();
 }
+
+mod locations {
+    use proptest::prelude::*;
+    use transfer::lists::{read_locations, write_locations, Location};
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+    }
+
+    proptest! {
+        /// What is written reads back the same; any cut or any byte changed in a header is
+        /// either refused or reads as valid records (never a panic, never past the cap).
+        #[test]
+        fn location_lists_round_trip_and_refuse_damage(
+            recs in proptest::collection::vec((1u32..5000, 0u64..(1 << 40), any::<u64>(), 1usize..6), 0..8),
+            cut in any::<prop::sample::Index>(),
+            flip in any::<prop::sample::Index>(),
+            byte in any::<u8>(),
+        ) {
+            let locs: Vec<Location> = recs.iter().map(|(pid, page, seq, n)| Location {
+                pid: *pid, vaddr: page * 4096, seq: *seq,
+                hashes: (0..*n).map(|i| [i as u8; 32]).collect(),
+            }).collect();
+            let total: u64 = locs.iter().map(|l| l.hashes.len() as u64).sum();
+            let rt = rt();
+            let mut buf = vec![];
+            rt.block_on(write_locations(&mut buf, &locs)).unwrap();
+            let back = rt.block_on(read_locations(&mut &buf[..], locs.len() as u64, total)).unwrap();
+            prop_assert_eq!(&back, &locs);
+            if total > 0 {
+                prop_assert!(rt.block_on(read_locations(&mut &buf[..], locs.len() as u64, total - 1)).is_err());
+            }
+            if !buf.is_empty() {
+                let at = cut.index(buf.len());
+                prop_assert!(rt.block_on(read_locations(&mut &buf[..at], locs.len() as u64, total)).is_err());
+                let mut bad = buf.clone();
+                let i = flip.index(bad.len());
+                bad[i] = byte;
+                if let Ok(v) = rt.block_on(read_locations(&mut &bad[..], locs.len() as u64, 1 << 20)) {
+                    for l in v {
+                        prop_assert!(!l.hashes.is_empty() && l.vaddr % 4096 == 0);
+                        prop_assert!(l.vaddr + l.hashes.len() as u64 * 4096 <= transfer::lists::MAX_ADDRESS);
+                    }
+                }
+            }
+        }
+    }
+}

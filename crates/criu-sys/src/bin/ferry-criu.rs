@@ -9,7 +9,9 @@
 //! One exception: with `FERRY_PAGE_SERVER_SOCKET` set, a dump to a page server
 //! (`runc checkpoint --page-server ADDR:PORT`) sends its pages to that UNIX socket of the
 //! agent instead. ferry-criu then starts the real CRIU itself and relays the RPC between runc
-//! and CRIU ([`criu_sys::swrk_proxy`]), exiting as CRIU does.
+//! and CRIU ([`criu_sys::swrk_proxy`]), exiting as CRIU does. With `FERRY_LAZY_DUMP_CONFIG`
+//! set as well, the dump is lazy: the socket then carries the page server CRIU runs from the
+//! frozen tree for the pages it did not write.
 
 #![deny(unsafe_code)]
 
@@ -54,7 +56,10 @@ fn main() -> ExitCode {
             if let Some(socket) =
                 swrk_proxy::page_server_socket_for(&request, page_server_socket.as_deref())
             {
-                return relay(fd, Path::new(&real), &socket);
+                let lazy = std::env::var_os(swrk_proxy::LAZY_DUMP_CONFIG_ENV)
+                    .filter(|p| !p.is_empty())
+                    .map(std::path::PathBuf::from);
+                return relay(fd, Path::new(&real), &socket, lazy.as_deref());
             }
         }
     }
@@ -64,12 +69,12 @@ fn main() -> ExitCode {
 }
 
 /// Runs the dump through [`swrk_proxy::relay_dump`]; exits as CRIU did.
-fn relay(fd: RawFd, real: &Path, socket: &Path) -> ExitCode {
+fn relay(fd: RawFd, real: &Path, socket: &Path, lazy: Option<&Path>) -> ExitCode {
     let Some(runc) = adopt_inherited_socket(fd) else {
         eprintln!("ferry-criu: descriptor {fd} is not runc's socket");
         return ExitCode::from(1);
     };
-    match swrk_proxy::relay_dump(runc.as_fd(), real, socket) {
+    match swrk_proxy::relay_dump(runc.as_fd(), real, socket, lazy) {
         Ok(status) => ExitCode::from(swrk_proxy::exit_code(status)),
         Err(e) => {
             eprintln!("ferry-criu: {e}");

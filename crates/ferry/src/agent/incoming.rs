@@ -44,6 +44,10 @@ pub(crate) struct Incoming {
     pinned: HashSet<transfer::pages::PageHash>,
     /// The final dump's pages were written into the images directory by the relay.
     pages_relayed: bool,
+    /// Lazy restore: which page of the store is at which address (see `fill`).
+    pub(crate) index: super::fill::PageIndex,
+    /// Lazy restore: its memory is being filled in (the images stay until the fill ends).
+    pub(crate) filling: bool,
 }
 
 impl Incoming {
@@ -139,6 +143,8 @@ pub(crate) struct RestoreLimits {
     pub(crate) pause_ms: u64,
     /// The restore (and the pause) is killed after this.
     pub(crate) deadline: Duration,
+    /// Restore lazily from the page store (see `fill`).
+    pub(crate) lazy: bool,
 }
 
 /// Test hooks of an `Images` request (refused unless the agent allows fault hooks).
@@ -345,6 +351,8 @@ impl Agent {
                         deadline: Instant::now() + PREPARED_TTL,
                         pinned: HashSet::new(),
                         pages_relayed: false,
+                        index: Default::default(),
+                        filling: false,
                     },
                 );
                 Ok(PeerResponse::Ok {
@@ -434,10 +442,14 @@ impl Agent {
     }
 
     pub(crate) async fn restore_incoming(
-        &self,
+        self: &Arc<Self>,
         peer: &str,
         job: &str,
-        RestoreLimits { pause_ms, deadline }: RestoreLimits,
+        RestoreLimits {
+            pause_ms,
+            deadline,
+            lazy,
+        }: RestoreLimits,
     ) -> Result<PeerResponse> {
         if pause_ms > 120_000 {
             bail!(
@@ -450,18 +462,69 @@ impl Agent {
                 self.cfg.host
             );
         }
-        let (name, layout, abort) = match self.incoming.lock().await.get_mut(job) {
+        let (name, layout, abort, index, pinned) = match self.incoming.lock().await.get_mut(job) {
             Some(i) if i.from != peer => bail!("job {job} belongs to {}, not {peer}", i.from),
             Some(i) => {
                 i.restoring = true;
+                let index = std::mem::take(&mut i.index);
                 (
                     i.spec.name.clone(),
                     i.layout.clone(),
                     std::sync::Arc::clone(&i.abort),
+                    index,
+                    if lazy {
+                        i.pinned.clone()
+                    } else {
+                        HashSet::new()
+                    },
                 )
             }
             None => bail!("no prepared job {job} here (it expired or was aborted)"),
         };
+        // Lazy: the daemon that fills the memory in from the page store starts first.
+        let mut daemon = None;
+        if lazy {
+            let criu = match &self.criu {
+                Ok(c) => c.path.clone(),
+                Err(e) => bail!("CRIU unusable on {}: {e}", self.cfg.host),
+            };
+            let (tx, _) = tokio::sync::watch::channel(None);
+            lock(&self.fills).insert(
+                job.to_string(),
+                super::fill::Fill {
+                    from: peer.to_string(),
+                    pinned,
+                    done: tx,
+                },
+            );
+            let (images, work) = (self.images_dir(job), self.work_dir(job));
+            let started = tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&work)?;
+                super::fill::start_daemon(&criu, &images, &work)
+            })
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r);
+            match started {
+                Ok(d) => {
+                    let pages = index.len();
+                    let server = tokio::spawn(super::fill::serve(
+                        Arc::clone(self),
+                        d.socket,
+                        Arc::new(index),
+                    ));
+                    info!(%job, indexed_pages = pages, "lazy restore: serving memory from the page store");
+                    daemon = Some((d.child, server));
+                }
+                Err(e) => {
+                    lock(&self.fills).remove(job);
+                    if let Some(i) = self.incoming.lock().await.get_mut(job) {
+                        i.restoring = false;
+                    }
+                    return Err(e);
+                }
+            }
+        }
         let bound = crate::runtime::Bound::new(
             deadline,
             "the restore deadline",
@@ -475,6 +538,7 @@ impl Agent {
         );
         let t = Instant::now();
         let (logs, job_id) = (self.cfg.state_dir.join("logs"), job.to_string());
+        let container = name.clone();
         let r = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&work)?;
             if pause_ms > 0 {
@@ -493,7 +557,7 @@ impl Agent {
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
-            let r = runc.restore(&name, &layout.bundle, &images, &work);
+            let r = runc.restore(&name, &layout.bundle, &images, &work, lazy);
             crate::runtime::keep_log(
                 &work.join("restore.log"),
                 &logs,
@@ -505,11 +569,31 @@ impl Agent {
         .map_err(anyhow::Error::from)
         .and_then(|r| r);
         let mut incoming = self.incoming.lock().await;
-        let Some(i) = incoming.get_mut(job) else {
-            bail!("job {job} vanished during its restore");
+        let restored_at = Instant::now();
+        let i = incoming.get_mut(job);
+        let failed = match (&i, &r) {
+            (None, _) => Some(anyhow::anyhow!("job {job} vanished during its restore")),
+            (_, Err(e)) => Some(anyhow::anyhow!("{e:#}")),
+            _ => None,
         };
+        if let Some(e) = failed {
+            if let Some(i) = i {
+                i.restoring = false;
+            }
+            if let Some((mut child, server)) = daemon {
+                server.abort();
+                let _ = child.kill();
+                let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+                lock(&self.fills).remove(job);
+            }
+            return Err(e);
+        }
+        let i = i.expect("checked above");
         i.restoring = false;
-        r?;
+        if let Some((child, server)) = daemon {
+            i.filling = true;
+            self.finish_fill(job.to_string(), container, child, server, restored_at);
+        }
         if i.deadline <= Instant::now() {
             // An abort arrived during the restore: the watchdog removes this copy now.
             bail!("job {job} was aborted while it was being restored");
@@ -563,12 +647,15 @@ impl Agent {
         announce(&inc.layout.netns, &inc.spec);
         self.adopt(job, &inc.spec);
         // Removing the images (as large as the container's memory) takes a while: not on the
-        // way of the commit's answer, which ends the source's count of the frozen time.
-        let (images, work) = (self.images_dir(job), self.work_dir(job));
-        tokio::task::spawn_blocking(move || {
-            let _ = std::fs::remove_dir_all(images);
-            let _ = std::fs::remove_dir_all(work);
-        });
+        // way of the commit's answer, which ends the source's count of the frozen time. A
+        // lazy restore still filling in needs them: its end removes them.
+        if !inc.filling {
+            let (images, work) = (self.images_dir(job), self.work_dir(job));
+            tokio::task::spawn_blocking(move || {
+                let _ = std::fs::remove_dir_all(images);
+                let _ = std::fs::remove_dir_all(work);
+            });
+        }
         info!(%job, container = %inc.spec.name, "migration committed: container owned here");
         Ok(PeerResponse::Ok { bytes: 0 })
     }

@@ -3,11 +3,13 @@
 
 mod base;
 mod dirty;
+mod fill;
 mod firstpass;
 mod http;
 pub(crate) mod images;
 mod incoming;
 mod journal;
+mod lazy;
 mod pages;
 mod peer;
 mod rounds;
@@ -120,6 +122,19 @@ pub(crate) struct Agent {
     unresolved: Mutex<HashMap<String, Arc<journal::Unresolved>>>,
     /// Base trees received from a source, waiting for their chunks.
     pending_bases: Mutex<HashMap<String, base::PendingBase>>,
+    /// Lazy restores filling in their memory, by job (their pages stay pinned).
+    fills: Mutex<HashMap<String, fill::Fill>>,
+    /// Outcomes of recent fills, by job: (source, outcome).
+    #[allow(clippy::type_complexity)]
+    filled: Mutex<
+        HashMap<
+            String,
+            (
+                String,
+                tokio::sync::watch::Sender<Option<std::result::Result<fill::FillStats, String>>>,
+            ),
+        >,
+    >,
 }
 
 /// Entry point of `ferry agent`. Enters the configured network namespace first, then starts
@@ -216,6 +231,8 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         route_movers: Mutex::new(load_route_movers(&cfg.state_dir)),
         unresolved: Default::default(),
         incoming_bases: Default::default(),
+        fills: Default::default(),
+        filled: Default::default(),
         cfg,
     });
     agent.clean_stale_incoming().await;

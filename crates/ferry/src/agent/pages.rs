@@ -19,7 +19,7 @@ const PAGE_SERVER_EXIT: Duration = Duration::from_secs(10);
 
 impl Agent {
     /// Checks that `job` is an incoming job of `peer`, extends its deadline, and runs `f` on it.
-    async fn with_incoming<T>(
+    pub(crate) async fn with_incoming<T>(
         &self,
         peer: &str,
         job: &str,
@@ -128,6 +128,10 @@ impl Agent {
             if Some(j.as_str()) != except {
                 keep.extend(i.pinned().iter().copied());
             }
+        }
+        // Lazy restores read their memory from the store until their fill ends.
+        for f in super::lock(&self.fills).values() {
+            keep.extend(f.pinned.iter().copied());
         }
         keep
     }

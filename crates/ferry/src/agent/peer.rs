@@ -221,14 +221,20 @@ async fn dispatch(
         PeerRequest::Pages { job } => agent.receive_pages(peer, &job, recv).await,
         PeerRequest::RootfsRound { job } => agent.rootfs_round(peer, &job, recv).await,
         PeerRequest::DumpPages { .. } => bail!("DumpPages is served by the stream handler"),
+        PeerRequest::PageMap { job, count } => {
+            agent.receive_locations(peer, &job, count, recv).await
+        }
+        PeerRequest::FillWait { job } => agent.fill_wait(peer, &job).await,
         PeerRequest::Restore {
             job,
             pause_ms,
             deadline_ms,
+            lazy,
         } => {
             let limits = super::incoming::RestoreLimits {
                 pause_ms,
                 deadline: Duration::from_millis(deadline_ms.clamp(1_000, 86_400_000)),
+                lazy,
             };
             agent.restore_incoming(peer, &job, limits).await
         }

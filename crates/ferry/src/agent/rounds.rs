@@ -17,6 +17,7 @@ use transfer::frame::{read_msg, write_msg};
 use transfer::pages::{hash_page, PageHash, PageSet, PageWriter, PAGE};
 
 use super::firstpass::{Batch, FirstPass};
+use super::lazy::Placement;
 use super::{lock, Agent, Job};
 use crate::proto::{PeerRequest, PeerResponse};
 use crate::throttle::CpuThrottle;
@@ -51,11 +52,13 @@ pub(crate) struct Rounds {
     destination_pages: Option<u64>,
     /// The first round follows the container's writes (policy `follow_writes`).
     follow_writes: bool,
+    /// Lazy restore: where the pages read live, for the destination (see `lazy`).
+    pub(crate) placement: Option<Arc<Placement>>,
 }
 
 /// What the readers and streams of a round have done so far, for the link measurement.
 #[derive(Default)]
-struct Meter {
+pub(crate) struct Meter {
     /// Pages read (sent, or skipped because the destination holds them).
     pages: AtomicU64,
     /// Bytes written to the page streams.
@@ -64,9 +67,9 @@ struct Meter {
 
 /// What one memory round sent.
 #[derive(Debug, Default, Clone, Copy)]
-struct Sent {
-    pages: u64,
-    bytes: u64,
+pub(crate) struct Sent {
+    pub(crate) pages: u64,
+    pub(crate) bytes: u64,
 }
 
 impl Rounds {
@@ -80,12 +83,28 @@ impl Rounds {
             throttle: None,
             destination_pages: None,
             follow_writes: false,
+            placement: None,
         }
     }
 
     /// Whether the first round follows the container's writes.
     pub(crate) fn set_follow_writes(&mut self, on: bool) {
         self.follow_writes = on;
+    }
+
+    /// Records where every page read lives, for a lazy restore.
+    pub(crate) fn set_lazy(&mut self, on: bool) {
+        self.placement = on.then(|| Arc::new(Placement::default()));
+    }
+
+    /// Collects the last writes (the container is frozen): the pages the final dump sends.
+    pub(crate) fn collect_final(&mut self) -> Result<u64> {
+        self.collect()
+    }
+
+    /// Takes what the next round would copy, as chunks.
+    pub(crate) fn take_todo_chunks(&mut self) -> Vec<(i32, u64, u64)> {
+        deal(&std::mem::take(&mut self.todo), 1).remove(0)
     }
 
     /// What the destination's preflight said about its page store.
@@ -178,6 +197,13 @@ impl Rounds {
                     return Err(e).with_context(|| format!("tracking pid {pid} with {method}"))
                 }
             };
+            if let Some(p) = &self.placement {
+                match p.note_pid(pid) {
+                    Ok(()) => {}
+                    Err(_) if !std::path::Path::new(&format!("/proc/{pid}")).exists() => continue,
+                    Err(e) => return Err(e),
+                }
+            }
             // Tracking first: a write after this point is seen by the next collect.
             match memtrack::writable_regions(pid) {
                 Ok(r) => self.todo.push((pid, r)),
@@ -554,9 +580,9 @@ impl Agent {
                     handle,
                     conn,
                     rx,
-                    &rounds.known,
-                    &rounds.fast,
+                    (&rounds.known, &rounds.fast),
                     &Default::default(),
+                    rounds.placement.as_ref(),
                 )
                 .await?;
             if handle.cancel.load(Ordering::SeqCst) {
@@ -571,7 +597,15 @@ impl Agent {
             *rounds = r_back;
             (sent, dirty?, Followed::default())
         };
+        let loc_bytes = match &rounds.placement {
+            Some(p) => self.send_locations(job, conn, p).await?,
+            None => 0,
+        };
         let fs_bytes = self.send_rootfs_round(job, conn, rootfs).await?;
+        let sent = Sent {
+            pages: sent.pages,
+            bytes: sent.bytes + loc_bytes,
+        };
         let duration = t0.elapsed();
         info!(%job, round, method = ?rounds.method, pages_sent = sent.pages, bytes = sent.bytes + fs_bytes,
             rootfs_bytes = fs_bytes, dirty_pages = dirty, ms = crate::util::ms(duration),
@@ -599,6 +633,7 @@ impl Agent {
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_BATCHES);
         let meter = Arc::new(Meter::default());
         let (known, fast) = (Arc::clone(&rounds.known), Arc::clone(&rounds.fast));
+        let placement = rounds.placement.clone();
         let mut r = std::mem::replace(rounds, Rounds::new());
         let (m, h, quic) = (Arc::clone(&meter), Arc::clone(handle), conn.conn.clone());
         let scheduler = tokio::task::spawn_blocking(move || {
@@ -606,7 +641,14 @@ impl Agent {
             (r, pass, res)
         });
         let (sent, scheduled) = tokio::join!(
-            self.send_pages_parallel(handle, conn, rx, &known, &fast, &meter),
+            self.send_pages_parallel(
+                handle,
+                conn,
+                rx,
+                (&known, &fast),
+                &meter,
+                placement.as_ref()
+            ),
             scheduler
         );
         let (r_back, mut pass, followed) = scheduled?;
@@ -697,14 +739,14 @@ impl Agent {
 
     /// Reads, hashes and sends the pages of the batches from `work` the destination does not
     /// hold, over [`STREAMS`] streams at once, until `work` ends. Sent pages join `known`.
-    async fn send_pages_parallel(
+    pub(crate) async fn send_pages_parallel(
         self: &Arc<Self>,
         handle: &Arc<Job>,
         conn: &transfer::Connection,
         work: crossbeam_channel::Receiver<Batch>,
-        known: &Arc<Mutex<PageSet>>,
-        fast: &Arc<Mutex<FastHashes>>,
+        (known, fast): (&Arc<Mutex<PageSet>>, &Arc<Mutex<FastHashes>>),
         meter: &Arc<Meter>,
+        placement: Option<&Arc<Placement>>,
     ) -> Result<Sent> {
         let job = handle.id.as_str();
         let mut tasks = vec![];
@@ -720,17 +762,24 @@ impl Agent {
             let h = Arc::clone(handle);
             let work = work.clone();
             let m = Arc::clone(meter);
+            let place = placement.cloned();
             let reader = tokio::task::spawn_blocking(move || {
                 let mut buf = vec![0u8; CHUNK_PAGES as usize * PAGE];
+                let mut spans = Vec::new();
                 for batch in work.iter() {
                     // A cancel ends the round at the next batch.
                     if h.cancel.load(Ordering::SeqCst) {
                         return;
                     }
+                    // Taken before the read: a later read of a page gets a larger number.
+                    let seq = place.as_ref().map_or(0, |p| p.next_seq());
+                    spans.clear();
                     let mut n = 0;
                     for (pid, addr, pages) in batch {
                         let want = (pages as usize * PAGE).min(buf.len() - n);
-                        n += read_chunk(pid, addr, &mut buf[n..n + want]);
+                        let got = read_chunk(pid, addr, &mut buf[n..n + want]);
+                        spans.push((pid, addr, got / PAGE));
+                        n += got;
                     }
                     m.pages.fetch_add((n / PAGE) as u64, Ordering::Relaxed);
                     let mut out = Vec::with_capacity(n);
@@ -739,6 +788,18 @@ impl Agent {
                         .map(|p| (fast_key(p), hash_page(p)))
                         .collect();
                     lock(&fast).extend(hashes.iter().copied());
+                    if let Some(p) = &place {
+                        let mut at = 0;
+                        for &(pid, addr, k) in &spans {
+                            p.record(
+                                pid,
+                                addr,
+                                seq,
+                                hashes[at..at + k].iter().map(|(_, h)| *h).collect(),
+                            );
+                            at += k;
+                        }
+                    }
                     {
                         let mut k = lock(&known);
                         for (p, (_, h)) in buf[..n].chunks_exact(PAGE).zip(&hashes) {

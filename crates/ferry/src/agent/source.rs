@@ -129,6 +129,9 @@ pub(crate) fn start(
     let (a, j) = (Arc::clone(agent), Arc::clone(&job));
     let mut rounds = Rounds::new();
     rounds.set_follow_writes(req.precopy.as_ref().is_none_or(|p| p.follow_writes));
+    rounds.set_lazy(
+        req.mode == MigrateMode::PreCopy && req.precopy.as_ref().is_none_or(|p| p.lazy_restore),
+    );
     tokio::spawn(async move {
         let mut d = Driver {
             agent: a,
@@ -143,6 +146,7 @@ pub(crate) fn start(
             conn: None,
             rootfs_snapshot: None,
             rootfs_digest: None,
+            lazy_dumped: false,
         };
         let job_id = d.job.id.clone();
         d.run(machine).await;
@@ -153,21 +157,23 @@ pub(crate) fn start(
     Ok(job)
 }
 
-struct Driver {
-    agent: Arc<Agent>,
-    job: Arc<Job>,
-    spec: ContainerSpec,
-    to: String,
-    faults: FaultHooks,
-    deadlines: orchestrator_shim::api::Deadlines,
-    mode: MigrateMode,
-    rounds: Rounds,
+pub(super) struct Driver {
+    pub(super) agent: Arc<Agent>,
+    pub(super) job: Arc<Job>,
+    pub(super) spec: ContainerSpec,
+    pub(super) to: String,
+    pub(super) faults: FaultHooks,
+    pub(super) deadlines: orchestrator_shim::api::Deadlines,
+    pub(super) mode: MigrateMode,
+    pub(super) rounds: Rounds,
     /// The source container's veth was taken down for the final dump (rollback: up again).
-    source_link_down: bool,
-    conn: Option<transfer::Connection>,
-    rootfs_snapshot: Option<Snapshot>,
+    pub(super) source_link_down: bool,
+    pub(super) conn: Option<transfer::Connection>,
+    pub(super) rootfs_snapshot: Option<Snapshot>,
     /// Digest of the root filesystem at the freeze, sent for the destination to match.
-    rootfs_digest: Option<String>,
+    pub(super) rootfs_digest: Option<String>,
+    /// The final dump was lazy: the destination restores lazily (see `lazy`).
+    pub(super) lazy_dumped: bool,
 }
 
 fn phase_of(a: &Action) -> Option<Phase> {
@@ -311,7 +317,7 @@ impl Driver {
         *lock(&self.job.status) = (m.state(), m.report().clone());
     }
 
-    async fn conn(&mut self) -> Result<transfer::Connection> {
+    pub(super) async fn conn(&mut self) -> Result<transfer::Connection> {
         if let Some(c) = &self.conn {
             if c.conn.close_reason().is_none() {
                 return Ok(c.clone());
@@ -439,6 +445,11 @@ impl Driver {
                     .await?;
                 Ok(0)
             }
+            Action::Dump
+                if self.mode == MigrateMode::PreCopy && self.rounds.placement.is_some() =>
+            {
+                self.dump_lazy().await
+            }
             Action::Dump if self.mode == MigrateMode::PreCopy => self.dump_relayed().await,
             Action::Dump => {
                 let runc = self.agent.runc.bounded(self.dump_bound());
@@ -547,6 +558,7 @@ impl Driver {
                     job,
                     pause_ms,
                     deadline_ms: limit.as_millis() as u64,
+                    lazy: self.lazy_dumped,
                 };
                 // The destination kills its restore at the deadline; an answer that does not
                 // come shortly after is not waited for.
@@ -623,6 +635,10 @@ impl Driver {
                         .await;
                 }
                 let name = self.spec.name.clone();
+                if self.lazy_dumped {
+                    // The frozen copy stays until the destination has all its memory.
+                    self.wait_for_fill().await;
+                }
                 self.agent
                     .remove_departed(&job, &name, self.mode == MigrateMode::PreCopy)
                     .await;
@@ -673,7 +689,7 @@ impl Driver {
                 let n = name.clone();
                 let r = tokio::task::spawn_blocking(move || {
                     runc.delete_force(&n);
-                    runc.restore(&n, &l.bundle, &images, &work)
+                    runc.restore(&n, &l.bundle, &images, &work, false)
                 })
                 .await
                 .map_err(|e| anyhow!("{e}"))
@@ -756,7 +772,7 @@ impl Driver {
     }
 
     /// The dump's deadline, from the job's policy; a cancel kills it too.
-    fn dump_bound(&self) -> crate::runtime::Bound {
+    pub(super) fn dump_bound(&self) -> crate::runtime::Bound {
         crate::runtime::Bound::new(
             self.deadlines.dump(),
             "the dump deadline",
@@ -765,7 +781,7 @@ impl Driver {
     }
 
     /// After a failed final dump: the container runs on, on the network again.
-    fn resume_source(&mut self) {
+    pub(super) fn resume_source(&mut self) {
         let l = self.agent.layout(&self.spec.name);
         if let Err(e) = crate::runtime::set_veth(&l, true) {
             warn!(error = %format!("{e:#}"), "the source container's veth could not be brought up again");

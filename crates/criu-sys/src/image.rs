@@ -1,0 +1,204 @@
+//! Reading CRIU's `pagemap-<pid>.img` images: which memory of a process a dump wrote, and which
+//! it left lazy (to be served by a page server while the restored process runs).
+//!
+//! An image is `u32 IMG_COMMON_MAGIC`, `u32 PAGEMAP_MAGIC`, then protobuf messages, each after
+//! its `u32` length (host byte order): one `pagemap_head { pages_id }`, then `pagemap_entry
+//! { vaddr, compat_nr_pages, in_parent, flags, nr_pages }` in address order
+//! (`images/pagemap.proto`).
+
+use std::path::{Path, PathBuf};
+
+use crate::page_server::PageFlags;
+use crate::rpc::{fields, varint};
+
+/// `IMG_COMMON_MAGIC`.
+pub const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
+/// `PAGEMAP_MAGIC`.
+pub const PAGEMAP_MAGIC: u32 = 0x5608_4025;
+/// The largest pagemap image read (a pagemap of 64 MiB describes far more memory than a host has).
+pub const MAX_PAGEMAP_BYTES: u64 = 64 << 20;
+
+/// Why an image could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The file could not be read.
+    #[error("reading {}: {source}", path.display())]
+    Io {
+        /// The image.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not a pagemap image, or is damaged.
+    #[error("{} is not a valid pagemap image: {why}", path.display())]
+    Invalid {
+        /// The image.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// One `pagemap_entry`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagemapEntry {
+    /// First page's address at dump time.
+    pub vaddr: u64,
+    /// Pages in the entry.
+    pub nr_pages: u64,
+    /// `PE_*` flags (old images without flags read as their meaning: PRESENT or PARENT).
+    pub flags: u32,
+}
+
+impl PagemapEntry {
+    /// Whether the dump left these pages out, for a page server to serve: `PE_LAZY` without
+    /// `PE_PRESENT` (a lazy dump's lazy memory).
+    pub fn is_lazy_only(&self) -> bool {
+        let f = PageFlags::new(self.flags & 7).unwrap_or(PageFlags::PRESENT);
+        f.contains(PageFlags::LAZY) && !f.contains(PageFlags::PRESENT)
+    }
+
+    /// The end address.
+    pub fn end(&self) -> u64 {
+        self.vaddr.saturating_add(
+            self.nr_pages
+                .saturating_mul(crate::page_server::PAGE_SIZE as u64),
+        )
+    }
+}
+
+/// Parses a pagemap image; returns `pages_id` and the entries.
+pub fn parse_pagemap(bytes: &[u8]) -> Result<(u32, Vec<PagemapEntry>), String> {
+    let u32_at = |i: usize| -> Option<u32> {
+        bytes
+            .get(i..i + 4)
+            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let mut i = 0;
+    match u32_at(0) {
+        Some(IMG_COMMON_MAGIC) => i += 4,
+        Some(PAGEMAP_MAGIC) => {}
+        Some(m) => return Err(format!("magic {m:#x}")),
+        None => return Err("too short".into()),
+    }
+    if u32_at(i) != Some(PAGEMAP_MAGIC) {
+        return Err(format!("magic {:#x?}, not PAGEMAP_MAGIC", u32_at(i)));
+    }
+    i += 4;
+    let mut head = None;
+    let mut entries = vec![];
+    while i < bytes.len() {
+        let len = u32_at(i).ok_or("a truncated length")? as usize;
+        i += 4;
+        let msg = bytes
+            .get(i..i.checked_add(len).ok_or("a length past the end")?)
+            .ok_or("a truncated message")?;
+        i += len;
+        let fs = fields(msg).ok_or("a malformed message")?;
+        let get = |n: u64| {
+            fs.iter()
+                .rev()
+                .find(|f| f.number == n && f.wire == 0)
+                .and_then(|f| varint(f.value))
+                .map(|v| v.0)
+        };
+        if head.is_none() {
+            head = Some(get(1).ok_or("no pages_id in the head")? as u32);
+            continue;
+        }
+        let vaddr = get(1).ok_or("an entry without vaddr")?;
+        let nr_pages = match get(5) {
+            Some(n) => n,
+            None => get(2).ok_or("an entry without nr_pages")?,
+        };
+        let flags = match get(4) {
+            Some(f) => f as u32,
+            None if get(3).unwrap_or(0) != 0 => PageFlags::PARENT.bits(),
+            None => PageFlags::PRESENT.bits(),
+        };
+        if vaddr % crate::page_server::PAGE_SIZE as u64 != 0 || nr_pages == 0 {
+            return Err(format!("an entry at {vaddr:#x} of {nr_pages} pages"));
+        }
+        entries.push(PagemapEntry {
+            vaddr,
+            nr_pages,
+            flags,
+        });
+    }
+    Ok((head.ok_or("no head")?, entries))
+}
+
+/// The process pagemaps of a dump in `dir` (`pagemap-<pid>.img`, not shared memory's), as
+/// (pid in the container's namespace, entries).
+pub fn read_pagemaps(dir: &Path) -> Result<Vec<(u32, Vec<PagemapEntry>)>, ImageError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ImageError::Io { path, source }
+    };
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).map_err(io(dir))? {
+        let e = e.map_err(io(dir))?;
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("pagemap-"))
+            .and_then(|n| n.strip_suffix(".img"))
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let path = e.path();
+        let len = e.metadata().map_err(io(&path))?.len();
+        if len > MAX_PAGEMAP_BYTES {
+            return Err(ImageError::Invalid {
+                path,
+                why: format!("{len} bytes, more than {MAX_PAGEMAP_BYTES}"),
+            });
+        }
+        let bytes = std::fs::read(&path).map_err(io(&path))?;
+        let (_, entries) =
+            parse_pagemap(&bytes).map_err(|why| ImageError::Invalid { path, why })?;
+        out.push((pid, entries));
+    }
+    out.sort_by_key(|(p, _)| *p);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(out: &mut Vec<u8>, fields: &[(u64, u64)]) {
+        let mut m = vec![];
+        for (n, v) in fields {
+            crate::rpc::tests_support::put_varint(&mut m, n << 3);
+            crate::rpc::tests_support::put_varint(&mut m, *v);
+        }
+        out.extend_from_slice(&(m.len() as u32).to_ne_bytes());
+        out.extend_from_slice(&m);
+    }
+
+    #[test]
+    fn reads_a_lazy_dumps_pagemap() {
+        let mut img = vec![];
+        img.extend_from_slice(&IMG_COMMON_MAGIC.to_ne_bytes());
+        img.extend_from_slice(&PAGEMAP_MAGIC.to_ne_bytes());
+        msg(&mut img, &[(1, 7)]);
+        msg(&mut img, &[(1, 0x1000), (2, 3), (4, 4), (5, 3)]);
+        msg(&mut img, &[(1, 0x7000), (2, 2), (4, 2), (5, 2)]);
+        msg(&mut img, &[(1, 0x20000), (2, 5)]);
+        let (id, e) = parse_pagemap(&img).unwrap();
+        assert_eq!(id, 7);
+        assert_eq!(e.len(), 3);
+        assert!(!e[0].is_lazy_only());
+        assert!(e[1].is_lazy_only());
+        assert_eq!(e[1].end(), 0x9000);
+        assert_eq!(e[2].flags, 4, "no flags: present");
+        assert_eq!(e[2].nr_pages, 5, "compat count");
+        assert!(parse_pagemap(&img[..img.len() - 1]).is_err());
+        assert!(parse_pagemap(&img[4..8]).is_err());
+        let mut bad = img.clone();
+        bad[0] = 0;
+        assert!(parse_pagemap(&bad).is_err());
+    }
+}

@@ -1,0 +1,373 @@
+//! Lazy restore, destination side: the container's memory comes from this host's page store.
+//!
+//! Pre-copy rounds send pages by content ([`super::pages`]) and, with them, where each page
+//! lives ([`crate::proto::PeerRequest::PageMap`]): process (as the container's PID namespace
+//! numbers it), address, and a sequence number that orders reads of the same page. The final
+//! dump then writes no lazy memory at all (`PE_LAZY` pagemap entries without contents), and
+//! the restore runs `criu restore --lazy-pages` with a `criu lazy-pages` daemon whose page
+//! server is this module ([`serve`]): every page the daemon asks for, on a fault or in its
+//! background fill, is read from the store by its location. The pages stay pinned until the
+//! daemon has copied everything and exited ([`Agent::finish_fill`]); if it fails, the
+//! container is killed rather than left to run on with zero-filled pages.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use criu_sys::page_server::{
+    read_message_async, write_payload_async, write_reply_async, Message, Reply, PAGE_SIZE,
+};
+use tokio::io::AsyncWriteExt;
+use tracing::{info, warn};
+use transfer::lists::Location;
+use transfer::pages::PageHash;
+
+use super::Agent;
+use crate::proto::{PeerResponse, MAX_HASHES};
+
+/// (pid in the container, page address) -> (content, sequence number of the read).
+pub(crate) type PageIndex = HashMap<(u32, u64), (PageHash, u64)>;
+
+/// Pages served per request at most (CRIU asks for up to 4 MiB).
+const MAX_SERVE_PAGES: u64 = 1024;
+/// How long the daemon may take to say it is ready.
+const DAEMON_READY: Duration = Duration::from_secs(10);
+/// How long a fill may take before it counts as failed (the container is then killed).
+const FILL_LIMIT: Duration = Duration::from_secs(600);
+
+/// What a fill did.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct FillStats {
+    pub(crate) pages: u64,
+    pub(crate) requests: u64,
+    pub(crate) fill_ms: u64,
+}
+
+/// A fill under way or ended: its pins, and its outcome once known.
+pub(crate) struct Fill {
+    /// The source of the job: the only peer that may ask about it.
+    pub(crate) from: String,
+    pub(crate) pinned: HashSet<PageHash>,
+    pub(crate) done: tokio::sync::watch::Sender<Option<std::result::Result<FillStats, String>>>,
+}
+
+/// Adds `locations` to `index`: a page read later (larger sequence number) replaces an earlier
+/// read of the same page.
+pub(crate) fn place(index: &mut PageIndex, locations: Vec<Location>) {
+    for l in locations {
+        for (i, h) in l.hashes.into_iter().enumerate() {
+            let at = l.vaddr + i as u64 * PAGE_SIZE as u64;
+            match index.get(&(l.pid, at)) {
+                Some((_, seq)) if *seq > l.seq => {}
+                _ => {
+                    index.insert((l.pid, at), (h, l.seq));
+                }
+            }
+        }
+    }
+}
+
+/// A started `criu lazy-pages` daemon and the other end of its page-server socket.
+pub(crate) struct Daemon {
+    pub(crate) child: Child,
+    pub(crate) socket: std::os::unix::net::UnixStream,
+}
+
+/// Starts `criu lazy-pages` on the job's images and work directory, its page server being a
+/// socket pair whose other end is returned; waits until it says it is ready.
+pub(crate) fn start_daemon(
+    criu: &std::path::Path,
+    images: &std::path::Path,
+    work: &std::path::Path,
+) -> Result<Daemon> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (ps_fd, ready_fd) = (theirs.as_raw_fd(), ready_w.as_raw_fd());
+    let mut cmd = std::process::Command::new(criu);
+    command_fds::CommandFdExt::preserved_fds(&mut cmd, vec![OwnedFd::from(theirs), ready_w]);
+    let mut child = cmd
+        .arg("lazy-pages")
+        .arg("-D")
+        .arg(images)
+        .arg("-W")
+        .arg(work)
+        .args(["--page-server", "--ps-socket", &ps_fd.to_string()])
+        .args(["--status-fd", &ready_fd.to_string()])
+        .args(["-o", "lazy-pages.log", "-v2"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {} lazy-pages", criu.display()))?;
+    drop(cmd);
+    let mut ready = std::fs::File::from(ready_r);
+    let t = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut b = [1u8; 1];
+        let _ = tx.send(ready.read(&mut b).map(|n| n == 1 && b[0] == 0));
+    });
+    match rx.recv_timeout(DAEMON_READY) {
+        Ok(Ok(true)) => {}
+        other => {
+            let _ = child.kill();
+            let status = child.wait().ok();
+            bail!(
+                "criu lazy-pages did not get ready ({}; exit {status:?}); see lazy-pages.log in {}",
+                match other {
+                    Err(_) => format!("nothing within {} s", DAEMON_READY.as_secs()),
+                    Ok(Ok(_)) => "it closed its status descriptor".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                },
+                work.display()
+            );
+        }
+    }
+    info!(
+        ready_ms = crate::util::ms(t.elapsed()),
+        "criu lazy-pages ready"
+    );
+    Ok(Daemon {
+        child,
+        socket: ours,
+    })
+}
+
+/// Serves the daemon's `PS_IOV_GET`s from the page store by `index` until it sends
+/// `PS_IOV_CLOSE`; returns (pages served, requests).
+pub(crate) async fn serve(
+    agent: Arc<Agent>,
+    socket: std::os::unix::net::UnixStream,
+    index: Arc<PageIndex>,
+) -> Result<(u64, u64)> {
+    socket.set_nonblocking(true)?;
+    let socket = tokio::net::UnixStream::from_std(socket)?;
+    let (r, w) = socket.into_split();
+    let mut r = tokio::io::BufReader::with_capacity(64 << 10, r);
+    let mut w = tokio::io::BufWriter::with_capacity(256 << 10, w);
+    let (mut pages, mut requests) = (0u64, 0u64);
+    let mut buf = Vec::with_capacity(MAX_SERVE_PAGES as usize * PAGE_SIZE);
+    loop {
+        let msg = read_message_async(&mut r)
+            .await
+            .context("reading the lazy-pages daemon's request")?;
+        match msg {
+            None => bail!("the lazy-pages daemon hung up before it had every page"),
+            Some(
+                m @ Message::Get {
+                    pid,
+                    vaddr,
+                    nr_pages,
+                },
+            ) => {
+                buf.clear();
+                {
+                    let store = agent.pages.lock().await;
+                    for i in 0..nr_pages.min(MAX_SERVE_PAGES) {
+                        let at = vaddr + i * PAGE_SIZE as u64;
+                        match index.get(&(pid, at)).and_then(|(h, _)| store.get(h)) {
+                            Some(p) => buf.extend_from_slice(p),
+                            None => break,
+                        }
+                    }
+                }
+                if buf.is_empty() {
+                    bail!(
+                        "the lazy-pages daemon asked for page {vaddr:#x} of pid {pid}, which is not in this host's page store"
+                    );
+                }
+                let n = (buf.len() / PAGE_SIZE) as u64;
+                write_reply_async(
+                    &mut w,
+                    &m,
+                    &Reply::Pages {
+                        pid,
+                        vaddr,
+                        nr_pages: n,
+                    },
+                )
+                .await?;
+                write_payload_async(&mut w, &buf).await?;
+                w.flush().await?;
+                pages += n;
+                requests += 1;
+            }
+            Some(m @ (Message::Close | Message::ForceClose)) => {
+                write_reply_async(&mut w, &m, &Reply::Close { status: 0 }).await?;
+                w.flush().await?;
+                return Ok((pages, requests));
+            }
+            Some(other) => bail!("unexpected request from the lazy-pages daemon: {other:?}"),
+        }
+    }
+}
+
+impl Agent {
+    /// Answers [`crate::proto::PeerRequest::PageMap`]: reads `count` location records and
+    /// adds them to the job's index; every page they name must be in the store.
+    pub(crate) async fn receive_locations(
+        &self,
+        peer: &str,
+        job: &str,
+        count: u64,
+        recv: &mut super::peer::Incoming<'_>,
+    ) -> Result<PeerResponse> {
+        let _stream = self.with_incoming(peer, job, |i| i.stream()).await?;
+        let locations = transfer::lists::read_locations(recv, count, MAX_HASHES)
+            .await
+            .context("reading page locations")?;
+        {
+            let store = self.pages.lock().await;
+            for l in &locations {
+                if let Some(h) = l.hashes.iter().find(|h| !store.contains(h)) {
+                    bail!(
+                        "a location names page {} at {:#x} of pid {}, which this host does not hold",
+                        super::pages::to_hex(h),
+                        l.vaddr,
+                        l.pid
+                    );
+                }
+            }
+        }
+        let pages: usize = locations.iter().map(|l| l.hashes.len()).sum();
+        self.with_incoming(peer, job, move |i| place(&mut i.index, locations))
+            .await?;
+        tracing::debug!(%job, records = count, pages, "page locations received");
+        Ok(PeerResponse::Ok { bytes: 0 })
+    }
+
+    /// Watches a lazy restore's daemon and page server until the fill ends; then releases the
+    /// job's pins and its images. A fill that fails kills the container: its missing pages
+    /// would read as zeros.
+    pub(crate) fn finish_fill(
+        self: &Arc<Self>,
+        job: String,
+        name: String,
+        mut daemon: Child,
+        server: tokio::task::JoinHandle<Result<(u64, u64)>>,
+        restored_at: Instant,
+    ) {
+        let agent = Arc::clone(self);
+        tokio::spawn(async move {
+            let served = tokio::time::timeout(FILL_LIMIT, server).await;
+            let status = tokio::task::spawn_blocking(move || {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    match daemon.try_wait() {
+                        Ok(Some(s)) => return Some(s),
+                        Ok(None) if Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(5))
+                        }
+                        _ => {
+                            let _ = daemon.kill();
+                            let _ = daemon.wait();
+                            return None;
+                        }
+                    }
+                }
+            })
+            .await
+            .ok()
+            .flatten();
+            let fill_ms = crate::util::ms(restored_at.elapsed()) as u64;
+            let outcome = match (served, status) {
+                (Ok(Ok(Ok((pages, requests)))), Some(s)) if s.success() => Ok(FillStats {
+                    pages,
+                    requests,
+                    fill_ms,
+                }),
+                (served, status) => Err(format!(
+                    "the lazy restore of job {job} failed: page server {}, criu lazy-pages {}",
+                    match served {
+                        Ok(Ok(Ok((p, _)))) => format!("served {p} pages"),
+                        Ok(Ok(Err(e))) => format!("{e:#}"),
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => format!("still running after {} s", FILL_LIMIT.as_secs()),
+                    },
+                    status.map_or("did not exit".to_string(), |s| s.to_string())
+                )),
+            };
+            let work = agent.work_dir(&job);
+            crate::runtime::keep_log(
+                &work.join("lazy-pages.log"),
+                &agent.cfg.state_dir.join("logs"),
+                &format!("{job}.lazy-pages.log"),
+            );
+            match &outcome {
+                Ok(s) => {
+                    info!(%job, container = %name, pages = s.pages, requests = s.requests, fill_ms = s.fill_ms,
+                        mib_s = (s.pages as f64 * 4096.0 / 1048576.0) / (s.fill_ms.max(1) as f64 / 1000.0),
+                        "lazy restore filled in")
+                }
+                Err(e) => {
+                    // Pages it has not received would read as zeros: it must not run on.
+                    warn!(%job, container = %name, error = %e, "lazy restore failed: the container is killed");
+                    let runc = agent.runc.clone();
+                    let n = name.clone();
+                    let _ = tokio::task::spawn_blocking(move || runc.delete_force(&n)).await;
+                }
+            }
+            // Still waiting for its commit: the commit (or an abort) removes the images.
+            let still_incoming = match agent.incoming.lock().await.get_mut(&job) {
+                Some(i) => {
+                    i.filling = false;
+                    true
+                }
+                None => false,
+            };
+            let fill = super::lock(&agent.fills).remove(&job);
+            if let Some(f) = fill {
+                let _ = f.done.send(Some(outcome));
+                // Late waiters find the outcome in `filled` (the last few jobs).
+                let mut filled = super::lock(&agent.filled);
+                if filled.len() >= 64 {
+                    filled.clear();
+                }
+                filled.insert(job.clone(), (f.from, f.done));
+            }
+            if !still_incoming {
+                let (images, work) = (agent.images_dir(&job), agent.work_dir(&job));
+                let _ = tokio::task::spawn_blocking(move || {
+                    let _ = std::fs::remove_dir_all(images);
+                    let _ = std::fs::remove_dir_all(work);
+                })
+                .await;
+            }
+        });
+    }
+
+    /// Answers [`crate::proto::PeerRequest::FillWait`].
+    pub(crate) async fn fill_wait(&self, peer: &str, job: &str) -> Result<PeerResponse> {
+        let (from, mut rx) = {
+            let fills = super::lock(&self.fills);
+            match fills.get(job) {
+                Some(f) => (f.from.clone(), f.done.subscribe()),
+                None => match super::lock(&self.filled).get(job) {
+                    Some((from, d)) => (from.clone(), d.subscribe()),
+                    None => bail!("no lazy restore of job {job} here"),
+                },
+            }
+        };
+        if from != peer {
+            bail!("job {job} belongs to {from}, not {peer}");
+        }
+        let outcome = rx
+            .wait_for(|o| o.is_some())
+            .await
+            .map_err(|_| anyhow::anyhow!("the fill of job {job} was abandoned"))?
+            .clone()
+            .expect("waited for Some");
+        match outcome {
+            Ok(s) => Ok(PeerResponse::Filled {
+                pages: s.pages,
+                requests: s.requests,
+                fill_ms: s.fill_ms,
+            }),
+            Err(e) => bail!("{e}"),
+        }
+    }
+}
