@@ -43,6 +43,10 @@ pub const PAGE_SERVER_SOCKET_ENV: &str = "FERRY_PAGE_SERVER_SOCKET";
 /// file to write for it (see [`relay_dump`]).
 pub const LAZY_DUMP_CONFIG_ENV: &str = "FERRY_LAZY_DUMP_CONFIG";
 
+/// CRIU's log level for a lazy dump (0-4; default 2, warnings: at runc's 4 CRIU logs several
+/// lines per MiB of memory while the container is frozen).
+pub const LAZY_DUMP_LOG_LEVEL_ENV: &str = "FERRY_CRIU_LOG_LEVEL";
+
 /// The largest RPC message relayed (runc reads answers into 40 KiB; requests are smaller).
 pub const MAX_MESSAGE: usize = 1 << 20;
 
@@ -424,7 +428,7 @@ fn set_cloexec(fd: BorrowedFd<'_>, on: bool, what: &'static str) -> Result<(), S
     } else {
         FdFlag::empty()
     };
-    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(flags))
+    fcntl(fd, FcntlArg::F_SETFD(flags))
         .map(drop)
         .map_err(|e| SwrkProxyError::Fd {
             what,
@@ -484,7 +488,12 @@ pub fn relay_dump(
             .ok_or(SwrkProxyError::NotRelayable)?,
         Some(config) => {
             let path = config.to_str().ok_or(SwrkProxyError::NotRelayable)?;
-            let (lazy, earlier) = rpc::lazy_dump_with_page_server_fd(&request, path)
+            let level = std::env::var(LAZY_DUMP_LOG_LEVEL_ENV)
+                .ok()
+                .and_then(|l| l.parse().ok())
+                .filter(|l| *l <= 4)
+                .unwrap_or(2);
+            let (lazy, earlier) = rpc::lazy_dump_with_page_server_fd(&request, path, level)
                 .ok_or(SwrkProxyError::NotRelayable)?;
             let mut text = format!("ps-socket {}\n", ps.as_raw_fd());
             if let Some(earlier) = earlier {

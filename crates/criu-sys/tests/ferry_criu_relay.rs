@@ -149,7 +149,7 @@ fn start_ferry_criu(env: &[(&str, &str)], stderr: &Path) -> (Guard, UnixDatagram
     .unwrap();
     // Inherited, like runc's ExtraFiles (the tests of this binary run one at a time, so no
     // other child inherits it).
-    fcntl(criu_end.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
+    fcntl(&criu_end, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
     let mut cmd = Process::new(FERRY_CRIU);
     cmd.arg("swrk")
         .arg(criu_end.as_raw_fd().to_string())

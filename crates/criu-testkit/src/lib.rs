@@ -16,7 +16,6 @@
 
 use std::io::Read;
 use std::net::TcpListener;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Process, ExitStatus, Stdio};
@@ -157,7 +156,7 @@ impl Lab {
     /// once CRIU runs).
     pub fn run_criu_passing(&self, args: &[&str], log: &str, pass: Option<UnixStream>) -> Duration {
         if let Some(s) = &pass {
-            fcntl(s.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
+            fcntl(&s, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
         }
         let start = Instant::now();
         let mut child = Guard::new(

@@ -88,3 +88,105 @@ pub fn unix_ms() -> f64 {
         .map(|d| d.as_secs_f64() * 1000.0)
         .unwrap_or(0.0)
 }
+
+/// A process started by [`spawn_with_fds`].
+#[derive(Debug)]
+pub struct Spawned {
+    pid: nix::unistd::Pid,
+    status: Option<std::process::ExitStatus>,
+}
+
+impl Spawned {
+    /// Its pid.
+    pub fn pid(&self) -> i32 {
+        self.pid.as_raw()
+    }
+
+    /// Its exit status if it has ended (reaped once).
+    pub fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        use std::os::unix::process::ExitStatusExt;
+        if self.status.is_some() {
+            return Ok(self.status);
+        }
+        match waitpid(self.pid, Some(WaitPidFlag::WNOHANG)).map_err(std::io::Error::from)? {
+            WaitStatus::Exited(_, code) => {
+                self.status = Some(std::process::ExitStatus::from_raw((code & 0xff) << 8))
+            }
+            WaitStatus::Signaled(_, sig, _) => {
+                self.status = Some(std::process::ExitStatus::from_raw(sig as i32))
+            }
+            _ => {}
+        }
+        Ok(self.status)
+    }
+
+    /// Kills it (SIGKILL) if it still runs.
+    pub fn kill(&mut self) {
+        if self.status.is_none() {
+            let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
+    /// Waits until it ends.
+    pub fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        loop {
+            if let Some(s) = self.try_wait()? {
+                return Ok(s);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+}
+
+/// Starts `prog` with `args`, this process's environment, stdio on /dev/null and each of
+/// `fds` as descriptor number [`fd_slots`] gives it (in order), with `posix_spawn`: unlike
+/// `Command` with descriptors to hand over (which forks), it does not copy this process's page
+/// tables, which for an agent holding gigabytes of pages takes tens of milliseconds.
+pub fn spawn_with_fds(
+    prog: &std::path::Path,
+    args: &[String],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> Result<Spawned> {
+    use nix::spawn::{posix_spawn, PosixSpawnAttr, PosixSpawnFileActions};
+    use std::ffi::CString;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let null = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    let slots = fd_slots(fds);
+    let mut actions = PosixSpawnFileActions::init()?;
+    for n in 0..3 {
+        actions.add_dup2(null.as_raw_fd(), n)?;
+    }
+    for (fd, slot) in fds.iter().zip(&slots) {
+        actions.add_dup2(fd.as_raw_fd(), *slot)?;
+    }
+    let attr = PosixSpawnAttr::init()?;
+    let cstr = |b: &[u8]| CString::new(b).context("a NUL byte in an argument");
+    let mut argv = vec![cstr(prog.as_os_str().as_bytes())?];
+    for a in args {
+        argv.push(cstr(a.as_bytes())?);
+    }
+    let envp = std::env::vars_os()
+        .map(|(k, v)| {
+            let mut e = k.as_bytes().to_vec();
+            e.push(b'=');
+            e.extend_from_slice(v.as_bytes());
+            cstr(&e)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let pid = posix_spawn(prog, &actions, &attr, &argv, &envp)
+        .with_context(|| format!("starting {}", prog.display()))?;
+    Ok(Spawned { pid, status: None })
+}
+
+/// The descriptor numbers [`spawn_with_fds`] gives `fds` in the child: above all of them, so
+/// that no `dup2` overwrites one still to be copied.
+pub fn fd_slots(fds: &[std::os::fd::BorrowedFd<'_>]) -> Vec<i32> {
+    use std::os::fd::AsRawFd;
+    let top = fds.iter().map(|f| f.as_raw_fd()).max().unwrap_or(2).max(2);
+    (1..=fds.len() as i32).map(|i| top + i).collect()
+}

@@ -21,7 +21,6 @@ use std::path::Path;
 use std::process::{Command, ExitCode};
 
 use criu_sys::swrk_proxy::{self, SwrkProxyError};
-use nix::fcntl::{fcntl, FcntlArg};
 use nix::sys::socket::{recv, send, MsgFlags};
 
 fn main() -> ExitCode {
@@ -92,7 +91,7 @@ fn relay(fd: RawFd, real: &Path, socket: &Path, lazy: Option<&Path>) -> ExitCode
 #[allow(unsafe_code)]
 fn adopt_inherited_socket(fd: RawFd) -> Option<OwnedFd> {
     // Only an open descriptor above stdio, which std does not own.
-    if fd <= 2 || fcntl(fd, FcntlArg::F_GETFD).is_err() {
+    if fd <= 2 || std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_err() {
         return None;
     }
     // SAFETY: `fd` is open (checked above), was inherited from runc, which named it on our

@@ -12,8 +12,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::process::{Child, Stdio};
+use std::os::fd::AsFd;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,7 +73,7 @@ pub(crate) fn place(index: &mut PageIndex, locations: Vec<Location>) {
 
 /// A started `criu lazy-pages` daemon and the other end of its page-server socket.
 pub(crate) struct Daemon {
-    pub(crate) child: Child,
+    pub(crate) child: crate::util::Spawned,
     pub(crate) socket: std::os::unix::net::UnixStream,
 }
 
@@ -86,24 +86,24 @@ pub(crate) fn start_daemon(
 ) -> Result<Daemon> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
     let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let (ps_fd, ready_fd) = (theirs.as_raw_fd(), ready_w.as_raw_fd());
-    let mut cmd = std::process::Command::new(criu);
-    command_fds::CommandFdExt::preserved_fds(&mut cmd, vec![OwnedFd::from(theirs), ready_w]);
-    let mut child = cmd
-        .arg("lazy-pages")
-        .arg("-D")
-        .arg(images)
-        .arg("-W")
-        .arg(work)
-        .args(["--page-server", "--ps-socket", &ps_fd.to_string()])
-        .args(["--status-fd", &ready_fd.to_string()])
-        .args(["-o", "lazy-pages.log", "-v2"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
+    let fds = [theirs.as_fd(), ready_w.as_fd()];
+    let slots = crate::util::fd_slots(&fds);
+    let mut args: Vec<String> = vec!["lazy-pages".into(), "-D".into()];
+    args.push(images.to_string_lossy().into_owned());
+    args.push("-W".into());
+    args.push(work.to_string_lossy().into_owned());
+    args.extend([
+        "--page-server".into(),
+        "--ps-socket".into(),
+        slots[0].to_string(),
+    ]);
+    args.extend(["--status-fd".into(), slots[1].to_string()]);
+    args.extend(["-o".into(), "lazy-pages.log".into(), "-v2".into()]);
+    let t_spawn = Instant::now();
+    let mut child = crate::util::spawn_with_fds(criu, &args, &fds)
         .with_context(|| format!("starting {} lazy-pages", criu.display()))?;
-    drop(cmd);
+    // The daemon has its copies.
+    drop((theirs, ready_w));
     let mut ready = std::fs::File::from(ready_r);
     let t = Instant::now();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -128,6 +128,8 @@ pub(crate) fn start_daemon(
         }
     }
     info!(
+        pid = child.pid(),
+        spawn_ms = crate::util::ms(t - t_spawn),
         ready_ms = crate::util::ms(t.elapsed()),
         "criu lazy-pages ready"
     );
@@ -247,7 +249,7 @@ impl Agent {
         self: &Arc<Self>,
         job: String,
         name: String,
-        mut daemon: Child,
+        mut daemon: crate::util::Spawned,
         server: tokio::task::JoinHandle<Result<(u64, u64)>>,
         restored_at: Instant,
     ) {

@@ -462,6 +462,7 @@ impl Agent {
                 self.cfg.host
             );
         }
+        let t_req = Instant::now();
         let (name, layout, abort, index, pinned) = match self.incoming.lock().await.get_mut(job) {
             Some(i) if i.from != peer => bail!("job {job} belongs to {}, not {peer}", i.from),
             Some(i) => {
@@ -488,6 +489,7 @@ impl Agent {
                 Ok(c) => c.path.clone(),
                 Err(e) => bail!("CRIU unusable on {}: {e}", self.cfg.host),
             };
+            let t_locked = crate::util::ms(t_req.elapsed());
             let (tx, _) = tokio::sync::watch::channel(None);
             lock(&self.fills).insert(
                 job.to_string(),
@@ -513,7 +515,7 @@ impl Agent {
                         d.socket,
                         Arc::new(index),
                     ));
-                    info!(%job, indexed_pages = pages, "lazy restore: serving memory from the page store");
+                    info!(%job, indexed_pages = pages, setup_ms = crate::util::ms(t_req.elapsed()), t_locked, "lazy restore: serving memory from the page store");
                     daemon = Some((d.child, server));
                 }
                 Err(e) => {

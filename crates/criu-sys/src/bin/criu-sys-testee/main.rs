@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use nix::errno::Errno;
-use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::signal::{SigSet, Signal};
 
 use pattern::{fill_page, page_is_intact, HEAP_MAGIC, MEMFD_MAGIC, PAGE};
@@ -103,7 +103,7 @@ fn run(args: Args) -> Result<bool, String> {
     let heap = black_box(heap);
 
     let memfd = File::from(
-        memfd_create(c"criu-sys-testee", MemFdCreateFlag::MFD_CLOEXEC)
+        memfd_create(c"criu-sys-testee", MFdFlags::MFD_CLOEXEC)
             .map_err(|e| format!("memfd_create: {e}"))?,
     );
     let mut page = vec![0u8; PAGE];
