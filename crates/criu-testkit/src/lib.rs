@@ -156,7 +156,7 @@ impl Lab {
     /// once CRIU runs).
     pub fn run_criu_passing(&self, args: &[&str], log: &str, pass: Option<UnixStream>) -> Duration {
         if let Some(s) = &pass {
-            fcntl(&s, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
+            fcntl(s, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
         }
         let start = Instant::now();
         let mut child = Guard::new(

@@ -114,7 +114,7 @@ pub(crate) fn start_daemon(
     match rx.recv_timeout(DAEMON_READY) {
         Ok(Ok(true)) => {}
         other => {
-            let _ = child.kill();
+            child.kill();
             let status = child.wait().ok();
             bail!(
                 "criu lazy-pages did not get ready ({}; exit {status:?}); see lazy-pages.log in {}",
@@ -265,7 +265,7 @@ impl Agent {
                             std::thread::sleep(Duration::from_millis(5))
                         }
                         _ => {
-                            let _ = daemon.kill();
+                            daemon.kill();
                             let _ = daemon.wait();
                             return None;
                         }

@@ -584,7 +584,7 @@ impl Agent {
             }
             if let Some((mut child, server)) = daemon {
                 server.abort();
-                let _ = child.kill();
+                child.kill();
                 let _ = tokio::task::spawn_blocking(move || child.wait()).await;
                 lock(&self.fills).remove(job);
             }
