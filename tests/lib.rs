@@ -685,3 +685,35 @@ fn peer_request_after(
         )
     })
 }
+
+/// Asserts that the memory workload at `ip` finds every one of its `size_mib` MiB intact, page
+/// by page (index, generation and contents of each).
+pub fn assert_memory_intact(ip: &str, size_mib: u64, when: &str) {
+    let v = ask_workload(ip, "verify");
+    assert!(v.starts_with("verify ok"), "{when}: {v}");
+    assert!(
+        v.contains(&format!("pages={} ", size_mib * 256)),
+        "{when}: every page checked: {v}"
+    );
+    let s = ask_workload(ip, "status");
+    assert!(s.contains("intact=1 bad=0 "), "{when}: {s}");
+}
+
+/// Processes whose command line contains `needle` (as `/proc/PID/cmdline` has it, arguments
+/// joined by spaces).
+pub fn processes_with(needle: &str) -> Vec<i32> {
+    let mut out = vec![];
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd: String = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) {
+            out.push(pid);
+        }
+    }
+    out
+}

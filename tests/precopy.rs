@@ -9,18 +9,6 @@ use serde_json::Value;
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
 
-/// Asserts that the memory workload at `ip` finds every one of its `size_mib` MiB intact.
-fn assert_memory_intact(ip: &str, size_mib: u64, when: &str) {
-    let v = ask_workload(ip, "verify");
-    assert!(v.starts_with("verify ok"), "{when}: {v}");
-    assert!(
-        v.contains(&format!("pages={} ", size_mib * MIB / PAGE)),
-        "{when}: every page checked: {v}"
-    );
-    let s = ask_workload(ip, "status");
-    assert!(s.contains("intact=1 bad=0 "), "{when}: {s}");
-}
-
 /// Pages the workload rewrote since it started (`status`'s `dirtied_pages`).
 fn dirtied_pages(ip: &str) -> u64 {
     let s = ask_workload(ip, "status");

@@ -187,6 +187,29 @@ impl Criu {
     }
 }
 
+impl Criu {
+    /// Whether CRIU can restore lazily here (`criu check --feature uffd-noncoop`: the kernel's
+    /// userfaultfd with fork, remap and unmap events); the error says what is missing.
+    pub fn check_lazy_pages(&self) -> Result<(), String> {
+        let out = Command::new(&self.path)
+            .args(["check", "--feature", "uffd-noncoop"])
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", self.path.display()))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        Err(format!(
+            "`criu check --feature uffd-noncoop` failed: {}",
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .last()
+                .unwrap_or("no output")
+        ))
+    }
+}
+
 /// Where CRIU keeps its kernel-feature cache (compiled in).
 pub const KDAT_CACHE: &str = "/run/criu.kdat";
 

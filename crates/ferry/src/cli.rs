@@ -227,6 +227,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             max_rounds,
             when_stuck,
             no_follow_writes,
+            no_lazy_restore,
+            throttle_initial_pct,
             pause_in_transfer_ms,
             corrupt_images,
             corrupt_memory_page,
@@ -289,6 +291,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     };
                 }
                 p.follow_writes = !no_follow_writes;
+                p.lazy_restore = !no_lazy_restore;
+                if let Some(t) = throttle_initial_pct {
+                    p.throttle_initial_pct = t;
+                    p.throttle_max_pct = p.throttle_max_pct.max(t);
+                }
                 p.validate().map_err(|e| anyhow::anyhow!("pre-copy: {e}"))?;
                 req.mode = MigrateMode::PreCopy;
                 req.precopy = Some(p);
@@ -572,6 +579,27 @@ pub(crate) fn print_summary(r: &Report) {
         r.frozen_ms, r.freeze_to_dump_ms, r.transfer_ms, r.restore_ms, r.network_switch_ms, r.total_ms,
         human_bytes(r.bytes_sent)
     );
+    if let Some(m) = &r.memory {
+        match (m.restore.as_str(), &m.fill_error) {
+            ("lazy", Some(e)) => println!("  memory: lazy restore FAILED after the commit: {e}"),
+            ("lazy", None) => println!(
+                "  memory: lazy restore; {} pages written while frozen ({} dirty, {} never copied, {} that cannot be lazy), {} filled in{}",
+                m.final_dirty_pages + m.unplaced_pages + m.eager_pages,
+                m.final_dirty_pages,
+                m.unplaced_pages,
+                m.eager_pages,
+                m.lazy_pages,
+                match (m.fill_ms, m.fill_mib_s) {
+                    (Some(ms), Some(rate)) => format!(" in {ms:.0} ms ({rate:.0} MiB/s)"),
+                    _ => String::new(),
+                }
+            ),
+            _ => println!(
+                "  memory: every page in the final dump ({})",
+                m.not_lazy.as_deref().unwrap_or("not lazy")
+            ),
+        }
+    }
     for w in &r.warnings {
         println!("  warning: {w}");
     }

@@ -58,6 +58,10 @@ pub struct AgentConfig {
     /// running migration needs are forgotten when it is full.
     #[serde(default = "default_page_store_mib")]
     pub page_store_mib: u64,
+    /// Accept lazy restores (pre-copy's default when CRIU and the kernel support them);
+    /// without, sources send every page in the final dump.
+    #[serde(default = "yes")]
+    pub lazy_restore: bool,
 }
 
 /// A quarter of the host's memory, at most 8 GiB (256 MiB when it cannot be read).

@@ -114,6 +114,14 @@ enum Cmd {
         /// container's writes (which sends fewer bytes but may take up to 4 x longer).
         #[arg(long, requires = "pre_copy")]
         no_follow_writes: bool,
+        /// Pre-copy: send every page in the final dump instead of restoring lazily from the
+        /// destination's page store.
+        #[arg(long, requires = "pre_copy")]
+        no_lazy_restore: bool,
+        /// Pre-copy: the first auto-converge step, percent of the container's CPU taken away
+        /// (default 20; up to 99).
+        #[arg(long, requires = "pre_copy")]
+        throttle_initial_pct: Option<u32>,
         /// Fault injection (tests): pause this long in the transfer phase.
         #[arg(long, hide = true, default_value_t = 0)]
         pause_in_transfer_ms: u64,

@@ -13,6 +13,10 @@ pub const PROTO_VERSION: u32 = 2;
 /// Most page hashes one [`PeerRequest::HeldPages`] may carry (16 GiB of memory).
 pub const MAX_HASHES: u64 = 1 << 22;
 
+fn lazy_unknown() -> Option<String> {
+    Some("the destination does not say whether it can restore lazily".into())
+}
+
 fn default_restore_deadline_ms() -> u64 {
     120_000
 }
@@ -180,6 +184,9 @@ pub enum PeerResponse {
         /// Pages in its page store (0: a pre-copy need not ask which pages it holds).
         #[serde(default)]
         pages_held: u64,
+        /// Why it cannot restore lazily (`None`: it can).
+        #[serde(default = "lazy_unknown")]
+        no_lazy_restore: Option<String>,
     },
     /// Answer to [`PeerRequest::BaseHave`].
     BaseHeld {

@@ -32,7 +32,7 @@ pub use policy::{
     hold_unwritten, Decision, Estimate, FirstRoundView, FreezeReason, PrecopyPolicy, RoundStats,
     WhenStuck, FOLLOW_WRITES_MAX_FACTOR, FOLLOW_WRITES_MIN_WAIT,
 };
-pub use report::{Outcome, PhaseTiming, Report, RoundReport};
+pub use report::{MemoryReport, Outcome, PhaseTiming, Report, RoundReport};
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -284,6 +284,11 @@ impl Migration {
     /// Records the digest of the root filesystem at the freeze, which the destination matched.
     pub fn set_rootfs_digest(&mut self, digest: &str) {
         self.report.rootfs_digest = Some(digest.to_string());
+    }
+
+    /// Records how memory crossed the freeze (pre-copy).
+    pub fn set_memory(&mut self, memory: &MemoryReport) {
+        self.report.memory = Some(memory.clone());
     }
 
     /// Consumes the migration, yielding its report.

@@ -121,8 +121,44 @@ pub struct Report {
     /// matched before the restore.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rootfs_digest: Option<String>,
+    /// Pre-copy: how memory crossed the freeze (lazy restore or not) and how it was filled in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryReport>,
     #[serde(skip)]
     pub(crate) started_at: Duration,
+}
+
+/// How a pre-copy migration's memory crossed the freeze.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemoryReport {
+    /// `lazy`: the destination restored with CRIU's lazy pages and filled the memory in from
+    /// its own page store; `eager`: the final dump carried every page.
+    pub restore: String,
+    /// Why the restore was not lazy (policy, or what the destination lacks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_lazy: Option<String>,
+    /// Pages written since the last round, sent while frozen.
+    pub final_dirty_pages: u64,
+    /// Pages the dump wrote itself (memory that cannot be restored lazily: the page under
+    /// each thread's stack pointer, shared, locked, file-backed or huge-page memory).
+    pub eager_pages: u64,
+    /// Pages restored lazily.
+    pub lazy_pages: u64,
+    /// Lazy pages the destination had no location for (memory the rounds never read), sent
+    /// while frozen.
+    pub unplaced_pages: u64,
+    /// Lazy pages the destination's daemon copied in after the restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fill_pages: Option<u64>,
+    /// From the end of the restore to the last page, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fill_ms: Option<f64>,
+    /// The fill's throughput, MiB/s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fill_mib_s: Option<f64>,
+    /// Why the fill failed (the destination then stops the container).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fill_error: Option<String>,
 }
 
 fn stop_copy() -> String {
@@ -154,6 +190,7 @@ impl Report {
             precopy_stop: None,
             started_unix_ms: 0.0,
             rootfs_digest: None,
+            memory: None,
             started_at: Duration::ZERO,
         }
     }

@@ -199,11 +199,20 @@ impl Agent {
             );
         }
         let pages_held = self.pages.lock().await.len() as u64;
+        let no_lazy_restore = if !self.cfg.lazy_restore {
+            Some(format!(
+                "lazy restores are off on {} (lazy_restore in its config)",
+                self.cfg.host
+            ))
+        } else {
+            self.lazy_pages.clone().err()
+        };
         Ok(PeerResponse::Preflight {
             criu,
             runc,
             free_bytes,
             pages_held,
+            no_lazy_restore,
         })
     }
 

@@ -241,6 +241,14 @@ impl super::source::Driver {
         match self.lazy_dump_and_send(&placement).await {
             Ok((bytes, extra, eager, lazy)) => {
                 self.lazy_dumped = true;
+                self.memory = Some(migrate_core::MemoryReport {
+                    restore: "lazy".into(),
+                    final_dirty_pages: dirty,
+                    eager_pages: eager,
+                    lazy_pages: lazy,
+                    unplaced_pages: extra,
+                    ..Default::default()
+                });
                 tracing::info!(%job, freeze_ms, dirty_pages = dirty, unplaced_pages = extra,
                     eager_pages = eager, lazy_pages = lazy, bytes,
                     ms = crate::util::ms(t0.elapsed()), "lazy dump done");
@@ -303,22 +311,34 @@ impl super::source::Driver {
         let conn = self.conn().await?;
         let chunks = self.rounds.take_todo_chunks();
         let sent = self.send_chunks(&conn, chunks, placement).await;
-        let closed = tokio::select! {
-            r = criu_sys::page_server::read_reply_async(&mut criu_r, &criu_sys::page_server::Message::Close) => Some(r),
+        // The close's answer says the images are complete; CRIU may also answer and exit
+        // before it is read: the answer then waits in the socket.
+        let close = criu_sys::page_server::Message::Close;
+        let mut dumped = None;
+        let answer = tokio::select! {
+            biased;
+            r = criu_sys::page_server::read_reply_async(&mut criu_r, &close) => r,
             r = &mut ckpt => {
-                r??;
-                None
+                dumped = Some(r.map_err(anyhow::Error::from).and_then(|r| r));
+                match tokio::time::timeout(
+                    std::time::Duration::from_secs(1),
+                    criu_sys::page_server::read_reply_async(&mut criu_r, &close),
+                )
+                .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(criu_sys::page_server::ProtocolError::NoReply {
+                        command: close.command(),
+                    }),
+                }
             }
         };
-        match closed {
-            Some(Ok(_)) => {}
-            Some(Err(e)) => {
-                let _ = (&mut ckpt).await;
-                bail!("CRIU's lazy dump: {e}");
-            }
-            None => bail!("CRIU's lazy dump ended without answering its page server's close"),
-        }
-        ckpt.await??;
+        let dumped = match dumped {
+            Some(d) => d,
+            None => ckpt.await.map_err(anyhow::Error::from).and_then(|r| r),
+        };
+        dumped?;
+        answer.context("CRIU's lazy dump did not answer its page server's close")?;
         let mut bytes = sent?;
         // Lazy pages the destination has no location for go now.
         let p = std::sync::Arc::clone(placement);
@@ -398,7 +418,7 @@ impl super::source::Driver {
             super::peer::request(&conn, &req, &[]).await
         })
         .await;
-        match answer {
+        let why = match answer {
             Ok(Ok((
                 PeerResponse::Filled {
                     pages,
@@ -407,20 +427,23 @@ impl super::source::Driver {
                 },
                 _,
             ))) => {
-                tracing::info!(%job, pages, requests, fill_ms, "destination filled in the container's memory; the frozen copy goes")
+                tracing::info!(%job, pages, requests, fill_ms, "destination filled in the container's memory; the frozen copy goes");
+                if let Some(m) = &mut self.memory {
+                    m.fill_pages = Some(pages);
+                    m.fill_ms = Some(fill_ms as f64);
+                    m.fill_mib_s =
+                        Some(pages as f64 * 4096.0 / 1048576.0 / (fill_ms.max(1) as f64 / 1000.0));
+                }
+                return;
             }
-            Ok(Ok((PeerResponse::Error { message }, _))) => {
-                tracing::error!(%job, error = %message, "the destination's lazy restore failed")
-            }
-            Ok(Ok((other, _))) => {
-                tracing::error!(%job, answer = ?other, "unexpected answer about the fill")
-            }
-            Ok(Err(e)) => {
-                tracing::error!(%job, error = %format!("{e:#}"), "no answer about the fill")
-            }
-            Err(_) => {
-                tracing::error!(%job, secs = FILL_WAIT.as_secs(), "the fill did not end in time")
-            }
+            Ok(Ok((PeerResponse::Error { message }, _))) => message,
+            Ok(Ok((other, _))) => format!("unexpected answer about the fill: {other:?}"),
+            Ok(Err(e)) => format!("no answer about the fill: {e:#}"),
+            Err(_) => format!("the fill did not end within {} s", FILL_WAIT.as_secs()),
+        };
+        tracing::error!(%job, error = %why, "the destination's lazy restore failed");
+        if let Some(m) = &mut self.memory {
+            m.fill_error = Some(why);
         }
     }
 }

@@ -104,6 +104,8 @@ pub(crate) struct Agent {
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     incoming: tokio::sync::Mutex<HashMap<String, incoming::Incoming>>,
     criu: std::result::Result<criu_sys::Criu, String>,
+    /// Whether CRIU can restore lazily here (see `fill`).
+    lazy_pages: std::result::Result<(), String>,
     job_seq: AtomicU64,
     /// Names and addresses of containers being created right now.
     creating: Mutex<Vec<(String, Ipv4Addr)>>,
@@ -209,6 +211,16 @@ async fn run(cfg: AgentConfig) -> Result<()> {
             version: c.version.to_string(),
         });
     }
+    let lazy_pages = match &criu {
+        Ok(c) => {
+            let c = c.clone();
+            tokio::task::spawn_blocking(move || c.check_lazy_pages()).await?
+        }
+        Err(e) => Err(e.clone()),
+    };
+    if let Err(e) = &lazy_pages {
+        warn!(error = %e, "CRIU cannot restore lazily here: pre-copy to this host sends every page while frozen");
+    }
     let containers = load_containers(&cfg.state_dir.join("containers.json"))?;
     let store_dir = cfg.state_dir.join("store");
     let store = Arc::new(
@@ -223,6 +235,7 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         jobs: Default::default(),
         incoming: Default::default(),
         criu,
+        lazy_pages,
         job_seq: AtomicU64::new(0),
         creating: Default::default(),
         pages: tokio::sync::Mutex::new(transfer::pages::PageStore::new(cfg.page_store_pages())),

@@ -147,6 +147,10 @@ pub(crate) fn start(
             rootfs_snapshot: None,
             rootfs_digest: None,
             lazy_dumped: false,
+            memory: None,
+            not_lazy: (req.mode == MigrateMode::PreCopy
+                && req.precopy.as_ref().is_some_and(|p| !p.lazy_restore))
+            .then(|| "lazy_restore is off in the job's pre-copy policy".to_string()),
         };
         let job_id = d.job.id.clone();
         d.run(machine).await;
@@ -174,6 +178,10 @@ pub(super) struct Driver {
     pub(super) rootfs_digest: Option<String>,
     /// The final dump was lazy: the destination restores lazily (see `lazy`).
     pub(super) lazy_dumped: bool,
+    /// Pre-copy: how memory crossed the freeze, for the report.
+    pub(super) memory: Option<migrate_core::MemoryReport>,
+    /// Why this pre-copy does not restore lazily.
+    pub(super) not_lazy: Option<String>,
 }
 
 fn phase_of(a: &Action) -> Option<Phase> {
@@ -259,6 +267,9 @@ impl Driver {
                     };
                     if let Some(d) = &self.rootfs_digest {
                         m.set_rootfs_digest(d);
+                    }
+                    if let Some(mem) = &self.memory {
+                        m.set_memory(mem);
                     }
                     r.map(|bytes| (bytes, Event::Done { bytes }))
                 }
@@ -389,9 +400,15 @@ impl Driver {
                     PeerResponse::Preflight {
                         free_bytes,
                         pages_held,
+                        no_lazy_restore,
                         ..
                     } => {
                         self.rounds.set_destination_pages(pages_held);
+                        if let (Some(why), Some(_)) = (&no_lazy_restore, &self.rounds.placement) {
+                            warn!(job = %self.job.id, reason = %why, "no lazy restore: the final dump carries every page");
+                            self.rounds.placement = None;
+                            self.not_lazy = Some(why.clone());
+                        }
                         let need = size * 2 + (64 << 20);
                         if free_bytes < need {
                             bail!("{} has {} MiB free in its state directory, the container needs about {} MiB", self.to, free_bytes >> 20, need >> 20);
@@ -450,7 +467,14 @@ impl Driver {
             {
                 self.dump_lazy().await
             }
-            Action::Dump if self.mode == MigrateMode::PreCopy => self.dump_relayed().await,
+            Action::Dump if self.mode == MigrateMode::PreCopy => {
+                self.memory = Some(migrate_core::MemoryReport {
+                    restore: "eager".into(),
+                    not_lazy: self.not_lazy.clone(),
+                    ..Default::default()
+                });
+                self.dump_relayed().await
+            }
             Action::Dump => {
                 let runc = self.agent.runc.bounded(self.dump_bound());
                 let name = self.spec.name.clone();

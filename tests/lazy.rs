@@ -1,0 +1,184 @@
+//! End-to-end lazy restore: pre-copy's final dump writes no memory the rounds already placed
+//! at the destination, which restores with CRIU's lazy pages and fills the memory in from its
+//! own page store while the container runs. Real runc, CRIU, namespaces, QUIC; root required.
+
+use std::time::Duration;
+
+use ferry_tests::*;
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+
+/// Bytes the report's `phase` carried.
+fn phase_bytes(r: &Value, phase: &str) -> u64 {
+    r["phases"]
+        .as_array()
+        .expect("phases")
+        .iter()
+        .filter(|p| p["phase"] == phase)
+        .map(|p| p["bytes"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// What a completed lazy pre-copy migration of a `size_mib` MiB workload reports.
+fn assert_lazy(r: &Value, code: i32, size_mib: u64) {
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(r["result"], "completed", "{r}");
+    let m = &r["memory"];
+    assert_eq!(m["restore"], "lazy", "{r}");
+    let lazy = m["lazy_pages"].as_u64().expect("lazy_pages");
+    assert!(
+        lazy as f64 >= 0.95 * (size_mib * 256) as f64,
+        "the workload's memory is restored lazily: {m}"
+    );
+    // Only what cannot be lazy (the page under each thread's stack pointer, file-backed
+    // pages) is in the dump itself.
+    let eager = m["eager_pages"].as_u64().expect("eager_pages");
+    assert!(eager < 512, "{eager} eager pages: {m}");
+    // Every lazy page came from the destination's store, none from anywhere else.
+    assert_eq!(m["fill_pages"], m["lazy_pages"], "{m}");
+    assert!(m["fill_error"].is_null(), "{m}");
+    assert!(m["fill_ms"].as_f64().is_some_and(|x| x > 0.0), "{m}");
+    // The freeze carried the last writes and the images, not the memory.
+    let dump = phase_bytes(r, "dump");
+    assert!(
+        dump < size_mib * MIB / 4,
+        "the dump carried {dump} bytes of a {size_mib} MiB container: {r}"
+    );
+}
+
+/// Nothing of the lazy restore is left on `host`: no daemon, no images, no work directory.
+fn assert_fill_ended(host: &str) {
+    assert!(
+        eventually(Duration::from_secs(10), || processes_with(
+            "criu lazy-pages"
+        )
+        .is_empty()),
+        "a criu lazy-pages daemon is still running: {:?}",
+        processes_with("criu lazy-pages")
+    );
+    for d in ["images", "work"] {
+        let dir = format!("/run/ferry/lab/{host}/{d}");
+        assert!(
+            eventually(Duration::from_secs(10), || dir_entries(&dir).is_empty()),
+            "{dir} keeps {:?}",
+            dir_entries(&dir)
+        );
+    }
+}
+
+#[test]
+fn lazy_restore_fills_the_memory_in_from_the_destination_store() {
+    let lab = Lab::up();
+    let c = lab.run_mem("h1", "mem", 256, 50);
+    let ip = c["ip"].as_str().expect("ip").to_string();
+    assert_memory_intact(&ip, 256, "fresh workload");
+    let probe = Probe::start(&ip, "lazy");
+
+    let (code, r) = migrate_json("mem", "h2", &["--pre-copy"], Duration::from_secs(180));
+    eprintln!(
+        "h1 -> h2: frozen {} ms, memory {}",
+        r["frozen_ms"], r["memory"]
+    );
+    assert_lazy(&r, code, 256);
+    assert_runs_on(&lab, "h2", "mem");
+    assert_clean_host("h1", "mem");
+    assert_fill_ended("h2");
+    std::thread::sleep(Duration::from_millis(500));
+    let p = probe.finish();
+    assert_probe_intact(&p);
+    assert_eq!(p["memory_intact"], true, "{p}");
+    // Every page, written before, between and during the rounds, arrived in its last
+    // version, whether the container touched it first or the fill copied it in.
+    assert_memory_intact(&ip, 256, "on h2");
+
+    // And back, where the store still holds most of these pages.
+    let (code, r) = migrate_json("mem", "h1", &["--pre-copy"], Duration::from_secs(180));
+    eprintln!(
+        "h2 -> h1: frozen {} ms, memory {}",
+        r["frozen_ms"], r["memory"]
+    );
+    assert_lazy(&r, code, 256);
+    assert_runs_on(&lab, "h1", "mem");
+    assert_fill_ended("h1");
+    assert_memory_intact(&ip, 256, "back on h1");
+}
+
+#[test]
+fn without_lazy_restore_the_final_dump_carries_every_page() {
+    let lab = Lab::up();
+    // h2 refuses lazy restores.
+    lab.kill_agent("h2");
+    let cfg_path = "/run/ferry/lab/h2.json";
+    let mut cfg: Value =
+        serde_json::from_slice(&std::fs::read(cfg_path).expect("h2's config")).expect("json");
+    cfg["lazy_restore"] = Value::Bool(false);
+    std::fs::write(cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).expect("writing");
+    ferry_ok(&["lab", "start-agent", "h2"]);
+
+    let c = lab.run_mem("h1", "mem", 64, 20);
+    let ip = c["ip"].as_str().expect("ip").to_string();
+    let (code, r) = migrate_json("mem", "h2", &["--pre-copy"], Duration::from_secs(180));
+    assert_eq!(code, 0, "{r}");
+    let m = &r["memory"];
+    assert_eq!(m["restore"], "eager", "{r}");
+    let why = m["not_lazy"].as_str().unwrap_or("");
+    assert!(why.contains("lazy_restore in its config"), "{m}");
+    assert!(processes_with("criu lazy-pages").is_empty());
+    assert_memory_intact(&ip, 64, "on h2, restored from a complete dump");
+
+    // Off in the job's policy: the same, whatever the destination can do.
+    let (code, r) = migrate_json(
+        "mem",
+        "h1",
+        &["--pre-copy", "--no-lazy-restore"],
+        Duration::from_secs(180),
+    );
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(r["memory"]["restore"], "eager", "{r}");
+    assert!(
+        r["memory"]["not_lazy"]
+            .as_str()
+            .unwrap_or("")
+            .contains("policy"),
+        "{r}"
+    );
+    assert_memory_intact(&ip, 64, "back on h1");
+}
+
+/// A container the auto-converge throttle holds at 99 % of its CPU taken away still reaches
+/// the freezer: the throttle is lifted just before the freeze.
+#[test]
+fn a_container_throttled_to_99_percent_freezes_and_moves() {
+    let lab = Lab::up();
+    // 100 Mbit/s carries about 12 MB/s; the workload writes 50 MiB/s.
+    let _shaped = Shaped::new("100mbit");
+    let c = lab.run_mem("h1", "mem", 64, 50);
+    let ip = c["ip"].as_str().expect("ip").to_string();
+    let (code, r) = migrate_json(
+        "mem",
+        "h2",
+        &[
+            "--pre-copy",
+            "--max-rounds",
+            "3",
+            "--throttle-initial-pct",
+            "99",
+        ],
+        Duration::from_secs(240),
+    );
+    assert_eq!(code, 0, "{r}");
+    let throttles: Vec<u64> = r["rounds"]
+        .as_array()
+        .expect("rounds")
+        .iter()
+        .map(|x| x["throttle_pct"].as_u64().unwrap_or(0))
+        .collect();
+    assert!(
+        throttles.contains(&99),
+        "the container was never throttled to 99 %: {throttles:?} {r}"
+    );
+    assert_eq!(r["memory"]["restore"], "lazy", "{r}");
+    assert_runs_on(&lab, "h2", "mem");
+    assert_memory_intact(&ip, 64, "on h2");
+}
