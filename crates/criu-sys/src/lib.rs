@@ -204,7 +204,7 @@ impl Criu {
             "`criu check --feature uffd-noncoop` failed: {}",
             text.lines()
                 .filter(|l| !l.trim().is_empty())
-                .last()
+                .next_back()
                 .unwrap_or("no output")
         ))
     }
