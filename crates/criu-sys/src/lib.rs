@@ -203,8 +203,7 @@ impl Criu {
         Err(format!(
             "`criu check --feature uffd-noncoop` failed: {}",
             text.lines()
-                .filter(|l| !l.trim().is_empty())
-                .next_back()
+                .rfind(|l| !l.trim().is_empty())
                 .unwrap_or("no output")
         ))
     }
