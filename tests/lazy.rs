@@ -182,3 +182,63 @@ fn a_container_throttled_to_99_percent_freezes_and_moves() {
     assert_runs_on(&lab, "h2", "mem");
     assert_memory_intact(&ip, 64, "on h2");
 }
+
+/// Starts a lazy pre-copy of a 1 GiB workload from h1 to h2 and returns (job, ip) once the
+/// commit has passed and the destination is filling the memory in.
+fn migrate_until_filling(lab: &Lab) -> (String, String) {
+    let c = lab.run_mem("h1", "mem", 1024, 20);
+    let ip = c["ip"].as_str().expect("ip").to_string();
+    let (_, job) = start_migration("mem", "h2", &["--pre-copy"]);
+    wait_job_state_within(&job, "cleaning_up", Duration::from_secs(120));
+    assert!(
+        !processes_with("criu lazy-pages").is_empty(),
+        "no lazy-pages daemon while the job is cleaning up"
+    );
+    (job, ip)
+}
+
+/// What a migration whose fill failed after the commit reports, and where its container
+/// runs: on the source again, resumed from its frozen copy, every page intact; nothing left at
+/// the destination.
+fn assert_resumed_at_the_source(lab: &Lab, job: &str, ip: &str) {
+    let r = wait_job(job);
+    eprintln!("report: {r}");
+    let err = r["memory"]["fill_error"].as_str().unwrap_or("");
+    assert!(err.contains("runs on h1 again"), "{r}");
+    let warned = r["warnings"].as_array().is_some_and(|w| {
+        w.iter()
+            .any(|w| w.as_str().unwrap_or("").contains("lazy restore"))
+    });
+    assert!(warned, "the report warns: {r}");
+    assert_runs_on(lab, "h1", "mem");
+    assert_memory_intact(ip, 1024, "resumed on h1");
+    assert!(
+        eventually(Duration::from_secs(10), || processes_with(
+            "criu lazy-pages"
+        )
+        .is_empty()),
+        "a lazy-pages daemon is left"
+    );
+    assert_clean_host("h2", "mem");
+}
+
+#[test]
+fn a_lazy_pages_daemon_killed_during_the_fill_loses_nothing() {
+    let lab = Lab::up();
+    let (job, ip) = migrate_until_filling(&lab);
+    for pid in processes_with("criu lazy-pages") {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+    }
+    assert_resumed_at_the_source(&lab, &job, &ip);
+}
+
+#[test]
+fn a_destination_agent_killed_during_the_fill_loses_nothing() {
+    let lab = Lab::up();
+    let (job, ip) = migrate_until_filling(&lab);
+    lab.kill_agent("h2");
+    ferry_ok(&["lab", "start-agent", "h2"]);
+    assert_resumed_at_the_source(&lab, &job, &ip);
+}

@@ -583,14 +583,14 @@ pub(crate) fn print_summary(r: &Report) {
         match (m.restore.as_str(), &m.fill_error) {
             ("lazy", Some(e)) => println!("  memory: lazy restore FAILED after the commit: {e}"),
             ("lazy", None) => println!(
-                "  memory: lazy restore; {} pages written while frozen ({} dirty, {} never copied, {} that cannot be lazy), {} filled in{}",
+                "  memory: lazy restore; {} pages written while frozen ({} dirty, {} never copied, {} that cannot be lazy), {} lazy{}",
                 m.final_dirty_pages + m.unplaced_pages + m.eager_pages,
                 m.final_dirty_pages,
                 m.unplaced_pages,
                 m.eager_pages,
                 m.lazy_pages,
                 match (m.fill_ms, m.fill_mib_s) {
-                    (Some(ms), Some(rate)) => format!(" in {ms:.0} ms ({rate:.0} MiB/s)"),
+                    (Some(ms), Some(rate)) => format!(", filled in {ms:.0} ms ({rate:.0} MiB/s)"),
                     _ => String::new(),
                 }
             ),

@@ -26,7 +26,7 @@ use tracing::{info, warn};
 use transfer::lists::Location;
 use transfer::pages::PageHash;
 
-use super::Agent;
+use super::{lock, Agent};
 use crate::proto::{PeerResponse, MAX_HASHES};
 
 /// (pid in the container, page address) -> (content, sequence number of the read).
@@ -208,7 +208,63 @@ pub(crate) async fn serve(
     }
 }
 
+/// A lazy restore under way, recorded on disk: if the agent dies during the fill, its next
+/// start stops the container, whose missing pages would otherwise read as zeros.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct FillRecord {
+    pub(crate) job: String,
+    pub(crate) name: String,
+    pub(crate) from: String,
+}
+
 impl Agent {
+    fn fill_record(&self, job: &str) -> std::path::PathBuf {
+        self.cfg
+            .state_dir
+            .join("filling")
+            .join(format!("{job}.json"))
+    }
+
+    /// Records a fill before it starts (synced).
+    pub(crate) fn record_fill(&self, rec: &FillRecord) -> Result<()> {
+        let path = self.fill_record(&rec.job);
+        std::fs::create_dir_all(path.parent().expect("a directory"))?;
+        Ok(super::journal::write_durable(
+            &path,
+            &serde_json::to_vec(rec)?,
+        )?)
+    }
+
+    /// At start: fills an earlier run left unfinished failed; their containers go.
+    pub(crate) async fn settle_unfinished_fills(&self) {
+        let dir = self.cfg.state_dir.join("filling");
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = e.path();
+            let rec: Option<FillRecord> = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            if let Some(rec) = rec {
+                warn!(job = %rec.job, container = %rec.name, "the agent stopped during a lazy restore's fill: the container is removed (its source resumes it)");
+                if lock(&self.containers).contains_key(&rec.name) {
+                    if let Err(e) = self.delete(&rec.name).await {
+                        warn!(job = %rec.job, error = ?e, "removing the unfinished copy");
+                    }
+                } else {
+                    let (runc, n) = (self.runc.clone(), rec.name.clone());
+                    let _ = tokio::task::spawn_blocking(move || runc.delete_force(&n)).await;
+                }
+                let (tx, _) = tokio::sync::watch::channel(Some(Err(format!(
+                    "the agent of {} stopped during the fill of job {}",
+                    self.cfg.host, rec.job
+                ))));
+                lock(&self.filled).insert(rec.job.clone(), (rec.from, tx));
+                let _ = std::fs::remove_dir_all(self.images_dir(&rec.job));
+                let _ = std::fs::remove_dir_all(self.work_dir(&rec.job));
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+
     /// Answers [`crate::proto::PeerRequest::PageMap`]: reads `count` location records and
     /// adds them to the job's index; every page they name must be in the store.
     pub(crate) async fn receive_locations(
@@ -306,11 +362,20 @@ impl Agent {
                         "lazy restore filled in")
                 }
                 Err(e) => {
-                    // Pages it has not received would read as zeros: it must not run on.
-                    warn!(%job, container = %name, error = %e, "lazy restore failed: the container is killed");
-                    let runc = agent.runc.clone();
-                    let n = name.clone();
-                    let _ = tokio::task::spawn_blocking(move || runc.delete_force(&n)).await;
+                    // Pages it has not received would read as zeros: it must not run on. A
+                    // committed copy is removed entirely: its source still holds the container,
+                    // frozen, and resumes it (see `lazy::Driver::wait_for_fill`).
+                    warn!(%job, container = %name, error = %e, "lazy restore failed: the container is stopped and removed here");
+                    let committed = !agent.incoming.lock().await.contains_key(&job);
+                    if committed {
+                        if let Err(d) = agent.delete(&name).await {
+                            warn!(%job, container = %name, error = ?d, "removing the failed copy");
+                        }
+                    } else {
+                        let runc = agent.runc.clone();
+                        let n = name.clone();
+                        let _ = tokio::task::spawn_blocking(move || runc.delete_force(&n)).await;
+                    }
                 }
             }
             // Still waiting for its commit: the commit (or an abort) removes the images.
@@ -321,9 +386,10 @@ impl Agent {
                 }
                 None => false,
             };
+            let _ = std::fs::remove_file(agent.fill_record(&job));
             let fill = super::lock(&agent.fills).remove(&job);
             if let Some(f) = fill {
-                let _ = f.done.send(Some(outcome));
+                f.done.send_replace(Some(outcome));
                 // Late waiters find the outcome in `filled` (the last few jobs).
                 let mut filled = super::lock(&agent.filled);
                 if filled.len() >= 64 {

@@ -509,7 +509,14 @@ impl Agent {
                 },
             );
             let (images, work) = (self.images_dir(job), self.work_dir(job));
+            let rec = super::fill::FillRecord {
+                job: job.to_string(),
+                name: name.clone(),
+                from: peer.to_string(),
+            };
+            let a = Arc::clone(self);
             let started = tokio::task::spawn_blocking(move || {
+                a.record_fill(&rec)?;
                 std::fs::create_dir_all(&work)?;
                 super::fill::start_daemon(&criu, &images, &work)
             })
@@ -529,6 +536,12 @@ impl Agent {
                 }
                 Err(e) => {
                     lock(&self.fills).remove(job);
+                    let _ = std::fs::remove_file(
+                        self.cfg
+                            .state_dir
+                            .join("filling")
+                            .join(format!("{job}.json")),
+                    );
                     if let Some(i) = self.incoming.lock().await.get_mut(job) {
                         i.restoring = false;
                     }
@@ -596,6 +609,12 @@ impl Agent {
                 child.kill();
                 let _ = tokio::task::spawn_blocking(move || child.wait()).await;
                 lock(&self.fills).remove(job);
+                let _ = std::fs::remove_file(
+                    self.cfg
+                        .state_dir
+                        .join("filling")
+                        .join(format!("{job}.json")),
+                );
             }
             return Err(e);
         }

@@ -409,24 +409,44 @@ impl super::source::Driver {
         Ok(sent.bytes + loc)
     }
 
-    /// Waits until the destination says the lazy restore has all its memory.
-    pub(super) async fn wait_for_fill(&mut self) {
+    /// Waits until the destination says the lazy restore has all its memory. If it failed
+    /// (the daemon or the destination's agent died, a page was missing), the destination has
+    /// stopped and removed its copy, whose memory was incomplete: the container resumes here
+    /// from the frozen copy, as it was at the freeze, and the error says so.
+    pub(super) async fn wait_for_fill(&mut self) -> Result<()> {
         let job = self.job.id.clone();
         let req = PeerRequest::FillWait { job: job.clone() };
-        let answer = tokio::time::timeout(FILL_WAIT, async {
-            let conn = self.conn().await?;
-            super::peer::request(&conn, &req, &[]).await
-        })
-        .await;
+        // Only the destination's word decides: while it cannot be reached, it may be filling
+        // in fine, and two copies must never run.
+        let until = std::time::Instant::now() + FILL_WAIT;
+        let mut wait = std::time::Duration::from_millis(100);
+        let answer = loop {
+            let r = async {
+                let conn = self.conn().await?;
+                super::peer::request(&conn, &req, &[]).await
+            }
+            .await;
+            match r {
+                Ok(a) => break Ok(a),
+                Err(e) if std::time::Instant::now() + wait >= until => break Err(e),
+                Err(e) => {
+                    tracing::warn!(%job, error = %format!("{e:#}"), "no answer about the fill yet; asking again");
+                    self.agent.forget_conn(&self.to).await;
+                    self.conn = None;
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(std::time::Duration::from_secs(2));
+                }
+            }
+        };
         let why = match answer {
-            Ok(Ok((
+            Ok((
                 PeerResponse::Filled {
                     pages,
                     requests,
                     fill_ms,
                 },
                 _,
-            ))) => {
+            )) => {
                 tracing::info!(%job, pages, requests, fill_ms, "destination filled in the container's memory; the frozen copy goes");
                 if let Some(m) = &mut self.memory {
                     m.fill_pages = Some(pages);
@@ -434,16 +454,57 @@ impl super::source::Driver {
                     m.fill_mib_s =
                         Some(pages as f64 * 4096.0 / 1048576.0 / (fill_ms.max(1) as f64 / 1000.0));
                 }
-                return;
+                return Ok(());
             }
-            Ok(Ok((PeerResponse::Error { message }, _))) => message,
-            Ok(Ok((other, _))) => format!("unexpected answer about the fill: {other:?}"),
-            Ok(Err(e)) => format!("no answer about the fill: {e:#}"),
-            Err(_) => format!("the fill did not end within {} s", FILL_WAIT.as_secs()),
+            Ok((PeerResponse::Error { message }, _)) => message,
+            Ok((other, _)) => format!("unexpected answer about the fill: {other:?}"),
+            Err(e) => {
+                // Unknown: the copy there may run; this one must not. It is removed.
+                let why = format!(
+                    "no answer about the fill from {} within {} s: {e:#}",
+                    self.to,
+                    FILL_WAIT.as_secs()
+                );
+                tracing::error!(%job, error = %why, "the fill's outcome is unknown: the frozen copy is removed");
+                if let Some(m) = &mut self.memory {
+                    m.fill_error = Some(why.clone());
+                }
+                bail!("{why}");
+            }
         };
-        tracing::error!(%job, error = %why, "the destination's lazy restore failed");
+        tracing::error!(%job, error = %why, "the destination's lazy restore failed: the container resumes here from its frozen copy");
+        let resumed = self.resume_frozen_copy().await;
+        let done = match &resumed {
+            Ok(()) => format!(
+                "it runs on {} again, from its state at the freeze",
+                self.agent.cfg.host
+            ),
+            Err(e) => format!("resuming it on {} failed too: {e:#}", self.agent.cfg.host),
+        };
         if let Some(m) = &mut self.memory {
-            m.fill_error = Some(why);
+            m.fill_error = Some(format!("{why}; {done}"));
         }
+        bail!(
+            "the lazy restore at {} failed after the commit ({why}); {done}",
+            self.to
+        )
+    }
+}
+
+impl super::source::Driver {
+    /// After a failed fill: points the overlay back here, and lets the frozen copy run on.
+    async fn resume_frozen_copy(&mut self) -> Result<()> {
+        let me = self.agent.cfg.host.clone();
+        // The destination removed its copy (and its routes) before it answered.
+        let routed = self
+            .agent
+            .route_everywhere(&self.spec.mac, Some(&me), None)
+            .await;
+        self.resume_source();
+        if let Some(c) = lock(&self.agent.containers).get_mut(&self.spec.name) {
+            c.migrating = false;
+        }
+        self.agent.save_containers();
+        routed
     }
 }

@@ -248,6 +248,7 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         filled: Default::default(),
         cfg,
     });
+    agent.settle_unfinished_fills().await;
     agent.clean_stale_incoming().await;
     agent.recover_outgoing().await;
     info!(host = %agent.cfg.host, api = %agent.cfg.api_socket.display(), "agent up");
@@ -701,7 +702,7 @@ impl Agent {
     }
 
     /// Stops and removes a container here.
-    async fn delete(&self, name: &str) -> Result<(), http::ApiFailure> {
+    pub(crate) async fn delete(&self, name: &str) -> Result<(), http::ApiFailure> {
         let rec = lock(&self.containers).get(name).cloned();
         let Some(rec) = rec else {
             return Err(http::ApiFailure::unknown_container(name, &self.cfg.host));

@@ -660,8 +660,9 @@ impl Driver {
                 }
                 let name = self.spec.name.clone();
                 if self.lazy_dumped {
-                    // The frozen copy stays until the destination has all its memory.
-                    self.wait_for_fill().await;
+                    // The frozen copy stays until the destination has all its memory; if the
+                    // fill fails, it runs on here.
+                    self.wait_for_fill().await?;
                 }
                 self.agent
                     .remove_departed(&job, &name, self.mode == MigrateMode::PreCopy)
