@@ -505,6 +505,13 @@ impl super::source::Driver {
             c.migrating = false;
         }
         self.agent.save_containers();
+        let job = &self.job.id;
+        let (images, work) = (self.agent.images_dir(job), self.agent.work_dir(job));
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_dir_all(images);
+            let _ = std::fs::remove_dir_all(work);
+        })
+        .await;
         routed
     }
 }
