@@ -1012,6 +1012,58 @@ fn render_chart(s: &Scenario, ferry: &Run, baseline: Option<&Run>) -> String {
 /// The Markdown table of a bench.
 /// Pre-copy next to stop-copy for the same workload and link: the client's gap, the bytes
 /// between the hosts against the container's resident memory, and the rounds.
+/// How each pre-copy run's memory crossed the freeze: frozen time split, eager and lazy pages,
+/// the fill.
+fn memory_table(s: &mut String, r: &BenchResult) {
+    let rows: Vec<(&ScenarioResult, &Report, &migrate_core::MemoryReport)> = r
+        .scenarios
+        .iter()
+        .filter_map(|x| {
+            let rep = x.ferry.report.as_ref()?;
+            Some((x, rep, rep.memory.as_ref()?))
+        })
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nMemory across the freeze (pre-copy):\n\n| scenario | link | restore | frozen ms | dump ms | transfer ms | restore ms | commit ms | dirty pages | never-copied pages | eager pages | lazy pages | fill ms | fill MiB/s | fill error |"
+    );
+    let _ = writeln!(
+        s,
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"
+    );
+    let f0 = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into());
+    for (x, rep, m) in rows {
+        let commit = rep
+            .phases
+            .iter()
+            .filter(|p| p.phase == migrate_core::Phase::Commit)
+            .map(|p| p.duration_ms)
+            .sum::<f64>();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
+            x.scenario.workload.label(),
+            x.scenario.link_label(),
+            m.restore,
+            rep.frozen_ms,
+            rep.freeze_to_dump_ms,
+            rep.transfer_ms,
+            rep.restore_ms,
+            commit,
+            m.final_dirty_pages,
+            m.unplaced_pages,
+            m.eager_pages,
+            m.lazy_pages,
+            f0(m.fill_ms),
+            f0(m.fill_mib_s),
+            m.fill_error.as_deref().or(m.not_lazy.as_deref()).unwrap_or("-"),
+        );
+    }
+}
+
 fn precopy_table(s: &mut String, r: &BenchResult) {
     let pairs: Vec<(&ScenarioResult, &ScenarioResult)> = r
         .scenarios
@@ -1151,6 +1203,7 @@ pub fn markdown(r: &BenchResult) -> String {
         );
     }
     precopy_table(&mut s, r);
+    memory_table(&mut s, r);
     let failures: Vec<String> = r
         .scenarios
         .iter()
