@@ -439,3 +439,36 @@ impl Agent {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loc(pid: u32, vaddr: u64, seq: u64, fill: &[u8]) -> Location {
+        Location {
+            pid,
+            vaddr,
+            seq,
+            hashes: fill.iter().map(|b| [*b; 32]).collect(),
+        }
+    }
+
+    #[test]
+    fn the_latest_read_of_a_page_wins_whatever_the_arrival_order() {
+        let mut index = PageIndex::new();
+        // Read at 5 (contents 2, 2) arrives after a read at 7 (contents 3) of the second page.
+        place(&mut index, vec![loc(1, 0x1000, 7, &[3])]);
+        place(&mut index, vec![loc(1, 0x0, 5, &[2, 2])]);
+        assert_eq!(index[&(1, 0x0)], ([2; 32], 5));
+        assert_eq!(
+            index[&(1, 0x1000)],
+            ([3; 32], 7),
+            "an older read does not replace a newer"
+        );
+        // A later read replaces; another process's page at the same address is another page.
+        place(&mut index, vec![loc(1, 0x0, 9, &[4]), loc(2, 0x0, 1, &[8])]);
+        assert_eq!(index[&(1, 0x0)], ([4; 32], 9));
+        assert_eq!(index[&(2, 0x0)], ([8; 32], 1));
+        assert_eq!(index.len(), 3);
+    }
+}
