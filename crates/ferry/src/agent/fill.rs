@@ -292,8 +292,20 @@ impl Agent {
             }
         }
         let pages: usize = locations.iter().map(|l| l.hashes.len()).sum();
-        self.with_incoming(peer, job, move |i| place(&mut i.index, locations))
+        // An index is at most as large as the memory a store of this size can hold (twice:
+        // pages with equal contents share one stored page).
+        let cap = self.page_store_cap().saturating_mul(2);
+        let size = self
+            .with_incoming(peer, job, move |i| {
+                place(&mut i.index, locations);
+                i.index.len()
+            })
             .await?;
+        if size > cap {
+            bail!(
+                "job {job} places {size} pages, more than this host's page store can back ({cap}; page_store_mib in its config)"
+            );
+        }
         tracing::debug!(%job, records = count, pages, "page locations received");
         Ok(PeerResponse::Ok { bytes: 0 })
     }
