@@ -498,7 +498,6 @@ impl Agent {
                 Ok(c) => c.path.clone(),
                 Err(e) => bail!("CRIU unusable on {}: {e}", self.cfg.host),
             };
-            let t_locked = crate::util::ms(t_req.elapsed());
             let (tx, _) = tokio::sync::watch::channel(None);
             lock(&self.fills).insert(
                 job.to_string(),
@@ -531,7 +530,7 @@ impl Agent {
                         d.socket,
                         Arc::new(index),
                     ));
-                    info!(%job, indexed_pages = pages, setup_ms = crate::util::ms(t_req.elapsed()), t_locked, "lazy restore: serving memory from the page store");
+                    info!(%job, indexed_pages = pages, setup_ms = crate::util::ms(t_req.elapsed()), "lazy restore: serving memory from the page store");
                     daemon = Some((d.child, server));
                 }
                 Err(e) => {
