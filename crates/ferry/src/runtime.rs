@@ -245,54 +245,31 @@ impl Runc {
     /// Checkpoints with the memory pages sent to the page-server socket `ps_socket` (through
     /// `ferry-criu`, which hands CRIU a connection to it) and the container left in place,
     /// frozen, so that the source can thaw it if the migration rolls back.
+    ///
+    /// With `lazy` the dump is lazy ([`criu_sys::swrk_proxy::relay_dump`]): CRIU writes every
+    /// image but the contents of lazy memory, then serves those pages from the frozen tree over
+    /// the connection to `ps_socket` until the agent closes it.
     pub fn checkpoint_relayed(
         &self,
         name: &str,
         images: &Path,
         work: &Path,
         ps_socket: &Path,
+        lazy: bool,
     ) -> Result<()> {
         if self.criu_frontend.is_none() {
             bail!("pre-copy needs ferry-criu in front of CRIU (criu_frontend in the agent config)");
         }
         let mut c = self.cmd("checkpoint", name);
-        c.env("FERRY_PAGE_SERVER_SOCKET", ps_socket);
-        // runc sends a page-server address only with a port; ferry-criu replaces it with the
-        // socket above.
-        c.args([
-            "checkpoint",
-            "--tcp-established",
-            "--leave-running",
-            "--page-server",
-            "127.0.0.1:1",
-            "--image-path",
-        ])
-        .arg(images)
-        .arg("--work-path")
-        .arg(work)
-        .arg(name);
-        self.run("checkpoint", name, c, Some(&work.join("dump.log")))
-    }
-
-    /// A lazy dump ([`criu_sys::swrk_proxy::relay_dump`]): CRIU writes every image but the
-    /// contents of lazy memory, then serves those pages from the frozen tree over a connection
-    /// to `ps_socket` until the agent closes it; the container is left in place, frozen.
-    pub fn checkpoint_lazy(
-        &self,
-        name: &str,
-        images: &Path,
-        work: &Path,
-        ps_socket: &Path,
-    ) -> Result<()> {
-        if self.criu_frontend.is_none() {
-            bail!("lazy restore needs ferry-criu in front of CRIU (criu_frontend in the agent config)");
-        }
-        let mut c = self.cmd("checkpoint", name);
-        c.env(criu_sys::swrk_proxy::PAGE_SERVER_SOCKET_ENV, ps_socket)
-            .env(
+        c.env(criu_sys::swrk_proxy::PAGE_SERVER_SOCKET_ENV, ps_socket);
+        if lazy {
+            c.env(
                 criu_sys::swrk_proxy::LAZY_DUMP_CONFIG_ENV,
                 work.join("lazy-dump.conf"),
             );
+        }
+        // runc sends a page-server address only with a port; ferry-criu replaces it with the
+        // socket above.
         c.args([
             "checkpoint",
             "--tcp-established",

@@ -225,6 +225,12 @@ impl Agent {
             .join(format!("{job}.json"))
     }
 
+    /// Forgets a fill that never started (its restore failed): its pins and its record.
+    pub(crate) fn forget_fill(&self, job: &str) {
+        lock(&self.fills).remove(job);
+        let _ = std::fs::remove_file(self.fill_record(job));
+    }
+
     /// Records a fill before it starts (synced).
     pub(crate) fn record_fill(&self, rec: &FillRecord) -> Result<()> {
         let path = self.fill_record(&rec.job);

@@ -534,13 +534,7 @@ impl Agent {
                     daemon = Some((d.child, server));
                 }
                 Err(e) => {
-                    lock(&self.fills).remove(job);
-                    let _ = std::fs::remove_file(
-                        self.cfg
-                            .state_dir
-                            .join("filling")
-                            .join(format!("{job}.json")),
-                    );
+                    self.forget_fill(job);
                     if let Some(i) = self.incoming.lock().await.get_mut(job) {
                         i.restoring = false;
                     }
@@ -607,13 +601,7 @@ impl Agent {
                 server.abort();
                 child.kill();
                 let _ = tokio::task::spawn_blocking(move || child.wait()).await;
-                lock(&self.fills).remove(job);
-                let _ = std::fs::remove_file(
-                    self.cfg
-                        .state_dir
-                        .join("filling")
-                        .join(format!("{job}.json")),
-                );
+                self.forget_fill(job);
             }
             return Err(e);
         }

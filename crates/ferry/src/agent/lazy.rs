@@ -284,7 +284,7 @@ impl super::source::Driver {
             std::fs::create_dir_all(&im)?;
             std::fs::create_dir_all(&work)?;
             let t = std::time::Instant::now();
-            let r = runc.checkpoint_lazy(&name, &im, &work, &s);
+            let r = runc.checkpoint_relayed(&name, &im, &work, &s, true);
             tracing::info!(container = %name, checkpoint_ms = crate::util::ms(t.elapsed()), "dumped lazily");
             crate::runtime::keep_log(&work.join("dump.log"), &logs, &format!("{job_id}.dump.log"));
             r

@@ -866,7 +866,7 @@ impl Driver {
                 return Err(e);
             }
             let freeze_ms = crate::util::ms(t.elapsed());
-            let r = runc.checkpoint_relayed(&name, &images, &work, &s);
+            let r = runc.checkpoint_relayed(&name, &images, &work, &s, false);
             info!(container = %name, freeze_ms, checkpoint_ms = crate::util::ms(t.elapsed()) - freeze_ms, "dumped (pages relayed)");
             crate::runtime::keep_log(&work.join("dump.log"), &logs, &format!("{job_id}.dump.log"));
             r
