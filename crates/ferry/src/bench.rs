@@ -250,6 +250,59 @@ pub struct PhaseSpan {
 /// (time ms, round trip ms) pairs.
 type Samples = Vec<(f64, f64)>;
 
+/// What the application saw while a lazy restore filled its memory in, against before.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct FillRtt {
+    /// Round trips before the migration started: p50, p99, ms.
+    pub before_p50_ms: f64,
+    /// p99 before.
+    pub before_p99_ms: f64,
+    /// Round trips from the end of the restore to the end of the fill: p50, ms.
+    pub fill_p50_ms: f64,
+    /// p99 during the fill.
+    pub fill_p99_ms: f64,
+    /// Answers during the fill.
+    pub fill_samples: usize,
+}
+
+/// The `q` quantile (0..=1) of `v`, which it sorts.
+fn quantile(v: &mut [f64], q: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() - 1) as f64 * q).round() as usize;
+    Some(v[i.min(v.len() - 1)])
+}
+
+/// [`FillRtt`] from a probe's series and the migration's report.
+fn fill_rtt(probe: &ProbeReport, report: &Report) -> Option<FillRtt> {
+    let fill_ms = report.memory.as_ref()?.fill_ms?;
+    let restored = report
+        .phases
+        .iter()
+        .find(|p| p.phase == migrate_core::Phase::Restore)
+        .map(|p| p.start_ms + p.duration_ms)?;
+    let shift = probe.started_unix_ms - report.started_unix_ms;
+    let (mut before, mut during) = (vec![], vec![]);
+    for &(t, rtt) in &probe.series {
+        let t = t + shift;
+        if t < 0.0 {
+            before.push(rtt);
+        } else if t >= restored && t <= restored + fill_ms {
+            during.push(rtt);
+        }
+    }
+    let fill_samples = during.len();
+    Some(FillRtt {
+        before_p50_ms: quantile(&mut before, 0.5)?,
+        before_p99_ms: quantile(&mut before, 0.99)?,
+        fill_p50_ms: quantile(&mut during, 0.5)?,
+        fill_p99_ms: quantile(&mut during, 0.99)?,
+        fill_samples,
+    })
+}
+
 /// One method's run of one scenario.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Run {
@@ -281,6 +334,10 @@ pub struct Run {
     /// The container's resident memory just before the migration (VmRSS of its processes).
     #[serde(default)]
     pub resident_bytes: Option<u64>,
+    /// The probe's round trips before the migration and while a lazy restore filled the
+    /// memory in (Ferry's pre-copy only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fill_rtt: Option<FillRtt>,
     /// CPU time, ms: both agents and their children for Ferry; runc, CRIU, tar and nc for the
     /// baseline.
     pub cpu_ms: f64,
@@ -535,6 +592,7 @@ impl Run {
             wire_bytes: 0,
             payload_bytes: None,
             resident_bytes: None,
+            fill_rtt: None,
             cpu_ms: 0.0,
             memory_intact: None,
             verify: None,
@@ -654,6 +712,7 @@ async fn ferry_inner(
         ));
     }
     let downtime = probe.max_gap_ms;
+    let fill_rtt = fill_rtt(&probe, &report);
     Ok(Run {
         method: "ferry".into(),
         ok: error.is_none(),
@@ -676,6 +735,7 @@ async fn ferry_inner(
         wire_bytes: bytes1.saturating_sub(bytes0),
         payload_bytes: Some(report.bytes_sent),
         resident_bytes,
+        fill_rtt,
         cpu_ms: cpu1 - cpu0,
         memory_intact,
         verify,
@@ -782,6 +842,7 @@ async fn baseline_inner(
         wire_bytes: bytes1.saturating_sub(bytes0),
         payload_bytes: None,
         resident_bytes: None,
+        fill_rtt: None,
         cpu_ms: cpu1 - cpu0,
         memory_intact,
         verify,
@@ -1015,6 +1076,7 @@ fn render_chart(s: &Scenario, ferry: &Run, baseline: Option<&Run>) -> String {
 /// How each pre-copy run's memory crossed the freeze: frozen time split, eager and lazy pages,
 /// the fill.
 fn memory_table(s: &mut String, r: &BenchResult) {
+    #[allow(clippy::type_complexity)]
     let rows: Vec<(&ScenarioResult, &Report, &migrate_core::MemoryReport)> = r
         .scenarios
         .iter()
@@ -1044,7 +1106,7 @@ fn memory_table(s: &mut String, r: &BenchResult) {
             .sum::<f64>();
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             x.scenario.workload.label(),
             x.scenario.link_label(),
             m.restore,
@@ -1059,6 +1121,8 @@ fn memory_table(s: &mut String, r: &BenchResult) {
             m.lazy_pages,
             f0(m.fill_ms),
             f0(m.fill_mib_s),
+            x.ferry.fill_rtt.map_or("-".into(), |f| format!("{:.2} / {:.2}", f.before_p50_ms, f.before_p99_ms)),
+            x.ferry.fill_rtt.map_or("-".into(), |f| format!("{:.2} / {:.2} ({} answers)", f.fill_p50_ms, f.fill_p99_ms, f.fill_samples)),
             m.fill_error.as_deref().or(m.not_lazy.as_deref()).unwrap_or("-"),
         );
     }
@@ -1229,6 +1293,15 @@ pub fn markdown(r: &BenchResult) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantiles_of_round_trips() {
+        let mut v: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        assert_eq!(quantile(&mut v, 0.5), Some(51.0));
+        assert_eq!(quantile(&mut v, 0.99), Some(99.0));
+        assert_eq!(quantile(&mut v, 1.0), Some(100.0));
+        assert_eq!(quantile(&mut [], 0.5), None);
+    }
 
     fn run(method: &str, downtime: f64, total: f64) -> Run {
         let mut r = Run::failed(method, anyhow::anyhow!("x"));
