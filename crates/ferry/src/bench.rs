@@ -1090,7 +1090,7 @@ fn memory_table(s: &mut String, r: &BenchResult) {
     }
     let _ = writeln!(
         s,
-        "\nMemory across the freeze (pre-copy):\n\n| scenario | link | restore | frozen ms | dump ms | transfer ms | restore ms | commit ms | dirty pages | never-copied pages | eager pages | lazy pages | fill ms | fill MiB/s | fill error |"
+        "\nMemory across the freeze (pre-copy):\n\n| scenario | link | restore | frozen ms | dump ms | transfer ms | restore ms | commit ms | round trips frozen | dirty pages | never-copied pages | eager pages | lazy pages | fill ms | fill MiB/s | fill error |"
     );
     let _ = writeln!(
         s,
@@ -1106,7 +1106,7 @@ fn memory_table(s: &mut String, r: &BenchResult) {
             .sum::<f64>();
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             x.scenario.workload.label(),
             x.scenario.link_label(),
             m.restore,
@@ -1115,6 +1115,7 @@ fn memory_table(s: &mut String, r: &BenchResult) {
             rep.transfer_ms,
             rep.restore_ms,
             commit,
+            m.frozen_round_trips,
             m.final_dirty_pages,
             m.unplaced_pages,
             m.eager_pages,

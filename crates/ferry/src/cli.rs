@@ -583,7 +583,8 @@ pub(crate) fn print_summary(r: &Report) {
         match (m.restore.as_str(), &m.fill_error) {
             ("lazy", Some(e)) => println!("  memory: lazy restore FAILED after the commit: {e}"),
             ("lazy", None) => println!(
-                "  memory: lazy restore; {} pages written while frozen ({} dirty, {} never copied, {} that cannot be lazy), {} lazy{}",
+                "  memory: lazy restore; {} round trips while frozen; {} pages written while frozen ({} dirty, {} never copied, {} that cannot be lazy), {} lazy{}",
+                m.frozen_round_trips,
                 m.final_dirty_pages + m.unplaced_pages + m.eager_pages,
                 m.final_dirty_pages,
                 m.unplaced_pages,

@@ -147,6 +147,10 @@ pub struct MemoryReport {
     /// Lazy pages the destination had no location for (memory the rounds never read), sent
     /// while frozen.
     pub unplaced_pages: u64,
+    /// Request round trips between source and destination while frozen (streams sent at once
+    /// count once), lazy restore only.
+    #[serde(default)]
+    pub frozen_round_trips: u32,
     /// Lazy pages the destination's daemon copied in after the restore.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fill_pages: Option<u64>,

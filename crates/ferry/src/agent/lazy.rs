@@ -239,10 +239,11 @@ impl super::source::Driver {
             .clone()
             .context("a lazy dump without page placement")?;
         match self.lazy_dump_and_send(&placement).await {
-            Ok((bytes, extra, eager, lazy)) => {
+            Ok((bytes, extra, eager, lazy, round_trips)) => {
                 self.lazy_dumped = true;
                 self.memory = Some(migrate_core::MemoryReport {
                     restore: "lazy".into(),
+                    frozen_round_trips: round_trips,
                     final_dirty_pages: dirty,
                     eager_pages: eager,
                     lazy_pages: lazy,
@@ -262,11 +263,11 @@ impl super::source::Driver {
     }
 
     /// The part of [`Self::dump_lazy`] after the freeze: returns (bytes sent, pages sent for
-    /// lack of a location, eager pages, lazy pages).
+    /// lack of a location, eager pages, lazy pages, round trips to the destination).
     async fn lazy_dump_and_send(
         &mut self,
         placement: &std::sync::Arc<Placement>,
-    ) -> Result<(u64, u64, u64, u64)> {
+    ) -> Result<(u64, u64, u64, u64, u32)> {
         let job = self.job.id.clone();
         let run_dir = self.agent.cfg.state_dir.join("run");
         std::fs::create_dir_all(&run_dir)?;
@@ -339,7 +340,7 @@ impl super::source::Driver {
         };
         dumped?;
         answer.context("CRIU's lazy dump did not answer its page server's close")?;
-        let mut bytes = sent?;
+        let (mut bytes, mut round_trips) = sent?;
         // Lazy pages the destination has no location for go now.
         let p = std::sync::Arc::clone(placement);
         let (missing, eager, lazy) = tokio::task::spawn_blocking(move || -> Result<_> {
@@ -370,18 +371,22 @@ impl super::source::Driver {
         .await??;
         let extra: u64 = missing.iter().map(|c| c.2).sum();
         if !missing.is_empty() {
-            bytes += self.send_chunks(&conn, missing, placement).await?;
+            let (b, r) = self.send_chunks(&conn, missing, placement).await?;
+            bytes += b;
+            round_trips += r;
         }
-        Ok((bytes, extra, eager, lazy))
+        Ok((bytes, extra, eager, lazy, round_trips))
     }
 
-    /// Reads, sends and places `chunks` (host pid, address, pages) of the frozen container.
+    /// Reads, sends and places `chunks` (host pid, address, pages) of the frozen container;
+    /// returns the bytes and the round trips it took.
     async fn send_chunks(
         &mut self,
         conn: &transfer::Connection,
         chunks: Vec<(i32, u64, u64)>,
         placement: &std::sync::Arc<Placement>,
-    ) -> Result<u64> {
+    ) -> Result<(u64, u32)> {
+        let streams = u32::from(!chunks.is_empty());
         let (tx, rx) = crossbeam_channel::unbounded();
         for c in chunks {
             let _ = tx.send(vec![c]);
@@ -406,7 +411,7 @@ impl super::source::Driver {
             .agent
             .send_locations(&self.job.id, conn, placement)
             .await?;
-        Ok(sent.bytes + loc)
+        Ok((sent.bytes + loc, streams + u32::from(loc > 0)))
     }
 
     /// Waits until the destination says the lazy restore has all its memory. If it failed

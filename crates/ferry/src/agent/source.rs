@@ -570,6 +570,7 @@ impl Driver {
                         ],
                     )
                     .await;
+                self.count_round_trips(1);
                 info!(%job, snapshot_ms = snap_ms, send_ms = crate::util::ms(t_send.elapsed()),
                     image_files = img_diff.changed.len(), rootfs_changes = fs_diff.changed.len() + fs_diff.removed.len(),
                     "images sent");
@@ -595,6 +596,7 @@ impl Driver {
                             limit.as_secs_f64()
                         )
                     })??;
+                self.count_round_trips(1);
                 Ok(0)
             }
             Action::Commit => {
@@ -621,6 +623,7 @@ impl Driver {
                         request(&conn, &PeerRequest::Commit { job: job.clone() }, &[]).await
                     }
                     .await;
+                    self.count_round_trips(1);
                     match answer {
                         Ok((PeerResponse::Ok { .. }, _)) => break,
                         Ok((PeerResponse::Aborted { .. }, _)) => bail!(
@@ -794,6 +797,13 @@ impl Driver {
             .await;
         self.rootfs_snapshot = Some(snap);
         r
+    }
+
+    /// Counts request round trips to the destination while frozen (lazy restore's report).
+    fn count_round_trips(&mut self, n: u32) {
+        if let Some(m) = self.memory.as_mut().filter(|m| m.restore == "lazy") {
+            m.frozen_round_trips += n;
+        }
     }
 
     /// The dump's deadline, from the job's policy; a cancel kills it too.
