@@ -164,6 +164,104 @@ pub fn read_pagemaps(dir: &Path) -> Result<Vec<(u32, Vec<PagemapEntry>)>, ImageE
     Ok(out)
 }
 
+/// `CORE_MAGIC`.
+pub const CORE_MAGIC: u32 = 0x5505_3847;
+/// The largest core image read.
+pub const MAX_CORE_BYTES: u64 = 1 << 20;
+
+/// A thread's registered restartable-sequences area (`thread_core.rseq_entry`): memory the
+/// kernel itself writes (the CPU the thread runs on) whenever the thread returns to user
+/// space, including while CRIU's parasite runs in it during a dump.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RseqArea {
+    /// Thread id in the container's namespace.
+    pub tid: u32,
+    /// Address of its `struct rseq`.
+    pub pointer: u64,
+    /// Its size.
+    pub size: u32,
+}
+
+/// Parses a core image (`core-<tid>.img`): the thread's rseq area, if it registered one.
+pub fn parse_core_rseq(bytes: &[u8]) -> Result<Option<(u64, u32)>, String> {
+    let u32_at = |i: usize| -> Option<u32> {
+        bytes
+            .get(i..i + 4)
+            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    if u32_at(0) != Some(IMG_COMMON_MAGIC) || u32_at(4) != Some(CORE_MAGIC) {
+        return Err(format!("magic {:#x?} {:#x?}", u32_at(0), u32_at(4)));
+    }
+    let len = u32_at(8).ok_or("a truncated length")? as usize;
+    let msg = bytes
+        .get(12..12usize.checked_add(len).ok_or("a length past the end")?)
+        .ok_or("a truncated message")?;
+    let sub = |buf: &'_ [u8], n: u64| -> Result<Option<Vec<u8>>, String> {
+        Ok(fields(buf)
+            .ok_or("a malformed message")?
+            .iter()
+            .rev()
+            .find(|f| f.number == n && f.wire == 2)
+            .map(|f| f.value.to_vec()))
+    };
+    let Some(thread_core) = sub(msg, 5)? else {
+        return Ok(None);
+    };
+    let Some(rseq) = sub(&thread_core, 15)? else {
+        return Ok(None);
+    };
+    let fs = fields(&rseq).ok_or("a malformed rseq_entry")?;
+    let get = |n: u64| {
+        fs.iter()
+            .rev()
+            .find(|f| f.number == n && f.wire == 0)
+            .and_then(|f| varint(f.value))
+            .map(|v| v.0)
+    };
+    match (get(1), get(2)) {
+        (Some(0), _) | (None, _) => Ok(None),
+        (Some(p), Some(size)) if size > 0 && size <= 4096 => Ok(Some((p, size as u32))),
+        (Some(p), size) => Err(format!("an rseq area at {p:#x} of size {size:?}")),
+    }
+}
+
+/// The rseq areas of the threads of a dump in `dir` (`core-<tid>.img`).
+pub fn read_rseq_areas(dir: &Path) -> Result<Vec<RseqArea>, ImageError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ImageError::Io { path, source }
+    };
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).map_err(io(dir))? {
+        let e = e.map_err(io(dir))?;
+        let name = e.file_name();
+        let Some(tid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("core-"))
+            .and_then(|n| n.strip_suffix(".img"))
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let path = e.path();
+        let len = e.metadata().map_err(io(&path))?.len();
+        if len > MAX_CORE_BYTES {
+            return Err(ImageError::Invalid {
+                path,
+                why: format!("{len} bytes, more than {MAX_CORE_BYTES}"),
+            });
+        }
+        let bytes = std::fs::read(&path).map_err(io(&path))?;
+        if let Some((pointer, size)) =
+            parse_core_rseq(&bytes).map_err(|why| ImageError::Invalid { path, why })?
+        {
+            out.push(RseqArea { tid, pointer, size });
+        }
+    }
+    out.sort_by_key(|a| a.tid);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,5 +298,45 @@ mod tests {
         let mut bad = img.clone();
         bad[0] = 0;
         assert!(parse_pagemap(&bad).is_err());
+    }
+
+    fn bytes_field(n: u64, v: &[u8]) -> Vec<u8> {
+        let mut m = vec![];
+        crate::rpc::tests_support::put_varint(&mut m, n << 3 | 2);
+        crate::rpc::tests_support::put_varint(&mut m, v.len() as u64);
+        m.extend_from_slice(v);
+        m
+    }
+
+    #[test]
+    fn reads_a_threads_rseq_area_from_its_core_image() {
+        let core = |rseq: Option<&[(u64, u64)]>| {
+            let mut thread_core = vec![];
+            crate::rpc::tests_support::put_varint(&mut thread_core, 1 << 3);
+            crate::rpc::tests_support::put_varint(&mut thread_core, 0x1234);
+            if let Some(r) = rseq {
+                let mut e = vec![];
+                for (n, v) in r {
+                    crate::rpc::tests_support::put_varint(&mut e, n << 3);
+                    crate::rpc::tests_support::put_varint(&mut e, *v);
+                }
+                thread_core.extend(bytes_field(15, &e));
+            }
+            let mut m = vec![8, 1]; // mtype = X86_64
+            m.extend(bytes_field(5, &thread_core));
+            let mut img = vec![];
+            img.extend_from_slice(&IMG_COMMON_MAGIC.to_ne_bytes());
+            img.extend_from_slice(&CORE_MAGIC.to_ne_bytes());
+            img.extend_from_slice(&(m.len() as u32).to_ne_bytes());
+            img.extend_from_slice(&m);
+            img
+        };
+        let img = core(Some(&[(1, 0x7f00_0000_1fe0), (2, 32), (3, 0x53053053)]));
+        assert_eq!(parse_core_rseq(&img), Ok(Some((0x7f00_0000_1fe0, 32))));
+        assert_eq!(parse_core_rseq(&core(None)), Ok(None), "no rseq registered");
+        assert_eq!(parse_core_rseq(&core(Some(&[(1, 0), (2, 0)]))), Ok(None));
+        assert!(parse_core_rseq(&core(Some(&[(1, 0x1000), (2, 1 << 20)]))).is_err());
+        assert!(parse_core_rseq(&img[..img.len() - 1]).is_err());
+        assert!(parse_core_rseq(&img[4..]).is_err());
     }
 }

@@ -1090,11 +1090,11 @@ fn memory_table(s: &mut String, r: &BenchResult) {
     }
     let _ = writeln!(
         s,
-        "\nMemory across the freeze (pre-copy):\n\n| scenario | link | restore | frozen ms | dump ms | transfer ms | restore ms | commit ms | round trips frozen | dirty pages | never-copied pages | eager pages | lazy pages | fill ms | fill MiB/s | fill error |"
+        "\nMemory across the freeze (pre-copy):\n\n| scenario | link | restore | frozen ms | dump ms | transfer ms | restore ms | commit ms | round trips frozen | dirty pages | never-copied pages | eager pages | lazy pages | fill ms | fill MiB/s | probe RTT p50 / p99 before, ms | probe RTT p50 / p99 during the fill, ms | integrity checked / mismatched / corrected | fill error |"
     );
     let _ = writeln!(
         s,
-        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"
     );
     let f0 = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into());
     for (x, rep, m) in rows {
@@ -1106,7 +1106,7 @@ fn memory_table(s: &mut String, r: &BenchResult) {
             .sum::<f64>();
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             x.scenario.workload.label(),
             x.scenario.link_label(),
             m.restore,
@@ -1124,6 +1124,13 @@ fn memory_table(s: &mut String, r: &BenchResult) {
             f0(m.fill_mib_s),
             x.ferry.fill_rtt.map_or("-".into(), |f| format!("{:.2} / {:.2}", f.before_p50_ms, f.before_p99_ms)),
             x.ferry.fill_rtt.map_or("-".into(), |f| format!("{:.2} / {:.2} ({} answers)", f.fill_p50_ms, f.fill_p99_ms, f.fill_samples)),
+            m.integrity.as_ref().map_or("-".into(), |i| format!(
+                "{} / {} / {}{}",
+                i.pages_checked,
+                i.mismatches,
+                i.corrected,
+                if i.incomplete.is_some() { " (incomplete)" } else { "" }
+            )),
             m.fill_error.as_deref().or(m.not_lazy.as_deref()).unwrap_or("-"),
         );
     }

@@ -232,6 +232,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             pause_in_transfer_ms,
             corrupt_images,
             corrupt_memory_page,
+            hide_dirty_page,
             pause_before_commit_ms,
             corrupt_rootfs,
             pause_in_dump_ms,
@@ -248,6 +249,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 pause_in_transfer_ms,
                 corrupt_images,
                 corrupt_memory_page,
+                hide_dirty_page,
                 pause_before_commit_ms,
                 corrupt_rootfs,
                 pause_in_dump_ms,
@@ -583,11 +585,12 @@ pub(crate) fn print_summary(r: &Report) {
         match (m.restore.as_str(), &m.fill_error) {
             ("lazy", Some(e)) => println!("  memory: lazy restore FAILED after the commit: {e}"),
             ("lazy", None) => println!(
-                "  memory: lazy restore; {} round trips while frozen; {} pages written while frozen ({} dirty, {} never copied, {} that cannot be lazy), {} lazy{}",
+                "  memory: lazy restore; {} round trips while frozen; {} pages written while frozen ({} dirty, {} never copied, {} changed by the dump, {} that cannot be lazy), {} lazy{}",
                 m.frozen_round_trips,
-                m.final_dirty_pages + m.unplaced_pages + m.eager_pages,
+                m.final_dirty_pages + m.unplaced_pages + m.reread_pages + m.eager_pages,
                 m.final_dirty_pages,
                 m.unplaced_pages,
+                m.reread_pages,
                 m.eager_pages,
                 m.lazy_pages,
                 match (m.fill_ms, m.fill_mib_s) {
@@ -599,6 +602,15 @@ pub(crate) fn print_summary(r: &Report) {
                 "  memory: every page in the final dump ({})",
                 m.not_lazy.as_deref().unwrap_or("not lazy")
             ),
+        }
+        if let Some(i) = &m.integrity {
+            println!(
+                "  integrity: {} lazy pages checked against the source's frozen copy, {} mismatched, {} corrected{}",
+                i.pages_checked,
+                i.mismatches,
+                i.corrected,
+                i.incomplete.as_deref().map_or(String::new(), |w| format!(" (incomplete: {w})"))
+            );
         }
     }
     for w in &r.warnings {

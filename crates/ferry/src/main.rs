@@ -132,6 +132,10 @@ enum Cmd {
         /// images at the destination.
         #[arg(long, hide = true)]
         corrupt_memory_page: bool,
+        /// Fault injection (tests): leave one page written since the last pre-copy round out of
+        /// the final dump, as if the dirty tracking had missed it.
+        #[arg(long, hide = true)]
+        hide_dirty_page: bool,
         /// Fault injection (tests): pause this long between the restore and the commit.
         #[arg(long, hide = true, default_value_t = 0)]
         pause_before_commit_ms: u64,

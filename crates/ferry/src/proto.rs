@@ -12,6 +12,8 @@ pub const PROTO_VERSION: u32 = 2;
 
 /// Most page hashes one [`PeerRequest::HeldPages`] may carry (16 GiB of memory).
 pub const MAX_HASHES: u64 = 1 << 22;
+/// Pages in one [`PeerRequest::VerifyPages`] or [`PeerRequest::CorrectPages`] at most.
+pub const MAX_VERIFY_PAGES: u64 = 4096;
 
 fn lazy_unknown() -> Option<String> {
     Some("the destination does not say whether it can restore lazily".into())
@@ -146,6 +148,27 @@ pub enum PeerRequest {
         /// Job id.
         job: String,
     },
+    /// Integrity check of a lazy restore: `count` location records follow, the hashes of the
+    /// source's frozen copy (sequence numbers unused). Compare them with the pages the
+    /// destination restores: [`PeerResponse::Verified`]. A mismatched page not yet given to
+    /// the container is held back until [`PeerRequest::CorrectPages`] brings it.
+    VerifyPages {
+        /// Job id.
+        job: String,
+        /// Records that follow (at most [`MAX_VERIFY_PAGES`] pages in all).
+        count: u64,
+        /// The check has no more pages after these.
+        #[serde(default)]
+        done: bool,
+    },
+    /// The frozen copy's contents of pages [`PeerResponse::Verified`] asked for: `count`
+    /// location records follow, then the pages they name, 4096 bytes each, in order.
+    CorrectPages {
+        /// Job id.
+        job: String,
+        /// Records that follow (at most [`MAX_VERIFY_PAGES`] pages in all).
+        count: u64,
+    },
     /// Commit point passed: release held packets, announce the container, own it.
     Commit {
         /// Job id.
@@ -218,6 +241,27 @@ pub enum PeerResponse {
         requests: u64,
         /// Milliseconds from the end of the restore to the last page.
         fill_ms: u64,
+        /// What the integrity check found here (the destination's count is authoritative:
+        /// it alone knows which pages the container had used).
+        #[serde(default)]
+        integrity: Option<migrate_core::IntegrityReport>,
+    },
+    /// Answer to [`PeerRequest::VerifyPages`].
+    Verified {
+        /// Pages compared.
+        checked: u64,
+        /// (pid, address) of mismatched pages not yet given to the container: send them with
+        /// [`PeerRequest::CorrectPages`].
+        correct: Vec<(u32, u64)>,
+        /// Mismatched pages the container already had: too late to correct.
+        stale: u64,
+    },
+    /// Answer to [`PeerRequest::CorrectPages`].
+    Corrected {
+        /// Pages replaced before the container used them.
+        corrected: u64,
+        /// Pages that arrived after the container had used the stale copy.
+        stale: u64,
     },
     /// Refused or failed.
     Error {

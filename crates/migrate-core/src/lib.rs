@@ -32,7 +32,7 @@ pub use policy::{
     hold_unwritten, Decision, Estimate, FirstRoundView, FreezeReason, PrecopyPolicy, RoundStats,
     WhenStuck, FOLLOW_WRITES_MAX_FACTOR, FOLLOW_WRITES_MIN_WAIT,
 };
-pub use report::{MemoryReport, Outcome, PhaseTiming, Report, RoundReport};
+pub use report::{IntegrityReport, MemoryReport, Outcome, PhaseTiming, Report, RoundReport};
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -289,6 +289,11 @@ impl Migration {
     /// Records how memory crossed the freeze (pre-copy).
     pub fn set_memory(&mut self, memory: &MemoryReport) {
         self.report.memory = Some(memory.clone());
+        if let Some(w) = memory.integrity.as_ref().and_then(|i| i.warning()) {
+            if !self.report.warnings.contains(&w) {
+                self.report.warnings.push(w);
+            }
+        }
     }
 
     /// Consumes the migration, yielding its report.

@@ -147,6 +147,14 @@ pub struct MemoryReport {
     /// Lazy pages the destination had no location for (memory the rounds never read), sent
     /// while frozen.
     pub unplaced_pages: u64,
+    /// Lazy pages the dump itself changed after the tracking ended (each thread's rseq area,
+    /// which the kernel writes while CRIU's parasite runs in the thread), read again after
+    /// the dump and sent while frozen.
+    #[serde(default)]
+    pub reread_pages: u64,
+    /// Pages the fault hook `hide_dirty_page` left out of the final dump (tests only).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub hidden_pages: u64,
     /// Request round trips between source and destination while frozen (streams sent at once
     /// count once), lazy restore only.
     #[serde(default)]
@@ -163,6 +171,54 @@ pub struct MemoryReport {
     /// Why the fill failed (the destination then stops the container).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fill_error: Option<String>,
+    /// The proof that every lazy page arrived: the source hashed its frozen copy and the
+    /// destination compared it with what it restores (lazy restore only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub integrity: Option<IntegrityReport>,
+}
+
+/// What the integrity check of a lazy restore found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntegrityReport {
+    /// Lazy pages of the frozen copy compared with the destination's.
+    pub pages_checked: u64,
+    /// Pages whose contents differed (a write the dirty tracking missed, or damage).
+    pub mismatches: u64,
+    /// Mismatched pages replaced by the frozen copy's before the container used them.
+    pub corrected: u64,
+    /// Why the check did not cover every lazy page (the check then proves nothing about the
+    /// rest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incomplete: Option<String>,
+}
+
+impl IntegrityReport {
+    /// What a user must hear about this check, if anything.
+    pub fn warning(&self) -> Option<String> {
+        let stale = self.mismatches.saturating_sub(self.corrected);
+        let mut parts = vec![];
+        if self.mismatches > 0 {
+            parts.push(format!(
+                "integrity: {} of {} lazy pages differed from the source's frozen copy; {} corrected before use{}",
+                self.mismatches,
+                self.pages_checked,
+                self.corrected,
+                if stale > 0 {
+                    format!(", {stale} were already in use at the destination: the container may have read stale memory")
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        if let Some(why) = &self.incomplete {
+            parts.push(format!("integrity check incomplete: {why}"));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn stop_copy() -> String {

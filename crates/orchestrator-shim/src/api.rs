@@ -109,6 +109,10 @@ pub struct FaultHooks {
     /// See [`FaultHooks::pause_in_phase`].
     #[serde(default)]
     pub pause_in_phase_ms: u64,
+    /// Leave one page written since the last pre-copy round out of the final dump (a write
+    /// the dirty tracking missed), so that a lazy restore's integrity check must find it.
+    #[serde(default)]
+    pub hide_dirty_page: bool,
 }
 
 /// `POST /v1/containers/{name}/migrate`.

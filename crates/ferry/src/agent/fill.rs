@@ -47,12 +47,191 @@ pub(crate) struct FillStats {
     pub(crate) fill_ms: u64,
 }
 
+/// The outcome of a fill, once known.
+pub(crate) type FillOutcome =
+    tokio::sync::watch::Sender<Option<std::result::Result<FillStats, String>>>;
+
 /// A fill under way or ended: its pins, and its outcome once known.
 pub(crate) struct Fill {
     /// The source of the job: the only peer that may ask about it.
     pub(crate) from: String,
     pub(crate) pinned: HashSet<PageHash>,
-    pub(crate) done: tokio::sync::watch::Sender<Option<std::result::Result<FillStats, String>>>,
+    pub(crate) done: FillOutcome,
+    /// The pages it serves, which the integrity check compares and corrects.
+    pub(crate) pages: Arc<FillPages>,
+}
+
+/// A fill that ended, kept for its source's late questions.
+pub(crate) struct Ended {
+    pub(crate) from: String,
+    pub(crate) done: FillOutcome,
+    /// Until the source's integrity check is over (its `FillWait` answered).
+    pub(crate) pages: Option<Arc<FillPages>>,
+}
+
+/// How long the background fill waits for a silent integrity check before it takes pages the
+/// check has not reached.
+const VERIFY_STALL: Duration = Duration::from_secs(2);
+
+/// How long a page the integrity check found stale waits for its correction before it is
+/// served as it is (the source has gone silent; the mismatch is logged and counted).
+const HELD_LIMIT: Duration = Duration::from_secs(30);
+
+/// The pages of a lazy restore and the integrity check's view of them.
+pub(crate) struct FillPages {
+    state: std::sync::Mutex<Served>,
+    /// Woken when held pages are released.
+    released: tokio::sync::Notify,
+}
+
+struct Served {
+    index: PageIndex,
+    /// Pages the integrity check compared.
+    verified: HashSet<(u32, u64)>,
+    /// The source checks this fill and has not said it is done.
+    verifying: bool,
+    /// When its last batch arrived (or the fill started).
+    progress: tokio::time::Instant,
+    /// Pages given to the daemon (the container may have read them).
+    served: HashSet<(u32, u64)>,
+    /// Mismatched pages not served yet, waiting for the source's contents.
+    held: HashSet<(u32, u64)>,
+    integrity: migrate_core::IntegrityReport,
+}
+
+/// What [`FillPages::verify`] found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Verdict {
+    pub(crate) checked: u64,
+    /// Mismatched pages held until corrected.
+    pub(crate) correct: Vec<(u32, u64)>,
+    /// Mismatched pages already served.
+    pub(crate) stale: u64,
+}
+
+impl FillPages {
+    /// `verified`: the source will check every page (see [`Self::verify`]).
+    pub(crate) fn new(index: PageIndex, verified: bool) -> Arc<Self> {
+        Arc::new(FillPages {
+            state: std::sync::Mutex::new(Served {
+                index,
+                verified: HashSet::new(),
+                verifying: verified,
+                progress: tokio::time::Instant::now(),
+                served: HashSet::new(),
+                held: HashSet::new(),
+                integrity: Default::default(),
+            }),
+            released: tokio::sync::Notify::new(),
+        })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.state).index.len()
+    }
+
+    /// What the integrity check found so far.
+    pub(crate) fn integrity(&self) -> migrate_core::IntegrityReport {
+        lock(&self.state).integrity.clone()
+    }
+
+    /// Compares the source's hashes of its frozen copy with the pages served here; holds the
+    /// mismatched pages not served yet. `done`: the check has no more pages.
+    pub(crate) fn verify(&self, frozen: &[Location], done: bool) -> Verdict {
+        let v = self.compare(frozen, done);
+        self.released.notify_waiters();
+        v
+    }
+
+    fn compare(&self, frozen: &[Location], done: bool) -> Verdict {
+        let mut v = Verdict::default();
+        let mut s = lock(&self.state);
+        let s = &mut *s;
+        s.progress = tokio::time::Instant::now();
+        if done {
+            s.verifying = false;
+            s.verified = HashSet::new();
+        }
+        for l in frozen {
+            for (i, h) in l.hashes.iter().enumerate() {
+                let key = (l.pid, l.vaddr + i as u64 * PAGE_SIZE as u64);
+                v.checked += 1;
+                if s.verifying {
+                    s.verified.insert(key);
+                }
+                if s.index.get(&key).is_some_and(|(ours, _)| ours == h) {
+                    continue;
+                }
+                s.integrity.mismatches += 1;
+                if s.served.contains(&key) {
+                    v.stale += 1;
+                    warn!(pid = key.0, addr = format_args!("{:#x}", key.1), "integrity: a page the container already has differs from the source's frozen copy");
+                } else {
+                    s.held.insert(key);
+                    v.correct.push(key);
+                }
+            }
+        }
+        s.integrity.pages_checked += v.checked;
+        v
+    }
+
+    /// Replaces held pages by the source's contents (already in the store); returns
+    /// (corrected, stale): pages no longer held (served after their hold ran out) are stale.
+    pub(crate) fn correct(&self, pages: &[((u32, u64), PageHash)]) -> (u64, u64) {
+        let (mut corrected, mut stale) = (0, 0);
+        {
+            let mut s = lock(&self.state);
+            for (key, h) in pages {
+                if s.held.remove(key) {
+                    s.index.insert(*key, (*h, u64::MAX));
+                    corrected += 1;
+                } else {
+                    stale += 1;
+                }
+            }
+            s.integrity.corrected += corrected;
+        }
+        self.released.notify_waiters();
+        (corrected, stale)
+    }
+
+    /// The contents' hashes of up to `n` pages of `pid` from `vaddr`, marked served; stops at
+    /// the first page not indexed. Waits while one of them is held (at most [`HELD_LIMIT`]).
+    /// While the integrity check runs, a request for several pages (the daemon's background
+    /// fill; a fault asks for one) gets only those the check has reached, and at least one:
+    /// the daemon asks again for the rest, so that a mismatch is corrected before it is used.
+    async fn take(&self, pid: u32, vaddr: u64, n: u64) -> Vec<PageHash> {
+        let until = tokio::time::Instant::now() + HELD_LIMIT;
+        loop {
+            let released = self.released.notified();
+            {
+                let mut s = lock(&self.state);
+                let s = &mut *s;
+                let keys = (0..n).map(|i| (pid, vaddr + i * PAGE_SIZE as u64));
+                let now = tokio::time::Instant::now();
+                let waiting =
+                    now < until && !s.held.is_empty() && keys.clone().any(|k| s.held.contains(&k));
+                if !waiting {
+                    let checking = n > 1 && s.verifying && now < s.progress + VERIFY_STALL;
+                    let mut out = Vec::with_capacity(n as usize);
+                    for (i, k) in keys.enumerate() {
+                        if checking && i > 0 && !s.verified.contains(&k) {
+                            break;
+                        }
+                        let Some((h, _)) = s.index.get(&k) else { break };
+                        if s.held.remove(&k) {
+                            warn!(pid, addr = format_args!("{:#x}", k.1), "integrity: no correction for a mismatched page within {} s; it is served as it is", HELD_LIMIT.as_secs());
+                        }
+                        s.served.insert(k);
+                        out.push(*h);
+                    }
+                    return out;
+                }
+            }
+            let _ = tokio::time::timeout_at(until, released).await;
+        }
+    }
 }
 
 /// Adds `locations` to `index`: a page read later (larger sequence number) replaces an earlier
@@ -144,7 +323,7 @@ pub(crate) fn start_daemon(
 pub(crate) async fn serve(
     agent: Arc<Agent>,
     socket: std::os::unix::net::UnixStream,
-    index: Arc<PageIndex>,
+    index: Arc<FillPages>,
 ) -> Result<(u64, u64)> {
     socket.set_nonblocking(true)?;
     let socket = tokio::net::UnixStream::from_std(socket)?;
@@ -167,11 +346,11 @@ pub(crate) async fn serve(
                 },
             ) => {
                 buf.clear();
+                let hashes = index.take(pid, vaddr, nr_pages.min(MAX_SERVE_PAGES)).await;
                 {
                     let store = agent.pages.lock().await;
-                    for i in 0..nr_pages.min(MAX_SERVE_PAGES) {
-                        let at = vaddr + i * PAGE_SIZE as u64;
-                        match index.get(&(pid, at)).and_then(|(h, _)| store.get(h)) {
+                    for h in &hashes {
+                        match store.get(h) {
                             Some(p) => buf.extend_from_slice(p),
                             None => break,
                         }
@@ -263,7 +442,14 @@ impl Agent {
                     "the agent of {} stopped during the fill of job {}",
                     self.cfg.host, rec.job
                 ))));
-                lock(&self.filled).insert(rec.job.clone(), (rec.from, tx));
+                lock(&self.filled).insert(
+                    rec.job.clone(),
+                    Ended {
+                        from: rec.from,
+                        done: tx,
+                        pages: None,
+                    },
+                );
                 let _ = std::fs::remove_dir_all(self.images_dir(&rec.job));
                 let _ = std::fs::remove_dir_all(self.work_dir(&rec.job));
             }
@@ -413,7 +599,14 @@ impl Agent {
                 if filled.len() >= 64 {
                     filled.clear();
                 }
-                filled.insert(job.clone(), (f.from, f.done));
+                filled.insert(
+                    job.clone(),
+                    Ended {
+                        from: f.from,
+                        done: f.done,
+                        pages: Some(f.pages),
+                    },
+                );
             }
             if !still_incoming {
                 let (images, work) = (agent.images_dir(&job), agent.work_dir(&job));
@@ -428,34 +621,139 @@ impl Agent {
 
     /// Answers [`crate::proto::PeerRequest::FillWait`].
     pub(crate) async fn fill_wait(&self, peer: &str, job: &str) -> Result<PeerResponse> {
-        let (from, mut rx) = {
+        let (mut rx, pages) = {
             let fills = super::lock(&self.fills);
             match fills.get(job) {
-                Some(f) => (f.from.clone(), f.done.subscribe()),
+                Some(f) if f.from != peer => bail!("job {job} belongs to {}, not {peer}", f.from),
+                Some(f) => (f.done.subscribe(), Some(Arc::clone(&f.pages))),
                 None => match super::lock(&self.filled).get(job) {
-                    Some((from, d)) => (from.clone(), d.subscribe()),
+                    Some(e) if e.from != peer => {
+                        bail!("job {job} belongs to {}, not {peer}", e.from)
+                    }
+                    Some(e) => (e.done.subscribe(), e.pages.clone()),
                     None => bail!("no lazy restore of job {job} here"),
                 },
             }
         };
-        if from != peer {
-            bail!("job {job} belongs to {from}, not {peer}");
-        }
         let outcome = rx
             .wait_for(|o| o.is_some())
             .await
             .map_err(|_| anyhow::anyhow!("the fill of job {job} was abandoned"))?
             .clone()
             .expect("waited for Some");
+        // The source's integrity check is over: the index goes.
+        if let Some(e) = super::lock(&self.filled).get_mut(job) {
+            e.pages = None;
+        }
         match outcome {
             Ok(s) => Ok(PeerResponse::Filled {
                 pages: s.pages,
                 requests: s.requests,
                 fill_ms: s.fill_ms,
+                integrity: pages.map(|p| p.integrity()),
             }),
             Err(e) => bail!("{e}"),
         }
     }
+
+    /// The pages of `job`'s fill, under way or ended, if `peer` is its source.
+    fn fill_pages(&self, peer: &str, job: &str) -> Result<(Arc<FillPages>, bool)> {
+        if let Some(f) = super::lock(&self.fills).get(job) {
+            if f.from != peer {
+                bail!("job {job} belongs to {}, not {peer}", f.from);
+            }
+            return Ok((Arc::clone(&f.pages), true));
+        }
+        match super::lock(&self.filled).get(job) {
+            Some(e) if e.from != peer => bail!("job {job} belongs to {}, not {peer}", e.from),
+            Some(Ended { pages: Some(p), .. }) => Ok((Arc::clone(p), false)),
+            _ => bail!("no lazy restore of job {job} to check here"),
+        }
+    }
+
+    /// Answers [`crate::proto::PeerRequest::VerifyPages`].
+    pub(crate) async fn verify_pages(
+        &self,
+        peer: &str,
+        job: &str,
+        count: u64,
+        done: bool,
+        recv: &mut super::peer::Incoming<'_>,
+    ) -> Result<PeerResponse> {
+        let (pages, _) = self.fill_pages(peer, job)?;
+        let frozen = read_bounded_locations(recv, count).await?;
+        let v = pages.verify(&frozen, done);
+        if !v.correct.is_empty() || v.stale > 0 {
+            warn!(%job, checked = v.checked, to_correct = v.correct.len(), stale = v.stale, "integrity: pages differ from the source's frozen copy");
+        }
+        Ok(PeerResponse::Verified {
+            checked: v.checked,
+            correct: v.correct,
+            stale: v.stale,
+        })
+    }
+
+    /// Answers [`crate::proto::PeerRequest::CorrectPages`]: stores the pages (checking each
+    /// against its hash), pins them for the fill and replaces the held ones.
+    pub(crate) async fn correct_pages(
+        &self,
+        peer: &str,
+        job: &str,
+        count: u64,
+        recv: &mut super::peer::Incoming<'_>,
+    ) -> Result<PeerResponse> {
+        let (pages, running) = self.fill_pages(peer, job)?;
+        let frozen = read_bounded_locations(recv, count).await?;
+        let mut fixed = Vec::new();
+        let mut page = vec![0u8; PAGE_SIZE];
+        {
+            let mut store = self.pages.lock().await;
+            for l in &frozen {
+                for (i, h) in l.hashes.iter().enumerate() {
+                    tokio::io::AsyncReadExt::read_exact(recv, &mut page)
+                        .await
+                        .context("reading corrected pages")?;
+                    let at = l.vaddr + i as u64 * PAGE_SIZE as u64;
+                    if transfer::pages::hash_page(&page) != *h {
+                        bail!(
+                            "the corrected page at {at:#x} of pid {} does not match its hash",
+                            l.pid
+                        );
+                    }
+                    store.insert(&page).with_context(|| {
+                        format!(
+                            "the page store of {} is full (page_store_mib in its config): a corrected page cannot be stored",
+                            self.cfg.host
+                        )
+                    })?;
+                    fixed.push(((l.pid, at), *h));
+                }
+            }
+        }
+        if running {
+            if let Some(f) = super::lock(&self.fills).get_mut(job) {
+                f.pinned.extend(fixed.iter().map(|(_, h)| *h));
+            }
+        }
+        let (corrected, stale) = pages.correct(&fixed);
+        info!(%job, corrected, stale, "integrity: pages corrected from the source's frozen copy");
+        Ok(PeerResponse::Corrected { corrected, stale })
+    }
+}
+
+/// Reads `count` location records of at most [`crate::proto::MAX_VERIFY_PAGES`] pages in all.
+async fn read_bounded_locations(
+    recv: &mut super::peer::Incoming<'_>,
+    count: u64,
+) -> Result<Vec<Location>> {
+    let max = crate::proto::MAX_VERIFY_PAGES;
+    if count > max {
+        bail!("{count} location records at once; at most {max}");
+    }
+    let locations = transfer::lists::read_locations(recv, count, max)
+        .await
+        .context("reading page locations")?;
+    Ok(locations)
 }
 
 #[cfg(test)]
@@ -469,6 +767,68 @@ mod tests {
             seq,
             hashes: fill.iter().map(|b| [*b; 32]).collect(),
         }
+    }
+
+    #[test]
+    fn the_integrity_check_holds_unserved_mismatches_and_counts_served_ones() {
+        let mut index = PageIndex::new();
+        place(&mut index, vec![loc(1, 0x0, 1, &[1, 2, 3])]);
+        let pages = FillPages::new(index, true);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        // The daemon has the first page already.
+        assert_eq!(rt.block_on(pages.take(1, 0x0, 1)), vec![[1; 32]]);
+        // The frozen copy differs at the first and the third page.
+        let v = pages.verify(&[loc(1, 0x0, 0, &[9, 2, 7])], false);
+        assert_eq!(v.checked, 3);
+        assert_eq!(v.stale, 1, "the first page was served before the check");
+        assert_eq!(v.correct, vec![(1, 0x2000)]);
+        // A page missing from the index is a mismatch too.
+        let v = pages.verify(&[loc(1, 0x5000, 0, &[4])], false);
+        assert_eq!(v.correct, vec![(1, 0x5000)]);
+        // The held page is not served until its correction arrives.
+        let waiting = pages.take(1, 0x1000, 2);
+        let corrected = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            pages.correct(&[((1, 0x2000), [7; 32]), ((1, 0x9000), [5; 32])])
+        };
+        let (served, (fixed, late)) = rt.block_on(async { tokio::join!(waiting, corrected) });
+        assert_eq!(served, vec![[2; 32], [7; 32]], "served the corrected page");
+        assert_eq!(
+            (fixed, late),
+            (1, 1),
+            "a page that was not held is not corrected"
+        );
+        let i = pages.integrity();
+        assert_eq!((i.pages_checked, i.mismatches, i.corrected), (4, 3, 1));
+    }
+
+    #[test]
+    fn the_background_fill_takes_only_pages_the_integrity_check_reached() {
+        let mut index = PageIndex::new();
+        place(&mut index, vec![loc(1, 0x0, 1, &[1, 2, 3, 4])]);
+        let pages = FillPages::new(index, true);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        // Nothing checked yet: one page per request.
+        assert_eq!(rt.block_on(pages.take(1, 0x0, 4)), vec![[1; 32]]);
+        pages.verify(&[loc(1, 0x1000, 0, &[2, 3])], false);
+        assert_eq!(
+            rt.block_on(pages.take(1, 0x1000, 3)),
+            vec![[2; 32], [3; 32]]
+        );
+        // Once the check is done, everything goes.
+        pages.verify(&[], true);
+        assert_eq!(rt.block_on(pages.take(1, 0x3000, 1)), vec![[4; 32]]);
+        // Without a check, nothing waits for one.
+        let mut index = PageIndex::new();
+        place(&mut index, vec![loc(1, 0x0, 1, &[1, 2])]);
+        let unchecked = FillPages::new(index, false);
+        assert_eq!(rt.block_on(unchecked.take(1, 0x0, 2)).len(), 2);
     }
 
     #[test]

@@ -499,12 +499,15 @@ impl Agent {
                 Err(e) => bail!("CRIU unusable on {}: {e}", self.cfg.host),
             };
             let (tx, _) = tokio::sync::watch::channel(None);
+            // The source checks every lazy page against its frozen copy (see `lazy`).
+            let pages = super::fill::FillPages::new(index, true);
             lock(&self.fills).insert(
                 job.to_string(),
                 super::fill::Fill {
                     from: peer.to_string(),
                     pinned,
                     done: tx,
+                    pages: Arc::clone(&pages),
                 },
             );
             let (images, work) = (self.images_dir(job), self.work_dir(job));
@@ -524,13 +527,10 @@ impl Agent {
             .and_then(|r| r);
             match started {
                 Ok(d) => {
-                    let pages = index.len();
-                    let server = tokio::spawn(super::fill::serve(
-                        Arc::clone(self),
-                        d.socket,
-                        Arc::new(index),
-                    ));
-                    info!(%job, indexed_pages = pages, setup_ms = crate::util::ms(t_req.elapsed()), "lazy restore: serving memory from the page store");
+                    let indexed = pages.len();
+                    let server =
+                        tokio::spawn(super::fill::serve(Arc::clone(self), d.socket, pages));
+                    info!(%job, indexed_pages = indexed, setup_ms = crate::util::ms(t_req.elapsed()), "lazy restore: serving memory from the page store");
                     daemon = Some((d.child, server));
                 }
                 Err(e) => {

@@ -31,6 +31,8 @@ use crate::proto::{PeerRequest, PeerResponse};
 type Read = (i32, u64, u64, Vec<PageHash>);
 /// Addresses of a host process.
 type PidRegion = (i32, Region);
+/// (host pid, address) -> (sequence number, contents) of the last read of each page.
+type LastReads = HashMap<(i32, u64), (u64, PageHash)>;
 
 /// What the destination knows of where pages live (see the module's documentation).
 #[derive(Default)]
@@ -42,9 +44,20 @@ pub(crate) struct Placement {
     placed: Mutex<HashMap<i32, Vec<Region>>>,
     /// Host pid -> pid in the container's namespace.
     vpids: Mutex<HashMap<i32, u32>>,
+    /// Fault hook `hide_dirty_page` only: the last read of every page, (sequence, contents),
+    /// so that the hook can pick a page whose frozen contents the destination lacks.
+    last: Option<Mutex<LastReads>>,
 }
 
 impl Placement {
+    /// A placement that also remembers the last read of every page (fault hook).
+    pub(crate) fn remembering() -> Self {
+        Placement {
+            last: Some(Mutex::new(HashMap::new())),
+            ..Default::default()
+        }
+    }
+
     /// The sequence number of a read about to start.
     pub(crate) fn next_seq(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::SeqCst) + 1
@@ -52,6 +65,17 @@ impl Placement {
 
     /// Records a read of `hashes.len()` pages of `pid` from `addr`.
     pub(crate) fn record(&self, pid: i32, addr: u64, seq: u64, hashes: Vec<PageHash>) {
+        if let Some(last) = &self.last {
+            let mut last = lock(last);
+            for (i, h) in hashes.iter().enumerate() {
+                let e = last
+                    .entry((pid, addr + (i * PAGE) as u64))
+                    .or_insert((seq, *h));
+                if e.0 <= seq {
+                    *e = (seq, *h);
+                }
+            }
+        }
         if !hashes.is_empty() {
             lock(&self.pending).push((pid, addr, seq, hashes));
         }
@@ -73,6 +97,22 @@ impl Placement {
             .iter()
             .find(|(_, v)| **v == vpid)
             .map(|(h, _)| *h)
+    }
+
+    /// Thread id in the container's namespace -> host pid of its process, for every thread of
+    /// the processes known here.
+    pub(crate) fn thread_owners(&self) -> HashMap<u32, i32> {
+        let pids: Vec<i32> = lock(&self.vpids).keys().copied().collect();
+        let mut out = HashMap::new();
+        for pid in pids {
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
+            for t in tasks.into_iter().flatten().flatten() {
+                if let Ok(v) = own_nspid(&t.path().join("status")) {
+                    out.insert(v, pid);
+                }
+            }
+        }
+        out
     }
 
     /// The parts of `r` of host process `pid` the destination has no location for.
@@ -126,13 +166,44 @@ impl Placement {
 /// The pid of host process `pid` in its own (the container's) PID namespace: the last
 /// `NSpid` field of its status.
 pub(crate) fn vpid_of(pid: i32) -> Result<u32> {
-    let path = format!("/proc/{pid}/status");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    own_nspid(std::path::Path::new(&format!("/proc/{pid}/status")))
+}
+
+/// The last `NSpid` field of a process or thread `status` file.
+fn own_nspid(path: &std::path::Path) -> Result<u32> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()
         .find_map(|l| l.strip_prefix("NSpid:"))
         .and_then(|l| l.split_whitespace().last())
         .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no NSpid in {path}"))
+        .with_context(|| format!("no NSpid in {}", path.display()))
+}
+
+/// Sends `req` followed by `locations` and then `pages` (raw bytes) on a stream of its own;
+/// returns the answer and the bytes sent.
+async fn request_with_locations(
+    conn: &transfer::Connection,
+    req: &PeerRequest,
+    locations: &[Location],
+    pages: &[u8],
+) -> Result<(PeerResponse, u64)> {
+    let (mut send, mut recv) = conn.open().await?;
+    let mut bytes;
+    {
+        let mut w = tokio::io::BufWriter::with_capacity(256 << 10, &mut send);
+        bytes = write_msg(&mut w, req).await?;
+        bytes += transfer::lists::write_locations(&mut w, locations).await?;
+        w.write_all(pages).await?;
+        bytes += pages.len() as u64;
+        w.flush().await?;
+    }
+    send.finish()
+        .map_err(|e| anyhow::anyhow!("closing a request stream to {}: {e}", conn.peer_host))?;
+    match read_msg::<_, PeerResponse>(&mut recv).await? {
+        PeerResponse::Error { message } => bail!("{}: {message}", conn.peer_host),
+        r => Ok((r, bytes)),
+    }
 }
 
 impl Agent {
@@ -148,31 +219,121 @@ impl Agent {
         if locations.is_empty() {
             return Ok(0);
         }
-        let (mut send, mut recv) = conn.open().await?;
-        let mut bytes;
-        {
-            let mut w = tokio::io::BufWriter::with_capacity(256 << 10, &mut send);
-            bytes = write_msg(
-                &mut w,
-                &PeerRequest::PageMap {
-                    job: job.to_string(),
-                    count: locations.len() as u64,
-                },
-            )
-            .await?;
-            bytes += transfer::lists::write_locations(&mut w, &locations).await?;
-            w.flush().await?;
-        }
-        send.finish()
-            .map_err(|e| anyhow::anyhow!("closing the page locations stream: {e}"))?;
-        match read_msg::<_, PeerResponse>(&mut recv).await? {
-            PeerResponse::Ok { .. } => {}
-            PeerResponse::Error { message } => bail!("{message}"),
-            other => bail!("unexpected answer to page locations: {other:?}"),
+        let req = PeerRequest::PageMap {
+            job: job.to_string(),
+            count: locations.len() as u64,
+        };
+        let (answer, bytes) = request_with_locations(conn, &req, &locations, &[]).await?;
+        if !matches!(answer, PeerResponse::Ok { .. }) {
+            bail!("unexpected answer to page locations: {answer:?}");
         }
         placement.placed(regions);
         Ok(bytes)
     }
+}
+
+/// Lazy memory of the frozen copy: which the integrity check hashes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LazyRegion {
+    pub(crate) host: i32,
+    pub(crate) vpid: u32,
+    pub(crate) region: Region,
+}
+
+/// Fault hook: leaves out of the final set one page whose frozen contents differ from the
+/// last read the destination placed, as a write the tracking missed would be.
+fn hide_one_page(chunks: &mut Vec<(i32, u64, u64)>, placement: &Placement) -> u64 {
+    let Some(last) = &placement.last else {
+        tracing::warn!("fault hook hide_dirty_page: pages were placed without remembering them; nothing hidden");
+        return 0;
+    };
+    let last = lock(last);
+    let mut page = vec![0u8; PAGE];
+    // From the end: the highest address, in the workload's data rather than the heap that
+    // every process touches at once.
+    let target = chunks.iter().rev().find_map(|&(pid, addr, n)| {
+        (0..n).rev().map(|i| addr + i * PAGE as u64).find_map(|at| {
+            let (_, placed) = last.get(&(pid, at))?;
+            let read = matches!(memtrack::read_memory(pid, at, &mut page), Ok(k) if k == PAGE);
+            (read && transfer::pages::hash_page(&page) != *placed).then_some((pid, at))
+        })
+    });
+    if let Some((pid, at)) = target {
+        tracing::warn!(
+            pid,
+            addr = format_args!("{at:#x}"),
+            "fault hook: a page written since the last round is left out of the final dump"
+        );
+        let mut out = Vec::with_capacity(chunks.len() + 1);
+        for &(p, addr, n) in chunks.iter() {
+            let end = addr + n * PAGE as u64;
+            if p != pid || at < addr || at >= end {
+                out.push((p, addr, n));
+                continue;
+            }
+            if at > addr {
+                out.push((p, addr, (at - addr) / PAGE as u64));
+            }
+            if at + (PAGE as u64) < end {
+                out.push((p, at + PAGE as u64, (end - at) / PAGE as u64 - 1));
+            }
+        }
+        *chunks = out;
+        return 1;
+    }
+    tracing::warn!("fault hook hide_dirty_page: no page written since the last round differs from its placed copy; nothing hidden");
+    0
+}
+
+/// Reads and hashes the frozen copy's lazy memory in batches of at most
+/// [`crate::proto::MAX_VERIFY_PAGES`] pages, in address order per process (the order in which
+/// the destination's daemon fills it in), and sends each batch to `tx`.
+fn hash_frozen_copy(
+    regions: &[LazyRegion],
+    tx: &tokio::sync::mpsc::Sender<Result<Vec<Location>>>,
+) -> Result<()> {
+    let max = crate::proto::MAX_VERIFY_PAGES;
+    let mut buf = vec![0u8; CHUNK_PAGES as usize * PAGE];
+    let (mut batch, mut n) = (Vec::new(), 0u64);
+    for r in regions {
+        let mut a = r.region.start;
+        while a < r.region.end {
+            let k = ((r.region.end - a) / PAGE as u64)
+                .min(CHUNK_PAGES)
+                .min(max - n);
+            let len = k as usize * PAGE;
+            let got = memtrack::read_memory(r.host, a, &mut buf[..len])
+                .with_context(|| format!("reading the frozen copy of pid {} at {a:#x}", r.host))?;
+            if got < len {
+                bail!(
+                    "the frozen copy of pid {} has {} bytes at {a:#x}, not {len}",
+                    r.host,
+                    got
+                );
+            }
+            batch.push(Location {
+                pid: r.vpid,
+                vaddr: a,
+                seq: 0,
+                hashes: buf[..len]
+                    .chunks_exact(PAGE)
+                    .map(transfer::pages::hash_page)
+                    .collect(),
+            });
+            n += k;
+            a += len as u64;
+            if n == max {
+                if tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err() {
+                    return Ok(());
+                }
+                n = 0;
+            }
+        }
+    }
+    if !batch.is_empty() {
+        let _ = tx.blocking_send(Ok(batch));
+    }
+    Ok(())
 }
 
 /// Pages read per chunk of the final dump's reads (1 MiB).
@@ -239,7 +400,7 @@ impl super::source::Driver {
             .clone()
             .context("a lazy dump without page placement")?;
         match self.lazy_dump_and_send(&placement).await {
-            Ok((bytes, extra, eager, lazy, round_trips)) => {
+            Ok((bytes, extra, eager, lazy, round_trips, reread)) => {
                 self.lazy_dumped = true;
                 self.memory = Some(migrate_core::MemoryReport {
                     restore: "lazy".into(),
@@ -248,6 +409,8 @@ impl super::source::Driver {
                     eager_pages: eager,
                     lazy_pages: lazy,
                     unplaced_pages: extra,
+                    reread_pages: reread,
+                    hidden_pages: self.hidden_pages,
                     ..Default::default()
                 });
                 tracing::info!(%job, freeze_ms, dirty_pages = dirty, unplaced_pages = extra,
@@ -263,11 +426,12 @@ impl super::source::Driver {
     }
 
     /// The part of [`Self::dump_lazy`] after the freeze: returns (bytes sent, pages sent for
-    /// lack of a location, eager pages, lazy pages, round trips to the destination).
+    /// lack of a location, eager pages, lazy pages, round trips to the destination, pages the
+    /// dump itself changed).
     async fn lazy_dump_and_send(
         &mut self,
         placement: &std::sync::Arc<Placement>,
-    ) -> Result<(u64, u64, u64, u64, u32)> {
+    ) -> Result<(u64, u64, u64, u64, u32, u64)> {
         let job = self.job.id.clone();
         let run_dir = self.agent.cfg.state_dir.join("run");
         std::fs::create_dir_all(&run_dir)?;
@@ -310,7 +474,10 @@ impl super::source::Driver {
         .await
         .context("closing CRIU's lazy page server")?;
         let conn = self.conn().await?;
-        let chunks = self.rounds.take_todo_chunks();
+        let mut chunks = self.rounds.take_todo_chunks();
+        if self.faults.hide_dirty_page {
+            self.hidden_pages = hide_one_page(&mut chunks, placement);
+        }
         let sent = self.send_chunks(&conn, chunks, placement).await;
         // The close's answer says the images are complete; CRIU may also answer and exit
         // before it is read: the answer then waits in the socket.
@@ -343,9 +510,10 @@ impl super::source::Driver {
         let (mut bytes, mut round_trips) = sent?;
         // Lazy pages the destination has no location for go now.
         let p = std::sync::Arc::clone(placement);
-        let (missing, eager, lazy) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let (missing, eager, lazy, regions, reread) = tokio::task::spawn_blocking(move || -> Result<_> {
             let maps = criu_sys::image::read_pagemaps(&images)?;
             let (mut missing, mut eager, mut lazy) = (vec![], 0u64, 0u64);
+            let mut regions = vec![];
             for (vpid, entries) in maps {
                 for e in entries {
                     if !e.is_lazy_only() {
@@ -356,7 +524,9 @@ impl super::source::Driver {
                     let Some(host) = p.host_pid(vpid) else {
                         bail!("process {vpid} of the dump was not among the container's processes at the freeze");
                     };
-                    for r in p.unplaced(host, Region { start: e.vaddr, end: e.end() }) {
+                    let region = Region { start: e.vaddr, end: e.end() };
+                    regions.push(LazyRegion { host, vpid, region });
+                    for r in p.unplaced(host, region) {
                         let mut a = r.start;
                         while a < r.end {
                             let n = ((r.end - a) / PAGE as u64).min(CHUNK_PAGES);
@@ -366,16 +536,42 @@ impl super::source::Driver {
                     }
                 }
             }
-            Ok((missing, eager, lazy))
+            // The kernel writes each thread's rseq area whenever the thread returns to user
+            // space, CRIU's parasite included, after the tracking ended: read them again.
+            let owners = p.thread_owners();
+            let mut reread = 0u64;
+            for a in criu_sys::image::read_rseq_areas(&images)? {
+                let Some(host) = owners.get(&a.tid).copied() else {
+                    bail!("thread {} of the dump was not among the container's threads at the freeze", a.tid);
+                };
+                let first = a.pointer & !(PAGE as u64 - 1);
+                let end = a.pointer + u64::from(a.size);
+                let mut at = first;
+                while at < end {
+                    let lazy_here = regions
+                        .iter()
+                        .any(|r| r.host == host && r.region.start <= at && at < r.region.end);
+                    let queued = missing
+                        .iter()
+                        .any(|&(h, s, n)| h == host && s <= at && at < s + n * PAGE as u64);
+                    if lazy_here && !queued {
+                        missing.push((host, at, 1));
+                        reread += 1;
+                    }
+                    at += PAGE as u64;
+                }
+            }
+            Ok((missing, eager, lazy, regions, reread))
         })
         .await??;
-        let extra: u64 = missing.iter().map(|c| c.2).sum();
+        self.lazy_regions = regions;
+        let extra: u64 = missing.iter().map(|c| c.2).sum::<u64>() - reread;
         if !missing.is_empty() {
             let (b, r) = self.send_chunks(&conn, missing, placement).await?;
             bytes += b;
             round_trips += r;
         }
-        Ok((bytes, extra, eager, lazy, round_trips))
+        Ok((bytes, extra, eager, lazy, round_trips, reread))
     }
 
     /// Reads, sends and places `chunks` (host pid, address, pages) of the frozen container;
@@ -414,12 +610,118 @@ impl super::source::Driver {
         Ok((sent.bytes + loc, streams + u32::from(loc > 0)))
     }
 
+    /// The integrity check (see `fill`): hashes the frozen copy's lazy pages while the
+    /// destination fills them in, has the destination compare, and sends the contents of
+    /// every mismatched page it has not given to the container yet.
+    async fn verify_frozen_copy(&mut self) -> migrate_core::IntegrityReport {
+        let mut report = migrate_core::IntegrityReport::default();
+        let regions = std::sync::Arc::new(std::mem::take(&mut self.lazy_regions));
+        let t = std::time::Instant::now();
+        if let Err(e) = self.verify_batches(&regions, &mut report).await {
+            tracing::warn!(job = %self.job.id, error = %format!("{e:#}"), "integrity check incomplete");
+            report.incomplete = Some(format!("{e:#}"));
+        }
+        tracing::info!(job = %self.job.id, pages_checked = report.pages_checked, mismatches = report.mismatches,
+            corrected = report.corrected, ms = crate::util::ms(t.elapsed()), "integrity check done");
+        report
+    }
+
+    async fn verify_batches(
+        &mut self,
+        regions: &std::sync::Arc<Vec<LazyRegion>>,
+        report: &mut migrate_core::IntegrityReport,
+    ) -> Result<()> {
+        let conn = self.conn().await?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let r = std::sync::Arc::clone(regions);
+        let hasher = tokio::task::spawn_blocking(move || {
+            if let Err(e) = hash_frozen_copy(&r, &tx) {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        // Only pages of the lazy memory it was asked about may be asked for.
+        let mut hosts: HashMap<u32, (i32, Vec<Region>)> = HashMap::new();
+        for r in regions.iter() {
+            let e = hosts.entry(r.vpid).or_insert((r.host, vec![]));
+            e.1.push(r.region);
+        }
+        let hosts = std::sync::Arc::new(hosts);
+        while let Some(batch) = rx.recv().await {
+            let batch = batch?;
+            let req = PeerRequest::VerifyPages {
+                job: self.job.id.clone(),
+                count: batch.len() as u64,
+                done: false,
+            };
+            let (checked, correct, stale) =
+                match request_with_locations(&conn, &req, &batch, &[]).await?.0 {
+                    PeerResponse::Verified {
+                        checked,
+                        correct,
+                        stale,
+                    } => (checked, correct, stale),
+                    other => bail!("unexpected answer to an integrity check: {other:?}"),
+                };
+            report.pages_checked += checked;
+            report.mismatches += correct.len() as u64 + stale;
+            if correct.is_empty() {
+                continue;
+            }
+            if correct.len() as u64 > crate::proto::MAX_VERIFY_PAGES {
+                bail!("{} pages to correct from one batch", correct.len());
+            }
+            let hosts = std::sync::Arc::clone(&hosts);
+            let (locations, pages) = tokio::task::spawn_blocking(move || -> Result<_> {
+                let mut pages = vec![0u8; correct.len() * PAGE];
+                let mut locations = Vec::with_capacity(correct.len());
+                for ((vpid, addr), page) in correct.iter().zip(pages.chunks_exact_mut(PAGE)) {
+                    let host = hosts
+                        .get(vpid)
+                        .filter(|(_, rs)| rs.iter().any(|r| r.start <= *addr && *addr < r.end))
+                        .map(|(h, _)| *h)
+                        .with_context(|| format!("the destination asks for page {addr:#x} of pid {vpid}, which is not lazy memory of the container"))?;
+                    if memtrack::read_memory(host, *addr, page)? < PAGE {
+                        bail!("page {addr:#x} of pid {vpid} cannot be read from the frozen copy");
+                    }
+                    locations.push(Location {
+                        pid: *vpid,
+                        vaddr: *addr,
+                        seq: 0,
+                        hashes: vec![transfer::pages::hash_page(page)],
+                    });
+                }
+                Ok((locations, pages))
+            })
+            .await??;
+            let req = PeerRequest::CorrectPages {
+                job: self.job.id.clone(),
+                count: locations.len() as u64,
+            };
+            match request_with_locations(&conn, &req, &locations, &pages)
+                .await?
+                .0
+            {
+                PeerResponse::Corrected { corrected, .. } => report.corrected += corrected,
+                other => bail!("unexpected answer to page corrections: {other:?}"),
+            }
+        }
+        hasher.await?;
+        let done = PeerRequest::VerifyPages {
+            job: self.job.id.clone(),
+            count: 0,
+            done: true,
+        };
+        request_with_locations(&conn, &done, &[], &[]).await?;
+        Ok(())
+    }
+
     /// Waits until the destination says the lazy restore has all its memory. If it failed
     /// (the daemon or the destination's agent died, a page was missing), the destination has
     /// stopped and removed its copy, whose memory was incomplete: the container resumes here
     /// from the frozen copy, as it was at the freeze, and the error says so.
     pub(super) async fn wait_for_fill(&mut self) -> Result<()> {
         let job = self.job.id.clone();
+        let mut integrity = self.verify_frozen_copy().await;
         let req = PeerRequest::FillWait { job: job.clone() };
         // Only the destination's word decides: while it cannot be reached, it may be filling
         // in fine, and two copies must never run.
@@ -449,15 +751,24 @@ impl super::source::Driver {
                     pages,
                     requests,
                     fill_ms,
+                    integrity: theirs,
                 },
                 _,
             )) => {
                 tracing::info!(%job, pages, requests, fill_ms, "destination filled in the container's memory; the frozen copy goes");
+                // The destination alone knows which pages the container had used.
+                if let Some(t) = theirs {
+                    integrity = migrate_core::IntegrityReport {
+                        incomplete: integrity.incomplete.take(),
+                        ..t
+                    };
+                }
                 if let Some(m) = &mut self.memory {
                     m.fill_pages = Some(pages);
                     m.fill_ms = Some(fill_ms as f64);
                     m.fill_mib_s =
                         Some(pages as f64 * 4096.0 / 1048576.0 / (fill_ms.max(1) as f64 / 1000.0));
+                    m.integrity = Some(integrity);
                 }
                 return Ok(());
             }

@@ -126,17 +126,8 @@ pub(crate) struct Agent {
     pending_bases: Mutex<HashMap<String, base::PendingBase>>,
     /// Lazy restores filling in their memory, by job (their pages stay pinned).
     fills: Mutex<HashMap<String, fill::Fill>>,
-    /// Outcomes of recent fills, by job: (source, outcome).
-    #[allow(clippy::type_complexity)]
-    filled: Mutex<
-        HashMap<
-            String,
-            (
-                String,
-                tokio::sync::watch::Sender<Option<std::result::Result<fill::FillStats, String>>>,
-            ),
-        >,
-    >,
+    /// Recent fills that ended, by job.
+    filled: Mutex<HashMap<String, fill::Ended>>,
 }
 
 /// Entry point of `ferry agent`. Enters the configured network namespace first, then starts

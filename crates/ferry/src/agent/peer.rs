@@ -225,6 +225,12 @@ async fn dispatch(
             agent.receive_locations(peer, &job, count, recv).await
         }
         PeerRequest::FillWait { job } => agent.fill_wait(peer, &job).await,
+        PeerRequest::VerifyPages { job, count, done } => {
+            agent.verify_pages(peer, &job, count, done, recv).await
+        }
+        PeerRequest::CorrectPages { job, count } => {
+            agent.correct_pages(peer, &job, count, recv).await
+        }
         PeerRequest::Restore {
             job,
             pause_ms,

@@ -92,9 +92,16 @@ impl Rounds {
         self.follow_writes = on;
     }
 
-    /// Records where every page read lives, for a lazy restore.
-    pub(crate) fn set_lazy(&mut self, on: bool) {
-        self.placement = on.then(|| Arc::new(Placement::default()));
+    /// Records where every page read lives, for a lazy restore (`remember`: and the last read
+    /// of every page, for the fault hook that hides one).
+    pub(crate) fn set_lazy(&mut self, on: bool, remember: bool) {
+        self.placement = on.then(|| {
+            Arc::new(if remember {
+                Placement::remembering()
+            } else {
+                Placement::default()
+            })
+        });
     }
 
     /// Collects the last writes (the container is frozen): the pages the final dump sends.

@@ -131,6 +131,7 @@ pub(crate) fn start(
     rounds.set_follow_writes(req.precopy.as_ref().is_none_or(|p| p.follow_writes));
     rounds.set_lazy(
         req.mode == MigrateMode::PreCopy && req.precopy.as_ref().is_none_or(|p| p.lazy_restore),
+        req.faults.hide_dirty_page,
     );
     tokio::spawn(async move {
         let mut d = Driver {
@@ -147,6 +148,8 @@ pub(crate) fn start(
             rootfs_snapshot: None,
             rootfs_digest: None,
             lazy_dumped: false,
+            lazy_regions: Vec::new(),
+            hidden_pages: 0,
             memory: None,
             not_lazy: (req.mode == MigrateMode::PreCopy
                 && req.precopy.as_ref().is_some_and(|p| !p.lazy_restore))
@@ -178,6 +181,10 @@ pub(super) struct Driver {
     pub(super) rootfs_digest: Option<String>,
     /// The final dump was lazy: the destination restores lazily (see `lazy`).
     pub(super) lazy_dumped: bool,
+    /// The frozen copy's lazy memory, for the integrity check.
+    pub(super) lazy_regions: Vec<super::lazy::LazyRegion>,
+    /// Pages the fault hook `hide_dirty_page` left out of the final dump.
+    pub(super) hidden_pages: u64,
     /// Pre-copy: how memory crossed the freeze, for the report.
     pub(super) memory: Option<migrate_core::MemoryReport>,
     /// Why this pre-copy does not restore lazily.
