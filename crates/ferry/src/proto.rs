@@ -141,6 +141,11 @@ pub enum PeerRequest {
         job: String,
         /// Records that follow.
         count: u64,
+        /// A page stream (`transfer::pages`) follows the records: pages they name that the
+        /// destination may lack, stored before the records are placed (one round trip for
+        /// pages and places).
+        #[serde(default)]
+        with_pages: bool,
     },
     /// Answer when the lazy restore of `job` has filled in all its memory (or failed):
     /// [`PeerResponse::Filled`].

@@ -458,18 +458,24 @@ impl Agent {
     }
 
     /// Answers [`crate::proto::PeerRequest::PageMap`]: reads `count` location records and
-    /// adds them to the job's index; every page they name must be in the store.
+    /// adds them to the job's index; every page they name must be in the store. With
+    /// `with_pages`, a page stream follows the records (pages they name that this host may
+    /// lack).
     pub(crate) async fn receive_locations(
         &self,
         peer: &str,
         job: &str,
         count: u64,
+        with_pages: bool,
         recv: &mut super::peer::Incoming<'_>,
     ) -> Result<PeerResponse> {
         let _stream = self.with_incoming(peer, job, |i| i.stream()).await?;
         let locations = transfer::lists::read_locations(recv, count, MAX_HASHES)
             .await
             .context("reading page locations")?;
+        if with_pages {
+            self.absorb_page_stream(peer, job, recv).await?;
+        }
         {
             let store = self.pages.lock().await;
             for l in &locations {

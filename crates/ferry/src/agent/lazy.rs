@@ -91,6 +91,11 @@ impl Placement {
         Ok(())
     }
 
+    /// The container pid of host process `pid`.
+    pub(crate) fn vpid(&self, pid: i32) -> Option<u32> {
+        lock(&self.vpids).get(&pid).copied()
+    }
+
     /// The host pid of container pid `vpid`.
     pub(crate) fn host_pid(&self, vpid: u32) -> Option<i32> {
         lock(&self.vpids)
@@ -149,6 +154,14 @@ impl Placement {
         Ok((locations, regions))
     }
 
+    /// The reads recorded so far as locations, counted as placed from now on (a request
+    /// that fails to place them fails the migration).
+    fn take_placed(&self) -> Result<Vec<Location>> {
+        let (locations, regions) = self.take()?;
+        self.placed(regions);
+        Ok(locations)
+    }
+
     fn placed(&self, regions: Vec<PidRegion>) {
         let mut by_pid: HashMap<i32, Vec<Region>> = HashMap::new();
         for (pid, r) in regions {
@@ -180,13 +193,22 @@ fn own_nspid(path: &std::path::Path) -> Result<u32> {
         .with_context(|| format!("no NSpid in {}", path.display()))
 }
 
-/// Sends `req` followed by `locations` and then `pages` (raw bytes) on a stream of its own;
-/// returns the answer and the bytes sent.
+/// What follows the location records of a request.
+enum Tail<'a> {
+    None,
+    /// Raw pages, 4096 bytes each.
+    Raw(&'a [u8]),
+    /// Pages as a page stream (`transfer::pages`, compressed where it pays).
+    Stream(&'a [u8]),
+}
+
+/// Sends `req` followed by `locations` and then `tail` on a stream of its own; returns the
+/// answer and the bytes sent.
 async fn request_with_locations(
     conn: &transfer::Connection,
     req: &PeerRequest,
     locations: &[Location],
-    pages: &[u8],
+    tail: Tail<'_>,
 ) -> Result<(PeerResponse, u64)> {
     let (mut send, mut recv) = conn.open().await?;
     let mut bytes;
@@ -194,8 +216,20 @@ async fn request_with_locations(
         let mut w = tokio::io::BufWriter::with_capacity(256 << 10, &mut send);
         bytes = write_msg(&mut w, req).await?;
         bytes += transfer::lists::write_locations(&mut w, locations).await?;
-        w.write_all(pages).await?;
-        bytes += pages.len() as u64;
+        match tail {
+            Tail::None => {}
+            Tail::Raw(pages) => {
+                w.write_all(pages).await?;
+                bytes += pages.len() as u64;
+            }
+            Tail::Stream(pages) => {
+                let mut pw = transfer::pages::PageWriter::new(&mut w)?;
+                for p in pages.chunks_exact(PAGE) {
+                    pw.push(p).await?;
+                }
+                bytes += pw.finish().await?.wire_bytes;
+            }
+        }
         w.flush().await?;
     }
     send.finish()
@@ -215,21 +249,29 @@ impl Agent {
         conn: &transfer::Connection,
         placement: &Placement,
     ) -> Result<u64> {
-        let (locations, regions) = placement.take()?;
-        if locations.is_empty() {
-            return Ok(0);
-        }
-        let req = PeerRequest::PageMap {
-            job: job.to_string(),
-            count: locations.len() as u64,
-        };
-        let (answer, bytes) = request_with_locations(conn, &req, &locations, &[]).await?;
-        if !matches!(answer, PeerResponse::Ok { .. }) {
-            bail!("unexpected answer to page locations: {answer:?}");
-        }
-        placement.placed(regions);
-        Ok(bytes)
+        send_location_list(job.to_string(), conn, placement.take_placed()?).await
     }
+}
+
+/// Sends location records (see [`Agent::send_locations`]).
+async fn send_location_list(
+    job: String,
+    conn: &transfer::Connection,
+    locations: Vec<Location>,
+) -> Result<u64> {
+    if locations.is_empty() {
+        return Ok(0);
+    }
+    let req = PeerRequest::PageMap {
+        job,
+        count: locations.len() as u64,
+        with_pages: false,
+    };
+    let (answer, bytes) = request_with_locations(conn, &req, &locations, Tail::None).await?;
+    if !matches!(answer, PeerResponse::Ok { .. }) {
+        bail!("unexpected answer to page locations: {answer:?}");
+    }
+    Ok(bytes)
 }
 
 /// Lazy memory of the frozen copy: which the integrity check hashes.
@@ -507,7 +549,7 @@ impl super::source::Driver {
         };
         dumped?;
         answer.context("CRIU's lazy dump did not answer its page server's close")?;
-        let (mut bytes, mut round_trips) = sent?;
+        let (bytes, round_trips) = sent?;
         // Lazy pages the destination has no location for go now.
         let p = std::sync::Arc::clone(placement);
         let (missing, eager, lazy, regions, reread) = tokio::task::spawn_blocking(move || -> Result<_> {
@@ -567,15 +609,15 @@ impl super::source::Driver {
         self.lazy_regions = regions;
         let extra: u64 = missing.iter().map(|c| c.2).sum::<u64>() - reread;
         if !missing.is_empty() {
-            let (b, r) = self.send_chunks(&conn, missing, placement).await?;
-            bytes += b;
-            round_trips += r;
+            // With their locations in one request, while the images go.
+            self.send_placed_chunks(&conn, missing, placement);
         }
         Ok((bytes, extra, eager, lazy, round_trips, reread))
     }
 
-    /// Reads, sends and places `chunks` (host pid, address, pages) of the frozen container;
-    /// returns the bytes and the round trips it took.
+    /// Reads and sends `chunks` (host pid, address, pages) of the frozen container, then
+    /// sends their locations without waiting for the answer (the restore waits for it, see
+    /// [`Self::await_pending`]); returns the bytes and the round trips it took.
     async fn send_chunks(
         &mut self,
         conn: &transfer::Connection,
@@ -603,11 +645,102 @@ impl super::source::Driver {
                 Some(placement),
             )
             .await?;
-        let loc = self
-            .agent
-            .send_locations(&self.job.id, conn, placement)
-            .await?;
-        Ok((sent.bytes + loc, streams + u32::from(loc > 0)))
+        let (job, conn) = (self.job.id.clone(), conn.clone());
+        let locations = placement.take_placed()?;
+        self.pending.push(tokio::spawn(async move {
+            send_location_list(job, &conn, locations).await
+        }));
+        Ok((sent.bytes, streams))
+    }
+
+    /// Reads `chunks` of the frozen container and sends them with their locations in one
+    /// request, without waiting for the answer (the restore waits for it).
+    fn send_placed_chunks(
+        &mut self,
+        conn: &transfer::Connection,
+        chunks: Vec<(i32, u64, u64)>,
+        placement: &std::sync::Arc<Placement>,
+    ) {
+        let (job, conn, p) = (
+            self.job.id.clone(),
+            conn.clone(),
+            std::sync::Arc::clone(placement),
+        );
+        let known = std::sync::Arc::clone(&self.rounds.known);
+        self.pending.push(tokio::spawn(async move {
+            let p2 = std::sync::Arc::clone(&p);
+            let (locations, pages, regions) = tokio::task::spawn_blocking(move || -> Result<_> {
+                let (mut locations, mut pages, mut regions) = (vec![], vec![], vec![]);
+                let mut buf = vec![0u8; CHUNK_PAGES as usize * PAGE];
+                for (pid, addr, n) in chunks {
+                    let len = n as usize * PAGE;
+                    let seq = p2.next_seq();
+                    let got =
+                        memtrack::read_memory(pid, addr, &mut buf[..len]).with_context(|| {
+                            format!("reading the frozen copy of pid {pid} at {addr:#x}")
+                        })?;
+                    if got < len {
+                        bail!(
+                            "the frozen copy of pid {pid} has {got} bytes at {addr:#x}, not {len}"
+                        );
+                    }
+                    let vpid = p2.vpid(pid).with_context(|| {
+                        format!(
+                            "pages of process {pid} were read before its container pid was known"
+                        )
+                    })?;
+                    let hashes: Vec<PageHash> = buf[..len]
+                        .chunks_exact(PAGE)
+                        .map(transfer::pages::hash_page)
+                        .collect();
+                    {
+                        let mut k = lock(&known);
+                        for (page, h) in buf[..len].chunks_exact(PAGE).zip(&hashes) {
+                            if k.insert(*h) {
+                                pages.extend_from_slice(page);
+                            }
+                        }
+                    }
+                    regions.push((
+                        pid,
+                        Region {
+                            start: addr,
+                            end: addr + len as u64,
+                        },
+                    ));
+                    locations.push(Location {
+                        pid: vpid,
+                        vaddr: addr,
+                        seq,
+                        hashes,
+                    });
+                }
+                Ok((locations, pages, regions))
+            })
+            .await??;
+            p.placed(regions);
+            let req = PeerRequest::PageMap {
+                job,
+                count: locations.len() as u64,
+                with_pages: true,
+            };
+            let (answer, bytes) =
+                request_with_locations(&conn, &req, &locations, Tail::Stream(&pages)).await?;
+            if !matches!(answer, PeerResponse::Ok { .. }) {
+                bail!("unexpected answer to placed pages: {answer:?}");
+            }
+            Ok(bytes)
+        }));
+    }
+
+    /// Waits for the requests sent without waiting (page locations, the last pages); returns
+    /// the bytes they carried.
+    pub(super) async fn await_pending(&mut self) -> Result<u64> {
+        let mut bytes = 0;
+        for h in std::mem::take(&mut self.pending) {
+            bytes += h.await.context("a page request of the final dump")??;
+        }
+        Ok(bytes)
     }
 
     /// The integrity check (see `fill`): hashes the frozen copy's lazy pages while the
@@ -654,7 +787,10 @@ impl super::source::Driver {
                 done: false,
             };
             let (checked, correct, stale) =
-                match request_with_locations(&conn, &req, &batch, &[]).await?.0 {
+                match request_with_locations(&conn, &req, &batch, Tail::None)
+                    .await?
+                    .0
+                {
                     PeerResponse::Verified {
                         checked,
                         correct,
@@ -697,7 +833,7 @@ impl super::source::Driver {
                 job: self.job.id.clone(),
                 count: locations.len() as u64,
             };
-            match request_with_locations(&conn, &req, &locations, &pages)
+            match request_with_locations(&conn, &req, &locations, Tail::Raw(&pages))
                 .await?
                 .0
             {
@@ -711,7 +847,7 @@ impl super::source::Driver {
             count: 0,
             done: true,
         };
-        request_with_locations(&conn, &done, &[], &[]).await?;
+        request_with_locations(&conn, &done, &[], Tail::None).await?;
         Ok(())
     }
 

@@ -80,6 +80,18 @@ impl Agent {
         recv: &mut super::peer::Incoming<'_>,
     ) -> Result<PeerResponse> {
         let _stream = self.with_incoming(peer, job, |i| i.stream()).await?;
+        let wire_bytes = self.absorb_page_stream(peer, job, recv).await?;
+        Ok(PeerResponse::Ok { bytes: wire_bytes })
+    }
+
+    /// Receives a page stream into the page store and pins its pages for `job`; returns the
+    /// bytes it took.
+    pub(crate) async fn absorb_page_stream(
+        &self,
+        peer: &str,
+        job: &str,
+        recv: &mut super::peer::Incoming<'_>,
+    ) -> Result<u64> {
         let cap = self.page_store_cap();
         let mut local = PageStore::new(cap);
         let (hashes, stats) = transfer::pages::recv_pages(recv, &mut local)
@@ -102,9 +114,7 @@ impl Agent {
         self.with_incoming(peer, job, move |i| i.pin(hashes.into_iter().collect()))
             .await?;
         tracing::debug!(%job, pages, bytes = stats.wire_bytes, "round pages received");
-        Ok(PeerResponse::Ok {
-            bytes: stats.wire_bytes,
-        })
+        Ok(stats.wire_bytes)
     }
 
     /// Forgets pages no incoming job relies on (pages kept from earlier migrations, this

@@ -221,8 +221,14 @@ async fn dispatch(
         PeerRequest::Pages { job } => agent.receive_pages(peer, &job, recv).await,
         PeerRequest::RootfsRound { job } => agent.rootfs_round(peer, &job, recv).await,
         PeerRequest::DumpPages { .. } => bail!("DumpPages is served by the stream handler"),
-        PeerRequest::PageMap { job, count } => {
-            agent.receive_locations(peer, &job, count, recv).await
+        PeerRequest::PageMap {
+            job,
+            count,
+            with_pages,
+        } => {
+            agent
+                .receive_locations(peer, &job, count, with_pages, recv)
+                .await
         }
         PeerRequest::FillWait { job } => agent.fill_wait(peer, &job).await,
         PeerRequest::VerifyPages { job, count, done } => {

@@ -150,6 +150,7 @@ pub(crate) fn start(
             lazy_dumped: false,
             lazy_regions: Vec::new(),
             hidden_pages: 0,
+            pending: Vec::new(),
             memory: None,
             not_lazy: (req.mode == MigrateMode::PreCopy
                 && req.precopy.as_ref().is_some_and(|p| !p.lazy_restore))
@@ -185,6 +186,8 @@ pub(super) struct Driver {
     pub(super) lazy_regions: Vec<super::lazy::LazyRegion>,
     /// Pages the fault hook `hide_dirty_page` left out of the final dump.
     pub(super) hidden_pages: u64,
+    /// Requests of the final dump sent without waiting; the restore waits for them.
+    pub(super) pending: Vec<tokio::task::JoinHandle<Result<u64>>>,
     /// Pre-copy: how memory crossed the freeze, for the report.
     pub(super) memory: Option<migrate_core::MemoryReport>,
     /// Why this pre-copy does not restore lazily.
@@ -584,6 +587,8 @@ impl Driver {
                 r
             }
             Action::Restore => {
+                // The destination must hold every page and location before it restores.
+                let sent = self.await_pending().await?;
                 let pause_ms = self.faults.pause_in_restore_ms;
                 let limit = self.deadlines.restore();
                 let req = PeerRequest::Restore {
@@ -604,7 +609,7 @@ impl Driver {
                         )
                     })??;
                 self.count_round_trips(1);
-                Ok(0)
+                Ok(sent)
             }
             Action::Commit => {
                 // The destination decides: it commits by recording the job (synced) before it
@@ -688,6 +693,9 @@ impl Driver {
     }
 
     async fn rollback(&mut self, plan: RollbackPlan) -> Result<()> {
+        for h in self.pending.drain(..) {
+            h.abort();
+        }
         let job = self.job.id.clone();
         let name = self.spec.name.clone();
         let mut errors = vec![];
