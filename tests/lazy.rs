@@ -158,17 +158,62 @@ fn the_integrity_check_catches_a_write_the_dirty_tracking_missed() {
     assert_memory_intact(&ip, 256, "after the move");
 }
 
+/// Restarts `host`'s agent with `settings` changed in its config.
+fn reconfigure(lab: &Lab, host: &str, settings: &[(&str, Value)]) {
+    lab.kill_agent(host);
+    let cfg_path = format!("/run/ferry/lab/{host}.json");
+    let mut cfg: Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).expect("the config")).expect("json");
+    for (k, v) in settings {
+        cfg[*k] = v.clone();
+    }
+    std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).expect("writing");
+    ferry_ok(&["lab", "start-agent", host]);
+}
+
+#[test]
+fn the_page_store_grows_for_a_container_and_a_host_without_the_memory_refuses_it() {
+    let lab = Lab::up();
+    // A page store of 32 MiB; 700 MiB of memory to plan with.
+    reconfigure(
+        &lab,
+        "h2",
+        &[
+            ("page_store_mib", Value::from(32)),
+            ("memory_budget_mib", Value::from(700)),
+        ],
+    );
+    // 128 MiB: the store grows by what it lacks for the job's pages (twice the memory and
+    // 16 MiB: 272 - 32), which fits with the container and 256 MiB of margin (624 <= 700).
+    let c = lab.run_mem("h1", "mem", 128, 20);
+    let ip = c["ip"].as_str().expect("ip").to_string();
+    let (code, r) = migrate_json("mem", "h2", &["--pre-copy"], Duration::from_secs(180));
+    assert_lazy(&r, code, 128);
+    assert_runs_on(&lab, "h2", "mem");
+    assert_fill_ended("h2");
+    assert_memory_intact(&ip, 128, "on h2, through a page store four times smaller");
+
+    // 256 MiB cannot (256 running, 496 more for the store, 256 of margin): refused before
+    // anything moves, with the sizes.
+    let big = lab.run_mem("h1", "big", 256, 0);
+    let big_ip = big["ip"].as_str().expect("ip").to_string();
+    let (code, r) = migrate_json("big", "h2", &["--pre-copy"], Duration::from_secs(60));
+    assert_eq!(code, 2, "rolled back: {r}");
+    assert_eq!(r["result"], "rolled_back", "{r}");
+    let why = r["reason"].as_str().unwrap_or_default();
+    assert!(why.contains("cannot hold the container"), "{r}");
+    assert!(why.contains("memory_budget_mib"), "names the setting: {r}");
+    assert!(why.contains("700 MiB"), "names the budget: {r}");
+    assert_runs_on(&lab, "h1", "big");
+    assert_memory_intact(&big_ip, 256, "still on h1");
+    assert_clean_host("h2", "big");
+}
+
 #[test]
 fn without_lazy_restore_the_final_dump_carries_every_page() {
     let lab = Lab::up();
     // h2 refuses lazy restores.
-    lab.kill_agent("h2");
-    let cfg_path = "/run/ferry/lab/h2.json";
-    let mut cfg: Value =
-        serde_json::from_slice(&std::fs::read(cfg_path).expect("h2's config")).expect("json");
-    cfg["lazy_restore"] = Value::Bool(false);
-    std::fs::write(cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).expect("writing");
-    ferry_ok(&["lab", "start-agent", "h2"]);
+    reconfigure(&lab, "h2", &[("lazy_restore", Value::Bool(false))]);
 
     let c = lab.run_mem("h1", "mem", 64, 20);
     let ip = c["ip"].as_str().expect("ip").to_string();

@@ -477,10 +477,7 @@ fn fit_in_memory(all: Vec<Scenario>) -> (Vec<Scenario>, Vec<String>) {
 }
 
 fn mem_available_mib() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024)
+    crate::util::mem_available_bytes().map(|b| b >> 20)
 }
 
 fn machine_summary() -> String {

@@ -58,6 +58,12 @@ pub struct AgentConfig {
     /// running migration needs are forgotten when it is full.
     #[serde(default = "default_page_store_mib")]
     pub page_store_mib: u64,
+    /// Memory incoming migrations may count on, MiB (default: what the kernel reports
+    /// available, `MemAvailable`, at each preflight). A pre-copy migration needs its
+    /// container's memory twice here (the page store, then the running container); its job
+    /// may grow the page store beyond `page_store_mib` for that while it runs.
+    #[serde(default)]
+    pub memory_budget_mib: Option<u64>,
     /// Accept lazy restores (pre-copy's default when CRIU and the kernel support them);
     /// without, sources send every page in the final dump.
     #[serde(default = "yes")]

@@ -413,6 +413,7 @@ pub async fn up(
             quic_idle_timeout_ms: 3000,
             allow_fault_hooks: true,
             page_store_mib: 4096,
+            memory_budget_mib: None,
             lazy_restore: true,
         };
         let cfg_path = dir.join(format!("{}.json", h.name));

@@ -33,6 +33,12 @@ pub enum PeerRequest {
         version: u32,
         /// Container name.
         name: String,
+        /// The memory its checkpoint carries, bytes (0: unknown).
+        #[serde(default)]
+        memory_bytes: u64,
+        /// Pre-copy: the memory also passes through the destination's page store.
+        #[serde(default)]
+        pre_copy: bool,
     },
     /// Containers you run (for name and address uniqueness).
     List,
@@ -43,6 +49,10 @@ pub enum PeerRequest {
         job: String,
         /// The container.
         spec: ContainerSpec,
+        /// Pre-copy: the memory its rounds bring, bytes; the page store grows by that much
+        /// for the job when it is fuller.
+        #[serde(default)]
+        memory_bytes: u64,
     },
     /// Point `mac` at `host`'s VTEP in your overlay (`None`: forget it).
     Route {

@@ -190,3 +190,11 @@ pub fn fd_slots(fds: &[std::os::fd::BorrowedFd<'_>]) -> Vec<i32> {
     let top = fds.iter().map(|f| f.as_raw_fd()).max().unwrap_or(2).max(2);
     (1..=fds.len() as i32).map(|i| top + i).collect()
 }
+
+/// The memory the kernel says it can give without swapping (`MemAvailable`), in bytes.
+pub fn mem_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

@@ -148,6 +148,17 @@ impl PageStore {
         Ok(h)
     }
 
+    /// Changes how many pages the store may hold (pages beyond a lower cap stay until
+    /// removed; nothing more is stored until there is room).
+    pub fn set_max_pages(&mut self, max_pages: usize) {
+        self.max_pages = max_pages;
+    }
+
+    /// How many pages the store may hold.
+    pub fn max_pages(&self) -> usize {
+        self.max_pages
+    }
+
     /// Stores a page whose hash the caller computed itself (a host's own memory, never a
     /// peer's data). Returns false when the store is full and the page is not held.
     pub fn insert_own(&mut self, h: PageHash, page: &[u8]) -> bool {

@@ -598,6 +598,9 @@ impl Agent {
             };
             let _ = std::fs::remove_file(agent.fill_record(&job));
             let fill = super::lock(&agent.fills).remove(&job);
+            if !still_incoming {
+                agent.release_store(&job).await;
+            }
             if let Some(f) = fill {
                 f.done.send_replace(Some(outcome));
                 // Late waiters find the outcome in `filled` (the last few jobs).

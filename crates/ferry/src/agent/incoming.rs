@@ -667,6 +667,7 @@ impl Agent {
         // way of the commit's answer, which ends the source's count of the frozen time. A
         // lazy restore still filling in needs them: its end removes them.
         if !inc.filling {
+            self.release_store(job).await;
             let (images, work) = (self.images_dir(job), self.work_dir(job));
             tokio::task::spawn_blocking(move || {
                 let _ = std::fs::remove_dir_all(images);
@@ -699,6 +700,7 @@ impl Agent {
             }
         };
         if let Some(mut inc) = inc {
+            self.release_store(job).await;
             lock(&self.incoming_bases).remove(job);
             warn!(%job, container = %inc.spec.name, reason = why, "aborting incoming migration");
             let hold = inc.hold.take();

@@ -128,6 +128,8 @@ pub(crate) struct Agent {
     fills: Mutex<HashMap<String, fill::Fill>>,
     /// Recent fills that ended, by job.
     filled: Mutex<HashMap<String, fill::Ended>>,
+    /// Pages the page store grew by for incoming pre-copy jobs, by job.
+    store_grants: Mutex<HashMap<String, usize>>,
 }
 
 /// Entry point of `ferry agent`. Enters the configured network namespace first, then starts
@@ -237,6 +239,7 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         incoming_bases: Default::default(),
         fills: Default::default(),
         filled: Default::default(),
+        store_grants: Default::default(),
         cfg,
     });
     agent.settle_unfinished_fills().await;

@@ -17,6 +17,13 @@ use crate::proto::{PeerResponse, MAX_HASHES};
 /// How long `criu page-server` may take to exit once the relay has ended.
 const PAGE_SERVER_EXIT: Duration = Duration::from_secs(10);
 
+/// What a pre-copy job's pages take in the page store for a container holding
+/// `memory_bytes`: its memory, and as much again for versions of pages rewritten between
+/// rounds (every version a job received stays pinned until it ends), and 16 MiB.
+pub(crate) fn store_bytes_for(memory_bytes: u64) -> u64 {
+    memory_bytes.saturating_mul(2).saturating_add(16 << 20)
+}
+
 impl Agent {
     /// Checks that `job` is an incoming job of `peer`, extends its deadline, and runs `f` on it.
     pub(crate) async fn with_incoming<T>(
@@ -188,7 +195,83 @@ impl Agent {
 
     /// Pages the store may hold.
     pub(crate) fn page_store_cap(&self) -> usize {
-        self.cfg.page_store_pages()
+        self.cfg.page_store_pages() + super::lock(&self.store_grants).values().sum::<usize>()
+    }
+
+    /// Grows the page store while pre-copy job `job`, whose container holds `memory_bytes`,
+    /// runs: its rounds bring that memory and the versions of pages rewritten meanwhile
+    /// ([`store_bytes_for`]), which a store full of other pages could not take.
+    pub(crate) async fn grant_store(&self, job: &str, memory_bytes: u64) {
+        let pages = (store_bytes_for(memory_bytes) / 4096) as usize;
+        let free = self.pages.lock().await.free_pages();
+        let extra = pages.saturating_sub(free);
+        if extra == 0 {
+            return;
+        }
+        super::lock(&self.store_grants).insert(job.to_string(), extra);
+        let cap = self.page_store_cap();
+        self.pages.lock().await.set_max_pages(cap);
+        info!(%job, extra_mib = (extra * 4096) >> 20, cap_mib = (cap * 4096) >> 20, "page store grown for the job");
+    }
+
+    /// Ends what [`Self::grant_store`] gave `job`.
+    pub(crate) async fn release_store(&self, job: &str) {
+        if super::lock(&self.store_grants).remove(job).is_none() {
+            return;
+        }
+        let cap = self.page_store_cap();
+        let mut store = self.pages.lock().await;
+        store.set_max_pages(cap);
+        if store.len() > cap {
+            self.make_room(&mut store).await;
+        }
+    }
+
+    /// Whether this host can take a container whose checkpoint carries `memory_bytes`:
+    /// it needs that memory once for the running container, and with pre-copy what the page
+    /// store lacks for [`store_bytes_for`] of it.
+    pub(crate) async fn check_memory(&self, memory_bytes: u64, pre_copy: bool) -> Result<()> {
+        if memory_bytes == 0 {
+            return Ok(());
+        }
+        let (available, source) = match self.cfg.memory_budget_mib {
+            Some(mib) => (mib << 20, "memory_budget_mib in its config"),
+            None => match crate::util::mem_available_bytes() {
+                Some(b) => (b, "MemAvailable"),
+                None => return Ok(()),
+            },
+        };
+        let store_free = if pre_copy {
+            (self.pages.lock().await.free_pages() as u64) * 4096
+        } else {
+            0
+        };
+        let store_need = if pre_copy {
+            store_bytes_for(memory_bytes).saturating_sub(store_free)
+        } else {
+            0
+        };
+        // What the kernel and the agent need besides.
+        let margin = 256u64 << 20;
+        let need = memory_bytes + store_need + margin;
+        if need > available {
+            let mib = |b: u64| b >> 20;
+            bail!(
+                "{} cannot hold the container: its memory is {} MiB, and {} needs {} MiB for it ({}the running container, {} MiB of margin) but has {} MiB ({source}); free memory there, move a smaller container, or use stop-and-copy (no page store)",
+                self.cfg.host,
+                mib(memory_bytes),
+                self.cfg.host,
+                mib(need),
+                if pre_copy {
+                    format!("{} MiB more page store for pre-copy's pages, then ", mib(store_need))
+                } else {
+                    String::new()
+                },
+                mib(margin),
+                mib(available)
+            );
+        }
+        Ok(())
     }
 
     /// Applies a pre-copy round's root filesystem diff.

@@ -182,11 +182,18 @@ async fn dispatch(
     recv: &mut Incoming<'_>,
 ) -> Result<PeerResponse> {
     match req {
-        PeerRequest::Preflight { version, name } => {
+        PeerRequest::Preflight {
+            version,
+            name,
+            memory_bytes,
+            pre_copy,
+        } => {
             if version + 1 < PROTO_VERSION || version > PROTO_VERSION {
                 bail!("protocol version {version} not supported here (this agent speaks {PROTO_VERSION})");
             }
-            agent.preflight_incoming(&name).await
+            let answer = agent.preflight_incoming(&name).await?;
+            agent.check_memory(memory_bytes, pre_copy).await?;
+            Ok(answer)
         }
         PeerRequest::List => {
             let a = Arc::clone(agent);
@@ -197,7 +204,17 @@ async fn dispatch(
             agent.route_from_peer(peer, &mac, host.as_deref())?;
             Ok(PeerResponse::Ok { bytes: 0 })
         }
-        PeerRequest::Prepare { job, spec } => agent.prepare(peer, conn_id, job, spec, recv).await,
+        PeerRequest::Prepare {
+            job,
+            spec,
+            memory_bytes,
+        } => {
+            let r = agent.prepare(peer, conn_id, job.clone(), spec, recv).await;
+            if r.is_ok() && memory_bytes > 0 {
+                agent.grant_store(&job, memory_bytes).await;
+            }
+            r
+        }
         PeerRequest::BaseHave { tree } => agent.base_have(tree).await,
         PeerRequest::BaseTree { tree, len } => agent.base_tree(tree, len, recv).await,
         PeerRequest::BaseChunks { tree, count } => agent.base_chunks(tree, count, recv).await,

@@ -150,6 +150,7 @@ pub(crate) fn start(
             lazy_dumped: false,
             lazy_regions: Vec::new(),
             hidden_pages: 0,
+            memory_bytes: 0,
             pending: Vec::new(),
             memory: None,
             not_lazy: (req.mode == MigrateMode::PreCopy
@@ -186,6 +187,8 @@ pub(super) struct Driver {
     pub(super) lazy_regions: Vec<super::lazy::LazyRegion>,
     /// Pages the fault hook `hide_dirty_page` left out of the final dump.
     pub(super) hidden_pages: u64,
+    /// The memory the container's checkpoint carries, measured at the preflight.
+    pub(super) memory_bytes: u64,
     /// Requests of the final dump sent without waiting; the restore waits for them.
     pub(super) pending: Vec<tokio::task::JoinHandle<Result<u64>>>,
     /// Pre-copy: how memory crossed the freeze, for the report.
@@ -378,9 +381,14 @@ impl Driver {
                     self.spec.name.clone(),
                     l.bundle.clone(),
                 );
-                let (st, size) =
-                    tokio::task::spawn_blocking(move || (runc.state(&n), dir_size(&bundle)))
-                        .await?;
+                let host = self.agent.cfg.host.clone();
+                let (st, size, memory) = tokio::task::spawn_blocking(move || {
+                    let memory = crate::runtime::container_memory_bytes(&host, &n);
+                    (runc.state(&n), dir_size(&bundle), memory)
+                })
+                .await?;
+                // Unknown (a process vanished meanwhile): the destination does not check.
+                self.memory_bytes = memory.unwrap_or(0);
                 if st.as_ref().map(|s| s.status.as_str()) != Some("running") {
                     bail!(
                         "container {:?} is not running on {} (runc state: {})",
@@ -393,6 +401,8 @@ impl Driver {
                 let req = PeerRequest::Preflight {
                     version: PROTO_VERSION,
                     name: self.spec.name.clone(),
+                    memory_bytes: self.memory_bytes,
+                    pre_copy: self.mode == MigrateMode::PreCopy,
                 };
                 let (resp, bytes) =
                     match async { request(&self.conn().await?, &req, &[]).await }.await {
@@ -444,6 +454,11 @@ impl Driver {
                 let req = PeerRequest::Prepare {
                     job: job.clone(),
                     spec: self.spec.clone(),
+                    memory_bytes: if self.mode == MigrateMode::PreCopy {
+                        self.memory_bytes
+                    } else {
+                        0
+                    },
                 };
                 // The container runs: what changes under this first copy goes again with the
                 // next diff (a round, or the final one while it is frozen).
