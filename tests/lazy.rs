@@ -341,3 +341,73 @@ fn a_destination_agent_killed_during_the_fill_loses_nothing() {
     ferry_ok(&["lab", "start-agent", "h2"]);
     assert_resumed_at_the_source(&lab, &job, &ip);
 }
+
+/// What a completed post-copy migration reports.
+fn assert_post_copy(r: &Value, code: i32) {
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(r["result"], "completed", "{r}");
+    assert_eq!(r["precopy_stop"], "post-copy", "{r}");
+    let m = &r["memory"];
+    assert_eq!(m["restore"], "lazy", "{m}");
+    let remote = m["remote_pages"].as_u64().expect("remote_pages");
+    let fetched = m["fetched_pages"].as_u64().expect("fetched_pages");
+    let on_fault = m["fetched_on_fault"].as_u64().expect("fetched_on_fault");
+    assert!(remote > 0, "{m}");
+    // Every page left at the source came from its frozen copy, on a fault or in the
+    // background fill (a page the container rewrote before the fill reached it was copied in
+    // once, at its fault).
+    assert!(fetched > 0 && fetched <= remote, "{m}");
+    assert!(on_fault <= fetched, "{m}");
+    assert_eq!(m["fill_pages"], m["lazy_pages"], "{m}");
+    assert_eq!(m["integrity"]["mismatches"], 0, "{m}");
+    assert!(m["fill_error"].is_null(), "{m}");
+}
+
+#[test]
+fn post_copy_moves_a_container_that_writes_faster_than_the_link() {
+    let lab = Lab::up();
+    // 256 MiB written at 50 MiB/s over 100 Mbit/s (about 12 MB/s): pre-copy cannot converge.
+    let _shaped = Shaped::new("100mbit");
+    let c = lab.run_mem("h1", "mem", 256, 50);
+    let ip = c["ip"].as_str().expect("ip").to_string();
+    let probe = Probe::start(&ip, "post-copy");
+    let (code, r) = migrate_json("mem", "h2", &["--post-copy"], Duration::from_secs(240));
+    eprintln!("report: {r}");
+    assert_post_copy(&r, code);
+    // No rounds: every lazy page was left at the source and fetched from it.
+    assert!(r["rounds"].as_array().is_none_or(|x| x.is_empty()), "{r}");
+    let m = &r["memory"];
+    assert_eq!(m["remote_pages"], m["lazy_pages"], "{m}");
+    assert_eq!(m["fetched_pages"], m["lazy_pages"], "{m}");
+    assert_runs_on(&lab, "h2", "mem");
+    assert_clean_host("h1", "mem");
+    assert_fill_ended("h2");
+    let p = probe.finish();
+    assert_probe_intact(&p);
+    assert_memory_intact(&ip, 256, "on h2, fetched from the source after the restore");
+}
+
+#[test]
+fn pre_copy_turns_to_post_copy_when_the_rounds_stop_gaining() {
+    let lab = Lab::up();
+    let _shaped = Shaped::new("100mbit");
+    let c = lab.run_mem("h1", "mem", 64, 50);
+    let ip = c["ip"].as_str().expect("ip").to_string();
+    let (code, r) = migrate_json(
+        "mem",
+        "h2",
+        &["--pre-copy", "--when-stuck", "post-copy"],
+        Duration::from_secs(240),
+    );
+    eprintln!("report: {r}");
+    assert_post_copy(&r, code);
+    let rounds = r["rounds"].as_array().expect("rounds");
+    assert!(rounds.len() >= 2, "stuck is seen after two rounds: {r}");
+    assert!(
+        rounds.iter().all(|x| x["throttle_pct"].as_u64() == Some(0)),
+        "no throttling on the way to post-copy: {r}"
+    );
+    assert_runs_on(&lab, "h2", "mem");
+    assert_fill_ended("h2");
+    assert_memory_intact(&ip, 64, "on h2");
+}

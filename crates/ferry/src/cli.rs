@@ -226,6 +226,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             downtime_budget_ms,
             max_rounds,
             when_stuck,
+            post_copy,
             no_follow_writes,
             no_lazy_restore,
             throttle_initial_pct,
@@ -277,7 +278,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 deadlines,
                 faults,
             };
-            if pre_copy {
+            if pre_copy || post_copy {
                 let mut p = migrate_core::PrecopyPolicy::default();
                 if let Some(b) = downtime_budget_ms {
                     p.downtime_budget_ms = b;
@@ -289,9 +290,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     p.when_stuck = match w.as_str() {
                         "auto-converge" => migrate_core::WhenStuck::AutoConverge,
                         "stop-and-copy" => migrate_core::WhenStuck::StopAndCopy,
+                        "post-copy" => migrate_core::WhenStuck::PostCopy,
                         _ => migrate_core::WhenStuck::Abort,
                     };
                 }
+                p.post_copy = post_copy;
                 p.follow_writes = !no_follow_writes;
                 p.lazy_restore = !no_lazy_restore;
                 if let Some(t) = throttle_initial_pct {
@@ -602,6 +605,15 @@ pub(crate) fn print_summary(r: &Report) {
                 "  memory: every page in the final dump ({})",
                 m.not_lazy.as_deref().unwrap_or("not lazy")
             ),
+        }
+        if m.remote_pages > 0 {
+            println!(
+                "  post-copy: {} pages left at {} at the freeze; {} fetched from its frozen copy ({} on a fault of the container)",
+                m.remote_pages,
+                r.from,
+                m.fetched_pages.map_or("-".into(), |n| n.to_string()),
+                m.fetched_on_fault.map_or("-".into(), |n| n.to_string()),
+            );
         }
         if let Some(i) = &m.integrity {
             println!(

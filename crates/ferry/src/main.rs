@@ -107,9 +107,16 @@ enum Cmd {
         #[arg(long, requires = "pre_copy")]
         max_rounds: Option<u32>,
         /// Pre-copy: when the container dirties memory faster than the link carries it:
-        /// auto-converge (throttle its CPU step by step), stop-and-copy, or abort.
-        #[arg(long, requires = "pre_copy", value_parser = ["auto-converge", "stop-and-copy", "abort"])]
+        /// auto-converge (throttle its CPU step by step), stop-and-copy, post-copy (freeze
+        /// at once; the destination fetches what it lacks while the container runs), or abort.
+        #[arg(long, requires = "pre_copy", value_parser = ["auto-converge", "stop-and-copy", "post-copy", "abort"])]
         when_stuck: Option<String>,
+        /// Post-copy: freeze at once (no rounds), restore lazily at the destination, which
+        /// fetches every page from the source's frozen copy while the container runs. The
+        /// container's memory exists only partly at either end until the fill ends: if the
+        /// source host dies meanwhile, the container is lost.
+        #[arg(long, conflicts_with_all = ["no_lazy_restore", "when_stuck", "max_rounds", "downtime_budget_ms"])]
+        post_copy: bool,
         /// Pre-copy: send all memory at once in the first round instead of following the
         /// container's writes (which sends fewer bytes but may take up to 4 x longer).
         #[arg(long, requires = "pre_copy")]

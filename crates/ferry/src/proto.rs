@@ -184,6 +184,19 @@ pub enum PeerRequest {
         /// Records that follow (at most [`MAX_VERIFY_PAGES`] pages in all).
         count: u64,
     },
+    /// Sent by a lazy restore's destination to its source: `nr_pages` pages (at most 1024)
+    /// of process `pid` (container namespace) from `vaddr`, read from the frozen copy. The
+    /// answer is [`PeerResponse::Fetched`] followed by the pages, 4096 bytes each.
+    FetchPages {
+        /// Job id.
+        job: String,
+        /// Process, as the container numbers it.
+        pid: u32,
+        /// First page's address.
+        vaddr: u64,
+        /// Pages.
+        nr_pages: u64,
+    },
     /// Commit point passed: release held packets, announce the container, own it.
     Commit {
         /// Job id.
@@ -260,6 +273,12 @@ pub enum PeerResponse {
         /// it alone knows which pages the container had used).
         #[serde(default)]
         integrity: Option<migrate_core::IntegrityReport>,
+        /// Pages fetched from the source's frozen copy (post-copy).
+        #[serde(default)]
+        fetched_pages: u64,
+        /// Of them, pages a fault of the container asked for.
+        #[serde(default)]
+        fetched_on_fault: u64,
     },
     /// Answer to [`PeerRequest::VerifyPages`].
     Verified {
@@ -277,6 +296,11 @@ pub enum PeerResponse {
         corrected: u64,
         /// Pages that arrived after the container had used the stale copy.
         stale: u64,
+    },
+    /// Answer to [`PeerRequest::FetchPages`]: this many pages follow.
+    Fetched {
+        /// Pages that follow.
+        nr_pages: u64,
     },
     /// Refused or failed.
     Error {

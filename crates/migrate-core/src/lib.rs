@@ -296,6 +296,11 @@ impl Migration {
         }
     }
 
+    /// Why pre-copy stopped, once it has.
+    pub fn precopy_stop(&self) -> Option<FreezeReason> {
+        self.report.precopy_stop
+    }
+
     /// Consumes the migration, yielding its report.
     pub fn finalize(self) -> Report {
         self.report
@@ -354,6 +359,11 @@ impl Migration {
                 self.mark_progress(s);
                 Ok(match s {
                     State::Preflight => self.enter(State::Preparing, now, vec![Action::Prepare]),
+                    State::Preparing if self.precopy.as_ref().is_some_and(|p| p.post_copy) => {
+                        // Post-copy from the start: no rounds.
+                        self.report.precopy_stop = Some(FreezeReason::PostCopy);
+                        self.enter(State::Redirecting, now, vec![Action::Redirect])
+                    }
                     State::Preparing if self.precopy.is_some() => self.enter(
                         State::PreCopying,
                         now,

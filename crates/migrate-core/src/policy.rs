@@ -26,6 +26,9 @@ pub enum WhenStuck {
     StopAndCopy,
     /// Give up: roll back, the container keeps running on the source.
     Abort,
+    /// Freeze now and restore lazily at once: the destination fetches the pages it lacks
+    /// from the source's frozen copy while the container runs (needs lazy restore).
+    PostCopy,
 }
 
 /// Pre-copy settings.
@@ -58,6 +61,10 @@ pub struct PrecopyPolicy {
     /// destination, which restores with CRIU's lazy pages and fills the memory in from its
     /// page store while the container runs.
     pub lazy_restore: bool,
+    /// Post-copy from the start: no rounds; freeze at once, restore lazily at the
+    /// destination, which fetches every page from the source's frozen copy while the
+    /// container runs (needs lazy restore).
+    pub post_copy: bool,
 }
 
 impl Default for PrecopyPolicy {
@@ -76,6 +83,7 @@ impl Default for PrecopyPolicy {
             throttle_max_pct: 99,
             follow_writes: true,
             lazy_restore: true,
+            post_copy: false,
         }
     }
 }
@@ -110,6 +118,12 @@ impl PrecopyPolicy {
                 "throttle steps must satisfy 0 < initial ({}) <= max ({}) <= 99 and step ({}) > 0",
                 self.throttle_initial_pct, self.throttle_max_pct, self.throttle_step_pct
             ));
+        }
+        let post_copy = self.post_copy
+            || self.when_stuck == WhenStuck::PostCopy
+            || self.at_round_limit == WhenStuck::PostCopy;
+        if post_copy && !self.lazy_restore {
+            return Err("post-copy needs lazy restore (lazy_restore: true)".into());
         }
         Ok(())
     }
@@ -222,6 +236,9 @@ pub enum FreezeReason {
     RoundLimit,
     /// The dirty set does not shrink (at the largest throttle, or the policy says freeze).
     NotConverging,
+    /// Post-copy: the destination fetches what it lacks after the restore (by request, or
+    /// because the rounds stopped gaining).
+    PostCopy,
 }
 
 /// What to do after a round.
@@ -313,6 +330,9 @@ pub fn decide(policy: &PrecopyPolicy, rounds: &[RoundStats], throttle_pct: u32) 
                     policy.downtime_budget_ms
                 ),
             },
+            WhenStuck::PostCopy => Decision::Freeze {
+                reason: FreezeReason::PostCopy,
+            },
             _ => Decision::Freeze {
                 reason: FreezeReason::RoundLimit,
             },
@@ -336,6 +356,9 @@ pub fn decide(policy: &PrecopyPolicy, rounds: &[RoundStats], throttle_pct: u32) 
         }
         WhenStuck::AutoConverge | WhenStuck::StopAndCopy => Decision::Freeze {
             reason: FreezeReason::NotConverging,
+        },
+        WhenStuck::PostCopy => Decision::Freeze {
+            reason: FreezeReason::PostCopy,
         },
         WhenStuck::Abort => Decision::Abort {
             reason: format!(

@@ -222,6 +222,40 @@ fn dirtying_faster_than_the_link_freezes_or_rolls_back_as_the_policy_says() {
 }
 
 #[test]
+fn post_copy_freezes_at_once_or_when_the_rounds_stop_gaining() {
+    // By request: no rounds at all.
+    let mut sim = too_fast();
+    let policy = PrecopyPolicy {
+        post_copy: true,
+        ..PrecopyPolicy::default()
+    };
+    let r = sim.run(Migration::new("j", "c", "h1", "h2").with_precopy(policy));
+    assert_eq!(r.outcome, Outcome::Completed);
+    assert_eq!(r.precopy_stop, Some(FreezeReason::PostCopy));
+    assert!(r.rounds.is_empty(), "{:?}", r.rounds);
+
+    // When stuck: as soon as the rounds stop gaining, without throttling.
+    let mut sim = too_fast();
+    let policy = PrecopyPolicy {
+        when_stuck: WhenStuck::PostCopy,
+        ..PrecopyPolicy::default()
+    };
+    let r = sim.run(Migration::new("j", "c", "h1", "h2").with_precopy(policy));
+    assert_eq!(r.outcome, Outcome::Completed);
+    assert_eq!(r.precopy_stop, Some(FreezeReason::PostCopy));
+    assert_eq!(r.rounds.len(), 2);
+    assert!(sim.throttles.iter().all(|&t| t == 0));
+
+    // Post-copy restores lazily: without lazy restore it is refused.
+    let bad = PrecopyPolicy {
+        post_copy: true,
+        lazy_restore: false,
+        ..PrecopyPolicy::default()
+    };
+    assert!(bad.validate().unwrap_err().contains("lazy restore"));
+}
+
+#[test]
 fn the_round_limit_freezes_or_aborts_as_the_policy_says() {
     // Converges slowly: each round leaves 80 % of what it sent.
     let slow = || {

@@ -152,6 +152,17 @@ pub struct MemoryReport {
     /// the dump and sent while frozen.
     #[serde(default)]
     pub reread_pages: u64,
+    /// Post-copy: lazy pages left at the source at the freeze, which the destination fetched
+    /// from the frozen copy while the container ran.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub remote_pages: u64,
+    /// Post-copy: pages the destination fetched from the source, and how many of them a
+    /// fault of the container asked for (the rest the background fill did).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetched_pages: Option<u64>,
+    /// See [`MemoryReport::fetched_pages`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetched_on_fault: Option<u64>,
     /// Pages the fault hook `hide_dirty_page` left out of the final dump (tests only).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub hidden_pages: u64,

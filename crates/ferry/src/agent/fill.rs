@@ -32,6 +32,10 @@ use crate::proto::{PeerResponse, MAX_HASHES};
 /// (pid in the container, page address) -> (content, sequence number of the read).
 pub(crate) type PageIndex = HashMap<(u32, u64), (PageHash, u64)>;
 
+/// The "hash" of a page to fetch from the source's frozen copy (post-copy): a location
+/// with it supersedes the versions this host holds.
+pub(crate) const REMOTE: PageHash = [0; 32];
+
 /// Pages served per request at most (CRIU asks for up to 4 MiB).
 const MAX_SERVE_PAGES: u64 = 1024;
 /// How long the daemon may take to say it is ready.
@@ -45,6 +49,9 @@ pub(crate) struct FillStats {
     pub(crate) pages: u64,
     pub(crate) requests: u64,
     pub(crate) fill_ms: u64,
+    /// Pages fetched from the source, and of them those a fault asked for.
+    pub(crate) fetched: u64,
+    pub(crate) fetched_on_fault: u64,
 }
 
 /// The outcome of a fill, once known.
@@ -97,6 +104,17 @@ struct Served {
     /// Mismatched pages not served yet, waiting for the source's contents.
     held: HashSet<(u32, u64)>,
     integrity: migrate_core::IntegrityReport,
+    fetched: u64,
+    fetched_on_fault: u64,
+}
+
+/// What [`FillPages::take`] hands out.
+#[derive(Debug, PartialEq, Eq)]
+enum Take {
+    /// The contents' hashes of pages from the store, marked served.
+    Local(Vec<PageHash>),
+    /// This many pages to fetch from the source (not marked served yet).
+    Remote(u64),
 }
 
 /// What [`FillPages::verify`] found.
@@ -121,6 +139,8 @@ impl FillPages {
                 served: HashSet::new(),
                 held: HashSet::new(),
                 integrity: Default::default(),
+                fetched: 0,
+                fetched_on_fault: 0,
             }),
             released: tokio::sync::Notify::new(),
         })
@@ -159,8 +179,12 @@ impl FillPages {
                 if s.verifying {
                     s.verified.insert(key);
                 }
-                if s.index.get(&key).is_some_and(|(ours, _)| ours == h) {
-                    continue;
+                match s.index.get(&key) {
+                    Some((ours, _)) if ours == h => continue,
+                    // Fetched from the frozen copy itself when needed.
+                    Some((ours, _)) if *ours == REMOTE && !s.served.contains(&key) => continue,
+                    None if !s.served.contains(&key) => continue,
+                    _ => {}
                 }
                 s.integrity.mismatches += 1;
                 if s.served.contains(&key) {
@@ -201,7 +225,7 @@ impl FillPages {
     /// While the integrity check runs, a request for several pages (the daemon's background
     /// fill; a fault asks for one) gets only those the check has reached, and at least one:
     /// the daemon asks again for the rest, so that a mismatch is corrected before it is used.
-    async fn take(&self, pid: u32, vaddr: u64, n: u64) -> Vec<PageHash> {
+    async fn take(&self, pid: u32, vaddr: u64, n: u64) -> Take {
         let until = tokio::time::Instant::now() + HELD_LIMIT;
         loop {
             let released = self.released.notified();
@@ -213,6 +237,12 @@ impl FillPages {
                 let waiting =
                     now < until && !s.held.is_empty() && keys.clone().any(|k| s.held.contains(&k));
                 if !waiting {
+                    // Marked remote, or never placed here: the frozen copy has it.
+                    let remote = |k: &(u32, u64)| s.index.get(k).is_none_or(|(h, _)| *h == REMOTE);
+                    if remote(&(pid, vaddr)) {
+                        let run = keys.take_while(|k| remote(k)).count() as u64;
+                        return Take::Remote(run);
+                    }
                     let checking = n > 1 && s.verifying && now < s.progress + VERIFY_STALL;
                     let mut out = Vec::with_capacity(n as usize);
                     for (i, k) in keys.enumerate() {
@@ -220,17 +250,40 @@ impl FillPages {
                             break;
                         }
                         let Some((h, _)) = s.index.get(&k) else { break };
+                        if *h == REMOTE {
+                            break;
+                        }
                         if s.held.remove(&k) {
                             warn!(pid, addr = format_args!("{:#x}", k.1), "integrity: no correction for a mismatched page within {} s; it is served as it is", HELD_LIMIT.as_secs());
                         }
                         s.served.insert(k);
                         out.push(*h);
                     }
-                    return out;
+                    return Take::Local(out);
                 }
             }
             let _ = tokio::time::timeout_at(until, released).await;
         }
+    }
+
+    /// Records pages fetched from the source (already in the store) as served.
+    fn fetched(&self, pid: u32, vaddr: u64, hashes: &[PageHash], fault: bool) {
+        let mut s = lock(&self.state);
+        for (i, h) in hashes.iter().enumerate() {
+            let k = (pid, vaddr + i as u64 * PAGE_SIZE as u64);
+            s.index.insert(k, (*h, u64::MAX - 1));
+            s.served.insert(k);
+        }
+        s.fetched += hashes.len() as u64;
+        if fault {
+            s.fetched_on_fault += hashes.len() as u64;
+        }
+    }
+
+    /// (pages fetched from the source, of them asked for by a fault).
+    pub(crate) fn fetch_counts(&self) -> (u64, u64) {
+        let s = lock(&self.state);
+        (s.fetched, s.fetched_on_fault)
     }
 }
 
@@ -318,12 +371,21 @@ pub(crate) fn start_daemon(
     })
 }
 
+/// Where a fill's pages come from besides the store: the job's source (post-copy, and any
+/// page the store lacks).
+pub(crate) struct Source {
+    pub(crate) job: String,
+    pub(crate) host: String,
+}
+
 /// Serves the daemon's `PS_IOV_GET`s from the page store by `index` until it sends
-/// `PS_IOV_CLOSE`; returns (pages served, requests).
+/// `PS_IOV_CLOSE`, fetching pages marked [`REMOTE`] or not placed at all from the source's
+/// frozen copy; returns (pages served, requests).
 pub(crate) async fn serve(
     agent: Arc<Agent>,
     socket: std::os::unix::net::UnixStream,
     index: Arc<FillPages>,
+    source: Source,
 ) -> Result<(u64, u64)> {
     socket.set_nonblocking(true)?;
     let socket = tokio::net::UnixStream::from_std(socket)?;
@@ -346,13 +408,32 @@ pub(crate) async fn serve(
                 },
             ) => {
                 buf.clear();
-                let hashes = index.take(pid, vaddr, nr_pages.min(MAX_SERVE_PAGES)).await;
-                {
-                    let store = agent.pages.lock().await;
-                    for h in &hashes {
-                        match store.get(h) {
-                            Some(p) => buf.extend_from_slice(p),
-                            None => break,
+                match index.take(pid, vaddr, nr_pages.min(MAX_SERVE_PAGES)).await {
+                    Take::Local(hashes) => {
+                        let store = agent.pages.lock().await;
+                        for h in &hashes {
+                            match store.get(h) {
+                                Some(p) => buf.extend_from_slice(p),
+                                None => break,
+                            }
+                        }
+                    }
+                    Take::Remote(n) => {
+                        let fetched = agent
+                            .fetch_from_source(&source, pid, vaddr, n)
+                            .await
+                            .with_context(|| {
+                                format!(
+                                    "fetching {n} pages at {vaddr:#x} of pid {pid} from {}",
+                                    source.host
+                                )
+                            })?;
+                        index.fetched(pid, vaddr, &fetched, nr_pages == 1);
+                        let store = agent.pages.lock().await;
+                        for h in &fetched {
+                            buf.extend_from_slice(
+                                store.get(h).context("a fetched page left the store")?,
+                            );
                         }
                     }
                 }
@@ -384,6 +465,59 @@ pub(crate) async fn serve(
             }
             Some(other) => bail!("unexpected request from the lazy-pages daemon: {other:?}"),
         }
+    }
+}
+
+impl Agent {
+    /// Fetches `n` pages of `pid` from `vaddr` from the source's frozen copy into the page
+    /// store (pinned for the fill); returns their hashes.
+    async fn fetch_from_source(
+        &self,
+        source: &Source,
+        pid: u32,
+        vaddr: u64,
+        n: u64,
+    ) -> Result<Vec<PageHash>> {
+        let n = n.min(super::lazy::MAX_FETCH_PAGES);
+        let conn = self.peer_conn(&source.host).await?;
+        let (mut send, mut recv) = conn.open().await?;
+        transfer::frame::write_msg(
+            &mut send,
+            &crate::proto::PeerRequest::FetchPages {
+                job: source.job.clone(),
+                pid,
+                vaddr,
+                nr_pages: n,
+            },
+        )
+        .await?;
+        send.finish()
+            .map_err(|e| anyhow::anyhow!("closing a request stream to {}: {e}", source.host))?;
+        match transfer::frame::read_msg::<_, PeerResponse>(&mut recv).await? {
+            PeerResponse::Fetched { nr_pages } if nr_pages == n => {}
+            PeerResponse::Error { message } => bail!("{}: {message}", source.host),
+            other => bail!("unexpected answer to a page fetch: {other:?}"),
+        }
+        let mut pages = vec![0u8; n as usize * PAGE_SIZE];
+        tokio::io::AsyncReadExt::read_exact(&mut recv, &mut pages)
+            .await
+            .context("reading fetched pages")?;
+        let mut hashes = Vec::with_capacity(n as usize);
+        {
+            let mut store = self.pages.lock().await;
+            for p in pages.chunks_exact(PAGE_SIZE) {
+                hashes.push(store.insert(p).with_context(|| {
+                    format!(
+                        "the page store of {} is full (page_store_mib in its config)",
+                        self.cfg.host
+                    )
+                })?);
+            }
+        }
+        if let Some(f) = lock(&self.fills).get_mut(&source.job) {
+            f.pinned.extend(hashes.iter().copied());
+        }
+        Ok(hashes)
     }
 }
 
@@ -479,7 +613,11 @@ impl Agent {
         {
             let store = self.pages.lock().await;
             for l in &locations {
-                if let Some(h) = l.hashes.iter().find(|h| !store.contains(h)) {
+                if let Some(h) = l
+                    .hashes
+                    .iter()
+                    .find(|h| **h != REMOTE && !store.contains(h))
+                {
                     bail!(
                         "a location names page {} at {:#x} of pid {}, which this host does not hold",
                         super::pages::to_hex(h),
@@ -517,6 +655,7 @@ impl Agent {
         name: String,
         mut daemon: crate::util::Spawned,
         server: tokio::task::JoinHandle<Result<(u64, u64)>>,
+        fill_pages: Arc<FillPages>,
         restored_at: Instant,
     ) {
         let agent = Arc::clone(self);
@@ -543,11 +682,16 @@ impl Agent {
             .flatten();
             let fill_ms = crate::util::ms(restored_at.elapsed()) as u64;
             let outcome = match (served, status) {
-                (Ok(Ok(Ok((pages, requests)))), Some(s)) if s.success() => Ok(FillStats {
-                    pages,
-                    requests,
-                    fill_ms,
-                }),
+                (Ok(Ok(Ok((pages, requests)))), Some(s)) if s.success() => {
+                    let (fetched, fetched_on_fault) = fill_pages.fetch_counts();
+                    Ok(FillStats {
+                        pages,
+                        requests,
+                        fill_ms,
+                        fetched,
+                        fetched_on_fault,
+                    })
+                }
                 (served, status) => Err(format!(
                     "the lazy restore of job {job} failed: page server {}, criu lazy-pages {}",
                     match served {
@@ -660,6 +804,8 @@ impl Agent {
                 requests: s.requests,
                 fill_ms: s.fill_ms,
                 integrity: pages.map(|p| p.integrity()),
+                fetched_pages: s.fetched,
+                fetched_on_fault: s.fetched_on_fault,
             }),
             Err(e) => bail!("{e}"),
         }
@@ -788,15 +934,18 @@ mod tests {
             .build()
             .unwrap();
         // The daemon has the first page already.
-        assert_eq!(rt.block_on(pages.take(1, 0x0, 1)), vec![[1; 32]]);
+        assert_eq!(
+            rt.block_on(pages.take(1, 0x0, 1)),
+            Take::Local(vec![[1; 32]])
+        );
         // The frozen copy differs at the first and the third page.
         let v = pages.verify(&[loc(1, 0x0, 0, &[9, 2, 7])], false);
         assert_eq!(v.checked, 3);
         assert_eq!(v.stale, 1, "the first page was served before the check");
         assert_eq!(v.correct, vec![(1, 0x2000)]);
-        // A page missing from the index is a mismatch too.
+        // A page never placed here is fetched from the source's frozen copy: no mismatch.
         let v = pages.verify(&[loc(1, 0x5000, 0, &[4])], false);
-        assert_eq!(v.correct, vec![(1, 0x5000)]);
+        assert!(v.correct.is_empty() && v.stale == 0, "{v:?}");
         // The held page is not served until its correction arrives.
         let waiting = pages.take(1, 0x1000, 2);
         let corrected = async {
@@ -804,14 +953,18 @@ mod tests {
             pages.correct(&[((1, 0x2000), [7; 32]), ((1, 0x9000), [5; 32])])
         };
         let (served, (fixed, late)) = rt.block_on(async { tokio::join!(waiting, corrected) });
-        assert_eq!(served, vec![[2; 32], [7; 32]], "served the corrected page");
+        assert_eq!(
+            served,
+            Take::Local(vec![[2; 32], [7; 32]]),
+            "served the corrected page"
+        );
         assert_eq!(
             (fixed, late),
             (1, 1),
             "a page that was not held is not corrected"
         );
         let i = pages.integrity();
-        assert_eq!((i.pages_checked, i.mismatches, i.corrected), (4, 3, 1));
+        assert_eq!((i.pages_checked, i.mismatches, i.corrected), (4, 2, 1));
     }
 
     #[test]
@@ -824,20 +977,65 @@ mod tests {
             .build()
             .unwrap();
         // Nothing checked yet: one page per request.
-        assert_eq!(rt.block_on(pages.take(1, 0x0, 4)), vec![[1; 32]]);
+        assert_eq!(
+            rt.block_on(pages.take(1, 0x0, 4)),
+            Take::Local(vec![[1; 32]])
+        );
         pages.verify(&[loc(1, 0x1000, 0, &[2, 3])], false);
         assert_eq!(
             rt.block_on(pages.take(1, 0x1000, 3)),
-            vec![[2; 32], [3; 32]]
+            Take::Local(vec![[2; 32], [3; 32]])
         );
         // Once the check is done, everything goes.
         pages.verify(&[], true);
-        assert_eq!(rt.block_on(pages.take(1, 0x3000, 1)), vec![[4; 32]]);
+        assert_eq!(
+            rt.block_on(pages.take(1, 0x3000, 1)),
+            Take::Local(vec![[4; 32]])
+        );
         // Without a check, nothing waits for one.
         let mut index = PageIndex::new();
         place(&mut index, vec![loc(1, 0x0, 1, &[1, 2])]);
         let unchecked = FillPages::new(index, false);
-        assert_eq!(rt.block_on(unchecked.take(1, 0x0, 2)).len(), 2);
+        assert_eq!(
+            rt.block_on(unchecked.take(1, 0x0, 2)),
+            Take::Local(vec![[1; 32], [2; 32]])
+        );
+    }
+
+    #[test]
+    fn remote_and_unplaced_pages_are_fetched_and_then_served_as_fetched() {
+        let mut index = PageIndex::new();
+        place(&mut index, vec![loc(1, 0x0, 1, &[1, 2])]);
+        // The second page was rewritten after it was placed: post-copy marks it remote.
+        place(
+            &mut index,
+            vec![Location {
+                pid: 1,
+                vaddr: 0x1000,
+                seq: 2,
+                hashes: vec![REMOTE],
+            }],
+        );
+        let pages = FillPages::new(index, false);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        assert_eq!(
+            rt.block_on(pages.take(1, 0x0, 4)),
+            Take::Local(vec![[1; 32]])
+        );
+        // 0x1000 is remote, 0x2000 and 0x3000 were never placed: one fetch of three.
+        assert_eq!(rt.block_on(pages.take(1, 0x1000, 3)), Take::Remote(3));
+        pages.fetched(1, 0x1000, &[[7; 32], [8; 32], [9; 32]], false);
+        assert_eq!(
+            rt.block_on(pages.take(1, 0x2000, 2)),
+            Take::Local(vec![[8; 32], [9; 32]])
+        );
+        assert_eq!(pages.fetch_counts(), (3, 0));
+        // The integrity check compares what was fetched, and leaves pages not fetched yet.
+        let v = pages.verify(&[loc(1, 0x1000, 0, &[7, 8]), loc(1, 0x9000, 0, &[5])], true);
+        assert_eq!((v.checked, v.correct.len(), v.stale), (3, 0, 0));
     }
 
     #[test]

@@ -528,10 +528,18 @@ impl Agent {
             match started {
                 Ok(d) => {
                     let indexed = pages.len();
-                    let server =
-                        tokio::spawn(super::fill::serve(Arc::clone(self), d.socket, pages));
+                    let source = super::fill::Source {
+                        job: job.to_string(),
+                        host: peer.to_string(),
+                    };
+                    let server = tokio::spawn(super::fill::serve(
+                        Arc::clone(self),
+                        d.socket,
+                        Arc::clone(&pages),
+                        source,
+                    ));
                     info!(%job, indexed_pages = indexed, setup_ms = crate::util::ms(t_req.elapsed()), "lazy restore: serving memory from the page store");
-                    daemon = Some((d.child, server));
+                    daemon = Some((d.child, server, pages));
                 }
                 Err(e) => {
                     self.forget_fill(job);
@@ -597,7 +605,7 @@ impl Agent {
             if let Some(i) = i {
                 i.restoring = false;
             }
-            if let Some((mut child, server)) = daemon {
+            if let Some((mut child, server, _)) = daemon {
                 server.abort();
                 child.kill();
                 let _ = tokio::task::spawn_blocking(move || child.wait()).await;
@@ -607,9 +615,16 @@ impl Agent {
         }
         let i = i.expect("checked above");
         i.restoring = false;
-        if let Some((child, server)) = daemon {
+        if let Some((child, server, pages)) = daemon {
             i.filling = true;
-            self.finish_fill(job.to_string(), container, child, server, restored_at);
+            self.finish_fill(
+                job.to_string(),
+                container,
+                child,
+                server,
+                pages,
+                restored_at,
+            );
         }
         if i.deadline <= Instant::now() {
             // An abort arrived during the restore: the watchdog removes this copy now.

@@ -274,6 +274,97 @@ async fn send_location_list(
     Ok(bytes)
 }
 
+/// An outgoing lazy job's frozen copy, which its destination may read
+/// ([`PeerRequest::FetchPages`]): per container pid, the host pid and the lazy memory.
+pub(crate) struct FrozenCopy {
+    to: String,
+    procs: HashMap<u32, (i32, Vec<Region>)>,
+}
+
+/// Pages served per [`PeerRequest::FetchPages`] at most (4 MiB, CRIU's largest request).
+pub(crate) const MAX_FETCH_PAGES: u64 = 1024;
+
+impl Agent {
+    /// Lets `to` read the lazy memory of job `job`'s frozen copy.
+    pub(crate) fn keep_frozen_copy(&self, job: &str, to: &str, regions: &[LazyRegion]) {
+        let mut procs: HashMap<u32, (i32, Vec<Region>)> = HashMap::new();
+        for r in regions {
+            procs
+                .entry(r.vpid)
+                .or_insert((r.host, vec![]))
+                .1
+                .push(r.region);
+        }
+        lock(&self.frozen_copies).insert(
+            job.to_string(),
+            std::sync::Arc::new(FrozenCopy {
+                to: to.to_string(),
+                procs,
+            }),
+        );
+    }
+
+    /// Ends what [`Self::keep_frozen_copy`] allowed.
+    pub(crate) fn forget_frozen_copy(&self, job: &str) {
+        lock(&self.frozen_copies).remove(job);
+    }
+
+    /// Answers [`PeerRequest::FetchPages`] on `send`: the pages from the frozen copy, if
+    /// `peer` is the job's destination and they are its lazy memory.
+    pub(crate) async fn serve_fetch(
+        &self,
+        peer: &str,
+        job: &str,
+        pid: u32,
+        vaddr: u64,
+        nr_pages: u64,
+        send: &mut transfer::SendStream,
+    ) -> Result<()> {
+        let read = async {
+            let copy = lock(&self.frozen_copies)
+                .get(job)
+                .cloned()
+                .with_context(|| format!("no frozen copy of job {job} here"))?;
+            if copy.to != peer {
+                bail!("job {job} goes to {}, not {peer}", copy.to);
+            }
+            if nr_pages == 0 || nr_pages > MAX_FETCH_PAGES || !vaddr.is_multiple_of(PAGE as u64) {
+                bail!("{nr_pages} pages at {vaddr:#x} asked (1-{MAX_FETCH_PAGES}, page-aligned)");
+            }
+            let end = vaddr + nr_pages * PAGE as u64;
+            let host = copy
+                .procs
+                .get(&pid)
+                .filter(|(_, rs)| rs.iter().any(|r| r.start <= vaddr && end <= r.end))
+                .map(|(h, _)| *h)
+                .with_context(|| {
+                    format!("{nr_pages} pages at {vaddr:#x} of pid {pid} are not lazy memory of the container")
+                })?;
+            tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
+                let mut buf = vec![0u8; nr_pages as usize * PAGE];
+                let got = memtrack::read_memory(host, vaddr, &mut buf)?;
+                if got < buf.len() {
+                    bail!("the frozen copy of pid {pid} has {got} bytes at {vaddr:#x}");
+                }
+                Ok(buf)
+            })
+            .await?
+        };
+        match read.await {
+            Ok(pages) => {
+                write_msg(send, &PeerResponse::Fetched { nr_pages }).await?;
+                send.write_all(&pages).await?;
+                Ok(())
+            }
+            Err(e) => {
+                let message = format!("{e:#}");
+                write_msg(send, &PeerResponse::Error { message }).await?;
+                Err(e)
+            }
+        }
+    }
+}
+
 /// Lazy memory of the frozen copy: which the integrity check hashes.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LazyRegion {
@@ -453,6 +544,7 @@ impl super::source::Driver {
                     unplaced_pages: extra,
                     reread_pages: reread,
                     hidden_pages: self.hidden_pages,
+                    remote_pages: self.remote_pages,
                     ..Default::default()
                 });
                 tracing::info!(%job, freeze_ms, dirty_pages = dirty, unplaced_pages = extra,
@@ -520,7 +612,13 @@ impl super::source::Driver {
         if self.faults.hide_dirty_page {
             self.hidden_pages = hide_one_page(&mut chunks, placement);
         }
-        let sent = self.send_chunks(&conn, chunks, placement).await;
+        let sent = if self.post_copy {
+            // Post-copy: the last writes stay at the source; the destination fetches them.
+            self.remote_pages += self.mark_remote(&conn, &chunks, placement)?;
+            Ok((0, 0))
+        } else {
+            self.send_chunks(&conn, chunks, placement).await
+        };
         // The close's answer says the images are complete; CRIU may also answer and exit
         // before it is read: the answer then waits in the socket.
         let close = criu_sys::page_server::Message::Close;
@@ -608,11 +706,67 @@ impl super::source::Driver {
         .await??;
         self.lazy_regions = regions;
         let extra: u64 = missing.iter().map(|c| c.2).sum::<u64>() - reread;
-        if !missing.is_empty() {
+        // The destination may ask this copy for its lazy pages from now on (post-copy, or a
+        // page it cannot find).
+        self.agent
+            .keep_frozen_copy(&self.job.id, &self.to, &self.lazy_regions);
+        if self.post_copy {
+            // The pages the dump changed (the last `reread` entries, one page each) supersede
+            // what the destination holds; the others were never placed there. It fetches
+            // both from here.
+            let mut missing = missing;
+            let changed = missing.split_off(missing.len() - reread as usize);
+            self.remote_pages += missing.iter().map(|c| c.2).sum::<u64>();
+            self.remote_pages += self.mark_remote(&conn, &changed, placement)?;
+        } else if !missing.is_empty() {
             // With their locations in one request, while the images go.
             self.send_placed_chunks(&conn, missing, placement);
         }
         Ok((bytes, extra, eager, lazy, round_trips, reread))
+    }
+
+    /// Post-copy: tells the destination, without waiting for the answer, that the pages of
+    /// `chunks` are to be fetched from here ([`crate::agent::fill::REMOTE`] locations that
+    /// supersede what it holds); returns their number.
+    fn mark_remote(
+        &mut self,
+        conn: &transfer::Connection,
+        chunks: &[(i32, u64, u64)],
+        placement: &Placement,
+    ) -> Result<u64> {
+        // The sets collected at the last round's end and at the freeze overlap.
+        let mut by_pid: HashMap<i32, Vec<Region>> = HashMap::new();
+        for &(pid, addr, n) in chunks {
+            by_pid.entry(pid).or_default().push(Region {
+                start: addr,
+                end: addr + n * PAGE as u64,
+            });
+        }
+        let mut locations = Vec::with_capacity(chunks.len());
+        let mut regions = Vec::with_capacity(chunks.len());
+        let mut pages = 0;
+        for (pid, rs) in by_pid {
+            let vpid = placement.vpid(pid).with_context(|| {
+                format!("process {pid} has no container pid (it started after the freeze?)")
+            })?;
+            for r in memtrack::normalize_regions(rs) {
+                let n = (r.end - r.start) / PAGE as u64;
+                locations.push(Location {
+                    pid: vpid,
+                    vaddr: r.start,
+                    seq: placement.next_seq(),
+                    hashes: vec![super::fill::REMOTE; n as usize],
+                });
+                regions.push((pid, r));
+                pages += n;
+            }
+        }
+        placement.placed(regions);
+        let (job, conn) = (self.job.id.clone(), conn.clone());
+        self.pending.push(tokio::spawn(async move {
+            send_location_list(job, &conn, locations).await
+        }));
+        Ok(pages)
     }
 
     /// Reads and sends `chunks` (host pid, address, pages) of the frozen container, then
@@ -888,6 +1042,8 @@ impl super::source::Driver {
                     requests,
                     fill_ms,
                     integrity: theirs,
+                    fetched_pages,
+                    fetched_on_fault,
                 },
                 _,
             )) => {
@@ -905,7 +1061,12 @@ impl super::source::Driver {
                     m.fill_mib_s =
                         Some(pages as f64 * 4096.0 / 1048576.0 / (fill_ms.max(1) as f64 / 1000.0));
                     m.integrity = Some(integrity);
+                    if fetched_pages > 0 || m.remote_pages > 0 {
+                        m.fetched_pages = Some(fetched_pages);
+                        m.fetched_on_fault = Some(fetched_on_fault);
+                    }
                 }
+                self.agent.forget_frozen_copy(&job);
                 return Ok(());
             }
             Ok((PeerResponse::Error { message }, _)) => message,
@@ -917,6 +1078,7 @@ impl super::source::Driver {
                     self.to,
                     FILL_WAIT.as_secs()
                 );
+                self.agent.forget_frozen_copy(&job);
                 tracing::error!(%job, error = %why, "the fill's outcome is unknown: the frozen copy is removed");
                 if let Some(m) = &mut self.memory {
                     m.fill_error = Some(why.clone());
@@ -924,6 +1086,7 @@ impl super::source::Driver {
                 bail!("{why}");
             }
         };
+        self.agent.forget_frozen_copy(&job);
         tracing::error!(%job, error = %why, "the destination's lazy restore failed: the container resumes here from its frozen copy");
         let resumed = self.resume_frozen_copy().await;
         let done = match &resumed {

@@ -130,6 +130,8 @@ pub(crate) struct Agent {
     filled: Mutex<HashMap<String, fill::Ended>>,
     /// Pages the page store grew by for incoming pre-copy jobs, by job.
     store_grants: Mutex<HashMap<String, usize>>,
+    /// Outgoing lazy jobs' frozen copies, which their destinations may read, by job.
+    frozen_copies: Mutex<HashMap<String, Arc<lazy::FrozenCopy>>>,
 }
 
 /// Entry point of `ferry agent`. Enters the configured network namespace first, then starts
@@ -240,6 +242,7 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         fills: Default::default(),
         filled: Default::default(),
         store_grants: Default::default(),
+        frozen_copies: Default::default(),
         cfg,
     });
     agent.settle_unfinished_fills().await;

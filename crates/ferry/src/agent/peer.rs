@@ -156,6 +156,23 @@ async fn handle_stream(
             let _ = send.stopped().await;
             return;
         }
+        Ok(PeerRequest::FetchPages {
+            job,
+            pid,
+            vaddr,
+            nr_pages,
+        }) => {
+            // Raw pages follow the answer.
+            if let Err(e) = agent
+                .serve_fetch(&peer, &job, pid, vaddr, nr_pages, &mut send)
+                .await
+            {
+                warn!(%peer, %job, error = %format!("{e:#}"), "pages not served to the destination");
+            }
+            let _ = send.finish();
+            let _ = send.stopped().await;
+            return;
+        }
         Ok(req) => match dispatch(&agent, &peer, conn_id, req, &mut recv).await {
             Ok(r) => r,
             Err(e) => PeerResponse::Error {
@@ -238,6 +255,7 @@ async fn dispatch(
         PeerRequest::Pages { job } => agent.receive_pages(peer, &job, recv).await,
         PeerRequest::RootfsRound { job } => agent.rootfs_round(peer, &job, recv).await,
         PeerRequest::DumpPages { .. } => bail!("DumpPages is served by the stream handler"),
+        PeerRequest::FetchPages { .. } => bail!("FetchPages is served by the stream handler"),
         PeerRequest::PageMap {
             job,
             count,

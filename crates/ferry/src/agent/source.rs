@@ -150,6 +150,9 @@ pub(crate) fn start(
             lazy_dumped: false,
             lazy_regions: Vec::new(),
             hidden_pages: 0,
+            post_copy: false,
+            remote_pages: 0,
+            wants_post_copy: req.precopy.as_ref().is_some_and(|p| p.post_copy),
             memory_bytes: 0,
             pending: Vec::new(),
             memory: None,
@@ -187,6 +190,13 @@ pub(super) struct Driver {
     pub(super) lazy_regions: Vec<super::lazy::LazyRegion>,
     /// Pages the fault hook `hide_dirty_page` left out of the final dump.
     pub(super) hidden_pages: u64,
+    /// Post-copy: the destination fetches what it lacks from the frozen copy after the
+    /// restore (the state machine stopped pre-copy for it).
+    pub(super) post_copy: bool,
+    /// Post-copy: pages left at the source at the freeze.
+    pub(super) remote_pages: u64,
+    /// The policy asks for post-copy from the start.
+    pub(super) wants_post_copy: bool,
     /// The memory the container's checkpoint carries, measured at the preflight.
     pub(super) memory_bytes: u64,
     /// Requests of the final dump sent without waiting; the restore waits for them.
@@ -246,6 +256,7 @@ impl Driver {
                 }
             }
             // A round reports its statistics; every other phase the bytes it moved.
+            self.post_copy = m.precopy_stop() == Some(migrate_core::FreezeReason::PostCopy);
             let result = match action {
                 Action::CopyRound {
                     round,
@@ -425,6 +436,12 @@ impl Driver {
                     } => {
                         self.rounds.set_destination_pages(pages_held);
                         if let (Some(why), Some(_)) = (&no_lazy_restore, &self.rounds.placement) {
+                            if self.wants_post_copy {
+                                bail!(
+                                    "post-copy needs a lazy restore at {}, which cannot: {why}",
+                                    self.to
+                                );
+                            }
                             warn!(job = %self.job.id, reason = %why, "no lazy restore: the final dump carries every page");
                             self.rounds.placement = None;
                             self.not_lazy = Some(why.clone());
@@ -711,6 +728,7 @@ impl Driver {
         for h in self.pending.drain(..) {
             h.abort();
         }
+        self.agent.forget_frozen_copy(&self.job.id);
         let job = self.job.id.clone();
         let name = self.spec.name.clone();
         let mut errors = vec![];
