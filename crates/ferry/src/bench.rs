@@ -39,6 +39,8 @@ const DRAIN_S: f64 = 150.0;
 const COUNTER_TAG: &str = "ferry-bench-bytes";
 
 /// How a container is moved.
+// The field's own names: stop-and-copy, pre-copy, post-copy.
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
@@ -46,13 +48,21 @@ pub enum Mode {
     StopCopy,
     /// Rounds of memory and root filesystem changes while it runs, then freeze for the rest.
     PreCopy,
+    /// Freeze at once, restore lazily, fetch the memory from the source while it runs.
+    PostCopy,
 }
 
 impl Mode {
     fn request(self, to: &str) -> orchestrator_shim::api::MigrateRequest {
         let mut r = crate::cli::stop_copy_to(to);
-        if self == Mode::PreCopy {
+        if self != Mode::StopCopy {
             r.mode = orchestrator_shim::api::MigrateMode::PreCopy;
+        }
+        if self == Mode::PostCopy {
+            r.precopy = Some(migrate_core::PrecopyPolicy {
+                post_copy: true,
+                ..Default::default()
+            });
         }
         r
     }
@@ -63,6 +73,7 @@ impl std::fmt::Display for Mode {
         f.write_str(match self {
             Mode::StopCopy => "stop-copy",
             Mode::PreCopy => "pre-copy",
+            Mode::PostCopy => "post-copy",
         })
     }
 }
@@ -1087,11 +1098,11 @@ fn memory_table(s: &mut String, r: &BenchResult) {
     }
     let _ = writeln!(
         s,
-        "\nMemory across the freeze (pre-copy):\n\n| scenario | link | restore | frozen ms | dump ms | transfer ms | restore ms | commit ms | round trips frozen | dirty pages | never-copied pages | eager pages | lazy pages | fill ms | fill MiB/s | probe RTT p50 / p99 before, ms | probe RTT p50 / p99 during the fill, ms | integrity checked / mismatched / corrected | fill error |"
+        "\nMemory across the freeze (pre-copy and post-copy):\n\n| scenario | link | mode | restore | frozen ms | dump ms | transfer ms | restore ms | commit ms | round trips frozen | dirty pages | never-copied pages | eager pages | lazy pages | fill ms | fill MiB/s | probe RTT p50 / p99 before, ms | probe RTT p50 / p99 during the fill, ms | integrity checked / mismatched / corrected | post-copy pages fetched / on fault | fill error |"
     );
     let _ = writeln!(
         s,
-        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"
     );
     let f0 = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into());
     for (x, rep, m) in rows {
@@ -1103,9 +1114,10 @@ fn memory_table(s: &mut String, r: &BenchResult) {
             .sum::<f64>();
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             x.scenario.workload.label(),
             x.scenario.link_label(),
+            x.scenario.mode,
             m.restore,
             rep.frozen_ms,
             rep.freeze_to_dump_ms,
@@ -1127,6 +1139,10 @@ fn memory_table(s: &mut String, r: &BenchResult) {
                 i.mismatches,
                 i.corrected,
                 if i.incomplete.is_some() { " (incomplete)" } else { "" }
+            )),
+            m.fetched_pages.map_or("-".into(), |f| format!(
+                "{f} / {}",
+                m.fetched_on_fault.unwrap_or(0)
             )),
             m.fill_error.as_deref().or(m.not_lazy.as_deref()).unwrap_or("-"),
         );
