@@ -268,7 +268,7 @@ pub struct FillRtt {
     pub before_p50_ms: f64,
     /// p99 before.
     pub before_p99_ms: f64,
-    /// Round trips from the end of the restore to the end of the fill: p50, ms.
+    /// Round trips of requests sent after the commit and answered before the fill ended: p50, ms.
     pub fill_p50_ms: f64,
     /// p99 during the fill.
     pub fill_p99_ms: f64,
@@ -289,18 +289,25 @@ fn quantile(v: &mut [f64], q: f64) -> Option<f64> {
 /// [`FillRtt`] from a probe's series and the migration's report.
 fn fill_rtt(probe: &ProbeReport, report: &Report) -> Option<FillRtt> {
     let fill_ms = report.memory.as_ref()?.fill_ms?;
-    let restored = report
-        .phases
-        .iter()
-        .find(|p| p.phase == migrate_core::Phase::Restore)
-        .map(|p| p.start_ms + p.duration_ms)?;
+    let end = |phase| {
+        report
+            .phases
+            .iter()
+            .find(|p| p.phase == phase)
+            .map(|p| p.start_ms + p.duration_ms)
+    };
+    let restored = end(migrate_core::Phase::Restore)?;
+    // Requests reach the restored copy once the commit has released the held packets; one
+    // sent earlier waited for the freeze, which the frozen time already tells.
+    let committed = end(migrate_core::Phase::Commit).unwrap_or(restored);
     let shift = probe.started_unix_ms - report.started_unix_ms;
     let (mut before, mut during) = (vec![], vec![]);
     for &(t, rtt) in &probe.series {
-        let t = t + shift;
-        if t < 0.0 {
+        // Series times are answers; the request left `rtt` earlier.
+        let (sent, answered) = (t + shift - rtt, t + shift);
+        if answered < 0.0 {
             before.push(rtt);
-        } else if t >= restored && t <= restored + fill_ms {
+        } else if sent >= committed && answered <= restored + fill_ms {
             during.push(rtt);
         }
     }

@@ -106,6 +106,8 @@ struct Served {
     integrity: migrate_core::IntegrityReport,
     fetched: u64,
     fetched_on_fault: u64,
+    /// Per process, the lazy memory of the dump (start, end), in address order.
+    lazy: HashMap<u32, Vec<(u64, u64)>>,
 }
 
 /// What [`FillPages::take`] hands out.
@@ -113,9 +115,14 @@ struct Served {
 enum Take {
     /// The contents' hashes of pages from the store, marked served.
     Local(Vec<PageHash>),
-    /// This many pages to fetch from the source (not marked served yet).
-    Remote(u64),
+    /// Pages to fetch from the source (not marked served yet): `fetch` from the address
+    /// asked for, of which the first `serve` answer the request (the rest is read-ahead).
+    Remote { serve: u64, fetch: u64 },
 }
+
+/// Pages a background request for remote pages fetches at least (read-ahead within the lazy
+/// memory the request is in): the daemon's requests start at 64 KiB.
+const READAHEAD_PAGES: u64 = 512;
 
 /// What [`FillPages::verify`] found.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -141,6 +148,7 @@ impl FillPages {
                 integrity: Default::default(),
                 fetched: 0,
                 fetched_on_fault: 0,
+                lazy: HashMap::new(),
             }),
             released: tokio::sync::Notify::new(),
         })
@@ -240,8 +248,30 @@ impl FillPages {
                     // Marked remote, or never placed here: the frozen copy has it.
                     let remote = |k: &(u32, u64)| s.index.get(k).is_none_or(|(h, _)| *h == REMOTE);
                     if remote(&(pid, vaddr)) {
-                        let run = keys.take_while(|k| remote(k)).count() as u64;
-                        return Take::Remote(run);
+                        let serve = keys.take_while(|k| remote(k)).count() as u64;
+                        // A background request reads ahead, within the lazy memory it is in.
+                        let room = s.lazy.get(&pid).and_then(|rs| {
+                            rs.iter()
+                                .find(|(a, b)| *a <= vaddr && vaddr < *b)
+                                .map(|(_, b)| (b - vaddr) / PAGE_SIZE as u64)
+                        });
+                        let fetch = match room {
+                            Some(room) if n > 1 && serve == n => {
+                                let most = n
+                                    .max(READAHEAD_PAGES)
+                                    .min(room)
+                                    .min(super::lazy::MAX_FETCH_PAGES);
+                                (0..most)
+                                    .map(|i| (pid, vaddr + i * PAGE_SIZE as u64))
+                                    .take_while(|k| remote(k))
+                                    .count() as u64
+                            }
+                            _ => serve,
+                        };
+                        return Take::Remote {
+                            serve,
+                            fetch: fetch.max(serve),
+                        };
                     }
                     let checking = n > 1 && s.verifying && now < s.progress + VERIFY_STALL;
                     let mut out = Vec::with_capacity(n as usize);
@@ -266,13 +296,29 @@ impl FillPages {
         }
     }
 
-    /// Records pages fetched from the source (already in the store) as served.
-    fn fetched(&self, pid: u32, vaddr: u64, hashes: &[PageHash], fault: bool) {
+    /// Learns the dump's lazy memory (`criu_sys::image` pagemaps), which bounds read-ahead.
+    pub(crate) fn set_lazy_memory(&self, maps: &[(u32, Vec<criu_sys::image::PagemapEntry>)]) {
+        let mut s = lock(&self.state);
+        for (pid, entries) in maps {
+            let v: Vec<(u64, u64)> = entries
+                .iter()
+                .filter(|e| e.is_lazy_only())
+                .map(|e| (e.vaddr, e.end()))
+                .collect();
+            s.lazy.insert(*pid, v);
+        }
+    }
+
+    /// Records pages fetched from the source (already in the store); the first `served` of
+    /// them are given to the daemon.
+    fn fetched(&self, pid: u32, vaddr: u64, hashes: &[PageHash], served: usize, fault: bool) {
         let mut s = lock(&self.state);
         for (i, h) in hashes.iter().enumerate() {
             let k = (pid, vaddr + i as u64 * PAGE_SIZE as u64);
             s.index.insert(k, (*h, u64::MAX - 1));
-            s.served.insert(k);
+            if i < served {
+                s.served.insert(k);
+            }
         }
         s.fetched += hashes.len() as u64;
         if fault {
@@ -418,19 +464,20 @@ pub(crate) async fn serve(
                             }
                         }
                     }
-                    Take::Remote(n) => {
+                    Take::Remote { serve, fetch } => {
                         let fetched = agent
-                            .fetch_from_source(&source, pid, vaddr, n)
+                            .fetch_from_source(&source, pid, vaddr, fetch)
                             .await
                             .with_context(|| {
                                 format!(
-                                    "fetching {n} pages at {vaddr:#x} of pid {pid} from {}",
+                                    "fetching {fetch} pages at {vaddr:#x} of pid {pid} from {}",
                                     source.host
                                 )
                             })?;
-                        index.fetched(pid, vaddr, &fetched, nr_pages == 1);
+                        let serve = (serve as usize).min(fetched.len());
+                        index.fetched(pid, vaddr, &fetched, serve, nr_pages == 1);
                         let store = agent.pages.lock().await;
-                        for h in &fetched {
+                        for h in &fetched[..serve] {
                             buf.extend_from_slice(
                                 store.get(h).context("a fetched page left the store")?,
                             );
@@ -1026,13 +1073,36 @@ mod tests {
             Take::Local(vec![[1; 32]])
         );
         // 0x1000 is remote, 0x2000 and 0x3000 were never placed: one fetch of three.
-        assert_eq!(rt.block_on(pages.take(1, 0x1000, 3)), Take::Remote(3));
-        pages.fetched(1, 0x1000, &[[7; 32], [8; 32], [9; 32]], false);
+        assert_eq!(
+            rt.block_on(pages.take(1, 0x1000, 3)),
+            Take::Remote { serve: 3, fetch: 3 }
+        );
+        pages.fetched(1, 0x1000, &[[7; 32], [8; 32], [9; 32]], 3, false);
         assert_eq!(
             rt.block_on(pages.take(1, 0x2000, 2)),
             Take::Local(vec![[8; 32], [9; 32]])
         );
         assert_eq!(pages.fetch_counts(), (3, 0));
+        // Within the dump's lazy memory, a background request reads ahead; a fault does not.
+        pages.set_lazy_memory(&[(
+            1,
+            vec![criu_sys::image::PagemapEntry {
+                vaddr: 0x0,
+                nr_pages: 100,
+                flags: 2, // PE_LAZY
+            }],
+        )]);
+        assert_eq!(
+            rt.block_on(pages.take(1, 0x4000, 2)),
+            Take::Remote {
+                serve: 2,
+                fetch: 96
+            }
+        );
+        assert_eq!(
+            rt.block_on(pages.take(1, 0x4000, 1)),
+            Take::Remote { serve: 1, fetch: 1 }
+        );
         // The integrity check compares what was fetched, and leaves pages not fetched yet.
         let v = pages.verify(&[loc(1, 0x1000, 0, &[7, 8]), loc(1, 0x9000, 0, &[5])], true);
         assert_eq!((v.checked, v.correct.len(), v.stale), (3, 0, 0));

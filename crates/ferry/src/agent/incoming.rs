@@ -517,9 +517,15 @@ impl Agent {
                 from: peer.to_string(),
             };
             let a = Arc::clone(self);
+            let fill_pages = Arc::clone(&pages);
             let started = tokio::task::spawn_blocking(move || {
                 a.record_fill(&rec)?;
                 std::fs::create_dir_all(&work)?;
+                // The dump's lazy memory bounds the fill's read-ahead from the source.
+                match criu_sys::image::read_pagemaps(&images) {
+                    Ok(maps) => fill_pages.set_lazy_memory(&maps),
+                    Err(e) => warn!(error = %e, "no read-ahead for this fill"),
+                }
                 super::fill::start_daemon(&criu, &images, &work)
             })
             .await
