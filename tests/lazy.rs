@@ -411,3 +411,39 @@ fn pre_copy_turns_to_post_copy_when_the_rounds_stop_gaining() {
     assert_fill_ended("h2");
     assert_memory_intact(&ip, 64, "on h2");
 }
+
+#[test]
+fn memory_the_kernel_writes_during_the_dump_reaches_the_destination() {
+    let lab = Lab::up();
+    // Twenty processes interrupted in a sleep: the kernel writes the time each had left into
+    // its stack, and each thread's rseq area, while CRIU dumps, after the tracking ended.
+    ferry_ok(&[
+        "run",
+        "--on",
+        "h1",
+        "--name",
+        "procs",
+        "--",
+        "/bin/sh",
+        "-c",
+        "i=0; while [ $i -lt 20 ]; do sleep 1000000 & i=$((i+1)); done; exec /bin/ferry-workload echo --port 7000",
+    ]);
+    let c = lab.container("procs").expect("listed");
+    wait_port(c["ip"].as_str().expect("ip"));
+    for to in ["h2", "h1"] {
+        let (code, r) = migrate_json("procs", to, &["--pre-copy"], Duration::from_secs(120));
+        eprintln!("to {to}: {}", r["memory"]);
+        assert_eq!(code, 0, "{r}");
+        let m = &r["memory"];
+        assert_eq!(m["restore"], "lazy", "{m}");
+        assert!(
+            m["reread_pages"].as_u64().is_some_and(|n| n >= 21),
+            "each process's pages the dump changed are read again: {m}"
+        );
+        // The integrity check compares every lazy page with the frozen copy: none is stale.
+        assert_eq!(m["integrity"]["mismatches"], 0, "{m}");
+        assert_eq!(m["integrity"]["pages_checked"], m["lazy_pages"], "{m}");
+        assert_runs_on(&lab, to, "procs");
+        assert_fill_ended(to);
+    }
+}

@@ -169,21 +169,50 @@ pub const CORE_MAGIC: u32 = 0x5505_3847;
 /// The largest core image read.
 pub const MAX_CORE_BYTES: u64 = 1 << 20;
 
-/// A thread's registered restartable-sequences area (`thread_core.rseq_entry`): memory the
-/// kernel itself writes (the CPU the thread runs on) whenever the thread returns to user
-/// space, including while CRIU's parasite runs in it during a dump.
+/// What a thread's core image says about memory the kernel writes for it while CRIU dumps
+/// it: its registered restartable-sequences area (`thread_core.rseq_entry`: the CPU it runs
+/// on, written whenever it returns to user space, CRIU's parasite included) and its stack
+/// pointer (an interrupted system call writes its results, such as the time a sleep had
+/// left, into the caller's frame just above it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RseqArea {
+pub struct ThreadCore {
     /// Thread id in the container's namespace.
     pub tid: u32,
-    /// Address of its `struct rseq`.
-    pub pointer: u64,
-    /// Its size.
-    pub size: u32,
+    /// Address and size of its `struct rseq`, if it registered one.
+    pub rseq: Option<(u64, u32)>,
+    /// Its stack pointer (x86-64 `thread_info.gpregs.sp`), if the image has one.
+    pub sp: Option<u64>,
 }
 
-/// Parses a core image (`core-<tid>.img`): the thread's rseq area, if it registered one.
-pub fn parse_core_rseq(bytes: &[u8]) -> Result<Option<(u64, u32)>, String> {
+/// Parses a core image (`core-<tid>.img`): the thread's stack pointer, if the image has one
+/// (x86-64).
+pub fn parse_core_sp(bytes: &[u8]) -> Result<Option<u64>, String> {
+    let msg = core_message(bytes)?;
+    let sub = |buf: &[u8], n: u64| -> Result<Option<Vec<u8>>, String> {
+        Ok(fields(buf)
+            .ok_or("a malformed message")?
+            .iter()
+            .rev()
+            .find(|f| f.number == n && f.wire == 2)
+            .map(|f| f.value.to_vec()))
+    };
+    let Some(info) = sub(msg, 2)? else {
+        return Ok(None);
+    };
+    let Some(regs) = sub(&info, 2)? else {
+        return Ok(None);
+    };
+    Ok(fields(&regs)
+        .ok_or("malformed registers")?
+        .iter()
+        .rev()
+        .find(|f| f.number == 20 && f.wire == 0)
+        .and_then(|f| varint(f.value))
+        .map(|v| v.0))
+}
+
+/// The `core_entry` message of a core image.
+fn core_message(bytes: &[u8]) -> Result<&[u8], String> {
     let u32_at = |i: usize| -> Option<u32> {
         bytes
             .get(i..i + 4)
@@ -193,9 +222,14 @@ pub fn parse_core_rseq(bytes: &[u8]) -> Result<Option<(u64, u32)>, String> {
         return Err(format!("magic {:#x?} {:#x?}", u32_at(0), u32_at(4)));
     }
     let len = u32_at(8).ok_or("a truncated length")? as usize;
-    let msg = bytes
+    bytes
         .get(12..12usize.checked_add(len).ok_or("a length past the end")?)
-        .ok_or("a truncated message")?;
+        .ok_or_else(|| "a truncated message".to_string())
+}
+
+/// Parses a core image (`core-<tid>.img`): the thread's rseq area, if it registered one.
+pub fn parse_core_rseq(bytes: &[u8]) -> Result<Option<(u64, u32)>, String> {
+    let msg = core_message(bytes)?;
     let sub = |buf: &'_ [u8], n: u64| -> Result<Option<Vec<u8>>, String> {
         Ok(fields(buf)
             .ok_or("a malformed message")?
@@ -225,8 +259,8 @@ pub fn parse_core_rseq(bytes: &[u8]) -> Result<Option<(u64, u32)>, String> {
     }
 }
 
-/// The rseq areas of the threads of a dump in `dir` (`core-<tid>.img`).
-pub fn read_rseq_areas(dir: &Path) -> Result<Vec<RseqArea>, ImageError> {
+/// The threads of a dump in `dir` (`core-<tid>.img`).
+pub fn read_thread_cores(dir: &Path) -> Result<Vec<ThreadCore>, ImageError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| ImageError::Io { path, source }
@@ -252,13 +286,15 @@ pub fn read_rseq_areas(dir: &Path) -> Result<Vec<RseqArea>, ImageError> {
             });
         }
         let bytes = std::fs::read(&path).map_err(io(&path))?;
-        if let Some((pointer, size)) =
-            parse_core_rseq(&bytes).map_err(|why| ImageError::Invalid { path, why })?
-        {
-            out.push(RseqArea { tid, pointer, size });
-        }
+        let invalid = |why| ImageError::Invalid {
+            path: path.clone(),
+            why,
+        };
+        let rseq = parse_core_rseq(&bytes).map_err(invalid)?;
+        let sp = parse_core_sp(&bytes).map_err(invalid)?;
+        out.push(ThreadCore { tid, rseq, sp });
     }
-    out.sort_by_key(|a| a.tid);
+    out.sort_by_key(|t| t.tid);
     Ok(out)
 }
 
@@ -309,7 +345,7 @@ mod tests {
     }
 
     #[test]
-    fn reads_a_threads_rseq_area_from_its_core_image() {
+    fn reads_a_threads_rseq_area_and_stack_pointer_from_its_core_image() {
         let core = |rseq: Option<&[(u64, u64)]>| {
             let mut thread_core = vec![];
             crate::rpc::tests_support::put_varint(&mut thread_core, 1 << 3);
@@ -323,6 +359,10 @@ mod tests {
                 thread_core.extend(bytes_field(15, &e));
             }
             let mut m = vec![8, 1]; // mtype = X86_64
+            let mut regs = vec![];
+            crate::rpc::tests_support::put_varint(&mut regs, 20 << 3);
+            crate::rpc::tests_support::put_varint(&mut regs, 0x7ffd_0000_1ff8);
+            m.extend(bytes_field(2, &bytes_field(2, &regs)));
             m.extend(bytes_field(5, &thread_core));
             let mut img = vec![];
             img.extend_from_slice(&IMG_COMMON_MAGIC.to_ne_bytes());
@@ -333,6 +373,7 @@ mod tests {
         };
         let img = core(Some(&[(1, 0x7f00_0000_1fe0), (2, 32), (3, 0x53053053)]));
         assert_eq!(parse_core_rseq(&img), Ok(Some((0x7f00_0000_1fe0, 32))));
+        assert_eq!(parse_core_sp(&img), Ok(Some(0x7ffd_0000_1ff8)));
         assert_eq!(parse_core_rseq(&core(None)), Ok(None), "no rseq registered");
         assert_eq!(parse_core_rseq(&core(Some(&[(1, 0), (2, 0)]))), Ok(None));
         assert!(parse_core_rseq(&core(Some(&[(1, 0x1000), (2, 1 << 20)]))).is_err());

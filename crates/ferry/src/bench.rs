@@ -91,6 +91,11 @@ pub enum Workload {
         /// Pages rewritten per second, MiB/s.
         dirty_mib_s: f64,
     },
+    /// The echo server next to `count` sleeping processes: what the freeze costs per process.
+    Processes {
+        /// Processes besides the echo server.
+        count: u32,
+    },
 }
 
 impl Workload {
@@ -101,6 +106,7 @@ impl Workload {
                 size_mib,
                 dirty_mib_s,
             } => format!("mem {} MiB, dirty {dirty_mib_s} MiB/s", size_mib),
+            Workload::Processes { count } => format!("echo + {count} processes"),
         }
     }
 
@@ -111,6 +117,7 @@ impl Workload {
                 size_mib,
                 dirty_mib_s,
             } => format!("mem{size_mib}m-dirty{dirty_mib_s}"),
+            Workload::Processes { count } => format!("procs{count}"),
         }
     }
 
@@ -132,13 +139,21 @@ impl Workload {
             ]
             .map(String::from)
             .to_vec(),
+            Workload::Processes { count } => vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                format!(
+                    "i=0; while [ $i -lt {count} ]; do sleep 1000000 & i=$((i+1)); done; exec {}",
+                    crate::demo::echo_args().join(" ")
+                ),
+            ],
         }
     }
 
     /// How long the workload may take to answer after its start (it fills its memory first).
     fn ready_within(&self) -> Duration {
         match self {
-            Workload::Echo => Duration::from_secs(10),
+            Workload::Echo | Workload::Processes { .. } => Duration::from_secs(10),
             Workload::Memory { size_mib, .. } => Duration::from_secs(10 + size_mib / 100),
         }
     }
@@ -170,6 +185,8 @@ impl Scenario {
 pub struct BenchOpts {
     /// Include the echo container.
     pub echo: bool,
+    /// Scenarios of the echo server next to this many processes.
+    pub processes: Vec<u32>,
     /// Memory workload sizes, MiB.
     pub sizes_mib: Vec<u64>,
     /// Memory workload dirty rates, MiB/s.
@@ -189,11 +206,13 @@ pub struct BenchOpts {
 }
 
 impl BenchOpts {
-    /// The quick matrix: echo, and the memory workload at 256 MiB dirtying 0 and 50 MiB/s, on
-    /// an unshaped and a 1 Gbit/s link, in stop-copy and in pre-copy mode.
+    /// The quick matrix: echo, echo next to 120 processes, and the memory workload at 256 MiB
+    /// dirtying 0 and 50 MiB/s, on an unshaped and a 1 Gbit/s link, in stop-copy and in
+    /// pre-copy mode.
     pub fn quick(out: PathBuf) -> BenchOpts {
         BenchOpts {
             echo: true,
+            processes: vec![120],
             sizes_mib: vec![256],
             dirty_mib_s: vec![0.0, 50.0],
             link_rates: vec![None, Some(LinkRate(1_000_000_000))],
@@ -218,6 +237,9 @@ impl BenchOpts {
         let mut workloads = vec![];
         if self.echo {
             workloads.push(Workload::Echo);
+        }
+        for &count in &self.processes {
+            workloads.push(Workload::Processes { count });
         }
         for &size_mib in &self.sizes_mib {
             for &dirty_mib_s in &self.dirty_mib_s {
@@ -879,7 +901,7 @@ fn probe_settings(opts: &BenchOpts) -> ProbeSettings {
 /// The memory workload's verdict: its last answer to the probe and a full verification pass.
 fn memory_verdict(probe: &ProbeReport, verify: Option<&str>, w: &Workload) -> Option<bool> {
     match w {
-        Workload::Echo => None,
+        Workload::Echo | Workload::Processes { .. } => None,
         Workload::Memory { .. } => Some(
             probe.memory_intact == Some(true) && verify.is_some_and(|v| v.starts_with("verify ok")),
         ),
@@ -888,7 +910,7 @@ fn memory_verdict(probe: &ProbeReport, verify: Option<&str>, w: &Workload) -> Op
 
 /// Asks the memory workload for a full verification pass, from the client host.
 async fn verify_memory(lab: &Lab, ip: Ipv4Addr, w: &Workload) -> Result<Option<String>> {
-    if *w == Workload::Echo {
+    if !matches!(w, Workload::Memory { .. }) {
         return Ok(None);
     }
     let client = lab.host("client")?.netns.clone();
@@ -1344,13 +1366,16 @@ mod tests {
     #[test]
     fn the_quick_matrix_is_what_the_issue_asks_for() {
         let s = BenchOpts::quick("x".into()).scenarios();
-        assert_eq!(s.len(), 12);
+        assert_eq!(s.len(), 16);
         let ids: std::collections::BTreeSet<_> = s.iter().map(|s| s.id.clone()).collect();
-        assert_eq!(ids.len(), 12, "ids are unique: {ids:?}");
+        assert_eq!(ids.len(), 16, "ids are unique: {ids:?}");
         for link in [None, Some(LinkRate(1_000_000_000))] {
             let on: Vec<_> = s.iter().filter(|s| s.link_rate == link).collect();
-            assert_eq!(on.len(), 6);
+            assert_eq!(on.len(), 8);
             assert!(on.iter().any(|s| s.workload == Workload::Echo));
+            assert!(on
+                .iter()
+                .any(|s| s.workload == Workload::Processes { count: 120 }));
             for dirty in [0.0, 50.0] {
                 assert!(on.iter().any(|s| s.workload
                     == Workload::Memory {
@@ -1369,7 +1394,9 @@ mod tests {
         let mut o = BenchOpts::full("x".into());
         o.sizes_mib = vec![1 << 30];
         let (run, skipped) = fit_in_memory(o.scenarios());
-        assert!(run.iter().all(|s| s.workload == Workload::Echo));
+        assert!(run
+            .iter()
+            .all(|s| !matches!(s.workload, Workload::Memory { .. })));
         assert_eq!(skipped.len(), 8, "2 dirty rates x 2 links x 2 modes");
         assert!(skipped[0].contains("MiB available"), "{skipped:?}");
     }

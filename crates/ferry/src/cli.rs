@@ -376,6 +376,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             link_rates,
             modes,
             no_echo,
+            processes,
             no_baseline,
             interval_ms,
             out,
@@ -407,6 +408,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 opts.modes = v;
             }
             opts.echo = !no_echo;
+            if let Some(p) = processes {
+                opts.processes = p.into_iter().filter(|n| *n > 0).collect();
+            }
             opts.baseline = !no_baseline;
             opts.interval_ms = interval_ms;
             opts.keep = keep;

@@ -248,8 +248,9 @@ enum Cmd {
     /// Benchmark: a matrix of scenarios in a fresh lab, Ferry and the hand-made baseline side by
     /// side under a 1 ms probe; writes JSON, a Markdown table and SVG charts.
     Bench {
-        /// The quick matrix (about 2 min): echo, and 256 MiB of memory dirtied at 0 and
-        /// 50 MiB/s, on an unshaped and a 1 Gbit/s link, in stop-copy and pre-copy mode.
+        /// The quick matrix (about 3 min): echo, echo next to 120 processes, and 256 MiB of
+        /// memory dirtied at 0 and 50 MiB/s, on an unshaped and a 1 Gbit/s link, in stop-copy
+        /// and pre-copy mode.
         #[arg(long)]
         quick: bool,
         /// Memory workload sizes in MiB (default 256,1024,4096; those that fit in memory).
@@ -267,6 +268,10 @@ enum Cmd {
         /// Leave out the echo container.
         #[arg(long)]
         no_echo: bool,
+        /// Scenarios of the echo server next to this many sleeping processes (default 120;
+        /// 0 for none).
+        #[arg(long, value_delimiter = ',')]
+        processes: Option<Vec<u32>>,
         /// Leave out the hand-made baseline.
         #[arg(long)]
         no_baseline: bool,

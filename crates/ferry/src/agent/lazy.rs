@@ -469,6 +469,10 @@ fn hash_frozen_copy(
     Ok(())
 }
 
+/// How far above a thread's stack pointer the final dump reads the frozen copy again: the
+/// frames of the calls that made the interrupted system call.
+const STACK_REREAD_BYTES: u64 = 8 << 10;
+
 /// Pages read per chunk of the final dump's reads (1 MiB).
 const CHUNK_PAGES: u64 = 256;
 /// How long the source keeps its frozen copy for a destination that has not finished filling.
@@ -676,29 +680,38 @@ impl super::source::Driver {
                     }
                 }
             }
-            // The kernel writes each thread's rseq area whenever the thread returns to user
-            // space, CRIU's parasite included, after the tracking ended: read them again.
+            // The tracking ended before CRIU ran, but the kernel writes some memory while
+            // CRIU dumps: each thread's rseq area (whenever the thread returns to user space,
+            // CRIU's parasite included) and the frame above its stack pointer (an interrupted
+            // system call writes its results there). Those pages are read again.
             let owners = p.thread_owners();
             let mut reread = 0u64;
-            for a in criu_sys::image::read_rseq_areas(&images)? {
-                let Some(host) = owners.get(&a.tid).copied() else {
-                    bail!("thread {} of the dump was not among the container's threads at the freeze", a.tid);
+            for t in criu_sys::image::read_thread_cores(&images)? {
+                let Some(host) = owners.get(&t.tid).copied() else {
+                    bail!("thread {} of the dump was not among the container's threads at the freeze", t.tid);
                 };
-                let first = a.pointer & !(PAGE as u64 - 1);
-                let end = a.pointer + u64::from(a.size);
-                let mut at = first;
-                while at < end {
-                    let lazy_here = regions
-                        .iter()
-                        .any(|r| r.host == host && r.region.start <= at && at < r.region.end);
-                    let queued = missing
-                        .iter()
-                        .any(|&(h, s, n)| h == host && s <= at && at < s + n * PAGE as u64);
-                    if lazy_here && !queued {
-                        missing.push((host, at, 1));
-                        reread += 1;
+                let mut spans = vec![];
+                if let Some((pointer, size)) = t.rseq {
+                    spans.push((pointer, pointer + u64::from(size)));
+                }
+                if let Some(sp) = t.sp {
+                    spans.push((sp, sp.saturating_add(STACK_REREAD_BYTES)));
+                }
+                for (start, end) in spans {
+                    let mut at = start & !(PAGE as u64 - 1);
+                    while at < end {
+                        let lazy_here = regions
+                            .iter()
+                            .any(|r| r.host == host && r.region.start <= at && at < r.region.end);
+                        let queued = missing
+                            .iter()
+                            .any(|&(h, s, n)| h == host && s <= at && at < s + n * PAGE as u64);
+                        if lazy_here && !queued {
+                            missing.push((host, at, 1));
+                            reread += 1;
+                        }
+                        at += PAGE as u64;
                     }
-                    at += PAGE as u64;
                 }
             }
             Ok((missing, eager, lazy, regions, reread))
