@@ -123,6 +123,8 @@ fn bench_runs_ferry_and_the_baseline_side_by_side() {
     let out = ferry(&[
         "bench",
         "--no-echo",
+        "--processes",
+        "0",
         "--sizes-mib",
         "16",
         "--dirty-mib-s",

@@ -226,6 +226,8 @@ async fn dispatch(
             spec,
             memory_bytes,
         } => {
+            // The page store grows only by what this host can hold (a peer may say anything).
+            agent.check_memory(memory_bytes, true).await?;
             let r = agent.prepare(peer, conn_id, job.clone(), spec, recv).await;
             if r.is_ok() && memory_bytes > 0 {
                 agent.grant_store(&job, memory_bytes).await;
