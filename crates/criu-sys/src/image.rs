@@ -131,36 +131,12 @@ pub fn parse_pagemap(bytes: &[u8]) -> Result<(u32, Vec<PagemapEntry>), String> {
 /// The process pagemaps of a dump in `dir` (`pagemap-<pid>.img`, not shared memory's), as
 /// (pid in the container's namespace, entries).
 pub fn read_pagemaps(dir: &Path) -> Result<Vec<(u32, Vec<PagemapEntry>)>, ImageError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ImageError::Io { path, source }
-    };
     let mut out = vec![];
-    for e in std::fs::read_dir(dir).map_err(io(dir))? {
-        let e = e.map_err(io(dir))?;
-        let name = e.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("pagemap-"))
-            .and_then(|n| n.strip_suffix(".img"))
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let path = e.path();
-        let len = e.metadata().map_err(io(&path))?.len();
-        if len > MAX_PAGEMAP_BYTES {
-            return Err(ImageError::Invalid {
-                path,
-                why: format!("{len} bytes, more than {MAX_PAGEMAP_BYTES}"),
-            });
-        }
-        let bytes = std::fs::read(&path).map_err(io(&path))?;
+    for (pid, path, bytes) in read_images(dir, "pagemap-", MAX_PAGEMAP_BYTES)? {
         let (_, entries) =
             parse_pagemap(&bytes).map_err(|why| ImageError::Invalid { path, why })?;
         out.push((pid, entries));
     }
-    out.sort_by_key(|(p, _)| *p);
     Ok(out)
 }
 
@@ -188,27 +164,29 @@ pub struct ThreadCore {
 /// (x86-64).
 pub fn parse_core_sp(bytes: &[u8]) -> Result<Option<u64>, String> {
     let msg = core_message(bytes)?;
-    let sub = |buf: &[u8], n: u64| -> Result<Option<Vec<u8>>, String> {
-        Ok(fields(buf)
-            .ok_or("a malformed message")?
-            .iter()
-            .rev()
-            .find(|f| f.number == n && f.wire == 2)
-            .map(|f| f.value.to_vec()))
-    };
-    let Some(info) = sub(msg, 2)? else {
+    let Some(info) = submessage(msg, 2)? else {
         return Ok(None);
     };
-    let Some(regs) = sub(&info, 2)? else {
+    let Some(regs) = submessage(info, 2)? else {
         return Ok(None);
     };
-    Ok(fields(&regs)
+    Ok(fields(regs)
         .ok_or("malformed registers")?
         .iter()
         .rev()
         .find(|f| f.number == 20 && f.wire == 0)
         .and_then(|f| varint(f.value))
         .map(|v| v.0))
+}
+
+/// The last occurrence of embedded message field `n` of `buf`.
+fn submessage(buf: &[u8], n: u64) -> Result<Option<&[u8]>, String> {
+    Ok(fields(buf)
+        .ok_or("a malformed message")?
+        .iter()
+        .rev()
+        .find(|f| f.number == n && f.wire == 2)
+        .map(|f| f.value))
 }
 
 /// The `core_entry` message of a core image.
@@ -230,21 +208,13 @@ fn core_message(bytes: &[u8]) -> Result<&[u8], String> {
 /// Parses a core image (`core-<tid>.img`): the thread's rseq area, if it registered one.
 pub fn parse_core_rseq(bytes: &[u8]) -> Result<Option<(u64, u32)>, String> {
     let msg = core_message(bytes)?;
-    let sub = |buf: &'_ [u8], n: u64| -> Result<Option<Vec<u8>>, String> {
-        Ok(fields(buf)
-            .ok_or("a malformed message")?
-            .iter()
-            .rev()
-            .find(|f| f.number == n && f.wire == 2)
-            .map(|f| f.value.to_vec()))
-    };
-    let Some(thread_core) = sub(msg, 5)? else {
+    let Some(thread_core) = submessage(msg, 5)? else {
         return Ok(None);
     };
-    let Some(rseq) = sub(&thread_core, 15)? else {
+    let Some(rseq) = submessage(thread_core, 15)? else {
         return Ok(None);
     };
-    let fs = fields(&rseq).ok_or("a malformed rseq_entry")?;
+    let fs = fields(rseq).ok_or("a malformed rseq_entry")?;
     let get = |n: u64| {
         fs.iter()
             .rev()
@@ -261,31 +231,8 @@ pub fn parse_core_rseq(bytes: &[u8]) -> Result<Option<(u64, u32)>, String> {
 
 /// The threads of a dump in `dir` (`core-<tid>.img`).
 pub fn read_thread_cores(dir: &Path) -> Result<Vec<ThreadCore>, ImageError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ImageError::Io { path, source }
-    };
     let mut out = vec![];
-    for e in std::fs::read_dir(dir).map_err(io(dir))? {
-        let e = e.map_err(io(dir))?;
-        let name = e.file_name();
-        let Some(tid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("core-"))
-            .and_then(|n| n.strip_suffix(".img"))
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let path = e.path();
-        let len = e.metadata().map_err(io(&path))?.len();
-        if len > MAX_CORE_BYTES {
-            return Err(ImageError::Invalid {
-                path,
-                why: format!("{len} bytes, more than {MAX_CORE_BYTES}"),
-            });
-        }
-        let bytes = std::fs::read(&path).map_err(io(&path))?;
+    for (tid, path, bytes) in read_images(dir, "core-", MAX_CORE_BYTES)? {
         let invalid = |why| ImageError::Invalid {
             path: path.clone(),
             why,
@@ -294,7 +241,44 @@ pub fn read_thread_cores(dir: &Path) -> Result<Vec<ThreadCore>, ImageError> {
         let sp = parse_core_sp(&bytes).map_err(invalid)?;
         out.push(ThreadCore { tid, rseq, sp });
     }
-    out.sort_by_key(|t| t.tid);
+    Ok(out)
+}
+
+/// The images `<prefix><id>.img` of `dir`, at most `max_bytes` each: (id, path, contents), by
+/// id.
+fn read_images(
+    dir: &Path,
+    prefix: &str,
+    max_bytes: u64,
+) -> Result<Vec<(u32, PathBuf, Vec<u8>)>, ImageError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ImageError::Io { path, source }
+    };
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).map_err(io(dir))? {
+        let e = e.map_err(io(dir))?;
+        let name = e.file_name();
+        let Some(id) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|n| n.strip_suffix(".img"))
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let path = e.path();
+        let len = e.metadata().map_err(io(&path))?.len();
+        if len > max_bytes {
+            return Err(ImageError::Invalid {
+                path,
+                why: format!("{len} bytes, more than {max_bytes}"),
+            });
+        }
+        let bytes = std::fs::read(&path).map_err(io(&path))?;
+        out.push((id, path, bytes));
+    }
+    out.sort_by_key(|(id, ..)| *id);
     Ok(out)
 }
 

@@ -342,10 +342,7 @@ impl Agent {
                 })?;
             tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
                 let mut buf = vec![0u8; nr_pages as usize * PAGE];
-                let got = memtrack::read_memory(host, vaddr, &mut buf)?;
-                if got < buf.len() {
-                    bail!("the frozen copy of pid {pid} has {got} bytes at {vaddr:#x}");
-                }
+                read_frozen(host, vaddr, &mut buf)?;
                 Ok(buf)
             })
             .await?
@@ -435,15 +432,7 @@ fn hash_frozen_copy(
                 .min(CHUNK_PAGES)
                 .min(max - n);
             let len = k as usize * PAGE;
-            let got = memtrack::read_memory(r.host, a, &mut buf[..len])
-                .with_context(|| format!("reading the frozen copy of pid {} at {a:#x}", r.host))?;
-            if got < len {
-                bail!(
-                    "the frozen copy of pid {} has {} bytes at {a:#x}, not {len}",
-                    r.host,
-                    got
-                );
-            }
+            read_frozen(r.host, a, &mut buf[..len])?;
             batch.push(Location {
                 pid: r.vpid,
                 vaddr: a,
@@ -472,6 +461,19 @@ fn hash_frozen_copy(
 /// How far above a thread's stack pointer the final dump reads the frozen copy again: the
 /// frames of the calls that made the interrupted system call.
 const STACK_REREAD_BYTES: u64 = 8 << 10;
+
+/// Reads all of `buf` from the frozen copy of host process `pid` at `addr`.
+fn read_frozen(pid: i32, addr: u64, buf: &mut [u8]) -> Result<()> {
+    let got = memtrack::read_memory(pid, addr, buf)
+        .with_context(|| format!("reading the frozen copy of pid {pid} at {addr:#x}"))?;
+    if got < buf.len() {
+        bail!(
+            "the frozen copy of pid {pid} has {got} bytes at {addr:#x}, not {}",
+            buf.len()
+        );
+    }
+    Ok(())
+}
 
 /// Pages read per chunk of the final dump's reads (1 MiB).
 const CHUNK_PAGES: u64 = 256;
@@ -849,15 +851,7 @@ impl super::source::Driver {
                 for (pid, addr, n) in chunks {
                     let len = n as usize * PAGE;
                     let seq = p2.next_seq();
-                    let got =
-                        memtrack::read_memory(pid, addr, &mut buf[..len]).with_context(|| {
-                            format!("reading the frozen copy of pid {pid} at {addr:#x}")
-                        })?;
-                    if got < len {
-                        bail!(
-                            "the frozen copy of pid {pid} has {got} bytes at {addr:#x}, not {len}"
-                        );
-                    }
+                    read_frozen(pid, addr, &mut buf[..len])?;
                     let vpid = p2.vpid(pid).with_context(|| {
                         format!(
                             "pages of process {pid} were read before its container pid was known"
@@ -990,9 +984,7 @@ impl super::source::Driver {
                         .filter(|(_, rs)| rs.iter().any(|r| r.start <= *addr && *addr < r.end))
                         .map(|(h, _)| *h)
                         .with_context(|| format!("the destination asks for page {addr:#x} of pid {vpid}, which is not lazy memory of the container"))?;
-                    if memtrack::read_memory(host, *addr, page)? < PAGE {
-                        bail!("page {addr:#x} of pid {vpid} cannot be read from the frozen copy");
-                    }
+                    read_frozen(host, *addr, page)?;
                     locations.push(Location {
                         pid: *vpid,
                         vaddr: *addr,
