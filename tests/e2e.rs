@@ -310,3 +310,75 @@ fn pre_copy_rolls_back_when_the_restore_fails_at_the_destination() {
     let r = restore_fails_at_the_destination(&["--pre-copy"], "pre-restore");
     assert!(!r["rounds"].as_array().unwrap().is_empty(), "{r}");
 }
+
+/// runc as the container's owner on `host`: `runc list -q` lists it, `runc exec` runs in it.
+fn assert_runc_owns(host: &str, name: &str) {
+    let root = format!("{LAB_DIR}/{host}/runc");
+    let out = std::process::Command::new("runc")
+        .args(["--root", &root, "list", "-q"])
+        .output()
+        .expect("runc list");
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l == name),
+        "runc on {host} does not list {name}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = std::process::Command::new("runc")
+        .args(["--root", &root, "exec", name, "/bin/ls", "/"])
+        .output()
+        .expect("runc exec");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("bin"),
+        "runc exec in {name} on {host}: {out:?}"
+    );
+}
+
+#[test]
+fn runc_starts_before_the_freeze_and_still_owns_the_container_after() {
+    let lab = Lab::up();
+    lab.run_echo("h1", "echo");
+    for (to, extra) in [("h2", vec![]), ("h1", vec!["--pre-copy"])] {
+        let mut args = vec!["migrate", "echo", "--to", to, "--json"];
+        args.extend(extra.iter().copied());
+        let r: Value = serde_json::from_str(&ferry_ok(&args)).unwrap();
+        assert_eq!(r["result"], "completed", "{r}");
+        let job = r["id"].as_str().expect("job id").to_string();
+        let from = if to == "h2" { "h1" } else { "h2" };
+        // Each side's runc reached its gate before CRIU was let through: the dump's at the
+        // source, the restore's at the destination.
+        for (host, op) in [(from, "checkpoint"), (to, "restore")] {
+            let log = std::fs::read_to_string(format!("{LAB_DIR}/{host}.log")).unwrap();
+            assert!(
+                log.lines().any(|l| l.contains("CRIU let through its gate")
+                    && l.contains(op)
+                    && l.contains("echo")),
+                "{host} did not start runc {op} ahead for job {job}"
+            );
+            assert!(
+                !log.contains("not started ahead"),
+                "{host} fell back to starting runc in the window"
+            );
+        }
+        assert_runc_owns(to, "echo");
+        assert_clean_host(from, "echo");
+    }
+    // runc can still stop it.
+    let root = format!("{LAB_DIR}/h1/runc");
+    let out = std::process::Command::new("runc")
+        .args(["--root", &root, "kill", "echo", "KILL"])
+        .output()
+        .expect("runc kill");
+    assert!(out.status.success(), "runc kill: {out:?}");
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let out = std::process::Command::new("runc")
+                .args(["--root", &root, "state", "echo"])
+                .output()
+                .expect("runc state");
+            String::from_utf8_lossy(&out.stdout).contains("\"stopped\"")
+        }),
+        "runc kill did not stop the container"
+    );
+}

@@ -47,6 +47,15 @@ pub const LAZY_DUMP_CONFIG_ENV: &str = "FERRY_LAZY_DUMP_CONFIG";
 /// lines per MiB of memory while the container is frozen).
 pub const LAZY_DUMP_LOG_LEVEL_ENV: &str = "FERRY_CRIU_LOG_LEVEL";
 
+/// The environment variable naming the agent's *gate*: a UNIX socket where `ferry-criu` waits,
+/// with runc's request read and runc's own start-up done, until the agent lets CRIU run
+/// ([`wait_at_gate`]). The agent starts runc this way before it freezes the container (or
+/// before the images arrive), so that only CRIU's own work falls in the frozen window.
+pub const GATE_ENV: &str = "FERRY_CRIU_GATE";
+
+/// The byte the agent sends through the gate to let CRIU run.
+pub const GATE_OPEN: u8 = b'g';
+
 /// The largest RPC message relayed (runc reads answers into 40 KiB; requests are smaller).
 pub const MAX_MESSAGE: usize = 1 << 20;
 
@@ -81,6 +90,20 @@ pub enum SwrkProxyError {
         path: PathBuf,
         /// The OS error.
         source: std::io::Error,
+    },
+    /// The agent's gate cannot be reached or failed while waiting.
+    #[error("waiting at the Ferry agent's gate {} ({GATE_ENV}): {source}", path.display())]
+    Gate {
+        /// The gate's path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The agent closed the gate: the migration ended before CRIU was to run.
+    #[error("the Ferry agent closed the gate {} without letting CRIU run (the migration ended first)", path.display())]
+    GateClosed {
+        /// The gate's path.
+        path: PathBuf,
     },
     /// runc closed its socket without sending a request.
     #[error("runc sent no request")]
@@ -166,6 +189,32 @@ pub fn peek_request(runc: RawFd) -> Result<Vec<u8>, Errno> {
     };
     buf.truncate(n);
     Ok(buf)
+}
+
+/// Waits at the agent's gate `path` ([`GATE_ENV`]): connects and reads one byte. [`GATE_OPEN`]
+/// lets CRIU run; the agent closing the gate (or anything else) is an error, on which
+/// `ferry-criu` exits without starting CRIU, so that runc fails and cleans up after itself.
+/// There is no time limit here: the agent bounds the whole command and kills it.
+pub fn wait_at_gate(path: &Path) -> Result<(), SwrkProxyError> {
+    use std::io::Read;
+    let gate = |source| SwrkProxyError::Gate {
+        path: path.to_owned(),
+        source,
+    };
+    let mut stream = UnixStream::connect(path).map_err(gate)?;
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(1) if byte[0] == GATE_OPEN => return Ok(()),
+            Ok(_) => {
+                return Err(SwrkProxyError::GateClosed {
+                    path: path.to_owned(),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(gate(e)),
+        }
+    }
 }
 
 /// Whether [`relay_dump`] can take `request`: a DUMP of a given pid (not of the requesting
@@ -534,6 +583,7 @@ pub fn relay_dump(
         .arg(theirs.as_raw_fd().to_string())
         .env_remove(PAGE_SERVER_SOCKET_ENV)
         .env_remove(LAZY_DUMP_CONFIG_ENV)
+        .env_remove(GATE_ENV)
         .preserved_fds(vec![theirs, ps]);
     let mut child = cmd.spawn().map_err(|source| SwrkProxyError::Spawn {
         path: real_criu.to_owned(),

@@ -53,6 +53,10 @@ pub enum PeerRequest {
         /// for the job when it is fuller.
         #[serde(default)]
         memory_bytes: u64,
+        /// The restore will be lazy (pre-copy with page placement): the destination starts
+        /// its `runc restore` ahead in that mode.
+        #[serde(default)]
+        restore_lazily: bool,
     },
     /// Point `mac` at `host`'s VTEP in your overlay (`None`: forget it).
     Route {

@@ -62,6 +62,145 @@ pub struct CriuFrontend {
     pub version: String,
 }
 
+/// A command started in a process group of its own (see `Runc::spawn_group`).
+struct Started {
+    pgid: i32,
+    rx: std::sync::mpsc::Receiver<std::io::Result<ExitStatus>>,
+    waiter: std::thread::JoinHandle<()>,
+    since: Instant,
+}
+
+/// How long a command whose gate stays closed may take to fail and clean up after itself.
+const GATE_CLOSED_GRACE: Duration = Duration::from_secs(5);
+
+/// A runc checkpoint or restore started ahead, its CRIU waiting at a gate
+/// ([`criu_sys::swrk_proxy::GATE_ENV`]). [`Prestarted::go`] lets CRIU run and waits for the
+/// command; dropping it closes the gate instead: `ferry-criu` exits without starting CRIU,
+/// runc fails and removes what it created (the command is killed if it takes longer than
+/// [`GATE_CLOSED_GRACE`]). [`Prestarted::cancel`] does the same and waits for the end.
+pub struct Prestarted {
+    runc: Runc,
+    op: &'static str,
+    name: String,
+    started: Option<Started>,
+    gate: Option<std::os::unix::net::UnixListener>,
+    gate_path: PathBuf,
+    criu_log: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Prestarted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prestarted")
+            .field("op", &self.op)
+            .field("name", &self.name)
+            .field("gate", &self.gate_path)
+            .finish()
+    }
+}
+
+impl Prestarted {
+    /// Lets CRIU run and waits for the command, bounded by `bound` (its deadline counts from
+    /// now on, not from the start ahead). Fails as the plain command would, and also when runc
+    /// ended before it reached the gate.
+    pub fn go(mut self, bound: Bound) -> Result<()> {
+        use std::io::Write;
+        let (op, name) = (self.op, self.name.clone());
+        let started = self.started.take().context("a started command")?;
+        let gate = self.gate.take().context("a gate")?;
+        let deadline = bound
+            .deadline
+            .unwrap_or_else(|| Instant::now() + COMMAND_DEADLINE);
+        let opened = loop {
+            match gate.accept() {
+                Ok((mut conn, _)) => {
+                    break conn
+                        .write_all(&[criu_sys::swrk_proxy::GATE_OPEN])
+                        .with_context(|| {
+                            format!("opening the CRIU gate of runc {op} of {name:?}")
+                        });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    break Err(anyhow::Error::from(e)
+                        .context(format!("waiting at the CRIU gate of runc {op} of {name:?}")))
+                }
+            }
+            // runc may have failed before it reached the gate: its error is the answer.
+            match started.rx.try_recv() {
+                Ok(r) => {
+                    let _ = std::fs::remove_file(&self.gate_path);
+                    let status = r.with_context(|| format!("waiting for runc {op} of {name:?}"))?;
+                    self.runc
+                        .check_status(op, &name, status, self.criu_log.as_deref())?;
+                    bail!("runc {op} of container {name:?} ended before CRIU ran");
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    bail!("runc {op} of {name:?}: lost track of the command")
+                }
+            }
+            let stop = if Instant::now() >= deadline {
+                Some(format!("did not reach its CRIU gate within {}", bound.what))
+            } else if bound
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::SeqCst))
+            {
+                Some("was cancelled".to_string())
+            } else {
+                None
+            };
+            if let Some(why) = stop {
+                break Err(anyhow::anyhow!("runc {op} of container {name:?} {why}"));
+            }
+            std::thread::sleep(Duration::from_micros(250));
+        };
+        let _ = std::fs::remove_file(&self.gate_path);
+        drop(gate);
+        if opened.is_ok() {
+            tracing::info!(op, container = %name, ahead_ms = crate::util::ms(started.since.elapsed()),
+                "CRIU let through its gate (runc started ahead)");
+        }
+        if let Err(e) = opened {
+            self.started = Some(started);
+            return Err(e);
+        }
+        let status = self.runc.wait_bounded(op, &name, started, &bound)?;
+        self.runc
+            .check_status(op, &name, status, self.criu_log.as_deref())
+    }
+
+    /// Closes the gate and waits until the command has ended (killed after
+    /// [`GATE_CLOSED_GRACE`]): runc then holds nothing of the container any more.
+    pub fn cancel(mut self) {
+        self.close();
+    }
+
+    fn close(&mut self) {
+        drop(self.gate.take());
+        let _ = std::fs::remove_file(&self.gate_path);
+        if let Some(s) = self.started.take() {
+            let bound = Bound::new(GATE_CLOSED_GRACE, "the grace after its gate closed", None);
+            let _ = self.runc.wait_bounded(self.op, &self.name, s, &bound);
+        }
+    }
+}
+
+impl Drop for Prestarted {
+    fn drop(&mut self) {
+        drop(self.gate.take());
+        let _ = std::fs::remove_file(&self.gate_path);
+        if let Some(s) = self.started.take() {
+            // Not on the caller's thread: a drop must not block.
+            let (runc, op, name) = (self.runc.clone(), self.op, self.name.clone());
+            std::thread::spawn(move || {
+                let bound = Bound::new(GATE_CLOSED_GRACE, "the grace after its gate closed", None);
+                let _ = runc.wait_bounded(op, &name, s, &bound);
+            });
+        }
+    }
+}
+
 /// `runc state` output.
 #[derive(Debug, Clone, Deserialize)]
 pub struct RuncState {
@@ -95,6 +234,11 @@ impl Runc {
         self
     }
 
+    /// Whether `ferry-criu` stands in front of CRIU (needed to start commands ahead).
+    pub fn has_criu_frontend(&self) -> bool {
+        self.criu_frontend.is_some()
+    }
+
     fn log_path(&self, op: &str, name: &str) -> PathBuf {
         self.root.join(format!("{name}.{op}.log"))
     }
@@ -119,11 +263,21 @@ impl Runc {
     /// Runs a runc command; on failure the error quotes runc's log and, when given, CRIU's.
     fn run(&self, op: &str, name: &str, c: Command, criu_log: Option<&Path>) -> Result<()> {
         let _ = std::fs::create_dir_all(&self.root);
-        let log = self.log_path(op, name);
-        let _ = std::fs::remove_file(&log);
+        let _ = std::fs::remove_file(self.log_path(op, name));
         let status = self.run_bounded(op, name, c)?;
+        self.check_status(op, name, status, criu_log)
+    }
+
+    /// An error quoting runc's log and, when given, CRIU's, unless `status` is a success.
+    fn check_status(
+        &self,
+        op: &str,
+        name: &str,
+        status: ExitStatus,
+        criu_log: Option<&Path>,
+    ) -> Result<()> {
         if !status.success() {
-            let runc_log = std::fs::read_to_string(&log).unwrap_or_default();
+            let runc_log = std::fs::read_to_string(self.log_path(op, name)).unwrap_or_default();
             let mut excerpt: Vec<String> = runc_log
                 .lines()
                 .filter(|l| l.contains("level=error") || l.contains("\"level\":\"error\""))
@@ -152,10 +306,15 @@ impl Runc {
     /// Runs `c` in a process group of its own until it ends, the deadline passes or the cancel
     /// flag is set; then the group is killed (SIGKILL) and the command abandoned to a thread that
     /// reaps it (a process in uninterruptible sleep dies when it wakes).
-    fn run_bounded(&self, op: &str, name: &str, mut c: Command) -> Result<ExitStatus> {
+    fn run_bounded(&self, op: &str, name: &str, c: Command) -> Result<ExitStatus> {
+        let started = self.spawn_group(op, c)?;
+        self.wait_bounded(op, name, started, &self.bound)
+    }
+
+    /// Starts `c` in a process group of its own, with a thread that reaps it.
+    fn spawn_group(&self, op: &str, mut c: Command) -> Result<Started> {
         use std::os::unix::process::CommandExt;
         c.process_group(0);
-        let started = Instant::now();
         let mut child = c.spawn().with_context(|| {
             format!(
                 "could not start {} for `{op}`: install runc (scripts/setup.sh)",
@@ -167,25 +326,37 @@ impl Runc {
         let waiter = std::thread::spawn(move || {
             let _ = tx.send(child.wait());
         });
-        let deadline = self
-            .bound
-            .deadline
-            .unwrap_or_else(|| started + COMMAND_DEADLINE);
-        let what = if self.bound.deadline.is_some() {
-            self.bound.what
+        Ok(Started {
+            pgid,
+            rx,
+            waiter,
+            since: Instant::now(),
+        })
+    }
+
+    /// Waits for a command [started](Self::spawn_group) until it ends or `bound` stops it
+    /// (a deadline counted from the command's start when `bound` names none).
+    fn wait_bounded(&self, op: &str, name: &str, s: Started, bound: &Bound) -> Result<ExitStatus> {
+        let deadline = bound.deadline.unwrap_or_else(|| s.since + COMMAND_DEADLINE);
+        let what = if bound.deadline.is_some() {
+            bound.what
         } else {
             "the command deadline"
+        };
+        let from = if bound.deadline.is_some() {
+            Instant::now()
+        } else {
+            s.since
         };
         let why = loop {
             let now = Instant::now();
             if now >= deadline {
                 break format!(
                     "did not finish within {what} ({:.1} s)",
-                    deadline.saturating_duration_since(started).as_secs_f64()
+                    deadline.saturating_duration_since(from).as_secs_f64()
                 );
             }
-            if self
-                .bound
+            if bound
                 .cancel
                 .as_ref()
                 .is_some_and(|c| c.load(Ordering::SeqCst))
@@ -193,9 +364,12 @@ impl Runc {
                 break "was cancelled".to_string();
             }
             // Short steps only to notice a cancel; an exit is noticed at once.
-            match rx.recv_timeout((deadline - now).min(Duration::from_millis(20))) {
+            match s
+                .rx
+                .recv_timeout((deadline - now).min(Duration::from_millis(20)))
+            {
                 Ok(r) => {
-                    let _ = waiter.join();
+                    let _ = s.waiter.join();
                     return r.with_context(|| format!("waiting for runc {op} of {name:?}"));
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
@@ -207,11 +381,46 @@ impl Runc {
         // The group is runc's: runc, ferry-criu and CRIU, never the container's tasks (they
         // keep their own groups).
         let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(pgid),
+            nix::unistd::Pid::from_raw(s.pgid),
             nix::sys::signal::Signal::SIGKILL,
         );
-        tracing::warn!(op, container = name, pgid, reason = %why, "runc command killed");
-        bail!("runc {op} of container {name:?} {why}; it was killed (process group {pgid})")
+        tracing::warn!(op, container = name, pgid = s.pgid, reason = %why, "runc command killed");
+        bail!(
+            "runc {op} of container {name:?} {why}; it was killed (process group {})",
+            s.pgid
+        )
+    }
+
+    /// Starts `c` now with CRIU held at a gate at `gate` until [`Prestarted::go`]: runc's own
+    /// start-up (and `ferry-criu`'s) happens before the frozen window, CRIU's work in it.
+    fn prestart(
+        &self,
+        op: &'static str,
+        name: &str,
+        mut c: Command,
+        criu_log: Option<PathBuf>,
+        gate: &Path,
+    ) -> Result<Prestarted> {
+        if self.criu_frontend.is_none() {
+            bail!("starting runc ahead needs ferry-criu in front of CRIU (criu_frontend in the agent config)");
+        }
+        let _ = std::fs::create_dir_all(&self.root);
+        let _ = std::fs::remove_file(self.log_path(op, name));
+        let _ = std::fs::remove_file(gate);
+        let listener = std::os::unix::net::UnixListener::bind(gate)
+            .with_context(|| format!("listening on the CRIU gate {}", gate.display()))?;
+        listener.set_nonblocking(true)?;
+        c.env(criu_sys::swrk_proxy::GATE_ENV, gate);
+        let started = self.spawn_group(op, c)?;
+        Ok(Prestarted {
+            runc: self.clone(),
+            op,
+            name: name.to_string(),
+            started: Some(started),
+            gate: Some(listener),
+            gate_path: gate.to_path_buf(),
+            criu_log,
+        })
     }
 
     /// Starts a container detached.
@@ -228,17 +437,7 @@ impl Runc {
     /// The container is left in place (`--leave-running`, inside a cgroup the caller froze):
     /// until the destination has committed, a rollback only thaws it, which cannot fail.
     pub fn checkpoint(&self, name: &str, images: &Path, work: &Path) -> Result<()> {
-        let mut c = self.cmd("checkpoint", name);
-        c.args([
-            "checkpoint",
-            "--tcp-established",
-            "--leave-running",
-            "--image-path",
-        ])
-        .arg(images)
-        .arg("--work-path")
-        .arg(work)
-        .arg(name);
+        let c = self.checkpoint_cmd(name, images, work, None);
         self.run("checkpoint", name, c, Some(&work.join("dump.log")))
     }
 
@@ -260,29 +459,53 @@ impl Runc {
         if self.criu_frontend.is_none() {
             bail!("pre-copy needs ferry-criu in front of CRIU (criu_frontend in the agent config)");
         }
-        let mut c = self.cmd("checkpoint", name);
-        c.env(criu_sys::swrk_proxy::PAGE_SERVER_SOCKET_ENV, ps_socket);
-        if lazy {
-            c.env(
-                criu_sys::swrk_proxy::LAZY_DUMP_CONFIG_ENV,
-                work.join("lazy-dump.conf"),
-            );
-        }
-        // runc sends a page-server address only with a port; ferry-criu replaces it with the
-        // socket above.
-        c.args([
-            "checkpoint",
-            "--tcp-established",
-            "--leave-running",
-            "--page-server",
-            "127.0.0.1:1",
-            "--image-path",
-        ])
-        .arg(images)
-        .arg("--work-path")
-        .arg(work)
-        .arg(name);
+        let c = self.checkpoint_cmd(name, images, work, Some((ps_socket, lazy)));
         self.run("checkpoint", name, c, Some(&work.join("dump.log")))
+    }
+
+    /// [`Self::checkpoint`] (`relay: None`) or [`Self::checkpoint_relayed`] started ahead, with
+    /// CRIU held at the gate `gate` until [`Prestarted::go`]: start it before the freeze, let it
+    /// go once the container is frozen. The images directory must stay the same directory
+    /// from here on (runc holds it open and writes `descriptors.json` into it now).
+    pub fn prestart_checkpoint(
+        &self,
+        name: &str,
+        images: &Path,
+        work: &Path,
+        relay: Option<(&Path, bool)>,
+        gate: &Path,
+    ) -> Result<Prestarted> {
+        let c = self.checkpoint_cmd(name, images, work, relay);
+        self.prestart("checkpoint", name, c, Some(work.join("dump.log")), gate)
+    }
+
+    fn checkpoint_cmd(
+        &self,
+        name: &str,
+        images: &Path,
+        work: &Path,
+        relay: Option<(&Path, bool)>,
+    ) -> Command {
+        let mut c = self.cmd("checkpoint", name);
+        c.args(["checkpoint", "--tcp-established", "--leave-running"]);
+        if let Some((ps_socket, lazy)) = relay {
+            c.env(criu_sys::swrk_proxy::PAGE_SERVER_SOCKET_ENV, ps_socket);
+            if lazy {
+                c.env(
+                    criu_sys::swrk_proxy::LAZY_DUMP_CONFIG_ENV,
+                    work.join("lazy-dump.conf"),
+                );
+            }
+            // runc sends a page-server address only with a port; ferry-criu replaces it with
+            // the socket above.
+            c.args(["--page-server", "127.0.0.1:1"]);
+        }
+        c.arg("--image-path")
+            .arg(images)
+            .arg("--work-path")
+            .arg(work)
+            .arg(name);
+        c
     }
 
     /// Restores from images, detached; `lazy`: lazy memory comes from the `criu lazy-pages`
@@ -295,11 +518,39 @@ impl Runc {
         work: &Path,
         lazy: bool,
     ) -> Result<()> {
+        let c = self.restore_cmd(name, bundle, images, work, lazy);
+        self.run("restore", name, c, Some(&work.join("restore.log")))
+    }
+
+    /// [`Self::restore`] started ahead, with CRIU held at the gate `gate` until
+    /// [`Prestarted::go`]: start it once the bundle is ready, let it go once the images are.
+    /// runc reads `descriptors.json` from `images` now (it must be there, and the same as the
+    /// one the images bring) and holds `images` open: it must stay the same directory.
+    pub fn prestart_restore(
+        &self,
+        name: &str,
+        bundle: &Path,
+        images: &Path,
+        work: &Path,
+        lazy: bool,
+        gate: &Path,
+    ) -> Result<Prestarted> {
+        let c = self.restore_cmd(name, bundle, images, work, lazy);
+        self.prestart("restore", name, c, Some(work.join("restore.log")), gate)
+    }
+
+    fn restore_cmd(
+        &self,
+        name: &str,
+        bundle: &Path,
+        images: &Path,
+        work: &Path,
+        lazy: bool,
+    ) -> Command {
         let mut c = self.cmd("restore", name);
+        c.arg("restore");
         if lazy {
-            c.arg("restore").arg("--lazy-pages");
-        } else {
-            c.arg("restore");
+            c.arg("--lazy-pages");
         }
         c.args(["--detach", "--tcp-established", "--bundle"])
             .arg(bundle)
@@ -308,7 +559,7 @@ impl Runc {
             .arg("--work-path")
             .arg(work)
             .arg(name);
-        self.run("restore", name, c, Some(&work.join("restore.log")))
+        c
     }
 
     /// Kills and deletes a container; absent is fine.
@@ -580,6 +831,53 @@ pub fn write_config(
 /// Directories hidden from containers with a bind mount (runc refuses binds inside /proc, so
 /// /proc/acpi and /proc/scsi stay in maskedPaths, on a tmpfs).
 const MASKED_DIRS: [&str; 1] = ["/sys/firmware"];
+
+/// Creates, in a new container's root `rootfs`, the mount points of the binds that lie inside
+/// other mounts (`sys/firmware` inside sysfs). At the container's start runc finds them inside
+/// those mounts; a `runc restore` started ahead creates them in the root itself, so they
+/// must exist there from the start: otherwise the destination's root would differ from the
+/// source's (see [`root_digest`]). A root whose path to them is not plain directories (a
+/// symlink from an image) is left alone.
+pub fn make_mount_points(rootfs: &Path) -> Result<()> {
+    for dir in MASKED_DIRS {
+        let mut p = rootfs.to_path_buf();
+        for part in dir.trim_start_matches('/').split('/') {
+            p.push(part);
+            match std::fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() => continue,
+                Ok(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    std::fs::create_dir(&p)
+                        .with_context(|| format!("creating mount point {}", p.display()))?;
+                }
+                Err(e) => return Err(e).with_context(|| format!("inspecting {}", p.display())),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether every mount point [`make_mount_points`] makes is a directory in `rootfs` (a root
+/// of a container made before it was: a `runc restore` started ahead would change it).
+pub fn has_mount_points(rootfs: &Path) -> bool {
+    MASKED_DIRS.iter().all(|dir| {
+        let mut p = rootfs.to_path_buf();
+        dir.trim_start_matches('/').split('/').all(|part| {
+            p.push(part);
+            std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir())
+        })
+    })
+}
+
+/// The digest of a container's root as both ends of a migration see it: without the bind
+/// mount points (a `runc restore` started ahead mounts over them, which changes how they
+/// look but not what the container sees).
+pub fn root_digest(snap: &mut shared_fs::Snapshot) -> String {
+    for dir in MASKED_DIRS {
+        snap.entries.remove(dir.trim_start_matches('/'));
+    }
+    snap.digest()
+}
 
 /// Builds a busybox-based root filesystem holding Ferry's workload binary and its libraries.
 pub fn build_rootfs(rootfs: &Path, workload: &Path) -> Result<()> {

@@ -59,6 +59,26 @@ where
 }
 
 /// Fails with a clear message unless running as root.
+/// Makes `dir` an empty directory, keeping the directory itself (a process may hold it open)
+/// and the entries named in `keep`. Symlinks inside are removed, never followed.
+pub fn empty_dir(dir: &std::path::Path, keep: &[&str]) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let e = e?;
+        if keep.iter().any(|k| e.file_name() == **k) {
+            continue;
+        }
+        let path = e.path();
+        let r = if e.file_type()?.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        r.with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 pub fn require_root(what: &str) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("{what} needs root (it drives CRIU, runc and network namespaces): run it with sudo");

@@ -12,6 +12,10 @@
 //! and CRIU ([`criu_sys::swrk_proxy`]), exiting as CRIU does. With `FERRY_LAZY_DUMP_CONFIG`
 //! set as well, the dump is lazy: the socket then carries the page server CRIU runs from the
 //! frozen tree for the pages it did not write.
+//!
+//! With `FERRY_CRIU_GATE` set, any request but the version's first waits at the agent's gate
+//! ([`swrk_proxy::wait_at_gate`]): the agent starts runc before the frozen window and lets
+//! CRIU run once the container is frozen (dump) or its images are in place (restore).
 
 #![deny(unsafe_code)]
 
@@ -36,7 +40,10 @@ fn main() -> ExitCode {
     let fd = (args.get(1).map(String::as_str) == Some("swrk"))
         .then(|| args.get(2).and_then(|a| a.parse::<RawFd>().ok()))
         .flatten();
-    if let Some(fd) = fd.filter(|_| version.is_some() || page_server_socket.is_some()) {
+    let gate = std::env::var_os(swrk_proxy::GATE_ENV).filter(|g| !g.is_empty());
+    if let Some(fd) =
+        fd.filter(|_| version.is_some() || page_server_socket.is_some() || gate.is_some())
+    {
         if let Ok(request) = swrk_proxy::peek_request(fd) {
             let kind = criu_sys::rpc::request_type(&request);
             if let (Some(criu_sys::rpc::REQ_VERSION), Some(version)) = (kind, version) {
@@ -52,6 +59,12 @@ fn main() -> ExitCode {
                     }
                 };
             }
+            if let Some(gate) = &gate {
+                if let Err(e) = swrk_proxy::wait_at_gate(Path::new(gate)) {
+                    eprintln!("ferry-criu: {e}");
+                    return ExitCode::from(1);
+                }
+            }
             if let Some(socket) =
                 swrk_proxy::page_server_socket_for(&request, page_server_socket.as_deref())
             {
@@ -62,7 +75,10 @@ fn main() -> ExitCode {
             }
         }
     }
-    let err = Command::new(&real).args(&args[1..]).exec();
+    let err = Command::new(&real)
+        .args(&args[1..])
+        .env_remove(swrk_proxy::GATE_ENV)
+        .exec();
     eprintln!("ferry-criu: cannot run {}: {err}", real.to_string_lossy());
     ExitCode::from(1)
 }

@@ -285,3 +285,44 @@ fn criu_is_heard_out_after_runc_has_gone() {
         }
     );
 }
+
+#[test]
+fn the_gate_lets_criu_run_only_when_the_agent_opens_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gate");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let p = path.clone();
+    let waiter = thread::spawn(move || wait_at_gate(&p));
+    let (mut conn, _) = listener.accept().unwrap();
+    // Still waiting until the byte arrives.
+    thread::sleep(std::time::Duration::from_millis(50));
+    assert!(!waiter.is_finished());
+    std::io::Write::write_all(&mut conn, &[GATE_OPEN]).unwrap();
+    waiter.join().unwrap().unwrap();
+
+    // Closed without the byte: an error that names the gate.
+    let p = path.clone();
+    let waiter = thread::spawn(move || wait_at_gate(&p));
+    let (conn, _) = listener.accept().unwrap();
+    drop(conn);
+    let e = waiter.join().unwrap().unwrap_err();
+    assert!(matches!(e, SwrkProxyError::GateClosed { .. }), "{e}");
+    assert!(e.to_string().contains("gate"), "{e}");
+
+    // Any other byte is no permission either.
+    let p = path.clone();
+    let waiter = thread::spawn(move || wait_at_gate(&p));
+    let (mut conn, _) = listener.accept().unwrap();
+    std::io::Write::write_all(&mut conn, b"x").unwrap();
+    assert!(matches!(
+        waiter.join().unwrap().unwrap_err(),
+        SwrkProxyError::GateClosed { .. }
+    ));
+
+    // No gate at all: a connect error with the path.
+    drop(listener);
+    std::fs::remove_file(&path).unwrap();
+    let e = wait_at_gate(&path).unwrap_err();
+    assert!(matches!(e, SwrkProxyError::Gate { .. }), "{e}");
+    assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+}

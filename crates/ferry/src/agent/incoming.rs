@@ -18,6 +18,19 @@ use super::{lock, Agent, ContainerRecord};
 use crate::proto::PeerResponse;
 use crate::runtime::Layout;
 
+/// The file of a checkpoint where runc lists the container's stdio (read by its restore).
+const DESCRIPTORS: &str = "descriptors.json";
+/// runc's `descriptors.json` for a container whose stdio is `/dev/null`, as every container
+/// Ferry starts (`runtime::Runc`).
+const STDIO_DESCRIPTORS: &str = r#"["/dev/null","/dev/null","/dev/null"]"#;
+
+/// Whether the images' `descriptors.json` in `images` lists what a runc started ahead read.
+fn same_descriptors(images: &std::path::Path) -> bool {
+    let read = |b: &[u8]| serde_json::from_slice::<Vec<String>>(b).ok();
+    let ours = read(STDIO_DESCRIPTORS.as_bytes());
+    std::fs::read(images.join(DESCRIPTORS)).is_ok_and(|b| read(&b).is_some_and(|d| Some(d) == ours))
+}
+
 /// How long a prepared job may wait for its images.
 const PREPARED_TTL: Duration = Duration::from_secs(120);
 /// How long a restored container waits for the source's commit before it is removed.
@@ -48,6 +61,9 @@ pub(crate) struct Incoming {
     pub(crate) index: super::fill::PageIndex,
     /// Lazy restore: its memory is being filled in (the images stay until the fill ends).
     pub(crate) filling: bool,
+    /// `runc restore` started at the prepare, in lazy mode or not, its CRIU held at a gate
+    /// until the images are here (see [`Agent::prestart_restore`]).
+    prestarted: Option<(bool, crate::runtime::Prestarted)>,
 }
 
 impl Incoming {
@@ -222,6 +238,7 @@ impl Agent {
         conn_id: usize,
         job: String,
         spec: ContainerSpec,
+        restore_lazily: bool,
         recv: &mut super::peer::Incoming<'_>,
     ) -> Result<PeerResponse> {
         if !orchestrator_shim::api::valid_name(&spec.name) || !valid_job(&job) {
@@ -278,7 +295,14 @@ impl Agent {
             lock(&self.incoming_bases).insert(job.clone(), img.tree.clone());
         }
         let r = self
-            .prepare_reserved(peer, conn_id, job.clone(), spec.clone(), recv)
+            .prepare_reserved(
+                peer,
+                conn_id,
+                job.clone(),
+                spec.clone(),
+                restore_lazily,
+                recv,
+            )
             .await;
         lock(&self.creating).retain(|(n, _)| *n != spec.name);
         if r.is_err() {
@@ -293,6 +317,7 @@ impl Agent {
         conn_id: usize,
         job: String,
         spec: ContainerSpec,
+        restore_lazily: bool,
         recv: &mut super::peer::Incoming<'_>,
     ) -> Result<PeerResponse> {
         if spec.prefix_len != self.cfg.overlay_prefix_len {
@@ -339,11 +364,14 @@ impl Agent {
                 Ok(Hold::start(&l.netns, 0)?)
             })
             .await??;
-            Ok::<_, anyhow::Error>((stats, hold))
+            let prestarted = self
+                .prestart_restore(&job, &layout, &spec.name, restore_lazily)
+                .await;
+            Ok::<_, anyhow::Error>((stats, hold, prestarted))
         }
         .await;
         match r {
-            Ok((stats, hold)) => {
+            Ok((stats, hold, prestarted)) => {
                 info!(%job, container = %spec.name, from = peer, bytes = stats.wire_bytes, "prepared");
                 self.incoming.lock().await.insert(
                     job,
@@ -362,6 +390,7 @@ impl Agent {
                         pages_relayed: false,
                         index: Default::default(),
                         filling: false,
+                        prestarted,
                     },
                 );
                 Ok(PeerResponse::Ok {
@@ -373,6 +402,53 @@ impl Agent {
                 // runc and namespace removal block: not on an async worker.
                 let _ = tokio::task::spawn_blocking(move || undo.remove()).await;
                 Err(e)
+            }
+        }
+    }
+
+    /// Starts `runc restore` for job `job` now, its CRIU held at a gate until the images are
+    /// here ([`crate::runtime::Runc::prestart_restore`]): runc's start-up then happens while
+    /// the source is still dumping, not in the frozen window. The images directory starts with
+    /// the `descriptors.json` runc writes for every container Ferry runs (its stdio is
+    /// `/dev/null`); the restore checks that the images brought the same. `None` (with a
+    /// warning) if it cannot start: the restore then starts runc itself.
+    async fn prestart_restore(
+        &self,
+        job: &str,
+        layout: &Layout,
+        name: &str,
+        lazy: bool,
+    ) -> Option<(bool, crate::runtime::Prestarted)> {
+        if !self.runc.has_criu_frontend() {
+            return None;
+        }
+        if !crate::runtime::has_mount_points(&layout.rootfs()) {
+            info!(%job, container = name, "runc restore not started ahead: the container's root lacks its mount points (it was made by an earlier version)");
+            return None;
+        }
+        let (images, work) = (self.images_dir(job), self.work_dir(job));
+        let gate = self
+            .cfg
+            .state_dir
+            .join("run")
+            .join(format!("{job}.restore-gate"));
+        let (runc, bundle, name) = (self.runc.clone(), layout.bundle.clone(), name.to_string());
+        let r = tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_dir_all(&images);
+            std::fs::create_dir_all(&images)?;
+            std::fs::write(images.join(DESCRIPTORS), STDIO_DESCRIPTORS)?;
+            std::fs::create_dir_all(&work)?;
+            std::fs::create_dir_all(gate.parent().unwrap_or(&work))?;
+            runc.prestart_restore(&name, &bundle, &images, &work, lazy, &gate)
+        })
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r);
+        match r {
+            Ok(p) => Some((lazy, p)),
+            Err(e) => {
+                warn!(%job, error = %format!("{e:#}"), "runc restore not started ahead: the restore starts it in the frozen window");
+                None
             }
         }
     }
@@ -402,10 +478,11 @@ impl Agent {
         };
         let images = self.images_dir(job);
         if !relayed {
-            // Without the relay, every image comes in this tree: start from nothing.
-            let _ = std::fs::remove_dir_all(&images);
+            // Without the relay, every image comes in this tree: start from nothing (but the
+            // directory itself, which a runc started ahead holds open, and the descriptors it
+            // read from there, which the tree replaces atomically).
+            crate::util::empty_dir(&images, &[DESCRIPTORS])?;
         }
-        std::fs::create_dir_all(&images)?;
         let limits = shared_fs::Limits::default();
         let t = Instant::now();
         let a = transfer::tree::recv_tree(recv, &images, limits.clone())
@@ -424,9 +501,10 @@ impl Agent {
             // The copy here must be the source's root as it was at the freeze: whatever the
             // rounds skipped or resent while the container ran, the final diff settled.
             let root = own.clone();
-            let got = tokio::task::spawn_blocking(move || shared_fs::snapshot(&root))
-                .await??
-                .digest();
+            let got = tokio::task::spawn_blocking(move || {
+                shared_fs::snapshot(&root).map(|mut s| crate::runtime::root_digest(&mut s))
+            })
+            .await??;
             if got != expected {
                 bail!(
                     "the root filesystem received here (digest {got}) differs from the source's at the freeze ({expected}); refusing to restore"
@@ -472,25 +550,27 @@ impl Agent {
             );
         }
         let t_req = Instant::now();
-        let (name, layout, abort, index, pinned) = match self.incoming.lock().await.get_mut(job) {
-            Some(i) if i.from != peer => bail!("job {job} belongs to {}, not {peer}", i.from),
-            Some(i) => {
-                i.restoring = true;
-                let index = std::mem::take(&mut i.index);
-                (
-                    i.spec.name.clone(),
-                    i.layout.clone(),
-                    std::sync::Arc::clone(&i.abort),
-                    index,
-                    if lazy {
-                        i.pinned.clone()
-                    } else {
-                        HashSet::new()
-                    },
-                )
-            }
-            None => bail!("no prepared job {job} here (it expired or was aborted)"),
-        };
+        let (name, layout, abort, index, pinned, prestarted) =
+            match self.incoming.lock().await.get_mut(job) {
+                Some(i) if i.from != peer => bail!("job {job} belongs to {}, not {peer}", i.from),
+                Some(i) => {
+                    i.restoring = true;
+                    let index = std::mem::take(&mut i.index);
+                    (
+                        i.spec.name.clone(),
+                        i.layout.clone(),
+                        std::sync::Arc::clone(&i.abort),
+                        index,
+                        if lazy {
+                            i.pinned.clone()
+                        } else {
+                            HashSet::new()
+                        },
+                        i.prestarted.take(),
+                    )
+                }
+                None => bail!("no prepared job {job} here (it expired or was aborted)"),
+            };
         // Lazy: the daemon that fills the memory in from the page store starts first.
         let mut daemon = None;
         if lazy {
@@ -563,7 +643,7 @@ impl Agent {
         );
         let until = bound.deadline;
         let (runc, images, work) = (
-            self.runc.bounded(bound),
+            self.runc.bounded(bound.clone()),
             self.images_dir(job),
             self.work_dir(job),
         );
@@ -588,7 +668,17 @@ impl Agent {
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
-            let r = runc.restore(&name, &layout.bundle, &images, &work, lazy);
+            let r = match prestarted {
+                Some((was_lazy, p)) if was_lazy == lazy && same_descriptors(&images) => {
+                    p.go(bound)
+                }
+                Some((was_lazy, p)) => {
+                    info!(container = %name, was_lazy, lazy, "the runc restore started ahead does not fit these images: starting another");
+                    p.cancel();
+                    runc.restore(&name, &layout.bundle, &images, &work, lazy)
+                }
+                None => runc.restore(&name, &layout.bundle, &images, &work, lazy),
+            };
             crate::runtime::keep_log(
                 &work.join("restore.log"),
                 &logs,
@@ -725,6 +815,7 @@ impl Agent {
             lock(&self.incoming_bases).remove(job);
             warn!(%job, container = %inc.spec.name, reason = why, "aborting incoming migration");
             let hold = inc.hold.take();
+            let prestarted = inc.prestarted.take();
             let name = inc.spec.name.clone();
             let layout = inc.layout.clone();
             let this = (
@@ -735,6 +826,10 @@ impl Agent {
             );
             let _ = tokio::task::spawn_blocking(move || {
                 let (runc, images, work, rec) = this;
+                // A runc started ahead ends first (it fails at its closed gate).
+                if let Some((_, p)) = prestarted {
+                    p.cancel();
+                }
                 // Network first: a restored copy that is killed must not send FIN or RST to
                 // peers that now talk to the source again.
                 crate::runtime::delete_netns(&layout);

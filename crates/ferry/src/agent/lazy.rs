@@ -487,6 +487,13 @@ impl super::source::Driver {
     /// ends at the destination.
     pub(super) async fn dump_lazy(&mut self) -> Result<u64> {
         let job = self.job.id.clone();
+        let sock = self
+            .agent
+            .cfg
+            .state_dir
+            .join("run")
+            .join(format!("{job}.ps"));
+        let pre = self.prestart_dump(Some((sock, true))).await;
         let t0 = std::time::Instant::now();
         // A throttled container must reach the freezer at once.
         self.rounds.lift_throttle();
@@ -538,7 +545,7 @@ impl super::source::Driver {
             .placement
             .clone()
             .context("a lazy dump without page placement")?;
-        match self.lazy_dump_and_send(&placement).await {
+        match self.lazy_dump_and_send(&placement, pre).await {
             Ok((bytes, extra, eager, lazy, round_trips, reread)) => {
                 self.lazy_dumped = true;
                 self.memory = Some(migrate_core::MemoryReport {
@@ -571,6 +578,7 @@ impl super::source::Driver {
     async fn lazy_dump_and_send(
         &mut self,
         placement: &std::sync::Arc<Placement>,
+        pre: Option<crate::runtime::Prestarted>,
     ) -> Result<(u64, u64, u64, u64, u32, u64)> {
         let job = self.job.id.clone();
         let run_dir = self.agent.cfg.state_dir.join("run");
@@ -579,17 +587,23 @@ impl super::source::Driver {
         let _ = std::fs::remove_file(&sock);
         let listener = tokio::net::UnixListener::bind(&sock)
             .with_context(|| format!("listening on {}", sock.display()))?;
-        let runc = self.agent.runc.bounded(self.dump_bound());
+        let bound = self.dump_bound();
+        let runc = self.agent.runc.bounded(bound.clone());
         let name = self.spec.name.clone();
         let (images, work) = (self.agent.images_dir(&job), self.agent.work_dir(&job));
         let (logs, job_id) = (self.agent.cfg.state_dir.join("logs"), job.clone());
         let (im, s) = (images.clone(), sock.clone());
         let mut ckpt = tokio::task::spawn_blocking(move || {
-            let _ = std::fs::remove_dir_all(&im);
-            std::fs::create_dir_all(&im)?;
-            std::fs::create_dir_all(&work)?;
             let t = std::time::Instant::now();
-            let r = runc.checkpoint_relayed(&name, &im, &work, &s, true);
+            let r = match pre {
+                Some(p) => p.go(bound),
+                None => {
+                    let _ = std::fs::remove_dir_all(&im);
+                    std::fs::create_dir_all(&im)?;
+                    std::fs::create_dir_all(&work)?;
+                    runc.checkpoint_relayed(&name, &im, &work, &s, true)
+                }
+            };
             tracing::info!(container = %name, checkpoint_ms = crate::util::ms(t.elapsed()), "dumped lazily");
             crate::runtime::keep_log(&work.join("dump.log"), &logs, &format!("{job_id}.dump.log"));
             r

@@ -666,6 +666,7 @@ impl Agent {
                     Some(layer) => crate::runtime::mount_overlay_rootfs(&l, layer)?,
                     None => crate::runtime::build_rootfs(&l.rootfs(), &workload)?,
                 }
+                crate::runtime::make_mount_points(&l.rootfs())?;
                 crate::runtime::write_config(&l, &s, &host, Some(&conf))?;
                 crate::runtime::create_netns(&l, &s, &bridge)?;
                 runc.start(&n, &l.bundle)

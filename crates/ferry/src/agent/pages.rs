@@ -312,8 +312,8 @@ impl Agent {
             })
             .await?;
         let (images, work) = (self.images_dir(job), self.work_dir(job));
-        let _ = std::fs::remove_dir_all(&images);
-        std::fs::create_dir_all(&images)?;
+        // The directory stays: a runc restore started ahead holds it (see `prestart_restore`).
+        crate::util::empty_dir(&images, &["descriptors.json"])?;
         std::fs::create_dir_all(&work)?;
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         // The page server gets its end at the same number, in the child only: clearing

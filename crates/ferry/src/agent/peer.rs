@@ -225,10 +225,13 @@ async fn dispatch(
             job,
             spec,
             memory_bytes,
+            restore_lazily,
         } => {
             // The page store grows only by what this host can hold (a peer may say anything).
             agent.check_memory(memory_bytes, true).await?;
-            let r = agent.prepare(peer, conn_id, job.clone(), spec, recv).await;
+            let r = agent
+                .prepare(peer, conn_id, job.clone(), spec, restore_lazily, recv)
+                .await;
             if r.is_ok() && memory_bytes > 0 {
                 agent.grant_store(&job, memory_bytes).await;
             }

@@ -476,6 +476,8 @@ impl Driver {
                     } else {
                         0
                     },
+                    restore_lazily: self.mode == MigrateMode::PreCopy
+                        && self.rounds.placement.is_some(),
                 };
                 // The container runs: what changes under this first copy goes again with the
                 // next diff (a round, or the final one while it is frozen).
@@ -518,7 +520,9 @@ impl Driver {
                 self.dump_relayed().await
             }
             Action::Dump => {
-                let runc = self.agent.runc.bounded(self.dump_bound());
+                let pre = self.prestart_dump(None).await;
+                let bound = self.dump_bound();
+                let runc = self.agent.runc.bounded(bound.clone());
                 let name = self.spec.name.clone();
                 let (images, work) = (self.agent.images_dir(&job), self.agent.work_dir(&job));
                 let host = self.agent.cfg.host.clone();
@@ -528,9 +532,11 @@ impl Driver {
                 let cancel = Arc::clone(&self.job.cancel);
                 self.source_link_down = true;
                 let r = tokio::task::spawn_blocking(move || {
-                    let _ = std::fs::remove_dir_all(&images);
-                    std::fs::create_dir_all(&images)?;
-                    std::fs::create_dir_all(&work)?;
+                    if pre.is_none() {
+                        let _ = std::fs::remove_dir_all(&images);
+                        std::fs::create_dir_all(&images)?;
+                        std::fs::create_dir_all(&work)?;
+                    }
                     let t = Instant::now();
                     crate::runtime::freeze(&host, &name)?;
                     // The copy left in place must stay silent (see set_veth).
@@ -546,7 +552,10 @@ impl Driver {
                         }
                     }
                     let freeze_ms = crate::util::ms(t.elapsed());
-                    let r = runc.checkpoint(&name, &images, &work);
+                    let r = match pre {
+                        Some(p) => p.go(bound),
+                        None => runc.checkpoint(&name, &images, &work),
+                    };
                     info!(container = %name, freeze_ms, checkpoint_ms = crate::util::ms(t.elapsed()) - freeze_ms, "dumped (left in place, frozen)");
                     crate::runtime::keep_log(&work.join("dump.log"), &logs, &format!("{job_id}.dump.log"));
                     r
@@ -579,8 +588,9 @@ impl Driver {
                     tokio::task::spawn_blocking(move || -> Result<(Diff, Diff, String)> {
                         let img =
                             shared_fs::diff(&Snapshot::default(), &shared_fs::snapshot(&images)?);
-                        let now = shared_fs::snapshot(&root)?;
-                        Ok((img, shared_fs::diff(&before, &now), now.digest()))
+                        let mut now = shared_fs::snapshot(&root)?;
+                        let diff = shared_fs::diff(&before, &now);
+                        Ok((img, diff, crate::runtime::root_digest(&mut now)))
                     })
                     .await??;
                 let req = PeerRequest::Images {
@@ -863,6 +873,52 @@ impl Driver {
         )
     }
 
+    /// Starts the final dump's `runc checkpoint` now, before the freeze, its CRIU held at a
+    /// gate until [`crate::runtime::Prestarted::go`] (`relay`: the page-server socket and
+    /// whether the dump is lazy). The images directory is emptied first and stays (runc holds
+    /// it). `None`, with a warning, if it cannot start: the dump then starts runc itself, in
+    /// the frozen window.
+    pub(super) fn prestart_dump(
+        &self,
+        relay: Option<(std::path::PathBuf, bool)>,
+    ) -> impl std::future::Future<Output = Option<crate::runtime::Prestarted>> + Send + 'static
+    {
+        let ready = self.agent.runc.has_criu_frontend();
+        let job = self.job.id.clone();
+        let runc = self.agent.runc.clone();
+        let name = self.spec.name.clone();
+        let (images, work) = (self.agent.images_dir(&job), self.agent.work_dir(&job));
+        let gate = self
+            .agent
+            .cfg
+            .state_dir
+            .join("run")
+            .join(format!("{job}.dump-gate"));
+        async move {
+            if !ready {
+                return None;
+            }
+            let r = tokio::task::spawn_blocking(move || {
+                let _ = std::fs::remove_dir_all(&images);
+                std::fs::create_dir_all(&images)?;
+                std::fs::create_dir_all(&work)?;
+                std::fs::create_dir_all(gate.parent().unwrap_or(&work))?;
+                let relay = relay.as_ref().map(|(p, lazy)| (p.as_path(), *lazy));
+                runc.prestart_checkpoint(&name, &images, &work, relay, &gate)
+            })
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r);
+            match r {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    warn!(%job, error = %format!("{e:#}"), "runc checkpoint not started ahead: the dump starts it in the frozen window");
+                    None
+                }
+            }
+        }
+    }
+
     /// After a failed final dump: the container runs on, on the network again.
     pub(super) fn resume_source(&mut self) {
         let l = self.agent.layout(&self.spec.name);
@@ -879,6 +935,13 @@ impl Driver {
     /// place, frozen, until the commit.
     async fn dump_relayed(&mut self) -> Result<u64> {
         let job = self.job.id.clone();
+        let sock = self
+            .agent
+            .cfg
+            .state_dir
+            .join("run")
+            .join(format!("{job}.ps"));
+        let pre = self.prestart_dump(Some((sock.clone(), false))).await;
         let mut rounds = std::mem::replace(&mut self.rounds, Rounds::new());
         let (stopped, rounds) = tokio::task::spawn_blocking(move || {
             let r = rounds.stop_tracking();
@@ -893,17 +956,15 @@ impl Driver {
         // runs unthrottled for the few milliseconds until the freeze, whose dump reads every
         // page anyway.
         self.rounds.lift_throttle();
-        let run_dir = self.agent.cfg.state_dir.join("run");
-        std::fs::create_dir_all(&run_dir)?;
-        let sock = run_dir.join(format!("{job}.ps"));
         let _ = std::fs::remove_file(&sock);
         let listener = tokio::net::UnixListener::bind(&sock)
             .with_context(|| format!("listening on {}", sock.display()))?;
         let conn = self.conn().await?;
         let (mut send, recv) = conn.open().await?;
         transfer::frame::write_msg(&mut send, &PeerRequest::DumpPages { job: job.clone() }).await?;
+        let bound = self.dump_bound();
         let (runc, name) = (
-            self.agent.runc.bounded(self.dump_bound()),
+            self.agent.runc.bounded(bound.clone()),
             self.spec.name.clone(),
         );
         let (images, work) = (self.agent.images_dir(&job), self.agent.work_dir(&job));
@@ -913,9 +974,11 @@ impl Driver {
         let layout = self.agent.layout(&self.spec.name);
         self.source_link_down = true;
         let mut ckpt = tokio::task::spawn_blocking(move || {
-            let _ = std::fs::remove_dir_all(&images);
-            std::fs::create_dir_all(&images)?;
-            std::fs::create_dir_all(&work)?;
+            if pre.is_none() {
+                let _ = std::fs::remove_dir_all(&images);
+                std::fs::create_dir_all(&images)?;
+                std::fs::create_dir_all(&work)?;
+            }
             let t = Instant::now();
             crate::runtime::freeze(&host, &name)?;
             // The copy left in place must stay silent (see set_veth).
@@ -924,7 +987,10 @@ impl Driver {
                 return Err(e);
             }
             let freeze_ms = crate::util::ms(t.elapsed());
-            let r = runc.checkpoint_relayed(&name, &images, &work, &s, false);
+            let r = match pre {
+                Some(p) => p.go(bound),
+                None => runc.checkpoint_relayed(&name, &images, &work, &s, false),
+            };
             info!(container = %name, freeze_ms, checkpoint_ms = crate::util::ms(t.elapsed()) - freeze_ms, "dumped (pages relayed)");
             crate::runtime::keep_log(&work.join("dump.log"), &logs, &format!("{job_id}.dump.log"));
             r
