@@ -68,6 +68,11 @@ pub struct AgentConfig {
     /// without, sources send every page in the final dump.
     #[serde(default = "yes")]
     pub lazy_restore: bool,
+    /// Keep CRIU's images and work files (`images/`, `work/` in the state directory) on a
+    /// tmpfs the agent mounts at start: no disk file is created while a container is frozen.
+    /// They then count against memory; the preflight refuses a checkpoint that does not fit.
+    #[serde(default = "yes")]
+    pub scratch_tmpfs: bool,
 }
 
 /// A quarter of the host's memory, at most 8 GiB (256 MiB when it cannot be read).

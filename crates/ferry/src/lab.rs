@@ -415,6 +415,7 @@ pub async fn up(
             page_store_mib: 4096,
             memory_budget_mib: None,
             lazy_restore: true,
+            scratch_tmpfs: true,
         };
         let cfg_path = dir.join(format!("{}.json", h.name));
         std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)?;

@@ -242,6 +242,10 @@ pub enum PeerResponse {
         /// Why it cannot restore lazily (`None`: it can).
         #[serde(default = "lazy_unknown")]
         no_lazy_restore: Option<String>,
+        /// Free bytes where CRIU's images go there (a tmpfs, usually smaller than the state
+        /// directory's disk); `None` from agents that do not tell.
+        #[serde(default)]
+        images_free_bytes: Option<u64>,
     },
     /// Answer to [`PeerRequest::BaseHave`].
     BaseHeld {

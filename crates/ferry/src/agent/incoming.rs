@@ -196,9 +196,14 @@ impl Agent {
             Err(e) => bail!("CRIU unusable on {}: {e}", self.cfg.host),
         };
         let (r, dir) = (self.runc.clone(), self.cfg.state_dir.clone());
-        let (runc, free_bytes) =
-            tokio::task::spawn_blocking(move || (r.available(), crate::runtime::free_bytes(&dir)))
-                .await?;
+        let (runc, free_bytes, images_free_bytes) = tokio::task::spawn_blocking(move || {
+            let images = dir.join("images");
+            let images_free = std::fs::create_dir_all(&images)
+                .ok()
+                .and_then(|()| crate::runtime::free_bytes(&images).ok());
+            (r.available(), crate::runtime::free_bytes(&dir), images_free)
+        })
+        .await?;
         let runc = runc.with_context(|| format!("runc unusable on {}", self.cfg.host))?;
         let free_bytes = free_bytes?;
         if lock(&self.containers).contains_key(name)
@@ -229,6 +234,7 @@ impl Agent {
             free_bytes,
             pages_held,
             no_lazy_restore,
+            images_free_bytes,
         })
     }
 
@@ -427,18 +433,14 @@ impl Agent {
             return None;
         }
         let (images, work) = (self.images_dir(job), self.work_dir(job));
-        let gate = self
-            .cfg
-            .state_dir
-            .join("run")
-            .join(format!("{job}.restore-gate"));
+        let gate = self.run_socket(job, "restore-gate");
         let (runc, bundle, name) = (self.runc.clone(), layout.bundle.clone(), name.to_string());
         let r = tokio::task::spawn_blocking(move || {
+            let gate = gate?;
             let _ = std::fs::remove_dir_all(&images);
             std::fs::create_dir_all(&images)?;
             std::fs::write(images.join(DESCRIPTORS), STDIO_DESCRIPTORS)?;
             std::fs::create_dir_all(&work)?;
-            std::fs::create_dir_all(gate.parent().unwrap_or(&work))?;
             runc.prestart_restore(&name, &bundle, &images, &work, lazy, &gate)
         })
         .await

@@ -487,13 +487,8 @@ impl super::source::Driver {
     /// ends at the destination.
     pub(super) async fn dump_lazy(&mut self) -> Result<u64> {
         let job = self.job.id.clone();
-        let sock = self
-            .agent
-            .cfg
-            .state_dir
-            .join("run")
-            .join(format!("{job}.ps"));
-        let pre = self.prestart_dump(Some((sock, true))).await;
+        let sock = self.agent.run_socket(&job, "ps")?;
+        let pre = self.prestart_dump(Some((sock.clone(), true))).await;
         let t0 = std::time::Instant::now();
         // A throttled container must reach the freezer at once.
         self.rounds.lift_throttle();
@@ -545,7 +540,7 @@ impl super::source::Driver {
             .placement
             .clone()
             .context("a lazy dump without page placement")?;
-        match self.lazy_dump_and_send(&placement, pre).await {
+        match self.lazy_dump_and_send(&placement, &sock, pre).await {
             Ok((bytes, extra, eager, lazy, round_trips, reread)) => {
                 self.lazy_dumped = true;
                 self.memory = Some(migrate_core::MemoryReport {
@@ -578,12 +573,11 @@ impl super::source::Driver {
     async fn lazy_dump_and_send(
         &mut self,
         placement: &std::sync::Arc<Placement>,
+        sock: &std::path::Path,
         pre: Option<crate::runtime::Prestarted>,
     ) -> Result<(u64, u64, u64, u64, u32, u64)> {
         let job = self.job.id.clone();
-        let run_dir = self.agent.cfg.state_dir.join("run");
-        std::fs::create_dir_all(&run_dir)?;
-        let sock = run_dir.join(format!("{job}.ps"));
+        let sock = sock.to_path_buf();
         let _ = std::fs::remove_file(&sock);
         let listener = tokio::net::UnixListener::bind(&sock)
             .with_context(|| format!("listening on {}", sock.display()))?;

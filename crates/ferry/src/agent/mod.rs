@@ -163,6 +163,18 @@ pub(crate) const CRIU_CONF: &str = "network-lock skip\ncgroup-yard /sys/fs/cgrou
 async fn run(cfg: AgentConfig) -> Result<()> {
     std::fs::create_dir_all(&cfg.state_dir)?;
     std::fs::write(cfg.state_dir.join("criu.conf"), CRIU_CONF)?;
+    if cfg.runs_containers && cfg.scratch_tmpfs {
+        for sub in ["images", "work"] {
+            let dir = cfg.state_dir.join(sub);
+            match crate::runtime::ensure_tmpfs(&dir) {
+                Ok(true) => info!(dir = %dir.display(), "CRIU scratch on a tmpfs"),
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(dir = %dir.display(), error = %format!("{e:#}"), "CRIU scratch stays on disk")
+                }
+            }
+        }
+    }
     let criu = tokio::task::spawn_blocking(|| {
         let c = criu_sys::Criu::discover()?;
         c.check()?;
@@ -302,6 +314,14 @@ impl Agent {
 
     fn images_dir(&self, job: &str) -> PathBuf {
         self.cfg.state_dir.join("images").join(job)
+    }
+
+    /// Where job `job`'s UNIX socket of kind `kind` (`ps`, `dump-gate`, `restore-gate`)
+    /// lives: the run directory of the state directory, created here.
+    fn run_socket(&self, job: &str, kind: &str) -> Result<PathBuf> {
+        let dir = self.cfg.state_dir.join("run");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(dir.join(format!("{job}.{kind}")))
     }
 
     fn work_dir(&self, job: &str) -> PathBuf {

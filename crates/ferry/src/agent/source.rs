@@ -432,6 +432,7 @@ impl Driver {
                         free_bytes,
                         pages_held,
                         no_lazy_restore,
+                        images_free_bytes,
                         ..
                     } => {
                         self.rounds.set_destination_pages(pages_held);
@@ -450,6 +451,7 @@ impl Driver {
                         if free_bytes < need {
                             bail!("{} has {} MiB free in its state directory, the container needs about {} MiB", self.to, free_bytes >> 20, need >> 20);
                         }
+                        self.check_checkpoint_room(images_free_bytes).await?;
                     }
                     other => expect_ok(&self.to, other)?,
                 }
@@ -857,6 +859,48 @@ impl Driver {
         r
     }
 
+    /// Refuses, before anything moves, a checkpoint that cannot be written: a dump that carries
+    /// every page (stop-and-copy, or pre-copy without a lazy restore) writes the container's
+    /// memory as image files at the destination (`dest_free`: free bytes there), and
+    /// stop-and-copy writes them here first. Image directories are usually a tmpfs, so they
+    /// are bounded by memory, not by disk. Unknown sizes are not checked.
+    async fn check_checkpoint_room(&mut self, dest_free: Option<u64>) -> Result<()> {
+        let lazy = self.mode == MigrateMode::PreCopy && self.rounds.placement.is_some();
+        if lazy || self.memory_bytes == 0 {
+            return Ok(());
+        }
+        let need = self.memory_bytes + self.memory_bytes / 16 + (16 << 20);
+        let hint = "free memory there, raise the images tmpfs (mount -o remount,size=…), or \
+                    migrate with pre-copy and a lazy restore, which writes no page image";
+        if let Some(free) = dest_free.filter(|f| *f < need) {
+            bail!(
+                "{} has {} MiB free for checkpoint images, container {:?} needs about {} MiB: {hint}",
+                self.to,
+                free >> 20,
+                self.spec.name,
+                need >> 20
+            );
+        }
+        if self.mode != MigrateMode::PreCopy {
+            let dir = self.agent.cfg.state_dir.join("images");
+            let free = tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&dir)?;
+                crate::runtime::free_bytes(&dir)
+            })
+            .await??;
+            if free < need {
+                bail!(
+                    "{} has {} MiB free for checkpoint images, container {:?} needs about {} MiB: {hint}",
+                    self.agent.cfg.host,
+                    free >> 20,
+                    self.spec.name,
+                    need >> 20
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Counts request round trips to the destination while frozen (lazy restore's report).
     fn count_round_trips(&mut self, n: u32) {
         if let Some(m) = self.memory.as_mut().filter(|m| m.restore == "lazy") {
@@ -888,21 +932,16 @@ impl Driver {
         let runc = self.agent.runc.clone();
         let name = self.spec.name.clone();
         let (images, work) = (self.agent.images_dir(&job), self.agent.work_dir(&job));
-        let gate = self
-            .agent
-            .cfg
-            .state_dir
-            .join("run")
-            .join(format!("{job}.dump-gate"));
+        let gate = self.agent.run_socket(&job, "dump-gate");
         async move {
             if !ready {
                 return None;
             }
             let r = tokio::task::spawn_blocking(move || {
+                let gate = gate?;
                 let _ = std::fs::remove_dir_all(&images);
                 std::fs::create_dir_all(&images)?;
                 std::fs::create_dir_all(&work)?;
-                std::fs::create_dir_all(gate.parent().unwrap_or(&work))?;
                 let relay = relay.as_ref().map(|(p, lazy)| (p.as_path(), *lazy));
                 runc.prestart_checkpoint(&name, &images, &work, relay, &gate)
             })
@@ -935,12 +974,7 @@ impl Driver {
     /// place, frozen, until the commit.
     async fn dump_relayed(&mut self) -> Result<u64> {
         let job = self.job.id.clone();
-        let sock = self
-            .agent
-            .cfg
-            .state_dir
-            .join("run")
-            .join(format!("{job}.ps"));
+        let sock = self.agent.run_socket(&job, "ps")?;
         let pre = self.prestart_dump(Some((sock.clone(), false))).await;
         let mut rounds = std::mem::replace(&mut self.rounds, Rounds::new());
         let (stopped, rounds) = tokio::task::spawn_blocking(move || {
