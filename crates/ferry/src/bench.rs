@@ -409,6 +409,93 @@ pub struct ScenarioResult {
     pub total_ratio: Option<f64>,
     /// The chart, relative to the output directory.
     pub chart: String,
+    /// Stop-and-copy's transfer against one bare QUIC stream on the same link (memory
+    /// workloads: the echo container's few MiB say nothing about a rate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_goodput: Option<TransferGoodput>,
+}
+
+/// Stop-and-copy's transfer phase (inside the freeze) against a bare QUIC stream.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct TransferGoodput {
+    /// The transfer phase's payload over its duration, MB/s.
+    pub transfer_mb_s: f64,
+    /// One bare QUIC stream between the same two hosts on the same link, MB/s.
+    pub bare_quic_mb_s: f64,
+    /// The first over the second.
+    pub ratio: f64,
+}
+
+/// A bare QUIC stream's goodput on one link, measured in the bench's own run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LinkGoodput {
+    /// The link (`unshaped`, `1gbit`).
+    pub link: String,
+    /// Each measurement.
+    pub runs: Vec<crate::goodput::Goodput>,
+    /// Their median, MB/s.
+    pub median_mb_s: f64,
+}
+
+/// Bytes of each bare QUIC measurement, and how many are taken per link.
+const GOODPUT_BYTES: u64 = 256 << 20;
+const GOODPUT_RUNS: usize = 3;
+
+/// The median goodput of [`GOODPUT_RUNS`] bare QUIC streams from [`FROM`] to [`TO`].
+async fn link_goodput(lab: &Lab) -> Result<LinkGoodput> {
+    let link = lab
+        .link_rate
+        .map(|r| r.to_string())
+        .unwrap_or_else(|| "unshaped".into());
+    // Ten times what the link's rate needs, and at least a minute.
+    let limit = lab.link_rate.map_or(Duration::from_secs(60), |r| {
+        Duration::from_secs((GOODPUT_BYTES * 8 * 10 / r.0.max(1)).max(60))
+    });
+    let mut runs = vec![];
+    for _ in 0..GOODPUT_RUNS {
+        runs.push(crate::goodput::measure(lab, FROM, TO, GOODPUT_BYTES, limit).await?);
+    }
+    let mut rates: Vec<f64> = runs.iter().map(|g| g.mb_s()).collect();
+    let median_mb_s = quantile(&mut rates, 0.5).unwrap_or(0.0);
+    eprintln!("bench   bare QUIC stream on a {link} link: {median_mb_s:.0} MB/s (median of {GOODPUT_RUNS})");
+    Ok(LinkGoodput {
+        link,
+        runs,
+        median_mb_s,
+    })
+}
+
+/// [`TransferGoodput`] of a stop-and-copy run of a memory workload.
+fn transfer_goodput(
+    s: &Scenario,
+    ferry: &Run,
+    bare: Option<&LinkGoodput>,
+) -> Option<TransferGoodput> {
+    if s.mode != Mode::StopCopy || !matches!(s.workload, Workload::Memory { .. }) || !ferry.ok {
+        return None;
+    }
+    let t = ferry
+        .report
+        .as_ref()?
+        .phases
+        .iter()
+        .find(|p| p.phase == migrate_core::Phase::Transfer)?;
+    TransferGoodput::new(t.bytes, t.duration_ms, bare?.median_mb_s)
+}
+
+impl TransferGoodput {
+    /// `bytes` in `ms` against `bare_mb_s` (`None` when either rate is unknown).
+    fn new(bytes: u64, ms: f64, bare_mb_s: f64) -> Option<TransferGoodput> {
+        if ms <= 0.0 || bare_mb_s <= 0.0 {
+            return None;
+        }
+        let transfer_mb_s = bytes as f64 / ms / 1000.0;
+        Some(TransferGoodput {
+            transfer_mb_s,
+            bare_quic_mb_s: bare_mb_s,
+            ratio: transfer_mb_s / bare_mb_s,
+        })
+    }
 }
 
 /// The whole bench.
@@ -424,6 +511,9 @@ pub struct BenchResult {
     pub scenarios: Vec<ScenarioResult>,
     /// Scenarios left out, with the reason.
     pub skipped: Vec<String>,
+    /// One bare QUIC stream's goodput on each link the bench used.
+    #[serde(default)]
+    pub bare_quic: Vec<LinkGoodput>,
     /// Wall time of the whole bench, s.
     pub duration_s: f64,
 }
@@ -454,21 +544,26 @@ pub async fn run(dir: &Path, exe: &Path, workload: &Path, opts: BenchOpts) -> Re
     let mut lab = crate::lab::up(dir, 2, exe, workload, None).await?;
     let r = async {
         let counters = ByteCounters::install(&lab, FROM, TO)?;
-        let r = run_all(&mut lab, exe, workload, &opts, &scenarios, &counters).await;
+        let mut bare = vec![];
+        let r = run_all(
+            &mut lab, exe, workload, &opts, &scenarios, &counters, &mut bare,
+        )
+        .await;
         counters.remove();
-        r
+        r.map(|r| (r, bare))
     }
     .await;
     if !opts.keep {
         crate::lab::down(dir)?;
     }
-    let results = r?;
+    let (results, bare_quic) = r?;
     let result = BenchResult {
         started_unix_ms,
         machine: machine_summary(),
         probe_interval_ms: opts.interval_ms,
         scenarios: results,
         skipped,
+        bare_quic,
         duration_s: t0.elapsed().as_secs_f64(),
     };
     let json_path = opts.out.join("results.json");
@@ -547,6 +642,7 @@ async fn run_all(
     opts: &BenchOpts,
     scenarios: &[Scenario],
     counters: &ByteCounters,
+    bare: &mut Vec<LinkGoodput>,
 ) -> Result<Vec<ScenarioResult>> {
     let mut results = vec![];
     // The baseline does not depend on Ferry's mode: measured once per workload and link.
@@ -555,6 +651,14 @@ async fn run_all(
     for (i, s) in scenarios.iter().enumerate() {
         if lab.link_rate != s.link_rate {
             crate::lab::set_link_rate(lab, s.link_rate)?;
+        }
+        let link = s.link_label();
+        let wants_bare = s.mode == Mode::StopCopy && matches!(s.workload, Workload::Memory { .. });
+        if wants_bare && !bare.iter().any(|b| b.link == link) {
+            match link_goodput(lab).await {
+                Ok(g) => bare.push(g),
+                Err(e) => eprintln!("bench   bare QUIC stream on a {link} link: FAILED: {e:#}"),
+            }
         }
         eprintln!(
             "bench [{}/{n}] {} on a {} link, {}",
@@ -601,7 +705,9 @@ async fn run_all(
             opts.out.join(&chart),
             render_chart(s, &ferry, baseline.as_ref()),
         )?;
+        let transfer_goodput = transfer_goodput(s, &ferry, bare.iter().find(|b| b.link == link));
         results.push(ScenarioResult {
+            transfer_goodput,
             scenario: s.clone(),
             ferry: ferry.without_series(),
             baseline: baseline.map(Run::without_series),
@@ -1112,6 +1218,41 @@ fn render_chart(s: &Scenario, ferry: &Run, baseline: Option<&Run>) -> String {
 /// between the hosts against the container's resident memory, and the rounds.
 /// How each pre-copy run's memory crossed the freeze: frozen time split, eager and lazy pages,
 /// the fill.
+/// Stop-and-copy's transfer against a bare QUIC stream, per memory scenario.
+fn goodput_table(s: &mut String, r: &BenchResult) {
+    if r.bare_quic.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nStop-and-copy transfer (inside the freeze) against one bare QUIC stream between the same hosts, same run:\n\n| scenario | link | transfer MB/s | bare QUIC MB/s | ratio |\n|---|---|--:|--:|--:|"
+    );
+    for x in &r.scenarios {
+        if let Some(g) = x.transfer_goodput {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.0} | {:.0} | {:.2} |",
+                x.scenario.workload.label(),
+                x.scenario.link_label(),
+                g.transfer_mb_s,
+                g.bare_quic_mb_s,
+                g.ratio
+            );
+        }
+    }
+    for b in &r.bare_quic {
+        let runs: Vec<String> = b.runs.iter().map(|g| format!("{:.0}", g.mb_s())).collect();
+        let _ = writeln!(
+            s,
+            "\nBare QUIC on the {} link: {} MB/s (runs: {}; {} each).",
+            b.link,
+            format_args!("{:.0}", b.median_mb_s),
+            runs.join(", "),
+            crate::cli::human_bytes(GOODPUT_BYTES)
+        );
+    }
+}
+
 fn memory_table(s: &mut String, r: &BenchResult) {
     #[allow(clippy::type_complexity)]
     let rows: Vec<(&ScenarioResult, &Report, &migrate_core::MemoryReport)> = r
@@ -1318,6 +1459,7 @@ pub fn markdown(r: &BenchResult) -> String {
     }
     precopy_table(&mut s, r);
     memory_table(&mut s, r);
+    goodput_table(&mut s, r);
     let failures: Vec<String> = r
         .scenarios
         .iter()
@@ -1343,6 +1485,14 @@ pub fn markdown(r: &BenchResult) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transfer_goodput_is_a_rate_against_the_bare_stream() {
+        let g = TransferGoodput::new(400_000_000, 1000.0, 500.0).unwrap();
+        assert_eq!((g.transfer_mb_s, g.ratio), (400.0, 0.8));
+        assert!(TransferGoodput::new(1, 0.0, 500.0).is_none());
+        assert!(TransferGoodput::new(1, 10.0, 0.0).is_none());
+    }
 
     #[test]
     fn quantiles_of_round_trips() {
@@ -1442,6 +1592,7 @@ mod tests {
             downtime_ratio: Some(0.1),
             total_ratio: Some(0.75),
             chart: "charts/a.svg".into(),
+            transfer_goodput: TransferGoodput::new(256 << 20, 500.0, 671.0),
         };
         let failed = ScenarioResult {
             scenario: s[1].clone(),
@@ -1450,6 +1601,7 @@ mod tests {
             downtime_ratio: None,
             total_ratio: None,
             chart: "charts/b.svg".into(),
+            transfer_goodput: None,
         };
         let md = markdown(&BenchResult {
             started_unix_ms: 0.0,
@@ -1457,10 +1609,27 @@ mod tests {
             probe_interval_ms: 1.0,
             scenarios: vec![ok, failed],
             skipped: vec!["big: needs memory".into()],
+            bare_quic: vec![LinkGoodput {
+                link: "unshaped".into(),
+                runs: vec![crate::goodput::Goodput {
+                    bytes: 671_000_000,
+                    ms: 1000.0,
+                }],
+                median_mb_s: 671.0,
+            }],
             duration_s: 1.0,
         });
         let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
-        assert_eq!(rows.len(), 3, "header and two rows: {md}");
+        assert_eq!(
+            rows.len(),
+            5,
+            "header and two rows, goodput header and row: {md}"
+        );
+        assert!(
+            rows[4].ends_with("| 537 | 671 | 0.80 |"),
+            "256 MiB in 500 ms against 671 MB/s: {md}"
+        );
+        assert!(md.contains("Bare QUIC on the unshaped link: 671 MB/s (runs: 671;"));
         assert!(rows[1].contains("| 100.0 |") && rows[1].contains("| 0.10 |"));
         assert!(rows[1].contains("| 0.75 |") && rows[1].contains("3.00 MiB"));
         assert!(md.contains("restore failed") && md.contains("big: needs memory"));

@@ -11,6 +11,7 @@ mod cli;
 mod client;
 mod config;
 mod demo;
+mod goodput;
 mod lab;
 mod netns;
 mod probe;

@@ -223,6 +223,44 @@ async fn handshake(incoming: quinn::Incoming) -> Result<Connection, TransferErro
     res
 }
 
+/// Kernel buffer the QUIC socket asks for in each direction. A bulk transfer arrives faster
+/// than a busy receiver drains it: with the kernel's default (about 208 KiB) datagrams were
+/// dropped at the socket (`RcvbufErrors`) during every large transfer here, and each drop
+/// made the congestion controller back off. The kernel caps the request at
+/// `net.core.rmem_max` / `wmem_max`.
+const SOCKET_BUFFER: usize = 8 << 20;
+
+/// A UDP socket bound to `addr` with [`SOCKET_BUFFER`]-sized kernel buffers (or as close as
+/// the host's limits allow: a smaller buffer is logged, not refused).
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    for (dir, set, get) in [
+        (
+            "receive",
+            Socket::set_recv_buffer_size as fn(&Socket, usize) -> std::io::Result<()>,
+            Socket::recv_buffer_size as fn(&Socket) -> std::io::Result<usize>,
+        ),
+        (
+            "send",
+            Socket::set_send_buffer_size,
+            Socket::send_buffer_size,
+        ),
+    ] {
+        if let Err(e) = set(&s, SOCKET_BUFFER) {
+            tracing::warn!(%addr, dir, error = %e, "the QUIC socket's buffer size could not be set");
+        }
+        // Linux reports twice what was granted (bookkeeping included).
+        let got = get(&s).unwrap_or(0) / 2;
+        if got < SOCKET_BUFFER {
+            tracing::debug!(%addr, dir, granted = got, wanted = SOCKET_BUFFER,
+                "the QUIC socket's buffer is capped by net.core.rmem_max/wmem_max");
+        }
+    }
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
 /// A QUIC endpoint that accepts connections from, and connects to, other agents.
 ///
 /// Both directions use mutual TLS 1.3: the server requires a client certificate
@@ -251,10 +289,18 @@ impl Endpoint {
         idle: Duration,
     ) -> Result<Self, TransferError> {
         let (server, client) = configs(tls, idle)?;
-        let mut ep = quinn::Endpoint::server(server, addr).map_err(|e| TransferError::Stream {
+        let bind_err = |e: std::io::Error| TransferError::Stream {
             op: "binding the QUIC endpoint",
             source: std::io::Error::new(e.kind(), format!("{addr}: {e}")),
-        })?;
+        };
+        let socket = udp_socket(addr).map_err(bind_err)?;
+        let mut ep = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_err)?;
         ep.set_default_client_config(client);
         Ok(Endpoint {
             ep,

@@ -100,8 +100,10 @@ where
     let rd = Arc::new(rd);
     // One compression context and one buffer for the whole tree: creating them per file costs
     // more than compressing a small file.
-    let mut zc = zstd::bulk::Compressor::new(1)
-        .map_err(|e| TransferError::io("zstd compressor", root, e))?;
+    let mut zc = Some(
+        zstd::bulk::Compressor::new(1)
+            .map_err(|e| TransferError::io("zstd compressor", root, e))?,
+    );
     let mut buf = Vec::new();
     for path in &diff.removed {
         st.wire_bytes += write_msg(s, &RecordRef::Remove(path)).await?;
@@ -197,57 +199,74 @@ fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
-/// Sends one file; `Ok(false)` if it was skipped (vanished or changed kind, with
-/// [`Reads::Live`]): nothing of it was written then.
-async fn send_file<W>(
-    s: &mut W,
-    f: FileToSend<'_>,
-    st: &mut TreeStats,
+/// Chunks a file's reader may be ahead of the stream (and a receiver's writer behind it).
+const PIPELINE_DEPTH: usize = 4;
+
+/// What a file's reader hands the stream writer.
+enum Piece {
+    /// The entry record, with the metadata re-read from the open file.
+    Entry(EntryMeta),
+    /// One encoded chunk: its header and compressed content (a buffer the writer hands
+    /// back through the reader's pool once written).
+    Chunk([u8; 8], Vec<u8>),
+}
+
+/// How a file's reading ended.
+enum ReadEnd {
+    /// It could not be read as snapshotted (nothing was handed on).
+    Changed(String),
+    /// Every chunk was handed on.
+    Done {
+        hash: blake3::Hash,
+        /// It changed while it was read.
+        changed: bool,
+        /// Its mtime and ctime after the read.
+        times: (i64, i64),
+        /// Raw bytes read.
+        bytes: u64,
+    },
+    /// The stream writer went away (it failed; its error is the one to report).
+    Abandoned,
+}
+
+/// Reads, hashes and compresses one file on a blocking thread, handing its pieces to `tx`.
+/// `zc` and `buf` are the tree's: handed back with the outcome.
+fn read_file(
+    f: OwnedFile,
     zc: &mut zstd::bulk::Compressor<'static>,
     buf: &mut Vec<u8>,
-) -> Result<bool, TransferError>
-where
-    W: AsyncWrite + Unpin + ?Sized,
-{
+    tx: &tokio::sync::mpsc::Sender<Piece>,
+    pool: &std::sync::mpsc::Receiver<Vec<u8>>,
+) -> Result<ReadEnd, TransferError> {
+    use std::io::Read;
     use std::os::unix::fs::MetadataExt;
 
-    let meta = f.meta;
-    let path = f.rd.display_path(&meta.path);
-    let opened = {
-        let (rd, rel, id) = (Arc::clone(f.rd), meta.path.clone(), f.id);
-        tokio::task::spawn_blocking(move || open_checked(&rd, &rel, id))
-            .await
-            .map_err(|e| TransferError::io("open", &path, std::io::Error::other(e.to_string())))?
-            .map_err(|e| TransferError::io("open", &path, e))?
-    };
-    let file = match opened {
+    let path = f.rd.display_path(&f.meta.path);
+    let mut file = match open_checked(&f.rd, &f.meta.path, f.id)
+        .map_err(|e| TransferError::io("open", &path, e))?
+    {
         Open::Ready(file) => file,
-        Open::Changed(reason) if f.reads == Reads::Live => {
-            tracing::debug!(path = %meta.path, %reason, "skipped a file that changed since the snapshot");
-            st.unsettled.push(meta.path.clone());
-            return Ok(false);
-        }
-        Open::Changed(reason) => return Err(TransferError::SourceChanged { path, reason }),
+        Open::Changed(reason) => return Ok(ReadEnd::Changed(reason)),
     };
-    let mut file = tokio::fs::File::from_std(file);
     let md = file
         .metadata()
-        .await
         .map_err(|e| TransferError::io("stat", &path, e))?;
-    let mut current = meta.clone();
+    let mut current = f.meta.clone();
     current.size = md.len();
     current.mode = md.mode() & 0o7777;
     current.uid = md.uid();
     current.gid = md.gid();
     current.mtime_ns = mtime_ctime(&md).0;
-    st.wire_bytes += write_msg(s, &RecordRef::Entry(&current)).await?;
-
+    let size = current.size;
+    if tx.blocking_send(Piece::Entry(current)).is_err() {
+        return Ok(ReadEnd::Abandoned);
+    }
     let mut hasher = blake3::Hasher::new();
-    let need = usize::try_from(current.size.min(CHUNK as u64)).unwrap_or(CHUNK);
+    let need = usize::try_from(size.min(CHUNK as u64)).unwrap_or(CHUNK);
     if buf.len() < need {
         buf.resize(need, 0);
     }
-    let mut remaining = current.size;
+    let mut remaining = size;
     let mut shrank = false;
     while remaining > 0 {
         let want = usize::try_from(remaining.min(CHUNK as u64)).unwrap_or(CHUNK);
@@ -255,16 +274,12 @@ where
         while n < want && !shrank {
             let r = file
                 .read(&mut buf[n..want])
-                .await
                 .map_err(|e| TransferError::io("read", &path, e))?;
             if r == 0 {
                 if f.reads == Reads::Frozen {
                     return Err(TransferError::SourceChanged {
                         path,
-                        reason: format!(
-                            "it shrank below the {} bytes announced to the peer",
-                            current.size
-                        ),
+                        reason: format!("it shrank below the {size} bytes announced to the peer"),
                     });
                 }
                 // Truncated while read: the announced size is completed with zeros and the
@@ -279,44 +294,161 @@ where
         }
         let raw = &buf[..n];
         hasher.update(raw);
-        let compressed = zc
-            .compress(raw)
-            .map_err(|e| TransferError::io("compress", &path, e))?;
-        // Both fit in u32: raw <= 1 MiB and compressed <= compress_bound(1 MiB).
-        let clen = u32::try_from(compressed.len()).map_err(|_| TransferError::TooLarge {
-            len: compressed.len() as u64,
-            cap: max_compressed() as u64,
-        })?;
-        let rlen = u32::try_from(n).map_err(|_| TransferError::TooLarge {
-            len: n as u64,
-            cap: CHUNK as u64,
-        })?;
-        let mut hdr = [0u8; 8];
-        hdr[..4].copy_from_slice(&clen.to_be_bytes());
-        hdr[4..].copy_from_slice(&rlen.to_be_bytes());
-        s.write_all(&hdr)
-            .await
-            .map_err(write_err("writing a chunk header"))?;
-        s.write_all(&compressed)
-            .await
-            .map_err(write_err("writing a chunk"))?;
-        st.wire_bytes += 8 + compressed.len() as u64;
-        st.file_bytes += n as u64;
+        // Written buffers come back: no allocation (and no page faults) per chunk.
+        let mut out = pool.try_recv().unwrap_or_default();
+        let hdr = encode_chunk(zc, raw, &mut out, &path)?;
+        if tx.blocking_send(Piece::Chunk(hdr, out)).is_err() {
+            return Ok(ReadEnd::Abandoned);
+        }
         remaining -= n as u64;
     }
+    let after = file
+        .metadata()
+        .map_err(|e| TransferError::io("stat", &path, e))?;
+    Ok(ReadEnd::Done {
+        hash: hasher.finalize(),
+        changed: shrank || after.len() != md.len() || mtime_ctime(&after) != mtime_ctime(&md),
+        times: mtime_ctime(&after),
+        bytes: size,
+    })
+}
+
+/// One chunk on the wire: `u32 BE compressed_len`, `u32 BE raw_len` (returned), the zstd
+/// data (in `out`, replacing what it held).
+fn encode_chunk(
+    zc: &mut zstd::bulk::Compressor<'static>,
+    raw: &[u8],
+    out: &mut Vec<u8>,
+    path: &Path,
+) -> Result<[u8; 8], TransferError> {
+    out.clear();
+    out.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+    // Into the spare capacity: nothing is zeroed first.
+    let clen = zc
+        .compress_to_buffer(raw, out)
+        .map_err(|e| TransferError::io("compress", path, e))?;
+    // Both fit in u32: raw <= 1 MiB and compressed <= compress_bound(1 MiB).
+    let c = u32::try_from(clen).map_err(|_| TransferError::TooLarge {
+        len: clen as u64,
+        cap: max_compressed() as u64,
+    })?;
+    let r = u32::try_from(raw.len()).map_err(|_| TransferError::TooLarge {
+        len: raw.len() as u64,
+        cap: CHUNK as u64,
+    })?;
+    let mut hdr = [0u8; 8];
+    hdr[..4].copy_from_slice(&c.to_be_bytes());
+    hdr[4..].copy_from_slice(&r.to_be_bytes());
+    Ok(hdr)
+}
+
+/// [`FileToSend`] that a blocking thread can own.
+struct OwnedFile {
+    rd: Arc<RootDir>,
+    meta: EntryMeta,
+    id: Option<(u64, u64)>,
+    reads: Reads,
+}
+
+/// Sends one file; `Ok(false)` if it was skipped (vanished or changed kind, with
+/// [`Reads::Live`]): nothing of it was written then. A blocking thread opens, reads, hashes
+/// and compresses it up to [`PIPELINE_DEPTH`] chunks ahead of the stream, so reading and
+/// compressing overlap with sending.
+async fn send_file<W>(
+    s: &mut W,
+    f: FileToSend<'_>,
+    st: &mut TreeStats,
+    zc: &mut Option<zstd::bulk::Compressor<'static>>,
+    buf: &mut Vec<u8>,
+) -> Result<bool, TransferError>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let meta = f.meta;
+    let path = f.rd.display_path(&meta.path);
+    let owned = OwnedFile {
+        rd: Arc::clone(f.rd),
+        meta: meta.clone(),
+        id: f.id,
+        reads: f.reads,
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(PIPELINE_DEPTH);
+    let (pool_tx, pool_rx) = std::sync::mpsc::channel();
+    let (c, mut b) = (zc.take(), std::mem::take(buf));
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut c = match c {
+            Some(c) => c,
+            None => match zstd::bulk::Compressor::new(1) {
+                Ok(c) => c,
+                Err(e) => return (Err(TransferError::io("zstd compressor", "", e)), None, b),
+            },
+        };
+        let r = read_file(owned, &mut c, &mut b, &tx, &pool_rx);
+        (r, Some(c), b)
+    });
+    let mut written = 0u64;
+    let mut write_error = None;
+    while let Some(piece) = rx.recv().await {
+        let r = match piece {
+            Piece::Entry(current) => write_msg(s, &RecordRef::Entry(&current)).await,
+            Piece::Chunk(hdr, bytes) => {
+                let r = async {
+                    s.write_all(&hdr).await?;
+                    s.write_all(&bytes).await
+                }
+                .await
+                .map(|()| 8 + bytes.len() as u64)
+                .map_err(write_err("writing a chunk"));
+                // The reader may have finished: then the buffer is simply dropped.
+                let _ = pool_tx.send(bytes);
+                r
+            }
+        };
+        match r {
+            Ok(n) => written += n,
+            Err(e) => {
+                write_error = Some(e);
+                break;
+            }
+        }
+    }
+    drop(rx);
+    let (r, c, b) = reader
+        .await
+        .map_err(|e| TransferError::io("read", &path, std::io::Error::other(e.to_string())))?;
+    (*zc, *buf) = (c, b);
+    if let Some(e) = write_error {
+        return Err(e);
+    }
+    st.wire_bytes += written;
+    let (hash, changed, times, bytes) = match r? {
+        ReadEnd::Changed(reason) if f.reads == Reads::Live => {
+            tracing::debug!(path = %meta.path, %reason, "skipped a file that changed since the snapshot");
+            st.unsettled.push(meta.path.clone());
+            return Ok(false);
+        }
+        ReadEnd::Changed(reason) => return Err(TransferError::SourceChanged { path, reason }),
+        ReadEnd::Abandoned => {
+            return Err(TransferError::Protocol {
+                reason: format!("the stream writer stopped taking {}", path.display()),
+            })
+        }
+        ReadEnd::Done {
+            hash,
+            changed,
+            times,
+            bytes,
+        } => (hash, changed, times, bytes),
+    };
     let mut tail = [0u8; 36];
-    tail[4..].copy_from_slice(hasher.finalize().as_bytes());
+    tail[4..].copy_from_slice(hash.as_bytes());
     s.write_all(&tail)
         .await
         .map_err(write_err("writing a file hash"))?;
     st.wire_bytes += tail.len() as u64;
+    st.file_bytes += bytes;
 
     // Did it change while it was read, or so recently that a further write could go unseen?
-    let after = file
-        .metadata()
-        .await
-        .map_err(|e| TransferError::io("stat", &path, e))?;
-    let changed = shrank || after.len() != md.len() || mtime_ctime(&after) != mtime_ctime(&md);
     match f.reads {
         Reads::Frozen if changed => {
             return Err(TransferError::SourceChanged {
@@ -326,7 +458,7 @@ where
         }
         Reads::Frozen => {}
         Reads::Live => {
-            let (m, c) = mtime_ctime(&after);
+            let (m, c) = times;
             if changed || m.max(c) > now_ns().saturating_sub(RACY_WINDOW_NS) {
                 st.unsettled.push(meta.path.clone());
             }
@@ -376,10 +508,12 @@ where
         applier = applier.durable();
     }
     let mut st = TreeStats::default();
-    let mut zd = zstd::bulk::Decompressor::new().map_err(|e| TransferError::Decode {
-        what: "a zstd decompressor",
-        reason: e.to_string(),
-    })?;
+    let mut zd = Some(
+        zstd::bulk::Decompressor::new().map_err(|e| TransferError::Decode {
+            what: "a zstd decompressor",
+            reason: e.to_string(),
+        })?,
+    );
     loop {
         let Some((record, n)) = read_msg_capped::<_, Record>(r, MAX_MSG).await? else {
             return Err(TransferError::Truncated {
@@ -414,80 +548,194 @@ where
     }
 }
 
+/// Decompresses one chunk of `rlen` raw bytes and appends it to `writer`.
+fn decode_chunk(
+    zd: &mut zstd::bulk::Decompressor<'static>,
+    writer: &mut shared_fs::FileWriter,
+    compressed: &[u8],
+    rlen: u32,
+    raw: &mut Vec<u8>,
+) -> Result<(), TransferError> {
+    raw.clear();
+    raw.reserve(rlen as usize);
+    // Into the spare capacity (at most `rlen` bytes are written): nothing is zeroed first.
+    zd.decompress_to_buffer(compressed, raw)
+        .map_err(|e| TransferError::Decode {
+            what: "a zstd file chunk",
+            reason: format!("{} ({}): {e}", writer.meta().path, rlen),
+        })?;
+    if raw.len() != rlen as usize {
+        return Err(TransferError::Decode {
+            what: "a zstd file chunk",
+            reason: format!(
+                "{}: chunk announced {rlen} bytes but decompressed to {}",
+                writer.meta().path,
+                raw.len()
+            ),
+        });
+    }
+    writer.write_chunk(raw)?;
+    Ok(())
+}
+
+/// Gives a received file its name once its content hashes to `hash`.
+fn commit_file(writer: shared_fs::FileWriter, hash: &[u8; 32]) -> Result<(), TransferError> {
+    match writer.commit(hash) {
+        Ok(()) => Ok(()),
+        Err(FsError::HashMismatch { path, .. }) => Err(TransferError::HashMismatch { path }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Where a received file's chunks go: decoded here (a file of one chunk), or by a blocking
+/// thread up to [`PIPELINE_DEPTH`] chunks behind the stream, so that reading the stream
+/// overlaps with decompressing, hashing and writing.
+// One per file being received, on the stack: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+enum FileSink {
+    Inline(shared_fs::FileWriter, zstd::bulk::Decompressor<'static>),
+    Piped {
+        tx: tokio::sync::mpsc::Sender<(Vec<u8>, usize, u32)>,
+        #[allow(clippy::type_complexity)]
+        done: tokio::task::JoinHandle<(
+            Result<shared_fs::FileWriter, TransferError>,
+            zstd::bulk::Decompressor<'static>,
+        )>,
+    },
+}
+
 async fn recv_file<R>(
     r: &mut R,
-    mut writer: shared_fs::FileWriter,
+    writer: shared_fs::FileWriter,
     st: &mut TreeStats,
-    zd: &mut zstd::bulk::Decompressor<'static>,
+    zd: &mut Option<zstd::bulk::Decompressor<'static>>,
 ) -> Result<(), TransferError>
 where
     R: AsyncRead + Unpin + ?Sized,
 {
     let bound = max_compressed();
+    let declared = writer.meta().size;
+    let path = writer.meta().path.clone();
+    let mut d = match zd.take() {
+        Some(d) => d,
+        None => zstd::bulk::Decompressor::new().map_err(|e| TransferError::Decode {
+            what: "a zstd decompressor",
+            reason: e.to_string(),
+        })?,
+    };
+    // Chunk buffers: the writer thread hands each back once decoded, so none is allocated
+    // (or zeroed) per chunk.
+    let (pool_tx, pool) = std::sync::mpsc::channel::<Vec<u8>>();
+    let mut raw = Vec::new();
+    let mut sink = if declared > CHUNK as u64 {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<u8>, usize, u32)>(PIPELINE_DEPTH);
+        let mut writer = writer;
+        let done = tokio::task::spawn_blocking(move || {
+            let mut raw = Vec::new();
+            while let Some((c, clen, rlen)) = rx.blocking_recv() {
+                if let Err(e) = decode_chunk(&mut d, &mut writer, &c[..clen], rlen, &mut raw) {
+                    return (Err(e), d);
+                }
+                let _ = pool_tx.send(c);
+            }
+            (Ok(writer), d)
+        });
+        FileSink::Piped { tx, done }
+    } else {
+        FileSink::Inline(writer, d)
+    };
     let mut cbuf = Vec::new();
-    loop {
-        let clen = read_u32(r, "a chunk header").await?;
+    let mut announced = 0u64;
+    let r = loop {
+        let clen = match read_u32(r, "a chunk header").await {
+            Ok(c) => c,
+            Err(e) => break Err(e),
+        };
         st.wire_bytes += 4;
         if clen == 0 {
             let mut hash = [0u8; 32];
-            r.read_exact(&mut hash)
-                .await
-                .map_err(read_err("a file hash"))?;
+            if let Err(e) = r.read_exact(&mut hash).await {
+                break Err(read_err("a file hash")(e));
+            }
             st.wire_bytes += 32;
-            return match writer.commit(&hash) {
-                Ok(()) => Ok(()),
-                Err(FsError::HashMismatch { path, .. }) => {
-                    Err(TransferError::HashMismatch { path })
-                }
-                Err(e) => Err(e.into()),
-            };
+            break Ok(hash);
         }
-        let rlen = read_u32(r, "a chunk header").await?;
+        let rlen = match read_u32(r, "a chunk header").await {
+            Ok(n) => n,
+            Err(e) => break Err(e),
+        };
         st.wire_bytes += 4;
         if rlen == 0 || rlen as usize > CHUNK {
-            return Err(TransferError::TooLarge {
+            break Err(TransferError::TooLarge {
                 len: u64::from(rlen),
                 cap: CHUNK as u64,
             });
         }
         if clen as usize > bound {
-            return Err(TransferError::TooLarge {
+            break Err(TransferError::TooLarge {
                 len: u64::from(clen),
                 cap: bound as u64,
             });
         }
         // Refuse content past the declared size before decompressing it.
-        let declared = writer.meta().size;
-        if writer.written() + u64::from(rlen) > declared {
-            return Err(FsError::TooLarge {
-                path: writer.meta().path.clone(),
-                size: writer.written() + u64::from(rlen),
+        if announced + u64::from(rlen) > declared {
+            break Err(FsError::TooLarge {
+                path: path.clone(),
+                size: announced + u64::from(rlen),
                 limit: declared,
             }
             .into());
         }
-        cbuf.resize(clen as usize, 0);
-        r.read_exact(&mut cbuf)
-            .await
-            .map_err(read_err("a file chunk"))?;
-        st.wire_bytes += u64::from(clen);
-        let raw = zd
-            .decompress(&cbuf, rlen as usize)
-            .map_err(|e| TransferError::Decode {
-                what: "a zstd file chunk",
-                reason: format!("{} ({}): {e}", writer.meta().path, rlen),
-            })?;
-        if raw.len() != rlen as usize {
-            return Err(TransferError::Decode {
-                what: "a zstd file chunk",
-                reason: format!(
-                    "{}: chunk announced {rlen} bytes but decompressed to {}",
-                    writer.meta().path,
-                    raw.len()
-                ),
-            });
+        announced += u64::from(rlen);
+        let clen = clen as usize;
+        if let FileSink::Piped { .. } = sink {
+            cbuf = pool.try_recv().unwrap_or_default();
         }
-        writer.write_chunk(&raw)?;
-        st.file_bytes += raw.len() as u64;
-    }
+        // Only growth is zeroed: a recycled buffer is as long as the longest chunk it held.
+        if cbuf.len() < clen {
+            cbuf.resize(clen, 0);
+        }
+        if let Err(e) = r.read_exact(&mut cbuf[..clen]).await {
+            break Err(read_err("a file chunk")(e));
+        }
+        st.wire_bytes += clen as u64;
+        st.file_bytes += u64::from(rlen);
+        match &mut sink {
+            FileSink::Inline(w, d) => {
+                if let Err(e) = decode_chunk(d, w, &cbuf[..clen], rlen, &mut raw) {
+                    break Err(e);
+                }
+            }
+            // A closed channel means the writer failed: its error is reported below.
+            FileSink::Piped { tx, .. } => {
+                if tx
+                    .send((std::mem::take(&mut cbuf), clen, rlen))
+                    .await
+                    .is_err()
+                {
+                    break Err(TransferError::Protocol {
+                        reason: format!("the writer of {path} stopped"),
+                    });
+                }
+            }
+        }
+    };
+    let writer = match sink {
+        FileSink::Inline(w, d) => {
+            *zd = Some(d);
+            Ok(w)
+        }
+        FileSink::Piped { tx, done } => {
+            drop(tx);
+            let (w, d) = done.await.map_err(|e| TransferError::Decode {
+                what: "a file chunk",
+                reason: format!("{path}: the writer thread failed: {e}"),
+            })?;
+            *zd = Some(d);
+            w
+        }
+    };
+    // The writer's own error says more than the stream's that followed it.
+    let writer = writer?;
+    commit_file(writer, &r?)
 }

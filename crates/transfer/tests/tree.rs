@@ -204,10 +204,17 @@ async fn encode(src: &Path) -> (Vec<u8>, TreeStats) {
 
 #[tokio::test]
 async fn corrupted_hash_is_rejected_and_leaves_no_file() {
+    // One chunk (decoded as read) and several (decoded by a writer thread behind the stream).
+    for size in [200_000, (3 << 20) + 5] {
+        corrupted_file_is_rejected(size).await;
+    }
+}
+
+async fn corrupted_file_is_rejected(size: usize) {
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
     fs::create_dir(&src).unwrap();
-    fs::write(src.join("f"), noise(200_000, 3)).unwrap();
+    fs::write(src.join("f"), noise(size, 3)).unwrap();
     let (wire, st) = encode(&src).await;
     assert_eq!(st.entries, 1);
 
@@ -256,7 +263,7 @@ async fn corrupted_hash_is_rejected_and_leaves_no_file() {
     recv_tree(&mut &wire[..], &dst, Limits::default())
         .await
         .unwrap();
-    assert_eq!(fs::read(dst.join("f")).unwrap(), noise(200_000, 3));
+    assert_eq!(fs::read(dst.join("f")).unwrap(), noise(size, 3));
 }
 
 fn file_meta(path: &str, size: u64) -> EntryMeta {
