@@ -312,6 +312,98 @@ fn pre_copy_rolls_back_when_the_restore_fails_at_the_destination() {
 }
 
 /// runc as the container's owner on `host`: `runc list -q` lists it, `runc exec` runs in it.
+/// Runs `sh -c script` in container `name` on `host` with runc; (success, stdout + stderr).
+fn sh_in(host: &str, name: &str, script: &str) -> (bool, String) {
+    let root = format!("{LAB_DIR}/{host}/runc");
+    let out = std::process::Command::new("runc")
+        .args(["--root", &root, "exec", name, "/bin/sh", "-c", script])
+        .output()
+        .expect("runc exec");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn shm_and_masked_directories_are_kept_whether_or_not_the_dump_carries_them() {
+    let lab = Lab::up();
+    lab.run_echo("h1", "echo");
+    // A file in /dev/shm: CRIU carries the tmpfs.
+    let (ok, out) = sh_in("h1", "echo", "echo kept > /dev/shm/state");
+    assert!(ok, "{out}");
+    for (to, extra) in [("h2", vec![]), ("h1", vec!["--pre-copy"])] {
+        let mut args = vec!["migrate", "echo", "--to", to, "--json"];
+        args.extend(extra.iter().copied());
+        let r: Value = serde_json::from_str(&ferry_ok(&args)).unwrap();
+        assert_eq!(r["result"], "completed", "{r}");
+        let (ok, out) = sh_in(to, "echo", "cat /dev/shm/state");
+        assert!(
+            ok && out.trim() == "kept",
+            "/dev/shm after a move to {to}: {out}"
+        );
+    }
+    // Empty: the dump leaves it out and the destination gives it a fresh tmpfs of its own.
+    let (ok, out) = sh_in("h1", "echo", "rm /dev/shm/state");
+    assert!(ok, "{out}");
+    for (to, extra) in [("h2", vec!["--pre-copy"]), ("h1", vec![])] {
+        let mut args = vec!["migrate", "echo", "--to", to, "--json"];
+        args.extend(extra.iter().copied());
+        let r: Value = serde_json::from_str(&ferry_ok(&args)).unwrap();
+        assert_eq!(r["result"], "completed", "{r}");
+        let from = if to == "h2" { "h1" } else { "h2" };
+        let log = std::fs::read_to_string(format!("{LAB_DIR}/{from}.log")).unwrap();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("shm_left_out") && l.contains("true"))
+                || extra.contains(&"--pre-copy"),
+            "the dump at {from} carried an empty /dev/shm"
+        );
+        let (ok, out) = sh_in(
+            to,
+            "echo",
+            "grep ' /dev/shm ' /proc/mounts; echo x > /dev/shm/new && cat /dev/shm/new; ls -A /dev/shm",
+        );
+        assert!(ok, "{out}");
+        assert!(
+            out.contains("tmpfs") && out.contains("size=65536k") && out.contains("nodev"),
+            "/dev/shm is not the usual tmpfs after a move to {to}: {out}"
+        );
+        assert_eq!(
+            out.lines().filter(|l| *l == "x" || *l == "new").count(),
+            2,
+            "{out}"
+        );
+        let (ok, out) = sh_in(to, "echo", "rm /dev/shm/new");
+        assert!(ok, "{out}");
+        // Masked directories stay empty and read-only.
+        if std::path::Path::new("/proc/acpi").is_dir() {
+            let (ok, out) = sh_in(to, "echo", "ls -A /proc/acpi; touch /proc/acpi/x");
+            assert!(
+                !ok && out.contains("Read-only"),
+                "/proc/acpi at {to}: {out}"
+            );
+            assert!(
+                !out.lines()
+                    .any(|l| !l.contains("Read-only") && !l.is_empty()),
+                "{out}"
+            );
+        }
+        assert_runc_owns(to, "echo");
+    }
+    // Nothing of the container stays mounted at the host it left, or after its removal.
+    ferry_ok(&["rm", "echo"]);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains("/containers/echo/"),
+        "mounts left behind: {mounts}"
+    );
+}
+
 fn assert_runc_owns(host: &str, name: &str) {
     let root = format!("{LAB_DIR}/{host}/runc");
     let out = std::process::Command::new("runc")
@@ -363,6 +455,12 @@ fn runc_starts_before_the_freeze_and_still_owns_the_container_after() {
         }
         assert_runc_owns(to, "echo");
         assert_clean_host(from, "echo");
+        // CRIU's logs outlive the job's scratch (a tmpfs), for troubleshooting (a lazy dump
+        // logs only warnings: its log may be short).
+        for (host, kind) in [(from, "dump"), (to, "restore")] {
+            let log = format!("{LAB_DIR}/{host}/logs/{job}.{kind}.log");
+            assert!(std::path::Path::new(&log).is_file(), "{log} is missing");
+        }
     }
     // runc can still stop it.
     let root = format!("{LAB_DIR}/h1/runc");

@@ -258,6 +258,75 @@ pub enum SdnError {
     },
 }
 
+/// `RTM_NEWLINK` (linux/rtnetlink.h) and the size of `struct ifinfomsg`.
+const RTM_NEWLINK: u16 = 16;
+const IFINFOMSG_LEN: usize = 16;
+
+/// Sets device `dev` of the calling thread's network namespace up or down (`RTM_NEWLINK`
+/// changing `IFF_UP` only), in-process: in the freeze, where `ip link set` cost a fork and an
+/// exec (2-4 ms).
+pub fn set_link_up(dev: &str, up: bool) -> Result<(), SdnError> {
+    let cname = CString::new(dev).map_err(|_| SdnError::InvalidDeviceName {
+        dev: dev.to_owned(),
+        reason: "it contains a NUL byte",
+    })?;
+    // SAFETY: `cname` is a valid NUL-terminated string that outlives the call.
+    let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    if ifindex == 0 {
+        return Err(SdnError::DeviceNotFound {
+            dev: dev.to_owned(),
+        });
+    }
+    let socket_err = |op, source| SdnError::Socket {
+        dev: dev.to_owned(),
+        op,
+        source,
+    };
+    let sock = nl::Socket::open(libc::NETLINK_ROUTE).map_err(|(op, e)| socket_err(op, e))?;
+    sock.enable_ext_ack();
+    let mut ifi = [0u8; IFINFOMSG_LEN];
+    ifi[0] = libc::AF_UNSPEC as u8;
+    ifi[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
+    let flag = libc::IFF_UP as u32;
+    ifi[8..12].copy_from_slice(&(if up { flag } else { 0 }).to_ne_bytes());
+    ifi[12..16].copy_from_slice(&flag.to_ne_bytes());
+    let seq = 1;
+    let msg = nl::MsgBuilder::new(RTM_NEWLINK, nl::NLM_F_REQUEST | nl::NLM_F_ACK, seq)
+        .raw(&ifi)
+        .finish();
+    sock.send(&msg).map_err(|e| socket_err("send", e))?;
+    let mut buf = vec![0u8; 8 * 1024];
+    loop {
+        let n = sock
+            .recv(&mut buf, false)
+            .map_err(|e| socket_err("recv", e))?;
+        let msgs = nl::messages(&buf[..n]).map_err(|detail| SdnError::MalformedReply {
+            dev: dev.to_owned(),
+            detail,
+        })?;
+        for m in msgs {
+            if m.msg_type != nl::NLMSG_ERROR || m.seq != seq {
+                continue;
+            }
+            let err =
+                nl::parse_error(m.flags, m.payload).ok_or_else(|| SdnError::MalformedReply {
+                    dev: dev.to_owned(),
+                    detail: "short NLMSG_ERROR for RTM_NEWLINK".into(),
+                })?;
+            return match err.errno {
+                0 => Ok(()),
+                errno => Err(SdnError::Kernel {
+                    request: "RTM_NEWLINK",
+                    dev: dev.to_owned(),
+                    what: format!("link {}", if up { "up" } else { "down" }),
+                    errno,
+                    reason: err.reason(),
+                }),
+            };
+        }
+    }
+}
+
 /// Path of the named network namespace under [`NETNS_RUN_DIR`], after validating the name.
 pub fn netns_path(name: &str) -> Result<PathBuf, SdnError> {
     if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {

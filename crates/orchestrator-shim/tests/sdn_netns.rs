@@ -188,3 +188,31 @@ fn fdb_set_replace_remove_flood() {
         Err(SdnError::NetnsOpen { .. })
     ));
 }
+
+#[test]
+fn a_link_goes_down_and_up_in_process() {
+    require_root();
+    let ns = Netns::new(format!("ferrytest-link-{}", std::process::id()));
+    run(&[
+        "ip", "-n", &ns.0, "link", "add", "d0", "type", "veth", "peer", "name", "d1",
+    ]);
+    let flags = |ns: &str| {
+        let v: serde_json::Value =
+            serde_json::from_str(&run(&["ip", "-n", ns, "-j", "link", "show", "d0"])).unwrap();
+        v[0]["flags"].to_string()
+    };
+    assert!(!flags(&ns.0).contains("\"UP\""), "{}", flags(&ns.0));
+    in_netns(&ns.0, || orchestrator_shim::sdn::set_link_up("d0", true))
+        .unwrap()
+        .unwrap();
+    assert!(flags(&ns.0).contains("\"UP\""), "{}", flags(&ns.0));
+    in_netns(&ns.0, || orchestrator_shim::sdn::set_link_up("d0", false))
+        .unwrap()
+        .unwrap();
+    assert!(!flags(&ns.0).contains("\"UP\""), "{}", flags(&ns.0));
+    let missing = in_netns(&ns.0, || orchestrator_shim::sdn::set_link_up("nope0", true)).unwrap();
+    assert!(
+        matches!(missing, Err(SdnError::DeviceNotFound { ref dev }) if dev == "nope0"),
+        "{missing:?}"
+    );
+}

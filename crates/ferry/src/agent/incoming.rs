@@ -363,7 +363,9 @@ impl Agent {
             if let Some(lower) = &lower {
                 crate::runtime::mount_overlay_rootfs(&layout, lower)?;
             }
-            crate::runtime::write_config(&layout, &spec, &self.cfg.host, Some(&self.criu_conf()))?;
+            crate::runtime::write_config(&layout, &spec, &self.cfg.host, Some(super::CRIU_CONF))?;
+            // Where the restore finds /dev/shm if the dump leaves it out.
+            crate::runtime::mount_shm(&layout)?;
             let (l, s, bridge) = (layout.clone(), spec.clone(), self.cfg.bridge.clone());
             let hold = tokio::task::spawn_blocking(move || -> Result<Hold> {
                 crate::runtime::create_netns(&l, &s, &bridge)?;

@@ -494,11 +494,15 @@ impl super::source::Driver {
         self.rounds.lift_throttle();
         let (host, name) = (self.agent.cfg.host.clone(), self.spec.name.clone());
         let layout = self.agent.layout(&name);
+        let runc_root = self.agent.runc.root().to_path_buf();
         let (h, n) = (host.clone(), name.clone());
         tokio::task::spawn_blocking(move || -> Result<()> {
             crate::runtime::freeze(&h, &n)?;
             // The copy left in place must stay silent (see set_veth).
-            if let Err(e) = crate::runtime::set_veth(&layout, false) {
+            if let Err(e) = crate::runtime::set_veth(&layout, false).and_then(|()| {
+                crate::runtime::write_dump_conf(&layout, &runc_root, &n, super::CRIU_CONF)
+                    .map(|_| ())
+            }) {
                 crate::runtime::thaw(&h, &n);
                 return Err(e);
             }

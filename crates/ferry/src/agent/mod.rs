@@ -148,7 +148,9 @@ pub fn main(cfg: AgentConfig) -> Result<()> {
     rt.block_on(run(cfg))
 }
 
-/// CRIU options for Ferry's containers, handed to CRIU by runc (`org.criu.config`).
+/// CRIU options for Ferry's containers, handed to CRIU by runc (`org.criu.config`): each
+/// container's own file begins with them ([`crate::runtime::criu_conf_text`]); the host's
+/// `criu.conf` holds them for containers made before they had one.
 ///
 /// `network-lock skip`: Ferry points the overlay at the destination before the freeze and holds
 /// the container's packets there until the commit, so nothing reaches the source while CRIU
@@ -305,11 +307,6 @@ fn load_containers(path: &std::path::Path) -> Result<BTreeMap<String, ContainerR
 impl Agent {
     fn layout(&self, name: &str) -> Layout {
         Layout::new(&self.cfg.state_dir, &self.cfg.host, name)
-    }
-
-    /// CRIU options runc passes for this host's containers (see [`CRIU_CONF`]).
-    fn criu_conf(&self) -> PathBuf {
-        self.cfg.state_dir.join("criu.conf")
     }
 
     fn images_dir(&self, job: &str) -> PathBuf {
@@ -676,7 +673,7 @@ impl Agent {
             self.cfg.workload_bin.clone(),
             self.cfg.host.clone(),
             self.cfg.bridge.clone(),
-            self.criu_conf(),
+            CRIU_CONF,
         );
         let (n, s) = (name.to_string(), spec.clone());
         let r = tokio::task::spawn_blocking(move || -> Result<()> {
@@ -687,7 +684,7 @@ impl Agent {
                     None => crate::runtime::build_rootfs(&l.rootfs(), &workload)?,
                 }
                 crate::runtime::make_mount_points(&l.rootfs())?;
-                crate::runtime::write_config(&l, &s, &host, Some(&conf))?;
+                crate::runtime::write_config(&l, &s, &host, Some(conf))?;
                 crate::runtime::create_netns(&l, &s, &bridge)?;
                 runc.start(&n, &l.bundle)
             })();

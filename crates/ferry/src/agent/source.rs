@@ -530,6 +530,7 @@ impl Driver {
                 let host = self.agent.cfg.host.clone();
                 let (logs, job_id) = (self.agent.cfg.state_dir.join("logs"), job.clone());
                 let layout = self.agent.layout(&self.spec.name);
+                let runc_root = self.agent.runc.root().to_path_buf();
                 let pause = self.faults.pause_in_dump_ms;
                 let cancel = Arc::clone(&self.job.cancel);
                 self.source_link_down = true;
@@ -543,6 +544,7 @@ impl Driver {
                     crate::runtime::freeze(&host, &name)?;
                     // The copy left in place must stay silent (see set_veth).
                     crate::runtime::set_veth(&layout, false)?;
+                    let shm_left_out = crate::runtime::write_dump_conf(&layout, &runc_root, &name, super::CRIU_CONF)?;
                     if pause > 0 {
                         warn!(container = %name, ms = pause, "pausing in the dump (fault hook)");
                         let until = Instant::now() + Duration::from_millis(pause);
@@ -558,7 +560,7 @@ impl Driver {
                         Some(p) => p.go(bound),
                         None => runc.checkpoint(&name, &images, &work),
                     };
-                    info!(container = %name, freeze_ms, checkpoint_ms = crate::util::ms(t.elapsed()) - freeze_ms, "dumped (left in place, frozen)");
+                    info!(container = %name, freeze_ms, checkpoint_ms = crate::util::ms(t.elapsed()) - freeze_ms, shm_left_out, "dumped (left in place, frozen)");
                     crate::runtime::keep_log(&work.join("dump.log"), &logs, &format!("{job_id}.dump.log"));
                     r
                 })
@@ -1006,6 +1008,7 @@ impl Driver {
         let (logs, job_id) = (self.agent.cfg.state_dir.join("logs"), job.clone());
         let s = sock.clone();
         let layout = self.agent.layout(&self.spec.name);
+        let runc_root = self.agent.runc.root().to_path_buf();
         self.source_link_down = true;
         let mut ckpt = tokio::task::spawn_blocking(move || {
             if pre.is_none() {
@@ -1016,7 +1019,10 @@ impl Driver {
             let t = Instant::now();
             crate::runtime::freeze(&host, &name)?;
             // The copy left in place must stay silent (see set_veth).
-            if let Err(e) = crate::runtime::set_veth(&layout, false) {
+            if let Err(e) = crate::runtime::set_veth(&layout, false).and_then(|()| {
+                crate::runtime::write_dump_conf(&layout, &runc_root, &name, super::CRIU_CONF)
+                    .map(|_| ())
+            }) {
                 crate::runtime::thaw(&host, &name);
                 return Err(e);
             }
