@@ -436,6 +436,17 @@ fn runc_starts_before_the_freeze_and_still_owns_the_container_after() {
         args.extend(extra.iter().copied());
         let r: Value = serde_json::from_str(&ferry_ok(&args)).unwrap();
         assert_eq!(r["result"], "completed", "{r}");
+        if to == "h1" {
+            // A few MiB: restored eagerly, which is faster than starting a lazy restore.
+            let m = &r["memory"];
+            assert_eq!(m["restore"], "eager", "{m}");
+            assert!(
+                m["not_lazy"]
+                    .as_str()
+                    .is_some_and(|w| w.contains("lazy_min_mib")),
+                "{m}"
+            );
+        }
         let job = r["id"].as_str().expect("job id").to_string();
         let from = if to == "h2" { "h1" } else { "h2" };
         // Each side's runc reached its gate before CRIU was let through: the dump's at the

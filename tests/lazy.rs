@@ -431,7 +431,13 @@ fn memory_the_kernel_writes_during_the_dump_reaches_the_destination() {
     let c = lab.container("procs").expect("listed");
     wait_port(c["ip"].as_str().expect("ip"));
     for to in ["h2", "h1"] {
-        let (code, r) = migrate_json("procs", to, &["--pre-copy"], Duration::from_secs(120));
+        // Small: lazy only when asked to be.
+        let (code, r) = migrate_json(
+            "procs",
+            to,
+            &["--pre-copy", "--lazy-min-mib", "0"],
+            Duration::from_secs(120),
+        );
         eprintln!("to {to}: {}", r["memory"]);
         assert_eq!(code, 0, "{r}");
         let m = &r["memory"];

@@ -229,6 +229,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             post_copy,
             no_follow_writes,
             no_lazy_restore,
+            lazy_min_mib,
             throttle_initial_pct,
             pause_in_transfer_ms,
             corrupt_images,
@@ -297,6 +298,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 p.post_copy = post_copy;
                 p.follow_writes = !no_follow_writes;
                 p.lazy_restore = !no_lazy_restore;
+                if let Some(m) = lazy_min_mib {
+                    p.lazy_min_mib = m;
+                }
                 if let Some(t) = throttle_initial_pct {
                     p.throttle_initial_pct = t;
                     p.throttle_max_pct = p.throttle_max_pct.max(t);

@@ -126,6 +126,10 @@ enum Cmd {
         /// destination's page store.
         #[arg(long, requires = "pre_copy")]
         no_lazy_restore: bool,
+        /// Pre-copy: below this much memory (MiB) restore eagerly even when a lazy restore is
+        /// possible (default 16; 0: always lazy).
+        #[arg(long, requires = "pre_copy")]
+        lazy_min_mib: Option<u64>,
         /// Pre-copy: the first auto-converge step, percent of the container's CPU taken away
         /// (default 20; up to 99).
         #[arg(long, requires = "pre_copy")]

@@ -61,6 +61,11 @@ pub struct PrecopyPolicy {
     /// destination, which restores with CRIU's lazy pages and fills the memory in from its
     /// page store while the container runs.
     pub lazy_restore: bool,
+    /// Below this much memory (MiB, resident at the preflight) the container is restored
+    /// eagerly even with `lazy_restore`: copying a few MiB in the freeze costs less than
+    /// starting CRIU's lazy-pages daemon and registering the memory with userfaultfd (about
+    /// 10 ms here). Post-copy ignores it. 0: always lazy.
+    pub lazy_min_mib: u64,
     /// Post-copy from the start: no rounds; freeze at once, restore lazily at the
     /// destination, which fetches every page from the source's frozen copy while the
     /// container runs (needs lazy restore).
@@ -83,12 +88,21 @@ impl Default for PrecopyPolicy {
             throttle_max_pct: 99,
             follow_writes: true,
             lazy_restore: true,
+            lazy_min_mib: 16,
             post_copy: false,
         }
     }
 }
 
 impl PrecopyPolicy {
+    /// Whether the job may turn to post-copy (from the start, or when the rounds stop gaining
+    /// or reach their limit).
+    pub fn may_post_copy(&self) -> bool {
+        self.post_copy
+            || self.when_stuck == WhenStuck::PostCopy
+            || self.at_round_limit == WhenStuck::PostCopy
+    }
+
     /// Checks the settings; the error says which one is wrong and what is allowed.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.downtime_budget_ms.is_finite() && self.downtime_budget_ms > 0.0) {
@@ -119,9 +133,13 @@ impl PrecopyPolicy {
                 self.throttle_initial_pct, self.throttle_max_pct, self.throttle_step_pct
             ));
         }
-        let post_copy = self.post_copy
-            || self.when_stuck == WhenStuck::PostCopy
-            || self.at_round_limit == WhenStuck::PostCopy;
+        let post_copy = self.may_post_copy();
+        if self.lazy_min_mib > 1 << 20 {
+            return Err(format!(
+                "lazy_min_mib must be at most 1048576 (1 TiB), got {}",
+                self.lazy_min_mib
+            ));
+        }
         if post_copy && !self.lazy_restore {
             return Err("post-copy needs lazy restore (lazy_restore: true)".into());
         }

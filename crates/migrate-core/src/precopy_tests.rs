@@ -256,6 +256,37 @@ fn post_copy_freezes_at_once_or_when_the_rounds_stop_gaining() {
 }
 
 #[test]
+fn small_containers_restore_eagerly_unless_post_copy_may_follow() {
+    let p = PrecopyPolicy::default();
+    assert_eq!(p.lazy_min_mib, 16);
+    assert!(!p.may_post_copy());
+    for post in [
+        PrecopyPolicy {
+            post_copy: true,
+            ..PrecopyPolicy::default()
+        },
+        PrecopyPolicy {
+            when_stuck: WhenStuck::PostCopy,
+            ..PrecopyPolicy::default()
+        },
+        PrecopyPolicy {
+            at_round_limit: WhenStuck::PostCopy,
+            ..PrecopyPolicy::default()
+        },
+    ] {
+        assert!(post.may_post_copy(), "{post:?}");
+    }
+    let huge = PrecopyPolicy {
+        lazy_min_mib: (1 << 20) + 1,
+        ..PrecopyPolicy::default()
+    };
+    assert!(huge.validate().unwrap_err().contains("lazy_min_mib"));
+    // Requests without the field get the default.
+    let parsed: PrecopyPolicy = serde_json::from_str(r#"{"max_rounds": 5}"#).unwrap();
+    assert_eq!(parsed.lazy_min_mib, 16);
+}
+
+#[test]
 fn the_round_limit_freezes_or_aborts_as_the_policy_says() {
     // Converges slowly: each round leaves 80 % of what it sent.
     let slow = || {

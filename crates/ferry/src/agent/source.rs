@@ -153,6 +153,17 @@ pub(crate) fn start(
             post_copy: false,
             remote_pages: 0,
             wants_post_copy: req.precopy.as_ref().is_some_and(|p| p.post_copy),
+            // Post-copy needs the lazy restore whatever the size.
+            lazy_min_bytes: req.precopy.as_ref().map_or(
+                migrate_core::PrecopyPolicy::default().lazy_min_mib,
+                |p| {
+                    if p.may_post_copy() {
+                        0
+                    } else {
+                        p.lazy_min_mib
+                    }
+                },
+            ) << 20,
             memory_bytes: 0,
             pending: Vec::new(),
             memory: None,
@@ -199,6 +210,8 @@ pub(super) struct Driver {
     pub(super) wants_post_copy: bool,
     /// The memory the container's checkpoint carries, measured at the preflight.
     pub(super) memory_bytes: u64,
+    /// Below this much resident memory a pre-copy restores eagerly (policy `lazy_min_mib`).
+    pub(super) lazy_min_bytes: u64,
     /// Requests of the final dump sent without waiting; the restore waits for them.
     pub(super) pending: Vec<tokio::task::JoinHandle<Result<u64>>>,
     /// Pre-copy: how memory crossed the freeze, for the report.
@@ -446,6 +459,19 @@ impl Driver {
                             warn!(job = %self.job.id, reason = %why, "no lazy restore: the final dump carries every page");
                             self.rounds.placement = None;
                             self.not_lazy = Some(why.clone());
+                        }
+                        if self.rounds.placement.is_some()
+                            && self.memory_bytes > 0
+                            && self.memory_bytes < self.lazy_min_bytes
+                        {
+                            let why = format!(
+                                "the container's memory ({:.1} MiB) is below lazy_min_mib ({} MiB): an eager restore is faster",
+                                self.memory_bytes as f64 / (1 << 20) as f64,
+                                self.lazy_min_bytes >> 20
+                            );
+                            info!(job = %self.job.id, reason = %why, "eager restore");
+                            self.rounds.placement = None;
+                            self.not_lazy = Some(why);
                         }
                         let need = size * 2 + (64 << 20);
                         if free_bytes < need {
