@@ -61,10 +61,10 @@ pub struct PrecopyPolicy {
     /// destination, which restores with CRIU's lazy pages and fills the memory in from its
     /// page store while the container runs.
     pub lazy_restore: bool,
-    /// Below this much memory (MiB, resident at the preflight) the container is restored
-    /// eagerly even with `lazy_restore`: copying a few MiB in the freeze costs less than
-    /// starting CRIU's lazy-pages daemon and registering the memory with userfaultfd (about
-    /// 10 ms here). Post-copy ignores it. 0: always lazy.
+    /// Below this much memory (MiB, resident at the preflight) a container of few processes
+    /// (the agent's limit: 8) is restored eagerly even with `lazy_restore`: copying a few MiB
+    /// in the freeze costs less than starting CRIU's lazy-pages daemon and registering the
+    /// memory with userfaultfd (about 10 ms here). Post-copy ignores it. 0: always lazy.
     pub lazy_min_mib: u64,
     /// Post-copy from the start: no rounds; freeze at once, restore lazily at the
     /// destination, which fetches every page from the source's frozen copy while the

@@ -406,9 +406,10 @@ impl Driver {
                     l.bundle.clone(),
                 );
                 let host = self.agent.cfg.host.clone();
-                let (st, size, memory) = tokio::task::spawn_blocking(move || {
+                let (st, size, memory, processes) = tokio::task::spawn_blocking(move || {
                     let memory = crate::runtime::container_memory_bytes(&host, &n);
-                    (runc.state(&n), dir_size(&bundle), memory)
+                    let processes = crate::runtime::container_pids(&host, &n).map(|p| p.len());
+                    (runc.state(&n), dir_size(&bundle), memory, processes)
                 })
                 .await?;
                 // Unknown (a process vanished meanwhile): the destination does not check.
@@ -460,12 +461,14 @@ impl Driver {
                             self.rounds.placement = None;
                             self.not_lazy = Some(why.clone());
                         }
+                        let few = processes.as_ref().is_ok_and(|n| *n <= EAGER_MAX_PROCESSES);
                         if self.rounds.placement.is_some()
                             && self.memory_bytes > 0
                             && self.memory_bytes < self.lazy_min_bytes
+                            && few
                         {
                             let why = format!(
-                                "the container's memory ({:.1} MiB) is below lazy_min_mib ({} MiB): an eager restore is faster",
+                                "the container's memory ({:.1} MiB) is below lazy_min_mib ({} MiB) and it has at most {EAGER_MAX_PROCESSES} processes: an eager restore is faster",
                                 self.memory_bytes as f64 / (1 << 20) as f64,
                                 self.lazy_min_bytes >> 20
                             );
@@ -1088,6 +1091,12 @@ impl Driver {
         Ok(stats.link_bytes_written)
     }
 }
+
+/// Most processes a container restored eagerly for its small memory may have (policy
+/// `lazy_min_mib`): an eager final dump relays each process's pages through CRIU's page
+/// server, which cost a container of 120 processes 480-540 ms of dump against 335-375 ms for a
+/// lazy one (`ferry bench --quick`).
+const EAGER_MAX_PROCESSES: usize = 8;
 
 fn dir_size(p: &std::path::Path) -> u64 {
     shared_fs::snapshot(p)
