@@ -172,11 +172,15 @@ pub struct Scenario {
     pub mode: Mode,
 }
 
+/// A link's name in results: its rate, or `unshaped`.
+fn link_label(rate: Option<LinkRate>) -> String {
+    rate.map(|r| r.to_string())
+        .unwrap_or_else(|| "unshaped".into())
+}
+
 impl Scenario {
     fn link_label(&self) -> String {
-        self.link_rate
-            .map(|r| r.to_string())
-            .unwrap_or_else(|| "unshaped".into())
+        link_label(self.link_rate)
     }
 }
 
@@ -253,9 +257,7 @@ impl BenchOpts {
         for &link_rate in &self.link_rates {
             for &mode in &self.modes {
                 for &workload in &workloads {
-                    let link = link_rate
-                        .map(|r| r.to_string())
-                        .unwrap_or_else(|| "unshaped".into());
+                    let link = link_label(link_rate);
                     out.push(Scenario {
                         id: format!("{}-{link}-{mode}", workload.slug()),
                         workload,
@@ -443,10 +445,7 @@ const GOODPUT_RUNS: usize = 3;
 
 /// The median goodput of [`GOODPUT_RUNS`] bare QUIC streams from [`FROM`] to [`TO`].
 async fn link_goodput(lab: &Lab) -> Result<LinkGoodput> {
-    let link = lab
-        .link_rate
-        .map(|r| r.to_string())
-        .unwrap_or_else(|| "unshaped".into());
+    let link = link_label(lab.link_rate);
     // Ten times what the link's rate needs, and at least a minute.
     let limit = lab.link_rate.map_or(Duration::from_secs(60), |r| {
         Duration::from_secs((GOODPUT_BYTES * 8 * 10 / r.0.max(1)).max(60))

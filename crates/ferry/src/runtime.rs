@@ -884,7 +884,7 @@ pub fn criu_conf_text(l: &Layout, base: &str, shm_empty: bool) -> String {
 /// dump may leave out: one tmpfs mounted there in its mount namespace, and nothing in it. Read
 /// beneath the container's root without following its links. Any doubt answers no (CRIU then
 /// archives it as usual).
-pub fn empty_shm(runc_root: &Path, name: &str) -> bool {
+fn empty_shm(runc_root: &Path, name: &str) -> bool {
     let pid = std::fs::read(runc_root.join(name).join("state.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
@@ -920,7 +920,7 @@ pub fn empty_shm(runc_root: &Path, name: &str) -> bool {
 /// Rewrites the frozen container's CRIU configuration for its dump ([`criu_conf_text`]), in
 /// place (a new file would cost a disk create in the freeze). Returns whether `/dev/shm` is
 /// left out.
-pub fn write_dump_conf(l: &Layout, runc_root: &Path, name: &str, base: &str) -> Result<bool> {
+fn write_dump_conf(l: &Layout, runc_root: &Path, name: &str, base: &str) -> Result<bool> {
     let path = l.criu_conf();
     let mut f = match std::fs::OpenOptions::new().write(true).open(&path) {
         Ok(f) => f,
@@ -934,6 +934,26 @@ pub fn write_dump_conf(l: &Layout, runc_root: &Path, name: &str, base: &str) -> 
     std::io::Write::write_all(&mut f, criu_conf_text(l, base, shm_empty).as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(shm_empty)
+}
+
+/// Freezes container `name` for its final dump: its cgroup frozen, its veth down (the copy left
+/// in place must stay silent, see [`set_veth`]) and its CRIU configuration rewritten for the
+/// dump ([`write_dump_conf`], `criu_base` first). A failure after the freeze thaws it. Returns
+/// whether `/dev/shm` is left out of the dump.
+pub fn freeze_for_dump(
+    host: &str,
+    name: &str,
+    l: &Layout,
+    runc_root: &Path,
+    criu_base: &str,
+) -> Result<bool> {
+    freeze(host, name)?;
+    let r = set_veth(l, false).and_then(|()| write_dump_conf(l, runc_root, name, criu_base));
+    match &r {
+        Ok(shm_left_out) => tracing::info!(container = %name, shm_left_out, "frozen for the dump"),
+        Err(_) => thaw(host, name),
+    }
+    r
 }
 
 /// Mounts the tmpfs a restore here binds at the container's `/dev/shm` when its dump left that

@@ -313,6 +313,13 @@ fn read_file(
     })
 }
 
+/// The error for a tree whose zstd context a failed (panicked) file thread took with it.
+fn lost_context(what: &str) -> TransferError {
+    TransferError::Protocol {
+        reason: format!("the tree's zstd {what} was lost with a failed file thread"),
+    }
+}
+
 /// One chunk on the wire: `u32 BE compressed_len`, `u32 BE raw_len` (returned), the zstd
 /// data (in `out`, replacing what it held).
 fn encode_chunk(
@@ -374,17 +381,13 @@ where
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel(PIPELINE_DEPTH);
     let (pool_tx, pool_rx) = std::sync::mpsc::channel();
-    let (c, mut b) = (zc.take(), std::mem::take(buf));
+    // Only a reader that panicked keeps them; the tree then failed already.
+    let (Some(mut c), mut b) = (zc.take(), std::mem::take(buf)) else {
+        return Err(lost_context("compressor"));
+    };
     let reader = tokio::task::spawn_blocking(move || {
-        let mut c = match c {
-            Some(c) => c,
-            None => match zstd::bulk::Compressor::new(1) {
-                Ok(c) => c,
-                Err(e) => return (Err(TransferError::io("zstd compressor", "", e)), None, b),
-            },
-        };
         let r = read_file(owned, &mut c, &mut b, &tx, &pool_rx);
-        (r, Some(c), b)
+        (r, c, b)
     });
     let mut written = 0u64;
     let mut write_error = None;
@@ -416,7 +419,7 @@ where
     let (r, c, b) = reader
         .await
         .map_err(|e| TransferError::io("read", &path, std::io::Error::other(e.to_string())))?;
-    (*zc, *buf) = (c, b);
+    (*zc, *buf) = (Some(c), b);
     if let Some(e) = write_error {
         return Err(e);
     }
@@ -616,12 +619,9 @@ where
     let bound = max_compressed();
     let declared = writer.meta().size;
     let path = writer.meta().path.clone();
-    let mut d = match zd.take() {
-        Some(d) => d,
-        None => zstd::bulk::Decompressor::new().map_err(|e| TransferError::Decode {
-            what: "a zstd decompressor",
-            reason: e.to_string(),
-        })?,
+    // Only a writer that panicked keeps it; the tree then failed already.
+    let Some(mut d) = zd.take() else {
+        return Err(lost_context("decompressor"));
     };
     // Chunk buffers: the writer thread hands each back once decoded, so none is allocated
     // (or zeroed) per chunk.

@@ -497,16 +497,8 @@ impl super::source::Driver {
         let runc_root = self.agent.runc.root().to_path_buf();
         let (h, n) = (host.clone(), name.clone());
         tokio::task::spawn_blocking(move || -> Result<()> {
-            crate::runtime::freeze(&h, &n)?;
-            // The copy left in place must stay silent (see set_veth).
-            if let Err(e) = crate::runtime::set_veth(&layout, false).and_then(|()| {
-                crate::runtime::write_dump_conf(&layout, &runc_root, &n, super::CRIU_CONF)
-                    .map(|_| ())
-            }) {
-                crate::runtime::thaw(&h, &n);
-                return Err(e);
-            }
-            Ok(())
+            crate::runtime::freeze_for_dump(&h, &n, &layout, &runc_root, super::CRIU_CONF)
+                .map(|_| ())
         })
         .await??;
         self.source_link_down = true;

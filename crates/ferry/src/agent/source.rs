@@ -570,10 +570,7 @@ impl Driver {
                         std::fs::create_dir_all(&work)?;
                     }
                     let t = Instant::now();
-                    crate::runtime::freeze(&host, &name)?;
-                    // The copy left in place must stay silent (see set_veth).
-                    crate::runtime::set_veth(&layout, false)?;
-                    let shm_left_out = crate::runtime::write_dump_conf(&layout, &runc_root, &name, super::CRIU_CONF)?;
+                    crate::runtime::freeze_for_dump(&host, &name, &layout, &runc_root, super::CRIU_CONF)?;
                     if pause > 0 {
                         warn!(container = %name, ms = pause, "pausing in the dump (fault hook)");
                         let until = Instant::now() + Duration::from_millis(pause);
@@ -589,7 +586,7 @@ impl Driver {
                         Some(p) => p.go(bound),
                         None => runc.checkpoint(&name, &images, &work),
                     };
-                    info!(container = %name, freeze_ms, checkpoint_ms = crate::util::ms(t.elapsed()) - freeze_ms, shm_left_out, "dumped (left in place, frozen)");
+                    info!(container = %name, freeze_ms, checkpoint_ms = crate::util::ms(t.elapsed()) - freeze_ms, "dumped (left in place, frozen)");
                     crate::runtime::keep_log(&work.join("dump.log"), &logs, &format!("{job_id}.dump.log"));
                     r
                 })
@@ -1046,15 +1043,7 @@ impl Driver {
                 std::fs::create_dir_all(&work)?;
             }
             let t = Instant::now();
-            crate::runtime::freeze(&host, &name)?;
-            // The copy left in place must stay silent (see set_veth).
-            if let Err(e) = crate::runtime::set_veth(&layout, false).and_then(|()| {
-                crate::runtime::write_dump_conf(&layout, &runc_root, &name, super::CRIU_CONF)
-                    .map(|_| ())
-            }) {
-                crate::runtime::thaw(&host, &name);
-                return Err(e);
-            }
+            crate::runtime::freeze_for_dump(&host, &name, &layout, &runc_root, super::CRIU_CONF)?;
             let freeze_ms = crate::util::ms(t.elapsed());
             let r = match pre {
                 Some(p) => p.go(bound),
