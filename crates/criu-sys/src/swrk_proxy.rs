@@ -46,6 +46,11 @@ pub const LAZY_DUMP_CONFIG_ENV: &str = "FERRY_LAZY_DUMP_CONFIG";
 /// CRIU's log level for a lazy dump (0-4; default 2, warnings: at runc's 4 CRIU logs several
 /// lines per MiB of memory while the container is frozen).
 pub const LAZY_DUMP_LOG_LEVEL_ENV: &str = "FERRY_CRIU_LOG_LEVEL";
+/// Set for a lazy dump's CRIU: its lazy pages are served by the agent (from the destination's
+/// page store and the frozen container), so a CRIU built with Ferry's patch
+/// (`scripts/criu/lazy-pages-elsewhere.patch`) records them in the pagemap without splicing
+/// every one into its page pipes inside the freeze. A CRIU without the patch ignores it.
+pub const LAZY_PAGES_ELSEWHERE_ENV: &str = "CRIU_LAZY_PAGES_ELSEWHERE";
 
 /// The environment variable naming the agent's *gate*: a UNIX socket where `ferry-criu` waits,
 /// with runc's request read and runc's own start-up done, until the agent lets CRIU run
@@ -585,6 +590,9 @@ pub fn relay_dump(
         .env_remove(LAZY_DUMP_CONFIG_ENV)
         .env_remove(GATE_ENV)
         .preserved_fds(vec![theirs, ps]);
+    if lazy_config.is_some() {
+        cmd.env(LAZY_PAGES_ELSEWHERE_ENV, "1");
+    }
     let mut child = cmd.spawn().map_err(|source| SwrkProxyError::Spawn {
         path: real_criu.to_owned(),
         source,

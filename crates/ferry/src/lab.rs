@@ -416,6 +416,7 @@ pub async fn up(
             memory_budget_mib: None,
             lazy_restore: true,
             scratch_tmpfs: true,
+            cgroup_favordynmods: true,
         };
         let cfg_path = dir.join(format!("{}.json", h.name));
         std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)?;

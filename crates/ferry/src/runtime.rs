@@ -1379,3 +1379,121 @@ pub fn ensure_tmpfs(dir: &Path) -> Result<bool> {
     .with_context(|| format!("mounting a tmpfs on {}", dir.display()))?;
     Ok(true)
 }
+
+/// Makes moving a process between cgroups cheap: remounts a cgroup hierarchy with
+/// `favordynmods` (Linux >= 6.0) unless one already has it. Without it, the first cgroup move
+/// after a quiet spell waits for an RCU grace period (the kernel's threadgroup lock is taken
+/// for writing): 7-25 ms measured here, paid by CRIU's restore, which moves the restored
+/// container into its cgroups while it is frozen. The option is global to the kernel's lock,
+/// so one hierarchy is enough; its cost is a slightly slower fork and exit on the host.
+/// Returns the mount point remounted, `None` when one already had the option.
+pub fn favor_cgroup_moves() -> Result<Option<String>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
+    let mounts: Vec<CgroupMount> = info.lines().filter_map(CgroupMount::parse).collect();
+    if mounts
+        .iter()
+        .any(|m| m.super_options.iter().any(|o| o == "favordynmods"))
+    {
+        return Ok(None);
+    }
+    // The unified hierarchy if there is one, else the first v1 hierarchy.
+    let m = mounts
+        .iter()
+        .find(|m| m.v2)
+        .or_else(|| mounts.first())
+        .context("no cgroup hierarchy is mounted")?;
+    let mut data: Vec<&str> = m
+        .super_options
+        .iter()
+        .map(String::as_str)
+        .filter(|o| *o != "rw" && *o != "ro")
+        .collect();
+    data.push("favordynmods");
+    nix::mount::mount(
+        None::<&str>,
+        m.point.as_str(),
+        None::<&str>,
+        m.flags | nix::mount::MsFlags::MS_REMOUNT,
+        Some(data.join(",").as_str()),
+    )
+    .with_context(|| {
+        format!(
+            "remounting {} with favordynmods (needs Linux >= 6.0)",
+            m.point
+        )
+    })?;
+    Ok(Some(m.point.clone()))
+}
+
+/// A cgroup hierarchy's mount, from a line of mountinfo.
+struct CgroupMount {
+    point: String,
+    v2: bool,
+    /// The mount's own flags, which a remount must repeat.
+    flags: nix::mount::MsFlags,
+    super_options: Vec<String>,
+}
+
+impl CgroupMount {
+    fn parse(line: &str) -> Option<CgroupMount> {
+        use nix::mount::MsFlags;
+        let (mount, fs) = line.split_once(" - ")?;
+        let fields: Vec<&str> = mount.split_whitespace().collect();
+        let mut fs = fs.split_whitespace();
+        let fstype = fs.next()?;
+        if fstype != "cgroup" && fstype != "cgroup2" {
+            return None;
+        }
+        let super_options = fs.nth(1)?.split(',').map(str::to_owned).collect();
+        let mut flags = MsFlags::empty();
+        for o in fields.get(5)?.split(',') {
+            flags |= match o {
+                "ro" => MsFlags::MS_RDONLY,
+                "nosuid" => MsFlags::MS_NOSUID,
+                "nodev" => MsFlags::MS_NODEV,
+                "noexec" => MsFlags::MS_NOEXEC,
+                "noatime" => MsFlags::MS_NOATIME,
+                "nodiratime" => MsFlags::MS_NODIRATIME,
+                "relatime" => MsFlags::MS_RELATIME,
+                "strictatime" => MsFlags::MS_STRICTATIME,
+                _ => MsFlags::empty(),
+            };
+        }
+        Some(CgroupMount {
+            point: fields.get(4)?.replace("\\040", " "),
+            v2: fstype == "cgroup2",
+            flags,
+            super_options,
+        })
+    }
+}
+
+#[cfg(test)]
+mod cgroup_mount_tests {
+    use super::CgroupMount;
+    use nix::mount::MsFlags;
+
+    #[test]
+    fn a_remount_repeats_the_mounts_flags_and_super_options() {
+        let m = CgroupMount::parse(
+            "35 24 0:30 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot",
+        )
+        .expect("a cgroup2 mount");
+        assert!(m.v2);
+        assert_eq!(m.point, "/sys/fs/cgroup");
+        assert_eq!(
+            m.flags,
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RELATIME
+        );
+        assert_eq!(
+            m.super_options,
+            ["rw", "nsdelegate", "memory_recursiveprot"]
+        );
+        let v1 = CgroupMount::parse(
+            "40 24 0:34 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu",
+        )
+        .expect("a cgroup v1 mount");
+        assert!(!v1.v2);
+        assert!(CgroupMount::parse("22 1 0:21 / /proc rw - proc proc rw").is_none());
+    }
+}

@@ -554,22 +554,33 @@ impl Agent {
             );
         }
         let t_req = Instant::now();
-        let (name, layout, abort, index, pinned, prestarted) =
+        // Lazy: the fill takes over the job's pinned pages and its index, registered while the
+        // job's entry is locked so that the store never sees the pages unpinned.
+        let (name, layout, abort, fill_pages, prestarted) =
             match self.incoming.lock().await.get_mut(job) {
                 Some(i) if i.from != peer => bail!("job {job} belongs to {}, not {peer}", i.from),
                 Some(i) => {
                     i.restoring = true;
-                    let index = std::mem::take(&mut i.index);
+                    let fill_pages = lazy.then(|| {
+                        // The source checks every lazy page against its frozen copy (see `lazy`).
+                        let pages = super::fill::FillPages::new(std::mem::take(&mut i.index), true);
+                        let (tx, _) = tokio::sync::watch::channel(None);
+                        lock(&self.fills).insert(
+                            job.to_string(),
+                            super::fill::Fill {
+                                from: peer.to_string(),
+                                pinned: std::mem::take(&mut i.pinned),
+                                done: tx,
+                                pages: Arc::clone(&pages),
+                            },
+                        );
+                        pages
+                    });
                     (
                         i.spec.name.clone(),
                         i.layout.clone(),
                         std::sync::Arc::clone(&i.abort),
-                        index,
-                        if lazy {
-                            i.pinned.clone()
-                        } else {
-                            HashSet::new()
-                        },
+                        fill_pages,
                         i.prestarted.take(),
                     )
                 }
@@ -577,23 +588,14 @@ impl Agent {
             };
         // Lazy: the daemon that fills the memory in from the page store starts first.
         let mut daemon = None;
-        if lazy {
+        if let Some(pages) = fill_pages {
             let criu = match &self.criu {
                 Ok(c) => c.path.clone(),
-                Err(e) => bail!("CRIU unusable on {}: {e}", self.cfg.host),
+                Err(e) => {
+                    self.forget_fill(job);
+                    bail!("CRIU unusable on {}: {e}", self.cfg.host)
+                }
             };
-            let (tx, _) = tokio::sync::watch::channel(None);
-            // The source checks every lazy page against its frozen copy (see `lazy`).
-            let pages = super::fill::FillPages::new(index, true);
-            lock(&self.fills).insert(
-                job.to_string(),
-                super::fill::Fill {
-                    from: peer.to_string(),
-                    pinned,
-                    done: tx,
-                    pages: Arc::clone(&pages),
-                },
-            );
             let (images, work) = (self.images_dir(job), self.work_dir(job));
             let rec = super::fill::FillRecord {
                 job: job.to_string(),
@@ -603,14 +605,32 @@ impl Agent {
             let a = Arc::clone(self);
             let fill_pages = Arc::clone(&pages);
             let started = tokio::task::spawn_blocking(move || {
-                a.record_fill(&rec)?;
-                std::fs::create_dir_all(&work)?;
-                // The dump's lazy memory bounds the fill's read-ahead from the source.
-                match criu_sys::image::read_pagemaps(&images) {
-                    Ok(maps) => fill_pages.set_lazy_memory(&maps),
-                    Err(e) => warn!(error = %e, "no read-ahead for this fill"),
-                }
-                super::fill::start_daemon(&criu, &images, &work)
+                // The record (synced to disk) is written while the daemon starts; both are
+                // done before CRIU restores anything.
+                std::thread::scope(|scope| {
+                    let recorded = scope.spawn(|| a.record_fill(&rec));
+                    let daemon = (|| {
+                        std::fs::create_dir_all(&work)?;
+                        // The dump's lazy memory bounds the fill's read-ahead from the source.
+                        match criu_sys::image::read_pagemaps(&images) {
+                            Ok(maps) => fill_pages.set_lazy_memory(&maps),
+                            Err(e) => warn!(error = %e, "no read-ahead for this fill"),
+                        }
+                        super::fill::start_daemon(&criu, &images, &work)
+                    })();
+                    let recorded = recorded
+                        .join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("recording the fill panicked")));
+                    match (recorded, daemon) {
+                        (Ok(()), d) => d,
+                        (Err(e), Ok(mut d)) => {
+                            d.child.kill();
+                            let _ = d.child.wait();
+                            Err(e)
+                        }
+                        (Err(e), Err(_)) => Err(e),
+                    }
+                })
             })
             .await
             .map_err(anyhow::Error::from)

@@ -503,16 +503,17 @@ impl super::source::Driver {
         .await??;
         self.source_link_down = true;
         let freeze_ms = crate::util::ms(t0.elapsed());
-        // The last writes; then tracking ends (CRIU cannot dump a process that holds a
-        // userfaultfd), and every process gets its container pid.
+        // The last writes, and every process gets its container pid. The trackers stay: the
+        // processes hold no userfaultfd of theirs (the agent does), write protection is
+        // asynchronous (no write waits for the agent), and removing it walks every page table
+        // entry (about 30 ms per GiB), which the rollback or the end of the job does instead,
+        // outside the freeze.
         let mut rounds = std::mem::replace(&mut self.rounds, super::rounds::Rounds::new());
         let (h, n) = (host.clone(), name.clone());
         let (rounds, collected) = tokio::task::spawn_blocking(move || {
             let collected = rounds.collect_final();
-            let stopped = rounds.stop_tracking();
             let r = (|| -> Result<u64> {
                 let dirty = collected?;
-                stopped?;
                 if let Some(p) = &rounds.placement {
                     for pid in crate::runtime::container_pids(&h, &n)? {
                         p.note_pid(pid)?;
@@ -1123,6 +1124,25 @@ impl super::source::Driver {
 }
 
 impl super::source::Driver {
+    /// Removes the dirty-page trackers that a lazy dump left in place, on a blocking thread.
+    pub(super) async fn stop_tracking_off_the_freeze(&mut self) {
+        let trackers = self.rounds.take_trackers();
+        if trackers.is_empty() {
+            return;
+        }
+        let job = self.job.id.clone();
+        let t = std::time::Instant::now();
+        match tokio::task::spawn_blocking(move || super::rounds::stop_trackers(trackers)).await {
+            Ok(Ok(())) => {
+                tracing::debug!(%job, ms = crate::util::ms(t.elapsed()), "dirty-page trackers removed")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(%job, error = %format!("{e:#}"), "removing the dirty-page trackers")
+            }
+            Err(e) => tracing::warn!(%job, error = %e, "removing the dirty-page trackers"),
+        }
+    }
+
     /// After a failed fill: points the overlay back here, and lets the frozen copy run on.
     async fn resume_frozen_copy(&mut self) -> Result<()> {
         let me = self.agent.cfg.host.clone();
@@ -1132,6 +1152,7 @@ impl super::source::Driver {
             .route_everywhere(&self.spec.mac, Some(&me), None)
             .await;
         self.resume_source();
+        self.stop_tracking_off_the_freeze().await;
         if let Some(c) = lock(&self.agent.containers).get_mut(&self.spec.name) {
             c.migrating = false;
         }

@@ -177,6 +177,15 @@ async fn run(cfg: AgentConfig) -> Result<()> {
             }
         }
     }
+    if cfg.runs_containers && cfg.cgroup_favordynmods {
+        match crate::runtime::favor_cgroup_moves() {
+            Ok(Some(point)) => info!(mount = %point, "cgroup moves made cheap (favordynmods)"),
+            Ok(None) => {}
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "cgroup moves stay slow: every restore waits for an RCU grace period")
+            }
+        }
+    }
     let criu = tokio::task::spawn_blocking(|| {
         let c = criu_sys::Criu::discover()?;
         c.check()?;

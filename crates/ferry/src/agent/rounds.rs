@@ -65,6 +65,23 @@ pub(crate) struct Meter {
     wire: AtomicU64,
 }
 
+/// Stops dirty-page trackers (removing write protection walks every page table entry of the
+/// tracked memory: off the freeze).
+pub(crate) fn stop_trackers(trackers: Vec<Box<dyn Tracker>>) -> Result<()> {
+    let mut errors = vec![];
+    for t in trackers {
+        let pid = t.pid();
+        if let Err(e) = t.stop() {
+            errors.push(format!("pid {pid}: {e}"));
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        bail!("stopping dirty-page tracking: {}", errors.join("; "))
+    }
+}
+
 /// What one memory round sent.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Sent {
@@ -151,18 +168,12 @@ impl Rounds {
     /// Ends tracking on every process and removes every trace of it (CRIU cannot dump a
     /// process that holds a userfaultfd).
     pub(crate) fn stop_tracking(&mut self) -> Result<()> {
-        let mut errors = vec![];
-        for t in self.trackers.drain(..) {
-            let pid = t.pid();
-            if let Err(e) = t.stop() {
-                errors.push(format!("pid {pid}: {e}"));
-            }
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            bail!("stopping dirty-page tracking: {}", errors.join("; "))
-        }
+        stop_trackers(std::mem::take(&mut self.trackers))
+    }
+
+    /// The trackers, which the caller stops with [`stop_trackers`].
+    pub(crate) fn take_trackers(&mut self) -> Vec<Box<dyn Tracker>> {
+        std::mem::take(&mut self.trackers)
     }
 
     /// Starts trackers on the container's processes that have none yet; their writable memory

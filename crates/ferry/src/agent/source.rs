@@ -754,6 +754,8 @@ impl Driver {
                 self.agent
                     .remove_departed(&job, &name, self.mode == MigrateMode::PreCopy)
                     .await;
+                // A lazy dump left its trackers; the processes are gone, so this is quick.
+                self.stop_tracking_off_the_freeze().await;
                 self.agent.forget_outgoing(&job);
                 Ok(0)
             }
