@@ -7,7 +7,7 @@ CRIU_MIN="4.2"
 # Ferry's patch to CRIU (scripts/criu/lazy-pages-elsewhere.patch); the built binary carries this
 # string. A CRIU without it works too, with longer freezes for large containers.
 CRIU_PATCH="$(cd "$(dirname "$0")" && pwd)/criu/lazy-pages-elsewhere.patch"
-CRIU_PATCH_MARK="CRIU_LAZY_PAGES_ELSEWHERE"
+CRIU_PATCH_MARK="ferry-criu-patch-2"
 CRIU_UNPATCHABLE=/var/cache/ferry/criu-patch-does-not-apply
 here="$(cd "$(dirname "$0")/.." && pwd)"
 

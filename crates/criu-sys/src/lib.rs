@@ -90,6 +90,43 @@ pub struct Criu {
     pub version: CriuVersion,
 }
 
+/// What a CRIU binary built with Ferry's patch (`scripts/criu/lazy-pages-elsewhere.patch`)
+/// carries, followed by the patch's version.
+pub const FERRY_PATCH_MARK: &[u8] = b"ferry-criu-patch-";
+
+impl Criu {
+    /// The version of Ferry's patch this CRIU was built with (0: none). Version 1 keeps lazy
+    /// pages out of lazy dumps; version 2 also lets the lazy-pages daemon serve mappings of
+    /// 2 GiB or more ([`LAZY_MAPPING_LIMIT`] without it).
+    pub fn ferry_patch(&self) -> u32 {
+        let Ok(bin) = std::fs::read(&self.path) else {
+            return 0;
+        };
+        let Some(at) = bin
+            .windows(FERRY_PATCH_MARK.len())
+            .position(|w| w == FERRY_PATCH_MARK)
+        else {
+            // Version 1 named only its variable.
+            let v1 = b"CRIU_LAZY_PAGES_ELSEWHERE";
+            return u32::from(bin.windows(v1.len()).any(|w| w == v1));
+        };
+        let digits: Vec<u8> = bin[at + FERRY_PATCH_MARK.len()..]
+            .iter()
+            .take(4)
+            .take_while(|b| b.is_ascii_digit())
+            .copied()
+            .collect();
+        std::str::from_utf8(&digits)
+            .ok()
+            .and_then(|d| d.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// The longest mapping the lazy-pages daemon of an upstream CRIU (up to 4.2 at least) can
+/// serve: it sizes its buffer by the longest lazy range in an `int`, which wraps at 2 GiB.
+pub const LAZY_MAPPING_LIMIT: u64 = (1 << 31) - 4096;
+
 /// Parses the output of `criu --version` (`Version: 4.2.1` or `Version: 4.2`).
 pub fn parse_version(output: &str) -> Result<CriuVersion, CriuError> {
     let bad = || CriuError::UnparsableVersion {

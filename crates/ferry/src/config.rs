@@ -79,6 +79,17 @@ pub struct AgentConfig {
     /// fork and exit get slightly slower.
     #[serde(default = "yes")]
     pub cgroup_favordynmods: bool,
+    /// Buckets of the TCP and UDP socket hash tables of each container's network namespace
+    /// (`net.ipv4.tcp_child_ehash_entries` and `udp_child_hash_entries` of the agent's own
+    /// namespace, Linux >= 6.1; a power of two). CRIU walks the table a container sees at
+    /// every dump: the host's is large (262144 TCP buckets here, about 5 ms per freeze).
+    /// 0 leaves the kernel's default (namespaces share the host's tables).
+    #[serde(default = "default_socket_hash_buckets")]
+    pub netns_socket_hash_buckets: u32,
+}
+
+fn default_socket_hash_buckets() -> u32 {
+    4096
 }
 
 /// A quarter of the host's memory, at most 8 GiB (256 MiB when it cannot be read).

@@ -417,6 +417,7 @@ pub async fn up(
             lazy_restore: true,
             scratch_tmpfs: true,
             cgroup_favordynmods: true,
+            netns_socket_hash_buckets: 4096,
         };
         let cfg_path = dir.join(format!("{}.json", h.name));
         std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)?;

@@ -246,6 +246,9 @@ pub enum PeerResponse {
         /// directory's disk); `None` from agents that do not tell.
         #[serde(default)]
         images_free_bytes: Option<u64>,
+        /// The longest memory mapping its lazy restore can serve (`None`: any).
+        #[serde(default)]
+        lazy_max_mapping_bytes: Option<u64>,
     },
     /// Answer to [`PeerRequest::BaseHave`].
     BaseHeld {

@@ -83,6 +83,17 @@ pub fn subtract_regions(r: Region, set: &[Region]) -> Vec<Region> {
 }
 pub use probe::{detect, support, Availability, Support};
 
+/// The length in bytes of `pid`'s longest private anonymous mapping (any protection): the
+/// longest range a lazy restore registers with userfaultfd for it. 0 without one.
+pub fn longest_private_anon_mapping(pid: i32) -> Result<u64, Error> {
+    Ok(maps::read(pid)?
+        .iter()
+        .filter(|m| m.is_private_anon_any_prot())
+        .map(|m| m.end - m.start)
+        .max()
+        .unwrap_or(0))
+}
+
 /// Size of the pages memtrack reports (x86-64 base pages).
 pub const PAGE_SIZE: u64 = sys::PAGE_SIZE;
 

@@ -235,6 +235,7 @@ impl Agent {
             pages_held,
             no_lazy_restore,
             images_free_bytes,
+            lazy_max_mapping_bytes: (self.criu_patch < 2).then_some(criu_sys::LAZY_MAPPING_LIMIT),
         })
     }
 

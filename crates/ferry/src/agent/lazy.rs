@@ -488,7 +488,9 @@ impl super::source::Driver {
     pub(super) async fn dump_lazy(&mut self) -> Result<u64> {
         let job = self.job.id.clone();
         let sock = self.agent.run_socket(&job, "ps")?;
-        let pre = self.prestart_dump(Some((sock.clone(), true))).await;
+        let pre = self
+            .dump_ahead_or_prestart(Some((sock.clone(), true)))
+            .await;
         let t0 = std::time::Instant::now();
         // A throttled container must reach the freezer at once.
         self.rounds.lift_throttle();

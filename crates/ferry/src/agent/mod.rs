@@ -106,6 +106,8 @@ pub(crate) struct Agent {
     criu: std::result::Result<criu_sys::Criu, String>,
     /// Whether CRIU can restore lazily here (see `fill`).
     lazy_pages: std::result::Result<(), String>,
+    /// The version of Ferry's patch in this host's CRIU (0: none; see `criu_sys::Criu`).
+    criu_patch: u32,
     job_seq: AtomicU64,
     /// Names and addresses of containers being created right now.
     creating: Mutex<Vec<(String, Ipv4Addr)>>,
@@ -177,6 +179,12 @@ async fn run(cfg: AgentConfig) -> Result<()> {
             }
         }
     }
+    if cfg.runs_containers && cfg.netns_socket_hash_buckets > 0 {
+        let set = crate::runtime::set_child_socket_hashes(cfg.netns_socket_hash_buckets);
+        if !set.is_empty() {
+            info!(settings = %set.join(" "), "containers get socket hash tables of their own");
+        }
+    }
     if cfg.runs_containers && cfg.cgroup_favordynmods {
         match crate::runtime::favor_cgroup_moves() {
             Ok(Some(point)) => info!(mount = %point, "cgroup moves made cheap (favordynmods)"),
@@ -239,6 +247,21 @@ async fn run(cfg: AgentConfig) -> Result<()> {
     if let Err(e) = &lazy_pages {
         warn!(error = %e, "CRIU cannot restore lazily here: pre-copy to this host sends every page while frozen");
     }
+    let criu_patch = match &criu {
+        Ok(c) => {
+            let c = c.clone();
+            tokio::task::spawn_blocking(move || c.ferry_patch()).await?
+        }
+        Err(_) => 0,
+    };
+    if criu_patch >= 2 {
+        info!(
+            version = criu_patch,
+            "CRIU carries Ferry's patch: lazy dumps leave lazy pages alone"
+        );
+    } else {
+        warn!(version = criu_patch, "CRIU lacks Ferry's patch (scripts/setup.sh builds it): lazy dumps splice every page, and a lazy restore here cannot serve a mapping of 2 GiB or more");
+    }
     let containers = load_containers(&cfg.state_dir.join("containers.json"))?;
     let store_dir = cfg.state_dir.join("store");
     let store = Arc::new(
@@ -254,6 +277,7 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         incoming: Default::default(),
         criu,
         lazy_pages,
+        criu_patch,
         job_seq: AtomicU64::new(0),
         creating: Default::default(),
         pages: tokio::sync::Mutex::new(transfer::pages::PageStore::new(cfg.page_store_pages())),

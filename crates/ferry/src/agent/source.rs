@@ -144,6 +144,7 @@ pub(crate) fn start(
             mode: req.mode,
             rounds,
             source_link_down: false,
+            dump_ahead: None,
             conn: None,
             rootfs_snapshot: None,
             rootfs_digest: None,
@@ -212,6 +213,12 @@ pub(super) struct Driver {
     pub(super) memory_bytes: u64,
     /// Below this much resident memory a pre-copy restores eagerly (policy `lazy_min_mib`).
     pub(super) lazy_min_bytes: u64,
+    /// The final dump's `runc checkpoint`, started before the redirect and waiting at its
+    /// CRIU gate, with the relay it was started for.
+    pub(super) dump_ahead: Option<(
+        crate::runtime::Prestarted,
+        Option<(std::path::PathBuf, bool)>,
+    )>,
     /// Requests of the final dump sent without waiting; the restore waits for them.
     pub(super) pending: Vec<tokio::task::JoinHandle<Result<u64>>>,
     /// Pre-copy: how memory crossed the freeze, for the report.
@@ -406,12 +413,28 @@ impl Driver {
                     l.bundle.clone(),
                 );
                 let host = self.agent.cfg.host.clone();
-                let (st, size, memory, processes) = tokio::task::spawn_blocking(move || {
-                    let memory = crate::runtime::container_memory_bytes(&host, &n);
-                    let processes = crate::runtime::container_pids(&host, &n).map(|p| p.len());
-                    (runc.state(&n), dir_size(&bundle), memory, processes)
-                })
-                .await?;
+                let (st, size, memory, processes, longest) =
+                    tokio::task::spawn_blocking(move || {
+                        let memory = crate::runtime::container_memory_bytes(&host, &n);
+                        let pids = crate::runtime::container_pids(&host, &n);
+                        // The longest range a lazy restore would register (a process that
+                        // vanished meanwhile counts for nothing).
+                        let longest = pids
+                            .iter()
+                            .flatten()
+                            .filter_map(|p| memtrack::longest_private_anon_mapping(*p).ok())
+                            .max()
+                            .unwrap_or(0);
+                        let processes = pids.map(|p| p.len());
+                        (
+                            runc.state(&n),
+                            dir_size(&bundle),
+                            memory,
+                            processes,
+                            longest,
+                        )
+                    })
+                    .await?;
                 // Unknown (a process vanished meanwhile): the destination does not check.
                 self.memory_bytes = memory.unwrap_or(0);
                 if st.as_ref().map(|s| s.status.as_str()) != Some("running") {
@@ -447,9 +470,20 @@ impl Driver {
                         pages_held,
                         no_lazy_restore,
                         images_free_bytes,
+                        lazy_max_mapping_bytes,
                         ..
                     } => {
                         self.rounds.set_destination_pages(pages_held);
+                        let no_lazy_restore = no_lazy_restore.or_else(|| {
+                            lazy_max_mapping_bytes.filter(|max| longest > *max).map(|max| {
+                                format!(
+                                    "the container has a mapping of {:.1} GiB and CRIU's lazy-pages daemon at {} serves at most {:.1} GiB (its CRIU lacks Ferry's patch: run scripts/setup.sh there)",
+                                    longest as f64 / (1u64 << 30) as f64,
+                                    self.to,
+                                    max as f64 / (1u64 << 30) as f64
+                                )
+                            })
+                        });
                         if let (Some(why), Some(_)) = (&no_lazy_restore, &self.rounds.placement) {
                             if self.wants_post_copy {
                                 bail!(
@@ -532,6 +566,9 @@ impl Driver {
                 Ok(base_bytes + sent.bytes)
             }
             Action::Redirect => {
+                // runc checkpoint gets ready first: from the redirect on, the container's
+                // packets wait at the destination.
+                self.start_dump_ahead().await;
                 self.agent
                     .route_everywhere(&self.spec.mac, Some(&self.to), None)
                     .await?;
@@ -551,7 +588,7 @@ impl Driver {
                 self.dump_relayed().await
             }
             Action::Dump => {
-                let pre = self.prestart_dump(None).await;
+                let pre = self.dump_ahead_or_prestart(None).await;
                 let bound = self.dump_bound();
                 let runc = self.agent.runc.bounded(bound.clone());
                 let name = self.spec.name.clone();
@@ -770,6 +807,8 @@ impl Driver {
         for h in self.pending.drain(..) {
             h.abort();
         }
+        // A runc checkpoint waiting at its gate fails and cleans up.
+        drop(self.dump_ahead.take());
         self.agent.forget_frozen_copy(&self.job.id);
         let job = self.job.id.clone();
         let name = self.spec.name.clone();
@@ -947,6 +986,65 @@ impl Driver {
         )
     }
 
+    /// The relay the final dump will use: the page-server socket and whether the dump is lazy
+    /// (pre-copy), or none (stop-and-copy); as the dump actions choose.
+    fn dump_relay(&self) -> Result<Option<(std::path::PathBuf, bool)>> {
+        if self.mode != MigrateMode::PreCopy {
+            return Ok(None);
+        }
+        let sock = self.agent.run_socket(&self.job.id, "ps")?;
+        Ok(Some((sock, self.rounds.placement.is_some())))
+    }
+
+    /// Starts the final dump's `runc checkpoint` and waits until its CRIU waits at the gate
+    /// (runc takes 10-15 ms to get there, which the freeze used to wait for). On failure the
+    /// dump starts it again, and fails as it would.
+    async fn start_dump_ahead(&mut self) {
+        let relay = match self.dump_relay() {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(job = %self.job.id, error = %format!("{e:#}"), "runc checkpoint not started ahead");
+                return;
+            }
+        };
+        let Some(mut pre) = self.prestart_dump(relay.clone()).await else {
+            return;
+        };
+        let bound = crate::runtime::Bound::new(
+            GATE_REACH,
+            "the start of runc checkpoint",
+            Some(Arc::clone(&self.job.cancel)),
+        );
+        match tokio::task::spawn_blocking(move || {
+            let r = pre.reach_gate(&bound);
+            (pre, r)
+        })
+        .await
+        {
+            Ok((pre, Ok(()))) => self.dump_ahead = Some((pre, relay)),
+            Ok((_, Err(e))) => {
+                warn!(job = %self.job.id, error = %format!("{e:#}"), "runc checkpoint did not get ready ahead: the dump starts it again")
+            }
+            Err(e) => warn!(job = %self.job.id, error = %e, "runc checkpoint not started ahead"),
+        }
+    }
+
+    /// The `runc checkpoint` started at the redirect if it was started for `relay`, else one
+    /// started now ([`Self::prestart_dump`]).
+    pub(super) async fn dump_ahead_or_prestart(
+        &mut self,
+        relay: Option<(std::path::PathBuf, bool)>,
+    ) -> Option<crate::runtime::Prestarted> {
+        match self.dump_ahead.take() {
+            Some((pre, r)) if r == relay => Some(pre),
+            other => {
+                // Started for another dump (or not at all): its gate closes.
+                drop(other);
+                self.prestart_dump(relay).await
+            }
+        }
+    }
+
     /// Starts the final dump's `runc checkpoint` now, before the freeze, its CRIU held at a
     /// gate until [`crate::runtime::Prestarted::go`] (`relay`: the page-server socket and
     /// whether the dump is lazy). The images directory is emptied first and stays (runc holds
@@ -1005,7 +1103,9 @@ impl Driver {
     async fn dump_relayed(&mut self) -> Result<u64> {
         let job = self.job.id.clone();
         let sock = self.agent.run_socket(&job, "ps")?;
-        let pre = self.prestart_dump(Some((sock.clone(), false))).await;
+        let pre = self
+            .dump_ahead_or_prestart(Some((sock.clone(), false)))
+            .await;
         let mut rounds = std::mem::replace(&mut self.rounds, Rounds::new());
         let (stopped, rounds) = tokio::task::spawn_blocking(move || {
             let r = rounds.stop_tracking();
@@ -1082,6 +1182,9 @@ impl Driver {
         Ok(stats.link_bytes_written)
     }
 }
+
+/// How long a `runc checkpoint` started before the redirect may take to reach its CRIU gate.
+const GATE_REACH: Duration = Duration::from_secs(10);
 
 /// Most processes a container restored eagerly for its small memory may have (policy
 /// `lazy_min_mib`): an eager final dump relays each process's pages through CRIU's page
