@@ -54,6 +54,26 @@ fn assert_lazy(r: &Value, code: i32, size_mib: u64) {
 
 /// Nothing of the lazy restore is left on `host`: no daemon, no images, no work directory.
 fn assert_fill_ended(host: &str) {
+    // The agent's own daemon closed every userfaultfd it was given.
+    let agent: u32 = std::fs::read_to_string(format!("/run/ferry/lab/{host}.pid"))
+        .expect("the agent's pid file")
+        .trim()
+        .parse()
+        .expect("a pid");
+    let holds_uffd = || {
+        std::fs::read_dir(format!("/proc/{agent}/fd"))
+            .map(|d| {
+                d.flatten().any(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|t| t.to_string_lossy().contains("userfaultfd"))
+                })
+            })
+            .unwrap_or(false)
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || !holds_uffd()),
+        "the agent of {host} still holds a userfaultfd after the fill"
+    );
     assert!(
         eventually(Duration::from_secs(10), || processes_with(
             "criu lazy-pages"
@@ -284,16 +304,15 @@ fn a_container_throttled_to_99_percent_freezes_and_moves() {
 
 /// Starts a lazy pre-copy of a 1 GiB workload from h1 to h2 and returns (job, ip) once the
 /// commit has passed and the destination is filling the memory in.
-fn migrate_until_filling(lab: &Lab) -> (String, String) {
-    let c = lab.run_mem("h1", "mem", 1024, 20);
+fn migrate_until_filling(lab: &Lab) -> (String, String, Shaped) {
+    // Post-copy over 100 Mbit/s: every page comes from the source, so the fill lasts about
+    // 20 s (a local fill of pre-copied pages is over in a fraction of a second).
+    let c = lab.run_mem("h1", "mem", 256, 20);
     let ip = c["ip"].as_str().expect("ip").to_string();
-    let (_, job) = start_migration("mem", "h2", &["--pre-copy"]);
+    let shaped = Shaped::new("100mbit");
+    let (_, job) = start_migration("mem", "h2", &["--post-copy"]);
     wait_job_state_within(&job, "cleaning_up", Duration::from_secs(120));
-    assert!(
-        !processes_with("criu lazy-pages").is_empty(),
-        "no lazy-pages daemon while the job is cleaning up"
-    );
-    (job, ip)
+    (job, ip, shaped)
 }
 
 /// What a migration whose fill failed after the commit reports, and where its container
@@ -310,7 +329,7 @@ fn assert_resumed_at_the_source(lab: &Lab, job: &str, ip: &str) {
     });
     assert!(warned, "the report warns: {r}");
     assert_runs_on(lab, "h1", "mem");
-    assert_memory_intact(ip, 1024, "resumed on h1");
+    assert_memory_intact(ip, 256, "resumed on h1");
     assert!(
         eventually(Duration::from_secs(10), || processes_with(
             "criu lazy-pages"
@@ -322,23 +341,35 @@ fn assert_resumed_at_the_source(lab: &Lab, job: &str, ip: &str) {
 }
 
 #[test]
-fn a_lazy_pages_daemon_killed_during_the_fill_loses_nothing() {
-    let lab = Lab::up();
-    let (job, ip) = migrate_until_filling(&lab);
-    for pid in processes_with("criu lazy-pages") {
+fn a_criu_lazy_pages_daemon_killed_during_the_fill_loses_nothing() {
+    let lab = Lab::up_with(&["--lazy-daemon", "criu"]);
+    let (job, ip, shaped) = migrate_until_filling(&lab);
+    let daemons = processes_with("criu lazy-pages");
+    assert!(
+        !daemons.is_empty(),
+        "no lazy-pages daemon while the job is cleaning up"
+    );
+    for pid in daemons {
         let _ = std::process::Command::new("kill")
             .args(["-9", &pid.to_string()])
             .status();
     }
+    drop(shaped);
     assert_resumed_at_the_source(&lab, &job, &ip);
 }
 
+/// The agent's own lazy-pages daemon (the default) dies with its agent.
 #[test]
 fn a_destination_agent_killed_during_the_fill_loses_nothing() {
     let lab = Lab::up();
-    let (job, ip) = migrate_until_filling(&lab);
+    let (job, ip, shaped) = migrate_until_filling(&lab);
+    assert!(
+        processes_with("criu lazy-pages").is_empty(),
+        "the agent serves the fill itself"
+    );
     lab.kill_agent("h2");
     ferry_ok(&["lab", "start-agent", "h2"]);
+    drop(shaped);
     assert_resumed_at_the_source(&lab, &job, &ip);
 }
 

@@ -75,9 +75,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Lab { cmd } => {
             crate::util::require_root("ferry lab")?;
             match cmd {
-                LabCmd::Up { hosts, link_rate } => {
+                LabCmd::Up {
+                    hosts,
+                    link_rate,
+                    lazy_daemon,
+                } => {
                     let (exe, workload) = exe_paths()?;
-                    crate::lab::up(&dir, hosts, &exe, &workload, link_rate).await?;
+                    crate::lab::up(&dir, hosts, &exe, &workload, link_rate, lazy_daemon).await?;
                 }
                 LabCmd::Shape { rate } => {
                     let mut lab = Lab::load(&dir)?;

@@ -86,6 +86,22 @@ pub struct AgentConfig {
     /// 0 leaves the kernel's default (namespaces share the host's tables).
     #[serde(default = "default_socket_hash_buckets")]
     pub netns_socket_hash_buckets: u32,
+    /// What serves a lazy restore's page faults and fills its memory in: the agent itself
+    /// (`agent`, the default: faults are copied from the page store directly, the rest in
+    /// 4 MiB pieces) or CRIU's `criu lazy-pages` daemon through a page-server socket (`criu`).
+    #[serde(default)]
+    pub lazy_daemon: LazyDaemon,
+}
+
+/// See [`AgentConfig::lazy_daemon`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LazyDaemon {
+    /// The agent's own (`agent::lazyd`).
+    #[default]
+    Agent,
+    /// `criu lazy-pages`.
+    Criu,
 }
 
 fn default_socket_hash_buckets() -> u32 {

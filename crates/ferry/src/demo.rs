@@ -557,7 +557,7 @@ pub async fn run(
     baseline: bool,
 ) -> Result<ExitCode> {
     crate::lab::down(dir)?;
-    let lab = crate::lab::up(dir, 2, exe, workload, None).await?;
+    let lab = crate::lab::up(dir, 2, exe, workload, None, Default::default()).await?;
     let r = demo(&lab, exe, workload, json, baseline).await;
     if !keep {
         crate::lab::down(dir)?;

@@ -202,6 +202,7 @@ pub async fn up(
     exe: &Path,
     workload: &Path,
     link_rate: Option<LinkRate>,
+    lazy_daemon: crate::config::LazyDaemon,
 ) -> Result<Lab> {
     if !(1..=20).contains(&hosts) {
         bail!("--hosts must be between 1 and 20, got {hosts}");
@@ -418,6 +419,7 @@ pub async fn up(
             scratch_tmpfs: true,
             cgroup_favordynmods: true,
             netns_socket_hash_buckets: 4096,
+            lazy_daemon,
         };
         let cfg_path = dir.join(format!("{}.json", h.name));
         std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)?;

@@ -361,6 +361,10 @@ enum LabCmd {
         /// `100mbit`; unshaped when absent.
         #[arg(long)]
         link_rate: Option<lab::LinkRate>,
+        /// What serves lazy restores' page faults on every host (`lazy_daemon` in the agent
+        /// config).
+        #[arg(long, value_enum, default_value_t)]
+        lazy_daemon: config::LazyDaemon,
     },
     /// Change the underlay links' rate limit of a running lab (`none` removes it).
     Shape {

@@ -83,6 +83,111 @@ pub fn subtract_regions(r: Region, set: &[Region]) -> Vec<Region> {
 }
 pub use probe::{detect, support, Availability, Support};
 
+/// Serving missing pages through a userfaultfd that another program registered (a lazy
+/// restore): messages, and the copy, zero-page and wake operations.
+pub mod userfault {
+    use std::io;
+    use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
+
+    /// A message of a userfaultfd opened with the fork, remap, remove and unmap events.
+    #[derive(Debug)]
+    pub enum Event {
+        /// A thread waits for the page at `address` (rounded down to the page).
+        PageFault { address: u64 },
+        /// The process forked; the child's userfaultfd, installed in this process.
+        Fork { uffd: OwnedFd },
+        /// `mremap` moved `[from, from + len)` to `to`.
+        Remap { from: u64, to: u64, len: u64 },
+        /// `madvise(MADV_DONTNEED/REMOVE)` dropped `[start, end)`.
+        Remove { start: u64, end: u64 },
+        /// `munmap` (or a mapping over it) removed `[start, end)`.
+        Unmap { start: u64, end: u64 },
+    }
+
+    /// What one read found.
+    #[derive(Debug)]
+    pub enum Read {
+        Event(Event),
+        /// Nothing pending.
+        Empty,
+        /// The registered process has gone.
+        Closed,
+    }
+
+    const EVENT_PAGEFAULT: u8 = 0x12;
+    const EVENT_FORK: u8 = 0x13;
+    const EVENT_REMAP: u8 = 0x14;
+    const EVENT_REMOVE: u8 = 0x15;
+    const EVENT_UNMAP: u8 = 0x16;
+
+    fn u64_at(b: &[u8; 32], at: usize) -> u64 {
+        u64::from_ne_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+    }
+
+    /// Reads one message from a non-blocking userfaultfd.
+    pub fn read(fd: BorrowedFd<'_>) -> io::Result<Read> {
+        let b = match crate::sys::read_uffd_msg(fd)? {
+            crate::sys::UffdRead::Msg(b) => b,
+            crate::sys::UffdRead::Empty => return Ok(Read::Empty),
+            crate::sys::UffdRead::Closed => return Ok(Read::Closed),
+        };
+        // struct uffd_msg: event (u8) and reserved bytes, then the union at offset 8.
+        let ev = match b[0] {
+            EVENT_PAGEFAULT => Event::PageFault {
+                address: u64_at(&b, 16) & !(crate::PAGE_SIZE - 1),
+            },
+            EVENT_FORK => {
+                let fd = u32::from_ne_bytes(b[8..12].try_into().expect("4 bytes"));
+                Event::Fork {
+                    uffd: crate::sys::adopt_fd(fd as RawFd)?,
+                }
+            }
+            EVENT_REMAP => Event::Remap {
+                from: u64_at(&b, 8),
+                to: u64_at(&b, 16),
+                len: u64_at(&b, 24),
+            },
+            EVENT_REMOVE => Event::Remove {
+                start: u64_at(&b, 8),
+                end: u64_at(&b, 16),
+            },
+            EVENT_UNMAP => Event::Unmap {
+                start: u64_at(&b, 8),
+                end: u64_at(&b, 16),
+            },
+            other => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("unknown userfaultfd event {other:#x}"),
+                ))
+            }
+        };
+        Ok(Read::Event(ev))
+    }
+
+    /// Copies `src` to `dst` in the registered process; returns the bytes copied (see
+    /// `UFFDIO_COPY`: fewer than `src.len()` when it stopped at a present page).
+    pub fn copy(fd: BorrowedFd<'_>, dst: u64, src: &[u8]) -> io::Result<u64> {
+        crate::sys::uffdio_copy(fd, dst, src)
+    }
+
+    /// Maps the zero page at `[start, start + len)`.
+    pub fn zeropage(fd: BorrowedFd<'_>, start: u64, len: u64) -> io::Result<()> {
+        crate::sys::uffdio_zeropage(fd, start, len)
+    }
+
+    /// Receives one descriptor (with its one byte) from a Unix stream socket; `None` at its
+    /// end.
+    pub fn recv_fd(sock: BorrowedFd<'_>) -> io::Result<Option<OwnedFd>> {
+        crate::sys::recv_fd(sock)
+    }
+
+    /// Wakes the threads waiting on `[start, start + len)`.
+    pub fn wake(fd: BorrowedFd<'_>, start: u64, len: u64) -> io::Result<()> {
+        crate::sys::uffdio_wake(fd, start, len)
+    }
+}
+
 /// The length in bytes of `pid`'s longest private anonymous mapping (any protection): the
 /// longest range a lazy restore registers with userfaultfd for it. 0 without one.
 pub fn longest_private_anon_mapping(pid: i32) -> Result<u64, Error> {

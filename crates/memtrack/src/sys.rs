@@ -89,6 +89,33 @@ const UFFDIO_WRITEPROTECT: u64 = ioc(
     size_of::<UffdioWriteprotect>(),
 );
 
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+
+const UFFDIO_WAKE: u64 = ioc(IOC_READ, UFFDIO, 0x02, size_of::<UffdioRange>());
+const UFFDIO_COPY: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x03, size_of::<UffdioCopy>());
+const UFFDIO_ZEROPAGE: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    UFFDIO,
+    0x04,
+    size_of::<UffdioZeropage>(),
+);
+
 /// `struct pm_scan_arg` (linux/fs.h, Linux 6.7).
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
@@ -138,6 +165,9 @@ const _: () = assert!(size_of::<PmScanArg>() == 96);
 const _: () = assert!(size_of::<PageRegion>() == 24);
 const _: () = assert!(PAGEMAP_SCAN == 0xC060_6610);
 const _: () = assert!(UFFDIO_API == 0xC018_AA3F);
+const _: () = assert!(UFFDIO_WAKE == 0x8010_AA02);
+const _: () = assert!(UFFDIO_COPY == 0xC028_AA03);
+const _: () = assert!(UFFDIO_ZEROPAGE == 0xC020_AA04);
 const _: () = assert!(UFFDIO_REGISTER == 0xC020_AA00);
 const _: () = assert!(UFFDIO_UNREGISTER == 0x8010_AA01);
 const _: () = assert!(UFFDIO_WRITEPROTECT == 0xC018_AA06);
@@ -217,6 +247,43 @@ pub(crate) fn uffdio_register(
         ioctls: 0,
     };
     ioctl_ptr(fd, UFFDIO_REGISTER, &mut reg).map(drop)
+}
+
+/// UFFDIO_COPY of `src` to `dst` in the registered process (waking the threads waiting on
+/// it). Returns the bytes copied: all of `src`, or fewer when it stopped early (the kernel's
+/// `EAGAIN` with a partial count); otherwise the error (`EEXIST`: the first page is present,
+/// `ENOENT`: the range is not registered any more, `EAGAIN`: the mappings are changing,
+/// `ESRCH`: the process has gone).
+pub(crate) fn uffdio_copy(fd: BorrowedFd<'_>, dst: u64, src: &[u8]) -> io::Result<u64> {
+    // The kernel reads `src.len()` bytes at `src`, a slice borrowed for the whole call.
+    let mut c = UffdioCopy {
+        dst,
+        src: src.as_ptr() as u64,
+        len: src.len() as u64,
+        mode: 0,
+        copy: 0,
+    };
+    match ioctl_ptr(fd, UFFDIO_COPY, &mut c) {
+        Ok(_) => Ok(c.len),
+        Err(_) if c.copy > 0 => Ok(c.copy as u64),
+        Err(e) => Err(e),
+    }
+}
+
+/// UFFDIO_ZEROPAGE of `[start, start + len)`: maps the zero page there (waking the waiters).
+pub(crate) fn uffdio_zeropage(fd: BorrowedFd<'_>, start: u64, len: u64) -> io::Result<()> {
+    let mut z = UffdioZeropage {
+        range: UffdioRange { start, len },
+        mode: 0,
+        zeropage: 0,
+    };
+    ioctl_ptr(fd, UFFDIO_ZEROPAGE, &mut z).map(drop)
+}
+
+/// UFFDIO_WAKE of `[start, start + len)`.
+pub(crate) fn uffdio_wake(fd: BorrowedFd<'_>, start: u64, len: u64) -> io::Result<()> {
+    let mut range = UffdioRange { start, len };
+    ioctl_ptr(fd, UFFDIO_WAKE, &mut range).map(drop)
 }
 
 /// UFFDIO_UNREGISTER of `[start, start + len)`.
@@ -571,6 +638,93 @@ impl Drop for AnonMap {
 /// Our own process id.
 pub(crate) fn getpid() -> i32 {
     std::process::id() as i32
+}
+
+/// Reads one `struct uffd_msg` (32 bytes) from a non-blocking userfaultfd.
+pub(crate) fn read_uffd_msg(fd: BorrowedFd<'_>) -> io::Result<UffdRead> {
+    let mut buf = [0u8; 32];
+    loop {
+        // SAFETY: `buf` is a live local array of 32 bytes, the length passed.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(UffdRead::Empty),
+                _ => return Err(e),
+            }
+        }
+        if n == 0 {
+            return Ok(UffdRead::Closed);
+        }
+        if n as usize != buf.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a userfaultfd message of {n} bytes"),
+            ));
+        }
+        return Ok(UffdRead::Msg(buf));
+    }
+}
+
+/// What [`read_uffd_msg`] found.
+pub(crate) enum UffdRead {
+    Msg([u8; 32]),
+    Empty,
+    Closed,
+}
+
+/// Takes ownership of a descriptor number the kernel installed in this process (a
+/// userfaultfd of a forked process, from a `UFFD_EVENT_FORK` message).
+pub(crate) fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("descriptor {fd}"),
+        ));
+    }
+    // SAFETY: the kernel installed this descriptor in our table for us to own (fork events
+    // hand the monitor a new userfaultfd); nothing else knows its number.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Receives one byte and the one descriptor it carries (`SCM_RIGHTS`) from a Unix stream
+/// socket; `Ok(None)` at end of file.
+pub(crate) fn recv_fd(sock: BorrowedFd<'_>) -> io::Result<Option<OwnedFd>> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut byte = [0u8; 1];
+    let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+    loop {
+        let mut iov = [io::IoSliceMut::new(&mut byte)];
+        let msg = match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(m) => m,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let mut got = vec![];
+        for c in msg.cmsgs().map_err(io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                for fd in fds {
+                    got.push(adopt_fd(fd)?);
+                }
+            }
+        }
+        if msg.bytes == 0 && got.is_empty() {
+            return Ok(None);
+        }
+        return match got.len() {
+            1 => Ok(got.pop()),
+            n => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{n} descriptors where one was expected"),
+            )),
+        };
+    }
 }
 
 #[cfg(test)]

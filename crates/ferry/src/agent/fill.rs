@@ -106,6 +106,8 @@ struct Served {
     integrity: migrate_core::IntegrityReport,
     fetched: u64,
     fetched_on_fault: u64,
+    /// Pages being fetched from the source: a request for one waits for that fetch.
+    fetching: HashSet<(u32, u64)>,
     /// Per process, the lazy memory of the dump (start, end), in address order.
     lazy: HashMap<u32, Vec<(u64, u64)>>,
 }
@@ -148,6 +150,7 @@ impl FillPages {
                 integrity: Default::default(),
                 fetched: 0,
                 fetched_on_fault: 0,
+                fetching: HashSet::new(),
                 lazy: HashMap::new(),
             }),
             released: tokio::sync::Notify::new(),
@@ -233,7 +236,7 @@ impl FillPages {
     /// While the integrity check runs, a request for several pages (the daemon's background
     /// fill; a fault asks for one) gets only those the check has reached, and at least one:
     /// the daemon asks again for the rest, so that a mismatch is corrected before it is used.
-    async fn take(&self, pid: u32, vaddr: u64, n: u64) -> Take {
+    async fn take(&self, pid: u32, vaddr: u64, n: u64, fault: bool) -> Take {
         let until = tokio::time::Instant::now() + HELD_LIMIT;
         loop {
             let released = self.released.notified();
@@ -242,11 +245,16 @@ impl FillPages {
                 let s = &mut *s;
                 let keys = (0..n).map(|i| (pid, vaddr + i * PAGE_SIZE as u64));
                 let now = tokio::time::Instant::now();
-                let waiting =
-                    now < until && !s.held.is_empty() && keys.clone().any(|k| s.held.contains(&k));
+                // A page being fetched is waited for (the fetch makes it local) rather than
+                // fetched twice.
+                let waiting = now < until
+                    && ((!s.held.is_empty() && keys.clone().any(|k| s.held.contains(&k)))
+                        || s.fetching.contains(&(pid, vaddr)));
                 if !waiting {
                     // Marked remote, or never placed here: the frozen copy has it.
-                    let remote = |k: &(u32, u64)| s.index.get(k).is_none_or(|(h, _)| *h == REMOTE);
+                    let remote = |k: &(u32, u64)| {
+                        s.index.get(k).is_none_or(|(h, _)| *h == REMOTE) && !s.fetching.contains(k)
+                    };
                     if remote(&(pid, vaddr)) {
                         let serve = keys.take_while(|k| remote(k)).count() as u64;
                         // A background request reads ahead, within the lazy memory it is in.
@@ -255,8 +263,10 @@ impl FillPages {
                                 .find(|(a, b)| *a <= vaddr && vaddr < *b)
                                 .map(|(_, b)| (b - vaddr) / PAGE_SIZE as u64)
                         });
+                        // A fault gets what it asked for, at once; a background request reads
+                        // ahead.
                         let fetch = match room {
-                            Some(room) if n > 1 && serve == n => {
+                            Some(room) if n > 1 && serve == n && !fault => {
                                 let most = n
                                     .max(READAHEAD_PAGES)
                                     .min(room)
@@ -268,10 +278,11 @@ impl FillPages {
                             }
                             _ => serve,
                         };
-                        return Take::Remote {
-                            serve,
-                            fetch: fetch.max(serve),
-                        };
+                        let fetch = fetch.max(serve);
+                        for i in 0..fetch {
+                            s.fetching.insert((pid, vaddr + i * PAGE_SIZE as u64));
+                        }
+                        return Take::Remote { serve, fetch };
                     }
                     let checking = n > 1 && s.verifying && now < s.progress + VERIFY_STALL;
                     let mut out = Vec::with_capacity(n as usize);
@@ -324,6 +335,17 @@ impl FillPages {
         if fault {
             s.fetched_on_fault += hashes.len() as u64;
         }
+    }
+
+    /// A fetch of `n` pages from `vaddr` is over (done or failed): those waiting for it go on.
+    fn fetch_ended(&self, pid: u32, vaddr: u64, n: u64) {
+        {
+            let mut s = lock(&self.state);
+            for i in 0..n {
+                s.fetching.remove(&(pid, vaddr + i * PAGE_SIZE as u64));
+            }
+        }
+        self.released.notify_waiters();
     }
 
     /// (pages fetched from the source, of them asked for by a fault).
@@ -467,41 +489,15 @@ pub(crate) async fn serve(
                 },
             ) => {
                 buf.clear();
-                match index.take(pid, vaddr, nr_pages.min(MAX_SERVE_PAGES)).await {
-                    Take::Local(hashes) => {
-                        let store = agent.pages.lock().await;
-                        for h in &hashes {
-                            match store.get(h) {
-                                Some(p) => buf.extend_from_slice(p),
-                                None => break,
-                            }
-                        }
-                    }
-                    Take::Remote { serve, fetch } => {
-                        let fetched = agent
-                            .fetch_from_source(&source, pid, vaddr, fetch)
-                            .await
-                            .with_context(|| {
-                                format!(
-                                    "fetching {fetch} pages at {vaddr:#x} of pid {pid} from {}",
-                                    source.host
-                                )
-                            })?;
-                        let serve = (serve as usize).min(fetched.len());
-                        index.fetched(pid, vaddr, &fetched, serve, nr_pages == 1);
-                        let store = agent.pages.lock().await;
-                        for h in &fetched[..serve] {
-                            buf.extend_from_slice(
-                                store.get(h).context("a fetched page left the store")?,
-                            );
-                        }
-                    }
-                }
-                if buf.is_empty() {
-                    bail!(
-                        "the lazy-pages daemon asked for page {vaddr:#x} of pid {pid}, which is not in this host's page store"
-                    );
-                }
+                read_pages(
+                    &agent,
+                    &index,
+                    &source,
+                    (pid, vaddr, nr_pages),
+                    nr_pages == 1,
+                    &mut buf,
+                )
+                .await?;
                 let n = (buf.len() / PAGE_SIZE) as u64;
                 write_reply_async(
                     &mut w,
@@ -526,6 +522,55 @@ pub(crate) async fn serve(
             Some(other) => bail!("unexpected request from the lazy-pages daemon: {other:?}"),
         }
     }
+}
+
+/// Reads up to `n` pages (at most [`MAX_SERVE_PAGES`]) of `pid` from `vaddr` (the dump's
+/// pids and addresses) into `buf`, which it clears: from the page store through the index,
+/// or, for pages marked [`REMOTE`] or never placed here, fetched from the source's frozen
+/// copy. Returns how many; fails rather than give none.
+pub(crate) async fn read_pages(
+    agent: &Arc<Agent>,
+    index: &FillPages,
+    source: &Source,
+    (pid, vaddr, n): (u32, u64, u64),
+    fault: bool,
+    buf: &mut Vec<u8>,
+) -> Result<u64> {
+    buf.clear();
+    match index.take(pid, vaddr, n.min(MAX_SERVE_PAGES), fault).await {
+        Take::Local(hashes) => {
+            let store = agent.pages.lock().await;
+            for h in &hashes {
+                match store.get(h) {
+                    Some(p) => buf.extend_from_slice(p),
+                    None => break,
+                }
+            }
+        }
+        Take::Remote { serve, fetch } => {
+            let fetched = agent.fetch_from_source(source, pid, vaddr, fetch).await;
+            if fetched.is_err() {
+                index.fetch_ended(pid, vaddr, fetch);
+            }
+            let fetched = fetched.with_context(|| {
+                format!(
+                    "fetching {fetch} pages at {vaddr:#x} of pid {pid} from {}",
+                    source.host
+                )
+            })?;
+            let serve = (serve as usize).min(fetched.len());
+            index.fetched(pid, vaddr, &fetched, serve, fault);
+            index.fetch_ended(pid, vaddr, fetch);
+            let store = agent.pages.lock().await;
+            for h in &fetched[..serve] {
+                buf.extend_from_slice(store.get(h).context("a fetched page left the store")?);
+            }
+        }
+    }
+    if buf.is_empty() {
+        bail!("page {vaddr:#x} of pid {pid} is not in this host's page store");
+    }
+    Ok((buf.len() / PAGE_SIZE) as u64)
 }
 
 impl Agent {
@@ -713,7 +758,7 @@ impl Agent {
         self: &Arc<Self>,
         job: String,
         name: String,
-        mut daemon: crate::util::Spawned,
+        daemon: Option<crate::util::Spawned>,
         server: tokio::task::JoinHandle<Result<(u64, u64)>>,
         fill_pages: Arc<FillPages>,
         restored_at: Instant,
@@ -721,7 +766,13 @@ impl Agent {
         let agent = Arc::clone(self);
         tokio::spawn(async move {
             let served = tokio::time::timeout(FILL_LIMIT, server).await;
+            let own = daemon.is_none();
             let status = tokio::task::spawn_blocking(move || {
+                use std::os::unix::process::ExitStatusExt;
+                // The agent's own daemon is the server itself.
+                let Some(mut daemon) = daemon else {
+                    return Some(std::process::ExitStatus::from_raw(0));
+                };
                 let deadline = Instant::now() + Duration::from_secs(10);
                 loop {
                     match daemon.try_wait() {
@@ -752,16 +803,22 @@ impl Agent {
                         fetched_on_fault,
                     })
                 }
-                (served, status) => Err(format!(
-                    "the lazy restore of job {job} failed: page server {}, criu lazy-pages {}",
-                    match served {
+                (served, status) => {
+                    let served = match served {
                         Ok(Ok(Ok((p, _)))) => format!("served {p} pages"),
                         Ok(Ok(Err(e))) => format!("{e:#}"),
                         Ok(Err(e)) => e.to_string(),
                         Err(_) => format!("still running after {} s", FILL_LIMIT.as_secs()),
-                    },
-                    status.map_or("did not exit".to_string(), |s| s.to_string())
-                )),
+                    };
+                    Err(if own {
+                        format!("the lazy restore of job {job} failed: {served}")
+                    } else {
+                        format!(
+                            "the lazy restore of job {job} failed: page server {served}, criu lazy-pages {}",
+                            status.map_or("did not exit".to_string(), |s| s.to_string())
+                        )
+                    })
+                }
             };
             let work = agent.work_dir(&job);
             crate::runtime::keep_log(
@@ -995,7 +1052,7 @@ mod tests {
             .unwrap();
         // The daemon has the first page already.
         assert_eq!(
-            rt.block_on(pages.take(1, 0x0, 1)),
+            rt.block_on(pages.take(1, 0x0, 1, false)),
             Take::Local(vec![[1; 32]])
         );
         // The frozen copy differs at the first and the third page.
@@ -1007,7 +1064,7 @@ mod tests {
         let v = pages.verify(&[loc(1, 0x5000, 0, &[4])], false);
         assert!(v.correct.is_empty() && v.stale == 0, "{v:?}");
         // The held page is not served until its correction arrives.
-        let waiting = pages.take(1, 0x1000, 2);
+        let waiting = pages.take(1, 0x1000, 2, false);
         let corrected = async {
             tokio::time::sleep(Duration::from_millis(50)).await;
             pages.correct(&[((1, 0x2000), [7; 32]), ((1, 0x9000), [5; 32])])
@@ -1038,18 +1095,18 @@ mod tests {
             .unwrap();
         // Nothing checked yet: one page per request.
         assert_eq!(
-            rt.block_on(pages.take(1, 0x0, 4)),
+            rt.block_on(pages.take(1, 0x0, 4, false)),
             Take::Local(vec![[1; 32]])
         );
         pages.verify(&[loc(1, 0x1000, 0, &[2, 3])], false);
         assert_eq!(
-            rt.block_on(pages.take(1, 0x1000, 3)),
+            rt.block_on(pages.take(1, 0x1000, 3, false)),
             Take::Local(vec![[2; 32], [3; 32]])
         );
         // Once the check is done, everything goes.
         pages.verify(&[], true);
         assert_eq!(
-            rt.block_on(pages.take(1, 0x3000, 1)),
+            rt.block_on(pages.take(1, 0x3000, 1, false)),
             Take::Local(vec![[4; 32]])
         );
         // Without a check, nothing waits for one.
@@ -1057,7 +1114,7 @@ mod tests {
         place(&mut index, vec![loc(1, 0x0, 1, &[1, 2])]);
         let unchecked = FillPages::new(index, false);
         assert_eq!(
-            rt.block_on(unchecked.take(1, 0x0, 2)),
+            rt.block_on(unchecked.take(1, 0x0, 2, false)),
             Take::Local(vec![[1; 32], [2; 32]])
         );
     }
@@ -1082,17 +1139,18 @@ mod tests {
             .build()
             .unwrap();
         assert_eq!(
-            rt.block_on(pages.take(1, 0x0, 4)),
+            rt.block_on(pages.take(1, 0x0, 4, false)),
             Take::Local(vec![[1; 32]])
         );
         // 0x1000 is remote, 0x2000 and 0x3000 were never placed: one fetch of three.
         assert_eq!(
-            rt.block_on(pages.take(1, 0x1000, 3)),
+            rt.block_on(pages.take(1, 0x1000, 3, false)),
             Take::Remote { serve: 3, fetch: 3 }
         );
         pages.fetched(1, 0x1000, &[[7; 32], [8; 32], [9; 32]], 3, false);
+        pages.fetch_ended(1, 0x1000, 3);
         assert_eq!(
-            rt.block_on(pages.take(1, 0x2000, 2)),
+            rt.block_on(pages.take(1, 0x2000, 2, false)),
             Take::Local(vec![[8; 32], [9; 32]])
         );
         assert_eq!(pages.fetch_counts(), (3, 0));
@@ -1106,15 +1164,22 @@ mod tests {
             }],
         )]);
         assert_eq!(
-            rt.block_on(pages.take(1, 0x4000, 2)),
+            rt.block_on(pages.take(1, 0x4000, 2, false)),
             Take::Remote {
                 serve: 2,
                 fetch: 96
             }
         );
+        // While that fetch runs, a request after its first page gets the pages after it.
         assert_eq!(
-            rt.block_on(pages.take(1, 0x4000, 1)),
-            Take::Remote { serve: 1, fetch: 1 }
+            rt.block_on(pages.take(1, 0x64000, 2, false)),
+            Take::Remote { serve: 2, fetch: 2 }
+        );
+        // It failed: the pages are fetched again, and a fault asks for no more than its own.
+        pages.fetch_ended(1, 0x4000, 96);
+        assert_eq!(
+            rt.block_on(pages.take(1, 0x4000, 2, true)),
+            Take::Remote { serve: 2, fetch: 2 }
         );
         // The integrity check compares what was fetched, and leaves pages not fetched yet.
         let v = pages.verify(&[loc(1, 0x1000, 0, &[7, 8]), loc(1, 0x9000, 0, &[5])], true);

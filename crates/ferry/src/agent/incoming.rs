@@ -605,6 +605,7 @@ impl Agent {
             };
             let a = Arc::clone(self);
             let fill_pages = Arc::clone(&pages);
+            let own_daemon = self.cfg.lazy_daemon == crate::config::LazyDaemon::Agent;
             let started = tokio::task::spawn_blocking(move || {
                 // The record (synced to disk) is written while the daemon starts; both are
                 // done before CRIU restores anything.
@@ -612,24 +613,38 @@ impl Agent {
                     let recorded = scope.spawn(|| a.record_fill(&rec));
                     let daemon = (|| {
                         std::fs::create_dir_all(&work)?;
-                        // The dump's lazy memory bounds the fill's read-ahead from the source.
-                        match criu_sys::image::read_pagemaps(&images) {
-                            Ok(maps) => fill_pages.set_lazy_memory(&maps),
-                            Err(e) => warn!(error = %e, "no read-ahead for this fill"),
+                        // The dump's lazy memory: what the fill copies, and what bounds its
+                        // read-ahead from the source.
+                        let maps = match criu_sys::image::read_pagemaps(&images) {
+                            Ok(maps) => {
+                                fill_pages.set_lazy_memory(&maps);
+                                maps
+                            }
+                            Err(e) if !own_daemon => {
+                                warn!(error = %e, "no read-ahead for this fill");
+                                vec![]
+                            }
+                            Err(e) => return Err(e).context("reading the dump's pagemaps"),
+                        };
+                        if own_daemon {
+                            let lazy = super::lazyd::lazy_ranges(&maps);
+                            let (listener, _) = super::lazyd::listen(&work)?;
+                            Ok(FillDaemon::Agent(listener, lazy))
+                        } else {
+                            super::fill::start_daemon(&criu, &images, &work).map(FillDaemon::Criu)
                         }
-                        super::fill::start_daemon(&criu, &images, &work)
                     })();
                     let recorded = recorded
                         .join()
                         .unwrap_or_else(|_| Err(anyhow::anyhow!("recording the fill panicked")));
                     match (recorded, daemon) {
                         (Ok(()), d) => d,
-                        (Err(e), Ok(mut d)) => {
+                        (Err(e), Ok(FillDaemon::Criu(mut d))) => {
                             d.child.kill();
                             let _ = d.child.wait();
                             Err(e)
                         }
-                        (Err(e), Err(_)) => Err(e),
+                        (Err(e), _) => Err(e),
                     }
                 })
             })
@@ -643,14 +658,29 @@ impl Agent {
                         job: job.to_string(),
                         host: peer.to_string(),
                     };
-                    let server = tokio::spawn(super::fill::serve(
-                        Arc::clone(self),
-                        d.socket,
-                        Arc::clone(&pages),
-                        source,
-                    ));
-                    info!(%job, indexed_pages = indexed, setup_ms = crate::util::ms(t_req.elapsed()), "lazy restore: serving memory from the page store");
-                    daemon = Some((d.child, server, pages));
+                    let (child, server) = match d {
+                        FillDaemon::Criu(d) => (
+                            Some(d.child),
+                            tokio::spawn(super::fill::serve(
+                                Arc::clone(self),
+                                d.socket,
+                                Arc::clone(&pages),
+                                source,
+                            )),
+                        ),
+                        FillDaemon::Agent(listener, lazy) => (
+                            None,
+                            tokio::spawn(super::lazyd::run(
+                                Arc::clone(self),
+                                listener,
+                                Arc::clone(&pages),
+                                source,
+                                lazy,
+                            )),
+                        ),
+                    };
+                    info!(%job, indexed_pages = indexed, daemon = ?self.cfg.lazy_daemon, setup_ms = crate::util::ms(t_req.elapsed()), "lazy restore: serving memory from the page store");
+                    daemon = Some((child, server, pages));
                 }
                 Err(e) => {
                     self.forget_fill(job);
@@ -726,10 +756,12 @@ impl Agent {
             if let Some(i) = i {
                 i.restoring = false;
             }
-            if let Some((mut child, server, _)) = daemon {
+            if let Some((child, server, _)) = daemon {
                 server.abort();
-                child.kill();
-                let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+                if let Some(mut child) = child {
+                    child.kill();
+                    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+                }
                 self.forget_fill(job);
             }
             return Err(e);
@@ -1006,6 +1038,17 @@ pub(crate) fn valid_job(job: &str) -> bool {
 }
 
 /// Gratuitous ARP from the container's namespace, in the background.
+/// What serves a lazy restore (config `lazy_daemon`).
+enum FillDaemon {
+    /// The agent's own: CRIU's socket, and the dump's lazy memory per pid.
+    Agent(
+        std::os::unix::net::UnixListener,
+        std::collections::HashMap<u32, Vec<(u64, u64)>>,
+    ),
+    /// `criu lazy-pages`.
+    Criu(super::fill::Daemon),
+}
+
 fn announce(netns: &str, spec: &ContainerSpec) {
     let child = std::process::Command::new("ip")
         .args([

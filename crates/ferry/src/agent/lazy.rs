@@ -13,7 +13,7 @@
 //! read: a process that started after the last round, a mapping that is not writable) is read
 //! from the frozen container and sent too, so that the destination never lacks a page.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -420,21 +420,61 @@ fn hide_one_page(chunks: &mut Vec<(i32, u64, u64)>, placement: &Placement) -> u6
 /// the destination's daemon fills it in), and sends each batch to `tx`.
 fn hash_frozen_copy(
     regions: &[LazyRegion],
+    hot: &[(i32, u64, u64)],
     tx: &tokio::sync::mpsc::Sender<Result<Vec<Location>>>,
 ) -> Result<()> {
     let max = crate::proto::MAX_VERIFY_PAGES;
     let mut buf = vec![0u8; CHUNK_PAGES as usize * PAGE];
     let (mut batch, mut n) = (Vec::new(), 0u64);
+    // The pages written last first (a write the tracking missed is most likely among them,
+    // and the container most likely to touch them again at once), then everything else.
+    let mut first: Vec<(i32, u32, u64, u64)> = vec![];
+    let mut done: HashSet<(i32, u64)> = HashSet::new();
+    for &(host, addr, pages) in hot {
+        let end = addr + pages * PAGE as u64;
+        for r in regions.iter().filter(|r| r.host == host) {
+            let (a, b) = (addr.max(r.region.start), end.min(r.region.end));
+            // Runs of pages not listed yet (chunks may overlap).
+            let mut p = a;
+            while p < b {
+                let start = p;
+                while p < b && done.insert((host, p)) {
+                    p += PAGE as u64;
+                }
+                if p > start {
+                    first.push((host, r.vpid, start, p));
+                } else {
+                    p += PAGE as u64;
+                }
+            }
+        }
+    }
+    let mut rest: Vec<(i32, u32, u64, u64)> = vec![];
     for r in regions {
+        // Runs of the region's pages not verified first.
         let mut a = r.region.start;
         while a < r.region.end {
-            let k = ((r.region.end - a) / PAGE as u64)
-                .min(CHUNK_PAGES)
-                .min(max - n);
+            if done.contains(&(r.host, a)) {
+                a += PAGE as u64;
+                continue;
+            }
+            let mut b = a;
+            while b < r.region.end && !done.contains(&(r.host, b)) {
+                b += PAGE as u64;
+            }
+            rest.push((r.host, r.vpid, a, b));
+            a = b;
+        }
+    }
+    let hot_runs = first.len();
+    for (i, (host, vpid, start, end)) in first.into_iter().chain(rest).enumerate() {
+        let mut a = start;
+        while a < end {
+            let k = ((end - a) / PAGE as u64).min(CHUNK_PAGES).min(max - n);
             let len = k as usize * PAGE;
-            read_frozen(r.host, a, &mut buf[..len])?;
+            read_frozen(host, a, &mut buf[..len])?;
             batch.push(Location {
-                pid: r.vpid,
+                pid: vpid,
                 vaddr: a,
                 seq: 0,
                 hashes: buf[..len]
@@ -450,6 +490,13 @@ fn hash_frozen_copy(
                 }
                 n = 0;
             }
+        }
+        // The hot pages go at once.
+        if i + 1 == hot_runs && !batch.is_empty() {
+            if tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err() {
+                return Ok(());
+            }
+            n = 0;
         }
     }
     if !batch.is_empty() {
@@ -622,6 +669,8 @@ impl super::source::Driver {
         .context("closing CRIU's lazy page server")?;
         let conn = self.conn().await?;
         let mut chunks = self.rounds.take_todo_chunks();
+        // The last writes are checked first after the commit.
+        self.hot_chunks = chunks.clone();
         if self.faults.hide_dirty_page {
             self.hidden_pages = hide_one_page(&mut chunks, placement);
         }
@@ -942,8 +991,9 @@ impl super::source::Driver {
         let conn = self.conn().await?;
         let (tx, mut rx) = tokio::sync::mpsc::channel(2);
         let r = std::sync::Arc::clone(regions);
+        let hot = std::mem::take(&mut self.hot_chunks);
         let hasher = tokio::task::spawn_blocking(move || {
-            if let Err(e) = hash_frozen_copy(&r, &tx) {
+            if let Err(e) = hash_frozen_copy(&r, &hot, &tx) {
                 let _ = tx.blocking_send(Err(e));
             }
         });

@@ -10,6 +10,7 @@ pub(crate) mod images;
 mod incoming;
 mod journal;
 mod lazy;
+mod lazyd;
 mod pages;
 mod peer;
 mod rounds;

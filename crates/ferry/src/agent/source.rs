@@ -150,6 +150,7 @@ pub(crate) fn start(
             rootfs_digest: None,
             lazy_dumped: false,
             lazy_regions: Vec::new(),
+            hot_chunks: Vec::new(),
             hidden_pages: 0,
             post_copy: false,
             remote_pages: 0,
@@ -200,6 +201,8 @@ pub(super) struct Driver {
     pub(super) lazy_dumped: bool,
     /// The frozen copy's lazy memory, for the integrity check.
     pub(super) lazy_regions: Vec<super::lazy::LazyRegion>,
+    /// The final dump's last written pages (host pid, address, pages): checked first.
+    pub(super) hot_chunks: Vec<(i32, u64, u64)>,
     /// Pages the fault hook `hide_dirty_page` left out of the final dump.
     pub(super) hidden_pages: u64,
     /// Post-copy: the destination fetches what it lacks from the frozen copy after the
