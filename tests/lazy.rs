@@ -358,10 +358,10 @@ fn a_criu_lazy_pages_daemon_killed_during_the_fill_loses_nothing() {
     assert_resumed_at_the_source(&lab, &job, &ip);
 }
 
-/// The agent's own lazy-pages daemon (the default) dies with its agent.
+/// The agent's own lazy-pages daemon dies with its agent.
 #[test]
 fn a_destination_agent_killed_during_the_fill_loses_nothing() {
-    let lab = Lab::up();
+    let lab = Lab::up_with(&["--lazy-daemon", "agent"]);
     let (job, ip, shaped) = migrate_until_filling(&lab);
     assert!(
         processes_with("criu lazy-pages").is_empty(),
