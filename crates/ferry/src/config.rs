@@ -89,8 +89,7 @@ pub struct AgentConfig {
     /// What serves a lazy restore's page faults and fills its memory in: CRIU's
     /// `criu lazy-pages` daemon through a page-server socket (`criu`, the default), or the
     /// agent itself (`agent`, experimental: faults are copied from the page store directly,
-    /// the rest in 4 MiB pieces, several times faster; a container it restored and that
-    /// migrates again has been seen to roll back once in a few runs, see docs/design.md).
+    /// the rest in 4 MiB pieces, several times faster; see docs/design.md).
     #[serde(default)]
     pub lazy_daemon: LazyDaemon,
 }
