@@ -309,15 +309,9 @@ impl FillPages {
 
     /// Learns the dump's lazy memory (`criu_sys::image` pagemaps), which bounds read-ahead.
     pub(crate) fn set_lazy_memory(&self, maps: &[(u32, Vec<criu_sys::image::PagemapEntry>)]) {
-        let mut s = lock(&self.state);
-        for (pid, entries) in maps {
-            let v: Vec<(u64, u64)> = entries
-                .iter()
-                .filter(|e| e.is_lazy_only())
-                .map(|e| (e.vaddr, e.end()))
-                .collect();
-            s.lazy.insert(*pid, v);
-        }
+        lock(&self.state)
+            .lazy
+            .extend(super::lazyd::lazy_ranges(maps));
     }
 
     /// Records pages fetched from the source (already in the store); the first `served` of

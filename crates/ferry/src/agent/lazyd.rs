@@ -587,14 +587,7 @@ impl Daemon {
                     self.copied.fetch_add(n, Ordering::Relaxed);
                     return Ok(());
                 }
-                Copied::Changing if tokio::time::Instant::now() < until => {
-                    tokio::time::sleep(Duration::from_micros(100)).await
-                }
-                Copied::Changing => bail!(
-                    "the mappings of process {} kept changing for {} s",
-                    p.pid,
-                    CHANGING_LIMIT.as_secs()
-                ),
+                Copied::Changing => changing(p.pid, until).await?,
             }
         }
     }
@@ -648,19 +641,25 @@ impl Daemon {
                         self.copied.fetch_add(n, Ordering::Relaxed);
                         break;
                     }
-                    Copied::Changing if tokio::time::Instant::now() < until => {
-                        tokio::time::sleep(Duration::from_micros(100)).await
-                    }
-                    Copied::Changing => bail!(
-                        "the mappings of process {} kept changing for {} s",
-                        p.pid,
-                        CHANGING_LIMIT.as_secs()
-                    ),
+                    Copied::Changing => changing(p.pid, until).await?,
                 }
             }
             tokio::task::yield_now().await;
         }
     }
+}
+
+/// After a copy the kernel put off (the mappings of process `pid` are changing): waits a
+/// little, or fails once `until` has passed.
+async fn changing(pid: u32, until: tokio::time::Instant) -> Result<()> {
+    if tokio::time::Instant::now() >= until {
+        bail!(
+            "the mappings of process {pid} kept changing for {} s",
+            CHANGING_LIMIT.as_secs()
+        );
+    }
+    tokio::time::sleep(Duration::from_micros(100)).await;
+    Ok(())
 }
 
 #[cfg(test)]
