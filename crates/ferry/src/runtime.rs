@@ -22,6 +22,8 @@ pub struct Runc {
     root: PathBuf,
     criu_frontend: Option<CriuFrontend>,
     bound: Bound,
+    /// The host whose containers' cgroups ([`cgroup_path`]) [`Runc::delete_force`] empties.
+    host: Option<String>,
 }
 
 /// How long a runc command that names no deadline may run (a `state`, `delete`, `run`).
@@ -245,7 +247,15 @@ impl Runc {
             root,
             criu_frontend: None,
             bound: Bound::default(),
+            host: None,
         }
+    }
+
+    /// This runc, whose [`Runc::delete_force`] also kills what is left in the cgroups of host
+    /// `host`'s containers.
+    pub fn for_host(mut self, host: &str) -> Self {
+        self.host = Some(host.to_string());
+        self
     }
 
     /// This runc with its commands bounded by `b` (see [`Bound`]).
@@ -590,11 +600,16 @@ impl Runc {
         c
     }
 
-    /// Kills and deletes a container; absent is fine.
+    /// Kills and deletes a container; absent is fine. With a host ([`Runc::for_host`]), also
+    /// kills whatever runc no longer knows but still runs in the container's cgroup (the
+    /// processes of a restore that was killed halfway).
     pub fn delete_force(&self, name: &str) {
         let mut c = self.cmd("delete", name);
         c.args(["delete", "--force", name]);
         let _ = c.status();
+        if let Some(host) = &self.host {
+            kill_cgroup_procs(&cgroup_path(host, name));
+        }
     }
 
     /// The container's state, `None` if runc does not know it.
@@ -651,6 +666,8 @@ pub struct Layout {
     /// An empty directory of the host, outside every container, bound read-only over masked
     /// directories (outside: a container cannot turn it into a link to somewhere else).
     pub empty: PathBuf,
+    /// Its cgroup path under every controller ([`cgroup_path`]).
+    pub cgroup: String,
 }
 
 impl Layout {
@@ -661,6 +678,7 @@ impl Layout {
             netns: format!("{}{host}-c-{name}", crate::lab::NS_PREFIX),
             veth: format!("fv{}", short_hash(&format!("{host}/{name}"))),
             empty: state_dir.join("empty"),
+            cgroup: cgroup_path(host, name),
         }
     }
 
@@ -1118,8 +1136,10 @@ fn copy_file(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Removes the lab's cgroups (`/ferry/...` under every v1 controller and the unified tree).
+/// Removes the lab's cgroups (`/ferry/...` under every v1 controller and the unified tree),
+/// killing first whatever still runs in them.
 pub fn remove_cgroups() {
+    kill_cgroup_procs("/ferry");
     let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") else {
         return;
     };
@@ -1129,6 +1149,90 @@ pub fn remove_cgroups() {
             remove_cgroup_tree(&top);
         }
     }
+}
+
+/// How long [`kill_cgroup_procs`] waits for killed processes to leave their cgroup.
+const CGROUP_KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Kills every process in cgroup `rel` and below it, under every controller, and waits (at most
+/// [`CGROUP_KILL_WAIT`]) until they are gone; returns how many it killed.
+///
+/// runc forgets a container whose restore it abandoned, or that a crashed agent left half made,
+/// but the processes CRIU already created stay in the container's cgroup: the next container of
+/// that name would count them as its own (and a dump would try to checkpoint them). Called where
+/// a container is discarded and before one is created.
+pub fn kill_cgroup_procs(rel: &str) -> usize {
+    use nix::sys::signal::{kill, Signal};
+    let rel = rel.trim_start_matches('/');
+    let mut dirs = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+        for e in rd.flatten() {
+            let d = e.path().join(rel);
+            if d.is_dir() {
+                dirs.push(d);
+            }
+        }
+    }
+    let v2 = PathBuf::from("/sys/fs/cgroup").join(rel);
+    if v2.join("cgroup.procs").is_file() {
+        dirs.push(v2);
+    }
+    let pids = |dirs: &[PathBuf]| {
+        let mut all = std::collections::BTreeSet::new();
+        for d in dirs {
+            for f in walkdir_procs(d) {
+                if let Ok(text) = std::fs::read_to_string(&f) {
+                    all.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+                }
+            }
+        }
+        all
+    };
+    let found = pids(&dirs);
+    if found.is_empty() {
+        return 0;
+    }
+    tracing::warn!(cgroup = rel, pids = ?found, "killing processes left in a container's cgroup");
+    let deadline = std::time::Instant::now() + CGROUP_KILL_WAIT;
+    loop {
+        for &pid in &pids(&dirs) {
+            let _ = kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        // A frozen process dies only once thawed.
+        for d in &dirs {
+            for f in walkdir_procs(d) {
+                let dir = f.parent().unwrap_or(d);
+                let _ = std::fs::write(dir.join("freezer.state"), "THAWED");
+                let _ = std::fs::write(dir.join("cgroup.freeze"), "0");
+            }
+        }
+        if pids(&dirs).is_empty() || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    found.len()
+}
+
+/// The `cgroup.procs` files at and below cgroup directory `dir`.
+fn walkdir_procs(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let f = d.join("cgroup.procs");
+        if f.is_file() {
+            out.push(f);
+        }
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            for e in rd.flatten() {
+                // Cgroup directories are real directories; never follow a link.
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    stack.push(e.path());
+                }
+            }
+        }
+    }
+    out
 }
 
 fn remove_cgroup_tree(dir: &Path) {
@@ -1547,5 +1651,50 @@ mod cgroup_mount_tests {
         .expect("a cgroup v1 mount");
         assert!(!v1.v2);
         assert!(CgroupMount::parse("22 1 0:21 / /proc rw - proc proc rw").is_none());
+    }
+}
+
+#[cfg(test)]
+mod cgroup_kill_tests {
+    use std::path::PathBuf;
+    use std::process::Command;
+
+    /// A process left frozen in a container's cgroup (as a killed `runc restore` leaves CRIU's
+    /// tasks) is killed, and the cgroup can then be removed. Needs root, as `scripts/test.sh`
+    /// runs it: without root it fails rather than passing untested.
+    #[test]
+    fn leftover_processes_in_a_cgroup_are_killed_even_when_frozen() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test creates cgroups: run it as root (scripts/test.sh does)"
+        );
+        let rel = format!("/ferry-unit-{}/c", std::process::id());
+        let v1 = PathBuf::from("/sys/fs/cgroup/freezer").join(rel.trim_start_matches('/'));
+        let v2 = PathBuf::from("/sys/fs/cgroup").join(rel.trim_start_matches('/'));
+        let dir = if PathBuf::from("/sys/fs/cgroup/freezer").is_dir() {
+            v1
+        } else {
+            v2
+        };
+        std::fs::create_dir_all(&dir).expect("creating a test cgroup");
+        let mut child = Command::new("sleep").arg("60").spawn().expect("sleep");
+        std::fs::write(dir.join("cgroup.procs"), child.id().to_string()).expect("moving in");
+        if dir.join("freezer.state").exists() {
+            std::fs::write(dir.join("freezer.state"), "FROZEN").expect("freezing");
+        } else {
+            std::fs::write(dir.join("cgroup.freeze"), "1").expect("freezing");
+        }
+        let killed = super::kill_cgroup_procs(&rel);
+        let status = child.wait().expect("waiting for sleep");
+        let _ = std::fs::remove_dir(&dir);
+        let _ = std::fs::remove_dir(dir.parent().unwrap());
+        assert_eq!(killed, 1);
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9),
+            "{status:?}"
+        );
+        // Nothing there: nothing to do.
+        assert_eq!(super::kill_cgroup_procs("/ferry-unit-absent"), 0);
     }
 }

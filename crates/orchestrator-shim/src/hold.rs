@@ -17,11 +17,14 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::os::fd::AsFd;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::sdn::{self, nl, SdnError};
 
@@ -47,7 +50,7 @@ pub const QUEUE_MAXLEN: u32 = 8192;
 const RCVBUF_BYTES: libc::c_int = 8 * 1024 * 1024;
 /// How long [`Hold::release`] keeps accepting after the rule is removed.
 pub const RELEASE_DRAIN: Duration = Duration::from_millis(50);
-/// Poll interval of the holder thread (command latency).
+/// Poll interval of the holder thread (commands wake it at once).
 const POLL_MS: libc::c_int = 5;
 /// Verdict messages packed into one `sendto` (32 bytes each).
 const VERDICTS_PER_SEND: usize = 1024;
@@ -177,6 +180,9 @@ struct Inner {
     queue_num: u16,
     shared: Arc<Shared>,
     cmd: mpsc::Sender<Cmd>,
+    /// Wakes the holder from its poll when a command is sent (a release must not wait for
+    /// the poll's timeout: the container's clients wait for it).
+    wake: Arc<EventFd>,
     thread: Option<JoinHandle<Result<(), HoldError>>>,
     rule_installed: bool,
 }
@@ -216,7 +222,18 @@ impl Hold {
             held: AtomicU64::new(0),
         });
         let (cmd_tx, cmd_rx) = mpsc::channel();
+        let wake = Arc::new(
+            EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC).map_err(|e| {
+                HoldError::Socket {
+                    netns: netns.to_owned(),
+                    queue_num,
+                    op: "eventfd",
+                    source: io::Error::from(e),
+                }
+            })?,
+        );
         let holder = Holder {
+            wake: Arc::clone(&wake),
             netns: netns.to_owned(),
             queue_num,
             sock,
@@ -238,6 +255,7 @@ impl Hold {
                 netns: netns.to_owned(),
                 queue_num,
                 shared,
+                wake,
                 cmd: cmd_tx,
                 thread: Some(thread),
                 rule_installed: false,
@@ -360,6 +378,8 @@ impl Inner {
         if self.cmd.send(make(tx)).is_err() {
             return Err(self.gone("its command channel is closed"));
         }
+        // Best effort: without the wake the holder still sees the command within POLL_MS.
+        let _ = self.wake.write(1);
         match rx.recv() {
             Ok(r) => r,
             Err(_) => Err(self.gone("it exited without answering")),
@@ -593,6 +613,7 @@ struct Holder {
     netns: String,
     queue_num: u16,
     sock: nl::Socket,
+    wake: Arc<EventFd>,
     shared: Arc<Shared>,
     mode: Mode,
     held: VecDeque<u32>,
@@ -629,8 +650,10 @@ impl Holder {
             }
             let readable = self
                 .sock
-                .poll_readable(POLL_MS)
+                .poll_readable_or(self.wake.as_fd(), POLL_MS)
                 .map_err(|e| self.socket_err("poll", e))?;
+            // Non-blocking: EAGAIN when no command woke the poll.
+            let _ = self.wake.read();
             if readable {
                 self.drain()?;
             }

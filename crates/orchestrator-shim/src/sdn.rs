@@ -677,15 +677,28 @@ pub(crate) mod nl {
             }
         }
 
-        /// Waits up to `timeout_ms` for the socket to become readable.
-        pub(crate) fn poll_readable(&self, timeout_ms: libc::c_int) -> io::Result<bool> {
-            let mut pfd = libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: `pfd` is a valid pollfd array of length 1 for the duration of the call.
-            let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        /// Waits up to `timeout_ms` until this socket or `wake` is readable; returns whether
+        /// the socket is (the caller drains `wake` itself).
+        pub(crate) fn poll_readable_or(
+            &self,
+            wake: std::os::fd::BorrowedFd<'_>,
+            timeout_ms: libc::c_int,
+        ) -> io::Result<bool> {
+            let mut pfds = [
+                libc::pollfd {
+                    fd: self.fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&wake),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `pfds` is a valid pollfd array of length 2 for the duration of the call,
+            // and both descriptors are borrowed for it.
+            let rc = unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout_ms) };
             if rc < 0 {
                 let err = io::Error::last_os_error();
                 if err.kind() == io::ErrorKind::Interrupted {
@@ -693,7 +706,7 @@ pub(crate) mod nl {
                 }
                 return Err(err);
             }
-            Ok(rc > 0)
+            Ok(pfds[0].revents != 0)
         }
     }
 }

@@ -346,6 +346,9 @@ impl Agent {
             })?,
         )?;
         let r = async {
+            // Nothing of this name runs here (checked above): anything in its cgroup is left
+            // over from a container that did not end cleanly.
+            crate::runtime::kill_cgroup_procs(&layout.cgroup);
             crate::runtime::remove_bundle(&layout);
             // A container from an image: its base must be here already (the source sent what
             // was missing); the tree that follows is its own layer.

@@ -229,7 +229,7 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         std::time::Duration::from_millis(cfg.quic_idle_timeout_ms.max(500)),
     )
     .with_context(|| format!("QUIC endpoint on {}:{}", cfg.underlay_ip, cfg.quic_port))?;
-    let mut runc = Runc::new(&cfg.runc, cfg.state_dir.join("runc"));
+    let mut runc = Runc::new(&cfg.runc, cfg.state_dir.join("runc")).for_host(&cfg.host);
     if let (Some(front), Ok(c)) = (&cfg.criu_frontend, &criu) {
         info!(frontend = %front.display(), "runc uses ferry-criu in front of CRIU");
         runc = runc.with_criu_frontend(crate::runtime::CriuFrontend {
@@ -712,6 +712,9 @@ impl Agent {
         let (n, s) = (name.to_string(), spec.clone());
         let r = tokio::task::spawn_blocking(move || -> Result<()> {
             let r = (|| {
+                // Runc knows no container of this name (checked above): anything in its
+                // cgroup is left over from one that did not end cleanly.
+                crate::runtime::kill_cgroup_procs(&l.cgroup);
                 crate::runtime::remove_bundle(&l);
                 match &lower {
                     Some(layer) => crate::runtime::mount_overlay_rootfs(&l, layer)?,

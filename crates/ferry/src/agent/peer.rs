@@ -51,7 +51,9 @@ pub(crate) async fn request_trees(
     req: &PeerRequest,
     trees: &[Tree<'_>],
 ) -> Result<Sent> {
+    let t = std::time::Instant::now();
     let (mut send, mut recv) = conn.open().await?;
+    let opened_ms = crate::util::ms(t.elapsed());
     let mut bytes;
     let mut unsettled = Vec::new();
     {
@@ -67,12 +69,30 @@ pub(crate) async fn request_trees(
     }
     send.finish()
         .map_err(|e| anyhow!("closing the request stream to {}: {e}", conn.peer_host))?;
+    let sent_ms = crate::util::ms(t.elapsed());
     let resp: PeerResponse = read_msg(&mut recv).await?;
+    debug!(
+        op = op_name(req),
+        opened_ms,
+        sent_ms,
+        answered_ms = crate::util::ms(t.elapsed()),
+        bytes,
+        "peer request answered"
+    );
     Ok(Sent {
         resp,
         bytes,
         unsettled,
     })
+}
+
+/// The request's kind, for logs.
+fn op_name(req: &PeerRequest) -> String {
+    let s = format!("{req:?}");
+    s.split([' ', '{', '('])
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Turns an answer into `Ok(())` or an error carrying the peer's message.
@@ -146,6 +166,7 @@ async fn handle_stream(
 ) {
     // Buffered: trees arrive as many small frames (the reader owns the buffer for all of them).
     let mut recv = tokio::io::BufReader::with_capacity(256 << 10, &mut recv);
+    let t = std::time::Instant::now();
     let resp = match read_msg::<_, PeerRequest>(&mut recv).await {
         Ok(PeerRequest::DumpPages { job }) => {
             // The relay owns the stream from here on: it answers with its own frames.
@@ -173,12 +194,15 @@ async fn handle_stream(
             let _ = send.stopped().await;
             return;
         }
-        Ok(req) => match dispatch(&agent, &peer, conn_id, req, &mut recv).await {
-            Ok(r) => r,
-            Err(e) => PeerResponse::Error {
-                message: format!("{e:#}"),
-            },
-        },
+        Ok(req) => {
+            debug!(%peer, op = op_name(&req), read_ms = crate::util::ms(t.elapsed()), "peer request read");
+            match dispatch(&agent, &peer, conn_id, req, &mut recv).await {
+                Ok(r) => r,
+                Err(e) => PeerResponse::Error {
+                    message: format!("{e:#}"),
+                },
+            }
+        }
         Err(e) => PeerResponse::Error {
             message: format!("bad request: {e}"),
         },
@@ -186,6 +210,7 @@ async fn handle_stream(
     if let Err(e) = write_msg(&mut send, &resp).await {
         warn!(%peer, error = %e, "could not answer peer");
     }
+    debug!(%peer, handled_ms = crate::util::ms(t.elapsed()), "peer request handled");
     let _ = send.finish();
     // Give the answer a chance to leave before the stream is dropped.
     let _ = send.stopped().await;
