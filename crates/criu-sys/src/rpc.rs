@@ -46,6 +46,26 @@ pub fn request_type(buf: &[u8]) -> Option<u64> {
 /// `criu_req_type.DUMP`.
 pub const REQ_DUMP: u64 = 1;
 
+/// `criu_req_type.RESTORE`.
+pub const REQ_RESTORE: u64 = 2;
+
+/// Whether an encoded `criu_resp` is CRIU's final answer to a request of type `req_type`, and
+/// if so its `success` (field 2). `None` for a notification (type NOTIFY) or another answer,
+/// and for a malformed message; a final answer without `success` is a failure.
+pub fn final_response_success(resp: &[u8], req_type: u64) -> Option<bool> {
+    if request_type(resp)? != req_type {
+        return None;
+    }
+    let top = fields(resp)?;
+    let success = top
+        .iter()
+        .rev()
+        .find(|f| f.number == 2 && f.wire == 0)
+        .and_then(|f| varint(f.value))
+        .is_some_and(|(v, _)| v != 0);
+    Some(success)
+}
+
 /// One field of an encoded protobuf message: number, wire type, and the bytes of the whole
 /// field (key included) and of its value.
 pub(crate) struct Field<'a> {
@@ -319,6 +339,28 @@ pub(crate) mod tests_support {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tells_a_final_answer_from_a_notification() {
+        // type = DUMP, success = true
+        assert_eq!(
+            final_response_success(&[0x08, 1, 0x10, 1], REQ_DUMP),
+            Some(true)
+        );
+        // type = RESTORE, success = false; and without success at all
+        assert_eq!(
+            final_response_success(&[0x08, 2, 0x10, 0], REQ_RESTORE),
+            Some(false)
+        );
+        assert_eq!(final_response_success(&[0x08, 2], REQ_RESTORE), Some(false));
+        // A notification (type NOTIFY = 6) is no final answer, nor is another request's.
+        assert_eq!(final_response_success(&[0x08, 6, 0x10, 1], REQ_DUMP), None);
+        assert_eq!(
+            final_response_success(&[0x08, 1, 0x10, 1], REQ_RESTORE),
+            None
+        );
+        assert_eq!(final_response_success(&[0x08], REQ_DUMP), None);
+    }
 
     #[test]
     fn finds_the_request_type() {

@@ -61,6 +61,12 @@ pub const GATE_ENV: &str = "FERRY_CRIU_GATE";
 /// The byte the agent sends through the gate to let CRIU run.
 pub const GATE_OPEN: u8 = b'g';
 
+/// The byte `ferry-criu` sends back through the gate once CRIU has answered runc's request
+/// with success (the images are complete, or the restored tasks run): the agent goes on
+/// without waiting for runc and CRIU to exit, which takes a few milliseconds more, and waits
+/// for them later, before anything depends on runc's own end.
+pub const GATE_DONE: u8 = b'd';
+
 /// The largest RPC message relayed (runc reads answers into 40 KiB; requests are smaller).
 pub const MAX_MESSAGE: usize = 1 << 20;
 
@@ -199,8 +205,10 @@ pub fn peek_request(runc: RawFd) -> Result<Vec<u8>, Errno> {
 /// Waits at the agent's gate `path` ([`GATE_ENV`]): connects and reads one byte. [`GATE_OPEN`]
 /// lets CRIU run; the agent closing the gate (or anything else) is an error, on which
 /// `ferry-criu` exits without starting CRIU, so that runc fails and cleans up after itself.
-/// There is no time limit here: the agent bounds the whole command and kills it.
-pub fn wait_at_gate(path: &Path) -> Result<(), SwrkProxyError> {
+/// There is no time limit here: the agent bounds the whole command and kills it. Returns the
+/// connection, where [`GATE_DONE`] can be sent back (it is close-on-exec: a CRIU that replaces
+/// `ferry-criu` closes it, which the agent reads as "wait for runc").
+pub fn wait_at_gate(path: &Path) -> Result<UnixStream, SwrkProxyError> {
     use std::io::Read;
     let gate = |source| SwrkProxyError::Gate {
         path: path.to_owned(),
@@ -210,7 +218,7 @@ pub fn wait_at_gate(path: &Path) -> Result<(), SwrkProxyError> {
     let mut byte = [0u8; 1];
     loop {
         match stream.read(&mut byte) {
-            Ok(1) if byte[0] == GATE_OPEN => return Ok(()),
+            Ok(1) if byte[0] == GATE_OPEN => return Ok(stream),
             Ok(_) => {
                 return Err(SwrkProxyError::GateClosed {
                     path: path.to_owned(),
@@ -220,6 +228,17 @@ pub fn wait_at_gate(path: &Path) -> Result<(), SwrkProxyError> {
             Err(e) => return Err(gate(e)),
         }
     }
+}
+
+/// Whether [`relay_unchanged`] can take `request`: a DUMP of a given pid or a RESTORE, without
+/// `status_fd` or `pidfd_store_sk` (descriptors of runc that CRIU would take from ferry-criu
+/// instead).
+pub fn is_relayable_unchanged(request: &[u8]) -> bool {
+    let kind = rpc::request_type(request);
+    (kind == Some(rpc::REQ_RESTORE)
+        || (kind == Some(rpc::REQ_DUMP) && rpc::opts_fd(request, opt::PID).is_some_and(|p| p > 0)))
+        && rpc::opts_varint(request, opt::STATUS_FD).is_none()
+        && rpc::opts_varint(request, opt::PIDFD_STORE_SK).is_none()
 }
 
 /// Whether [`relay_dump`] can take `request`: a DUMP of a given pid (not of the requesting
@@ -353,6 +372,15 @@ pub struct ForwardStats {
 /// shuts its writing side after the final answer), CRIU's receiving side is shut; what CRIU
 /// sends after runc has gone is dropped.
 pub fn forward(runc: BorrowedFd<'_>, criu: BorrowedFd<'_>) -> Result<ForwardStats, SwrkProxyError> {
+    forward_observed(runc, criu, &mut |_| {})
+}
+
+/// [`forward`], calling `observe` with every message CRIU sent once runc has it.
+pub fn forward_observed(
+    runc: BorrowedFd<'_>,
+    criu: BorrowedFd<'_>,
+    observe: &mut dyn FnMut(&[u8]),
+) -> Result<ForwardStats, SwrkProxyError> {
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
     let mut stats = ForwardStats::default();
@@ -404,6 +432,7 @@ pub fn forward(runc: BorrowedFd<'_>, criu: BorrowedFd<'_>) -> Result<ForwardStat
                     Ok(()) => {
                         stats.to_runc += 1;
                         stats.fds += fds.0.len() as u64;
+                        observe(&buf[..n]);
                     }
                     Err(e) if peer_gone(e) => {
                         runc_open = false;
@@ -505,11 +534,14 @@ fn set_cloexec(fd: BorrowedFd<'_>, on: bool, what: &'static str) -> Result<(), S
 /// CRIU writes every image but the contents of lazy memory, then serves those pages from the
 /// frozen tree over the same socket until the agent sends `PS_IOV_CLOSE`. The RPC configuration
 /// file `lazy_config` is written here (`ps-socket FD`, then the lines of runc's own file).
+///
+/// With `done`, [`GATE_DONE`] is sent there once CRIU has answered runc with success.
 pub fn relay_dump(
     runc: BorrowedFd<'_>,
     real_criu: &Path,
     page_server_socket: &Path,
     lazy_config: Option<&Path>,
+    done: Option<&UnixStream>,
 ) -> Result<ExitStatus, SwrkProxyError> {
     let peer = getsockopt(&runc, sockopt::PeerCredentials)
         .map_err(SwrkProxyError::PeerCredentials)?
@@ -571,6 +603,96 @@ pub fn relay_dump(
         }
     };
 
+    run_relayed(
+        runc,
+        real_criu,
+        Relayed {
+            request,
+            runc_fds,
+            dirs,
+            ps: Some(ps),
+            lazy_elsewhere: lazy_config.is_some(),
+            req_type: rpc::REQ_DUMP,
+        },
+        done,
+    )
+}
+
+/// Runs runc's request (on `runc`, still unread) through the real CRIU at `real_criu`
+/// unchanged but for the descriptors of runc it names, which are re-opened here, and sends
+/// [`GATE_DONE`] to `done` once CRIU has answered with success. The request must be
+/// [relayable](is_relayable_unchanged). Returns CRIU's exit status.
+///
+/// Relaying (rather than letting CRIU replace `ferry-criu`) is what lets the agent learn that
+/// CRIU is done before runc has exited. For a restore, runc asks CRIU to restore the tasks as
+/// its siblings (`rst_sibling`): they are then children of `ferry-criu` until it exits, and
+/// pass to runc's parent (or to the nearest subreaper) as they would have from runc.
+pub fn relay_unchanged(
+    runc: BorrowedFd<'_>,
+    real_criu: &Path,
+    done: &UnixStream,
+) -> Result<ExitStatus, SwrkProxyError> {
+    let peer = getsockopt(&runc, sockopt::PeerCredentials)
+        .map_err(SwrkProxyError::PeerCredentials)?
+        .pid();
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let (n, runc_fds) =
+        recv_message(runc, Side::Runc, &mut buf, &mut cmsg)?.ok_or(SwrkProxyError::NoRequest)?;
+    buf.truncate(n);
+    if !is_relayable_unchanged(&buf) {
+        return Err(SwrkProxyError::NotRelayable);
+    }
+    let req_type = rpc::request_type(&buf).ok_or(SwrkProxyError::NotRelayable)?;
+    let (request, dirs) = adopt_peer_dirs(buf, peer)?;
+    run_relayed(
+        runc,
+        real_criu,
+        Relayed {
+            request,
+            runc_fds,
+            dirs,
+            ps: None,
+            lazy_elsewhere: false,
+            req_type,
+        },
+        Some(done),
+    )
+}
+
+/// A request ready for CRIU, with what must stay open while CRIU runs.
+struct Relayed {
+    /// The request as CRIU gets it.
+    request: Vec<u8>,
+    /// The descriptors runc sent with it.
+    runc_fds: ReceivedFds,
+    /// runc's directories, re-opened here.
+    dirs: Vec<HeldDir>,
+    /// The page-server connection CRIU inherits.
+    ps: Option<OwnedFd>,
+    /// Sets [`LAZY_PAGES_ELSEWHERE_ENV`] for CRIU.
+    lazy_elsewhere: bool,
+    /// The request's type, to recognise CRIU's final answer.
+    req_type: u64,
+}
+
+/// Starts `real_criu swrk FD` on a new socket pair (runc's socket is not passed on; other
+/// inherited descriptors are), sends `r.request`, relays everything else ([`forward`]) until
+/// CRIU closes its end, shuts runc's socket and returns CRIU's exit status.
+fn run_relayed(
+    runc: BorrowedFd<'_>,
+    real_criu: &Path,
+    r: Relayed,
+    done: Option<&UnixStream>,
+) -> Result<ExitStatus, SwrkProxyError> {
+    let Relayed {
+        request,
+        runc_fds,
+        dirs,
+        ps,
+        lazy_elsewhere,
+        req_type,
+    } = r;
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -584,13 +706,15 @@ pub fn relay_dump(
     // CRIU talks to us, not to runc: it must not hold runc's socket open.
     set_cloexec(runc, true, "keeping runc's socket from CRIU")?;
     let mut cmd = Command::new(real_criu);
+    let mut inherited = vec![theirs];
+    inherited.extend(ps);
     cmd.arg("swrk")
-        .arg(theirs.as_raw_fd().to_string())
+        .arg(inherited[0].as_raw_fd().to_string())
         .env_remove(PAGE_SERVER_SOCKET_ENV)
         .env_remove(LAZY_DUMP_CONFIG_ENV)
         .env_remove(GATE_ENV)
-        .preserved_fds(vec![theirs, ps]);
-    if lazy_config.is_some() {
+        .preserved_fds(inherited);
+    if lazy_elsewhere {
         cmd.env(LAZY_PAGES_ELSEWHERE_ENV, "1");
     }
     let mut child = cmd.spawn().map_err(|source| SwrkProxyError::Spawn {
@@ -602,13 +726,24 @@ pub fn relay_dump(
 
     let sent = send_message(ours.as_fd(), &request, &runc_fds.0);
     drop(runc_fds);
+    let mut signalled = false;
+    let mut observe = |msg: &[u8]| {
+        if !signalled && rpc::final_response_success(msg, req_type) == Some(true) {
+            signalled = true;
+            if let Some(mut d) = done {
+                use std::io::Write;
+                // Best effort: without it the agent waits for runc's exit.
+                let _ = d.write_all(&[GATE_DONE]);
+            }
+        }
+    };
     let relayed = sent
         .map_err(|source| SwrkProxyError::Socket {
             side: Side::Criu,
             op: "sendmsg",
             source,
         })
-        .and_then(|()| forward(runc, ours.as_fd()));
+        .and_then(|()| forward_observed(runc, ours.as_fd(), &mut observe));
     // On error CRIU sees the end of its socket and gives up by itself, which leaves the
     // container as it was; killing it in the middle of a dump might not.
     drop(ours);

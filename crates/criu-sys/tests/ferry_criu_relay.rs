@@ -76,6 +76,21 @@ fn dump_request(images_fd: i32, work_fd: i32, pid: i32) -> Vec<u8> {
     req
 }
 
+/// [`dump_request`] without a page server: CRIU writes the pages into the images directory.
+fn plain_dump_request(images_fd: i32, work_fd: i32, pid: i32) -> Vec<u8> {
+    let mut opts = Vec::new();
+    put_int(&mut opts, 1, images_fd as u64);
+    put_int(&mut opts, 2, pid as u64);
+    put_int(&mut opts, 9, 4);
+    put_bytes(&mut opts, 10, b"dump.log");
+    put_int(&mut opts, 12, 1);
+    put_int(&mut opts, 17, work_fd as u64);
+    let mut req = Vec::new();
+    put_int(&mut req, 1, 1);
+    put_bytes(&mut req, 2, &opts);
+    req
+}
+
 /// The fields of a `criu_resp` the test looks at.
 #[derive(Debug, Default)]
 struct Resp {
@@ -424,4 +439,119 @@ fn an_unreachable_agent_socket_fails_the_dump_and_says_where() {
     );
     let mut buf = [0u8; 16];
     assert_eq!(runc.recv(&mut buf).unwrap(), 0, "no answer, end of stream");
+}
+
+/// Behind the agent's gate, ferry-criu relays a plain dump (no page server) and tells the agent
+/// through the gate as soon as CRIU has answered with success, before CRIU and runc have
+/// exited; the images it wrote restore the testee with its memory intact. A dump that fails
+/// sends no such word: the gate just closes.
+#[test]
+fn behind_the_gate_criu_s_success_is_reported_back_through_it() {
+    use std::io::Write;
+    let _serial = serial();
+    let lab = lab("ferry-criu-gate-done");
+    let mut testee = start_testee(&lab);
+    let pid = testee.pid();
+    let gate_path = lab.dir.join("gate.sock");
+    let gate = UnixListener::bind(&gate_path).unwrap();
+    let images = File::open(&lab.images).unwrap();
+    let work = File::open(&lab.images).unwrap();
+    let stderr = lab.dir.join("ferry-criu.stderr");
+    let (mut ferry_criu, runc) = start_ferry_criu(
+        &[
+            ("FERRY_CRIU_REAL", &real_criu()),
+            ("FERRY_CRIU_VERSION", "4.2.1"),
+            ("FERRY_CRIU_GATE", gate_path.to_str().unwrap()),
+        ],
+        &stderr,
+    );
+    runc.send(&plain_dump_request(
+        images.as_raw_fd(),
+        work.as_raw_fd(),
+        pid.as_raw(),
+    ))
+    .unwrap();
+    let (mut conn, _) = gate.accept().unwrap();
+    conn.write_all(&[criu_sys::swrk_proxy::GATE_OPEN]).unwrap();
+    conn.set_read_timeout(Some(STEP)).unwrap();
+
+    let mut buf = vec![0u8; 64 << 10];
+    let resp = loop {
+        let n = runc.recv(&mut buf).unwrap_or_else(|e| {
+            panic!(
+                "reading CRIU's answer: {e}\n{}\nferry-criu: {}",
+                lab.log_tail("dump.log"),
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            )
+        });
+        assert!(n > 0, "the relay closed before the final response");
+        let resp = parse_resp(&buf[..n]);
+        if resp.kind != 6 {
+            break resp;
+        }
+        runc.send(&[0x08, 0x06, 0x18, 0x01]).unwrap();
+    };
+    assert!(
+        resp.kind == 1 && resp.success,
+        "dump failed: {resp:?}\n{}",
+        lab.log_tail("dump.log")
+    );
+    // The word arrives while runc (this test) still holds its socket open: CRIU's and runc's
+    // exits are not waited for.
+    let mut b = [0u8; 1];
+    conn.read_exact(&mut b)
+        .expect("ferry-criu reports CRIU's success through the gate");
+    assert_eq!(b[0], criu_sys::swrk_proxy::GATE_DONE);
+    runc.shutdown(std::net::Shutdown::Write).unwrap();
+    let status = ferry_criu.wait(STEP);
+    assert!(
+        status.success(),
+        "ferry-criu exited with {status}: {}",
+        std::fs::read_to_string(&stderr).unwrap_or_default()
+    );
+    assert_eq!(conn.read(&mut b).unwrap(), 0, "then the gate closes");
+    assert!(!testee.wait(STEP).success());
+    drop((images, work));
+    let (code, result, _) = restore_and_check(&lab);
+    assert_eq!(code, 0, "memory check after restore: {result}");
+    assert!(result.starts_with("ok "), "{result}");
+
+    // A dump of a process that does not exist: CRIU fails, no word, the gate closes.
+    let dir = TempDir::new("ferry-criu-gate-fail");
+    let images = File::open(&dir.0).unwrap();
+    let stderr = dir.0.join("stderr");
+    let (mut ferry_criu, runc) = start_ferry_criu(
+        &[
+            ("FERRY_CRIU_REAL", &real_criu()),
+            ("FERRY_CRIU_VERSION", "4.2.1"),
+            ("FERRY_CRIU_GATE", gate_path.to_str().unwrap()),
+        ],
+        &stderr,
+    );
+    runc.send(&plain_dump_request(
+        images.as_raw_fd(),
+        images.as_raw_fd(),
+        i32::MAX - 1,
+    ))
+    .unwrap();
+    let (mut conn, _) = gate.accept().unwrap();
+    conn.write_all(&[criu_sys::swrk_proxy::GATE_OPEN]).unwrap();
+    conn.set_read_timeout(Some(STEP)).unwrap();
+    let resp = loop {
+        let n = runc.recv(&mut buf).expect("CRIU's answer");
+        assert!(n > 0, "the relay closed before the final response");
+        let resp = parse_resp(&buf[..n]);
+        if resp.kind != 6 {
+            break resp;
+        }
+        runc.send(&[0x08, 0x06, 0x18, 0x01]).unwrap();
+    };
+    assert!(!resp.success, "{resp:?}");
+    runc.shutdown(std::net::Shutdown::Write).unwrap();
+    let _ = ferry_criu.wait(STEP);
+    assert_eq!(
+        conn.read(&mut b).unwrap(),
+        0,
+        "no success reported for a failed dump"
+    );
 }

@@ -106,7 +106,16 @@ impl Prestarted {
     /// Lets CRIU run and waits for the command, bounded by `bound` (its deadline counts from
     /// now on, not from the start ahead). Fails as the plain command would, and also when runc
     /// ended before it reached the gate.
-    pub fn go(mut self, bound: Bound) -> Result<()> {
+    pub fn go(self, bound: Bound) -> Result<()> {
+        self.go_until_criu_done(bound)?.wait()
+    }
+
+    /// Lets CRIU run and returns as soon as CRIU has answered runc with success (`ferry-criu`
+    /// says so through the gate, [`criu_sys::swrk_proxy::GATE_DONE`]), or else once the command
+    /// has ended: the images are complete, or the restored container runs. runc and CRIU may
+    /// still be exiting (a few milliseconds): [`Finishing::wait`] waits for them and fails as
+    /// the plain command would; call it before anything depends on runc's end.
+    pub fn go_until_criu_done(mut self, bound: Bound) -> Result<Finishing> {
         use std::io::Write;
         let (op, name) = (self.op, self.name.clone());
         let conn = match self.at_gate.take() {
@@ -115,22 +124,40 @@ impl Prestarted {
         };
         let opened = conn.and_then(|mut c| {
             c.write_all(&[criu_sys::swrk_proxy::GATE_OPEN])
-                .with_context(|| format!("opening the CRIU gate of runc {op} of {name:?}"))
+                .with_context(|| format!("opening the CRIU gate of runc {op} of {name:?}"))?;
+            Ok(c)
         });
         let _ = std::fs::remove_file(&self.gate_path);
         drop(self.gate.take());
         let started = self.started.take().context("a started command")?;
-        if opened.is_ok() {
-            tracing::info!(op, container = %name, ahead_ms = crate::util::ms(started.since.elapsed()),
-                "CRIU let through its gate (runc started ahead)");
+        let conn = match opened {
+            Ok(c) => c,
+            Err(e) => {
+                self.started = Some(started);
+                return Err(e);
+            }
+        };
+        tracing::info!(op, container = %name, ahead_ms = crate::util::ms(started.since.elapsed()),
+            "CRIU let through its gate (runc started ahead)");
+        let t = Instant::now();
+        let criu_done = wait_for_criu_done(conn, &bound);
+        if criu_done {
+            tracing::debug!(op, container = %name, criu_ms = crate::util::ms(t.elapsed()),
+                "CRIU answered with success; runc still exiting");
         }
-        if let Err(e) = opened {
-            self.started = Some(started);
-            return Err(e);
+        let mut f = Finishing {
+            runc: self.runc.clone(),
+            op,
+            name,
+            started: Some(started),
+            criu_log: self.criu_log.clone(),
+            bound,
+        };
+        if !criu_done {
+            // No word from CRIU (it failed, or replaced ferry-criu): runc's end is the answer.
+            f.wait_now()?;
         }
-        let status = self.runc.wait_bounded(op, &name, started, &bound)?;
-        self.runc
-            .check_status(op, &name, status, self.criu_log.as_deref())
+        Ok(f)
     }
 
     /// Waits, bounded by `bound`, until CRIU waits at the gate (runc has done its own work
@@ -219,6 +246,100 @@ impl Drop for Prestarted {
             let (runc, op, name) = (self.runc.clone(), self.op, self.name.clone());
             std::thread::spawn(move || {
                 let bound = Bound::new(GATE_CLOSED_GRACE, "the grace after its gate closed", None);
+                let _ = runc.wait_bounded(op, &name, s, &bound);
+            });
+        }
+    }
+}
+
+/// How often [`wait_for_criu_done`] looks at its bound while CRIU runs.
+const CRIU_DONE_POLL: Duration = Duration::from_millis(20);
+
+/// Reads the gate connection `conn` until `ferry-criu` reports CRIU's success
+/// ([`criu_sys::swrk_proxy::GATE_DONE`], true) or closes it, or `bound` runs out (false).
+fn wait_for_criu_done(mut conn: std::os::unix::net::UnixStream, bound: &Bound) -> bool {
+    use std::io::Read;
+    if conn.set_read_timeout(Some(CRIU_DONE_POLL)).is_err() {
+        return false;
+    }
+    let deadline = bound
+        .deadline
+        .unwrap_or_else(|| Instant::now() + COMMAND_DEADLINE);
+    let mut b = [0u8; 1];
+    loop {
+        match conn.read(&mut b) {
+            Ok(1) => return b[0] == criu_sys::swrk_proxy::GATE_DONE,
+            Ok(_) => return false,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => return false,
+        }
+        let cancelled = bound
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::SeqCst));
+        if cancelled || Instant::now() >= deadline {
+            return false;
+        }
+    }
+}
+
+/// A runc checkpoint or restore started ahead whose CRIU has answered with success while runc
+/// may still be exiting ([`Prestarted::go_until_criu_done`]). [`Finishing::wait`] waits for
+/// it; dropped without a wait, it is waited for on a thread of its own.
+pub struct Finishing {
+    runc: Runc,
+    op: &'static str,
+    name: String,
+    started: Option<Started>,
+    criu_log: Option<PathBuf>,
+    bound: Bound,
+}
+
+impl std::fmt::Debug for Finishing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Finishing")
+            .field("op", &self.op)
+            .field("name", &self.name)
+            .field("ended", &self.started.is_none())
+            .finish()
+    }
+}
+
+impl Finishing {
+    /// Waits for runc (bounded as the command was) and fails as the plain command would.
+    pub fn wait(mut self) -> Result<()> {
+        self.wait_now()
+    }
+
+    fn wait_now(&mut self) -> Result<()> {
+        let Some(started) = self.started.take() else {
+            return Ok(());
+        };
+        let status = self
+            .runc
+            .wait_bounded(self.op, &self.name, started, &self.bound)?;
+        self.runc
+            .check_status(self.op, &self.name, status, self.criu_log.as_deref())
+    }
+}
+
+impl Drop for Finishing {
+    fn drop(&mut self) {
+        if let Some(s) = self.started.take() {
+            // Not on the caller's thread: a drop must not block.
+            let (runc, op, name, bound) = (
+                self.runc.clone(),
+                self.op,
+                self.name.clone(),
+                self.bound.clone(),
+            );
+            std::thread::spawn(move || {
                 let _ = runc.wait_bounded(op, &name, s, &bound);
             });
         }

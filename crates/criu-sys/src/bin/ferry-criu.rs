@@ -15,7 +15,11 @@
 //!
 //! With `FERRY_CRIU_GATE` set, any request but the version's first waits at the agent's gate
 //! ([`swrk_proxy::wait_at_gate`]): the agent starts runc before the frozen window and lets
-//! CRIU run once the container is frozen (dump) or its images are in place (restore).
+//! CRIU run once the container is frozen (dump) or its images are in place (restore). A dump
+//! or restore behind a gate is relayed ([`swrk_proxy::relay_unchanged`]) rather than handed
+//! to CRIU, so that `ferry-criu` sees CRIU's answer and tells the agent through the gate as
+//! soon as it is a success ([`swrk_proxy::GATE_DONE`]): runc's and CRIU's own exits, a few
+//! milliseconds, then fall outside the frozen window.
 
 #![deny(unsafe_code)]
 
@@ -59,10 +63,14 @@ fn main() -> ExitCode {
                     }
                 };
             }
+            let mut done = None;
             if let Some(gate) = &gate {
-                if let Err(e) = swrk_proxy::wait_at_gate(Path::new(gate)) {
-                    eprintln!("ferry-criu: {e}");
-                    return ExitCode::from(1);
+                match swrk_proxy::wait_at_gate(Path::new(gate)) {
+                    Ok(conn) => done = Some(conn),
+                    Err(e) => {
+                        eprintln!("ferry-criu: {e}");
+                        return ExitCode::from(1);
+                    }
                 }
             }
             if let Some(socket) =
@@ -71,7 +79,21 @@ fn main() -> ExitCode {
                 let lazy = std::env::var_os(swrk_proxy::LAZY_DUMP_CONFIG_ENV)
                     .filter(|p| !p.is_empty())
                     .map(std::path::PathBuf::from);
-                return relay(fd, Path::new(&real), &socket, lazy.as_deref());
+                return relay(fd, |runc| {
+                    swrk_proxy::relay_dump(
+                        runc,
+                        Path::new(&real),
+                        &socket,
+                        lazy.as_deref(),
+                        done.as_ref(),
+                    )
+                });
+            }
+            // Behind a gate the agent waits to hear that CRIU is done: relay to tell it.
+            if let Some(done) = done.filter(|_| swrk_proxy::is_relayable_unchanged(&request)) {
+                return relay(fd, |runc| {
+                    swrk_proxy::relay_unchanged(runc, Path::new(&real), &done)
+                });
             }
         }
     }
@@ -83,13 +105,17 @@ fn main() -> ExitCode {
     ExitCode::from(1)
 }
 
-/// Runs the dump through [`swrk_proxy::relay_dump`]; exits as CRIU did.
-fn relay(fd: RawFd, real: &Path, socket: &Path, lazy: Option<&Path>) -> ExitCode {
+/// Runs the request through `run` ([`swrk_proxy::relay_dump`] or
+/// [`swrk_proxy::relay_unchanged`]) on runc's socket `fd`; exits as CRIU did.
+fn relay(
+    fd: RawFd,
+    run: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> Result<std::process::ExitStatus, SwrkProxyError>,
+) -> ExitCode {
     let Some(runc) = adopt_inherited_socket(fd) else {
         eprintln!("ferry-criu: descriptor {fd} is not runc's socket");
         return ExitCode::from(1);
     };
-    match swrk_proxy::relay_dump(runc.as_fd(), real, socket, lazy) {
+    match run(runc.as_fd()) {
         Ok(status) => ExitCode::from(swrk_proxy::exit_code(status)),
         Err(e) => {
             eprintln!("ferry-criu: {e}");

@@ -298,7 +298,12 @@ fn the_gate_lets_criu_run_only_when_the_agent_opens_it() {
     thread::sleep(std::time::Duration::from_millis(50));
     assert!(!waiter.is_finished());
     std::io::Write::write_all(&mut conn, &[GATE_OPEN]).unwrap();
-    waiter.join().unwrap().unwrap();
+    let mut back = waiter.join().unwrap().unwrap();
+    // The connection stays open: CRIU's success travels back on it.
+    std::io::Write::write_all(&mut back, &[GATE_DONE]).unwrap();
+    let mut b = [0u8; 1];
+    std::io::Read::read_exact(&mut conn, &mut b).unwrap();
+    assert_eq!(b[0], GATE_DONE);
 
     // Closed without the byte: an error that names the gate.
     let p = path.clone();

@@ -64,6 +64,9 @@ pub(crate) struct Incoming {
     /// `runc restore` started at the prepare, in lazy mode or not, its CRIU held at a gate
     /// until the images are here (see [`Agent::prestart_restore`]).
     prestarted: Option<(bool, crate::runtime::Prestarted)>,
+    /// The restore's runc, still exiting after CRIU reported success: the commit waits for it
+    /// (runc fails, and removes the container, if its own last steps fail).
+    finishing: Option<crate::runtime::Finishing>,
 }
 
 impl Incoming {
@@ -403,6 +406,7 @@ impl Agent {
                         index: Default::default(),
                         filling: false,
                         prestarted,
+                        finishing: None,
                     },
                 );
                 Ok(PeerResponse::Ok {
@@ -728,14 +732,17 @@ impl Agent {
             }
             let r = match prestarted {
                 Some((was_lazy, p)) if was_lazy == lazy && same_descriptors(&images) => {
-                    p.go(bound)
+                    p.go_until_criu_done(bound).map(Some)
                 }
                 Some((was_lazy, p)) => {
                     info!(container = %name, was_lazy, lazy, "the runc restore started ahead does not fit these images: starting another");
                     p.cancel();
                     runc.restore(&name, &layout.bundle, &images, &work, lazy)
+                        .map(|()| None)
                 }
-                None => runc.restore(&name, &layout.bundle, &images, &work, lazy),
+                None => runc
+                    .restore(&name, &layout.bundle, &images, &work, lazy)
+                    .map(|()| None),
             };
             crate::runtime::keep_log(
                 &work.join("restore.log"),
@@ -771,6 +778,7 @@ impl Agent {
         }
         let i = i.expect("checked above");
         i.restoring = false;
+        i.finishing = r.ok().flatten();
         if let Some((child, server, pages)) = daemon {
             i.filling = true;
             self.finish_fill(
@@ -801,6 +809,14 @@ impl Agent {
             if !i.restored {
                 bail!("job {job}: container {:?} is not restored yet", i.spec.name);
             }
+        }
+        // runc's own end after CRIU's success, usually over by now: no commit before it.
+        if let Some(f) = incoming.get_mut(job).and_then(|i| i.finishing.take()) {
+            tokio::task::spawn_blocking(move || f.wait())
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r)
+                .with_context(|| format!("job {job}: the restore did not end cleanly"))?;
         }
         let Some(mut inc) = incoming.remove(job) else {
             drop(incoming);
@@ -876,6 +892,7 @@ impl Agent {
             warn!(%job, container = %inc.spec.name, reason = why, "aborting incoming migration");
             let hold = inc.hold.take();
             let prestarted = inc.prestarted.take();
+            let finishing = inc.finishing.take();
             let name = inc.spec.name.clone();
             let layout = inc.layout.clone();
             let this = (
@@ -889,6 +906,9 @@ impl Agent {
                 // A runc started ahead ends first (it fails at its closed gate).
                 if let Some((_, p)) = prestarted {
                     p.cancel();
+                }
+                if let Some(f) = finishing {
+                    let _ = f.wait();
                 }
                 // Network first: a restored copy that is killed must not send FIN or RST to
                 // peers that now talk to the source again.

@@ -168,6 +168,7 @@ pub(crate) fn start(
             ) << 20,
             memory_bytes: 0,
             pending: Vec::new(),
+            dump_finishing: None,
             memory: None,
             not_lazy: (req.mode == MigrateMode::PreCopy
                 && req.precopy.as_ref().is_some_and(|p| !p.lazy_restore))
@@ -224,6 +225,9 @@ pub(super) struct Driver {
     )>,
     /// Requests of the final dump sent without waiting; the restore waits for them.
     pub(super) pending: Vec<tokio::task::JoinHandle<Result<u64>>>,
+    /// The final dump's runc, still exiting after CRIU reported success: the images travel
+    /// meanwhile; the restore (and a rollback) waits for it.
+    pub(super) dump_finishing: Option<crate::runtime::Finishing>,
     /// Pre-copy: how memory crossed the freeze, for the report.
     pub(super) memory: Option<migrate_core::MemoryReport>,
     /// Why this pre-copy does not restore lazily.
@@ -623,8 +627,8 @@ impl Driver {
                     }
                     let freeze_ms = crate::util::ms(t.elapsed());
                     let r = match pre {
-                        Some(p) => p.go(bound),
-                        None => runc.checkpoint(&name, &images, &work),
+                        Some(p) => p.go_until_criu_done(bound).map(Some),
+                        None => runc.checkpoint(&name, &images, &work).map(|()| None),
                     };
                     info!(container = %name, freeze_ms, checkpoint_ms = crate::util::ms(t.elapsed()) - freeze_ms, "dumped (left in place, frozen)");
                     crate::runtime::keep_log(&work.join("dump.log"), &logs, &format!("{job_id}.dump.log"));
@@ -635,7 +639,7 @@ impl Driver {
                     // CRIU leaves a container it could not dump as it found it: frozen.
                     self.resume_source();
                 }
-                r?;
+                self.dump_finishing = r?;
                 Ok(0)
             }
             Action::Transfer => {
@@ -701,6 +705,7 @@ impl Driver {
             Action::Restore => {
                 // The destination must hold every page and location before it restores.
                 let sent = self.await_pending().await?;
+                self.wait_dump_finishing().await?;
                 let pause_ms = self.faults.pause_in_restore_ms;
                 let limit = self.deadlines.restore();
                 let req = PeerRequest::Restore {
@@ -806,9 +811,25 @@ impl Driver {
         }
     }
 
+    /// Waits for the final dump's runc to have exited (see `dump_finishing`).
+    async fn wait_dump_finishing(&mut self) -> Result<()> {
+        if let Some(f) = self.dump_finishing.take() {
+            tokio::task::spawn_blocking(move || f.wait())
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r)
+                .context("the dump did not end cleanly")?;
+        }
+        Ok(())
+    }
+
     async fn rollback(&mut self, plan: RollbackPlan) -> Result<()> {
         for h in self.pending.drain(..) {
             h.abort();
+        }
+        // The dump's runc ends before the container is looked at.
+        if let Err(e) = self.wait_dump_finishing().await {
+            warn!(job = %self.job.id, error = %format!("{e:#}"), "the final dump's runc failed after CRIU's success");
         }
         // A runc checkpoint waiting at its gate fails and cleans up.
         drop(self.dump_ahead.take());
@@ -1151,8 +1172,10 @@ impl Driver {
             crate::runtime::freeze_for_dump(&host, &name, &layout, &runc_root, super::CRIU_CONF)?;
             let freeze_ms = crate::util::ms(t.elapsed());
             let r = match pre {
-                Some(p) => p.go(bound),
-                None => runc.checkpoint_relayed(&name, &images, &work, &s, false),
+                Some(p) => p.go_until_criu_done(bound).map(Some),
+                None => runc
+                    .checkpoint_relayed(&name, &images, &work, &s, false)
+                    .map(|()| None),
             };
             info!(container = %name, freeze_ms, checkpoint_ms = crate::util::ms(t.elapsed()) - freeze_ms, "dumped (pages relayed)");
             crate::runtime::keep_log(&work.join("dump.log"), &logs, &format!("{job_id}.dump.log"));
@@ -1166,7 +1189,7 @@ impl Driver {
             r = &mut ckpt => {
                 let _ = std::fs::remove_file(&sock);
                 self.resume_source();
-                r??;
+                drop(r??);
                 bail!("CRIU finished without connecting to the page-server socket");
             }
         };
@@ -1175,9 +1198,12 @@ impl Driver {
         drop(fast);
         let ck = ckpt.await?;
         // The container stays frozen in place: rollback thaws it, the commit removes it.
-        if let Err(e) = ck {
-            self.resume_source();
-            return Err(e);
+        match ck {
+            Err(e) => {
+                self.resume_source();
+                return Err(e);
+            }
+            Ok(f) => self.dump_finishing = f,
         }
         let stats = relay.context("relaying the final dump's pages")?;
         info!(%job, pages = stats.pages, as_reference = stats.pages_as_reference,
