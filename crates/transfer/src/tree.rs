@@ -5,7 +5,11 @@
 //! where `n` counts the `Remove` and `Entry` records. A `File` entry is followed by
 //! its content as zero or more chunks, each `u32 BE compressed_len`, `u32 BE raw_len`
 //! and `compressed_len` bytes of zstd (level 1) data with `1 <= raw_len <= 1 MiB`,
-//! then a `u32 0` marker and the 32-byte blake3 hash of the whole raw content.
+//! then a `u32 0` marker and the 32-byte blake3 hash of the whole raw content. A chunk that
+//! zstd would not shrink (a sample of it gains less than 1/32) travels *stored*: the top bit
+//! of `raw_len` is set ([`STORED`]) and its `compressed_len == raw_len` bytes are the raw
+//! content (memory pages of most programs are incompressible: compressing them cost CPU on
+//! both ends for nothing).
 //!
 //! The receiver applies everything through [`shared_fs::Applier`], so paths are
 //! confined, sizes and counts capped and hashes verified before a file appears.
@@ -23,6 +27,12 @@ use crate::TransferError;
 
 /// Largest raw (uncompressed) chunk: 1 MiB.
 pub const CHUNK: usize = 1 << 20;
+
+/// Flag in a chunk's `raw_len`: its bytes are the raw content, not zstd data.
+pub const STORED: u32 = 1 << 31;
+
+/// How much of a chunk [`encode_chunk`] compresses first to judge whether it compresses.
+const SAMPLE: usize = 64 << 10;
 
 /// Counters of one tree transfer.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -270,6 +280,10 @@ fn read_file(
     let mut shrank = false;
     while remaining > 0 {
         let want = usize::try_from(remaining.min(CHUNK as u64)).unwrap_or(CHUNK);
+        // A stored chunk took the last read buffer with it (see below).
+        if buf.len() < want {
+            buf.resize(want, 0);
+        }
         let mut n = 0;
         while n < want && !shrank {
             let r = file
@@ -296,8 +310,16 @@ fn read_file(
         hasher.update(raw);
         // Written buffers come back: no allocation (and no page faults) per chunk.
         let mut out = pool.try_recv().unwrap_or_default();
-        let hdr = encode_chunk(zc, raw, &mut out, &path)?;
-        if tx.blocking_send(Piece::Chunk(hdr, out)).is_err() {
+        let (hdr, stored) = encode_chunk(zc, raw, &mut out, &path)?;
+        let piece = if stored {
+            // The read buffer itself goes, uncopied; the next chunk is read into `out`.
+            let mut sent = std::mem::replace(buf, out);
+            sent.truncate(n);
+            sent
+        } else {
+            out
+        };
+        if tx.blocking_send(Piece::Chunk(hdr, piece)).is_err() {
             return Ok(ReadEnd::Abandoned);
         }
         remaining -= n as u64;
@@ -321,19 +343,44 @@ fn lost_context(what: &str) -> TransferError {
 }
 
 /// One chunk on the wire: `u32 BE compressed_len`, `u32 BE raw_len` (returned), the zstd
-/// data (in `out`, replacing what it held).
+/// data (in `out`, replacing what it held), or, returned with `true`, the header of `raw`
+/// stored as it is ([`STORED`]; `out` is left alone: `raw` itself is what goes).
 fn encode_chunk(
     zc: &mut zstd::bulk::Compressor<'static>,
     raw: &[u8],
     out: &mut Vec<u8>,
     path: &Path,
-) -> Result<[u8; 8], TransferError> {
+) -> Result<([u8; 8], bool), TransferError> {
     out.clear();
     out.reserve(zstd::zstd_safe::compress_bound(raw.len()));
-    // Into the spare capacity: nothing is zeroed first.
-    let clen = zc
-        .compress_to_buffer(raw, out)
-        .map_err(|e| TransferError::io("compress", path, e))?;
+    // A sample first: a chunk whose sample does not shrink goes stored, uncompressed.
+    let sample = &raw[..raw.len().min(SAMPLE)];
+    let mut stored = false;
+    if raw.len() > SAMPLE {
+        let slen = zc
+            .compress_to_buffer(sample, out)
+            .map_err(|e| TransferError::io("compress", path, e))?;
+        out.clear();
+        stored = slen >= sample.len() - sample.len() / 32;
+    }
+    let clen = if stored {
+        0
+    } else {
+        // Into the spare capacity: nothing is zeroed first.
+        zc.compress_to_buffer(raw, out)
+            .map_err(|e| TransferError::io("compress", path, e))?
+    };
+    if stored || clen >= raw.len() {
+        out.clear();
+        let n = u32::try_from(raw.len()).map_err(|_| TransferError::TooLarge {
+            len: raw.len() as u64,
+            cap: CHUNK as u64,
+        })?;
+        let mut hdr = [0u8; 8];
+        hdr[..4].copy_from_slice(&n.to_be_bytes());
+        hdr[4..].copy_from_slice(&(n | STORED).to_be_bytes());
+        return Ok((hdr, true));
+    }
     // Both fit in u32: raw <= 1 MiB and compressed <= compress_bound(1 MiB).
     let c = u32::try_from(clen).map_err(|_| TransferError::TooLarge {
         len: clen as u64,
@@ -346,7 +393,7 @@ fn encode_chunk(
     let mut hdr = [0u8; 8];
     hdr[..4].copy_from_slice(&c.to_be_bytes());
     hdr[4..].copy_from_slice(&r.to_be_bytes());
-    Ok(hdr)
+    Ok((hdr, false))
 }
 
 /// [`FileToSend`] that a blocking thread can own.
@@ -551,7 +598,8 @@ where
     }
 }
 
-/// Decompresses one chunk of `rlen` raw bytes and appends it to `writer`.
+/// Decodes one chunk and appends it to `writer`: `rlen` is its `raw_len` field (raw bytes, with
+/// [`STORED`] set when `compressed` is the raw content itself).
 fn decode_chunk(
     zd: &mut zstd::bulk::Decompressor<'static>,
     writer: &mut shared_fs::FileWriter,
@@ -559,6 +607,11 @@ fn decode_chunk(
     rlen: u32,
     raw: &mut Vec<u8>,
 ) -> Result<(), TransferError> {
+    if rlen & STORED != 0 {
+        // Stored: the receiving loop checked that its length is `rlen`.
+        writer.write_chunk(compressed)?;
+        return Ok(());
+    }
     raw.clear();
     raw.reserve(rlen as usize);
     // Into the spare capacity (at most `rlen` bytes are written): nothing is zeroed first.
@@ -660,15 +713,22 @@ where
             st.wire_bytes += 32;
             break Ok(hash);
         }
-        let rlen = match read_u32(r, "a chunk header").await {
+        let rlen_field = match read_u32(r, "a chunk header").await {
             Ok(n) => n,
             Err(e) => break Err(e),
         };
         st.wire_bytes += 4;
+        let rlen = rlen_field & !STORED;
         if rlen == 0 || rlen as usize > CHUNK {
             break Err(TransferError::TooLarge {
                 len: u64::from(rlen),
                 cap: CHUNK as u64,
+            });
+        }
+        if rlen_field & STORED != 0 && clen != rlen {
+            break Err(TransferError::Decode {
+                what: "a stored file chunk",
+                reason: format!("{path}: {clen} bytes announced for {rlen} raw bytes"),
             });
         }
         if clen as usize > bound {
@@ -702,14 +762,14 @@ where
         st.file_bytes += u64::from(rlen);
         match &mut sink {
             FileSink::Inline(w, d) => {
-                if let Err(e) = decode_chunk(d, w, &cbuf[..clen], rlen, &mut raw) {
+                if let Err(e) = decode_chunk(d, w, &cbuf[..clen], rlen_field, &mut raw) {
                     break Err(e);
                 }
             }
             // A closed channel means the writer failed: its error is reported below.
             FileSink::Piped { tx, .. } => {
                 if tx
-                    .send((std::mem::take(&mut cbuf), clen, rlen))
+                    .send((std::mem::take(&mut cbuf), clen, rlen_field))
                     .await
                     .is_err()
                 {

@@ -202,6 +202,51 @@ async fn encode(src: &Path) -> (Vec<u8>, TreeStats) {
     (wire, st)
 }
 
+/// Incompressible content travels stored (no larger than itself plus chunk headers), content
+/// that compresses travels compressed, and both arrive identical.
+#[tokio::test]
+async fn incompressible_chunks_travel_stored_and_the_rest_compressed() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    fs::create_dir_all(&src).unwrap();
+    let noisy = noise((5 << 20) + 123, 7);
+    fs::write(src.join("noise"), &noisy).unwrap();
+    let (wire, st) = encode(&src).await;
+    let headers = 6 * 8 + 4 + 32;
+    assert!(
+        st.wire_bytes <= noisy.len() as u64 + headers + 512,
+        "{} bytes on the wire for {} bytes of noise",
+        st.wire_bytes,
+        noisy.len()
+    );
+    // A full chunk's header says "stored", followed by the raw bytes themselves.
+    let mut hdr = (1u32 << 20).to_be_bytes().to_vec();
+    hdr.extend_from_slice(&((1u32 << 20) | transfer::tree::STORED).to_be_bytes());
+    hdr.extend_from_slice(&noisy[..64]);
+    assert!(
+        wire.windows(hdr.len()).any(|w| w == hdr),
+        "no stored chunk header followed by the raw content"
+    );
+    recv_tree(&mut &wire[..], &dst, Limits::default())
+        .await
+        .unwrap();
+    assert_eq!(fs::read(dst.join("noise")).unwrap(), noisy);
+
+    let (src2, dst2) = (t.path().join("src2"), t.path().join("dst2"));
+    fs::create_dir_all(&src2).unwrap();
+    fs::write(src2.join("zeros"), vec![0u8; 4 << 20]).unwrap();
+    let (wire, st) = encode(&src2).await;
+    assert!(
+        st.wire_bytes < 64 << 10,
+        "{} bytes for 4 MiB of zeros",
+        st.wire_bytes
+    );
+    recv_tree(&mut &wire[..], &dst2, Limits::default())
+        .await
+        .unwrap();
+    assert_eq!(fs::read(dst2.join("zeros")).unwrap(), vec![0u8; 4 << 20]);
+}
+
 #[tokio::test]
 async fn corrupted_hash_is_rejected_and_leaves_no_file() {
     // One chunk (decoded as read) and several (decoded by a writer thread behind the stream).
@@ -308,6 +353,25 @@ async fn hostile_streams_are_rejected() {
     hdr.extend_from_slice(&u32::MAX.to_be_bytes());
     hdr.extend_from_slice(&10u32.to_be_bytes());
     let wire = hostile(&[entry(file_meta("f", 10))], &hdr).await;
+    assert!(matches!(
+        recv_tree(&mut &wire[..], &dst, Limits::default()).await,
+        Err(TransferError::TooLarge { .. })
+    ));
+    // A stored chunk whose length differs from its raw length.
+    let mut stored = Vec::new();
+    stored.extend_from_slice(&4u32.to_be_bytes());
+    stored.extend_from_slice(&(10u32 | transfer::tree::STORED).to_be_bytes());
+    stored.extend_from_slice(b"abcd");
+    let wire = hostile(&[entry(file_meta("f", 10))], &stored).await;
+    assert!(matches!(
+        recv_tree(&mut &wire[..], &dst, Limits::default()).await,
+        Err(TransferError::Decode { .. })
+    ));
+    // A stored chunk past the chunk size, flag and all.
+    let mut stored = Vec::new();
+    stored.extend_from_slice(&((1u32 << 20) + 1).to_be_bytes());
+    stored.extend_from_slice(&(((1u32 << 20) + 1) | transfer::tree::STORED).to_be_bytes());
+    let wire = hostile(&[entry(file_meta("f", 10))], &stored).await;
     assert!(matches!(
         recv_tree(&mut &wire[..], &dst, Limits::default()).await,
         Err(TransferError::TooLarge { .. })
