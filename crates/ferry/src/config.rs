@@ -86,10 +86,10 @@ pub struct AgentConfig {
     /// 0 leaves the kernel's default (namespaces share the host's tables).
     #[serde(default = "default_socket_hash_buckets")]
     pub netns_socket_hash_buckets: u32,
-    /// What serves a lazy restore's page faults and fills its memory in: CRIU's
-    /// `criu lazy-pages` daemon through a page-server socket (`criu`, the default), or the
-    /// agent itself (`agent`, experimental: faults are copied from the page store directly,
-    /// the rest in 4 MiB pieces, several times faster; see docs/design.md).
+    /// What serves a lazy restore's page faults and fills its memory in: the agent itself
+    /// (`agent`, the default: faults are copied from the page store directly, the rest in
+    /// 4 MiB pieces, several times faster; see docs/design.md), or CRIU's `criu lazy-pages`
+    /// daemon through a page-server socket (`criu`).
     #[serde(default)]
     pub lazy_daemon: LazyDaemon,
 }
@@ -99,9 +99,9 @@ pub struct AgentConfig {
 #[serde(rename_all = "kebab-case")]
 pub enum LazyDaemon {
     /// The agent's own (`agent::lazyd`).
+    #[default]
     Agent,
     /// `criu lazy-pages`.
-    #[default]
     Criu,
 }
 
