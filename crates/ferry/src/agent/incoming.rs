@@ -800,7 +800,11 @@ impl Agent {
         Ok(PeerResponse::Ok { bytes: 0 })
     }
 
-    pub(crate) async fn commit_incoming(&self, peer: &str, job: &str) -> Result<PeerResponse> {
+    pub(crate) async fn commit_incoming(
+        self: &Arc<Self>,
+        peer: &str,
+        job: &str,
+    ) -> Result<PeerResponse> {
         let mut incoming = self.incoming.lock().await;
         if let Some(i) = incoming.get(job) {
             if i.from != peer {
@@ -848,19 +852,25 @@ impl Agent {
                 }
             }
         }
-        announce(&inc.layout.netns, &inc.spec);
         self.adopt(job, &inc.spec);
-        // Removing the images (as large as the container's memory) takes a while: not on the
-        // way of the commit's answer, which ends the source's count of the frozen time. A
-        // lazy restore still filling in needs them: its end removes them.
-        if !inc.filling {
-            self.release_store(job).await;
-            let (images, work) = (self.images_dir(job), self.work_dir(job));
-            tokio::task::spawn_blocking(move || {
-                let _ = std::fs::remove_dir_all(images);
-                let _ = std::fs::remove_dir_all(work);
-            });
-        }
+        // The gratuitous ARP, the page store's grant and the images (as large as the
+        // container's memory) are not on the way of the commit's answer, which ends the
+        // source's count of the frozen time. A lazy restore still filling in needs the images:
+        // its end removes them.
+        let (agent, job_id, filling) = (Arc::clone(self), job.to_string(), inc.filling);
+        let (netns, spec) = (inc.layout.netns.clone(), inc.spec.clone());
+        tokio::spawn(async move {
+            announce(&netns, &spec);
+            if !filling {
+                agent.release_store(&job_id).await;
+                let (images, work) = (agent.images_dir(&job_id), agent.work_dir(&job_id));
+                let _ = tokio::task::spawn_blocking(move || {
+                    let _ = std::fs::remove_dir_all(images);
+                    let _ = std::fs::remove_dir_all(work);
+                })
+                .await;
+            }
+        });
         info!(%job, container = %inc.spec.name, "migration committed: container owned here");
         Ok(PeerResponse::Ok { bytes: 0 })
     }
