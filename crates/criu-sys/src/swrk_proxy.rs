@@ -543,18 +543,7 @@ pub fn relay_dump(
     lazy_config: Option<&Path>,
     done: Option<&UnixStream>,
 ) -> Result<ExitStatus, SwrkProxyError> {
-    let peer = getsockopt(&runc, sockopt::PeerCredentials)
-        .map_err(SwrkProxyError::PeerCredentials)?
-        .pid();
-    let mut buf = vec![0u8; MAX_MESSAGE];
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
-    let (n, runc_fds) =
-        recv_message(runc, Side::Runc, &mut buf, &mut cmsg)?.ok_or(SwrkProxyError::NoRequest)?;
-    buf.truncate(n);
-    if !is_relayable(&buf) {
-        return Err(SwrkProxyError::NotRelayable);
-    }
-    let (request, dirs) = adopt_peer_dirs(buf, peer)?;
+    let (request, runc_fds, dirs) = take_request(runc, is_relayable)?;
 
     let ps: OwnedFd = {
         let stream = UnixStream::connect(page_server_socket).map_err(|source| {
@@ -632,19 +621,8 @@ pub fn relay_unchanged(
     real_criu: &Path,
     done: &UnixStream,
 ) -> Result<ExitStatus, SwrkProxyError> {
-    let peer = getsockopt(&runc, sockopt::PeerCredentials)
-        .map_err(SwrkProxyError::PeerCredentials)?
-        .pid();
-    let mut buf = vec![0u8; MAX_MESSAGE];
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
-    let (n, runc_fds) =
-        recv_message(runc, Side::Runc, &mut buf, &mut cmsg)?.ok_or(SwrkProxyError::NoRequest)?;
-    buf.truncate(n);
-    if !is_relayable_unchanged(&buf) {
-        return Err(SwrkProxyError::NotRelayable);
-    }
-    let req_type = rpc::request_type(&buf).ok_or(SwrkProxyError::NotRelayable)?;
-    let (request, dirs) = adopt_peer_dirs(buf, peer)?;
+    let (request, runc_fds, dirs) = take_request(runc, is_relayable_unchanged)?;
+    let req_type = rpc::request_type(&request).ok_or(SwrkProxyError::NotRelayable)?;
     run_relayed(
         runc,
         real_criu,
@@ -658,6 +636,27 @@ pub fn relay_unchanged(
         },
         Some(done),
     )
+}
+
+/// Reads runc's request from `runc`, refuses it unless `accept` takes it, and re-opens the
+/// directories it names by runc's descriptor numbers ([`adopt_peer_dirs`]).
+fn take_request(
+    runc: BorrowedFd<'_>,
+    accept: fn(&[u8]) -> bool,
+) -> Result<(Vec<u8>, ReceivedFds, Vec<HeldDir>), SwrkProxyError> {
+    let peer = getsockopt(&runc, sockopt::PeerCredentials)
+        .map_err(SwrkProxyError::PeerCredentials)?
+        .pid();
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let (n, runc_fds) =
+        recv_message(runc, Side::Runc, &mut buf, &mut cmsg)?.ok_or(SwrkProxyError::NoRequest)?;
+    buf.truncate(n);
+    if !accept(&buf) {
+        return Err(SwrkProxyError::NotRelayable);
+    }
+    let (request, dirs) = adopt_peer_dirs(buf, peer)?;
+    Ok((request, runc_fds, dirs))
 }
 
 /// A request ready for CRIU, with what must stay open while CRIU runs.

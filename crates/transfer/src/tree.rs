@@ -370,30 +370,26 @@ fn encode_chunk(
         zc.compress_to_buffer(raw, out)
             .map_err(|e| TransferError::io("compress", path, e))?
     };
-    if stored || clen >= raw.len() {
-        out.clear();
-        let n = u32::try_from(raw.len()).map_err(|_| TransferError::TooLarge {
-            len: raw.len() as u64,
-            cap: CHUNK as u64,
-        })?;
-        let mut hdr = [0u8; 8];
-        hdr[..4].copy_from_slice(&n.to_be_bytes());
-        hdr[4..].copy_from_slice(&(n | STORED).to_be_bytes());
-        return Ok((hdr, true));
-    }
-    // Both fit in u32: raw <= 1 MiB and compressed <= compress_bound(1 MiB).
-    let c = u32::try_from(clen).map_err(|_| TransferError::TooLarge {
-        len: clen as u64,
-        cap: max_compressed() as u64,
-    })?;
     let r = u32::try_from(raw.len()).map_err(|_| TransferError::TooLarge {
         len: raw.len() as u64,
         cap: CHUNK as u64,
     })?;
-    let mut hdr = [0u8; 8];
-    hdr[..4].copy_from_slice(&c.to_be_bytes());
-    hdr[4..].copy_from_slice(&r.to_be_bytes());
-    Ok((hdr, false))
+    let header = |c: u32, r: u32| {
+        let mut hdr = [0u8; 8];
+        hdr[..4].copy_from_slice(&c.to_be_bytes());
+        hdr[4..].copy_from_slice(&r.to_be_bytes());
+        hdr
+    };
+    if stored || clen >= raw.len() {
+        out.clear();
+        return Ok((header(r, r | STORED), true));
+    }
+    // Fits in u32: compressed <= compress_bound(1 MiB).
+    let c = u32::try_from(clen).map_err(|_| TransferError::TooLarge {
+        len: clen as u64,
+        cap: max_compressed() as u64,
+    })?;
+    Ok((header(c, r), false))
 }
 
 /// [`FileToSend`] that a blocking thread can own.
