@@ -422,7 +422,8 @@ pub struct ScenarioResult {
 pub struct TransferGoodput {
     /// The transfer phase's payload over its duration, MB/s.
     pub transfer_mb_s: f64,
-    /// One bare QUIC stream between the same two hosts on the same link, MB/s.
+    /// Bare QUIC streams between the same two hosts on the same link, right before and right
+    /// after the migration (their mean; the link's median when neither could be measured), MB/s.
     pub bare_quic_mb_s: f64,
     /// The first over the second.
     pub ratio: f64,
@@ -443,13 +444,29 @@ pub struct LinkGoodput {
 const GOODPUT_BYTES: u64 = 256 << 20;
 const GOODPUT_RUNS: usize = 3;
 
+/// How long one bare QUIC measurement may take: ten times what the link's rate needs, and at
+/// least a minute.
+fn goodput_limit(lab: &Lab) -> Duration {
+    lab.link_rate.map_or(Duration::from_secs(60), |r| {
+        Duration::from_secs((GOODPUT_BYTES * 8 * 10 / r.0.max(1)).max(60))
+    })
+}
+
+/// One bare QUIC stream's goodput, MB/s, measured `when` ("before", "after") a migration.
+async fn adjacent_goodput(lab: &Lab, when: &str) -> Option<f64> {
+    match crate::goodput::measure(lab, FROM, TO, GOODPUT_BYTES, goodput_limit(lab)).await {
+        Ok(g) => Some(g.mb_s()),
+        Err(e) => {
+            eprintln!("bench   bare QUIC stream {when} the migration: FAILED: {e:#}");
+            None
+        }
+    }
+}
+
 /// The median goodput of [`GOODPUT_RUNS`] bare QUIC streams from [`FROM`] to [`TO`].
 async fn link_goodput(lab: &Lab) -> Result<LinkGoodput> {
     let link = link_label(lab.link_rate);
-    // Ten times what the link's rate needs, and at least a minute.
-    let limit = lab.link_rate.map_or(Duration::from_secs(60), |r| {
-        Duration::from_secs((GOODPUT_BYTES * 8 * 10 / r.0.max(1)).max(60))
-    });
+    let limit = goodput_limit(lab);
     let mut runs = vec![];
     for _ in 0..GOODPUT_RUNS {
         runs.push(crate::goodput::measure(lab, FROM, TO, GOODPUT_BYTES, limit).await?);
@@ -464,12 +481,8 @@ async fn link_goodput(lab: &Lab) -> Result<LinkGoodput> {
     })
 }
 
-/// [`TransferGoodput`] of a stop-and-copy run of a memory workload.
-fn transfer_goodput(
-    s: &Scenario,
-    ferry: &Run,
-    bare: Option<&LinkGoodput>,
-) -> Option<TransferGoodput> {
+/// [`TransferGoodput`] of a stop-and-copy run of a memory workload, against `bare_mb_s`.
+fn transfer_goodput(s: &Scenario, ferry: &Run, bare_mb_s: Option<f64>) -> Option<TransferGoodput> {
     if s.mode != Mode::StopCopy || !matches!(s.workload, Workload::Memory { .. }) || !ferry.ok {
         return None;
     }
@@ -479,7 +492,7 @@ fn transfer_goodput(
         .phases
         .iter()
         .find(|p| p.phase == migrate_core::Phase::Transfer)?;
-    TransferGoodput::new(t.bytes, t.duration_ms, bare?.median_mb_s)
+    TransferGoodput::new(t.bytes, t.duration_ms, bare_mb_s?)
 }
 
 impl TransferGoodput {
@@ -675,8 +688,20 @@ async fn run_all(
                 .await
                 .with_context(|| format!("emptying the page store of {}", h.name))?;
         }
+        // The yardstick of this transfer: bare streams right before and right after it (the
+        // VM's speed drifts between scenarios more than the ratio is to tell apart).
+        let before = if wants_bare {
+            adjacent_goodput(lab, "before").await
+        } else {
+            None
+        };
         let ferry = run_ferry(lab, exe, s, opts, counters, i).await;
         eprintln!("bench   ferry:    {}", ferry.summary());
+        let after = if wants_bare {
+            adjacent_goodput(lab, "after").await
+        } else {
+            None
+        };
         tokio::time::sleep(SETTLE).await;
         let key = format!("{}-{}", s.workload.slug(), s.link_label());
         let baseline = if let Some(b) = baselines.get(&key) {
@@ -704,7 +729,13 @@ async fn run_all(
             opts.out.join(&chart),
             render_chart(s, &ferry, baseline.as_ref()),
         )?;
-        let transfer_goodput = transfer_goodput(s, &ferry, bare.iter().find(|b| b.link == link));
+        let beside: Vec<f64> = before.into_iter().chain(after).collect();
+        let bare_mb_s = if beside.is_empty() {
+            bare.iter().find(|b| b.link == link).map(|b| b.median_mb_s)
+        } else {
+            Some(beside.iter().sum::<f64>() / beside.len() as f64)
+        };
+        let transfer_goodput = transfer_goodput(s, &ferry, bare_mb_s);
         results.push(ScenarioResult {
             transfer_goodput,
             scenario: s.clone(),
@@ -1224,7 +1255,7 @@ fn goodput_table(s: &mut String, r: &BenchResult) {
     }
     let _ = writeln!(
         s,
-        "\nStop-and-copy transfer (inside the freeze) against one bare QUIC stream between the same hosts, same run:\n\n| scenario | link | transfer MB/s | bare QUIC MB/s | ratio |\n|---|---|--:|--:|--:|"
+        "\nStop-and-copy transfer (inside the freeze) against bare QUIC streams between the same hosts right before and after it (their mean):\n\n| scenario | link | transfer MB/s | bare QUIC MB/s | ratio |\n|---|---|--:|--:|--:|"
     );
     for x in &r.scenarios {
         if let Some(g) = x.transfer_goodput {
