@@ -441,6 +441,26 @@ fn an_unreachable_agent_socket_fails_the_dump_and_says_where() {
     assert_eq!(runc.recv(&mut buf).unwrap(), 0, "no answer, end of stream");
 }
 
+/// Answers CRIU's notifications as runc does and returns its final answer (or what went wrong
+/// reading it).
+fn final_answer(runc: &UnixDatagram) -> Result<Resp, String> {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = runc
+            .recv(&mut buf)
+            .map_err(|e| format!("reading CRIU's answer: {e}"))?;
+        if n == 0 {
+            return Err("the relay closed before the final response".into());
+        }
+        let resp = parse_resp(&buf[..n]);
+        if resp.kind != 6 {
+            return Ok(resp);
+        }
+        // criu_req { type = NOTIFY, notify_success = true }
+        runc.send(&[0x08, 0x06, 0x18, 0x01]).unwrap();
+    }
+}
+
 /// Behind the agent's gate, ferry-criu relays a plain dump (no page server) and tells the agent
 /// through the gate as soon as CRIU has answered with success, before CRIU and runc have
 /// exited; the images it wrote restore the testee with its memory intact. A dump that fails
@@ -475,22 +495,13 @@ fn behind_the_gate_criu_s_success_is_reported_back_through_it() {
     conn.write_all(&[criu_sys::swrk_proxy::GATE_OPEN]).unwrap();
     conn.set_read_timeout(Some(STEP)).unwrap();
 
-    let mut buf = vec![0u8; 64 << 10];
-    let resp = loop {
-        let n = runc.recv(&mut buf).unwrap_or_else(|e| {
-            panic!(
-                "reading CRIU's answer: {e}\n{}\nferry-criu: {}",
-                lab.log_tail("dump.log"),
-                std::fs::read_to_string(&stderr).unwrap_or_default()
-            )
-        });
-        assert!(n > 0, "the relay closed before the final response");
-        let resp = parse_resp(&buf[..n]);
-        if resp.kind != 6 {
-            break resp;
-        }
-        runc.send(&[0x08, 0x06, 0x18, 0x01]).unwrap();
-    };
+    let resp = final_answer(&runc).unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}\nferry-criu: {}",
+            lab.log_tail("dump.log"),
+            std::fs::read_to_string(&stderr).unwrap_or_default()
+        )
+    });
     assert!(
         resp.kind == 1 && resp.success,
         "dump failed: {resp:?}\n{}",
@@ -537,15 +548,7 @@ fn behind_the_gate_criu_s_success_is_reported_back_through_it() {
     let (mut conn, _) = gate.accept().unwrap();
     conn.write_all(&[criu_sys::swrk_proxy::GATE_OPEN]).unwrap();
     conn.set_read_timeout(Some(STEP)).unwrap();
-    let resp = loop {
-        let n = runc.recv(&mut buf).expect("CRIU's answer");
-        assert!(n > 0, "the relay closed before the final response");
-        let resp = parse_resp(&buf[..n]);
-        if resp.kind != 6 {
-            break resp;
-        }
-        runc.send(&[0x08, 0x06, 0x18, 0x01]).unwrap();
-    };
+    let resp = final_answer(&runc).unwrap_or_else(|e| panic!("{e}"));
     assert!(!resp.success, "{resp:?}");
     runc.shutdown(std::net::Shutdown::Write).unwrap();
     let _ = ferry_criu.wait(STEP);

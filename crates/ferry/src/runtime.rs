@@ -242,12 +242,8 @@ impl Drop for Prestarted {
         drop(self.gate.take());
         let _ = std::fs::remove_file(&self.gate_path);
         if let Some(s) = self.started.take() {
-            // Not on the caller's thread: a drop must not block.
-            let (runc, op, name) = (self.runc.clone(), self.op, self.name.clone());
-            std::thread::spawn(move || {
-                let bound = Bound::new(GATE_CLOSED_GRACE, "the grace after its gate closed", None);
-                let _ = runc.wait_bounded(op, &name, s, &bound);
-            });
+            let bound = Bound::new(GATE_CLOSED_GRACE, "the grace after its gate closed", None);
+            self.runc.reap_in_background(self.op, &self.name, s, bound);
         }
     }
 }
@@ -332,16 +328,8 @@ impl Finishing {
 impl Drop for Finishing {
     fn drop(&mut self) {
         if let Some(s) = self.started.take() {
-            // Not on the caller's thread: a drop must not block.
-            let (runc, op, name, bound) = (
-                self.runc.clone(),
-                self.op,
-                self.name.clone(),
-                self.bound.clone(),
-            );
-            std::thread::spawn(move || {
-                let _ = runc.wait_bounded(op, &name, s, &bound);
-            });
+            self.runc
+                .reap_in_background(self.op, &self.name, s, self.bound.clone());
         }
     }
 }
@@ -494,6 +482,15 @@ impl Runc {
 
     /// Waits for a command [started](Self::spawn_group) until it ends or `bound` stops it
     /// (a deadline counted from the command's start when `bound` names none).
+    /// [`Self::wait_bounded`] on a thread of its own, its outcome dropped: for a drop, which
+    /// must not block.
+    fn reap_in_background(&self, op: &'static str, name: &str, s: Started, bound: Bound) {
+        let (runc, name) = (self.clone(), name.to_string());
+        std::thread::spawn(move || {
+            let _ = runc.wait_bounded(op, &name, s, &bound);
+        });
+    }
+
     fn wait_bounded(&self, op: &str, name: &str, s: Started, bound: &Bound) -> Result<ExitStatus> {
         let deadline = bound.deadline.unwrap_or_else(|| s.since + COMMAND_DEADLINE);
         let what = if bound.deadline.is_some() {

@@ -684,29 +684,18 @@ pub(crate) mod nl {
             wake: std::os::fd::BorrowedFd<'_>,
             timeout_ms: libc::c_int,
         ) -> io::Result<bool> {
+            use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+            use std::os::fd::AsFd;
             let mut pfds = [
-                libc::pollfd {
-                    fd: self.fd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: std::os::fd::AsRawFd::as_raw_fd(&wake),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
+                PollFd::new(self.fd.as_fd(), PollFlags::POLLIN),
+                PollFd::new(wake, PollFlags::POLLIN),
             ];
-            // SAFETY: `pfds` is a valid pollfd array of length 2 for the duration of the call,
-            // and both descriptors are borrowed for it.
-            let rc = unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout_ms) };
-            if rc < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    return Ok(false);
-                }
-                return Err(err);
+            let timeout = PollTimeout::try_from(timeout_ms).unwrap_or(PollTimeout::MAX);
+            match poll(&mut pfds, timeout) {
+                Ok(_) => Ok(pfds[0].revents().is_some_and(|r| !r.is_empty())),
+                Err(nix::errno::Errno::EINTR) => Ok(false),
+                Err(e) => Err(e.into()),
             }
-            Ok(pfds[0].revents != 0)
         }
     }
 }
