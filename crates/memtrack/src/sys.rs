@@ -323,6 +323,57 @@ pub(crate) fn pagemap_scan(
 }
 
 // ---------------------------------------------------------------------------------------------
+// perf events
+// ---------------------------------------------------------------------------------------------
+
+/// The first 64 bytes of `struct perf_event_attr` (`PERF_ATTR_SIZE_VER0`, which every kernel
+/// accepts), from include/uapi/linux/perf_event.h.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct PerfEventAttrV0 {
+    kind: u32,
+    size: u32,
+    config: u64,
+    sample_period: u64,
+    sample_type: u64,
+    read_format: u64,
+    /// Bit 0 `disabled`, bit 5 `exclude_kernel`, bit 6 `exclude_hv`.
+    flags: u64,
+    wakeup_events: u32,
+    bp_type: u32,
+    config1: u64,
+}
+
+const PERF_TYPE_SOFTWARE: u32 = 1;
+const PERF_COUNT_SW_DUMMY: u64 = 9;
+const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
+
+/// perf_event_open(2) of a disabled software dummy event on the calling thread.
+pub(crate) fn perf_dummy_on_self() -> io::Result<OwnedFd> {
+    let attr = PerfEventAttrV0 {
+        kind: PERF_TYPE_SOFTWARE,
+        size: size_of::<PerfEventAttrV0>() as u32,
+        config: PERF_COUNT_SW_DUMMY,
+        flags: 1 | (1 << 5) | (1 << 6),
+        ..Default::default()
+    };
+    // SAFETY: `attr` is a valid, initialized perf_event_attr of the size it declares and
+    // outlives the call, which only reads it; pid 0 / cpu -1 / group -1 are plain integers.
+    let fd = cvt(unsafe {
+        libc::syscall(
+            libc::SYS_perf_event_open,
+            &attr as *const PerfEventAttrV0,
+            0 as libc::c_long,
+            -1 as libc::c_long,
+            -1 as libc::c_long,
+            PERF_FLAG_FD_CLOEXEC,
+        )
+    })?;
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+// ---------------------------------------------------------------------------------------------
 // pidfd
 // ---------------------------------------------------------------------------------------------
 

@@ -195,6 +195,20 @@ async fn run(cfg: AgentConfig) -> Result<()> {
             }
         }
     }
+    if cfg.runs_containers {
+        // Held for the agent's lifetime: every checkpoint and restore sets ptrace breakpoints.
+        static BREAKPOINTS_QUICK: std::sync::OnceLock<std::os::fd::OwnedFd> =
+            std::sync::OnceLock::new();
+        match memtrack::keep_ptrace_breakpoints_quick() {
+            Ok(fd) => {
+                let _ = BREAKPOINTS_QUICK.set(fd);
+                info!("per-task perf hooks kept on: no RCU grace period in a dump's breakpoint");
+            }
+            Err(e) => {
+                warn!(error = %e, "per-task perf hooks not kept on: a dump after a quiet second waits for an RCU grace period (8-18 ms frozen)")
+            }
+        }
+    }
     let criu = tokio::task::spawn_blocking(|| {
         let c = criu_sys::Criu::discover()?;
         c.check()?;
