@@ -230,7 +230,7 @@ pub fn wait_at_gate(path: &Path) -> Result<UnixStream, SwrkProxyError> {
     }
 }
 
-/// Whether [`relay_unchanged`] can take `request`: a DUMP of a given pid or a RESTORE, without
+/// Whether [`relay_unchanged_behind_gate`] can take `request`: a DUMP of a given pid or a RESTORE, without
 /// `status_fd` or `pidfd_store_sk` (descriptors of runc that CRIU would take from ferry-criu
 /// instead).
 pub fn is_relayable_unchanged(request: &[u8]) -> bool {
@@ -535,13 +535,17 @@ fn set_cloexec(fd: BorrowedFd<'_>, on: bool, what: &'static str) -> Result<(), S
 /// frozen tree over the same socket until the agent sends `PS_IOV_CLOSE`. The RPC configuration
 /// file `lazy_config` is written here (`ps-socket FD`, then the lines of runc's own file).
 ///
-/// With `done`, [`GATE_DONE`] is sent there once CRIU has answered runc with success.
+/// With `gate`, CRIU is started (connected to the agent's socket, which the agent therefore
+/// listens on before it lets runc start) and then waits at the agent's gate
+/// ([`wait_at_gate`]): its start-up is out of the frozen window; [`GATE_DONE`] is sent back
+/// through the gate once CRIU has answered runc with success, and a closed gate ends the idle
+/// CRIU, which has touched nothing.
 pub fn relay_dump(
     runc: BorrowedFd<'_>,
     real_criu: &Path,
     page_server_socket: &Path,
     lazy_config: Option<&Path>,
-    done: Option<&UnixStream>,
+    gate: Option<&Path>,
 ) -> Result<ExitStatus, SwrkProxyError> {
     let (request, runc_fds, dirs) = take_request(runc, is_relayable)?;
 
@@ -592,49 +596,25 @@ pub fn relay_dump(
         }
     };
 
-    run_relayed(
+    // CRIU talks to us, not to runc: it must not hold runc's socket open.
+    set_cloexec(runc, true, "keeping runc's socket from CRIU")?;
+    let criu = SpawnedCriu::start(real_criu, Some(ps), lazy_config.is_some())?;
+    let done = match gate.map(wait_at_gate).transpose() {
+        Ok(d) => d,
+        Err(e) => {
+            criu.dismiss();
+            return Err(e);
+        }
+    };
+    criu.drive(
         runc,
-        real_criu,
-        Relayed {
+        Taken {
             request,
             runc_fds,
             dirs,
-            ps: Some(ps),
-            lazy_elsewhere: lazy_config.is_some(),
-            req_type: rpc::REQ_DUMP,
         },
-        done,
-    )
-}
-
-/// Runs runc's request (on `runc`, still unread) through the real CRIU at `real_criu`
-/// unchanged but for the descriptors of runc it names, which are re-opened here, and sends
-/// [`GATE_DONE`] to `done` once CRIU has answered with success. The request must be
-/// [relayable](is_relayable_unchanged). Returns CRIU's exit status.
-///
-/// Relaying (rather than letting CRIU replace `ferry-criu`) is what lets the agent learn that
-/// CRIU is done before runc has exited. For a restore, runc asks CRIU to restore the tasks as
-/// its siblings (`rst_sibling`): they are then children of `ferry-criu` until it exits, and
-/// pass to runc's parent (or to the nearest subreaper) as they would have from runc.
-pub fn relay_unchanged(
-    runc: BorrowedFd<'_>,
-    real_criu: &Path,
-    done: &UnixStream,
-) -> Result<ExitStatus, SwrkProxyError> {
-    let (request, runc_fds, dirs) = take_request(runc, is_relayable_unchanged)?;
-    let req_type = rpc::request_type(&request).ok_or(SwrkProxyError::NotRelayable)?;
-    run_relayed(
-        runc,
-        real_criu,
-        Relayed {
-            request,
-            runc_fds,
-            dirs,
-            ps: None,
-            lazy_elsewhere: false,
-            req_type,
-        },
-        Some(done),
+        rpc::REQ_DUMP,
+        done.as_ref(),
     )
 }
 
@@ -659,103 +639,163 @@ fn take_request(
     Ok((request, runc_fds, dirs))
 }
 
-/// A request ready for CRIU, with what must stay open while CRIU runs.
-struct Relayed {
-    /// The request as CRIU gets it.
-    request: Vec<u8>,
-    /// The descriptors runc sent with it.
-    runc_fds: ReceivedFds,
-    /// runc's directories, re-opened here.
-    dirs: Vec<HeldDir>,
-    /// The page-server connection CRIU inherits.
-    ps: Option<OwnedFd>,
-    /// Sets [`LAZY_PAGES_ELSEWHERE_ENV`] for CRIU.
-    lazy_elsewhere: bool,
-    /// The request's type, to recognise CRIU's final answer.
-    req_type: u64,
+/// A `criu swrk` started on a socket pair of ours, idle until it gets a request.
+struct SpawnedCriu {
+    child: std::process::Child,
+    ours: OwnedFd,
 }
 
-/// Starts `real_criu swrk FD` on a new socket pair (runc's socket is not passed on; other
-/// inherited descriptors are), sends `r.request`, relays everything else ([`forward`]) until
-/// CRIU closes its end, shuts runc's socket and returns CRIU's exit status.
-fn run_relayed(
+/// runc's request, read, with what must stay open while CRIU runs it.
+struct Taken {
+    request: Vec<u8>,
+    runc_fds: ReceivedFds,
+    dirs: Vec<HeldDir>,
+}
+
+impl SpawnedCriu {
+    /// Starts `real_criu swrk FD` (`ps`, if any, is passed on under its own number; runc's
+    /// socket must be close-on-exec by now).
+    fn start(
+        real_criu: &Path,
+        ps: Option<OwnedFd>,
+        lazy_elsewhere: bool,
+    ) -> Result<SpawnedCriu, SwrkProxyError> {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| SwrkProxyError::Fd {
+            what: "socketpair for CRIU",
+            source: e.into(),
+        })?;
+        let mut cmd = Command::new(real_criu);
+        let mut inherited = vec![theirs];
+        inherited.extend(ps);
+        cmd.arg("swrk")
+            .arg(inherited[0].as_raw_fd().to_string())
+            .env_remove(PAGE_SERVER_SOCKET_ENV)
+            .env_remove(LAZY_DUMP_CONFIG_ENV)
+            .env_remove(GATE_ENV)
+            .preserved_fds(inherited);
+        if lazy_elsewhere {
+            cmd.env(LAZY_PAGES_ELSEWHERE_ENV, "1");
+        }
+        let child = cmd.spawn().map_err(|source| SwrkProxyError::Spawn {
+            path: real_criu.to_owned(),
+            source,
+        })?;
+        // Our copies of CRIU's descriptors close with the command.
+        drop(cmd);
+        Ok(SpawnedCriu { child, ours })
+    }
+
+    /// Ends a CRIU that got no request: it sees the end of its socket and exits.
+    fn dismiss(self) {
+        let SpawnedCriu { mut child, ours } = self;
+        drop(ours);
+        let _ = child.wait();
+    }
+
+    /// Sends `taken.request` to CRIU, relays everything else ([`forward`]) until CRIU closes
+    /// its end (sending [`GATE_DONE`] to `done` at CRIU's successful final answer), shuts
+    /// runc's socket and returns CRIU's exit status.
+    fn drive(
+        self,
+        runc: BorrowedFd<'_>,
+        taken: Taken,
+        req_type: u64,
+        done: Option<&UnixStream>,
+    ) -> Result<ExitStatus, SwrkProxyError> {
+        let SpawnedCriu { mut child, ours } = self;
+        let Taken {
+            request,
+            runc_fds,
+            dirs,
+        } = taken;
+        let sent = send_message(ours.as_fd(), &request, &runc_fds.0);
+        drop(runc_fds);
+        let mut signalled = false;
+        let mut observe = |msg: &[u8]| {
+            if !signalled && rpc::final_response_success(msg, req_type) == Some(true) {
+                signalled = true;
+                if let Some(mut d) = done {
+                    use std::io::Write;
+                    // Best effort: without it the agent waits for runc's exit.
+                    let _ = d.write_all(&[GATE_DONE]);
+                }
+            }
+        };
+        let relayed = sent
+            .map_err(|source| SwrkProxyError::Socket {
+                side: Side::Criu,
+                op: "sendmsg",
+                source,
+            })
+            .and_then(|()| forward_observed(runc, ours.as_fd(), &mut observe));
+        // On error CRIU sees the end of its socket and gives up by itself, which leaves the
+        // container as it was; killing it in the middle of a dump might not.
+        drop(ours);
+        let _ = shutdown(runc.as_raw_fd(), Shutdown::Both);
+        let status = child.wait().map_err(SwrkProxyError::Wait)?;
+        drop(dirs);
+        match relayed {
+            Ok(_) => Ok(status),
+            Err(e) => Err(SwrkProxyError::Relay {
+                source: Box::new(e),
+                status,
+            }),
+        }
+    }
+}
+
+/// Runs runc's request (on `runc`, still unread) through the real CRIU at `real_criu`
+/// unchanged but for the descriptors of runc it names, which are re-opened here, and sends
+/// [`GATE_DONE`] through the gate once CRIU has answered with success. CRIU is started
+/// *before* the agent's gate at `gate` opens: its start (exec, libraries, about 2 ms) is out
+/// of the frozen window; the request goes to it once the gate opens, and a closed gate ends
+/// the idle CRIU, which has touched nothing. The request must be
+/// [relayable](is_relayable_unchanged). Returns CRIU's exit status.
+///
+/// Relaying (rather than letting CRIU replace `ferry-criu`) is what lets the agent learn that
+/// CRIU is done before runc has exited. For a restore, runc asks CRIU to restore the tasks as
+/// its siblings (`rst_sibling`): they are then children of `ferry-criu` until it exits, and
+/// pass to runc's parent (or to the nearest subreaper) as they would have from runc.
+pub fn relay_unchanged_behind_gate(
     runc: BorrowedFd<'_>,
     real_criu: &Path,
-    r: Relayed,
-    done: Option<&UnixStream>,
+    gate: &Path,
 ) -> Result<ExitStatus, SwrkProxyError> {
-    let Relayed {
-        request,
-        runc_fds,
-        dirs,
-        ps,
-        lazy_elsewhere,
-        req_type,
-    } = r;
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(|e| SwrkProxyError::Fd {
-        what: "socketpair for CRIU",
-        source: e.into(),
-    })?;
     // CRIU talks to us, not to runc: it must not hold runc's socket open.
     set_cloexec(runc, true, "keeping runc's socket from CRIU")?;
-    let mut cmd = Command::new(real_criu);
-    let mut inherited = vec![theirs];
-    inherited.extend(ps);
-    cmd.arg("swrk")
-        .arg(inherited[0].as_raw_fd().to_string())
-        .env_remove(PAGE_SERVER_SOCKET_ENV)
-        .env_remove(LAZY_DUMP_CONFIG_ENV)
-        .env_remove(GATE_ENV)
-        .preserved_fds(inherited);
-    if lazy_elsewhere {
-        cmd.env(LAZY_PAGES_ELSEWHERE_ENV, "1");
-    }
-    let mut child = cmd.spawn().map_err(|source| SwrkProxyError::Spawn {
-        path: real_criu.to_owned(),
-        source,
-    })?;
-    // Our copies of CRIU's descriptors close with the command.
-    drop(cmd);
-
-    let sent = send_message(ours.as_fd(), &request, &runc_fds.0);
-    drop(runc_fds);
-    let mut signalled = false;
-    let mut observe = |msg: &[u8]| {
-        if !signalled && rpc::final_response_success(msg, req_type) == Some(true) {
-            signalled = true;
-            if let Some(mut d) = done {
-                use std::io::Write;
-                // Best effort: without it the agent waits for runc's exit.
-                let _ = d.write_all(&[GATE_DONE]);
-            }
+    let criu = SpawnedCriu::start(real_criu, None, false)?;
+    let done = match wait_at_gate(gate) {
+        Ok(d) => d,
+        Err(e) => {
+            criu.dismiss();
+            return Err(e);
         }
     };
-    let relayed = sent
-        .map_err(|source| SwrkProxyError::Socket {
-            side: Side::Criu,
-            op: "sendmsg",
-            source,
-        })
-        .and_then(|()| forward_observed(runc, ours.as_fd(), &mut observe));
-    // On error CRIU sees the end of its socket and gives up by itself, which leaves the
-    // container as it was; killing it in the middle of a dump might not.
-    drop(ours);
-    let _ = shutdown(runc.as_raw_fd(), Shutdown::Both);
-    let status = child.wait().map_err(SwrkProxyError::Wait)?;
-    drop(dirs);
-    match relayed {
-        Ok(_) => Ok(status),
-        Err(e) => Err(SwrkProxyError::Relay {
-            source: Box::new(e),
-            status,
-        }),
-    }
+    let taken =
+        match take_request(runc, is_relayable_unchanged).and_then(|(request, runc_fds, dirs)| {
+            let req_type = rpc::request_type(&request).ok_or(SwrkProxyError::NotRelayable)?;
+            Ok((
+                Taken {
+                    request,
+                    runc_fds,
+                    dirs,
+                },
+                req_type,
+            ))
+        }) {
+            Ok(t) => t,
+            Err(e) => {
+                criu.dismiss();
+                return Err(e);
+            }
+        };
+    criu.drive(runc, taken.0, taken.1, Some(&done))
 }
 
 #[cfg(test)]

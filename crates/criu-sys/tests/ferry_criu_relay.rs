@@ -558,3 +558,80 @@ fn behind_the_gate_criu_s_success_is_reported_back_through_it() {
         "no success reported for a failed dump"
     );
 }
+
+/// The children of `pid` whose command name is `comm`.
+fn children_named(pid: u32, comm: &str) -> Vec<u32> {
+    let list =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    list.split_whitespace()
+        .filter_map(|c| c.parse::<u32>().ok())
+        .filter(|c| {
+            std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| n.trim() == comm)
+        })
+        .collect()
+}
+
+/// Behind the gate CRIU is started before the gate opens (its start-up is out of the frozen
+/// window), idle; a gate the agent closes instead of opening ends that CRIU, which has touched
+/// nothing: the dump fails and the testee runs on.
+#[test]
+fn behind_the_gate_criu_waits_started_and_a_closed_gate_ends_it() {
+    let _serial = serial();
+    let lab = lab("ferry-criu-gate-closed");
+    let testee = start_testee(&lab);
+    let pid = testee.pid();
+    let gate_path = lab.dir.join("gate.sock");
+    let gate = UnixListener::bind(&gate_path).unwrap();
+    let images = File::open(&lab.images).unwrap();
+    let stderr = lab.dir.join("ferry-criu.stderr");
+    let (mut ferry_criu, runc) = start_ferry_criu(
+        &[
+            ("FERRY_CRIU_REAL", &real_criu()),
+            ("FERRY_CRIU_VERSION", "4.2.1"),
+            ("FERRY_CRIU_GATE", gate_path.to_str().unwrap()),
+        ],
+        &stderr,
+    );
+    runc.send(&plain_dump_request(
+        images.as_raw_fd(),
+        images.as_raw_fd(),
+        pid.as_raw(),
+    ))
+    .unwrap();
+    let (conn, _) = gate.accept().unwrap();
+    // At the gate: CRIU is already there, a child of ferry-criu.
+    let front = ferry_criu.pid().as_raw() as u32;
+    let until = Instant::now() + STEP;
+    while children_named(front, "criu").is_empty() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let criu = children_named(front, "criu");
+    assert_eq!(criu.len(), 1, "CRIU started before the gate opened");
+    // The agent closes the gate.
+    drop(conn);
+    let status = ferry_criu.wait(STEP);
+    assert!(!status.success(), "a closed gate fails the dump");
+    let err = std::fs::read_to_string(&stderr).unwrap_or_default();
+    assert!(err.contains("gate"), "says why: {err}");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", criu[0])).exists(),
+        "the idle CRIU ended with it"
+    );
+    assert!(
+        std::fs::read_dir(&lab.images).unwrap().next().is_none(),
+        "nothing was dumped"
+    );
+    // The testee was never stopped: it still answers a signal-free liveness check.
+    assert!(
+        std::path::Path::new(&format!("/proc/{}", pid.as_raw())).exists(),
+        "the testee runs on"
+    );
+    let state = std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw())).unwrap();
+    let state = state.rsplit_once(") ").unwrap().1.chars().next().unwrap();
+    assert!(
+        matches!(state, 'S' | 'R'),
+        "the testee is not stopped: {state}"
+    );
+    drop(images);
+    drop(testee);
+}

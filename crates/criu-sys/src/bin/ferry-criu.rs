@@ -16,7 +16,8 @@
 //! With `FERRY_CRIU_GATE` set, any request but the version's first waits at the agent's gate
 //! ([`swrk_proxy::wait_at_gate`]): the agent starts runc before the frozen window and lets
 //! CRIU run once the container is frozen (dump) or its images are in place (restore). A dump
-//! or restore behind a gate is relayed ([`swrk_proxy::relay_unchanged`]) rather than handed
+//! or restore behind a gate is relayed ([`swrk_proxy::relay_unchanged_behind_gate`], which starts
+//! CRIU before the gate opens) rather than handed
 //! to CRIU, so that `ferry-criu` sees CRIU's answer and tells the agent through the gate as
 //! soon as it is a success ([`swrk_proxy::GATE_DONE`]): runc's and CRIU's own exits, a few
 //! milliseconds, then fall outside the frozen window.
@@ -63,15 +64,16 @@ fn main() -> ExitCode {
                     }
                 };
             }
-            let mut done = None;
-            if let Some(gate) = &gate {
-                match swrk_proxy::wait_at_gate(Path::new(gate)) {
-                    Ok(conn) => done = Some(conn),
-                    Err(e) => {
-                        eprintln!("ferry-criu: {e}");
-                        return ExitCode::from(1);
-                    }
-                }
+            // Behind a gate the agent waits to hear that CRIU is done: relay to tell it, with
+            // CRIU started before the gate opens.
+            if let Some(gate) = gate.as_ref().filter(|_| {
+                swrk_proxy::is_relayable_unchanged(&request)
+                    && swrk_proxy::page_server_socket_for(&request, page_server_socket.as_deref())
+                        .is_none()
+            }) {
+                return relay(fd, |runc| {
+                    swrk_proxy::relay_unchanged_behind_gate(runc, Path::new(&real), Path::new(gate))
+                });
             }
             if let Some(socket) =
                 swrk_proxy::page_server_socket_for(&request, page_server_socket.as_deref())
@@ -85,14 +87,8 @@ fn main() -> ExitCode {
                         Path::new(&real),
                         &socket,
                         lazy.as_deref(),
-                        done.as_ref(),
+                        gate.as_deref().map(Path::new),
                     )
-                });
-            }
-            // Behind a gate the agent waits to hear that CRIU is done: relay to tell it.
-            if let Some(done) = done.filter(|_| swrk_proxy::is_relayable_unchanged(&request)) {
-                return relay(fd, |runc| {
-                    swrk_proxy::relay_unchanged(runc, Path::new(&real), &done)
                 });
             }
         }
@@ -106,7 +102,7 @@ fn main() -> ExitCode {
 }
 
 /// Runs the request through `run` ([`swrk_proxy::relay_dump`] or
-/// [`swrk_proxy::relay_unchanged`]) on runc's socket `fd`; exits as CRIU did.
+/// [`swrk_proxy::relay_unchanged_behind_gate`]) on runc's socket `fd`; exits as CRIU did.
 fn relay(
     fd: RawFd,
     run: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> Result<std::process::ExitStatus, SwrkProxyError>,

@@ -620,13 +620,15 @@ impl super::source::Driver {
         &mut self,
         placement: &std::sync::Arc<Placement>,
         sock: &std::path::Path,
-        pre: Option<crate::runtime::Prestarted>,
+        pre: Option<super::source::DumpAhead>,
     ) -> Result<(u64, u64, u64, u64, u32, u64)> {
         let job = self.job.id.clone();
         let sock = sock.to_path_buf();
-        let _ = std::fs::remove_file(&sock);
-        let listener = tokio::net::UnixListener::bind(&sock)
-            .with_context(|| format!("listening on {}", sock.display()))?;
+        let (pre, early) = match pre {
+            Some((p, l)) => (Some(p), l),
+            None => (None, None),
+        };
+        let listener = super::source::criu_listener(&sock, early)?;
         let bound = self.dump_bound();
         let runc = self.agent.runc.bounded(bound.clone());
         let name = self.spec.name.clone();

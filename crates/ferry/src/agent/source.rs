@@ -219,10 +219,7 @@ pub(super) struct Driver {
     pub(super) lazy_min_bytes: u64,
     /// The final dump's `runc checkpoint`, started before the redirect and waiting at its
     /// CRIU gate, with the relay it was started for.
-    pub(super) dump_ahead: Option<(
-        crate::runtime::Prestarted,
-        Option<(std::path::PathBuf, bool)>,
-    )>,
+    pub(super) dump_ahead: Option<(DumpAhead, Option<(std::path::PathBuf, bool)>)>,
     /// Requests of the final dump sent without waiting; the restore waits for them.
     pub(super) pending: Vec<tokio::task::JoinHandle<Result<u64>>>,
     /// The final dump's runc, still exiting after CRIU reported success: the images travel
@@ -595,7 +592,7 @@ impl Driver {
                 self.dump_relayed().await
             }
             Action::Dump => {
-                let pre = self.dump_ahead_or_prestart(None).await;
+                let pre = self.dump_ahead_or_prestart(None).await.map(|(p, _)| p);
                 let bound = self.dump_bound();
                 let runc = self.agent.runc.bounded(bound.clone());
                 let name = self.spec.name.clone();
@@ -1031,7 +1028,7 @@ impl Driver {
                 return;
             }
         };
-        let Some(mut pre) = self.prestart_dump(relay.clone()).await else {
+        let Some((mut pre, ps)) = self.prestart_dump(relay.clone()).await else {
             return;
         };
         let bound = crate::runtime::Bound::new(
@@ -1045,7 +1042,7 @@ impl Driver {
         })
         .await
         {
-            Ok((pre, Ok(()))) => self.dump_ahead = Some((pre, relay)),
+            Ok((pre, Ok(()))) => self.dump_ahead = Some(((pre, ps), relay)),
             Ok((_, Err(e))) => {
                 warn!(job = %self.job.id, error = %format!("{e:#}"), "runc checkpoint did not get ready ahead: the dump starts it again")
             }
@@ -1058,7 +1055,7 @@ impl Driver {
     pub(super) async fn dump_ahead_or_prestart(
         &mut self,
         relay: Option<(std::path::PathBuf, bool)>,
-    ) -> Option<crate::runtime::Prestarted> {
+    ) -> Option<DumpAhead> {
         match self.dump_ahead.take() {
             Some((pre, r)) if r == relay => Some(pre),
             other => {
@@ -1071,14 +1068,13 @@ impl Driver {
 
     /// Starts the final dump's `runc checkpoint` now, before the freeze, its CRIU held at a
     /// gate until [`crate::runtime::Prestarted::go`] (`relay`: the page-server socket and
-    /// whether the dump is lazy). The images directory is emptied first and stays (runc holds
-    /// it). `None`, with a warning, if it cannot start: the dump then starts runc itself, in
-    /// the frozen window.
+    /// whether the dump is lazy, listened on first: CRIU connects to it before the gate). The
+    /// images directory is emptied first and stays (runc holds it). `None`, with a warning, if
+    /// it cannot start: the dump then starts runc itself, in the frozen window.
     pub(super) fn prestart_dump(
         &self,
         relay: Option<(std::path::PathBuf, bool)>,
-    ) -> impl std::future::Future<Output = Option<crate::runtime::Prestarted>> + Send + 'static
-    {
+    ) -> impl std::future::Future<Output = Option<DumpAhead>> + Send + 'static {
         let ready = self.agent.runc.has_criu_frontend();
         let job = self.job.id.clone();
         let runc = self.agent.runc.clone();
@@ -1094,8 +1090,13 @@ impl Driver {
                 let _ = std::fs::remove_dir_all(&images);
                 std::fs::create_dir_all(&images)?;
                 std::fs::create_dir_all(&work)?;
+                let ps = match &relay {
+                    Some((sock, _)) => Some(listen_for_criu(sock)?),
+                    None => None,
+                };
                 let relay = relay.as_ref().map(|(p, lazy)| (p.as_path(), *lazy));
                 runc.prestart_checkpoint(&name, &images, &work, relay, &gate)
+                    .map(|p| (p, ps))
             })
             .await
             .map_err(anyhow::Error::from)
@@ -1127,9 +1128,13 @@ impl Driver {
     async fn dump_relayed(&mut self) -> Result<u64> {
         let job = self.job.id.clone();
         let sock = self.agent.run_socket(&job, "ps")?;
-        let pre = self
+        let (pre, early) = match self
             .dump_ahead_or_prestart(Some((sock.clone(), false)))
-            .await;
+            .await
+        {
+            Some((p, l)) => (Some(p), l),
+            None => (None, None),
+        };
         let mut rounds = std::mem::replace(&mut self.rounds, Rounds::new());
         let (stopped, rounds) = tokio::task::spawn_blocking(move || {
             let r = rounds.stop_tracking();
@@ -1144,9 +1149,7 @@ impl Driver {
         // runs unthrottled for the few milliseconds until the freeze, whose dump reads every
         // page anyway.
         self.rounds.lift_throttle();
-        let _ = std::fs::remove_file(&sock);
-        let listener = tokio::net::UnixListener::bind(&sock)
-            .with_context(|| format!("listening on {}", sock.display()))?;
+        let listener = criu_listener(&sock, early)?;
         let conn = self.conn().await?;
         let (mut send, recv) = conn.open().await?;
         transfer::frame::write_msg(&mut send, &PeerRequest::DumpPages { job: job.clone() }).await?;
@@ -1210,6 +1213,35 @@ impl Driver {
             bytes = stats.link_bytes_written, relay_ms = crate::util::ms(stats.elapsed), "final dump's pages relayed");
         Ok(stats.link_bytes_written)
     }
+}
+
+/// A `runc checkpoint` started ahead, with the page-server socket it was started for, already
+/// listened on (CRIU connects before its gate opens).
+pub(super) type DumpAhead = (
+    crate::runtime::Prestarted,
+    Option<std::os::unix::net::UnixListener>,
+);
+
+/// Listens on the page-server socket `sock` (replacing any earlier one) for CRIU's connection.
+fn listen_for_criu(sock: &std::path::Path) -> Result<std::os::unix::net::UnixListener> {
+    let _ = std::fs::remove_file(sock);
+    let l = std::os::unix::net::UnixListener::bind(sock)
+        .with_context(|| format!("listening on {}", sock.display()))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// The listener for CRIU's page-server connection: the one the dump started ahead listens on
+/// (`early`), else a new one on `sock`.
+pub(super) fn criu_listener(
+    sock: &std::path::Path,
+    early: Option<std::os::unix::net::UnixListener>,
+) -> Result<tokio::net::UnixListener> {
+    let l = match early {
+        Some(l) => l,
+        None => listen_for_criu(sock)?,
+    };
+    Ok(tokio::net::UnixListener::from_std(l)?)
 }
 
 /// How long a `runc checkpoint` started before the redirect may take to reach its CRIU gate.
