@@ -852,14 +852,19 @@ impl Agent {
                 }
             }
         }
-        self.adopt(job, &inc.spec);
-        // The gratuitous ARP, the page store's grant and the images (as large as the
-        // container's memory) are not on the way of the commit's answer, which ends the
-        // source's count of the frozen time. A lazy restore still filling in needs the images:
-        // its end removes them.
+        // Listed here at once; written to disk after the answer (the commit record above makes
+        // a restart adopt it anyway: `finish_recorded_commit`).
+        self.adopt_in_memory(job, &inc.spec);
+        // The container list's fsync, the gratuitous ARP, the page store's grant and the
+        // images (as large as the container's memory) are not on the way of the commit's
+        // answer, which ends the source's count of the frozen time. A lazy restore still
+        // filling in needs the images: its end removes them.
         let (agent, job_id, filling) = (Arc::clone(self), job.to_string(), inc.filling);
         let (netns, spec) = (inc.layout.netns.clone(), inc.spec.clone());
         tokio::spawn(async move {
+            let a = Arc::clone(&agent);
+            let j = job_id.clone();
+            let _ = tokio::task::spawn_blocking(move || a.adopt_on_disk(&j)).await;
             announce(&netns, &spec);
             if !filling {
                 agent.release_store(&job_id).await;
@@ -1018,6 +1023,12 @@ impl Agent {
     /// A committed incoming job's container is owned here from now on: recorded (its record
     /// keeps its base from gc), the job's own records dropped.
     fn adopt(&self, job: &str, spec: &ContainerSpec) {
+        self.adopt_in_memory(job, spec);
+        self.adopt_on_disk(job);
+    }
+
+    /// [`Self::adopt`]'s part in memory: the container is listed here.
+    fn adopt_in_memory(&self, job: &str, spec: &ContainerSpec) {
         lock(&self.containers).insert(
             spec.name.clone(),
             ContainerRecord {
@@ -1025,8 +1036,12 @@ impl Agent {
                 migrating: false,
             },
         );
-        self.save_containers();
         lock(&self.incoming_bases).remove(job);
+    }
+
+    /// [`Self::adopt`]'s part on disk: the container list saved, then the job's record dropped.
+    fn adopt_on_disk(&self, job: &str) {
+        self.save_containers();
         let _ = std::fs::remove_file(self.incoming_record(job));
     }
 

@@ -374,6 +374,10 @@ impl Agent {
     }
 
     fn save_containers(&self) {
+        // One save at a time, each of the list as it is then: the last one written is the
+        // newest.
+        static SAVING: Mutex<()> = Mutex::new(());
+        let _one = lock(&SAVING);
         let c = lock(&self.containers).clone();
         let path = self.cfg.state_dir.join("containers.json");
         let r = serde_json::to_vec_pretty(&c)
