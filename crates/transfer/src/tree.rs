@@ -110,11 +110,46 @@ where
     let rd = Arc::new(rd);
     // One compression context and one buffer for the whole tree: creating them per file costs
     // more than compressing a small file.
-    let mut zc = Some(
-        zstd::bulk::Compressor::new(1)
-            .map_err(|e| TransferError::io("zstd compressor", root, e))?,
-    );
-    let mut buf = Vec::new();
+    let zc = zstd::bulk::Compressor::new(1)
+        .map_err(|e| TransferError::io("zstd compressor", root, e))?;
+    // One blocking thread reads, hashes and compresses every file in the diff's order, up to
+    // [`PIPELINE_DEPTH`] pieces ahead of the stream: reading overlaps with sending, and a tree
+    // of many small files (a checkpoint of many processes) costs no thread hand-over per file.
+    let files: Vec<OwnedFile> = diff
+        .changed
+        .iter()
+        .filter(|m| matches!(m.kind, EntryKind::File))
+        .map(|meta| OwnedFile {
+            rd: Arc::clone(&rd),
+            meta: meta.clone(),
+            id: diff.identity(&meta.path),
+            reads,
+        })
+        .collect();
+    let (tx, rx) = tokio::sync::mpsc::channel(PIPELINE_DEPTH);
+    let mut rx = Pieces {
+        rx,
+        ready: std::collections::VecDeque::new(),
+    };
+    let (pool_tx, pool_rx) = std::sync::mpsc::channel();
+    let reader = (!files.is_empty()).then(|| {
+        tokio::task::spawn_blocking(move || {
+            let (mut zc, mut buf) = (zc, Vec::new());
+            let mut out = Batcher {
+                tx,
+                batch: Vec::new(),
+                bytes: 0,
+            };
+            for f in files {
+                let r = read_file(f, &mut zc, &mut buf, &mut out, &pool_rx);
+                let stop = !matches!(r, Ok(ReadEnd::Done { .. } | ReadEnd::Changed(_)));
+                if !out.push(Piece::End(r)) || stop {
+                    break;
+                }
+            }
+            out.flush();
+        })
+    });
     for path in &diff.removed {
         st.wire_bytes += write_msg(s, &RecordRef::Remove(path)).await?;
         st.entries += 1;
@@ -123,13 +158,8 @@ where
     for meta in &diff.changed {
         match &meta.kind {
             EntryKind::File => {
-                let file = FileToSend {
-                    rd: &rd,
-                    meta,
-                    id: diff.identity(&meta.path),
-                    reads,
-                };
-                if !send_file(s, file, &mut st, &mut zc, &mut buf).await? {
+                let path = rd.display_path(&meta.path);
+                if !send_file(s, meta, &path, reads, &mut rx, &pool_tx, &mut st).await? {
                     skipped.insert(&meta.path);
                     continue;
                 }
@@ -143,6 +173,12 @@ where
         }
         st.entries += 1;
     }
+    drop(rx);
+    if let Some(reader) = reader {
+        reader
+            .await
+            .map_err(|e| TransferError::io("read", root, std::io::Error::other(e.to_string())))?;
+    }
     st.wire_bytes += write_msg(
         s,
         &RecordRef::End {
@@ -152,15 +188,6 @@ where
     .await?;
     s.flush().await.map_err(write_err("flushing a tree"))?;
     Ok(st)
-}
-
-/// One file of a diff to send.
-struct FileToSend<'a> {
-    rd: &'a Arc<RootDir>,
-    meta: &'a EntryMeta,
-    /// `(device, inode)` as snapshotted.
-    id: Option<(u64, u64)>,
-    reads: Reads,
 }
 
 /// Why a file of the diff cannot be read as snapshotted.
@@ -219,6 +246,70 @@ enum Piece {
     /// One encoded chunk: its header and compressed content (a buffer the writer hands
     /// back through the reader's pool once written).
     Chunk([u8; 8], Vec<u8>),
+    /// The file's end: how its reading ended (after its last chunk).
+    End(Result<ReadEnd, TransferError>),
+}
+
+/// The pieces of a tree's files travel to the stream writer in batches: one hand-over (and
+/// one wake-up of the writer) per batch rather than per piece, which is what a tree of many
+/// small files costs most.
+type Batch = Vec<Piece>;
+
+/// Batches chunk buffers of this much memory at most; a buffer at least this big goes at once.
+const BATCH_BYTES: usize = 256 << 10;
+/// Batches this many pieces at most.
+const BATCH_PIECES: usize = 256;
+
+/// The reader's side: collects pieces into batches.
+struct Batcher {
+    tx: tokio::sync::mpsc::Sender<Batch>,
+    batch: Batch,
+    bytes: usize,
+}
+
+impl Batcher {
+    /// Adds `p`; hands the batch on when it is full. `false`: the writer went away.
+    fn push(&mut self, p: Piece) -> bool {
+        if let Piece::Chunk(_, b) = &p {
+            // Capacity, not length: a recycled buffer keeps the size of the largest chunk
+            // it held, and that is the memory a batch holds.
+            self.bytes += b.capacity();
+        }
+        self.batch.push(p);
+        if self.bytes >= BATCH_BYTES || self.batch.len() >= BATCH_PIECES {
+            return self.flush();
+        }
+        true
+    }
+
+    /// Hands the batch on. `false`: the writer went away.
+    fn flush(&mut self) -> bool {
+        if self.batch.is_empty() {
+            return true;
+        }
+        self.bytes = 0;
+        self.tx
+            .blocking_send(std::mem::take(&mut self.batch))
+            .is_ok()
+    }
+}
+
+/// The writer's side: the pieces in order.
+struct Pieces {
+    rx: tokio::sync::mpsc::Receiver<Batch>,
+    ready: std::collections::VecDeque<Piece>,
+}
+
+impl Pieces {
+    /// The next piece; `None` once the reader has ended and everything was taken.
+    async fn next(&mut self) -> Option<Piece> {
+        loop {
+            if let Some(p) = self.ready.pop_front() {
+                return Some(p);
+            }
+            self.ready.extend(self.rx.recv().await?);
+        }
+    }
 }
 
 /// How a file's reading ended.
@@ -245,7 +336,7 @@ fn read_file(
     f: OwnedFile,
     zc: &mut zstd::bulk::Compressor<'static>,
     buf: &mut Vec<u8>,
-    tx: &tokio::sync::mpsc::Sender<Piece>,
+    tx: &mut Batcher,
     pool: &std::sync::mpsc::Receiver<Vec<u8>>,
 ) -> Result<ReadEnd, TransferError> {
     use std::io::Read;
@@ -268,7 +359,7 @@ fn read_file(
     current.gid = md.gid();
     current.mtime_ns = mtime_ctime(&md).0;
     let size = current.size;
-    if tx.blocking_send(Piece::Entry(current)).is_err() {
+    if !tx.push(Piece::Entry(current)) {
         return Ok(ReadEnd::Abandoned);
     }
     let mut hasher = blake3::Hasher::new();
@@ -319,7 +410,7 @@ fn read_file(
         } else {
             out
         };
-        if tx.blocking_send(Piece::Chunk(hdr, piece)).is_err() {
+        if !tx.push(Piece::Chunk(hdr, piece)) {
             return Ok(ReadEnd::Abandoned);
         }
         remaining -= n as u64;
@@ -400,43 +491,34 @@ struct OwnedFile {
     reads: Reads,
 }
 
-/// Sends one file; `Ok(false)` if it was skipped (vanished or changed kind, with
-/// [`Reads::Live`]): nothing of it was written then. A blocking thread opens, reads, hashes
-/// and compresses it up to [`PIPELINE_DEPTH`] chunks ahead of the stream, so reading and
-/// compressing overlap with sending.
+/// Sends one file, from the pieces the tree's reader hands on (`rx`; written chunk buffers go
+/// back through `pool`); `Ok(false)` if it was skipped (vanished or changed kind, with
+/// [`Reads::Live`]): nothing of it was written then.
 async fn send_file<W>(
     s: &mut W,
-    f: FileToSend<'_>,
+    meta: &EntryMeta,
+    path: &Path,
+    reads: Reads,
+    rx: &mut Pieces,
+    pool: &std::sync::mpsc::Sender<Vec<u8>>,
     st: &mut TreeStats,
-    zc: &mut Option<zstd::bulk::Compressor<'static>>,
-    buf: &mut Vec<u8>,
 ) -> Result<bool, TransferError>
 where
     W: AsyncWrite + Unpin + ?Sized,
 {
-    let meta = f.meta;
-    let path = f.rd.display_path(&meta.path);
-    let owned = OwnedFile {
-        rd: Arc::clone(f.rd),
-        meta: meta.clone(),
-        id: f.id,
-        reads: f.reads,
-    };
-    let (tx, mut rx) = tokio::sync::mpsc::channel(PIPELINE_DEPTH);
-    let (pool_tx, pool_rx) = std::sync::mpsc::channel();
-    // Only a reader that panicked keeps them; the tree then failed already.
-    let (Some(mut c), mut b) = (zc.take(), std::mem::take(buf)) else {
-        return Err(lost_context("compressor"));
-    };
-    let reader = tokio::task::spawn_blocking(move || {
-        let r = read_file(owned, &mut c, &mut b, &tx, &pool_rx);
-        (r, c, b)
-    });
+    let path = path.to_path_buf();
     let mut written = 0u64;
-    let mut write_error = None;
-    while let Some(piece) = rx.recv().await {
-        let r = match piece {
-            Piece::Entry(current) => write_msg(s, &RecordRef::Entry(&current)).await,
+    let end = loop {
+        let Some(piece) = rx.next().await else {
+            return Err(TransferError::Protocol {
+                reason: format!(
+                    "the tree's file reader stopped before {} (it panicked)",
+                    path.display()
+                ),
+            });
+        };
+        let n = match piece {
+            Piece::Entry(current) => write_msg(s, &RecordRef::Entry(&current)).await?,
             Piece::Chunk(hdr, bytes) => {
                 let r = async {
                     s.write_all(&hdr).await?;
@@ -446,29 +528,16 @@ where
                 .map(|()| 8 + bytes.len() as u64)
                 .map_err(write_err("writing a chunk"));
                 // The reader may have finished: then the buffer is simply dropped.
-                let _ = pool_tx.send(bytes);
-                r
+                let _ = pool.send(bytes);
+                r?
             }
+            Piece::End(r) => break r,
         };
-        match r {
-            Ok(n) => written += n,
-            Err(e) => {
-                write_error = Some(e);
-                break;
-            }
-        }
-    }
-    drop(rx);
-    let (r, c, b) = reader
-        .await
-        .map_err(|e| TransferError::io("read", &path, std::io::Error::other(e.to_string())))?;
-    (*zc, *buf) = (Some(c), b);
-    if let Some(e) = write_error {
-        return Err(e);
-    }
+        written += n;
+    };
     st.wire_bytes += written;
-    let (hash, changed, times, bytes) = match r? {
-        ReadEnd::Changed(reason) if f.reads == Reads::Live => {
+    let (hash, changed, times, bytes) = match end? {
+        ReadEnd::Changed(reason) if reads == Reads::Live => {
             tracing::debug!(path = %meta.path, %reason, "skipped a file that changed since the snapshot");
             st.unsettled.push(meta.path.clone());
             return Ok(false);
@@ -495,7 +564,7 @@ where
     st.file_bytes += bytes;
 
     // Did it change while it was read, or so recently that a further write could go unseen?
-    match f.reads {
+    match reads {
         Reads::Frozen if changed => {
             return Err(TransferError::SourceChanged {
                 path,
