@@ -44,6 +44,13 @@ fn assert_lazy(r: &Value, code: i32, size_mib: u64) {
     assert_eq!(i["pages_checked"], m["lazy_pages"], "{m}");
     assert_eq!(i["mismatches"], 0, "{m}");
     assert!(i["incomplete"].is_null(), "{m}");
+    // The report counts every round trip of the freeze; the memory report's are those same
+    // ones (at least the images, the restore and the commit).
+    let trips = r["frozen_round_trips"]
+        .as_u64()
+        .expect("frozen_round_trips");
+    assert!(trips >= 3, "{r}");
+    assert_eq!(m["frozen_round_trips"].as_u64(), Some(trips), "{r}");
     // The freeze carried the last writes and the images, not the memory.
     let dump = phase_bytes(r, "dump");
     assert!(
@@ -243,6 +250,12 @@ fn without_lazy_restore_the_final_dump_carries_every_page() {
     assert_eq!(m["restore"], "eager", "{r}");
     let why = m["not_lazy"].as_str().unwrap_or("");
     assert!(why.contains("lazy_restore in its config"), "{m}");
+    // CRIU waits for the destination's page server at the end of the relayed dump: one round
+    // trip more than the images, the restore and the commit.
+    assert!(
+        r["frozen_round_trips"].as_u64().is_some_and(|n| n >= 4),
+        "{r}"
+    );
     assert!(processes_with("criu lazy-pages").is_empty());
     assert_memory_intact(&ip, 64, "on h2, restored from a complete dump");
 

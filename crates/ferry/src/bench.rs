@@ -1324,7 +1324,7 @@ fn memory_table(s: &mut String, r: &BenchResult) {
             rep.transfer_ms,
             rep.restore_ms,
             commit,
-            m.frozen_round_trips,
+            rep.frozen_round_trips,
             m.final_dirty_pages,
             m.unplaced_pages,
             m.eager_pages,
@@ -1434,11 +1434,11 @@ pub fn markdown(r: &BenchResult) -> String {
     );
     let _ = writeln!(
         s,
-        "| scenario | link | Ferry downtime ms | Ferry frozen ms | gap - frozen ms | switch ms | baseline downtime ms | downtime ratio | Ferry total ms | baseline total ms | total ratio | Ferry wire | baseline wire | CPU ms Ferry / baseline | memory intact |"
+        "| scenario | link | Ferry downtime ms | Ferry frozen ms | round trips frozen | gap - frozen ms | switch ms | baseline downtime ms | downtime ratio | Ferry total ms | baseline total ms | total ratio | Ferry wire | baseline wire | CPU ms Ferry / baseline | memory intact |"
     );
     let _ = writeln!(
         s,
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"
     );
     let f1 = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
     let f2 = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
@@ -1460,12 +1460,16 @@ pub fn markdown(r: &BenchResult) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} [{}] | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} / {} |",
+            "| {} [{}] | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} / {} |",
             x.scenario.workload.label(),
             x.scenario.mode,
             x.scenario.link_label(),
             f1(val(Some(f), |r| r.downtime_ms)),
             f1(f.frozen_ms.filter(|_| f.error.is_none())),
+            f.report
+                .as_ref()
+                .filter(|_| f.error.is_none())
+                .map_or("-".into(), |r| r.frozen_round_trips.to_string()),
             f1(f.gap_minus_frozen_ms.filter(|_| f.error.is_none())),
             f1(f.network_switch_ms.filter(|_| f.error.is_none())),
             f1(val(b, |r| r.downtime_ms)),

@@ -592,8 +592,9 @@ pub(crate) fn print_summary(r: &Report) {
         }
     }
     println!(
-        "  frozen {:.1} ms (dump {:.1}, transfer {:.1}, restore {:.1}, network switch {:.1}); total {:.1} ms; {} sent",
-        r.frozen_ms, r.freeze_to_dump_ms, r.transfer_ms, r.restore_ms, r.network_switch_ms, r.total_ms,
+        "  frozen {:.1} ms (dump {:.1}, transfer {:.1}, restore {:.1}, network switch {:.1}; {} round trips between the hosts); total {:.1} ms; {} sent",
+        r.frozen_ms, r.freeze_to_dump_ms, r.transfer_ms, r.restore_ms, r.network_switch_ms,
+        r.frozen_round_trips, r.total_ms,
         human_bytes(r.bytes_sent)
     );
     if let Some(m) = &r.memory {

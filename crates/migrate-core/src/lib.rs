@@ -286,6 +286,11 @@ impl Migration {
         self.report.rootfs_digest = Some(digest.to_string());
     }
 
+    /// Records the request round trips between the hosts while the container was frozen.
+    pub fn set_frozen_round_trips(&mut self, n: u32) {
+        self.report.frozen_round_trips = n;
+    }
+
     /// Records how memory crossed the freeze (pre-copy).
     pub fn set_memory(&mut self, memory: &MemoryReport) {
         self.report.memory = Some(memory.clone());

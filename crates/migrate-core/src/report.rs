@@ -124,6 +124,10 @@ pub struct Report {
     /// Pre-copy: how memory crossed the freeze (lazy restore or not) and how it was filled in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryReport>,
+    /// Request round trips between source and destination while the container was frozen
+    /// (each waits for the other host's answer: one network round trip).
+    #[serde(default)]
+    pub frozen_round_trips: u32,
     #[serde(skip)]
     pub(crate) started_at: Duration,
 }
@@ -262,6 +266,7 @@ impl Report {
             started_unix_ms: 0.0,
             rootfs_digest: None,
             memory: None,
+            frozen_round_trips: 0,
             started_at: Duration::ZERO,
         }
     }

@@ -99,6 +99,8 @@ pub struct RelayStats {
     pub link_bytes_read: u64,
     /// The page server's answer to CLOSE / FORCE_CLOSE.
     pub close_status: Option<i32>,
+    /// Source side: messages CRIU waited on the destination's reply for (a round trip each).
+    pub round_trips: u64,
     /// From the first message to the end.
     pub elapsed: Duration,
 }
@@ -329,6 +331,7 @@ where
 
         if msg.reply_kind().is_some() {
             tx.flush().await.map_err(link_err("flushing"))?;
+            stats.round_trips += 1;
             let reply = read_reply_frame(&mut rx, &msg, &mut stats).await?;
             if let criu_sys::page_server::Reply::Close { status } = reply {
                 stats.close_status = Some(status);

@@ -589,6 +589,7 @@ impl super::source::Driver {
         match self.lazy_dump_and_send(&placement, &sock, pre).await {
             Ok((bytes, extra, eager, lazy, round_trips, reread)) => {
                 self.lazy_dumped = true;
+                self.frozen_round_trips += round_trips;
                 self.memory = Some(migrate_core::MemoryReport {
                     restore: "lazy".into(),
                     frozen_round_trips: round_trips,

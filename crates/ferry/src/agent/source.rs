@@ -170,6 +170,7 @@ pub(crate) fn start(
             pending: Vec::new(),
             dump_finishing: None,
             commit_journal: None,
+            frozen_round_trips: 0,
             memory: None,
             not_lazy: (req.mode == MigrateMode::PreCopy
                 && req.precopy.as_ref().is_some_and(|p| !p.lazy_restore))
@@ -230,6 +231,8 @@ pub(super) struct Driver {
     /// while the destination restores, so that its fsync is not in the frozen window; the
     /// commit waits for it, a rollback before the commit undoes it.
     pub(super) commit_journal: Option<tokio::task::JoinHandle<Result<()>>>,
+    /// Request round trips to the destination while frozen, every mode (the report's).
+    pub(super) frozen_round_trips: u32,
     /// Pre-copy: how memory crossed the freeze, for the report.
     pub(super) memory: Option<migrate_core::MemoryReport>,
     /// Why this pre-copy does not restore lazily.
@@ -324,6 +327,7 @@ impl Driver {
                     if let Some(mem) = &self.memory {
                         m.set_memory(mem);
                     }
+                    m.set_frozen_round_trips(self.frozen_round_trips);
                     r.map(|bytes| (bytes, Event::Done { bytes }))
                 }
             };
@@ -1027,8 +1031,10 @@ impl Driver {
         Ok(())
     }
 
-    /// Counts request round trips to the destination while frozen (lazy restore's report).
-    fn count_round_trips(&mut self, n: u32) {
+    /// Counts request round trips to the destination while frozen (the report's, and the
+    /// lazy restore's memory report).
+    pub(super) fn count_round_trips(&mut self, n: u32) {
+        self.frozen_round_trips += n;
         if let Some(m) = self.memory.as_mut().filter(|m| m.restore == "lazy") {
             m.frozen_round_trips += n;
         }
@@ -1245,6 +1251,8 @@ impl Driver {
             Ok(f) => self.dump_finishing = f,
         }
         let stats = relay.context("relaying the final dump's pages")?;
+        // CRIU waited for the destination's page server at each of these.
+        self.count_round_trips(u32::try_from(stats.round_trips).unwrap_or(u32::MAX));
         info!(%job, pages = stats.pages, as_reference = stats.pages_as_reference,
             bytes = stats.link_bytes_written, relay_ms = crate::util::ms(stats.elapsed), "final dump's pages relayed");
         Ok(stats.link_bytes_written)
