@@ -146,6 +146,10 @@ pub enum PeerRequest {
         /// the container runs.
         #[serde(default)]
         lazy: bool,
+        /// The images request was sent just before this one, whose answer the source does not
+        /// wait for: the restore waits until the images are here (and fails if they failed).
+        #[serde(default)]
+        after_images: bool,
     },
     /// Pre-copy with lazy restore: `count` location records (`transfer::lists::Location`)
     /// follow, saying which page of the store is at which address of which process. Every

@@ -67,6 +67,9 @@ pub(crate) struct Incoming {
     /// The restore's runc, still exiting after CRIU reported success: the commit waits for it
     /// (runc fails, and removes the container, if its own last steps fail).
     finishing: Option<crate::runtime::Finishing>,
+    /// How the last images request ended (`None`: none has ended yet): a restore sent right
+    /// behind it ([`RestoreLimits::after_images`]) waits here.
+    images: tokio::sync::watch::Sender<Option<Result<(), String>>>,
 }
 
 impl Incoming {
@@ -164,6 +167,8 @@ pub(crate) struct RestoreLimits {
     pub(crate) deadline: Duration,
     /// Restore lazily from the page store (see `fill`).
     pub(crate) lazy: bool,
+    /// Wait for the images request the source sent just before (see `images_arrived`).
+    pub(crate) after_images: bool,
 }
 
 /// Test hooks of an `Images` request (refused unless the agent allows fault hooks).
@@ -407,6 +412,7 @@ impl Agent {
                         filling: false,
                         prestarted,
                         finishing: None,
+                        images: tokio::sync::watch::channel(None).0,
                     },
                 );
                 Ok(PeerResponse::Ok {
@@ -540,6 +546,47 @@ impl Agent {
         })
     }
 
+    /// Records how an images request for `job` ended, for a restore waiting behind it.
+    pub(crate) async fn images_arrived(&self, peer: &str, job: &str, outcome: Result<(), String>) {
+        if let Some(i) = self
+            .incoming
+            .lock()
+            .await
+            .get(job)
+            .filter(|i| i.from == peer)
+        {
+            i.images.send_replace(Some(outcome));
+        }
+    }
+
+    /// Waits (at most `limit`) until the images request the source sent just before a
+    /// restore has ended here; its error is the restore's.
+    async fn wait_for_images(&self, peer: &str, job: &str, limit: Duration) -> Result<()> {
+        let mut rx = match self.incoming.lock().await.get_mut(job) {
+            Some(i) if i.from != peer => bail!("job {job} belongs to {}, not {peer}", i.from),
+            Some(i) => {
+                i.touch();
+                i.images.subscribe()
+            }
+            None => bail!("no prepared job {job} here (it expired or was aborted)"),
+        };
+        let outcome = tokio::time::timeout(limit, rx.wait_for(Option::is_some))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the images of job {job} did not arrive within the restore deadline ({:.0} s)",
+                    limit.as_secs_f64()
+                )
+            })?
+            .map_err(|_| anyhow::anyhow!("job {job} was aborted while its images arrived"))?
+            .clone();
+        match outcome {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => bail!("the images did not arrive intact, nothing was restored: {e}"),
+            None => bail!("job {job}: no outcome for its images"),
+        }
+    }
+
     pub(crate) async fn restore_incoming(
         self: &Arc<Self>,
         peer: &str,
@@ -548,6 +595,7 @@ impl Agent {
             pause_ms,
             deadline,
             lazy,
+            after_images,
         }: RestoreLimits,
     ) -> Result<PeerResponse> {
         if pause_ms > 120_000 {
@@ -562,6 +610,9 @@ impl Agent {
             );
         }
         let t_req = Instant::now();
+        if after_images {
+            self.wait_for_images(peer, job, deadline).await?;
+        }
         // Lazy: the fill takes over the job's pinned pages and its index, registered while the
         // job's entry is locked so that the store never sees the pages unpinned.
         let (name, layout, abort, fill_pages, prestarted) =

@@ -51,6 +51,17 @@ pub(crate) async fn request_trees(
     req: &PeerRequest,
     trees: &[Tree<'_>],
 ) -> Result<Sent> {
+    request_trees_notify(conn, req, trees, None).await
+}
+
+/// [`request_trees`], telling `on_sent` how many bytes went as soon as the request is
+/// written, before its answer.
+pub(crate) async fn request_trees_notify(
+    conn: &transfer::Connection,
+    req: &PeerRequest,
+    trees: &[Tree<'_>],
+    on_sent: Option<tokio::sync::oneshot::Sender<u64>>,
+) -> Result<Sent> {
     let t = std::time::Instant::now();
     let (mut send, mut recv) = conn.open().await?;
     let opened_ms = crate::util::ms(t.elapsed());
@@ -70,6 +81,9 @@ pub(crate) async fn request_trees(
     send.finish()
         .map_err(|e| anyhow!("closing the request stream to {}: {e}", conn.peer_host))?;
     let sent_ms = crate::util::ms(t.elapsed());
+    if let Some(tx) = on_sent {
+        let _ = tx.send(bytes);
+    }
     let resp: PeerResponse = read_msg(&mut recv).await?;
     debug!(
         op = op_name(req),
@@ -277,9 +291,18 @@ async fn dispatch(
                 corrupt_page,
                 corrupt_rootfs,
             };
-            agent
+            let r = agent
                 .receive_images(peer, &job, hooks, rootfs_digest, recv)
-                .await
+                .await;
+            // A restore sent right behind this request waits for this outcome.
+            agent
+                .images_arrived(
+                    peer,
+                    &job,
+                    r.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")),
+                )
+                .await;
+            r
         }
         PeerRequest::HeldPages { job, count } => agent.held_pages(peer, &job, count, recv).await,
         PeerRequest::Pages { job } => agent.receive_pages(peer, &job, recv).await,
@@ -307,11 +330,13 @@ async fn dispatch(
             pause_ms,
             deadline_ms,
             lazy,
+            after_images,
         } => {
             let limits = super::incoming::RestoreLimits {
                 pause_ms,
                 deadline: Duration::from_millis(deadline_ms.clamp(1_000, 86_400_000)),
                 lazy,
+                after_images,
             };
             agent.restore_incoming(peer, &job, limits).await
         }

@@ -16,7 +16,7 @@ use transfer::tree::Reads;
 
 use super::http::ApiFailure;
 use super::journal::{OutPhase, Outgoing};
-use super::peer::{expect_ok, request, request_trees, Tree};
+use super::peer::{expect_ok, request, request_trees, request_trees_notify, Tree};
 use super::rounds::Rounds;
 use super::{lock, Agent, Job};
 use crate::proto::{PeerRequest, PeerResponse, PROTO_VERSION};
@@ -171,6 +171,7 @@ pub(crate) fn start(
             dump_finishing: None,
             commit_journal: None,
             frozen_round_trips: 0,
+            images_answer: None,
             memory: None,
             not_lazy: (req.mode == MigrateMode::PreCopy
                 && req.precopy.as_ref().is_some_and(|p| !p.lazy_restore))
@@ -233,6 +234,9 @@ pub(super) struct Driver {
     pub(super) commit_journal: Option<tokio::task::JoinHandle<Result<()>>>,
     /// Request round trips to the destination while frozen, every mode (the report's).
     pub(super) frozen_round_trips: u32,
+    /// The images request's answer, not waited for before the restore request: the
+    /// destination restores once the images are there (one round trip less in the freeze).
+    pub(super) images_answer: Option<tokio::task::JoinHandle<Result<u64>>>,
     /// Pre-copy: how memory crossed the freeze, for the report.
     pub(super) memory: Option<migrate_core::MemoryReport>,
     /// Why this pre-copy does not restore lazily.
@@ -684,29 +688,47 @@ impl Driver {
                 let images = self.agent.images_dir(&job);
                 let snap_ms = crate::util::ms(t_snap.elapsed());
                 let t_send = Instant::now();
-                let r = self
-                    .ask_dest(
-                        &req,
-                        &[
-                            // Frozen: this diff is authoritative, any change under it fails.
-                            Tree {
-                                root: &images,
-                                diff: &img_diff,
-                                reads: Reads::Frozen,
-                            },
-                            Tree {
-                                root: &l.own_fs(&self.spec),
-                                diff: &fs_diff,
-                                reads: Reads::Frozen,
-                            },
-                        ],
-                    )
-                    .await;
-                self.count_round_trips(1);
+                let (files, changes) = (
+                    img_diff.changed.len(),
+                    fs_diff.changed.len() + fs_diff.removed.len(),
+                );
+                // The answer is not waited for here: the restore request follows at once and
+                // the destination restores once the images are in (`images_answer`).
+                let (conn, to, own) = (self.conn().await?, self.to.clone(), l.own_fs(&self.spec));
+                let (sent_tx, sent_rx) = tokio::sync::oneshot::channel();
+                let answer = tokio::spawn(async move {
+                    let trees = [
+                        // Frozen: this diff is authoritative, any change under it fails.
+                        Tree {
+                            root: &images,
+                            diff: &img_diff,
+                            reads: Reads::Frozen,
+                        },
+                        Tree {
+                            root: &own,
+                            diff: &fs_diff,
+                            reads: Reads::Frozen,
+                        },
+                    ];
+                    let sent = request_trees_notify(&conn, &req, &trees, Some(sent_tx)).await?;
+                    expect_ok(&to, sent.resp)?;
+                    Ok::<u64, anyhow::Error>(sent.bytes)
+                });
+                let bytes = match sent_rx.await {
+                    Ok(bytes) => bytes,
+                    // Not even written: the task's error says why.
+                    Err(_) => {
+                        return Err(match answer.await {
+                            Ok(Err(e)) => e.context("sending the images"),
+                            Ok(Ok(_)) => anyhow!("the images request ended without being sent"),
+                            Err(e) => anyhow!("sending the images failed: {e}"),
+                        })
+                    }
+                };
+                self.images_answer = Some(answer);
                 info!(%job, snapshot_ms = snap_ms, send_ms = crate::util::ms(t_send.elapsed()),
-                    image_files = img_diff.changed.len(), rootfs_changes = fs_diff.changed.len() + fs_diff.removed.len(),
-                    "images sent");
-                r
+                    image_files = files, rootfs_changes = changes, "images sent");
+                Ok(bytes)
             }
             Action::Restore => {
                 // The destination must hold every page and location before it restores.
@@ -729,11 +751,13 @@ impl Driver {
                 self.commit_journal = Some(tokio::task::spawn_blocking(move || {
                     agent.journal_outgoing(&rec)
                 }));
+                let images_answer = self.images_answer.take();
                 let req = PeerRequest::Restore {
                     job,
                     pause_ms,
                     deadline_ms: limit.as_millis() as u64,
                     lazy: self.lazy_dumped,
+                    after_images: images_answer.is_some(),
                 };
                 // The destination kills its restore at the deadline; an answer that does not
                 // come shortly after is not waited for.
@@ -746,7 +770,14 @@ impl Driver {
                             limit.as_secs_f64()
                         )
                     })??;
+                // The images' round trip overlapped the restore's: one in the freeze for both.
                 self.count_round_trips(1);
+                if let Some(answer) = images_answer {
+                    answer
+                        .await
+                        .map_err(|e| anyhow!("the images request failed: {e}"))?
+                        .context("the destination's answer to the images")?;
+                }
                 Ok(sent)
             }
             Action::Commit => {
@@ -849,6 +880,9 @@ impl Driver {
 
     async fn rollback(&mut self, plan: RollbackPlan) -> Result<()> {
         for h in self.pending.drain(..) {
+            h.abort();
+        }
+        if let Some(h) = self.images_answer.take() {
             h.abort();
         }
         if let Some(written) = self.commit_journal.take() {
