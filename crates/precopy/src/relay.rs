@@ -261,6 +261,8 @@ where
     let mut start = None;
     let mut closed = false;
     let mut buf = vec![0u8; CHUNK_PAGES * PAGE_SIZE];
+    // OPEN2 requests answered here, whose replies from the destination are still to be read.
+    let mut opened: Vec<Message> = Vec::new();
     loop {
         let Some(msg) = read_message_async(&mut criu)
             .await
@@ -329,9 +331,36 @@ where
             left -= n as u64;
         }
 
-        if msg.reply_kind().is_some() {
+        if let Message::Open2 { .. } = msg {
+            // CRIU waits for this reply before it sends the process's pages. The destination's
+            // page server starts in an empty directory, so it has no parent image: answered
+            // here at once (no round trip per process in the freeze), and checked against the
+            // destination's own reply before anything else is answered.
+            opened.push(msg);
+            write_reply_async(
+                &mut criu,
+                &msg,
+                &criu_sys::page_server::Reply::Open2 { has_parent: false },
+            )
+            .await
+            .map_err(RelayError::Criu)?;
+            criu.flush().await.map_err(|e| {
+                RelayError::Criu(ProtocolError::Io {
+                    what: "a reply",
+                    source: e,
+                })
+            })?;
+        } else if msg.reply_kind().is_some() {
             tx.flush().await.map_err(link_err("flushing"))?;
             stats.round_trips += 1;
+            for open in opened.drain(..) {
+                let reply = read_reply_frame(&mut rx, &open, &mut stats).await?;
+                if reply != (criu_sys::page_server::Reply::Open2 { has_parent: false }) {
+                    return Err(RelayError::Sequence(format!(
+                        "the destination's page server answered {reply:?} to {open:?}, which was answered here without a parent image"
+                    )));
+                }
+            }
             let reply = read_reply_frame(&mut rx, &msg, &mut stats).await?;
             if let criu_sys::page_server::Reply::Close { status } = reply {
                 stats.close_status = Some(status);

@@ -102,6 +102,8 @@ async fn round_trip_deduplicates_and_rebuilds_every_page() {
     assert_eq!((out.messages, out.pages, out.pages_as_reference), (4, 4, 2));
     assert_eq!((inn.messages, inn.pages, inn.pages_as_reference), (4, 4, 2));
     assert_eq!(out.close_status, Some(0));
+    // OPEN2 is answered by the relay at once: CRIU waited for the destination only at CLOSE.
+    assert_eq!(out.round_trips, 1);
     // 4 headers, 2 contents, 2 references, END.
     let expected = 4 * 33 + 2 * 4097 + 2 * 33 + 1;
     assert_eq!(out.link_bytes_written, expected);
@@ -292,14 +294,21 @@ async fn hostile_link_input_is_refused() {
     assert!(matches!(err(r), RelayError::Unsupported(Command::Get)));
 }
 
-/// Runs `relay_out` for a dump that sends OPEN2 and waits for the answer, with `back` as
-/// what the destination answers.
+/// Runs `relay_out` for a dump that sends OPEN2 (answered by the relay itself) and CLOSE, with
+/// `back` as what the destination answers.
 async fn relay_out_with_answer(back: Vec<u8>) -> RelayError {
     let (mut criu, relay_criu) = duplex(1 << 16);
     let (fwd_tx, mut fwd_rx) = duplex(1 << 16);
     let mut known = HashSet::new();
     let dump = async move {
         write_message_async(&mut criu, &open2()).await.unwrap();
+        assert_eq!(
+            read_reply_async(&mut criu, &open2()).await.unwrap(),
+            Reply::Open2 { has_parent: false }
+        );
+        write_message_async(&mut criu, &Message::Close)
+            .await
+            .unwrap();
         criu
     };
     let drain = async move {
@@ -337,6 +346,13 @@ async fn hostile_replies_are_refused() {
     f.extend_from_slice(b"boom");
     let e = relay_out_with_answer(f).await;
     assert_eq!(e.to_string(), "relay: the destination failed: boom");
+    // The relay told CRIU there is no parent image; a destination that has one is caught
+    // before CLOSE is answered.
+    let e = relay_out_with_answer(vec![TAG_REPLY, 1, TAG_REPLY, 0, 0, 0, 0]).await;
+    assert!(
+        matches!(&e, RelayError::Sequence(m) if m.contains("without a parent image")),
+        "{e}"
+    );
 }
 
 #[tokio::test]
