@@ -182,6 +182,32 @@ fn start_ferry_criu(env: &[(&str, &str)], stderr: &Path) -> (Guard, UnixDatagram
     (child, runc)
 }
 
+/// `ferry-criu` behind the gate at `gate`, sent a plain dump of `pid` into `images` (`work`
+/// as its work directory); returns it and runc's end.
+fn gated_dump(
+    gate: &Path,
+    stderr: &Path,
+    images: &File,
+    work: &File,
+    pid: i32,
+) -> (Guard, UnixDatagram) {
+    let (ferry_criu, runc) = start_ferry_criu(
+        &[
+            ("FERRY_CRIU_REAL", &real_criu()),
+            ("FERRY_CRIU_VERSION", "4.2.1"),
+            ("FERRY_CRIU_GATE", gate.to_str().unwrap()),
+        ],
+        stderr,
+    );
+    runc.send(&plain_dump_request(
+        images.as_raw_fd(),
+        work.as_raw_fd(),
+        pid,
+    ))
+    .unwrap();
+    (ferry_criu, runc)
+}
+
 fn real_criu() -> String {
     criu_sys::locate()
         .expect("CRIU")
@@ -477,20 +503,7 @@ fn behind_the_gate_criu_s_success_is_reported_back_through_it() {
     let images = File::open(&lab.images).unwrap();
     let work = File::open(&lab.images).unwrap();
     let stderr = lab.dir.join("ferry-criu.stderr");
-    let (mut ferry_criu, runc) = start_ferry_criu(
-        &[
-            ("FERRY_CRIU_REAL", &real_criu()),
-            ("FERRY_CRIU_VERSION", "4.2.1"),
-            ("FERRY_CRIU_GATE", gate_path.to_str().unwrap()),
-        ],
-        &stderr,
-    );
-    runc.send(&plain_dump_request(
-        images.as_raw_fd(),
-        work.as_raw_fd(),
-        pid.as_raw(),
-    ))
-    .unwrap();
+    let (mut ferry_criu, runc) = gated_dump(&gate_path, &stderr, &images, &work, pid.as_raw());
     let (mut conn, _) = gate.accept().unwrap();
     conn.write_all(&[criu_sys::swrk_proxy::GATE_OPEN]).unwrap();
     conn.set_read_timeout(Some(STEP)).unwrap();
@@ -531,20 +544,7 @@ fn behind_the_gate_criu_s_success_is_reported_back_through_it() {
     let dir = TempDir::new("ferry-criu-gate-fail");
     let images = File::open(&dir.0).unwrap();
     let stderr = dir.0.join("stderr");
-    let (mut ferry_criu, runc) = start_ferry_criu(
-        &[
-            ("FERRY_CRIU_REAL", &real_criu()),
-            ("FERRY_CRIU_VERSION", "4.2.1"),
-            ("FERRY_CRIU_GATE", gate_path.to_str().unwrap()),
-        ],
-        &stderr,
-    );
-    runc.send(&plain_dump_request(
-        images.as_raw_fd(),
-        images.as_raw_fd(),
-        i32::MAX - 1,
-    ))
-    .unwrap();
+    let (mut ferry_criu, runc) = gated_dump(&gate_path, &stderr, &images, &images, i32::MAX - 1);
     let (mut conn, _) = gate.accept().unwrap();
     conn.write_all(&[criu_sys::swrk_proxy::GATE_OPEN]).unwrap();
     conn.set_read_timeout(Some(STEP)).unwrap();
@@ -584,20 +584,7 @@ fn behind_the_gate_criu_waits_started_and_a_closed_gate_ends_it() {
     let gate = UnixListener::bind(&gate_path).unwrap();
     let images = File::open(&lab.images).unwrap();
     let stderr = lab.dir.join("ferry-criu.stderr");
-    let (mut ferry_criu, runc) = start_ferry_criu(
-        &[
-            ("FERRY_CRIU_REAL", &real_criu()),
-            ("FERRY_CRIU_VERSION", "4.2.1"),
-            ("FERRY_CRIU_GATE", gate_path.to_str().unwrap()),
-        ],
-        &stderr,
-    );
-    runc.send(&plain_dump_request(
-        images.as_raw_fd(),
-        images.as_raw_fd(),
-        pid.as_raw(),
-    ))
-    .unwrap();
+    let (mut ferry_criu, runc) = gated_dump(&gate_path, &stderr, &images, &images, pid.as_raw());
     let (conn, _) = gate.accept().unwrap();
     // At the gate: CRIU is already there, a child of ferry-criu.
     let front = ferry_criu.pid().as_raw() as u32;

@@ -337,19 +337,8 @@ where
             // here at once (no round trip per process in the freeze), and checked against the
             // destination's own reply before anything else is answered.
             opened.push(msg);
-            write_reply_async(
-                &mut criu,
-                &msg,
-                &criu_sys::page_server::Reply::Open2 { has_parent: false },
-            )
-            .await
-            .map_err(RelayError::Criu)?;
-            criu.flush().await.map_err(|e| {
-                RelayError::Criu(ProtocolError::Io {
-                    what: "a reply",
-                    source: e,
-                })
-            })?;
+            let no_parent = criu_sys::page_server::Reply::Open2 { has_parent: false };
+            answer_criu(&mut criu, &msg, &no_parent).await?;
         } else if msg.reply_kind().is_some() {
             tx.flush().await.map_err(link_err("flushing"))?;
             stats.round_trips += 1;
@@ -366,17 +355,26 @@ where
                 stats.close_status = Some(status);
                 closed = true;
             }
-            write_reply_async(&mut criu, &msg, &reply)
-                .await
-                .map_err(RelayError::Criu)?;
-            criu.flush().await.map_err(|e| {
-                RelayError::Criu(ProtocolError::Io {
-                    what: "a reply",
-                    source: e,
-                })
-            })?;
+            answer_criu(&mut criu, &msg, &reply).await?;
         }
     }
+}
+
+/// Hands `reply` to `msg` on to CRIU, at once.
+async fn answer_criu<C: AsyncWrite + Unpin>(
+    criu: &mut C,
+    msg: &Message,
+    reply: &criu_sys::page_server::Reply,
+) -> Result<(), RelayError> {
+    write_reply_async(criu, msg, reply)
+        .await
+        .map_err(RelayError::Criu)?;
+    criu.flush().await.map_err(|e| {
+        RelayError::Criu(ProtocolError::Io {
+            what: "a reply",
+            source: e,
+        })
+    })
 }
 
 /// Reads the destination's REPLY (or ERROR) frame for `msg`.

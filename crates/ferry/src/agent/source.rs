@@ -761,24 +761,47 @@ impl Driver {
                 };
                 // The destination kills its restore at the deadline; an answer that does not
                 // come shortly after is not waited for.
-                tokio::time::timeout(limit + self.deadlines.request(), self.ask_dest(&req, &[]))
-                    .await
-                    .map_err(|_| {
-                        anyhow!(
-                            "{} did not answer the restore within its deadline ({:.0} s)",
-                            self.to,
-                            limit.as_secs_f64()
-                        )
-                    })??;
+                let restored = tokio::time::timeout(
+                    limit + self.deadlines.request(),
+                    self.ask_dest(&req, &[]),
+                )
+                .await
+                .map_err(|_| {
+                    anyhow!(
+                        "{} did not answer the restore within its deadline ({:.0} s)",
+                        self.to,
+                        limit.as_secs_f64()
+                    )
+                })
+                .and_then(|r| r);
                 // The images' round trip overlapped the restore's: one in the freeze for both.
                 self.count_round_trips(1);
-                if let Some(answer) = images_answer {
-                    answer
-                        .await
-                        .map_err(|e| anyhow!("the images request failed: {e}"))?
-                        .context("the destination's answer to the images")?;
+                let images = match images_answer {
+                    None => Ok(0),
+                    Some(answer) => {
+                        // A restore that failed because the images never arrived says so: both
+                        // requests share the connection, and its loss ends both at once.
+                        let answered = if restored.is_ok() {
+                            Some(answer.await)
+                        } else {
+                            tokio::time::timeout(Duration::from_millis(200), answer)
+                                .await
+                                .ok()
+                        };
+                        match answered {
+                            Some(r) => r
+                                .map_err(|e| anyhow!("the images request failed: {e}"))
+                                .and_then(|r| r)
+                                .with_context(|| format!("the images did not reach {}", self.to)),
+                            // Still waiting: the restore's error is the one to report.
+                            None => Ok(0),
+                        }
+                    }
+                };
+                match (restored, images) {
+                    (Err(e), Ok(_)) | (_, Err(e)) => Err(e),
+                    (Ok(_), Ok(_)) => Ok(sent),
                 }
-                Ok(sent)
             }
             Action::Commit => {
                 // The destination decides: it commits by recording the job (synced) before it
