@@ -584,7 +584,7 @@ fn behind_the_gate_criu_waits_started_and_a_closed_gate_ends_it() {
     let gate = UnixListener::bind(&gate_path).unwrap();
     let images = File::open(&lab.images).unwrap();
     let stderr = lab.dir.join("ferry-criu.stderr");
-    let (mut ferry_criu, runc) = gated_dump(&gate_path, &stderr, &images, &images, pid.as_raw());
+    let (mut ferry_criu, _runc) = gated_dump(&gate_path, &stderr, &images, &images, pid.as_raw());
     let (conn, _) = gate.accept().unwrap();
     // At the gate: CRIU is already there, a child of ferry-criu.
     let front = ferry_criu.pid().as_raw() as u32;
