@@ -22,6 +22,14 @@ fn two_migrations_keep_the_connection_the_address_and_the_memory() {
         // Stop-and-copy waits on the destination twice while frozen: the restore (sent right
         // behind the images, whose answer it does not wait for) and the commit.
         assert_eq!(r["frozen_round_trips"], 2, "{r}");
+        // When the destination had every image, which the restore waited for.
+        let delivered = r["images_delivered_ms"]
+            .as_f64()
+            .expect("images_delivered_ms");
+        assert!(
+            delivered > 0.0 && delivered < r["total_ms"].as_f64().unwrap(),
+            "{r}"
+        );
         let c = lab.container("echo").unwrap();
         assert_eq!(c["host"], to, "ferry ps shows the new host");
         assert_eq!(c["state"], "running");

@@ -486,13 +486,14 @@ fn transfer_goodput(s: &Scenario, ferry: &Run, bare_mb_s: Option<f64>) -> Option
     if s.mode != Mode::StopCopy || !matches!(s.workload, Workload::Memory { .. }) || !ferry.ok {
         return None;
     }
-    let t = ferry
-        .report
-        .as_ref()?
+    let rep = ferry.report.as_ref()?;
+    let t = rep
         .phases
         .iter()
         .find(|p| p.phase == migrate_core::Phase::Transfer)?;
-    TransferGoodput::new(t.bytes, t.duration_ms, bare_mb_s?)
+    // Until the destination had every image: the phase ends once they are sent.
+    let ms = rep.images_delivered_ms.unwrap_or(t.duration_ms);
+    TransferGoodput::new(t.bytes, ms, bare_mb_s?)
 }
 
 impl TransferGoodput {

@@ -286,6 +286,11 @@ impl Migration {
         self.report.rootfs_digest = Some(digest.to_string());
     }
 
+    /// Records when the destination had every image (ms from the start of the transfer).
+    pub fn set_images_delivered_ms(&mut self, ms: f64) {
+        self.report.images_delivered_ms = Some(ms);
+    }
+
     /// Records the request round trips between the hosts while the container was frozen.
     pub fn set_frozen_round_trips(&mut self, n: u32) {
         self.report.frozen_round_trips = n;

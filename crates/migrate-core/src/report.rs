@@ -128,6 +128,11 @@ pub struct Report {
     /// (each waits for the other host's answer: one network round trip).
     #[serde(default)]
     pub frozen_round_trips: u32,
+    /// From the start of the transfer phase until the destination answered that every image
+    /// is written, ms. The transfer phase itself ends once the images are sent: the restore
+    /// request follows at once, without waiting for this answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images_delivered_ms: Option<f64>,
     #[serde(skip)]
     pub(crate) started_at: Duration,
 }
@@ -267,6 +272,7 @@ impl Report {
             rootfs_digest: None,
             memory: None,
             frozen_round_trips: 0,
+            images_delivered_ms: None,
             started_at: Duration::ZERO,
         }
     }

@@ -172,6 +172,7 @@ pub(crate) fn start(
             commit_journal: None,
             frozen_round_trips: 0,
             images_answer: None,
+            images_delivered_ms: None,
             memory: None,
             not_lazy: (req.mode == MigrateMode::PreCopy
                 && req.precopy.as_ref().is_some_and(|p| !p.lazy_restore))
@@ -236,7 +237,9 @@ pub(super) struct Driver {
     pub(super) frozen_round_trips: u32,
     /// The images request's answer, not waited for before the restore request: the
     /// destination restores once the images are there (one round trip less in the freeze).
-    pub(super) images_answer: Option<tokio::task::JoinHandle<Result<u64>>>,
+    pub(super) images_answer: Option<tokio::task::JoinHandle<Result<(u64, f64)>>>,
+    /// When the destination answered the images (ms from the start of the transfer).
+    pub(super) images_delivered_ms: Option<f64>,
     /// Pre-copy: how memory crossed the freeze, for the report.
     pub(super) memory: Option<migrate_core::MemoryReport>,
     /// Why this pre-copy does not restore lazily.
@@ -332,6 +335,9 @@ impl Driver {
                         m.set_memory(mem);
                     }
                     m.set_frozen_round_trips(self.frozen_round_trips);
+                    if let Some(ms) = self.images_delivered_ms {
+                        m.set_images_delivered_ms(ms);
+                    }
                     r.map(|bytes| (bytes, Event::Done { bytes }))
                 }
             };
@@ -712,7 +718,7 @@ impl Driver {
                     ];
                     let sent = request_trees_notify(&conn, &req, &trees, Some(sent_tx)).await?;
                     expect_ok(&to, sent.resp)?;
-                    Ok::<u64, anyhow::Error>(sent.bytes)
+                    Ok::<_, anyhow::Error>((sent.bytes, crate::util::ms(t_snap.elapsed())))
                 });
                 let bytes = match sent_rx.await {
                     Ok(bytes) => bytes,
@@ -777,7 +783,7 @@ impl Driver {
                 // The images' round trip overlapped the restore's: one in the freeze for both.
                 self.count_round_trips(1);
                 let images = match images_answer {
-                    None => Ok(0),
+                    None => Ok(None),
                     Some(answer) => {
                         // A restore that failed because the images never arrived says so: both
                         // requests share the connection, and its loss ends both at once.
@@ -792,15 +798,19 @@ impl Driver {
                             Some(r) => r
                                 .map_err(|e| anyhow!("the images request failed: {e}"))
                                 .and_then(|r| r)
+                                .map(|(_, ms)| Some(ms))
                                 .with_context(|| format!("the images did not reach {}", self.to)),
                             // Still waiting: the restore's error is the one to report.
-                            None => Ok(0),
+                            None => Ok(None),
                         }
                     }
                 };
                 match (restored, images) {
                     (Err(e), Ok(_)) | (_, Err(e)) => Err(e),
-                    (Ok(_), Ok(_)) => Ok(sent),
+                    (Ok(_), Ok(delivered)) => {
+                        self.images_delivered_ms = delivered;
+                        Ok(sent)
+                    }
                 }
             }
             Action::Commit => {
