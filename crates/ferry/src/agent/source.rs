@@ -169,7 +169,6 @@ pub(crate) fn start(
             memory_bytes: 0,
             pending: Vec::new(),
             dump_finishing: None,
-            commit_journal: None,
             frozen_round_trips: 0,
             images_answer: None,
             images_delivered_ms: None,
@@ -229,10 +228,6 @@ pub(super) struct Driver {
     /// The final dump's runc, still exiting after CRIU reported success: the images travel
     /// meanwhile; the restore (and a rollback) waits for it.
     pub(super) dump_finishing: Option<crate::runtime::Finishing>,
-    /// The record that the commit may be sent ([`OutPhase::CommitSent`]), written (synced)
-    /// while the destination restores, so that its fsync is not in the frozen window; the
-    /// commit waits for it, a rollback before the commit undoes it.
-    pub(super) commit_journal: Option<tokio::task::JoinHandle<Result<()>>>,
     /// Request round trips to the destination while frozen, every mode (the report's).
     pub(super) frozen_round_trips: u32,
     /// The images request's answer, not waited for before the restore request: the
@@ -742,21 +737,6 @@ impl Driver {
                 self.wait_dump_finishing().await?;
                 let pause_ms = self.faults.pause_in_restore_ms;
                 let limit = self.deadlines.restore();
-                // Recovery from a record that says the commit may have been sent asks the
-                // destination, which answers for itself: writing it before the commit is
-                // safe, and a rollback from here rewrites it first.
-                let (agent, rec) = (
-                    Arc::clone(&self.agent),
-                    Outgoing {
-                        job: job.clone(),
-                        name: self.spec.name.clone(),
-                        to: self.to.clone(),
-                        phase: OutPhase::CommitSent,
-                    },
-                );
-                self.commit_journal = Some(tokio::task::spawn_blocking(move || {
-                    agent.journal_outgoing(&rec)
-                }));
                 let images_answer = self.images_answer.take();
                 let req = PeerRequest::Restore {
                     job,
@@ -822,15 +802,14 @@ impl Driver {
                     tokio::time::sleep(Duration::from_millis(self.faults.pause_before_commit_ms))
                         .await;
                 }
-                match self.commit_journal.take() {
-                    Some(written) => written.await??,
-                    None => self.agent.journal_outgoing(&Outgoing {
-                        job: job.clone(),
-                        name: self.spec.name.clone(),
-                        to: self.to.clone(),
-                        phase: OutPhase::CommitSent,
-                    })?,
-                }
+                // Synced before the commit is sent, not earlier: a restart before this point
+                // rolls back (the destination is told to abort), after it asks.
+                self.agent.journal_outgoing(&Outgoing {
+                    job: job.clone(),
+                    name: self.spec.name.clone(),
+                    to: self.to.clone(),
+                    phase: OutPhase::CommitSent,
+                })?;
                 let mut wait = Duration::from_millis(100);
                 let mut tries = 0u32;
                 let waiting = self.agent.awaiting_commit(&job, &self.spec.name, &self.to);
@@ -917,19 +896,6 @@ impl Driver {
         }
         if let Some(h) = self.images_answer.take() {
             h.abort();
-        }
-        if let Some(written) = self.commit_journal.take() {
-            // The commit was never sent: a restart must roll back (and tell the destination),
-            // not ask it to commit.
-            let _ = written.await;
-            if let Err(e) = self.agent.journal_outgoing(&Outgoing {
-                job: self.job.id.clone(),
-                name: self.spec.name.clone(),
-                to: self.to.clone(),
-                phase: OutPhase::Started,
-            }) {
-                warn!(job = %self.job.id, error = %format!("{e:#}"), "the job's record still says its commit may have been sent: a restart before this rollback ends asks the destination, which was never told to commit");
-            }
         }
         // The dump's runc ends before the container is looked at.
         if let Err(e) = self.wait_dump_finishing().await {
