@@ -526,8 +526,22 @@ fn a_round_that_waited_is_measured_by_its_full_link_throughput() {
     let e = estimate(std::slice::from_ref(&r));
     assert!((e.bandwidth_bytes_s - 125e6).abs() < 1.0, "{e:?}");
     assert!((e.expected_downtime_ms - 41.9).abs() < 0.1, "{e:?}");
+    // Under the budget, but a round that waited for the writes does not measure their rate:
+    // one more round, which then decides on its own numbers.
     assert_eq!(
-        decide(&PrecopyPolicy::default(), &[r], 0),
+        decide(&PrecopyPolicy::default(), std::slice::from_ref(&r), 0),
+        Decision::AnotherRound { throttle_pct: 0 }
+    );
+    let second = RoundStats {
+        pages_sent: 1280,
+        bytes_sent: 1280 * 4096,
+        dirty_pages: 700,
+        duration: t(60),
+        waited: Duration::ZERO,
+        link_bytes_s: None,
+    };
+    assert_eq!(
+        decide(&PrecopyPolicy::default(), &[r, second], 0),
         Decision::Freeze {
             reason: FreezeReason::Converged
         }
@@ -546,4 +560,47 @@ fn a_round_that_waited_is_measured_by_its_full_link_throughput() {
         ..plain
     }]);
     assert!((e.bandwidth_bytes_s - (1u64 << 30) as f64 / 20.0).abs() < 1.0);
+}
+
+#[test]
+fn a_round_that_followed_the_writes_does_not_count_as_converged() {
+    let p = PrecopyPolicy::default();
+    // 1444 dirty pages of 4145 bytes on 123 MB/s while the link was full: about 49 ms, under
+    // the 50 ms budget.
+    let r = |waited_ms| RoundStats {
+        pages_sent: 65_536,
+        bytes_sent: 65_536 * 4145,
+        dirty_pages: 1444,
+        duration: t(5270),
+        waited: t(waited_ms),
+        link_bytes_s: Some(123_000_000),
+    };
+    let e = policy::estimate(&[r(4611)]);
+    assert!(e.expected_downtime_ms < 50.0, "{e:?}");
+    assert_eq!(
+        policy::decide(&p, &[r(4611)], 0),
+        Decision::AnotherRound { throttle_pct: 0 }
+    );
+    // Nothing dirty at its end: nothing is left to measure.
+    let clean = RoundStats {
+        dirty_pages: 0,
+        ..r(4611)
+    };
+    assert_eq!(
+        policy::decide(&p, &[clean], 0),
+        Decision::Freeze {
+            reason: FreezeReason::Converged
+        }
+    );
+    // At the round limit the limit decides, as after any round.
+    let one = PrecopyPolicy {
+        max_rounds: 1,
+        ..PrecopyPolicy::default()
+    };
+    assert_eq!(
+        policy::decide(&one, &[r(4611)], 0),
+        Decision::Freeze {
+            reason: FreezeReason::RoundLimit
+        }
+    );
 }
