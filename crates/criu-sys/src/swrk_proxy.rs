@@ -596,16 +596,8 @@ pub fn relay_dump(
         }
     };
 
-    // CRIU talks to us, not to runc: it must not hold runc's socket open.
-    set_cloexec(runc, true, "keeping runc's socket from CRIU")?;
-    let criu = SpawnedCriu::start(real_criu, Some(ps), lazy_config.is_some())?;
-    let done = match gate.map(wait_at_gate).transpose() {
-        Ok(d) => d,
-        Err(e) => {
-            criu.dismiss();
-            return Err(e);
-        }
-    };
+    let criu = SpawnedCriu::start(runc, real_criu, Some(ps), lazy_config.is_some())?;
+    let (criu, done) = criu.unless(gate.map(wait_at_gate).transpose())?;
     criu.drive(
         runc,
         Taken {
@@ -653,13 +645,15 @@ struct Taken {
 }
 
 impl SpawnedCriu {
-    /// Starts `real_criu swrk FD` (`ps`, if any, is passed on under its own number; runc's
-    /// socket must be close-on-exec by now).
+    /// Starts `real_criu swrk FD` (`ps`, if any, is passed on under its own number; `runc`'s
+    /// socket is not: CRIU talks to us).
     fn start(
+        runc: BorrowedFd<'_>,
         real_criu: &Path,
         ps: Option<OwnedFd>,
         lazy_elsewhere: bool,
     ) -> Result<SpawnedCriu, SwrkProxyError> {
+        set_cloexec(runc, true, "keeping runc's socket from CRIU")?;
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -691,11 +685,18 @@ impl SpawnedCriu {
         Ok(SpawnedCriu { child, ours })
     }
 
-    /// Ends a CRIU that got no request: it sees the end of its socket and exits.
-    fn dismiss(self) {
-        let SpawnedCriu { mut child, ours } = self;
-        drop(ours);
-        let _ = child.wait();
+    /// `r`'s value with this CRIU; on an error, ends this CRIU, which got no request (it sees
+    /// the end of its socket and exits), and returns the error.
+    fn unless<T>(self, r: Result<T, SwrkProxyError>) -> Result<(Self, T), SwrkProxyError> {
+        match r {
+            Ok(v) => Ok((self, v)),
+            Err(e) => {
+                let SpawnedCriu { mut child, ours } = self;
+                drop(ours);
+                let _ = child.wait();
+                Err(e)
+            }
+        }
     }
 
     /// Sends `taken.request` to CRIU, relays everything else ([`forward`]) until CRIU closes
@@ -767,35 +768,16 @@ pub fn relay_unchanged_behind_gate(
     real_criu: &Path,
     gate: &Path,
 ) -> Result<ExitStatus, SwrkProxyError> {
-    // CRIU talks to us, not to runc: it must not hold runc's socket open.
-    set_cloexec(runc, true, "keeping runc's socket from CRIU")?;
-    let criu = SpawnedCriu::start(real_criu, None, false)?;
-    let done = match wait_at_gate(gate) {
-        Ok(d) => d,
-        Err(e) => {
-            criu.dismiss();
-            return Err(e);
-        }
+    let (request, runc_fds, dirs) = take_request(runc, is_relayable_unchanged)?;
+    let req_type = rpc::request_type(&request).ok_or(SwrkProxyError::NotRelayable)?;
+    let criu = SpawnedCriu::start(runc, real_criu, None, false)?;
+    let (criu, done) = criu.unless(wait_at_gate(gate))?;
+    let taken = Taken {
+        request,
+        runc_fds,
+        dirs,
     };
-    let taken =
-        match take_request(runc, is_relayable_unchanged).and_then(|(request, runc_fds, dirs)| {
-            let req_type = rpc::request_type(&request).ok_or(SwrkProxyError::NotRelayable)?;
-            Ok((
-                Taken {
-                    request,
-                    runc_fds,
-                    dirs,
-                },
-                req_type,
-            ))
-        }) {
-            Ok(t) => t,
-            Err(e) => {
-                criu.dismiss();
-                return Err(e);
-            }
-        };
-    criu.drive(runc, taken.0, taken.1, Some(&done))
+    criu.drive(runc, taken, req_type, Some(&done))
 }
 
 #[cfg(test)]
