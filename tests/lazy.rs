@@ -59,6 +59,21 @@ fn assert_lazy(r: &Value, code: i32, size_mib: u64) {
     );
 }
 
+/// The resident memory of `host`'s agent, in MiB.
+fn agent_rss_mib(host: &str) -> u64 {
+    let pid = std::fs::read_to_string(format!("/run/ferry/lab/{host}.pid"))
+        .expect("the agent's pid file");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim()))
+        .expect("the agent's status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in the agent's status");
+    kib >> 10
+}
+
 /// Nothing of the lazy restore is left on `host`: no daemon, no images, no work directory.
 fn assert_fill_ended(host: &str) {
     // The agent's own daemon closed every userfaultfd it was given.
@@ -106,6 +121,7 @@ fn lazy_restore_fills_the_memory_in_from_the_destination_store() {
     let ip = c["ip"].as_str().expect("ip").to_string();
     assert_memory_intact(&ip, 256, "fresh workload");
     let probe = Probe::start(&ip, "lazy");
+    let rss_before = agent_rss_mib("h2");
 
     let (code, r) = migrate_json("mem", "h2", &["--pre-copy"], Duration::from_secs(180));
     eprintln!(
@@ -116,6 +132,14 @@ fn lazy_restore_fills_the_memory_in_from_the_destination_store() {
     assert_runs_on(&lab, "h2", "mem");
     assert_clean_host("h1", "mem");
     assert_fill_ended("h2");
+    // The store let go of each page once it was in the container: the destination does not
+    // hold the container's memory twice (what stays is the versions of pages rewritten
+    // between rounds, kept for a later migration).
+    let rss_after = agent_rss_mib("h2");
+    assert!(
+        rss_after < rss_before + 160,
+        "the agent of h2 grew from {rss_before} to {rss_after} MiB for a 256 MiB container"
+    );
     std::thread::sleep(Duration::from_millis(500));
     let p = probe.finish();
     assert_probe_intact(&p);

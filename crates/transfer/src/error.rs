@@ -35,6 +35,15 @@ pub enum TransferError {
         #[source]
         source: std::io::Error,
     },
+    /// Memory for the page store could not be mapped.
+    #[error("the page store cannot take another page ({held} held): {source}; free memory on this host or lower page_store_mib")]
+    OutOfMemory {
+        /// Pages held when it failed.
+        held: usize,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The peer did not answer.
     #[error("peer {addr} is unreachable: {reason}; check that its agent is running and that UDP to this port is allowed")]
     Unreachable {

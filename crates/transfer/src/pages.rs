@@ -22,6 +22,7 @@ use std::hash::{BuildHasher, Hasher};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::frame::{read_err, write_err};
+use crate::slab::Slabs;
 use crate::TransferError;
 
 /// Size of a page.
@@ -112,10 +113,13 @@ pub fn hash_page(page: &[u8]) -> PageHash {
     *blake3::hash(page).as_bytes()
 }
 
-/// Pages held by a host, by content hash, with a cap on their number.
+/// Pages held by a host, by content hash, with a cap on their number. The pages live in
+/// page-aligned slots ([`crate::slab`]): the memory of a page the store forgets goes back to
+/// the kernel at once.
 #[derive(Debug)]
 pub struct PageStore {
-    pages: HashMap<PageHash, Box<[u8]>, PageHashBuilder>,
+    pages: HashMap<PageHash, u32, PageHashBuilder>,
+    slabs: Slabs,
     max_pages: usize,
 }
 
@@ -124,6 +128,7 @@ impl PageStore {
     pub fn new(max_pages: usize) -> PageStore {
         PageStore {
             pages: HashMap::default(),
+            slabs: Slabs::default(),
             max_pages,
         }
     }
@@ -143,9 +148,22 @@ impl PageStore {
                     cap: self.max_pages as u64 * PAGE as u64,
                 });
             }
-            self.pages.insert(h, page.into());
+            self.put(h, page)?;
         }
         Ok(h)
+    }
+
+    fn put(&mut self, h: PageHash, page: &[u8]) -> Result<(), TransferError> {
+        let slot = self
+            .slabs
+            .alloc()
+            .map_err(|source| TransferError::OutOfMemory {
+                held: self.pages.len(),
+                source,
+            })?;
+        self.slabs.page_mut(slot).copy_from_slice(page);
+        self.pages.insert(h, slot);
+        Ok(())
     }
 
     /// Changes how many pages the store may hold (pages beyond a lower cap stay until
@@ -160,7 +178,8 @@ impl PageStore {
     }
 
     /// Stores a page whose hash the caller computed itself (a host's own memory, never a
-    /// peer's data). Returns false when the store is full and the page is not held.
+    /// peer's data). Returns false when the store is full (or out of memory) and the page is
+    /// not held.
     pub fn insert_own(&mut self, h: PageHash, page: &[u8]) -> bool {
         if page.len() != PAGE {
             return false;
@@ -171,8 +190,7 @@ impl PageStore {
         if self.pages.len() >= self.max_pages {
             return false;
         }
-        self.pages.insert(h, page.into());
-        true
+        self.put(h, page).is_ok()
     }
 
     /// Moves every page of `other` into this store. Fails, moving nothing, when they would
@@ -189,7 +207,18 @@ impl PageStore {
                 cap: self.max_pages as u64 * PAGE as u64,
             });
         }
-        self.pages.extend(other.pages);
+        // Their memory becomes this store's, without a copy.
+        let base = self.slabs.append(other.slabs);
+        let mut twice = Vec::new();
+        for (h, slot) in other.pages {
+            match self.pages.entry(h) {
+                std::collections::hash_map::Entry::Occupied(_) => twice.push(base + slot),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(base + slot);
+                }
+            }
+        }
+        self.slabs.release(twice);
         Ok(())
     }
 
@@ -200,7 +229,7 @@ impl PageStore {
 
     /// The page with this hash, if held.
     pub fn get(&self, h: &PageHash) -> Option<&[u8]> {
-        self.pages.get(h).map(|p| &p[..])
+        self.pages.get(h).map(|s| self.slabs.page(*s))
     }
 
     /// Whether the page is held.
@@ -223,23 +252,40 @@ impl PageStore {
         self.pages.keys().copied().collect()
     }
 
+    /// Forgets these pages (those held); their memory goes back to the kernel. Returns how
+    /// many were held.
+    pub fn remove<'a>(&mut self, hashes: impl IntoIterator<Item = &'a PageHash>) -> usize {
+        let slots: Vec<u32> = hashes
+            .into_iter()
+            .filter_map(|h| self.pages.remove(h))
+            .collect();
+        let n = slots.len();
+        self.slabs.release(slots);
+        n
+    }
+
     /// Forgets the pages in `drop` that are not in `keep`; returns how many.
     pub fn remove_except<S1: BuildHasher, S2: BuildHasher>(
         &mut self,
         drop: &HashSet<PageHash, S1>,
         keep: &HashSet<PageHash, S2>,
     ) -> usize {
-        let before = self.pages.len();
-        for h in drop.iter().filter(|h| !keep.contains(*h)) {
-            self.pages.remove(h);
-        }
+        let n = self.remove(drop.iter().filter(|h| !keep.contains(*h)));
         self.pages.shrink_to_fit();
-        before - self.pages.len()
+        n
     }
 
     /// Forgets every page not in `keep`.
     pub fn retain<S: BuildHasher>(&mut self, keep: &HashSet<PageHash, S>) {
-        self.pages.retain(|h, _| keep.contains(h));
+        let mut gone = Vec::new();
+        self.pages.retain(|h, slot| {
+            let k = keep.contains(h);
+            if !k {
+                gone.push(*slot);
+            }
+            k
+        });
+        self.slabs.release(gone);
     }
 }
 

@@ -246,3 +246,44 @@ async fn measure_page_throughput() {
         );
     }
 }
+
+#[test]
+fn a_store_keeps_every_page_through_absorbs_removals_and_reuse_of_its_memory() {
+    let a_pages = random_pages(7, 1500);
+    let mut store = PageStore::new(10_000);
+    let a: Vec<[u8; 32]> = a_pages.iter().map(|p| store.insert(p).unwrap()).collect();
+    // Another store (a round's stream) shares a third of its pages with this one.
+    let mut other = PageStore::new(10_000);
+    let b_pages: Vec<Vec<u8>> = a_pages[..500]
+        .iter()
+        .cloned()
+        .chain(random_pages(8, 700))
+        .collect();
+    let b: Vec<[u8; 32]> = b_pages.iter().map(|p| other.insert(p).unwrap()).collect();
+    store.absorb(other).unwrap();
+    assert_eq!(store.len(), 2200);
+    // Forgetting pages gives their memory back and leaves the others intact.
+    assert_eq!(store.remove(&a[100..1200]), 1100);
+    assert_eq!(store.remove(&a[100..200]), 0, "already forgotten");
+    for (p, h) in a_pages.iter().zip(&a) {
+        match store.get(h) {
+            Some(got) => assert_eq!(got, &p[..]),
+            None => assert!(a[100..1200].contains(h)),
+        }
+    }
+    for (p, h) in b_pages.iter().zip(&b) {
+        if !a[100..1200].contains(h) {
+            assert_eq!(store.get(h).unwrap(), &p[..]);
+        }
+    }
+    // Freed memory is reused for new pages, which read back as written.
+    let c_pages = random_pages(9, 1200);
+    let c: Vec<[u8; 32]> = c_pages.iter().map(|p| store.insert(p).unwrap()).collect();
+    for (p, h) in c_pages.iter().zip(&c) {
+        assert_eq!(store.get(h).unwrap(), &p[..]);
+    }
+    let keep: std::collections::HashSet<[u8; 32]> = c[..10].iter().copied().collect();
+    store.retain(&keep);
+    assert_eq!(store.len(), 10);
+    assert_eq!(store.get(&c[3]).unwrap(), &c_pages[3][..]);
+}

@@ -29,8 +29,101 @@ use transfer::pages::PageHash;
 use super::{lock, Agent};
 use crate::proto::{PeerResponse, MAX_HASHES};
 
-/// (pid in the container, page address) -> (content, sequence number of the read).
-pub(crate) type PageIndex = HashMap<(u32, u64), (PageHash, u64)>;
+/// Where each page of a lazy restore comes from: (pid in the container, page address) ->
+/// content, the sequence number of the read that gave it, and whether it was served; and per
+/// content, how many pages not served yet have it, so that a content's last use is known and
+/// its memory can leave the store at once (see [`FillPages::take`]).
+#[derive(Debug, Default)]
+pub(crate) struct PageIndex {
+    at: HashMap<(u32, u64), Placed, foldhash::fast::RandomState>,
+    unserved: HashMap<PageHash, u32, transfer::pages::PageHashBuilder>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Placed {
+    hash: PageHash,
+    seq: u64,
+    served: bool,
+}
+
+impl PageIndex {
+    /// The content and read sequence number of the page at `key`.
+    pub(crate) fn get(&self, key: &(u32, u64)) -> Option<(PageHash, u64)> {
+        self.at.get(key).map(|p| (p.hash, p.seq))
+    }
+
+    /// Sets the page at `key` (keeping whether it was served).
+    pub(crate) fn set(&mut self, key: (u32, u64), hash: PageHash, seq: u64) {
+        let served = match self.at.insert(
+            key,
+            Placed {
+                hash,
+                seq,
+                served: false,
+            },
+        ) {
+            Some(old) => {
+                if !old.served {
+                    self.unuse(&old.hash);
+                }
+                old.served
+            }
+            None => false,
+        };
+        if served {
+            self.at.get_mut(&key).expect("just set").served = true;
+        } else if hash != REMOTE {
+            *self.unserved.entry(hash).or_default() += 1;
+        }
+    }
+
+    fn unuse(&mut self, h: &PageHash) -> bool {
+        match self.unserved.get_mut(h) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                self.unserved.remove(h);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Marks the page at `key` served; returns its content if no page left to serve has it.
+    fn serve(&mut self, key: &(u32, u64)) -> Option<PageHash> {
+        let p = self.at.get_mut(key)?;
+        if p.served {
+            return None;
+        }
+        p.served = true;
+        let h = p.hash;
+        (h != REMOTE && self.unuse(&h)).then_some(h)
+    }
+
+    /// Serves the page at `key` from the store: marks it served and returns its content, and
+    /// that content again if no page left to serve has it. None (nothing marked) for a page
+    /// not placed here or to fetch from the source.
+    fn serve_local(&mut self, key: &(u32, u64)) -> Option<(PageHash, Option<PageHash>)> {
+        let p = self.at.get_mut(key).filter(|p| p.hash != REMOTE)?;
+        let h = p.hash;
+        if p.served {
+            return Some((h, None));
+        }
+        p.served = true;
+        Some((h, self.unuse(&h).then_some(h)))
+    }
+
+    /// The content of the page at `key`, and whether it was served.
+    fn placed(&self, key: &(u32, u64)) -> Option<(PageHash, bool)> {
+        self.at.get(key).map(|p| (p.hash, p.served))
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.at.len()
+    }
+}
 
 /// The "hash" of a page to fetch from the source's frozen copy (post-copy): a location
 /// with it supersedes the versions this host holds.
@@ -62,7 +155,9 @@ pub(crate) type FillOutcome =
 pub(crate) struct Fill {
     /// The source of the job: the only peer that may ask about it.
     pub(crate) from: String,
-    pub(crate) pinned: HashSet<PageHash>,
+    pub(crate) pinned: transfer::pages::PageSet,
+    /// Pages the store forgot once they were in (`Agent::release_filled`).
+    pub(crate) forgotten: u64,
     pub(crate) done: FillOutcome,
     /// The pages it serves, which the integrity check compares and corrects.
     pub(crate) pages: Arc<FillPages>,
@@ -94,13 +189,11 @@ pub(crate) struct FillPages {
 struct Served {
     index: PageIndex,
     /// Pages the integrity check compared.
-    verified: HashSet<(u32, u64)>,
+    verified: HashSet<(u32, u64), foldhash::fast::RandomState>,
     /// The source checks this fill and has not said it is done.
     verifying: bool,
     /// When its last batch arrived (or the fill started).
     progress: tokio::time::Instant,
-    /// Pages given to the daemon (the container may have read them).
-    served: HashSet<(u32, u64)>,
     /// Mismatched pages not served yet, waiting for the source's contents.
     held: HashSet<(u32, u64)>,
     integrity: migrate_core::IntegrityReport,
@@ -115,8 +208,9 @@ struct Served {
 /// What [`FillPages::take`] hands out.
 #[derive(Debug, PartialEq, Eq)]
 enum Take {
-    /// The contents' hashes of pages from the store, marked served.
-    Local(Vec<PageHash>),
+    /// The contents' hashes of pages from the store, marked served, and those of them that no
+    /// page left to serve has (the store may forget them once they are in).
+    Local(Vec<PageHash>, Vec<PageHash>),
     /// Pages to fetch from the source (not marked served yet): `fetch` from the address
     /// asked for, of which the first `serve` answer the request (the rest is read-ahead).
     Remote { serve: u64, fetch: u64 },
@@ -142,10 +236,9 @@ impl FillPages {
         Arc::new(FillPages {
             state: std::sync::Mutex::new(Served {
                 index,
-                verified: HashSet::new(),
+                verified: Default::default(),
                 verifying: verified,
                 progress: tokio::time::Instant::now(),
-                served: HashSet::new(),
                 held: HashSet::new(),
                 integrity: Default::default(),
                 fetched: 0,
@@ -181,7 +274,7 @@ impl FillPages {
         s.progress = tokio::time::Instant::now();
         if done {
             s.verifying = false;
-            s.verified = HashSet::new();
+            s.verified = Default::default();
         }
         for l in frozen {
             for (i, h) in l.hashes.iter().enumerate() {
@@ -190,15 +283,16 @@ impl FillPages {
                 if s.verifying {
                     s.verified.insert(key);
                 }
-                match s.index.get(&key) {
-                    Some((ours, _)) if ours == h => continue,
+                let served = match s.index.placed(&key) {
+                    Some((ours, _)) if ours == *h => continue,
                     // Fetched from the frozen copy itself when needed.
-                    Some((ours, _)) if *ours == REMOTE && !s.served.contains(&key) => continue,
-                    None if !s.served.contains(&key) => continue,
-                    _ => {}
-                }
+                    Some((ours, false)) if ours == REMOTE => continue,
+                    // Never served: a page not placed here is fetched from the frozen copy.
+                    None => continue,
+                    Some((_, served)) => served,
+                };
                 s.integrity.mismatches += 1;
-                if s.served.contains(&key) {
+                if served {
                     v.stale += 1;
                     warn!(pid = key.0, addr = format_args!("{:#x}", key.1), "integrity: a page the container already has differs from the source's frozen copy");
                 } else {
@@ -219,7 +313,7 @@ impl FillPages {
             let mut s = lock(&self.state);
             for (key, h) in pages {
                 if s.held.remove(key) {
-                    s.index.insert(*key, (*h, u64::MAX));
+                    s.index.set(*key, *h, u64::MAX);
                     corrected += 1;
                 } else {
                     stale += 1;
@@ -240,6 +334,7 @@ impl FillPages {
         let until = tokio::time::Instant::now() + HELD_LIMIT;
         loop {
             let released = self.released.notified();
+            let mut wake = until;
             {
                 let mut s = lock(&self.state);
                 let s = &mut *s;
@@ -250,10 +345,11 @@ impl FillPages {
                 let waiting = now < until
                     && ((!s.held.is_empty() && keys.clone().any(|k| s.held.contains(&k)))
                         || s.fetching.contains(&(pid, vaddr)));
+                let mut waiting_check = false;
                 if !waiting {
                     // Marked remote, or never placed here: the frozen copy has it.
                     let remote = |k: &(u32, u64)| {
-                        s.index.get(k).is_none_or(|(h, _)| *h == REMOTE) && !s.fetching.contains(k)
+                        s.index.get(k).is_none_or(|(h, _)| h == REMOTE) && !s.fetching.contains(k)
                     };
                     if remote(&(pid, vaddr)) {
                         let serve = keys.take_while(|k| remote(k)).count() as u64;
@@ -285,25 +381,34 @@ impl FillPages {
                         return Take::Remote { serve, fetch };
                     }
                     let checking = n > 1 && s.verifying && now < s.progress + VERIFY_STALL;
+                    // The background fill follows the check rather than run ahead of it a
+                    // page at a time: it waits for its first page to be checked.
+                    if checking && !fault && !s.verified.contains(&(pid, vaddr)) {
+                        wake = (s.progress + VERIFY_STALL).min(until);
+                        waiting_check = true;
+                    }
+                }
+                if !waiting && !waiting_check {
+                    let checking = n > 1 && s.verifying && now < s.progress + VERIFY_STALL;
                     let mut out = Vec::with_capacity(n as usize);
+                    let mut last = Vec::new();
                     for (i, k) in keys.enumerate() {
                         if checking && i > 0 && !s.verified.contains(&k) {
                             break;
                         }
-                        let Some((h, _)) = s.index.get(&k) else { break };
-                        if *h == REMOTE {
+                        let Some((h, done)) = s.index.serve_local(&k) else {
                             break;
-                        }
-                        if s.held.remove(&k) {
+                        };
+                        if !s.held.is_empty() && s.held.remove(&k) {
                             warn!(pid, addr = format_args!("{:#x}", k.1), "integrity: no correction for a mismatched page within {} s; it is served as it is", HELD_LIMIT.as_secs());
                         }
-                        s.served.insert(k);
-                        out.push(*h);
+                        last.extend(done);
+                        out.push(h);
                     }
-                    return Take::Local(out);
+                    return Take::Local(out, last);
                 }
             }
-            let _ = tokio::time::timeout_at(until, released).await;
+            let _ = tokio::time::timeout_at(wake, released).await;
         }
     }
 
@@ -320,9 +425,9 @@ impl FillPages {
         let mut s = lock(&self.state);
         for (i, h) in hashes.iter().enumerate() {
             let k = (pid, vaddr + i as u64 * PAGE_SIZE as u64);
-            s.index.insert(k, (*h, u64::MAX - 1));
+            s.index.set(k, *h, u64::MAX - 1);
             if i < served {
-                s.served.insert(k);
+                s.index.serve(&k);
             }
         }
         s.fetched += hashes.len() as u64;
@@ -356,10 +461,8 @@ pub(crate) fn place(index: &mut PageIndex, locations: Vec<Location>) {
         for (i, h) in l.hashes.into_iter().enumerate() {
             let at = l.vaddr + i as u64 * PAGE_SIZE as u64;
             match index.get(&(l.pid, at)) {
-                Some((_, seq)) if *seq > l.seq => {}
-                _ => {
-                    index.insert((l.pid, at), (h, l.seq));
-                }
+                Some((_, seq)) if seq > l.seq => {}
+                _ => index.set((l.pid, at), h, l.seq),
             }
         }
     }
@@ -490,6 +593,8 @@ pub(crate) async fn serve(
                     (pid, vaddr, nr_pages),
                     nr_pages == 1,
                     &mut buf,
+                    // CRIU's daemon may ask for a page again: the store keeps them all.
+                    &mut Vec::new(),
                 )
                 .await?;
                 let n = (buf.len() / PAGE_SIZE) as u64;
@@ -521,7 +626,9 @@ pub(crate) async fn serve(
 /// Reads up to `n` pages (at most [`MAX_SERVE_PAGES`]) of `pid` from `vaddr` (the dump's
 /// pids and addresses) into `buf`, which it clears: from the page store through the index,
 /// or, for pages marked [`REMOTE`] or never placed here, fetched from the source's frozen
-/// copy. Returns how many; fails rather than give none.
+/// copy. Returns how many; fails rather than give none. Adds to `last` the contents that no
+/// page left to serve has: once these pages are in, the store may forget them
+/// ([`Agent::release_filled`]).
 pub(crate) async fn read_pages(
     agent: &Arc<Agent>,
     index: &FillPages,
@@ -529,16 +636,39 @@ pub(crate) async fn read_pages(
     (pid, vaddr, n): (u32, u64, u64),
     fault: bool,
     buf: &mut Vec<u8>,
+    last: &mut Vec<PageHash>,
 ) -> Result<u64> {
     buf.clear();
     match index.take(pid, vaddr, n.min(MAX_SERVE_PAGES), fault).await {
-        Take::Local(hashes) => {
-            let store = agent.pages.lock().await;
-            for h in &hashes {
-                match store.get(h) {
-                    Some(p) => buf.extend_from_slice(p),
-                    None => break,
+        Take::Local(hashes, done) => {
+            last.extend(done);
+            let missing = {
+                let store = agent.pages.lock().await;
+                let mut missing = 0;
+                for h in &hashes {
+                    match store.get(h) {
+                        Some(p) if missing == 0 => buf.extend_from_slice(p),
+                        Some(_) => break,
+                        None if buf.is_empty() => missing += 1,
+                        None => break,
+                    }
                 }
+                missing
+            };
+            if missing > 0 {
+                // Served meanwhile under another address with the same contents, and
+                // forgotten since (`Agent::release_filled`): the frozen copy still has it.
+                let (fetched, pages) = agent
+                    .fetch_from_source(source, pid, vaddr, missing)
+                    .await
+                    .with_context(|| {
+                    format!(
+                        "fetching {missing} pages at {vaddr:#x} of pid {pid} from {}",
+                        source.host
+                    )
+                })?;
+                index.fetched(pid, vaddr, &fetched, fetched.len(), fault);
+                buf.extend_from_slice(&pages);
             }
         }
         Take::Remote { serve, fetch } => {
@@ -546,7 +676,7 @@ pub(crate) async fn read_pages(
             if fetched.is_err() {
                 index.fetch_ended(pid, vaddr, fetch);
             }
-            let fetched = fetched.with_context(|| {
+            let (fetched, pages) = fetched.with_context(|| {
                 format!(
                     "fetching {fetch} pages at {vaddr:#x} of pid {pid} from {}",
                     source.host
@@ -555,10 +685,7 @@ pub(crate) async fn read_pages(
             let serve = (serve as usize).min(fetched.len());
             index.fetched(pid, vaddr, &fetched, serve, fault);
             index.fetch_ended(pid, vaddr, fetch);
-            let store = agent.pages.lock().await;
-            for h in &fetched[..serve] {
-                buf.extend_from_slice(store.get(h).context("a fetched page left the store")?);
-            }
+            buf.extend_from_slice(&pages[..serve * PAGE_SIZE]);
         }
     }
     if buf.is_empty() {
@@ -569,14 +696,14 @@ pub(crate) async fn read_pages(
 
 impl Agent {
     /// Fetches `n` pages of `pid` from `vaddr` from the source's frozen copy into the page
-    /// store (pinned for the fill); returns their hashes.
+    /// store (pinned for the fill); returns their hashes and contents.
     async fn fetch_from_source(
         &self,
         source: &Source,
         pid: u32,
         vaddr: u64,
         n: u64,
-    ) -> Result<Vec<PageHash>> {
+    ) -> Result<(Vec<PageHash>, Vec<u8>)> {
         let n = n.min(super::lazy::MAX_FETCH_PAGES);
         let conn = self.peer_conn(&source.host).await?;
         let (mut send, mut recv) = conn.open().await?;
@@ -616,7 +743,37 @@ impl Agent {
         if let Some(f) = lock(&self.fills).get_mut(&source.job) {
             f.pinned.extend(hashes.iter().copied());
         }
-        Ok(hashes)
+        Ok((hashes, pages))
+    }
+}
+
+impl Agent {
+    /// Forgets pages of `job`'s fill that are in the container now and that nothing else
+    /// here needs (no other job pins them): their memory goes back to the kernel at once,
+    /// where the fill's next copies find it. Without this a fill needs the container's memory
+    /// twice, and on a VM whose free memory goes back to its hypervisor every page it copies
+    /// lands in memory the host must first provide (see `transfer`'s `slab` module).
+    pub(crate) async fn release_filled(&self, job: &str, hashes: &[PageHash]) {
+        if hashes.is_empty() {
+            return;
+        }
+        let mut store = self.pages.lock().await;
+        let incoming = self.incoming.lock().await;
+        let mut fills = lock(&self.fills);
+        let others = |h: &PageHash| {
+            incoming.values().any(|i| i.pinned().contains(h))
+                || fills
+                    .iter()
+                    .any(|(j, f)| j.as_str() != job && f.pinned.contains(h))
+        };
+        let gone: Vec<PageHash> = hashes.iter().filter(|h| !others(h)).copied().collect();
+        store.remove(&gone);
+        if let Some(f) = fills.get_mut(job) {
+            for h in &gone {
+                f.pinned.remove(h);
+            }
+            f.forgotten += gone.len() as u64;
+        }
     }
 }
 
@@ -853,6 +1010,9 @@ impl Agent {
             };
             let _ = std::fs::remove_file(agent.fill_record(&job));
             let fill = super::lock(&agent.fills).remove(&job);
+            if let Some(f) = &fill {
+                info!(%job, forgotten = f.forgotten, kept = f.pinned.len(), "pages of the fill forgotten once in, and kept");
+            }
             if !still_incoming {
                 agent.release_store(&job).await;
             }
@@ -1037,7 +1197,7 @@ mod tests {
 
     #[test]
     fn the_integrity_check_holds_unserved_mismatches_and_counts_served_ones() {
-        let mut index = PageIndex::new();
+        let mut index = PageIndex::default();
         place(&mut index, vec![loc(1, 0x0, 1, &[1, 2, 3])]);
         let pages = FillPages::new(index, true);
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -1047,7 +1207,7 @@ mod tests {
         // The daemon has the first page already.
         assert_eq!(
             rt.block_on(pages.take(1, 0x0, 1, false)),
-            Take::Local(vec![[1; 32]])
+            Take::Local(vec![[1; 32]], vec![[1; 32]])
         );
         // The frozen copy differs at the first and the third page.
         let v = pages.verify(&[loc(1, 0x0, 0, &[9, 2, 7])], false);
@@ -1066,7 +1226,7 @@ mod tests {
         let (served, (fixed, late)) = rt.block_on(async { tokio::join!(waiting, corrected) });
         assert_eq!(
             served,
-            Take::Local(vec![[2; 32], [7; 32]]),
+            Take::Local(vec![[2; 32], [7; 32]], vec![[2; 32], [7; 32]]),
             "served the corrected page"
         );
         assert_eq!(
@@ -1080,7 +1240,7 @@ mod tests {
 
     #[test]
     fn the_background_fill_takes_only_pages_the_integrity_check_reached() {
-        let mut index = PageIndex::new();
+        let mut index = PageIndex::default();
         place(&mut index, vec![loc(1, 0x0, 1, &[1, 2, 3, 4])]);
         let pages = FillPages::new(index, true);
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -1090,32 +1250,32 @@ mod tests {
         // Nothing checked yet: one page per request.
         assert_eq!(
             rt.block_on(pages.take(1, 0x0, 4, false)),
-            Take::Local(vec![[1; 32]])
+            Take::Local(vec![[1; 32]], vec![[1; 32]])
         );
         pages.verify(&[loc(1, 0x1000, 0, &[2, 3])], false);
         assert_eq!(
             rt.block_on(pages.take(1, 0x1000, 3, false)),
-            Take::Local(vec![[2; 32], [3; 32]])
+            Take::Local(vec![[2; 32], [3; 32]], vec![[2; 32], [3; 32]])
         );
         // Once the check is done, everything goes.
         pages.verify(&[], true);
         assert_eq!(
             rt.block_on(pages.take(1, 0x3000, 1, false)),
-            Take::Local(vec![[4; 32]])
+            Take::Local(vec![[4; 32]], vec![[4; 32]])
         );
         // Without a check, nothing waits for one.
-        let mut index = PageIndex::new();
+        let mut index = PageIndex::default();
         place(&mut index, vec![loc(1, 0x0, 1, &[1, 2])]);
         let unchecked = FillPages::new(index, false);
         assert_eq!(
             rt.block_on(unchecked.take(1, 0x0, 2, false)),
-            Take::Local(vec![[1; 32], [2; 32]])
+            Take::Local(vec![[1; 32], [2; 32]], vec![[1; 32], [2; 32]])
         );
     }
 
     #[test]
     fn remote_and_unplaced_pages_are_fetched_and_then_served_as_fetched() {
-        let mut index = PageIndex::new();
+        let mut index = PageIndex::default();
         place(&mut index, vec![loc(1, 0x0, 1, &[1, 2])]);
         // The second page was rewritten after it was placed: post-copy marks it remote.
         place(
@@ -1134,7 +1294,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             rt.block_on(pages.take(1, 0x0, 4, false)),
-            Take::Local(vec![[1; 32]])
+            Take::Local(vec![[1; 32]], vec![[1; 32]])
         );
         // 0x1000 is remote, 0x2000 and 0x3000 were never placed: one fetch of three.
         assert_eq!(
@@ -1145,7 +1305,12 @@ mod tests {
         pages.fetch_ended(1, 0x1000, 3);
         assert_eq!(
             rt.block_on(pages.take(1, 0x2000, 2, false)),
-            Take::Local(vec![[8; 32], [9; 32]])
+            Take::Local(vec![[8; 32], [9; 32]], vec![]),
+            "fetched pages were served already"
+        );
+        assert_eq!(
+            rt.block_on(pages.take(1, 0x2000, 1, false)),
+            Take::Local(vec![[8; 32]], vec![])
         );
         assert_eq!(pages.fetch_counts(), (3, 0));
         // Within the dump's lazy memory, a background request reads ahead; a fault does not.
@@ -1182,20 +1347,49 @@ mod tests {
 
     #[test]
     fn the_latest_read_of_a_page_wins_whatever_the_arrival_order() {
-        let mut index = PageIndex::new();
+        let mut index = PageIndex::default();
         // Read at 5 (contents 2, 2) arrives after a read at 7 (contents 3) of the second page.
         place(&mut index, vec![loc(1, 0x1000, 7, &[3])]);
         place(&mut index, vec![loc(1, 0x0, 5, &[2, 2])]);
-        assert_eq!(index[&(1, 0x0)], ([2; 32], 5));
+        assert_eq!(index.get(&(1, 0x0)), Some(([2; 32], 5)));
         assert_eq!(
-            index[&(1, 0x1000)],
-            ([3; 32], 7),
+            index.get(&(1, 0x1000)),
+            Some(([3; 32], 7)),
             "an older read does not replace a newer"
         );
         // A later read replaces; another process's page at the same address is another page.
         place(&mut index, vec![loc(1, 0x0, 9, &[4]), loc(2, 0x0, 1, &[8])]);
-        assert_eq!(index[&(1, 0x0)], ([4; 32], 9));
-        assert_eq!(index[&(2, 0x0)], ([8; 32], 1));
+        assert_eq!(index.get(&(1, 0x0)), Some(([4; 32], 9)));
+        assert_eq!(index.get(&(2, 0x0)), Some(([8; 32], 1)));
         assert_eq!(index.len(), 3);
+    }
+
+    #[test]
+    fn a_content_is_done_when_every_page_that_has_it_was_served() {
+        let mut index = PageIndex::default();
+        // Pages 0x0 and 0x2000 have one content; 0x1000 is rewritten (a later read) to it too.
+        place(&mut index, vec![loc(1, 0x0, 1, &[5, 6, 5])]);
+        place(&mut index, vec![loc(1, 0x1000, 2, &[5])]);
+        // A post-copy mark does not count as a content.
+        place(&mut index, vec![loc(2, 0x0, 1, &[0])]);
+        let pages = FillPages::new(index, false);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        assert_eq!(
+            rt.block_on(pages.take(1, 0x0, 2, false)),
+            Take::Local(vec![[5; 32], [5; 32]], vec![]),
+            "0x2000 still needs the content; 6 was replaced before it was served"
+        );
+        assert_eq!(
+            rt.block_on(pages.take(1, 0x2000, 1, false)),
+            Take::Local(vec![[5; 32]], vec![[5; 32]])
+        );
+        // Served again (a forked child reads by its parent's pid): no second last use.
+        assert_eq!(
+            rt.block_on(pages.take(1, 0x0, 1, false)),
+            Take::Local(vec![[5; 32]], vec![])
+        );
     }
 }

@@ -4,7 +4,6 @@
 //! a crash removes it; a job whose source disappears (connection closed) or stays silent past its
 //! deadline is aborted here without waiting for anyone.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,7 +53,7 @@ pub(crate) struct Incoming {
     restored: bool,
     deadline: Instant,
     /// Pre-copy: pages of the store this job relies on (kept until it ends).
-    pinned: HashSet<transfer::pages::PageHash>,
+    pinned: transfer::pages::PageSet,
     /// The final dump's pages were written into the images directory by the relay.
     pages_relayed: bool,
     /// Lazy restore: which page of the store is at which address (see `fill`).
@@ -114,7 +113,7 @@ impl Incoming {
             && ended.is_none_or(|e| e + PREPARED_TTL < now)
     }
 
-    pub(crate) fn pin(&mut self, hashes: HashSet<transfer::pages::PageHash>) {
+    pub(crate) fn pin(&mut self, hashes: transfer::pages::PageSet) {
         if self.pinned.is_empty() {
             self.pinned = hashes;
         } else {
@@ -122,11 +121,11 @@ impl Incoming {
         }
     }
 
-    pub(crate) fn pinned(&self) -> &HashSet<transfer::pages::PageHash> {
+    pub(crate) fn pinned(&self) -> &transfer::pages::PageSet {
         &self.pinned
     }
 
-    pub(crate) fn pinned_mut(&mut self) -> &mut HashSet<transfer::pages::PageHash> {
+    pub(crate) fn pinned_mut(&mut self) -> &mut transfer::pages::PageSet {
         &mut self.pinned
     }
 
@@ -406,7 +405,7 @@ impl Agent {
                         streams: Default::default(),
                         restored: false,
                         deadline: Instant::now() + PREPARED_TTL,
-                        pinned: HashSet::new(),
+                        pinned: Default::default(),
                         pages_relayed: false,
                         index: Default::default(),
                         filling: false,
@@ -629,6 +628,7 @@ impl Agent {
                             super::fill::Fill {
                                 from: peer.to_string(),
                                 pinned: std::mem::take(&mut i.pinned),
+                                forgotten: 0,
                                 done: tx,
                                 pages: Arc::clone(&pages),
                             },

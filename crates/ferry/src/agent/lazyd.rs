@@ -45,6 +45,8 @@ const FAULT_PAGES: u64 = 16;
 const FILL_PAGES: u64 = 1024;
 /// Background copies under way at once.
 const FILL_WORKERS: usize = 2;
+/// Contents the store forgets at once during the fill (16 MiB).
+const FORGET_PAGES: usize = 4096;
 /// How long a copy may keep meeting mappings that change before the fill fails.
 const CHANGING_LIMIT: Duration = Duration::from_secs(10);
 /// How long CRIU's restore may take to connect.
@@ -260,6 +262,11 @@ struct Daemon {
     rt: tokio::runtime::Handle,
     copied: AtomicU64,
     copies: AtomicU64,
+    /// Forks seen. A child reads its pages by its parent's pid, so after a fork a page in is
+    /// no proof that no one needs it again: the store forgets no page of this fill any more.
+    forks: AtomicU64,
+    /// Contents in and not needed any more, until the store forgets them in one go.
+    forget: Mutex<Vec<transfer::pages::PageHash>>,
     /// The first error of any task.
     failed: Mutex<Option<String>>,
     /// CRIU's restore has finished: the tree runs.
@@ -313,6 +320,8 @@ pub(crate) async fn run(
         rt: tokio::runtime::Handle::current(),
         copied: AtomicU64::new(0),
         copies: AtomicU64::new(0),
+        forks: AtomicU64::new(0),
+        forget: Mutex::new(Vec::new()),
         failed: Mutex::new(None),
         stop: tokio::sync::watch::channel(false).0,
         restored: std::sync::atomic::AtomicBool::new(false),
@@ -370,6 +379,7 @@ pub(crate) async fn run(
                 r = done;
             }
         }
+        d.forget_rest().await;
         match lock(&d.failed).take() {
             Some(e) if r.is_ok() => Err(anyhow::anyhow!(e)),
             _ => r,
@@ -540,6 +550,7 @@ impl Daemon {
                     });
                 }
                 Read::Event(Event::Fork { uffd }) => {
+                    self.forks.fetch_add(1, Ordering::SeqCst);
                     // The child's memory is the parent's as it is now.
                     let todo = st.todo.clone();
                     drop(st);
@@ -565,6 +576,7 @@ impl Daemon {
         // The dump's address of what `buf` holds: a copy the kernel put off is tried again
         // with the same pages.
         let mut held = None;
+        let mut last = Vec::new();
         loop {
             let piece = lock(&p.state).todo.find(addr);
             let copied = match piece {
@@ -574,8 +586,16 @@ impl Daemon {
                     if held != Some(img) {
                         let n = ((end - addr) / PAGE).min(FAULT_PAGES);
                         let at = (p.pid, img, n);
-                        read_pages(&self.agent, &self.pages, &self.source, at, true, &mut buf)
-                            .await?;
+                        read_pages(
+                            &self.agent,
+                            &self.pages,
+                            &self.source,
+                            at,
+                            true,
+                            &mut buf,
+                            &mut last,
+                        )
+                        .await?;
                         self.copies.fetch_add(1, Ordering::Relaxed);
                         held = Some(img);
                     }
@@ -585,6 +605,7 @@ impl Daemon {
             match copied {
                 Copied::Done(n) => {
                     self.copied.fetch_add(n, Ordering::Relaxed);
+                    self.forget(&last).await;
                     return Ok(());
                 }
                 Copied::Changing => changing(p.pid, until).await?,
@@ -592,9 +613,36 @@ impl Daemon {
         }
     }
 
+    /// After a copy: the store forgets the contents that no page left to serve has (unless a
+    /// fork may still need them), [`FORGET_PAGES`] at a time: each call to the kernel costs
+    /// every CPU running the agent a TLB flush.
+    async fn forget(&self, last: &[transfer::pages::PageHash]) {
+        if last.is_empty() || self.forks.load(Ordering::SeqCst) != 0 {
+            return;
+        }
+        let batch = {
+            let mut f = lock(&self.forget);
+            f.extend_from_slice(last);
+            if f.len() < FORGET_PAGES {
+                return;
+            }
+            std::mem::take(&mut *f)
+        };
+        self.agent.release_filled(&self.source.job, &batch).await;
+    }
+
+    /// What [`Self::forget`] still holds.
+    async fn forget_rest(&self) {
+        let rest = std::mem::take(&mut *lock(&self.forget));
+        if self.forks.load(Ordering::SeqCst) == 0 {
+            self.agent.release_filled(&self.source.job, &rest).await;
+        }
+    }
+
     /// A background worker: copies the ranges left, a piece at a time, until none is left.
     async fn fill(self: Arc<Self>, worker: usize) -> Result<()> {
         let mut buf = Vec::with_capacity((FILL_PAGES * PAGE) as usize);
+        let mut last = Vec::new();
         let mut next = worker;
         loop {
             if lock(&self.failed).is_some() {
@@ -632,13 +680,24 @@ impl Daemon {
                 continue;
             };
             let at = (p.pid, img, (e - s) / PAGE);
-            read_pages(&self.agent, &self.pages, &self.source, at, false, &mut buf).await?;
+            last.clear();
+            read_pages(
+                &self.agent,
+                &self.pages,
+                &self.source,
+                at,
+                false,
+                &mut buf,
+                &mut last,
+            )
+            .await?;
             self.copies.fetch_add(1, Ordering::Relaxed);
             let until = tokio::time::Instant::now() + CHANGING_LIMIT;
             loop {
                 match p.put(img, &buf, true)? {
                     Copied::Done(n) => {
                         self.copied.fetch_add(n, Ordering::Relaxed);
+                        self.forget(&last).await;
                         break;
                     }
                     Copied::Changing => changing(p.pid, until).await?,

@@ -61,18 +61,19 @@ impl Agent {
             .await
             .context("reading page hashes")?;
         let mut bits = vec![false; hashes.len()];
-        let mut held = HashSet::new();
-        {
-            let store = self.pages.lock().await;
-            for (i, h) in hashes.iter().enumerate() {
-                if store.contains(h) {
-                    bits[i] = true;
-                    held.insert(*h);
-                }
+        let mut held = transfer::pages::PageSet::default();
+        // Pinned before the store is let go: a fill forgetting pages (`release_filled`)
+        // cannot take one that the answer says is here.
+        let store = self.pages.lock().await;
+        for (i, h) in hashes.iter().enumerate() {
+            if store.contains(h) {
+                bits[i] = true;
+                held.insert(*h);
             }
         }
         let n_held = held.len();
         self.with_incoming(peer, job, move |i| i.pin(held)).await?;
+        drop(store);
         info!(%job, asked = count, held = n_held, "page holdings answered");
         Ok(PeerResponse::Held {
             bitmap: transfer::lists::encode_bitmap(&bits),
@@ -104,22 +105,22 @@ impl Agent {
         let (hashes, stats) = transfer::pages::recv_pages(recv, &mut local)
             .await
             .context("receiving pages")?;
-        {
-            let mut store = self.pages.lock().await;
-            if store.free_pages() < local.len() {
-                self.make_room(&mut store).await;
-            }
-            store.absorb(local).with_context(|| {
-                format!(
-                    "the page store of {} is full ({} MiB, page_store_mib in its config)",
-                    self.cfg.host,
-                    (cap * 4096) >> 20
-                )
-            })?;
+        let mut store = self.pages.lock().await;
+        if store.free_pages() < local.len() {
+            self.make_room(&mut store).await;
         }
+        store.absorb(local).with_context(|| {
+            format!(
+                "the page store of {} is full ({} MiB, page_store_mib in its config)",
+                self.cfg.host,
+                (cap * 4096) >> 20
+            )
+        })?;
         let pages = hashes.len();
+        // Pinned before the store is let go (see `held_pages`).
         self.with_incoming(peer, job, move |i| i.pin(hashes.into_iter().collect()))
             .await?;
+        drop(store);
         tracing::debug!(%job, pages, bytes = stats.wire_bytes, "round pages received");
         Ok(stats.wire_bytes)
     }
