@@ -44,6 +44,8 @@ struct Placed {
     hash: PageHash,
     seq: u64,
     served: bool,
+    /// The integrity check compared it.
+    checked: bool,
 }
 
 impl PageIndex {
@@ -52,27 +54,27 @@ impl PageIndex {
         self.at.get(key).map(|p| (p.hash, p.seq))
     }
 
-    /// Sets the page at `key` (keeping whether it was served).
+    /// Sets the page at `key` (keeping whether it was served and checked).
     pub(crate) fn set(&mut self, key: (u32, u64), hash: PageHash, seq: u64) {
-        let served = match self.at.insert(
-            key,
-            Placed {
-                hash,
-                seq,
-                served: false,
-            },
-        ) {
+        let new = Placed {
+            hash,
+            seq,
+            served: false,
+            checked: false,
+        };
+        let served = match self.at.insert(key, new) {
             Some(old) => {
                 if !old.served {
                     self.unuse(&old.hash);
                 }
+                let p = self.at.get_mut(&key).expect("just set");
+                p.served = old.served;
+                p.checked = old.checked;
                 old.served
             }
             None => false,
         };
-        if served {
-            self.at.get_mut(&key).expect("just set").served = true;
-        } else if hash != REMOTE {
+        if !served && hash != REMOTE {
             *self.unserved.entry(hash).or_default() += 1;
         }
     }
@@ -105,8 +107,16 @@ impl PageIndex {
     /// Serves the page at `key` from the store: marks it served and returns its content, and
     /// that content again if no page left to serve has it. None (nothing marked) for a page
     /// not placed here or to fetch from the source.
-    fn serve_local(&mut self, key: &(u32, u64)) -> Option<(PageHash, Option<PageHash>)> {
-        let p = self.at.get_mut(key).filter(|p| p.hash != REMOTE)?;
+    /// With `checked_only`, a page the integrity check has not compared is not served either.
+    fn serve_local(
+        &mut self,
+        key: &(u32, u64),
+        checked_only: bool,
+    ) -> Option<(PageHash, Option<PageHash>)> {
+        let p = self
+            .at
+            .get_mut(key)
+            .filter(|p| p.hash != REMOTE && (p.checked || !checked_only))?;
         let h = p.hash;
         if p.served {
             return Some((h, None));
@@ -115,9 +125,16 @@ impl PageIndex {
         Some((h, self.unuse(&h).then_some(h)))
     }
 
-    /// The content of the page at `key`, and whether it was served.
-    fn placed(&self, key: &(u32, u64)) -> Option<(PageHash, bool)> {
-        self.at.get(key).map(|p| (p.hash, p.served))
+    /// The content of the page at `key`, and whether it was served; with `check`, marks it
+    /// compared by the integrity check.
+    fn placed(&mut self, key: &(u32, u64), check: bool) -> Option<(PageHash, bool)> {
+        let p = self.at.get_mut(key)?;
+        p.checked |= check;
+        Some((p.hash, p.served))
+    }
+
+    fn is_checked(&self, key: &(u32, u64)) -> bool {
+        self.at.get(key).is_some_and(|p| p.checked)
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -188,8 +205,6 @@ pub(crate) struct FillPages {
 
 struct Served {
     index: PageIndex,
-    /// Pages the integrity check compared.
-    verified: HashSet<(u32, u64), foldhash::fast::RandomState>,
     /// The source checks this fill and has not said it is done.
     verifying: bool,
     /// When its last batch arrived (or the fill started).
@@ -236,7 +251,6 @@ impl FillPages {
         Arc::new(FillPages {
             state: std::sync::Mutex::new(Served {
                 index,
-                verified: Default::default(),
                 verifying: verified,
                 progress: tokio::time::Instant::now(),
                 held: HashSet::new(),
@@ -274,16 +288,12 @@ impl FillPages {
         s.progress = tokio::time::Instant::now();
         if done {
             s.verifying = false;
-            s.verified = Default::default();
         }
         for l in frozen {
             for (i, h) in l.hashes.iter().enumerate() {
                 let key = (l.pid, l.vaddr + i as u64 * PAGE_SIZE as u64);
                 v.checked += 1;
-                if s.verifying {
-                    s.verified.insert(key);
-                }
-                let served = match s.index.placed(&key) {
+                let served = match s.index.placed(&key, s.verifying) {
                     Some((ours, _)) if ours == *h => continue,
                     // Fetched from the frozen copy itself when needed.
                     Some((ours, false)) if ours == REMOTE => continue,
@@ -383,7 +393,7 @@ impl FillPages {
                     let checking = n > 1 && s.verifying && now < s.progress + VERIFY_STALL;
                     // The background fill follows the check rather than run ahead of it a
                     // page at a time: it waits for its first page to be checked.
-                    if checking && !fault && !s.verified.contains(&(pid, vaddr)) {
+                    if checking && !fault && !s.index.is_checked(&(pid, vaddr)) {
                         wake = (s.progress + VERIFY_STALL).min(until);
                         waiting_check = true;
                     }
@@ -393,10 +403,7 @@ impl FillPages {
                     let mut out = Vec::with_capacity(n as usize);
                     let mut last = Vec::new();
                     for (i, k) in keys.enumerate() {
-                        if checking && i > 0 && !s.verified.contains(&k) {
-                            break;
-                        }
-                        let Some((h, done)) = s.index.serve_local(&k) else {
+                        let Some((h, done)) = s.index.serve_local(&k, checking && i > 0) else {
                             break;
                         };
                         if !s.held.is_empty() && s.held.remove(&k) {
@@ -426,6 +433,8 @@ impl FillPages {
         for (i, h) in hashes.iter().enumerate() {
             let k = (pid, vaddr + i as u64 * PAGE_SIZE as u64);
             s.index.set(k, *h, u64::MAX - 1);
+            // The frozen copy itself: nothing to check.
+            s.index.placed(&k, true);
             if i < served {
                 s.index.serve(&k);
             }
@@ -1247,16 +1256,25 @@ mod tests {
             .enable_time()
             .build()
             .unwrap();
-        // Nothing checked yet: one page per request.
+        // Nothing checked yet: a fault is answered at once, with its own page only.
         assert_eq!(
-            rt.block_on(pages.take(1, 0x0, 4, false)),
+            rt.block_on(pages.take(1, 0x0, 4, true)),
             Take::Local(vec![[1; 32]], vec![[1; 32]])
         );
-        pages.verify(&[loc(1, 0x1000, 0, &[2, 3])], false);
+        // The background fill waits for the check to reach its first page.
+        let waiting = pages.take(1, 0x1000, 3, false);
+        let checked = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            pages.verify(&[loc(1, 0x1000, 0, &[2, 3])], false);
+            tokio::time::Instant::now()
+        };
+        let t = tokio::time::Instant::now();
+        let (got, at) = rt.block_on(async { tokio::join!(waiting, checked) });
         assert_eq!(
-            rt.block_on(pages.take(1, 0x1000, 3, false)),
+            got,
             Take::Local(vec![[2; 32], [3; 32]], vec![[2; 32], [3; 32]])
         );
+        assert!(at - t >= Duration::from_millis(50) && t.elapsed() < VERIFY_STALL);
         // Once the check is done, everything goes.
         pages.verify(&[], true);
         assert_eq!(
