@@ -560,9 +560,27 @@ pub(crate) fn start_daemon(
 
 /// Where a fill's pages come from besides the store: the job's source (post-copy, and any
 /// page the store lacks).
+#[derive(Clone)]
 pub(crate) struct Source {
     pub(crate) job: String,
     pub(crate) host: String,
+}
+
+/// [`Agent::fetch_from_source`] on the agent's runtime, where its peer connections live
+/// (the background fill runs on runtimes of its own).
+async fn fetch_on_main(
+    agent: &Arc<Agent>,
+    source: &Source,
+    pid: u32,
+    vaddr: u64,
+    n: u64,
+) -> Result<(Vec<PageHash>, Vec<u8>)> {
+    let (a, s) = (Arc::clone(agent), source.clone());
+    agent
+        .rt
+        .spawn(async move { a.fetch_from_source(&s, pid, vaddr, n).await })
+        .await
+        .context("a page fetch ended without a word")?
 }
 
 /// Serves the daemon's `PS_IOV_GET`s from the page store by `index` until it sends
@@ -667,21 +685,20 @@ pub(crate) async fn read_pages(
             if missing > 0 {
                 // Served meanwhile under another address with the same contents, and
                 // forgotten since (`Agent::release_filled`): the frozen copy still has it.
-                let (fetched, pages) = agent
-                    .fetch_from_source(source, pid, vaddr, missing)
+                let (fetched, pages) = fetch_on_main(agent, source, pid, vaddr, missing)
                     .await
                     .with_context(|| {
-                    format!(
-                        "fetching {missing} pages at {vaddr:#x} of pid {pid} from {}",
-                        source.host
-                    )
-                })?;
+                        format!(
+                            "fetching {missing} pages at {vaddr:#x} of pid {pid} from {}",
+                            source.host
+                        )
+                    })?;
                 index.fetched(pid, vaddr, &fetched, fetched.len(), fault);
                 buf.extend_from_slice(&pages);
             }
         }
         Take::Remote { serve, fetch } => {
-            let fetched = agent.fetch_from_source(source, pid, vaddr, fetch).await;
+            let fetched = fetch_on_main(agent, source, pid, vaddr, fetch).await;
             if fetched.is_err() {
                 index.fetch_ended(pid, vaddr, fetch);
             }

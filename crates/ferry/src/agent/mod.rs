@@ -100,6 +100,8 @@ pub(crate) struct Agent {
     cfg: AgentConfig,
     runc: Runc,
     endpoint: transfer::Endpoint,
+    /// The runtime the agent was started on: its peer connections are driven there.
+    rt: tokio::runtime::Handle,
     conns: tokio::sync::Mutex<HashMap<String, transfer::Connection>>,
     containers: Mutex<BTreeMap<String, ContainerRecord>>,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
@@ -296,6 +298,7 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         job_seq: AtomicU64::new(0),
         creating: Default::default(),
         pages: tokio::sync::Mutex::new(transfer::pages::PageStore::new(cfg.page_store_pages())),
+        rt: tokio::runtime::Handle::current(),
         store,
         pending_bases: Default::default(),
         route_movers: Mutex::new(load_route_movers(&cfg.state_dir)),
