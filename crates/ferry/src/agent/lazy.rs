@@ -651,25 +651,6 @@ impl super::source::Driver {
             crate::runtime::keep_log(&work.join("dump.log"), &logs, &format!("{job_id}.dump.log"));
             r
         });
-        let criu = tokio::select! {
-            a = listener.accept() => {
-                let _ = std::fs::remove_file(&sock);
-                a.context("accepting CRIU's page-server connection")?.0
-            }
-            r = &mut ckpt => {
-                let _ = std::fs::remove_file(&sock);
-                r??;
-                bail!("CRIU finished without connecting to the page-server socket");
-            }
-        };
-        // CRIU reads this once its images are written; its answer says they are.
-        let (mut criu_r, mut criu_w) = criu.into_split();
-        criu_sys::page_server::write_message_async(
-            &mut criu_w,
-            &criu_sys::page_server::Message::Close,
-        )
-        .await
-        .context("closing CRIU's lazy page server")?;
         let conn = self.conn().await?;
         let mut chunks = self.rounds.take_todo_chunks();
         // The last writes are checked first after the commit.
@@ -677,13 +658,40 @@ impl super::source::Driver {
         if self.faults.hide_dirty_page {
             self.hidden_pages = hide_one_page(&mut chunks, placement);
         }
-        let sent = if self.post_copy {
+        let accept = async {
+            let criu = tokio::select! {
+                a = listener.accept() => {
+                    let _ = std::fs::remove_file(&sock);
+                    a.context("accepting CRIU's page-server connection")?.0
+                }
+                r = &mut ckpt => {
+                    let _ = std::fs::remove_file(&sock);
+                    r??;
+                    bail!("CRIU finished without connecting to the page-server socket");
+                }
+            };
+            // CRIU reads this once its images are written; its answer says they are.
+            let (criu_r, mut criu_w) = criu.into_split();
+            criu_sys::page_server::write_message_async(
+                &mut criu_w,
+                &criu_sys::page_server::Message::Close,
+            )
+            .await
+            .context("closing CRIU's lazy page server")?;
+            anyhow::Ok((criu_r, criu_w))
+        };
+        // The last writes go while CRIU dumps (it connects to the page server only once it
+        // has collected the memory maps): the container is frozen, so they cannot change, and
+        // what CRIU's own run changes is read again after it (`reread`).
+        let (accepted, sent) = if self.post_copy {
             // Post-copy: the last writes stay at the source; the destination fetches them.
             self.remote_pages += self.mark_remote(&conn, &chunks, placement)?;
-            Ok((0, 0))
+            (accept.await, Ok((0, 0)))
         } else {
-            self.send_chunks(&conn, chunks, placement).await
+            tokio::join!(accept, self.send_chunks(&conn, chunks, placement))
         };
+        // The write half stays open until CRIU has answered.
+        let (mut criu_r, _criu_w) = accepted?;
         // The close's answer says the images are complete; CRIU may also answer and exit
         // before it is read: the answer then waits in the socket.
         let close = criu_sys::page_server::Message::Close;
