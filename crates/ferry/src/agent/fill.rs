@@ -1212,6 +1212,13 @@ async fn read_bounded_locations(
 mod tests {
     use super::*;
 
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    }
+
     fn loc(pid: u32, vaddr: u64, seq: u64, fill: &[u8]) -> Location {
         Location {
             pid,
@@ -1226,10 +1233,7 @@ mod tests {
         let mut index = PageIndex::default();
         place(&mut index, vec![loc(1, 0x0, 1, &[1, 2, 3])]);
         let pages = FillPages::new(index, true);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
+        let rt = runtime();
         // The daemon has the first page already.
         assert_eq!(
             rt.block_on(pages.take(1, 0x0, 1, false)),
@@ -1269,10 +1273,7 @@ mod tests {
         let mut index = PageIndex::default();
         place(&mut index, vec![loc(1, 0x0, 1, &[1, 2, 3, 4])]);
         let pages = FillPages::new(index, true);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
+        let rt = runtime();
         // Nothing checked yet: a fault is answered at once, with its own page only.
         assert_eq!(
             rt.block_on(pages.take(1, 0x0, 4, true)),
@@ -1323,10 +1324,7 @@ mod tests {
             }],
         );
         let pages = FillPages::new(index, false);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
+        let rt = runtime();
         assert_eq!(
             rt.block_on(pages.take(1, 0x0, 4, false)),
             Take::Local(vec![[1; 32]], vec![[1; 32]])
@@ -1408,10 +1406,7 @@ mod tests {
         // A post-copy mark does not count as a content.
         place(&mut index, vec![loc(2, 0x0, 1, &[0])]);
         let pages = FillPages::new(index, false);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
+        let rt = runtime();
         assert_eq!(
             rt.block_on(pages.take(1, 0x0, 2, false)),
             Take::Local(vec![[5; 32], [5; 32]], vec![]),
