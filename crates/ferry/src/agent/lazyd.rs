@@ -264,9 +264,9 @@ struct Daemon {
     rt: tokio::runtime::Handle,
     copied: AtomicU64,
     copies: AtomicU64,
-    /// Forks seen. A child reads its pages by its parent's pid, so after a fork a page in is
-    /// no proof that no one needs it again: the store forgets no page of this fill any more.
-    forks: AtomicU64,
+    /// A fork was seen. A child reads its pages by its parent's pid, so after a fork a page in
+    /// is no proof that no one needs it again: the store forgets no page of this fill any more.
+    forked: std::sync::atomic::AtomicBool,
     /// Contents in and not needed any more, until the store forgets them in one go.
     forget: Mutex<Vec<transfer::pages::PageHash>>,
     /// The first error of any task.
@@ -322,7 +322,7 @@ pub(crate) async fn run(
         rt: tokio::runtime::Handle::current(),
         copied: AtomicU64::new(0),
         copies: AtomicU64::new(0),
-        forks: AtomicU64::new(0),
+        forked: std::sync::atomic::AtomicBool::new(false),
         forget: Mutex::new(Vec::new()),
         failed: Mutex::new(None),
         stop: tokio::sync::watch::channel(false).0,
@@ -581,7 +581,7 @@ impl Daemon {
                     });
                 }
                 Read::Event(Event::Fork { uffd }) => {
-                    self.forks.fetch_add(1, Ordering::SeqCst);
+                    self.forked.store(true, Ordering::SeqCst);
                     // The child's memory is the parent's as it is now.
                     let todo = st.todo.clone();
                     drop(st);
@@ -648,7 +648,7 @@ impl Daemon {
     /// fork may still need them), [`FORGET_PAGES`] at a time: each call to the kernel costs
     /// every CPU running the agent a TLB flush.
     async fn forget(&self, last: &[transfer::pages::PageHash]) {
-        if last.is_empty() || self.forks.load(Ordering::SeqCst) != 0 {
+        if last.is_empty() || self.forked.load(Ordering::SeqCst) {
             return;
         }
         let batch = {
@@ -665,7 +665,7 @@ impl Daemon {
     /// What [`Self::forget`] still holds.
     async fn forget_rest(&self) {
         let rest = std::mem::take(&mut *lock(&self.forget));
-        if self.forks.load(Ordering::SeqCst) == 0 {
+        if !self.forked.load(Ordering::SeqCst) {
             self.agent.release_filled(&self.source.job, &rest).await;
         }
     }
