@@ -66,6 +66,51 @@ pub fn final_response_success(resp: &[u8], req_type: u64) -> Option<bool> {
     Some(success)
 }
 
+/// `criu_req_type.NOTIFY`.
+pub const REQ_NOTIFY: u64 = 6;
+
+/// The script an encoded `criu_resp` of type NOTIFY announces (`notify.script`, the last
+/// occurrence of each); `None` for any other message, one without a script, or a malformed one.
+pub fn notify_script(resp: &[u8]) -> Option<&[u8]> {
+    if request_type(resp)? != REQ_NOTIFY {
+        return None;
+    }
+    let top = fields(resp)?;
+    let notify = top.iter().rev().find(|f| f.number == 5 && f.wire == 2)?;
+    fields(notify.value)?
+        .into_iter()
+        .rev()
+        .find(|f| f.number == 1 && f.wire == 2)
+        .map(|f| f.value)
+}
+
+/// Whether an encoded `criu_req` is a client's answer to a notification and says the script
+/// succeeded (`type` NOTIFY, `notify_success` set).
+pub fn notify_answer_success(req: &[u8]) -> Option<bool> {
+    if request_type(req)? != REQ_NOTIFY {
+        return None;
+    }
+    let top = fields(req)?;
+    Some(
+        top.iter()
+            .rev()
+            .find(|f| f.number == 3 && f.wire == 0)
+            .and_then(|f| varint(f.value))
+            .is_some_and(|(v, _)| v != 0),
+    )
+}
+
+/// The `criu_req` a client sends when a notified script succeeded: `type` NOTIFY,
+/// `notify_success` true (what runc answers).
+pub fn notify_success() -> Vec<u8> {
+    let mut out = Vec::with_capacity(4);
+    put_varint(&mut out, 1 << 3);
+    put_varint(&mut out, REQ_NOTIFY);
+    put_varint(&mut out, 3 << 3);
+    put_varint(&mut out, 1);
+    out
+}
+
 /// One field of an encoded protobuf message: number, wire type, and the bytes of the whole
 /// field (key included) and of its value.
 pub(crate) struct Field<'a> {
@@ -360,6 +405,43 @@ mod tests {
             None
         );
         assert_eq!(final_response_success(&[0x08], REQ_DUMP), None);
+    }
+
+    /// A `criu_resp` notification as CRIU encodes it: type NOTIFY, success, notify { script,
+    /// pid }.
+    fn notification(script: &str, pid: Option<u64>) -> Vec<u8> {
+        let mut notify = vec![];
+        put_bytes_field(&mut notify, 1, script.as_bytes());
+        if let Some(pid) = pid {
+            put_varint(&mut notify, 2 << 3);
+            put_varint(&mut notify, pid);
+        }
+        let mut out = vec![0x08, 6, 0x10, 1];
+        put_bytes_field(&mut out, 5, &notify);
+        out
+    }
+
+    #[test]
+    fn reads_a_notification_s_script_and_writes_runc_s_answer() {
+        assert_eq!(
+            notify_script(&notification("post-restore", Some(4242))),
+            Some(&b"post-restore"[..])
+        );
+        assert_eq!(
+            notify_script(&notification("pre-dump", None)),
+            Some(&b"pre-dump"[..])
+        );
+        // A final answer, a notification without a script, garbage.
+        assert_eq!(notify_script(&[0x08, 1, 0x10, 1]), None);
+        assert_eq!(notify_script(&[0x08, 6, 0x10, 1, 0x2a, 0]), None);
+        assert_eq!(notify_script(&[0x08, 6, 0x2a, 0x7f]), None);
+        // runc's answer: type NOTIFY, notify_success true.
+        let ok = notify_success();
+        assert_eq!(ok, [0x08, 6, 0x18, 1]);
+        assert_eq!(notify_answer_success(&ok), Some(true));
+        assert_eq!(notify_answer_success(&[0x08, 6, 0x18, 0]), Some(false));
+        assert_eq!(notify_answer_success(&[0x08, 6]), Some(false));
+        assert_eq!(notify_answer_success(&[0x08, 1]), None);
     }
 
     #[test]

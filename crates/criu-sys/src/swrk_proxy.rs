@@ -365,7 +365,33 @@ pub struct ForwardStats {
     pub fds: u64,
     /// Messages from CRIU dropped because runc had gone.
     pub dropped: u64,
+    /// Notifications answered here at once ([`EARLY_ANSWERED`]); runc's own answers to them
+    /// were not passed on.
+    pub answered_early: u64,
+    /// Of runc's answers to those, how many said its handling failed (runc then also fails
+    /// the whole request, which its exit status reports).
+    pub early_failed: u64,
 }
+
+/// Notifications (CRIU's "action scripts") that CRIU need not wait on runc for: runc only
+/// keeps its own books there (the `checkpoint` marker after a dump, its state file after a
+/// restore) or does nothing at all, and its answer carries nothing but success. The relay
+/// answers them itself, at once, and still hands each to runc, whose answer it drops: about
+/// 0.2-1.6 ms of the frozen window each (runc, a Go program, answers each in its own time). A
+/// failure of runc there fails runc itself, which the agent checks before it relies on the
+/// dump or commits the restore. Not here: `setup-namespaces` (runc runs the container's
+/// prestart hooks, which must finish before CRIU goes on), `network-lock`/`network-unlock`
+/// (runc changes the network), `query-ext-files` (runc's answer carries options),
+/// `orphan-pts-master` and `status-ready`.
+pub const EARLY_ANSWERED: [&str; 7] = [
+    "pre-dump",
+    "post-dump",
+    "pre-restore",
+    "post-setup-namespaces",
+    "post-restore",
+    "pre-resume",
+    "post-resume",
+];
 
 /// Relays SEQPACKET messages (with their `SCM_RIGHTS` descriptors, boundaries kept) both
 /// ways between `runc` and `criu` until CRIU closes its end. When runc closes its end (runc
@@ -381,15 +407,45 @@ pub fn forward_observed(
     criu: BorrowedFd<'_>,
     observe: &mut dyn FnMut(&[u8]),
 ) -> Result<ForwardStats, SwrkProxyError> {
+    forward_with(runc, criu, observe, false)
+}
+
+/// [`forward_observed`], answering the notifications of [`EARLY_ANSWERED`] at once.
+pub fn forward_answering_early(
+    runc: BorrowedFd<'_>,
+    criu: BorrowedFd<'_>,
+    observe: &mut dyn FnMut(&[u8]),
+) -> Result<ForwardStats, SwrkProxyError> {
+    forward_with(runc, criu, observe, true)
+}
+
+fn forward_with(
+    runc: BorrowedFd<'_>,
+    criu: BorrowedFd<'_>,
+    observe: &mut dyn FnMut(&[u8]),
+    answer_early: bool,
+) -> Result<ForwardStats, SwrkProxyError> {
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
     let mut stats = ForwardStats::default();
+    // One entry per notification handed to runc, in order (runc answers each, in order):
+    // whether it was answered here already, so that runc's answer is dropped.
+    let mut owed: std::collections::VecDeque<bool> = std::collections::VecDeque::new();
     let mut runc_open = true;
+    let mut criu_open = true;
     let mut criu_accepts = true;
     let ready = PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR;
     loop {
+        // CRIU has ended, and runc has no answer left that must not reach a closed socket
+        // (runc fails when it cannot write one).
+        if !criu_open && (!runc_open || !owed.contains(&true)) {
+            return Ok(stats);
+        }
         let (criu_ready, runc_ready) = {
-            let mut fds = vec![PollFd::new(criu, PollFlags::POLLIN)];
+            let mut fds = vec![];
+            if criu_open {
+                fds.push(PollFd::new(criu, PollFlags::POLLIN));
+            }
             if runc_open {
                 fds.push(PollFd::new(runc, PollFlags::POLLIN));
             }
@@ -399,13 +455,24 @@ pub fn forward_observed(
                 Err(e) => return Err(SwrkProxyError::Poll(e)),
             }
             let is_ready = |p: &PollFd<'_>| p.revents().is_some_and(|r| r.intersects(ready));
-            (is_ready(&fds[0]), fds.get(1).is_some_and(is_ready))
+            let criu_ready = criu_open && is_ready(&fds[0]);
+            let runc_ready = runc_open && fds.last().is_some_and(is_ready);
+            (criu_ready, runc_ready)
         };
         if runc_ready {
             match recv_message(runc, Side::Runc, &mut buf, &mut cmsg)? {
                 None => {
                     runc_open = false;
                     let _ = shutdown(criu.as_raw_fd(), Shutdown::Write);
+                }
+                // runc's answer to a notification CRIU had its answer to already.
+                Some((n, _))
+                    if rpc::request_type(&buf[..n]) == Some(rpc::REQ_NOTIFY)
+                        && owed.pop_front() == Some(true) =>
+                {
+                    if rpc::notify_answer_success(&buf[..n]) != Some(true) {
+                        stats.early_failed += 1;
+                    }
                 }
                 Some((n, fds)) if criu_accepts => match send_message(criu, &buf[..n], &fds.0) {
                     Ok(()) => {
@@ -427,12 +494,36 @@ pub fn forward_observed(
         }
         if criu_ready {
             match recv_message(criu, Side::Criu, &mut buf, &mut cmsg)? {
-                None => return Ok(stats),
+                None => {
+                    criu_open = false;
+                    criu_accepts = false;
+                }
                 Some((n, fds)) if runc_open => match send_message(runc, &buf[..n], &fds.0) {
                     Ok(()) => {
                         stats.to_runc += 1;
                         stats.fds += fds.0.len() as u64;
-                        observe(&buf[..n]);
+                        let msg = &buf[..n];
+                        if rpc::request_type(msg) == Some(rpc::REQ_NOTIFY) {
+                            let early = answer_early
+                                && rpc::notify_script(msg).is_some_and(|s| {
+                                    EARLY_ANSWERED.iter().any(|e| e.as_bytes() == s)
+                                });
+                            owed.push_back(early);
+                            if early && criu_accepts {
+                                match send_message(criu, &rpc::notify_success(), &[]) {
+                                    Ok(()) => stats.answered_early += 1,
+                                    Err(e) if peer_gone(e) => criu_accepts = false,
+                                    Err(source) => {
+                                        return Err(SwrkProxyError::Socket {
+                                            side: Side::Criu,
+                                            op: "sendmsg",
+                                            source,
+                                        })
+                                    }
+                                }
+                            }
+                        }
+                        observe(msg);
                     }
                     Err(e) if peer_gone(e) => {
                         runc_open = false;
@@ -734,7 +825,7 @@ impl SpawnedCriu {
                 op: "sendmsg",
                 source,
             })
-            .and_then(|()| forward_observed(runc, ours.as_fd(), &mut observe));
+            .and_then(|()| forward_answering_early(runc, ours.as_fd(), &mut observe));
         // On error CRIU sees the end of its socket and gives up by itself, which leaves the
         // container as it was; killing it in the middle of a dump might not.
         drop(ours);

@@ -150,6 +150,11 @@ pub enum PeerRequest {
         /// wait for: the restore waits until the images are here (and fails if they failed).
         #[serde(default)]
         after_images: bool,
+        /// The final dump's pages were relayed to this host's page server and the source did
+        /// not wait for its close: the restore waits until the page server has written them
+        /// (and fails if it did not).
+        #[serde(default)]
+        after_pages: bool,
     },
     /// Pre-copy with lazy restore: `count` location records (`transfer::lists::Location`)
     /// follow, saying which page of the store is at which address of which process. Every

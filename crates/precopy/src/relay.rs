@@ -27,8 +27,10 @@
 //! 0x02 END   CRIU closed its connection after CLOSE was answered; nothing follows
 //! ```
 //!
-//! Destination to source, only when the source waits for an answer (after OPEN2, PARENT,
-//! CLOSE, FORCE_CLOSE):
+//! Destination to source, the page server's answers to OPEN2, PARENT, CLOSE and FORCE_CLOSE,
+//! in order. The source answers OPEN2 (no parent image) itself, and with
+//! [`relay_out_pipelined`] CLOSE too, without waiting: it reads and checks those answers later
+//! ([`PendingClose::confirm`]), so that CRIU's frozen dump never waits for a round trip.
 //!
 //! ```text
 //! 0x81 REPLY the page server's reply bytes, exactly reply_len(request) of them (1 or 4)
@@ -254,6 +256,102 @@ where
     R: AsyncRead + Unpin,
     S: BuildHasher,
 {
+    let (mut stats, pending) = relay_out_inner(criu, link_tx, link_rx, known, fast, false).await?;
+    pending.confirm(&mut stats).await?;
+    Ok(stats)
+}
+
+/// [`relay_out_with`] without the round trip of CLOSE: CRIU's CLOSE is answered here, with
+/// success, as soon as it is on the link, so that CRIU finishes its dump without waiting for
+/// the destination. The destination's answers are still owed: [`PendingClose::confirm`] reads
+/// and checks them, and the caller must not rely on the destination's copy (restore, commit)
+/// before it returns success or before the destination itself confirmed that its page server
+/// closed cleanly.
+pub async fn relay_out_pipelined<C, W, R, S>(
+    criu: C,
+    link_tx: W,
+    link_rx: R,
+    known: &mut HashSet<PageHash, S>,
+    fast: &FastHashes,
+) -> Result<(RelayStats, PendingClose<R>), RelayError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+    S: BuildHasher,
+{
+    relay_out_inner(criu, link_tx, link_rx, known, fast, true).await
+}
+
+/// The destination's answers a relay still has to read and check (see
+/// [`relay_out_pipelined`]).
+#[derive(Debug)]
+pub struct PendingClose<R> {
+    rx: R,
+    /// OPEN2 requests answered at the source, in order.
+    opened: Vec<Message>,
+    /// CLOSE (or FORCE_CLOSE, which CRIU sends on a socket it was given), if it was answered
+    /// at the source.
+    close: Option<Message>,
+}
+
+impl<R: AsyncRead + Unpin> PendingClose<R> {
+    /// Reads the destination's owed answers: every OPEN2 must say "no parent image", and
+    /// CLOSE's status must be 0 (recorded in `stats.close_status`).
+    pub async fn confirm(mut self, stats: &mut RelayStats) -> Result<(), RelayError> {
+        check_opened(&mut self.rx, std::mem::take(&mut self.opened), stats).await?;
+        if let Some(close) = self.close {
+            match read_reply_frame(&mut self.rx, &close, stats).await? {
+                criu_sys::page_server::Reply::Close { status: 0 } => stats.close_status = Some(0),
+                criu_sys::page_server::Reply::Close { status } => {
+                    stats.close_status = Some(status);
+                    return Err(RelayError::Remote(format!(
+                        "the destination's page server closed with status {status}: the dump's pages were not written"
+                    )));
+                }
+                other => {
+                    return Err(RelayError::Sequence(format!(
+                        "the destination answered {other:?} to CLOSE"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the destination's replies to `opened` (OPEN2 requests answered at the source without
+/// a parent image) and refuses any other answer.
+async fn check_opened<R: AsyncRead + Unpin>(
+    rx: &mut R,
+    opened: Vec<Message>,
+    stats: &mut RelayStats,
+) -> Result<(), RelayError> {
+    for open in opened {
+        let reply = read_reply_frame(rx, &open, stats).await?;
+        if reply != (criu_sys::page_server::Reply::Open2 { has_parent: false }) {
+            return Err(RelayError::Sequence(format!(
+                "the destination's page server answered {reply:?} to {open:?}, which was answered here without a parent image"
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn relay_out_inner<C, W, R, S>(
+    criu: C,
+    link_tx: W,
+    link_rx: R,
+    known: &mut HashSet<PageHash, S>,
+    fast: &FastHashes,
+    local_close: bool,
+) -> Result<(RelayStats, PendingClose<R>), RelayError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+    S: BuildHasher,
+{
     let mut criu = BufReader::with_capacity(BUF, criu);
     let mut tx = BufWriter::with_capacity(BUF, link_tx);
     let mut rx = link_rx;
@@ -263,6 +361,8 @@ where
     let mut buf = vec![0u8; CHUNK_PAGES * PAGE_SIZE];
     // OPEN2 requests answered here, whose replies from the destination are still to be read.
     let mut opened: Vec<Message> = Vec::new();
+    // CLOSE, answered here (`local_close`).
+    let mut local_closed: Option<Message> = None;
     loop {
         let Some(msg) = read_message_async(&mut criu)
             .await
@@ -279,7 +379,14 @@ where
             tx.shutdown().await.map_err(link_err("shutting down"))?;
             stats.elapsed = start.map_or(Duration::ZERO, |s: Instant| s.elapsed());
             tracing::debug!(?stats, "relay_out done");
-            return Ok(stats);
+            return Ok((
+                stats,
+                PendingClose {
+                    rx,
+                    opened,
+                    close: local_closed,
+                },
+            ));
         };
         start.get_or_insert_with(Instant::now);
         check_next(&msg, closed, "CRIU sent ")?;
@@ -339,17 +446,18 @@ where
             opened.push(msg);
             let no_parent = criu_sys::page_server::Reply::Open2 { has_parent: false };
             answer_criu(&mut criu, &msg, &no_parent).await?;
+        } else if local_close && matches!(msg, Message::Close | Message::ForceClose) {
+            // CRIU's dump is complete once CLOSE is on the link; the destination's answer is
+            // read later (`PendingClose::confirm`).
+            tx.flush().await.map_err(link_err("flushing"))?;
+            closed = true;
+            local_closed = Some(msg);
+            let ok = criu_sys::page_server::Reply::Close { status: 0 };
+            answer_criu(&mut criu, &msg, &ok).await?;
         } else if msg.reply_kind().is_some() {
             tx.flush().await.map_err(link_err("flushing"))?;
             stats.round_trips += 1;
-            for open in opened.drain(..) {
-                let reply = read_reply_frame(&mut rx, &open, &mut stats).await?;
-                if reply != (criu_sys::page_server::Reply::Open2 { has_parent: false }) {
-                    return Err(RelayError::Sequence(format!(
-                        "the destination's page server answered {reply:?} to {open:?}, which was answered here without a parent image"
-                    )));
-                }
-            }
+            check_opened(&mut rx, std::mem::take(&mut opened), &mut stats).await?;
             let reply = read_reply_frame(&mut rx, &msg, &mut stats).await?;
             if let criu_sys::page_server::Reply::Close { status } = reply {
                 stats.close_status = Some(status);

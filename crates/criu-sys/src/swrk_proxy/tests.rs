@@ -253,8 +253,87 @@ fn messages_and_descriptors_are_relayed_both_ways() {
             to_criu: 2,
             to_runc: 3,
             fds: 3,
-            dropped: 0
+            ..ForwardStats::default()
         }
+    );
+}
+
+/// A notification as CRIU sends it: `criu_resp` type NOTIFY, success, notify { script }.
+fn notification(script: &str) -> Vec<u8> {
+    let mut out = vec![0x08, 6, 0x10, 1, 0x2a, script.len() as u8 + 2, 0x0a];
+    out.push(script.len() as u8);
+    out.extend_from_slice(script.as_bytes());
+    out
+}
+
+#[test]
+fn bookkeeping_notifications_are_answered_at_once_and_runc_s_answers_to_them_dropped() {
+    let (runc_here, runc_there) = seqpacket_pair();
+    let (criu_here, criu_there) = seqpacket_pair();
+    let relay = thread::spawn(move || {
+        forward_answering_early(runc_here.as_fd(), criu_here.as_fd(), &mut |_| {})
+    });
+    let (runc, criu) = (runc_there, criu_there);
+    let ok = crate::rpc::notify_success();
+
+    // post-restore: CRIU has its answer before runc has even read the notification.
+    send(&criu, &notification("post-restore"), &[]);
+    assert_eq!(recv(&criu).0, ok);
+    // network-unlock: runc changes the network, CRIU waits for runc's own answer.
+    send(&criu, &notification("network-unlock"), &[]);
+    assert_eq!(recv(&runc).0, notification("post-restore"));
+    assert_eq!(recv(&runc).0, notification("network-unlock"));
+    // runc answers both, in order: the first is dropped, the second reaches CRIU.
+    send(&runc, &ok, &[]);
+    send(&runc, &[0x08, 6, 0x18, 1, 0x20, 0], &[]);
+    assert_eq!(recv(&criu).0, [0x08, 6, 0x18, 1, 0x20, 0]);
+    // post-resume answered at once; runc reports a failure of it, which is counted.
+    send(&criu, &notification("post-resume"), &[]);
+    assert_eq!(recv(&criu).0, ok);
+    assert_eq!(recv(&runc).0, notification("post-resume"));
+    send(&runc, &[0x08, 6, 0x18, 0], &[]);
+    // The final answer goes to runc as ever.
+    send(&criu, &[0x08, 2, 0x10, 1], &[]);
+    assert_eq!(recv(&runc).0, [0x08, 2, 0x10, 1]);
+    shutdown(runc.as_raw_fd(), Shutdown::Write).unwrap();
+    assert_eq!(recv(&criu), (vec![], vec![]), "CRIU sees runc's end");
+    drop(criu);
+    let stats = relay.join().unwrap().unwrap();
+    assert_eq!(
+        stats,
+        ForwardStats {
+            to_criu: 1,
+            to_runc: 4,
+            answered_early: 2,
+            early_failed: 1,
+            ..ForwardStats::default()
+        }
+    );
+}
+
+#[test]
+fn runc_may_answer_a_notification_answered_early_after_criu_has_ended() {
+    let (runc_here, runc_there) = seqpacket_pair();
+    let (criu_here, criu_there) = seqpacket_pair();
+    let relay = thread::spawn(move || {
+        forward_answering_early(runc_here.as_fd(), criu_here.as_fd(), &mut |_| {})
+    });
+    let (runc, criu) = (runc_there, criu_there);
+    send(&criu, &notification("post-restore"), &[]);
+    assert_eq!(recv(&criu).0, crate::rpc::notify_success());
+    send(&criu, &[0x08, 2, 0x10, 1], &[]);
+    drop(criu);
+    // runc is slow: CRIU has answered and gone before runc writes its answer, which must
+    // not fail (runc fails the whole restore on a broken pipe).
+    thread::sleep(std::time::Duration::from_millis(50));
+    assert!(!relay.is_finished(), "the relay waits for runc's answer");
+    assert_eq!(recv(&runc).0, notification("post-restore"));
+    send(&runc, &crate::rpc::notify_success(), &[]);
+    assert_eq!(recv(&runc).0, [0x08, 2, 0x10, 1]);
+    let stats = relay.join().unwrap().unwrap();
+    assert_eq!(
+        (stats.answered_early, stats.early_failed, stats.to_runc),
+        (1, 0, 2)
     );
 }
 

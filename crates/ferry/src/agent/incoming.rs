@@ -69,6 +69,9 @@ pub(crate) struct Incoming {
     /// How the last images request ended (`None`: none has ended yet): a restore sent right
     /// behind it ([`RestoreLimits::after_images`]) waits here.
     images: tokio::sync::watch::Sender<Option<Result<(), String>>>,
+    /// How the relay of the final dump's pages ended here (`None`: it has not ended): a
+    /// restore sent without waiting for it ([`RestoreLimits::after_pages`]) waits here.
+    final_pages: tokio::sync::watch::Sender<Option<Result<(), String>>>,
 }
 
 impl Incoming {
@@ -158,6 +161,13 @@ impl Drop for StreamGuard {
     }
 }
 
+/// What a restore may wait for (see [`Agent::wait_for_arrival`]).
+#[derive(Clone, Copy)]
+enum Arrival {
+    Images,
+    FinalPages,
+}
+
 /// Bounds of a restore, from the source's request.
 pub(crate) struct RestoreLimits {
     /// Test hook: sleep this long before restoring.
@@ -168,6 +178,8 @@ pub(crate) struct RestoreLimits {
     pub(crate) lazy: bool,
     /// Wait for the images request the source sent just before (see `images_arrived`).
     pub(crate) after_images: bool,
+    /// Wait until the final dump's relayed pages are written (see `final_pages_written`).
+    pub(crate) after_pages: bool,
 }
 
 /// Test hooks of an `Images` request (refused unless the agent allows fault hooks).
@@ -412,6 +424,7 @@ impl Agent {
                         prestarted,
                         finishing: None,
                         images: tokio::sync::watch::channel(None).0,
+                        final_pages: tokio::sync::watch::channel(None).0,
                     },
                 );
                 Ok(PeerResponse::Ok {
@@ -558,31 +571,64 @@ impl Agent {
         }
     }
 
-    /// Waits (at most `limit`) until the images request the source sent just before a
-    /// restore has ended here; its error is the restore's.
-    async fn wait_for_images(&self, peer: &str, job: &str, limit: Duration) -> Result<()> {
+    /// Records how the relay of `job`'s final dump pages ended here, for a restore waiting
+    /// behind it.
+    pub(crate) async fn final_pages_written(
+        &self,
+        peer: &str,
+        job: &str,
+        outcome: Result<(), String>,
+    ) {
+        if let Some(i) = self
+            .incoming
+            .lock()
+            .await
+            .get(job)
+            .filter(|i| i.from == peer)
+        {
+            i.final_pages.send_replace(Some(outcome));
+        }
+    }
+
+    /// Waits (at most `limit`) until what the source sent before a restore without waiting
+    /// for the answer (`what`: its images, or its final dump's pages) has ended here; its
+    /// error is the restore's.
+    async fn wait_for_arrival(
+        &self,
+        peer: &str,
+        job: &str,
+        what: Arrival,
+        limit: Duration,
+    ) -> Result<()> {
         let mut rx = match self.incoming.lock().await.get_mut(job) {
             Some(i) if i.from != peer => bail!("job {job} belongs to {}, not {peer}", i.from),
             Some(i) => {
                 i.touch();
-                i.images.subscribe()
+                match what {
+                    Arrival::Images => i.images.subscribe(),
+                    Arrival::FinalPages => i.final_pages.subscribe(),
+                }
             }
             None => bail!("no prepared job {job} here (it expired or was aborted)"),
+        };
+        let name = match what {
+            Arrival::Images => "images",
+            Arrival::FinalPages => "final dump's pages",
         };
         let outcome = tokio::time::timeout(limit, rx.wait_for(Option::is_some))
             .await
             .map_err(|_| {
                 anyhow::anyhow!(
-                    "the images of job {job} did not arrive within the restore deadline ({:.0} s)",
+                    "the {name} of job {job} did not arrive within the restore deadline ({:.0} s)",
                     limit.as_secs_f64()
                 )
             })?
-            .map_err(|_| anyhow::anyhow!("job {job} was aborted while its images arrived"))?
+            .map_err(|_| anyhow::anyhow!("job {job} was aborted while its {name} arrived"))?
             .clone();
         match outcome {
             Some(Ok(())) => Ok(()),
-            Some(Err(e)) => bail!("the images did not arrive intact, nothing was restored: {e}"),
-            None => bail!("job {job}: no outcome for its images"),
+            Some(Err(e)) => bail!("the {name} did not arrive intact, nothing was restored: {e}"),
+            None => bail!("job {job}: no outcome for its {name}"),
         }
     }
 
@@ -595,6 +641,7 @@ impl Agent {
             deadline,
             lazy,
             after_images,
+            after_pages,
         }: RestoreLimits,
     ) -> Result<PeerResponse> {
         if pause_ms > 120_000 {
@@ -609,8 +656,13 @@ impl Agent {
             );
         }
         let t_req = Instant::now();
+        if after_pages {
+            self.wait_for_arrival(peer, job, Arrival::FinalPages, deadline)
+                .await?;
+        }
         if after_images {
-            self.wait_for_images(peer, job, deadline).await?;
+            self.wait_for_arrival(peer, job, Arrival::Images, deadline)
+                .await?;
         }
         // Lazy: the fill takes over the job's pinned pages and its index, registered while the
         // job's entry is locked so that the store never sees the pages unpinned.
@@ -867,11 +919,17 @@ impl Agent {
         }
         // runc's own end after CRIU's success, usually over by now: no commit before it.
         if let Some(f) = incoming.get_mut(job).and_then(|i| i.finishing.take()) {
-            tokio::task::spawn_blocking(move || f.wait())
+            let ended = tokio::task::spawn_blocking(move || f.wait())
                 .await
                 .map_err(anyhow::Error::from)
                 .and_then(|r| r)
-                .with_context(|| format!("job {job}: the restore did not end cleanly"))?;
+                .with_context(|| format!("job {job}: the restore did not end cleanly"));
+            if let Err(e) = ended {
+                // Never committed: the copy here goes, and a retried commit is told so.
+                drop(incoming);
+                self.abort_incoming(job, &format!("{e:#}")).await;
+                return Err(e);
+            }
         }
         let Some(mut inc) = incoming.remove(job) else {
             drop(incoming);

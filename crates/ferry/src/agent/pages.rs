@@ -302,6 +302,20 @@ impl Agent {
         recv: &mut super::peer::Incoming<'_>,
         send: &mut transfer::SendStream,
     ) -> Result<()> {
+        let r = self.write_dump_pages(peer, job, recv, send).await;
+        // A restore the source sent without waiting for the page server's close waits for this.
+        let outcome = r.as_ref().map(|_| ()).map_err(|e| format!("{e:#}"));
+        self.final_pages_written(peer, job, outcome).await;
+        r
+    }
+
+    async fn write_dump_pages(
+        &self,
+        peer: &str,
+        job: &str,
+        recv: &mut super::peer::Incoming<'_>,
+        send: &mut transfer::SendStream,
+    ) -> Result<()> {
         let criu = match &self.criu {
             Ok(c) => c.path.clone(),
             Err(e) => bail!("CRIU unusable on {}: {e}", self.cfg.host),
@@ -342,27 +356,35 @@ impl Agent {
         drop(cmd);
         ours.set_nonblocking(true)?;
         let ours = tokio::net::UnixStream::from_std(ours)?;
+        // The source may open this stream before it freezes its container: the store is
+        // locked only once its dump begins.
+        let _ = tokio::io::AsyncBufReadExt::fill_buf(&mut *recv).await;
         let t = Instant::now();
         let relayed = {
             let mut store = self.pages.lock().await;
             let (rx, tx) = (&mut *recv, &mut *send);
             precopy::relay::relay_in(rx, tx, ours, &mut store).await
         };
-        let status = tokio::task::spawn_blocking(move || {
-            let deadline = Instant::now() + PAGE_SERVER_EXIT;
-            loop {
-                if let Some(s) = child.try_wait()? {
-                    return Ok::<_, std::io::Error>(Some(s));
+        // It exits once the relay closed its socket.
+        let pid = child.id();
+        let status = match tokio::time::timeout(
+            PAGE_SERVER_EXIT,
+            tokio::task::spawn_blocking(move || child.wait()),
+        )
+        .await
+        {
+            Ok(waited) => Some(waited??),
+            Err(_) => {
+                // The waiting thread reaps it.
+                if let Ok(pid) = i32::try_from(pid) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
                 }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Ok(None);
-                }
-                std::thread::sleep(Duration::from_millis(2));
+                None
             }
-        })
-        .await??;
+        };
         let logs = self.cfg.state_dir.join("logs");
         crate::runtime::keep_log(
             &work.join("page-server.log"),

@@ -331,12 +331,14 @@ async fn dispatch(
             deadline_ms,
             lazy,
             after_images,
+            after_pages,
         } => {
             let limits = super::incoming::RestoreLimits {
                 pause_ms,
                 deadline: Duration::from_millis(deadline_ms.clamp(1_000, 86_400_000)),
                 lazy,
                 after_images,
+                after_pages,
             };
             agent.restore_incoming(peer, &job, limits).await
         }

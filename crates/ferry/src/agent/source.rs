@@ -168,6 +168,8 @@ pub(crate) fn start(
             ) << 20,
             memory_bytes: 0,
             pending: Vec::new(),
+            relay_confirm: None,
+            dump_pages_stream: None,
             dump_finishing: None,
             frozen_round_trips: 0,
             images_answer: None,
@@ -223,8 +225,15 @@ pub(super) struct Driver {
     /// The final dump's `runc checkpoint`, started before the redirect and waiting at its
     /// CRIU gate, with the relay it was started for.
     pub(super) dump_ahead: Option<(DumpAhead, Option<(std::path::PathBuf, bool)>)>,
+    /// An eager final dump's page stream to the destination, opened with the dump started
+    /// ahead: the destination starts its `criu page-server` before the freeze.
+    pub(super) dump_pages_stream: Option<(transfer::SendStream, transfer::RecvStream)>,
     /// Requests of the final dump sent without waiting; the restore waits for them.
     pub(super) pending: Vec<tokio::task::JoinHandle<Result<u64>>>,
+    /// The destination's answers to the eager final dump's relay (its page server's close),
+    /// not waited for in the dump: the destination's restore waits for the pages itself,
+    /// and the source reads these before it commits.
+    pub(super) relay_confirm: Option<tokio::task::JoinHandle<Result<()>>>,
     /// The final dump's runc, still exiting after CRIU reported success: the images travel
     /// meanwhile; the restore (and a rollback) waits for it.
     pub(super) dump_finishing: Option<crate::runtime::Finishing>,
@@ -592,6 +601,25 @@ impl Driver {
                     .await?;
                 Ok(0)
             }
+            Action::Dump if self.final_dump_here() => {
+                // Trackers off and the throttle lifted, as for the relayed dump.
+                let mut rounds = std::mem::replace(&mut self.rounds, Rounds::new());
+                let (stopped, rounds) = tokio::task::spawn_blocking(move || {
+                    let r = rounds.stop_tracking();
+                    (r, rounds)
+                })
+                .await?;
+                self.rounds = rounds;
+                stopped?;
+                self.rounds.lift_throttle();
+                self.memory = Some(migrate_core::MemoryReport {
+                    restore: "eager".into(),
+                    not_lazy: self.not_lazy.clone(),
+                    ..Default::default()
+                });
+                info!(%job, memory_bytes = self.memory_bytes, "final dump written here: the container's memory travels with its images");
+                self.dump_here().await
+            }
             Action::Dump
                 if self.mode == MigrateMode::PreCopy && self.rounds.placement.is_some() =>
             {
@@ -605,54 +633,7 @@ impl Driver {
                 });
                 self.dump_relayed().await
             }
-            Action::Dump => {
-                let pre = self.dump_ahead_or_prestart(None).await.map(|(p, _)| p);
-                let bound = self.dump_bound();
-                let runc = self.agent.runc.bounded(bound.clone());
-                let name = self.spec.name.clone();
-                let (images, work) = (self.agent.images_dir(&job), self.agent.work_dir(&job));
-                let host = self.agent.cfg.host.clone();
-                let (logs, job_id) = (self.agent.cfg.state_dir.join("logs"), job.clone());
-                let layout = self.agent.layout(&self.spec.name);
-                let runc_root = self.agent.runc.root().to_path_buf();
-                let pause = self.faults.pause_in_dump_ms;
-                let cancel = Arc::clone(&self.job.cancel);
-                self.source_link_down = true;
-                let r = tokio::task::spawn_blocking(move || {
-                    if pre.is_none() {
-                        let _ = std::fs::remove_dir_all(&images);
-                        std::fs::create_dir_all(&images)?;
-                        std::fs::create_dir_all(&work)?;
-                    }
-                    let t = Instant::now();
-                    crate::runtime::freeze_for_dump(&host, &name, &layout, &runc_root, super::CRIU_CONF)?;
-                    if pause > 0 {
-                        warn!(container = %name, ms = pause, "pausing in the dump (fault hook)");
-                        let until = Instant::now() + Duration::from_millis(pause);
-                        while Instant::now() < until {
-                            if cancel.load(Ordering::SeqCst) {
-                                bail!("cancelled during the dump");
-                            }
-                            std::thread::sleep(Duration::from_millis(10));
-                        }
-                    }
-                    let freeze_ms = crate::util::ms(t.elapsed());
-                    let r = match pre {
-                        Some(p) => p.go_until_criu_done(bound).map(Some),
-                        None => runc.checkpoint(&name, &images, &work).map(|()| None),
-                    };
-                    info!(container = %name, freeze_ms, checkpoint_ms = crate::util::ms(t.elapsed()) - freeze_ms, "dumped (left in place, frozen)");
-                    crate::runtime::keep_log(&work.join("dump.log"), &logs, &format!("{job_id}.dump.log"));
-                    r
-                })
-                .await?;
-                if r.is_err() {
-                    // CRIU leaves a container it could not dump as it found it: frozen.
-                    self.resume_source();
-                }
-                self.dump_finishing = r?;
-                Ok(0)
-            }
+            Action::Dump => self.dump_here().await,
             Action::Transfer => {
                 if self.faults.pause_in_transfer_ms > 0 {
                     let pause = Duration::from_millis(self.faults.pause_in_transfer_ms);
@@ -744,6 +725,7 @@ impl Driver {
                     deadline_ms: limit.as_millis() as u64,
                     lazy: self.lazy_dumped,
                     after_images: images_answer.is_some(),
+                    after_pages: self.relay_confirm.is_some(),
                 };
                 // The destination kills its restore at the deadline; an answer that does not
                 // come shortly after is not waited for.
@@ -785,9 +767,19 @@ impl Driver {
                         }
                     }
                 };
-                match (restored, images) {
-                    (Err(e), Ok(_)) | (_, Err(e)) => Err(e),
-                    (Ok(_), Ok(delivered)) => {
+                // The relay's answers came before the restore's (one stream each, the same
+                // connection); a restore that succeeded had the pages written.
+                let relayed = match self.relay_confirm.take() {
+                    Some(c) if restored.is_ok() => c
+                        .await
+                        .map_err(|e| anyhow!("reading the final dump's relay answers failed: {e}"))
+                        .and_then(|r| r)
+                        .context("the final dump's pages at the destination"),
+                    _ => Ok(()),
+                };
+                match (restored, images, relayed) {
+                    (Err(e), Ok(_), _) | (_, Err(e), _) | (_, _, Err(e)) => Err(e),
+                    (Ok(_), Ok(delivered), Ok(())) => {
                         self.images_delivered_ms = delivered;
                         Ok(sent)
                     }
@@ -1073,6 +1065,18 @@ impl Driver {
         }
     }
 
+    /// Whether a pre-copy's final dump is written here and sent with the images, as a
+    /// stop-and-copy's is: an eager restore of a container with at most
+    /// [`FINAL_DUMP_HERE_BYTES`] of memory, whose few pages cost less on the link than relaying
+    /// them costs (CRIU's pages through the agent to a page server at the destination: 3-6 ms
+    /// more dump on these machines, `ferry bench --quick`'s echo rows).
+    pub(super) fn final_dump_here(&self) -> bool {
+        self.mode == MigrateMode::PreCopy
+            && self.rounds.placement.is_none()
+            && self.memory_bytes > 0
+            && self.memory_bytes <= FINAL_DUMP_HERE_BYTES
+    }
+
     /// The dump's deadline, from the job's policy; a cancel kills it too.
     pub(super) fn dump_bound(&self) -> crate::runtime::Bound {
         crate::runtime::Bound::new(
@@ -1085,7 +1089,7 @@ impl Driver {
     /// The relay the final dump will use: the page-server socket and whether the dump is lazy
     /// (pre-copy), or none (stop-and-copy); as the dump actions choose.
     fn dump_relay(&self) -> Result<Option<(std::path::PathBuf, bool)>> {
-        if self.mode != MigrateMode::PreCopy {
+        if self.mode != MigrateMode::PreCopy || self.final_dump_here() {
             return Ok(None);
         }
         let sock = self.agent.run_socket(&self.job.id, "ps")?;
@@ -1117,7 +1121,18 @@ impl Driver {
         })
         .await
         {
-            Ok((pre, Ok(()))) => self.dump_ahead = Some(((pre, ps), relay)),
+            Ok((pre, Ok(()))) => {
+                let eager = matches!(relay, Some((_, false)));
+                self.dump_ahead = Some(((pre, ps), relay));
+                if eager {
+                    match self.open_dump_pages().await {
+                        Ok(s) => self.dump_pages_stream = Some(s),
+                        Err(e) => {
+                            warn!(job = %self.job.id, error = %format!("{e:#}"), "the final dump's page stream not opened ahead: the dump opens it")
+                        }
+                    }
+                }
+            }
             Ok((_, Err(e))) => {
                 warn!(job = %self.job.id, error = %format!("{e:#}"), "runc checkpoint did not get ready ahead: the dump starts it again")
             }
@@ -1197,12 +1212,82 @@ impl Driver {
         crate::runtime::thaw(&self.agent.cfg.host, &self.spec.name);
     }
 
+    /// Stop-and-copy's dump (and a pre-copy's whose memory is tiny, `final_dump_here`): the
+    /// container frozen, CRIU's images written here with every page, the container left in
+    /// place, frozen, until the commit.
+    async fn dump_here(&mut self) -> Result<u64> {
+        let job = self.job.id.clone();
+        let pre = self.dump_ahead_or_prestart(None).await.map(|(p, _)| p);
+        let bound = self.dump_bound();
+        let runc = self.agent.runc.bounded(bound.clone());
+        let name = self.spec.name.clone();
+        let (images, work) = (self.agent.images_dir(&job), self.agent.work_dir(&job));
+        let host = self.agent.cfg.host.clone();
+        let (logs, job_id) = (self.agent.cfg.state_dir.join("logs"), job.clone());
+        let layout = self.agent.layout(&self.spec.name);
+        let runc_root = self.agent.runc.root().to_path_buf();
+        let pause = self.faults.pause_in_dump_ms;
+        let cancel = Arc::clone(&self.job.cancel);
+        self.source_link_down = true;
+        let r = tokio::task::spawn_blocking(move || {
+            if pre.is_none() {
+                let _ = std::fs::remove_dir_all(&images);
+                std::fs::create_dir_all(&images)?;
+                std::fs::create_dir_all(&work)?;
+            }
+            let t = Instant::now();
+            crate::runtime::freeze_for_dump(&host, &name, &layout, &runc_root, super::CRIU_CONF)?;
+            if pause > 0 {
+                warn!(container = %name, ms = pause, "pausing in the dump (fault hook)");
+                let until = Instant::now() + Duration::from_millis(pause);
+                while Instant::now() < until {
+                    if cancel.load(Ordering::SeqCst) {
+                        bail!("cancelled during the dump");
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            let freeze_ms = crate::util::ms(t.elapsed());
+            let r = match pre {
+                Some(p) => p.go_until_criu_done(bound).map(Some),
+                None => runc.checkpoint(&name, &images, &work).map(|()| None),
+            };
+            info!(container = %name, freeze_ms, checkpoint_ms = crate::util::ms(t.elapsed()) - freeze_ms, "dumped (left in place, frozen)");
+            crate::runtime::keep_log(&work.join("dump.log"), &logs, &format!("{job_id}.dump.log"));
+            r
+        })
+        .await?;
+        if r.is_err() {
+            // CRIU leaves a container it could not dump as it found it: frozen.
+            self.resume_source();
+        }
+        self.dump_finishing = r?;
+        Ok(0)
+    }
+
+    /// Opens the stream of an eager final dump's pages: the destination starts its
+    /// `criu page-server` on it at once, and relays into it what comes later.
+    async fn open_dump_pages(&mut self) -> Result<(transfer::SendStream, transfer::RecvStream)> {
+        let job = self.job.id.clone();
+        let conn = self.conn().await?;
+        let (mut send, recv) = conn.open().await?;
+        // QUIC sends it at once: the destination sees the stream now.
+        transfer::frame::write_msg(&mut send, &PeerRequest::DumpPages { job }).await?;
+        Ok((send, recv))
+    }
+
     /// Pre-copy's final dump: trackers removed, container frozen, CRIU's pages relayed to the
     /// destination's page server (pages it holds cross as references), the container left in
     /// place, frozen, until the commit.
     async fn dump_relayed(&mut self) -> Result<u64> {
         let job = self.job.id.clone();
         let sock = self.agent.run_socket(&job, "ps")?;
+        // Opened with the dump started ahead, else first: the destination starts its page
+        // server while this side freezes.
+        let (send, recv) = match self.dump_pages_stream.take() {
+            Some(s) => s,
+            None => self.open_dump_pages().await?,
+        };
         let (pre, early) = match self
             .dump_ahead_or_prestart(Some((sock.clone(), false)))
             .await
@@ -1225,9 +1310,6 @@ impl Driver {
         // page anyway.
         self.rounds.lift_throttle();
         let listener = criu_listener(&sock, early)?;
-        let conn = self.conn().await?;
-        let (mut send, recv) = conn.open().await?;
-        transfer::frame::write_msg(&mut send, &PeerRequest::DumpPages { job: job.clone() }).await?;
         let bound = self.dump_bound();
         let (runc, name) = (
             self.agent.runc.bounded(bound.clone()),
@@ -1272,7 +1354,7 @@ impl Driver {
             }
         };
         let mut known = known;
-        let relay = precopy::relay::relay_out_with(criu, send, recv, &mut known, &fast).await;
+        let relay = precopy::relay::relay_out_pipelined(criu, send, recv, &mut known, &fast).await;
         drop(fast);
         let ck = ckpt.await?;
         // The container stays frozen in place: rollback thaws it, the commit removes it.
@@ -1283,9 +1365,17 @@ impl Driver {
             }
             Ok(f) => self.dump_finishing = f,
         }
-        let stats = relay.context("relaying the final dump's pages")?;
-        // CRIU waited for the destination's page server at each of these.
+        let (stats, pending) = relay.context("relaying the final dump's pages")?;
+        // CRIU waited for the destination's page server at each of these (none but a PARENT
+        // query: OPEN2 and CLOSE are answered here).
         self.count_round_trips(u32::try_from(stats.round_trips).unwrap_or(u32::MAX));
+        let mut answers = precopy::relay::RelayStats::default();
+        self.relay_confirm = Some(tokio::spawn(async move {
+            pending
+                .confirm(&mut answers)
+                .await
+                .context("the destination's page server")
+        }));
         info!(%job, pages = stats.pages, as_reference = stats.pages_as_reference,
             bytes = stats.link_bytes_written, relay_ms = crate::util::ms(stats.elapsed), "final dump's pages relayed");
         Ok(stats.link_bytes_written)
@@ -1323,6 +1413,10 @@ pub(super) fn criu_listener(
 
 /// How long a `runc checkpoint` started before the redirect may take to reach its CRIU gate.
 const GATE_REACH: Duration = Duration::from_secs(10);
+
+/// Most memory a pre-copy's container may have for its final dump to be written here
+/// ([`Driver::final_dump_here`]): 64 pages, at most about 2 ms at 1 Gbit/s (less compressed).
+const FINAL_DUMP_HERE_BYTES: u64 = 256 << 10;
 
 /// Most processes a container restored eagerly for its small memory may have (policy
 /// `lazy_min_mib`): an eager final dump relays each process's pages through CRIU's page

@@ -356,6 +356,105 @@ async fn hostile_replies_are_refused() {
 }
 
 #[tokio::test]
+async fn a_pipelined_relay_answers_close_before_the_destination_and_checks_it_later() {
+    let (a, b, c) = (page(7), page(8), page(9));
+    let mut known = HashSet::new();
+    let mut store = PageStore::new(100);
+    let (criu, relay_criu) = duplex(1 << 16);
+    let (fwd_tx, fwd_rx) = duplex(1 << 16);
+    let (back_tx, back_rx) = duplex(1 << 16);
+    let fast = FastHashes::default();
+    // The dump completes with nothing at the other end of the link yet: CRIU is not kept
+    // waiting for the destination.
+    let (out, ()) = tokio::join!(
+        relay_out_pipelined(relay_criu, fwd_tx, back_rx, &mut known, &fast),
+        fake_criu(criu, a.clone(), b.clone(), c.clone()),
+    );
+    let (mut stats, pending) = out.unwrap();
+    assert_eq!(stats.round_trips, 0);
+    assert_eq!(stats.close_status, None);
+    // The destination catches up afterwards; its answers are then read and checked.
+    let (ps, relay_ps) = duplex(1 << 16);
+    let (inn, got) = tokio::join!(
+        relay_in(fwd_rx, back_tx, relay_ps, &mut store),
+        fake_page_server(ps),
+    );
+    inn.unwrap();
+    assert_eq!(got.len(), 4);
+    assert_eq!(got[1], (add(0x10000, 3), [&a[..], &b, &a].concat()));
+    pending.confirm(&mut stats).await.unwrap();
+    assert_eq!(stats.close_status, Some(0));
+}
+
+/// Runs a pipelined relay for a dump of OPEN2 and CLOSE; `back` is what the destination
+/// answers. CRIU's dump must succeed without it; the confirmation's result is returned.
+async fn pipelined_confirm(back: Vec<u8>) -> Result<RelayStats, RelayError> {
+    let (mut criu, relay_criu) = duplex(1 << 16);
+    let (fwd_tx, mut fwd_rx) = duplex(1 << 16);
+    let mut known = HashSet::new();
+    let fast = FastHashes::default();
+    let dump = async move {
+        write_message_async(&mut criu, &open2()).await.unwrap();
+        read_reply_async(&mut criu, &open2()).await.unwrap();
+        // CRIU sends FORCE_CLOSE on a page-server socket it was given (`ps-socket`).
+        write_message_async(&mut criu, &Message::ForceClose)
+            .await
+            .unwrap();
+        assert_eq!(
+            read_reply_async(&mut criu, &Message::ForceClose)
+                .await
+                .unwrap(),
+            Reply::Close { status: 0 }
+        );
+        criu.shutdown().await.unwrap();
+    };
+    let drain = async move {
+        let mut v = Vec::new();
+        let _ = fwd_rx.read_to_end(&mut v).await;
+    };
+    let (res, (), ()) = tokio::join!(
+        relay_out_pipelined(relay_criu, fwd_tx, &back[..], &mut known, &fast),
+        dump,
+        drain
+    );
+    let (mut stats, pending) = res.expect("the dump itself succeeds");
+    pending.confirm(&mut stats).await.map(|()| stats)
+}
+
+#[tokio::test]
+async fn a_pipelined_relay_refuses_a_failed_or_hostile_close_when_it_confirms() {
+    // A clean close.
+    let ok = pipelined_confirm(vec![TAG_REPLY, 0, TAG_REPLY, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    assert_eq!(ok.close_status, Some(0));
+    // The destination's page server failed its close.
+    let e = pipelined_confirm(vec![TAG_REPLY, 0, TAG_REPLY, 1, 0, 0, 0])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, RelayError::Remote(m) if m.contains("status 1")),
+        "{e}"
+    );
+    // The destination gave up.
+    let mut f = vec![TAG_REPLY, 0, TAG_ERROR, 0, 4];
+    f.extend_from_slice(b"full");
+    let e = pipelined_confirm(f).await.unwrap_err();
+    assert_eq!(e.to_string(), "relay: the destination failed: full");
+    // A parent image the relay said there was not.
+    let e = pipelined_confirm(vec![TAG_REPLY, 1, TAG_REPLY, 0, 0, 0, 0])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, RelayError::Sequence(m) if m.contains("without a parent image")),
+        "{e}"
+    );
+    // No answer at all.
+    let e = pipelined_confirm(vec![]).await.unwrap_err();
+    assert!(matches!(e, RelayError::Truncated { .. }), "{e}");
+}
+
+#[tokio::test]
 async fn criu_hanging_up_without_close_is_an_error() {
     let (mut criu, relay_criu) = duplex(1 << 16);
     let (fwd_tx, mut fwd_rx) = duplex(1 << 16);
