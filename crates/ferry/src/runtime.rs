@@ -1507,6 +1507,23 @@ pub fn keep_log(log: &Path, logs: &Path, name: &str) {
     }
 }
 
+/// [`keep_log`] after a CRIU run that went `ok`: then on a thread of its own, so that the
+/// caller, in a frozen window, does not wait for the copy to disk (the work directory is
+/// usually a tmpfs), the directory listing and the pruning (about 1 ms); after a failure at
+/// once, before any cleanup can remove the log.
+pub fn keep_log_soon(ok: bool, log: PathBuf, logs: PathBuf, name: String) {
+    if !ok {
+        keep_log(&log, &logs, &name);
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("keep-log".into())
+        .spawn(move || keep_log(&log, &logs, &name));
+    if let Err(e) = spawned {
+        tracing::debug!(error = %e, "CRIU log not kept");
+    }
+}
+
 /// Free bytes on the filesystem holding `dir`.
 pub fn free_bytes(dir: &Path) -> Result<u64> {
     let st =

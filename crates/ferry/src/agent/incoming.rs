@@ -847,10 +847,11 @@ impl Agent {
                     .restore(&name, &layout.bundle, &images, &work, lazy)
                     .map(|()| None),
             };
-            crate::runtime::keep_log(
-                &work.join("restore.log"),
-                &logs,
-                &format!("{job_id}.restore.log"),
+            crate::runtime::keep_log_soon(
+                r.is_ok(),
+                work.join("restore.log"),
+                logs,
+                format!("{job_id}.restore.log"),
             );
             r
         })

@@ -648,7 +648,12 @@ impl super::source::Driver {
                 }
             };
             tracing::info!(container = %name, checkpoint_ms = crate::util::ms(t.elapsed()), "dumped lazily");
-            crate::runtime::keep_log(&work.join("dump.log"), &logs, &format!("{job_id}.dump.log"));
+            crate::runtime::keep_log_soon(
+                r.is_ok(),
+                work.join("dump.log"),
+                logs,
+                format!("{job_id}.dump.log"),
+            );
             r
         });
         let conn = self.conn().await?;

@@ -306,6 +306,9 @@ impl Agent {
         // A restore the source sent without waiting for the page server's close waits for this.
         let outcome = r.as_ref().map(|_| ()).map_err(|e| format!("{e:#}"));
         self.final_pages_written(peer, job, outcome).await;
+        if r.is_ok() {
+            self.release_job_pages(job).await;
+        }
         r
     }
 
@@ -386,13 +389,13 @@ impl Agent {
             }
         };
         let logs = self.cfg.state_dir.join("logs");
-        crate::runtime::keep_log(
-            &work.join("page-server.log"),
-            &logs,
-            &format!("{job}.page-server.log"),
+        crate::runtime::keep_log_soon(
+            relayed.is_ok() && status.is_some_and(|s| s.success()),
+            work.join("page-server.log"),
+            logs.clone(),
+            format!("{job}.page-server.log"),
         );
         let stats = relayed.context("relaying the final dump's pages")?;
-        self.release_job_pages(job).await;
         match status {
             Some(s) if s.success() => {}
             Some(s) => bail!(

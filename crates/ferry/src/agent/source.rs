@@ -1253,7 +1253,7 @@ impl Driver {
                 None => runc.checkpoint(&name, &images, &work).map(|()| None),
             };
             info!(container = %name, freeze_ms, checkpoint_ms = crate::util::ms(t.elapsed()) - freeze_ms, "dumped (left in place, frozen)");
-            crate::runtime::keep_log(&work.join("dump.log"), &logs, &format!("{job_id}.dump.log"));
+            crate::runtime::keep_log_soon(r.is_ok(), work.join("dump.log"), logs, format!("{job_id}.dump.log"));
             r
         })
         .await?;
@@ -1338,7 +1338,12 @@ impl Driver {
                     .map(|()| None),
             };
             info!(container = %name, freeze_ms, checkpoint_ms = crate::util::ms(t.elapsed()) - freeze_ms, "dumped (pages relayed)");
-            crate::runtime::keep_log(&work.join("dump.log"), &logs, &format!("{job_id}.dump.log"));
+            crate::runtime::keep_log_soon(
+                r.is_ok(),
+                work.join("dump.log"),
+                logs,
+                format!("{job_id}.dump.log"),
+            );
             r
         });
         let (criu, _) = tokio::select! {
