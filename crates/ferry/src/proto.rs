@@ -214,6 +214,10 @@ pub enum PeerRequest {
     Commit {
         /// Job id.
         job: String,
+        /// Sent by a restarted source that may or may not have sent the commit before: a job
+        /// not restored here yet is aborted (answered `Aborted`) instead of waited for.
+        #[serde(default)]
+        recovered: bool,
     },
     /// Forget `job`: remove everything it created here.
     Abort {

@@ -1467,6 +1467,21 @@ pub fn freeze(host: &str, name: &str) -> Result<()> {
     }
 }
 
+/// Whether the container's cgroup exists and is not frozen (nor freezing): its processes run.
+pub fn runs_thawed(host: &str, name: &str) -> bool {
+    let rel = cgroup_path(host, name);
+    let v1 = PathBuf::from("/sys/fs/cgroup/freezer")
+        .join(rel.trim_start_matches('/'))
+        .join("freezer.state");
+    if let Ok(s) = std::fs::read_to_string(&v1) {
+        return s.trim() == "THAWED";
+    }
+    let v2 = PathBuf::from("/sys/fs/cgroup")
+        .join(rel.trim_start_matches('/'))
+        .join("cgroup.freeze");
+    std::fs::read_to_string(v2).is_ok_and(|s| s.trim() == "0")
+}
+
 /// Thaws the container's cgroup (after a failed dump); absent is fine.
 pub fn thaw(host: &str, name: &str) {
     let rel = cgroup_path(host, name);

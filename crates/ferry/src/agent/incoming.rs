@@ -908,15 +908,35 @@ impl Agent {
         self: &Arc<Self>,
         peer: &str,
         job: &str,
+        recovered: bool,
     ) -> Result<PeerResponse> {
         let mut incoming = self.incoming.lock().await;
+        let mut abort_now = false;
         if let Some(i) = incoming.get(job) {
             if i.from != peer {
                 bail!("job {job} belongs to {}, not {peer}", i.from);
             }
-            if !i.restored {
+            if i.abort.load(std::sync::atomic::Ordering::SeqCst) {
+                // Aborted during its restore (its source's connection ended, or an abort):
+                // the watchdog removes it; it is never committed.
+                return Ok(PeerResponse::Aborted {
+                    job: job.to_string(),
+                });
+            }
+            if !i.restored && !recovered {
                 bail!("job {job}: container {:?} is not restored yet", i.spec.name);
             }
+            // Its source restarted and cannot know how far the job got: a copy not restored
+            // by now is never committed.
+            abort_now = !i.restored;
+        }
+        if abort_now {
+            drop(incoming);
+            self.abort_incoming(job, "its source restarted before the restore had ended")
+                .await;
+            return Ok(PeerResponse::Aborted {
+                job: job.to_string(),
+            });
         }
         // runc's own end after CRIU's success, usually over by now: no commit before it.
         if let Some(f) = incoming.get_mut(job).and_then(|i| i.finishing.take()) {

@@ -7,13 +7,18 @@
 //!   `Commit`; that file is the commit point. Before it, the destination may drop its copy at
 //!   any time (a timeout, a restart, an abort), and a job it does not know was never committed;
 //! - the source writes `<state>/outgoing/<job>.json` (synced) when the job starts
-//!   ([`OutPhase::Started`]) and again before it first sends `Commit` ([`OutPhase::CommitSent`]).
+//!   ([`OutPhase::Started`]) and again right before it freezes the container for the final
+//!   dump ([`OutPhase::CommitSent`]: from then on a `Commit` may go out; written there rather
+//!   than right before the `Commit`, so that no write to disk of the source's is in the frozen
+//!   window). A rollback records `Started` again before it thaws the container.
 //!
 //! At start the source resolves every record: a job that never sent `Commit` rolls back (thaw,
-//! network up, routes back, throttle lifted, destination told to abort); a job that did asks
-//! the destination until it answers: committed (the source removes its frozen copy) or not
-//! (the source thaws it). The destination finishes the commits it recorded and removes every
-//! other incoming job's leftovers.
+//! network up, routes back, throttle lifted, destination told to abort): a `Started` record,
+//! or a `CommitSent` one whose container runs thawed (a commit goes out only while it is
+//! frozen). Any other job asks the destination until it answers: committed (the source removes
+//! its frozen copy) or not (the source thaws it); a destination asked for a job it restored
+//! commits it then, unless the job was aborted there. The destination finishes the commits it
+//! recorded and removes every other incoming job's leftovers.
 //!
 //! A destination that never comes back cannot answer: the container stays frozen at the
 //! source until an operator settles the job by hand (`ferry resolve JOB --resume-here` or
@@ -66,7 +71,8 @@ pub(crate) fn write_durable(path: &Path, data: &[u8]) -> std::io::Result<()> {
 pub(crate) enum OutPhase {
     /// Started; `Commit` not sent: recovery rolls back.
     Started,
-    /// `Commit` may have reached the destination: recovery asks it for the outcome.
+    /// The container was about to be frozen, and `Commit` may have reached the destination:
+    /// recovery asks it for the outcome (unless the container runs thawed).
     CommitSent,
 }
 
@@ -247,9 +253,16 @@ impl Agent {
                         "an interrupted migration never sent its commit: rolling back");
                     self.roll_back_outgoing(&rec).await;
                 }
+                OutPhase::CommitSent if crate::runtime::runs_thawed(&self.cfg.host, &rec.name) => {
+                    // Recorded before the freeze; a commit goes out only while the container
+                    // is frozen, and only a rollback (which records `Started` first) thaws it.
+                    warn!(job = %rec.job, container = %rec.name, to = %rec.to,
+                        "an interrupted migration never froze its container: rolling back");
+                    self.roll_back_outgoing(&rec).await;
+                }
                 OutPhase::CommitSent => {
                     warn!(job = %rec.job, container = %rec.name, to = %rec.to,
-                        "an interrupted migration sent its commit: asking the destination for the outcome");
+                        "an interrupted migration may have sent its commit: asking the destination for the outcome");
                     let agent = Arc::clone(self);
                     tokio::spawn(async move { agent.resolve_commit(rec).await });
                 }
@@ -264,6 +277,7 @@ impl Agent {
     async fn resolve_commit(self: Arc<Self>, rec: Outgoing) {
         let req = PeerRequest::Commit {
             job: rec.job.clone(),
+            recovered: true,
         };
         let mut wait = Duration::from_millis(200);
         let waiting = self.awaiting_commit(&rec.job, &rec.name, &rec.to);

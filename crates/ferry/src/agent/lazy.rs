@@ -545,9 +545,11 @@ impl super::source::Driver {
         let layout = self.agent.layout(&name);
         let runc_root = self.agent.runc.root().to_path_buf();
         let (h, n) = (host.clone(), name.clone());
+        let root_start = self.root_diff_beside_dump();
         tokio::task::spawn_blocking(move || -> Result<()> {
-            crate::runtime::freeze_for_dump(&h, &n, &layout, &runc_root, super::CRIU_CONF)
-                .map(|_| ())
+            crate::runtime::freeze_for_dump(&h, &n, &layout, &runc_root, super::CRIU_CONF)?;
+            root_start.start();
+            Ok(())
         })
         .await??;
         self.source_link_down = true;

@@ -342,7 +342,9 @@ async fn dispatch(
             };
             agent.restore_incoming(peer, &job, limits).await
         }
-        PeerRequest::Commit { job } => agent.commit_incoming(peer, &job).await,
+        PeerRequest::Commit { job, recovered } => {
+            agent.commit_incoming(peer, &job, recovered).await
+        }
         PeerRequest::Abort { job } => {
             if let Some(owner) = agent.incoming_owner(&job).await {
                 if owner != peer {

@@ -147,6 +147,8 @@ pub(crate) fn start(
             dump_ahead: None,
             conn: None,
             rootfs_snapshot: None,
+            root_diff: None,
+            commit_may_be_sent: false,
             rootfs_digest: None,
             lazy_dumped: false,
             lazy_regions: Vec::new(),
@@ -201,6 +203,12 @@ pub(super) struct Driver {
     pub(super) source_link_down: bool,
     pub(super) conn: Option<transfer::Connection>,
     pub(super) rootfs_snapshot: Option<Snapshot>,
+    /// The root filesystem's diff since `rootfs_snapshot` and its digest, computed beside the
+    /// final dump once the container is frozen ([`RootDiff::start`]).
+    pub(super) root_diff: Option<RootDiff>,
+    /// The journal says a commit may have been sent ([`OutPhase::CommitSent`], synced before
+    /// the freeze): a rollback records `Started` again before it thaws the container.
+    pub(super) commit_may_be_sent: bool,
     /// Digest of the root filesystem at the freeze, sent for the destination to match.
     pub(super) rootfs_digest: Option<String>,
     /// The final dump was lazy: the destination restores lazily (see `lazy`).
@@ -429,6 +437,13 @@ impl Driver {
     async fn execute(&mut self, action: &Action) -> Result<u64> {
         let job = self.job.id.clone();
         let l = self.agent.layout(&self.spec.name);
+        if matches!(action, Action::Dump) && !self.commit_may_be_sent {
+            // Synced before the freeze, not in it: from here a restart that finds the container
+            // frozen (or gone) asks the destination for the outcome instead of rolling back,
+            // since the commit may have gone out; a rollback records `Started` again before it
+            // thaws the container.
+            self.record_phase(OutPhase::CommitSent).await?;
+        }
         match action {
             Action::Preflight => {
                 if let Err(e) = &self.agent.criu {
@@ -650,13 +665,19 @@ impl Driver {
                 let root = l.own_fs(&self.spec);
                 let before = self.rootfs_snapshot.clone().unwrap_or_default();
                 let t_snap = Instant::now();
+                let ahead = match self.root_diff.take() {
+                    Some(r) => r.result().await,
+                    None => None,
+                };
                 let (img_diff, fs_diff, digest) =
                     tokio::task::spawn_blocking(move || -> Result<(Diff, Diff, String)> {
                         let img =
                             shared_fs::diff(&Snapshot::default(), &shared_fs::snapshot(&images)?);
-                        let mut now = shared_fs::snapshot(&root)?;
-                        let diff = shared_fs::diff(&before, &now);
-                        Ok((img, diff, crate::runtime::root_digest(&mut now)))
+                        let (diff, digest) = match ahead {
+                            Some(d) => d,
+                            None => root_diff(&root, &before)?,
+                        };
+                        Ok((img, diff, digest))
                     })
                     .await??;
                 let req = PeerRequest::Images {
@@ -794,21 +815,21 @@ impl Driver {
                     tokio::time::sleep(Duration::from_millis(self.faults.pause_before_commit_ms))
                         .await;
                 }
-                // Synced before the commit is sent, not earlier: a restart before this point
-                // rolls back (the destination is told to abort), after it asks.
-                self.agent.journal_outgoing(&Outgoing {
-                    job: job.clone(),
-                    name: self.spec.name.clone(),
-                    to: self.to.clone(),
-                    phase: OutPhase::CommitSent,
-                })?;
+                // Recorded before the freeze (`Action::Dump`); here only if that was skipped.
+                if !self.commit_may_be_sent {
+                    self.record_phase(OutPhase::CommitSent).await?;
+                }
                 let mut wait = Duration::from_millis(100);
                 let mut tries = 0u32;
                 let waiting = self.agent.awaiting_commit(&job, &self.spec.name, &self.to);
                 loop {
                     let answer = async {
                         let conn = self.conn().await?;
-                        request(&conn, &PeerRequest::Commit { job: job.clone() }, &[]).await
+                        let commit = PeerRequest::Commit {
+                            job: job.clone(),
+                            recovered: false,
+                        };
+                        request(&conn, &commit, &[]).await
                     }
                     .await;
                     self.count_round_trips(1);
@@ -882,6 +903,20 @@ impl Driver {
         Ok(())
     }
 
+    /// Records (synced) how far this job got.
+    async fn record_phase(&mut self, phase: OutPhase) -> Result<()> {
+        let rec = Outgoing {
+            job: self.job.id.clone(),
+            name: self.spec.name.clone(),
+            to: self.to.clone(),
+            phase,
+        };
+        let agent = Arc::clone(&self.agent);
+        tokio::task::spawn_blocking(move || agent.journal_outgoing(&rec)).await??;
+        self.commit_may_be_sent = phase == OutPhase::CommitSent;
+        Ok(())
+    }
+
     async fn rollback(&mut self, plan: RollbackPlan) -> Result<()> {
         for h in self.pending.drain(..) {
             h.abort();
@@ -899,6 +934,13 @@ impl Driver {
         let job = self.job.id.clone();
         let name = self.spec.name.clone();
         let mut errors = vec![];
+        if self.commit_may_be_sent {
+            // Before the container runs again here: a restart must then roll back, never ask
+            // the destination to commit a copy this one has moved on from.
+            if let Err(e) = self.record_phase(OutPhase::Started).await {
+                errors.push(format!("{e:#}"));
+            }
+        }
         // Images that are the only copy of a container that could not be restored are kept.
         let mut keep_images = false;
         // Pre-copy: no tracker may stay in the container, no throttle on it.
@@ -1228,6 +1270,7 @@ impl Driver {
         let runc_root = self.agent.runc.root().to_path_buf();
         let pause = self.faults.pause_in_dump_ms;
         let cancel = Arc::clone(&self.job.cancel);
+        let root_start = self.root_diff_beside_dump();
         self.source_link_down = true;
         let r = tokio::task::spawn_blocking(move || {
             if pre.is_none() {
@@ -1237,6 +1280,7 @@ impl Driver {
             }
             let t = Instant::now();
             crate::runtime::freeze_for_dump(&host, &name, &layout, &runc_root, super::CRIU_CONF)?;
+            root_start.start();
             if pause > 0 {
                 warn!(container = %name, ms = pause, "pausing in the dump (fault hook)");
                 let until = Instant::now() + Duration::from_millis(pause);
@@ -1263,6 +1307,18 @@ impl Driver {
         }
         self.dump_finishing = r?;
         Ok(0)
+    }
+
+    /// The root filesystem's diff for the final dump, to start once the container is frozen
+    /// ([`RootStart::start`]); its result waits in `self.root_diff` for the images.
+    pub(super) fn root_diff_beside_dump(&mut self) -> RootStart {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.root_diff = Some(RootDiff(rx));
+        RootStart {
+            root: self.agent.layout(&self.spec.name).own_fs(&self.spec),
+            before: self.rootfs_snapshot.clone().unwrap_or_default(),
+            tx,
+        }
     }
 
     /// Opens the stream of an eager final dump's pages: the destination starts its
@@ -1321,6 +1377,7 @@ impl Driver {
         let s = sock.clone();
         let layout = self.agent.layout(&self.spec.name);
         let runc_root = self.agent.runc.root().to_path_buf();
+        let root_start = self.root_diff_beside_dump();
         self.source_link_down = true;
         let mut ckpt = tokio::task::spawn_blocking(move || {
             if pre.is_none() {
@@ -1330,6 +1387,7 @@ impl Driver {
             }
             let t = Instant::now();
             crate::runtime::freeze_for_dump(&host, &name, &layout, &runc_root, super::CRIU_CONF)?;
+            root_start.start();
             let freeze_ms = crate::util::ms(t.elapsed());
             let r = match pre {
                 Some(p) => p.go_until_criu_done(bound).map(Some),
@@ -1384,6 +1442,55 @@ impl Driver {
         info!(%job, pages = stats.pages, as_reference = stats.pages_as_reference,
             bytes = stats.link_bytes_written, relay_ms = crate::util::ms(stats.elapsed), "final dump's pages relayed");
         Ok(stats.link_bytes_written)
+    }
+}
+
+/// The root filesystem's changes since `before` and the digest of the root as it is now.
+fn root_diff(root: &std::path::Path, before: &Snapshot) -> Result<(Diff, String)> {
+    let mut now = shared_fs::snapshot(root)?;
+    let diff = shared_fs::diff(before, &now);
+    Ok((diff, crate::runtime::root_digest(&mut now)))
+}
+
+/// What [`RootStart::start`] computes: the root's diff and digest, read beside CRIU's dump.
+pub(super) struct RootDiff(tokio::sync::oneshot::Receiver<Result<(Diff, String)>>);
+
+impl RootDiff {
+    /// The result, or `None` if it failed or never started (the caller computes it then).
+    pub(super) async fn result(self) -> Option<(Diff, String)> {
+        match self.0.await {
+            Ok(Ok(d)) => Some(d),
+            Ok(Err(e)) => {
+                warn!(error = %format!("{e:#}"), "the root's diff beside the dump failed: computed again");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+}
+
+/// Starts the root filesystem's diff on a thread of its own. Called right after the freeze:
+/// nothing writes into a frozen container's root (CRIU's dump writes its images elsewhere), so
+/// the walk, which grows with the number of files the container wrote, runs beside CRIU
+/// instead of after it.
+pub(super) struct RootStart {
+    root: std::path::PathBuf,
+    before: Snapshot,
+    tx: tokio::sync::oneshot::Sender<Result<(Diff, String)>>,
+}
+
+impl RootStart {
+    pub(super) fn start(self) {
+        let RootStart { root, before, tx } = self;
+        let spawned = std::thread::Builder::new()
+            .name("root-diff".into())
+            .spawn(move || {
+                let _ = tx.send(root_diff(&root, &before));
+            });
+        if let Err(e) = spawned {
+            // The sender is gone with the closure: the images compute it.
+            warn!(error = %e, "no thread for the root's diff beside the dump");
+        }
     }
 }
 
