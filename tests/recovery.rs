@@ -23,13 +23,17 @@ fn counter(ip: &str, tag: &str) -> u64 {
 }
 
 /// The container listed exactly once in the lab, on `host`, running.
+/// The `ferry ps` entries of `name`.
+fn listed(name: &str) -> Vec<Value> {
+    let v: Value = serde_json::from_str(&ferry_ok(&["ps", "--json"])).unwrap_or(Value::Null);
+    v.as_array()
+        .map(|a| a.iter().filter(|c| c["name"] == name).cloned().collect())
+        .unwrap_or_default()
+}
+
 fn assert_listed_once_on(host: &str, name: &str) {
     let ok = eventually(Duration::from_secs(30), || {
-        let v: Value = serde_json::from_str(&ferry_ok(&["ps", "--json"])).unwrap_or(Value::Null);
-        let on: Vec<&Value> = v
-            .as_array()
-            .map(|a| a.iter().filter(|c| c["name"] == name).collect())
-            .unwrap_or_default();
+        let on = listed(name);
         on.len() == 1 && on[0]["host"] == host && on[0]["state"] == "running"
     });
     assert!(
@@ -81,11 +85,7 @@ fn assert_nothing_left(owner: &str, other: &str, name: &str) {
 fn sole_host_of(name: &str) -> String {
     let mut host = None;
     let ok = eventually(Duration::from_secs(30), || {
-        let v: Value = serde_json::from_str(&ferry_ok(&["ps", "--json"])).unwrap_or(Value::Null);
-        let on: Vec<&Value> = v
-            .as_array()
-            .map(|a| a.iter().filter(|c| c["name"] == name).collect())
-            .unwrap_or_default();
+        let on = listed(name);
         host = (on.len() == 1 && on[0]["state"] == "running")
             .then(|| on[0]["host"].as_str().unwrap_or_default().to_string());
         host.is_some()

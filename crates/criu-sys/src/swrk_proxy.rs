@@ -398,19 +398,11 @@ pub const EARLY_ANSWERED: [&str; 7] = [
 /// shuts its writing side after the final answer), CRIU's receiving side is shut; what CRIU
 /// sends after runc has gone is dropped.
 pub fn forward(runc: BorrowedFd<'_>, criu: BorrowedFd<'_>) -> Result<ForwardStats, SwrkProxyError> {
-    forward_observed(runc, criu, &mut |_| {})
+    forward_with(runc, criu, &mut |_| {}, false)
 }
 
-/// [`forward`], calling `observe` with every message CRIU sent once runc has it.
-pub fn forward_observed(
-    runc: BorrowedFd<'_>,
-    criu: BorrowedFd<'_>,
-    observe: &mut dyn FnMut(&[u8]),
-) -> Result<ForwardStats, SwrkProxyError> {
-    forward_with(runc, criu, observe, false)
-}
-
-/// [`forward_observed`], answering the notifications of [`EARLY_ANSWERED`] at once.
+/// [`forward`], answering the notifications of [`EARLY_ANSWERED`] at once and calling
+/// `observe` with every message CRIU sent once runc has it.
 pub fn forward_answering_early(
     runc: BorrowedFd<'_>,
     criu: BorrowedFd<'_>,

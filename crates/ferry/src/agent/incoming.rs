@@ -163,7 +163,7 @@ impl Drop for StreamGuard {
 
 /// What a restore may wait for (see [`Agent::wait_for_arrival`]).
 #[derive(Clone, Copy)]
-enum Arrival {
+pub(crate) enum Arrival {
     Images,
     FinalPages,
 }
@@ -176,9 +176,9 @@ pub(crate) struct RestoreLimits {
     pub(crate) deadline: Duration,
     /// Restore lazily from the page store (see `fill`).
     pub(crate) lazy: bool,
-    /// Wait for the images request the source sent just before (see `images_arrived`).
+    /// Wait for the images request the source sent just before (see `arrived`).
     pub(crate) after_images: bool,
-    /// Wait until the final dump's relayed pages are written (see `final_pages_written`).
+    /// Wait until the final dump's relayed pages are written (see `arrived`).
     pub(crate) after_pages: bool,
 }
 
@@ -558,25 +558,13 @@ impl Agent {
         })
     }
 
-    /// Records how an images request for `job` ended, for a restore waiting behind it.
-    pub(crate) async fn images_arrived(&self, peer: &str, job: &str, outcome: Result<(), String>) {
-        if let Some(i) = self
-            .incoming
-            .lock()
-            .await
-            .get(job)
-            .filter(|i| i.from == peer)
-        {
-            i.images.send_replace(Some(outcome));
-        }
-    }
-
-    /// Records how the relay of `job`'s final dump pages ended here, for a restore waiting
-    /// behind it.
-    pub(crate) async fn final_pages_written(
+    /// Records how what the source sent for `job` without waiting for the answer (`what`:
+    /// its images, or its final dump's pages) ended here, for a restore waiting behind it.
+    pub(crate) async fn arrived(
         &self,
         peer: &str,
         job: &str,
+        what: Arrival,
         outcome: Result<(), String>,
     ) {
         if let Some(i) = self
@@ -586,7 +574,10 @@ impl Agent {
             .get(job)
             .filter(|i| i.from == peer)
         {
-            i.final_pages.send_replace(Some(outcome));
+            match what {
+                Arrival::Images => i.images.send_replace(Some(outcome)),
+                Arrival::FinalPages => i.final_pages.send_replace(Some(outcome)),
+            };
         }
     }
 

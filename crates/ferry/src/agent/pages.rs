@@ -305,7 +305,8 @@ impl Agent {
         let r = self.write_dump_pages(peer, job, recv, send).await;
         // A restore the source sent without waiting for the page server's close waits for this.
         let outcome = r.as_ref().map(|_| ()).map_err(|e| format!("{e:#}"));
-        self.final_pages_written(peer, job, outcome).await;
+        self.arrived(peer, job, super::incoming::Arrival::FinalPages, outcome)
+            .await;
         if r.is_ok() {
             self.release_job_pages(job).await;
         }

@@ -296,9 +296,10 @@ async fn dispatch(
                 .await;
             // A restore sent right behind this request waits for this outcome.
             agent
-                .images_arrived(
+                .arrived(
                     peer,
                     &job,
+                    super::incoming::Arrival::Images,
                     r.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")),
                 )
                 .await;

@@ -617,21 +617,8 @@ impl Driver {
                 Ok(0)
             }
             Action::Dump if self.final_dump_here() => {
-                // Trackers off and the throttle lifted, as for the relayed dump.
-                let mut rounds = std::mem::replace(&mut self.rounds, Rounds::new());
-                let (stopped, rounds) = tokio::task::spawn_blocking(move || {
-                    let r = rounds.stop_tracking();
-                    (r, rounds)
-                })
-                .await?;
-                self.rounds = rounds;
-                stopped?;
-                self.rounds.lift_throttle();
-                self.memory = Some(migrate_core::MemoryReport {
-                    restore: "eager".into(),
-                    not_lazy: self.not_lazy.clone(),
-                    ..Default::default()
-                });
+                self.stop_trackers().await?;
+                self.report_eager_restore();
                 info!(%job, memory_bytes = self.memory_bytes, "final dump written here: the container's memory travels with its images");
                 self.dump_here().await
             }
@@ -641,11 +628,7 @@ impl Driver {
                 self.dump_lazy().await
             }
             Action::Dump if self.mode == MigrateMode::PreCopy => {
-                self.memory = Some(migrate_core::MemoryReport {
-                    restore: "eager".into(),
-                    not_lazy: self.not_lazy.clone(),
-                    ..Default::default()
-                });
+                self.report_eager_restore();
                 self.dump_relayed().await
             }
             Action::Dump => self.dump_here().await,
@@ -901,6 +884,32 @@ impl Driver {
                 .context("the dump did not end cleanly")?;
         }
         Ok(())
+    }
+
+    /// Before an eager final dump: the pre-copy trackers removed (on a blocking thread) and
+    /// the CPU throttle lifted: a container throttled hard (auto-converge) may not reach the
+    /// freezer in time; it runs unthrottled for the few milliseconds until the freeze, whose
+    /// dump reads every page anyway.
+    async fn stop_trackers(&mut self) -> Result<()> {
+        let mut rounds = std::mem::replace(&mut self.rounds, Rounds::new());
+        let (stopped, rounds) = tokio::task::spawn_blocking(move || {
+            let r = rounds.stop_tracking();
+            (r, rounds)
+        })
+        .await?;
+        self.rounds = rounds;
+        stopped?;
+        self.rounds.lift_throttle();
+        Ok(())
+    }
+
+    /// The report's memory section of a pre-copy restored eagerly.
+    fn report_eager_restore(&mut self) {
+        self.memory = Some(migrate_core::MemoryReport {
+            restore: "eager".into(),
+            not_lazy: self.not_lazy.clone(),
+            ..Default::default()
+        });
     }
 
     /// Records (synced) how far this job got.
@@ -1351,20 +1360,9 @@ impl Driver {
             Some((p, l)) => (Some(p), l),
             None => (None, None),
         };
-        let mut rounds = std::mem::replace(&mut self.rounds, Rounds::new());
-        let (stopped, rounds) = tokio::task::spawn_blocking(move || {
-            let r = rounds.stop_tracking();
-            (r, rounds)
-        })
-        .await?;
-        let known = std::mem::take(&mut *lock(&rounds.known));
-        let fast = std::mem::take(&mut *lock(&rounds.fast));
-        self.rounds = rounds;
-        stopped?;
-        // A container throttled hard (auto-converge) may not reach the freezer in time: it
-        // runs unthrottled for the few milliseconds until the freeze, whose dump reads every
-        // page anyway.
-        self.rounds.lift_throttle();
+        self.stop_trackers().await?;
+        let known = std::mem::take(&mut *lock(&self.rounds.known));
+        let fast = std::mem::take(&mut *lock(&self.rounds.fast));
         let listener = criu_listener(&sock, early)?;
         let bound = self.dump_bound();
         let (runc, name) = (
