@@ -509,3 +509,123 @@ fn gc_during_an_incoming_migration_keeps_its_base() {
         "{file}"
     );
 }
+
+/// A digest of everything under `dir` a program in the container can see: every entry's
+/// path, kind, mode, owner and link target, and every file's content (a directory's size
+/// depends on the order its entries were made in, not on what it holds).
+fn root_digest(dir: &Path) -> String {
+    let script = r#"set -euo pipefail
+cd "$1"
+{ find . -xdev -printf '%y %m %U %G %p -> %l\n' | LC_ALL=C sort
+  find . -xdev -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum
+} | sha256sum"#;
+    let out = Command::new("bash")
+        .args(["-c", script, "root_digest"])
+        .arg(dir)
+        .output()
+        .expect("bash");
+    assert!(
+        out.status.success(),
+        "digest of {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("sha256sum output")
+        .to_string()
+}
+
+/// Writes `files` files of distinct, incompressible content, `bytes` in all, in 100
+/// directories under `root`.
+fn many_files(root: &Path, files: usize, bytes: usize) {
+    let per = bytes / files;
+    let mut buf = vec![0u8; per];
+    for d in 0..100 {
+        std::fs::create_dir_all(root.join(format!("many/d{d:02}"))).unwrap();
+    }
+    for i in 0..files {
+        let mut x = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        for c in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+        }
+        std::fs::write(root.join(format!("many/d{:02}/f{i:06}", i % 100)), &buf).unwrap();
+    }
+}
+
+#[test]
+fn an_image_of_100000_files_and_1_gib_moves_to_a_host_that_lacks_it() {
+    const FILES: usize = 100_000;
+    let lab = Lab::up();
+    let root = scratch("big-image");
+    ferry_ok(&["lab", "rootfs", root.to_str().unwrap()]);
+    many_files(&root, FILES, 1 << 30);
+    let t = std::time::Instant::now();
+    let imported: Value = serde_json::from_str(&ferry_ok(&[
+        "image",
+        "import",
+        "--on",
+        "h1",
+        "--name",
+        "big:1",
+        "--json",
+        root.to_str().unwrap(),
+    ]))
+    .unwrap();
+    let import_s = t.elapsed().as_secs_f64();
+    let stats = &imported["stats"];
+    let bytes = stats["bytes"].as_u64().unwrap();
+    let chunks = stats["chunks"].as_u64().unwrap();
+    assert!(bytes >= 1 << 30, "{imported}");
+    assert!(chunks >= FILES as u64, "{imported}");
+    eprintln!(
+        "import on h1: {} entries, {:.1} MiB in {chunks} chunks in {import_s:.1} s: {:.0} MiB/s, {:.0} files/s",
+        stats["entries"],
+        bytes as f64 / MIB as f64,
+        bytes as f64 / MIB as f64 / import_s,
+        FILES as f64 / import_s
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+
+    let c = run_from_image(&lab, "h1", "big", "big:1");
+    let before = root_digest(Path::new(&format!("{LAB_DIR}/h1/containers/big/rootfs")));
+    let (code, r) = migrate_json("big", "h2", &[], Duration::from_secs(600));
+    assert_eq!(code, 0, "{r}");
+    let base = &r["base"];
+    assert_eq!(base["image"], "big:1", "{r}");
+    assert_eq!(base["held"], false, "h2 lacked the image: {r}");
+    assert_eq!(base["chunks"].as_u64(), Some(chunks), "{r}");
+    assert_eq!(base["chunks_sent"].as_u64(), Some(chunks), "{r}");
+    assert_eq!(base["chunk_bytes"].as_u64(), Some(bytes), "{r}");
+    let base_s = base["ms"].as_f64().unwrap() / 1000.0;
+    let prepare_ms = r["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["phase"] == "prepare")
+        .and_then(|p| p["duration_ms"].as_f64())
+        .unwrap_or(f64::NAN);
+    eprintln!(
+        "h1 -> h2: base layer {:.1} MiB in {chunks} chunks crossed in {base_s:.1} s: {:.0} MiB/s, {:.0} chunks/s; prepare (base + materialized at h2) {:.1} s; frozen {:.1} ms; total {:.1} s",
+        bytes as f64 / MIB as f64,
+        bytes as f64 / MIB as f64 / base_s,
+        chunks as f64 / base_s,
+        prepare_ms / 1000.0,
+        r["frozen_ms"].as_f64().unwrap(),
+        r["total_ms"].as_f64().unwrap() / 1000.0
+    );
+    assert_eq!(ask_workload(c["ip"].as_str().unwrap(), "hi"), "1 hi");
+    let after = root_digest(Path::new(&format!("{LAB_DIR}/h2/containers/big/rootfs")));
+    assert_eq!(
+        before, after,
+        "the container's root at h2 differs from h1's"
+    );
+    let h2 = images_on("h2");
+    assert_eq!(h2["images"][0]["name"], "big:1", "{h2}");
+    assert_eq!(h2["images"][0]["tree"], imported["image"]["tree"], "{h2}");
+    assert_clean_host("h1", "big");
+}

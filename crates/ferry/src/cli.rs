@@ -597,6 +597,21 @@ pub(crate) fn print_summary(r: &Report) {
         r.frozen_round_trips, r.total_ms,
         human_bytes(r.bytes_sent)
     );
+    if let Some(b) = &r.base {
+        if b.held {
+            println!("  image {}: {} held its base layer already", b.image, r.to);
+        } else {
+            println!(
+                "  image {}: {} of the base layer's {} chunks crossed ({}) in {:.1} s, {:.0} MiB/s, while the container ran",
+                b.image,
+                b.chunks_sent,
+                b.chunks,
+                human_bytes(b.chunk_bytes),
+                b.ms / 1000.0,
+                b.chunk_bytes as f64 / (1 << 20) as f64 / (b.ms / 1000.0).max(1e-3)
+            );
+        }
+    }
     if let Some(m) = &r.memory {
         match (m.restore.as_str(), &m.fill_error) {
             ("lazy", Some(e)) => println!("  memory: lazy restore FAILED after the commit: {e}"),

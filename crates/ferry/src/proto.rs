@@ -7,8 +7,11 @@
 use orchestrator_shim::api::{ContainerInfo, ContainerSpec};
 use serde::{Deserialize, Serialize};
 
-/// Protocol version; a peer answers requests of version N and N-1.
-pub const PROTO_VERSION: u32 = 2;
+/// Protocol version.
+pub const PROTO_VERSION: u32 = 3;
+/// Oldest version a peer answers: 3 changed [`PeerResponse::BaseMissing`] (ids stream after
+/// the frame), which version 2 cannot read.
+pub const MIN_PROTO_VERSION: u32 = 3;
 
 /// Most page hashes one [`PeerRequest::HeldPages`] may carry (16 GiB of memory).
 pub const MAX_HASHES: u64 = 1 << 22;
@@ -48,7 +51,7 @@ pub enum PeerRequest {
         /// Job id.
         job: String,
         /// The container.
-        spec: ContainerSpec,
+        spec: Box<ContainerSpec>,
         /// Pre-copy: the memory its rounds bring, bytes; the page store grows by that much
         /// for the job when it is fuller.
         #[serde(default)]
@@ -108,7 +111,8 @@ pub enum PeerRequest {
         tree: String,
     },
     /// Tree `tree`'s bytes follow (`len`, at most `shared_fs::store::MAX_TREE_BYTES`). Answer:
-    /// [`PeerResponse::BaseMissing`], the chunks it uses that you lack.
+    /// [`PeerResponse::BaseMissing`] followed by the raw 32-byte ids of the chunks it uses
+    /// that you lack (a list of any length streams; no frame carries it).
     BaseTree {
         /// Tree id (the blake3 of the bytes).
         tree: String,
@@ -268,10 +272,11 @@ pub enum PeerResponse {
         /// The tree and all its chunks are here.
         held: bool,
     },
-    /// Answer to [`PeerRequest::BaseTree`]: the chunks to send, hex ids.
+    /// Answer to [`PeerRequest::BaseTree`]: `count` chunks to send, their raw 32-byte ids
+    /// right after this frame.
     BaseMissing {
-        /// Chunk ids.
-        chunks: Vec<String>,
+        /// How many ids follow.
+        count: u64,
     },
     /// Containers there.
     List {

@@ -32,7 +32,9 @@ pub use policy::{
     hold_unwritten, Decision, Estimate, FirstRoundView, FreezeReason, PrecopyPolicy, RoundStats,
     WhenStuck, FOLLOW_WRITES_MAX_FACTOR, FOLLOW_WRITES_MIN_WAIT,
 };
-pub use report::{IntegrityReport, MemoryReport, Outcome, PhaseTiming, Report, RoundReport};
+pub use report::{
+    BaseReport, IntegrityReport, MemoryReport, Outcome, PhaseTiming, Report, RoundReport,
+};
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -289,6 +291,11 @@ impl Migration {
     /// Records when the destination had every image (ms from the start of the transfer).
     pub fn set_images_delivered_ms(&mut self, ms: f64) {
         self.report.images_delivered_ms = Some(ms);
+    }
+
+    /// Records how the image's base layer reached the destination.
+    pub fn set_base(&mut self, base: BaseReport) {
+        self.report.base = Some(base);
     }
 
     /// Records the request round trips between the hosts while the container was frozen.

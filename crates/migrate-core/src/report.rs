@@ -133,8 +133,34 @@ pub struct Report {
     /// request follows at once, without waiting for this answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub images_delivered_ms: Option<f64>,
+    /// The container's image: whether the destination held its base layer, and what crossed
+    /// if not (absent for a container without an image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseReport>,
     #[serde(skip)]
     pub(crate) started_at: Duration,
+}
+
+/// How the base layer of a container's image reached the destination (before the freeze,
+/// while the container ran).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BaseReport {
+    /// The image's name at the source.
+    pub image: String,
+    /// Its tree.
+    pub tree: String,
+    /// Whether the destination held every chunk already (nothing crossed but the question).
+    pub held: bool,
+    /// Chunks the tree uses.
+    pub chunks: u64,
+    /// Chunks the destination lacked and received.
+    pub chunks_sent: u64,
+    /// Bytes of those chunks.
+    pub chunk_bytes: u64,
+    /// Bytes sent for the base layer in all (tree, lists, chunks, framing).
+    pub bytes_sent: u64,
+    /// From the question to the destination's answer that it stored the tree, ms.
+    pub ms: f64,
 }
 
 /// How a pre-copy migration's memory crossed the freeze.
@@ -273,6 +299,7 @@ impl Report {
             memory: None,
             frozen_round_trips: 0,
             images_delivered_ms: None,
+            base: None,
             started_at: Duration::ZERO,
         }
     }

@@ -36,6 +36,10 @@ pub struct ImageRef {
     pub name: String,
     /// Its tree (blake3 of the tree's manifest): what the base layer holds, on every host.
     pub tree: String,
+    /// How its author meant it to run (an OCI image's config), so that a host it reaches by
+    /// a migration names it with that config too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<shared_fs::oci::ImageConfig>,
 }
 
 /// `POST /v1/containers`.

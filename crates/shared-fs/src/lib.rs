@@ -14,6 +14,7 @@
 #![deny(unsafe_code)]
 
 mod apply;
+pub mod batch;
 pub mod beneath;
 mod confine;
 pub mod oci;

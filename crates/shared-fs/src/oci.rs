@@ -34,6 +34,77 @@ pub struct OciImport {
     pub layers: usize,
     /// Content found.
     pub stats: ImportStats,
+    /// How the image's author meant it to run (its config blob's `config`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<ImageConfig>,
+}
+
+/// How an image's author meant it to run: the `config` object of an OCI (or Docker) image
+/// config blob. `ferry run --image` without a command runs `entrypoint` + `cmd` with `env`,
+/// in `working_dir`, as `user`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImageConfig {
+    /// `Entrypoint`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entrypoint: Vec<String>,
+    /// `Cmd`: the entrypoint's default arguments, or the command without one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cmd: Vec<String>,
+    /// `Env`, `KEY=VALUE` each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// `WorkingDir` (empty: `/`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub working_dir: String,
+    /// `User`: `user`, `uid`, `user:group` or `uid:gid` (empty: root).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user: String,
+    /// `StopSignal`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stop_signal: String,
+    /// `ExposedPorts`' keys (`80/tcp`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exposed_ports: Vec<String>,
+}
+
+/// An image config blob, as much of it as Ferry uses.
+#[derive(Deserialize)]
+struct ConfigBlob {
+    #[serde(default)]
+    config: Option<RawConfig>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+struct RawConfig {
+    #[serde(default)]
+    entrypoint: Option<Vec<String>>,
+    #[serde(default)]
+    cmd: Option<Vec<String>>,
+    #[serde(default)]
+    env: Option<Vec<String>>,
+    #[serde(default)]
+    working_dir: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    stop_signal: Option<String>,
+    #[serde(default)]
+    exposed_ports: Option<BTreeMap<String, serde_json::Value>>,
+}
+
+impl From<RawConfig> for ImageConfig {
+    fn from(c: RawConfig) -> Self {
+        ImageConfig {
+            entrypoint: c.entrypoint.unwrap_or_default(),
+            cmd: c.cmd.unwrap_or_default(),
+            env: c.env.unwrap_or_default(),
+            working_dir: c.working_dir.unwrap_or_default(),
+            user: c.user.unwrap_or_default(),
+            stop_signal: c.stop_signal.unwrap_or_default(),
+            exposed_ports: c.exposed_ports.unwrap_or_default().into_keys().collect(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -64,6 +135,8 @@ struct Index {
 
 #[derive(Deserialize)]
 struct Manifest {
+    #[serde(default)]
+    config: Option<Descriptor>,
     #[serde(default)]
     layers: Vec<Descriptor>,
 }
@@ -333,6 +406,10 @@ pub fn import_oci(
     } else {
         read_json_blob(layout, desc)?
     };
+    if let Some(c) = &manifest.config {
+        let blob: ConfigBlob = read_json_blob(layout, c)?;
+        out.config = blob.config.map(ImageConfig::from);
+    }
     let mut state = Layers::new(store);
     for l in &manifest.layers {
         state.apply_layer(layout, l).map_err(|e| match e {
@@ -341,6 +418,7 @@ pub fn import_oci(
         })?;
         out.layers += 1;
     }
+    state.batch.finish()?;
     out.stats = state.stats.clone();
     out.stats.entries = state.map.len() as u64;
     let tree = tree_from_entries(state.map.into_iter().collect());
@@ -380,6 +458,8 @@ fn pick<'a>(
 /// The tree being built, layer after layer.
 struct Layers<'s> {
     store: &'s Store,
+    /// The layers' chunks, synced a batch at a time.
+    batch: crate::batch::ChunkBatch<'s>,
     map: BTreeMap<String, TreeEntry>,
     stats: ImportStats,
 }
@@ -408,6 +488,7 @@ impl<'s> Layers<'s> {
     fn new(store: &'s Store) -> Self {
         Layers {
             store,
+            batch: store.chunk_batch(),
             map: BTreeMap::new(),
             stats: ImportStats::default(),
         }
@@ -671,7 +752,7 @@ impl<'s> Layers<'s> {
                     }
                     self.remove(&path, &HashSet::new());
                     let capped = (&mut entry).take(limits.max_file_size.saturating_add(1));
-                    let (chunks, b3, size) = self.store.put_content(capped, &mut self.stats)?;
+                    let (chunks, b3, size) = self.batch.put_content(capped, &mut self.stats)?;
                     if size > limits.max_file_size {
                         return Err(FsError::TooLarge {
                             path,

@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -89,6 +89,9 @@ pub struct ImageRecord {
     pub bytes: u64,
     /// Its entries.
     pub entries: u64,
+    /// How its author meant it to run (an OCI image's config; none for a directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<crate::oci::ImageConfig>,
 }
 
 /// What a [`Store::gc`] removed.
@@ -130,6 +133,26 @@ pub struct ImportStats {
     pub new_chunks: u64,
     /// Bytes of those.
     pub new_bytes: u64,
+}
+
+/// Checks `data`, received as chunk `expected`: at most [`CHUNK_MAX`] bytes, its blake3
+/// `expected`. Returns its id.
+pub(crate) fn check_chunk(expected: &str, data: &[u8]) -> Result<Id, FsError> {
+    if data.len() > CHUNK_MAX as usize {
+        return Err(FsError::TooLarge {
+            path: format!("chunk {}", expected.chars().take(64).collect::<String>()),
+            size: data.len() as u64,
+            limit: u64::from(CHUNK_MAX),
+        });
+    }
+    let actual = hex(blake3::hash(data).as_bytes());
+    if actual != expected {
+        return Err(FsError::ChunkMismatch {
+            expected: expected.chars().take(64).collect(),
+            actual,
+        });
+    }
+    Ok(actual)
 }
 
 /// Whether `s` is a well-formed [`Id`]: 64 lowercase hex digits.
@@ -401,7 +424,7 @@ impl Store {
         &self.limits
     }
 
-    fn tmp_path(&self) -> PathBuf {
+    pub(crate) fn tmp_path(&self) -> PathBuf {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         self.root.join("tmp").join(format!(
             "{}.{n}.{}",
@@ -412,7 +435,7 @@ impl Store {
         ))
     }
 
-    fn chunk_path(&self, id: &str) -> PathBuf {
+    pub(crate) fn chunk_path(&self, id: &str) -> PathBuf {
         self.root.join("chunks").join(&id[..2]).join(id)
     }
 
@@ -489,21 +512,20 @@ impl Store {
         expected: &str,
         data: &[u8],
     ) -> Result<(ChunkRef, bool), FsError> {
-        if data.len() > CHUNK_MAX as usize {
-            return Err(FsError::TooLarge {
-                path: format!("chunk {}", expected.chars().take(64).collect::<String>()),
-                size: data.len() as u64,
-                limit: u64::from(CHUNK_MAX),
-            });
-        }
-        let actual = hex(blake3::hash(data).as_bytes());
-        if actual != expected {
-            return Err(FsError::ChunkMismatch {
-                expected: expected.chars().take(64).collect(),
-                actual,
-            });
-        }
-        self.put_chunk_as(&actual, data)
+        let id = check_chunk(expected, data)?;
+        self.put_chunk_as(&id, data)
+    }
+
+    /// A batch of chunks written with a few syncs instead of one per chunk
+    /// ([`crate::batch`]).
+    pub fn chunk_batch(&self) -> crate::batch::ChunkBatch<'_> {
+        crate::batch::ChunkBatch::new(self)
+    }
+
+    /// Makes everything written to the store's filesystem durable (`syncfs`).
+    pub(crate) fn sync_fs(&self) -> Result<(), FsError> {
+        let dir = File::open(&self.root).map_err(|e| FsError::io("open", &self.root, e))?;
+        nix::unistd::syncfs(&dir).map_err(|e| FsError::io("syncfs", &self.root, io::Error::from(e)))
     }
 
     fn put_chunk_as(&self, id: &str, data: &[u8]) -> Result<(ChunkRef, bool), FsError> {
@@ -600,32 +622,6 @@ impl Store {
         Ok((self.tree_from_bytes(id, &bytes)?, bytes))
     }
 
-    /// Chunks the content read from `r` into the store; returns the chunks, the content's
-    /// blake3 and its size, and counts new chunks into `stats`.
-    pub fn put_content(
-        &self,
-        r: impl Read,
-        stats: &mut ImportStats,
-    ) -> Result<(Vec<ChunkRef>, Id, u64), FsError> {
-        let mut whole = blake3::Hasher::new();
-        let mut chunks = vec![];
-        let mut size = 0u64;
-        for c in fastcdc::v2020::StreamCDC::new(r, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
-            let c = c.map_err(|e| FsError::io("read content", "", io::Error::other(e)))?;
-            whole.update(&c.data);
-            let (r, new) = self.put_chunk(&c.data)?;
-            size += c.data.len() as u64;
-            stats.chunks += 1;
-            if new {
-                stats.new_chunks += 1;
-                stats.new_bytes += c.data.len() as u64;
-            }
-            chunks.push(r);
-        }
-        stats.bytes += size;
-        Ok((chunks, hex(whole.finalize().as_bytes()), size))
-    }
-
     /// Holds off [`Store::gc`] while a tree's chunks and then the tree are written.
     pub fn import_guard(&self) -> std::sync::RwLockReadGuard<'_, ()> {
         self.gate.read().unwrap_or_else(|e| e.into_inner())
@@ -636,6 +632,7 @@ impl Store {
         let _import = self.import_guard();
         let snap = crate::snapshot(dir)?;
         let mut stats = ImportStats::default();
+        let mut batch = self.chunk_batch();
         let mut entries = Vec::with_capacity(snap.entries.len());
         for (path, meta) in &snap.entries {
             let full = dir.join(path);
@@ -646,7 +643,7 @@ impl Store {
             };
             if meta.kind == EntryKind::File {
                 let f = File::open(&full).map_err(|e| FsError::io("open", &full, e))?;
-                let (chunks, b3, size) = self.put_content(f, &mut stats)?;
+                let (chunks, b3, size) = batch.put_content(f, &mut stats)?;
                 if size != meta.size {
                     return Err(FsError::SizeMismatch {
                         path: path.clone(),
@@ -659,6 +656,7 @@ impl Store {
             }
             entries.push(e);
         }
+        batch.finish()?;
         stats.entries = entries.len() as u64;
         let tree = Tree {
             version: TREE_VERSION,
@@ -725,7 +723,13 @@ impl Store {
 
     /// Names tree `id` (which must be in the store) `name`, replacing an earlier image of that
     /// name.
-    pub fn tag(&self, name: &str, id: &str, source: &str) -> Result<ImageRecord, FsError> {
+    pub fn tag(
+        &self,
+        name: &str,
+        id: &str,
+        source: &str,
+        config: Option<crate::oci::ImageConfig>,
+    ) -> Result<ImageRecord, FsError> {
         check_image_name(name)?;
         let tree = self.get_tree(id)?;
         let rec = ImageRecord {
@@ -737,6 +741,7 @@ impl Store {
                 .map_or(0, |d| d.as_millis() as u64),
             bytes: tree.bytes(),
             entries: tree.entries.len() as u64,
+            config,
         };
         let bytes = serde_json::to_vec_pretty(&rec)
             .map_err(|e| invalid_tree(format!("image record: {e}")))?;

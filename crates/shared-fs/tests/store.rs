@@ -362,8 +362,8 @@ fn gc_removes_only_what_no_image_or_container_uses() {
     let (ia, _) = store.import_dir(&a).unwrap();
     let (ib, _) = store.import_dir(&b).unwrap();
     let (ic, _) = store.import_dir(&c).unwrap();
-    store.tag("base:1", &ia, "test").unwrap();
-    store.tag("more:1", &ib, "test").unwrap();
+    store.tag("base:1", &ia, "test", None).unwrap();
+    store.tag("more:1", &ib, "test", None).unwrap();
     store.materialize(&ib).unwrap();
     assert_eq!(store.usage().unwrap().chunk_bytes, 700_000);
 
@@ -395,7 +395,7 @@ fn gc_removes_only_what_no_image_or_container_uses() {
     let s = store.gc(&[], &[]).unwrap();
     assert!(!store.has_chunk(&loose.hash), "{s:?}");
     assert!(matches!(
-        store.tag("../evil", &ia, "test").unwrap_err(),
+        store.tag("../evil", &ia, "test", None).unwrap_err(),
         FsError::InvalidImageName { .. }
     ));
 }
@@ -578,7 +578,7 @@ fn an_oci_layout_with_a_whiteout_and_a_hard_link_imports_as_its_tarballs_say() {
         "the materialized layer hashes to the imported tree"
     );
     // Named, listed.
-    store.tag("test:1", &id, "oci").unwrap();
+    store.tag("test:1", &id, "oci", None).unwrap();
     assert_eq!(store.image("test:1").unwrap().tree, id);
 }
 

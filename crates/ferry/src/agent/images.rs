@@ -118,19 +118,19 @@ pub(crate) async fn import(
     let r = req.clone();
     let t = std::time::Instant::now();
     let out = blocking(move || {
-        let (tree, format, stats) = if r.path.is_file() {
+        let (tree, format, stats, config) = if r.path.is_file() {
             let (tree, info) =
                 shared_fs::oci::import_oci_archive(&store, &r.path, r.oci_ref.as_deref())?;
-            (tree, "oci-archive", info.stats)
+            (tree, "oci-archive", info.stats, info.config)
         } else if r.path.join("oci-layout").is_file() {
             let (tree, info) = shared_fs::oci::import_oci(&store, &r.path, r.oci_ref.as_deref())?;
-            (tree, "oci", info.stats)
+            (tree, "oci", info.stats, info.config)
         } else {
             let (tree, stats) = store.import_dir(&r.path)?;
-            (tree, "rootfs", stats)
+            (tree, "rootfs", stats, None)
         };
         let source = format!("{format}:{}", r.path.display());
-        let image = store.tag(&r.name, &tree, &source)?;
+        let image = store.tag(&r.name, &tree, &source, config)?;
         Ok(Imported {
             image,
             format: format.into(),

@@ -1332,7 +1332,7 @@ impl Agent {
                 format!("the base layer of image {:?} (tree {})", img.name, img.tree)
             })?;
             if store.image(&img.name).is_err() {
-                store.tag(&img.name, &img.tree, "migration")?;
+                store.tag(&img.name, &img.tree, "migration", img.config.clone())?;
             }
             Ok(layer)
         })

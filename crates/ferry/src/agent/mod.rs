@@ -708,6 +708,7 @@ impl Agent {
                     Some(orchestrator_shim::api::ImageRef {
                         name: r.name,
                         tree: r.tree,
+                        config: r.config,
                     }),
                     Some(layer),
                 )

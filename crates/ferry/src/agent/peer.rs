@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
 use shared_fs::Diff;
+use tokio::io::AsyncWriteExt;
 use tracing::{debug, warn};
 use transfer::frame::{read_msg, write_msg};
 use transfer::tree::Reads;
 
 use super::Agent;
-use crate::proto::{PeerRequest, PeerResponse, PROTO_VERSION};
+use crate::proto::{PeerRequest, PeerResponse, MIN_PROTO_VERSION, PROTO_VERSION};
 
 /// The buffered receiving side of a request stream.
 pub(crate) type Incoming<'a> = tokio::io::BufReader<&'a mut transfer::RecvStream>;
@@ -208,6 +209,41 @@ async fn handle_stream(
             let _ = send.stopped().await;
             return;
         }
+        Ok(PeerRequest::BaseTree { tree, len }) => {
+            // The ids of the chunks this host lacks follow the answer.
+            let missing = agent.base_tree(tree, len, &mut recv).await;
+            let (resp, ids) = match missing {
+                Ok(ids) => (
+                    PeerResponse::BaseMissing {
+                        count: ids.len() as u64,
+                    },
+                    ids,
+                ),
+                Err(e) => (
+                    PeerResponse::Error {
+                        message: format!("{e:#}"),
+                    },
+                    vec![],
+                ),
+            };
+            let mut w = tokio::io::BufWriter::with_capacity(256 << 10, &mut send);
+            let sent = async {
+                write_msg(&mut w, &resp).await?;
+                transfer::lists::write_hashes(&mut w, &ids).await?;
+                w.flush()
+                    .await
+                    .map_err(|e| transfer::TransferError::Stream {
+                        op: "answering",
+                        source: e,
+                    })
+            };
+            if let Err(e) = sent.await {
+                warn!(%peer, error = %e, "could not answer peer");
+            }
+            let _ = send.finish();
+            let _ = send.stopped().await;
+            return;
+        }
         Ok(req) => {
             debug!(%peer, op = op_name(&req), read_ms = crate::util::ms(t.elapsed()), "peer request read");
             match dispatch(&agent, &peer, conn_id, req, &mut recv).await {
@@ -244,8 +280,8 @@ async fn dispatch(
             memory_bytes,
             pre_copy,
         } => {
-            if version + 1 < PROTO_VERSION || version > PROTO_VERSION {
-                bail!("protocol version {version} not supported here (this agent speaks {PROTO_VERSION})");
+            if !(MIN_PROTO_VERSION..=PROTO_VERSION).contains(&version) {
+                bail!("protocol version {version} not supported here (this agent speaks {MIN_PROTO_VERSION} to {PROTO_VERSION}): run the same Ferry release on both hosts");
             }
             let answer = agent.preflight_incoming(&name).await?;
             agent.check_memory(memory_bytes, pre_copy).await?;
@@ -269,7 +305,7 @@ async fn dispatch(
             // The page store grows only by what this host can hold (a peer may say anything).
             agent.check_memory(memory_bytes, true).await?;
             let r = agent
-                .prepare(peer, conn_id, job.clone(), spec, restore_lazily, recv)
+                .prepare(peer, conn_id, job.clone(), *spec, restore_lazily, recv)
                 .await;
             if r.is_ok() && memory_bytes > 0 {
                 agent.grant_store(&job, memory_bytes).await;
@@ -277,7 +313,8 @@ async fn dispatch(
             r
         }
         PeerRequest::BaseHave { tree } => agent.base_have(tree).await,
-        PeerRequest::BaseTree { tree, len } => agent.base_tree(tree, len, recv).await,
+        // Answered in `handle_stream`: chunk ids follow its frame.
+        PeerRequest::BaseTree { .. } => bail!("BaseTree is answered by handle_stream"),
         PeerRequest::BaseChunks { tree, count } => agent.base_chunks(tree, count, recv).await,
         PeerRequest::Images {
             job,

@@ -176,6 +176,7 @@ pub(crate) fn start(
             frozen_round_trips: 0,
             images_answer: None,
             images_delivered_ms: None,
+            base: None,
             memory: None,
             not_lazy: (req.mode == MigrateMode::PreCopy
                 && req.precopy.as_ref().is_some_and(|p| !p.lazy_restore))
@@ -254,6 +255,8 @@ pub(super) struct Driver {
     pub(super) images_delivered_ms: Option<f64>,
     /// Pre-copy: how memory crossed the freeze, for the report.
     pub(super) memory: Option<migrate_core::MemoryReport>,
+    /// How the image's base layer reached the destination, for the report.
+    pub(super) base: Option<migrate_core::BaseReport>,
     /// Why this pre-copy does not restore lazily.
     pub(super) not_lazy: Option<String>,
 }
@@ -349,6 +352,9 @@ impl Driver {
                     m.set_frozen_round_trips(self.frozen_round_trips);
                     if let Some(ms) = self.images_delivered_ms {
                         m.set_images_delivered_ms(ms);
+                    }
+                    if let Some(b) = self.base.take() {
+                        m.set_base(b);
                     }
                     r.map(|bytes| (bytes, Event::Done { bytes }))
                 }
@@ -566,9 +572,11 @@ impl Driver {
                 // From an image: the destination gets the base's missing chunks first, then
                 // only the container's own layer.
                 let mut base_bytes = 0;
-                if let Some(tree) = self.spec.image.as_ref().map(|i| i.tree.clone()) {
+                if let Some(image) = self.spec.image.clone() {
                     let conn = self.conn().await?;
-                    base_bytes = self.agent.send_base(&conn, &tree).await?;
+                    let base = self.agent.send_base(&conn, &image).await?;
+                    base_bytes = base.bytes_sent;
+                    self.base = Some(base);
                 }
                 let own = l.own_fs(&self.spec);
                 let root = own.clone();
@@ -577,7 +585,7 @@ impl Driver {
                 let full = shared_fs::diff(&Snapshot::default(), &snap);
                 let req = PeerRequest::Prepare {
                     job: job.clone(),
-                    spec: self.spec.clone(),
+                    spec: Box::new(self.spec.clone()),
                     memory_bytes: if self.mode == MigrateMode::PreCopy {
                         self.memory_bytes
                     } else {
