@@ -4,10 +4,11 @@
 set -euo pipefail
 
 CRIU_MIN="4.2"
-# Ferry's patch to CRIU (scripts/criu/lazy-pages-elsewhere.patch); the built binary carries this
-# string. A CRIU without it works too, with longer freezes for large containers.
-CRIU_PATCH="$(cd "$(dirname "$0")" && pwd)/criu/lazy-pages-elsewhere.patch"
-CRIU_PATCH_MARK="ferry-criu-patch-2"
+# Ferry's patches to CRIU (scripts/criu/*.patch); the built binary carries this string. A CRIU
+# without them works too, with longer freezes for large containers, and cannot dump containers
+# of non-root users on hosts that withhold CAP_SYS_RESOURCE.
+CRIU_PATCHES="$(cd "$(dirname "$0")" && pwd)/criu"
+CRIU_PATCH_MARK="ferry-criu-patch-3"
 CRIU_UNPATCHABLE=/var/cache/ferry/criu-patch-does-not-apply
 here="$(cd "$(dirname "$0")/.." && pwd)"
 
@@ -53,10 +54,10 @@ criu_patched() {
 }
 
 if criu_ok && { criu_patched || [ -f "$CRIU_UNPATCHABLE" ]; }; then
-  say "CRIU $(criu --version | awk '/^Version:/ {print $2}') present and 'criu check' passes$(criu_patched && echo ', with Ferry'"'"'s lazy-dump patch')"
+  say "CRIU $(criu --version | awk '/^Version:/ {print $2}') present and 'criu check' passes$(criu_patched && echo ', with Ferry'"'"'s patches')"
 else
   if criu_ok; then
-    say "CRIU present but without Ferry's lazy-dump patch: building a patched one from Debian's sid source"
+    say "CRIU present but without Ferry's current patches: building a patched one from Debian's sid source"
   else
     say "CRIU >= $CRIU_MIN missing or failing 'criu check': building it from Debian's sid source"
   fi
@@ -93,11 +94,15 @@ SRC
   say "building CRIU $ver (about a minute on 2 cores)"
   tar xf "$orig"
   cd "criu-$ver"
-  if patch -p1 --forward -s < "$CRIU_PATCH" >patch.log 2>&1; then
-    say "applied Ferry's lazy-dump patch (scripts/criu/lazy-pages-elsewhere.patch)"
+  applied=yes
+  for p in "$CRIU_PATCHES"/*.patch; do
+    patch -p1 --forward -s < "$p" >patch.log 2>&1 || { applied="$(basename "$p")"; break; }
+  done
+  if [ "$applied" = yes ]; then
+    say "applied Ferry's patches ($(cd "$CRIU_PATCHES" && echo *.patch))"
     rm -f "$CRIU_UNPATCHABLE"
   else
-    say "warning: Ferry's lazy-dump patch does not apply to CRIU $ver ($(tail -n 1 patch.log)): building it unpatched; lazy dumps then take about 70 ms longer per GiB of memory"
+    say "warning: Ferry's patch $applied does not apply to CRIU $ver ($(tail -n 1 patch.log)): building it unpatched; lazy dumps then take about 70 ms longer per GiB of memory, and containers of non-root users cannot be dumped on hosts without CAP_SYS_RESOURCE"
     mkdir -p "$(dirname "$CRIU_UNPATCHABLE")"; echo "$ver" > "$CRIU_UNPATCHABLE"
     cd "$work" && rm -rf "criu-$ver" && tar xf "$orig" && cd "criu-$ver"
   fi

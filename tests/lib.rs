@@ -717,3 +717,43 @@ pub fn processes_with(needle: &str) -> Vec<i32> {
     }
     out
 }
+
+// --- OCI image layouts built in tests --------------------------------------------------------
+
+/// The sha256 of `path`, hex.
+pub fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Moves `file` into `layout`'s blobs; returns its descriptor.
+pub fn blob(layout: &Path, file: &Path, media_type: &str) -> Value {
+    let hex = sha256(file);
+    let size = std::fs::metadata(file).unwrap().len();
+    std::fs::rename(file, layout.join("blobs/sha256").join(&hex)).unwrap();
+    serde_json::json!({"mediaType": media_type, "digest": format!("sha256:{hex}"), "size": size})
+}
+
+/// Writes `v` as a blob of `layout`; returns its descriptor.
+pub fn write_json_blob(layout: &Path, v: &Value, media_type: &str) -> Value {
+    let tmp = layout.join("tmp.json");
+    std::fs::write(&tmp, serde_json::to_vec(v).unwrap()).unwrap();
+    blob(layout, &tmp, media_type)
+}
+
+/// Packs `dir` into the tar archive `out` (gzip or not), numeric owners.
+pub fn tar(dir: &Path, out: &Path, gzip: bool) {
+    let status = Command::new("tar")
+        .args(["--numeric-owner", "-C"])
+        .arg(dir)
+        .arg(if gzip { "-czf" } else { "-cf" })
+        .arg(out)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+}

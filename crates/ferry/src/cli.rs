@@ -134,16 +134,44 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             name,
             ip,
             image,
+            env,
+            workdir,
+            user,
+            entrypoint,
+            cap_add,
+            cap_drop,
+            memory,
+            cpus,
             cmd,
         } => {
             let lab = Lab::load(&dir)?;
             let c = lab.client(&on)?;
+            // `--env KEY` takes KEY's value here, as `docker run` does (unset: left out).
+            let env = env
+                .into_iter()
+                .filter_map(|e| match e.contains('=') {
+                    true => Some(e),
+                    false => std::env::var(&e).ok().map(|v| format!("{e}={v}")),
+                })
+                .collect();
+            let entrypoint = entrypoint.map(|e| match e.is_empty() {
+                true => vec![],
+                false => vec![e],
+            });
             let info = c
                 .create(&CreateContainer {
                     name,
                     ip,
                     args: cmd,
                     image,
+                    entrypoint,
+                    env,
+                    workdir,
+                    user,
+                    cap_add,
+                    cap_drop,
+                    memory_bytes: memory,
+                    cpus,
                 })
                 .await?;
             println!(

@@ -134,7 +134,7 @@ pub async fn start_workload(
             name: name.into(),
             ip: None,
             args,
-            image: None,
+            ..CreateContainer::default()
         })
         .await?;
     wait_echo(lab, info.spec.ip, ready).await?;
@@ -236,6 +236,8 @@ impl Baseline {
             prefix_len: 24,
             args,
             image: None,
+            process: Default::default(),
+            resources: Default::default(),
         };
         let b = Baseline {
             spec,

@@ -15,6 +15,7 @@ mod goodput;
 mod lab;
 mod netns;
 mod probe;
+mod process;
 mod proto;
 mod runtime;
 mod throttle;
@@ -64,11 +65,37 @@ enum Cmd {
         #[arg(long)]
         ip: Option<std::net::Ipv4Addr>,
         /// Run from this image of the host's store: an overlay root whose base is shared by
-        /// every container using the image (`ferry image import`).
+        /// every container using the image (`ferry image import`). Without a command, the
+        /// image's entrypoint and command run, with its environment, directory and user.
         #[arg(long)]
         image: Option<String>,
-        /// Command and arguments.
-        #[arg(last = true, required = true)]
+        /// Environment variable `KEY=VALUE` (or `KEY`: its value here), over the image's;
+        /// repeat for more.
+        #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Working directory (default: the image's, else /).
+        #[arg(long, short = 'w')]
+        workdir: Option<String>,
+        /// User: name, uid, name:group or uid:gid (default: the image's, else root).
+        #[arg(long, short = 'u')]
+        user: Option<String>,
+        /// Replaces the image's entrypoint (and drops its command); "" clears it.
+        #[arg(long)]
+        entrypoint: Option<String>,
+        /// Capability added to Docker's default set (NET_ADMIN, SYS_PTRACE, ALL); repeat for more.
+        #[arg(long = "cap-add", value_name = "CAP")]
+        cap_add: Vec<String>,
+        /// Capability removed from it (NET_RAW, ALL); repeat for more.
+        #[arg(long = "cap-drop", value_name = "CAP")]
+        cap_drop: Vec<String>,
+        /// Memory limit: bytes, or with a unit (512m, 2g).
+        #[arg(long, short = 'm', value_parser = parse_size)]
+        memory: Option<u64>,
+        /// CPU limit in cores (1.5).
+        #[arg(long)]
+        cpus: Option<f64>,
+        /// Command and arguments (default: the image's).
+        #[arg(last = true)]
         cmd: Vec<String>,
     },
     /// The hosts' image stores: import, list, remove, collect.
@@ -394,6 +421,25 @@ enum LabCmd {
     },
 }
 
+/// A size in bytes: a number with an optional unit `b`, `k`, `m`, `g` (powers of 1024, as
+/// `docker run --memory`).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let (num, mult) = match t.trim_end_matches('b').chars().last() {
+        Some('k') => (&t[..t.find('k').unwrap_or(t.len())], 1u64 << 10),
+        Some('m') => (&t[..t.find('m').unwrap_or(t.len())], 1 << 20),
+        Some('g') => (&t[..t.find('g').unwrap_or(t.len())], 1 << 30),
+        _ => (t.trim_end_matches('b'), 1),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (512m, 2g, 1048576)"))?;
+    if !(n.is_finite() && n > 0.0) || n * mult as f64 > u64::MAX as f64 / 2.0 {
+        return Err(format!("{s:?} is not a size (512m, 2g, 1048576)"));
+    }
+    Ok((n * mult as f64).round() as u64)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = cli
@@ -416,6 +462,23 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_parse_as_docker_reads_them() {
+        use super::parse_size;
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("2GB"), Ok(2 << 30));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("1.5g"), Ok(3 << 29));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        for bad in ["", "m", "-1m", "lots", "1t"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
         }
     }
 }

@@ -919,6 +919,9 @@ pub fn delete_netns(l: &Layout) {
     run_quiet("ip", ["netns", "del", l.netns.as_str()]);
 }
 
+/// CFS period of a container's CPU limit, µs (Docker's).
+pub const CPU_PERIOD_US: u64 = 100_000;
+
 /// Writes the OCI config for this host.
 /// `criu_base`: CRIU options for this container, written with the mounts a dump leaves to the
 /// restore's host ([`criu_conf_text`]) to its own configuration file, which runc hands to
@@ -940,7 +943,23 @@ pub fn write_config(
         None => None,
     };
     let criu_conf = criu_conf.as_deref();
-    let caps = json!(["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]);
+    let p = &spec.process;
+    let caps = &p.capabilities;
+    let mut env = p.env.clone();
+    env.push(format!("FERRY_CONTAINER={}", spec.name));
+    // Docker 25+'s open-file limits: a soft limit that programs closing every descriptor can
+    // walk, a hard one that lets servers raise it (no higher than the agent's own, which the
+    // container's init cannot exceed without CAP_SYS_RESOURCE).
+    let nofile_hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(_, hard)| hard.min(524_288))
+        .max(1024);
+    let mut resources = json!({"devices": [{"allow": false, "access": "rwm"}]});
+    if let Some(m) = spec.resources.memory_bytes {
+        resources["memory"] = json!({"limit": m});
+    }
+    if let Some(c) = spec.resources.cpu_millis {
+        resources["cpu"] = json!({"quota": c * CPU_PERIOD_US / 1000, "period": CPU_PERIOD_US});
+    }
     let mut annotations = serde_json::Map::new();
     if let Some(c) = criu_conf {
         annotations.insert("org.criu.config".into(), json!(c));
@@ -971,20 +990,22 @@ pub fn write_config(
         "annotations": annotations,
         "process": {
             "terminal": false,
-            "user": {"uid": 0, "gid": 0},
+            "user": {"uid": p.uid, "gid": p.gid, "additionalGids": p.additional_gids},
             "args": spec.args,
-            "env": ["PATH=/bin:/usr/bin", "HOME=/", format!("FERRY_CONTAINER={}", spec.name)],
-            "cwd": "/",
-            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps, "ambient": caps},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-            "noNewPrivileges": true
+            "env": env,
+            "cwd": p.cwd,
+            // As Docker: the set bounds every process; a non-root user's programs get none
+            // of it unless a file grants them (no ambient set).
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile_hard, "soft": 1024}],
+            "noNewPrivileges": false
         },
         "root": {"path": "rootfs", "readonly": false},
         "hostname": spec.name,
         "mounts": mounts,
         "linux": {
             "cgroupsPath": cgroup_path(host, &spec.name),
-            "resources": {"devices": [{"allow": false, "access": "rwm"}]},
+            "resources": resources,
             "namespaces": [
                 {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
                 {"type": "network", "path": l.netns_path()}

@@ -53,6 +53,9 @@ pub struct CpuThrottle {
     applied: bool,
     /// Cores used before the first step: every step is a share of this.
     base_cores: Option<f64>,
+    /// The container's own limit, `(quota, period)` as found (`--cpus`; quota -1: none),
+    /// put back when the throttle is lifted.
+    own: (i64, u64),
 }
 
 impl CpuThrottle {
@@ -77,6 +80,14 @@ impl CpuThrottle {
         };
         let usage = acct.join("cpuacct.usage");
         let last_usage_ns = read_u64(&usage)?;
+        let quota = std::fs::read_to_string(cpu.join("cpu.cfs_quota_us"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .unwrap_or(-1);
+        let own = (
+            quota,
+            read_u64(&cpu.join("cpu.cfs_period_us")).unwrap_or(100_000),
+        );
         Ok(CpuThrottle {
             cpu,
             usage,
@@ -84,6 +95,7 @@ impl CpuThrottle {
             last_at: Instant::now(),
             applied: false,
             base_cores: None,
+            own,
         })
     }
 
@@ -130,11 +142,17 @@ impl CpuThrottle {
         self.applied
     }
 
-    /// Removes the quota.
+    /// Puts the container's own quota back (none, or its `--cpus` limit).
     pub fn lift(&mut self) -> Result<()> {
+        let (quota, period) = self.own;
+        // Unlimited first, so that no step in between allows less than the container's own.
         std::fs::write(self.cpu.join("cpu.cfs_quota_us"), "-1")
             .with_context(|| format!("lifting the CPU quota of {}", self.cpu.display()))?;
-        let _ = write(&self.cpu.join("cpu.cfs_period_us"), 100_000);
+        let _ = write(&self.cpu.join("cpu.cfs_period_us"), period);
+        if quota > 0 {
+            std::fs::write(self.cpu.join("cpu.cfs_quota_us"), quota.to_string())
+                .with_context(|| format!("restoring the CPU limit of {}", self.cpu.display()))?;
+        }
         self.applied = false;
         self.base_cores = None;
         Ok(())

@@ -25,6 +25,77 @@ pub struct ContainerSpec {
     /// own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<ImageRef>,
+    /// How its process runs (environment, directory, user, capabilities), resolved at
+    /// creation from the request and the image's config.
+    #[serde(default)]
+    pub process: ProcessSpec,
+    /// Its memory and CPU limits.
+    #[serde(default)]
+    pub resources: Resources,
+}
+
+/// Docker's default `PATH`.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Docker's default capability set.
+pub const DEFAULT_CAPS: [&str; 14] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_RAW",
+    "CAP_SYS_CHROOT",
+    "CAP_MKNOD",
+    "CAP_AUDIT_WRITE",
+    "CAP_SETFCAP",
+];
+
+/// How a container's process runs. A spec saved before these fields existed reads as root in
+/// `/` with `PATH` and `HOME` set and Docker's capabilities.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessSpec {
+    /// Environment, `KEY=VALUE` each.
+    pub env: Vec<String>,
+    /// Working directory (absolute).
+    pub cwd: String,
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// Supplementary groups.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub additional_gids: Vec<u32>,
+    /// Capabilities (bounding, effective and permitted sets), `CAP_` names.
+    pub capabilities: Vec<String>,
+}
+
+impl Default for ProcessSpec {
+    fn default() -> Self {
+        ProcessSpec {
+            env: vec![format!("PATH={DEFAULT_PATH}"), "HOME=/".into()],
+            cwd: "/".into(),
+            uid: 0,
+            gid: 0,
+            additional_gids: vec![],
+            capabilities: DEFAULT_CAPS.iter().map(|c| c.to_string()).collect(),
+        }
+    }
+}
+
+/// A container's limits (none: unlimited).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// Memory limit, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// CPU limit, thousandths of a core (1500: one and a half cores).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_millis: Option<u64>,
 }
 
 /// The image a container runs from: its root filesystem is an overlay whose read-only lower
@@ -43,19 +114,44 @@ pub struct ImageRef {
 }
 
 /// `POST /v1/containers`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CreateContainer {
     /// Unique name (letters, digits, `-`, `_`; at most 32).
     pub name: String,
     /// Overlay address; allocated by the agent when absent.
     #[serde(default)]
     pub ip: Option<Ipv4Addr>,
-    /// Command and arguments.
+    /// Command and arguments (empty: the image's, after its entrypoint).
+    #[serde(default)]
     pub args: Vec<String>,
     /// Run from this image of the host's store (`ferry image ls`); none: a root filesystem
     /// with Ferry's workload binary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Replaces the image's entrypoint (and drops its command); `[]` clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// `KEY=VALUE` each, over the image's environment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// Working directory (default: the image's, else `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// `user`, `uid`, `user:group` or `uid:gid` (default: the image's, else root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Capabilities added to Docker's default set (`NET_ADMIN`, `CAP_SYS_PTRACE`, `ALL`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_add: Vec<String>,
+    /// Capabilities removed from it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_drop: Vec<String>,
+    /// Memory limit, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// CPU limit, cores (`1.5`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
 }
 
 /// A container as listed by `GET /v1/containers`.

@@ -216,7 +216,7 @@ async fn create(
     State(a): State<Arc<Agent>>,
     Json(req): Json<CreateContainer>,
 ) -> ApiResult<(StatusCode, Json<ContainerInfo>)> {
-    let info = a.create(&req.name, req.ip, req.args, req.image).await?;
+    let info = a.create(req).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 

@@ -25,7 +25,9 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use migrate_core::{Report, State};
-use orchestrator_shim::api::{ContainerInfo, ContainerSpec, JobEvent, JobEventKind, JobInfo};
+use orchestrator_shim::api::{
+    ContainerInfo, ContainerSpec, CreateContainer, JobEvent, JobEventKind, JobInfo,
+};
 use orchestrator_shim::sdn::{Fdb, Mac};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, Notify};
@@ -615,14 +617,9 @@ impl Agent {
     }
 
     /// Creates and starts a container here.
-    async fn create(
-        &self,
-        name: &str,
-        ip: Option<Ipv4Addr>,
-        args: Vec<String>,
-        image: Option<String>,
-    ) -> Result<ContainerInfo, http::ApiFailure> {
+    async fn create(&self, req: CreateContainer) -> Result<ContainerInfo, http::ApiFailure> {
         use http::ApiFailure as F;
+        let (name, ip) = (req.name.as_str(), req.ip);
         if !self.cfg.runs_containers {
             return Err(F::bad_request(format!(
                 "host {} does not run containers (it is the lab's client host)",
@@ -634,11 +631,25 @@ impl Agent {
                 "invalid container name {name:?}: use 1-32 letters, digits, '-' or '_'"
             )));
         }
-        if args.is_empty() {
-            return Err(F::bad_request(
-                "no command given: ferry run ... -- CMD ARGS".into(),
-            ));
+        let preq = crate::process::Request {
+            args: req.args.clone(),
+            entrypoint: req.entrypoint.clone(),
+            env: req.env.clone(),
+            workdir: req.workdir.clone(),
+            user: req.user.clone(),
+            cap_add: req.cap_add.clone(),
+            cap_drop: req.cap_drop.clone(),
+            memory_bytes: req.memory_bytes,
+            cpus: req.cpus,
+        };
+        // What can be checked without the image's root: before anything is reserved.
+        if req.image.is_none() {
+            crate::process::command(&preq, None).map_err(F::bad_request)?;
         }
+        crate::process::capabilities(&preq.cap_add, &preq.cap_drop).map_err(F::bad_request)?;
+        crate::process::workdir(&preq, None).map_err(F::bad_request)?;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let resources = crate::process::resources(&preq, cpus).map_err(F::bad_request)?;
         let all = self
             .list_everywhere()
             .await
@@ -679,7 +690,9 @@ impl Agent {
             creating.push((name.to_string(), ip));
             ip
         };
-        let r = self.create_reserved(name, ip, args, image).await;
+        let r = self
+            .create_reserved(name, ip, preq, resources, req.image)
+            .await;
         lock(&self.creating).retain(|(n, _)| n != name);
         r
     }
@@ -688,7 +701,8 @@ impl Agent {
         &self,
         name: &str,
         ip: Ipv4Addr,
-        args: Vec<String>,
+        preq: crate::process::Request,
+        resources: orchestrator_shim::api::Resources,
         image: Option<String>,
     ) -> Result<ContainerInfo, http::ApiFailure> {
         use http::ApiFailure as F;
@@ -715,13 +729,15 @@ impl Agent {
             }
             None => (None, None),
         };
-        let spec = ContainerSpec {
+        let mut spec = ContainerSpec {
             name: name.to_string(),
             ip,
             mac: orchestrator_shim::api::mac_for_ip(ip),
             prefix_len: self.cfg.overlay_prefix_len,
-            args,
+            args: vec![],
             image,
+            process: Default::default(),
+            resources,
         };
         let l = self.layout(name);
         let (runc, workload, host, bridge, conf) = (
@@ -732,7 +748,9 @@ impl Agent {
             CRIU_CONF,
         );
         let (n, s) = (name.to_string(), spec.clone());
-        let r = tokio::task::spawn_blocking(move || -> Result<()> {
+        // Ok(Err(why)): the request cannot run on this root (a user the image lacks, say).
+        let r = tokio::task::spawn_blocking(move || -> Result<Result<ContainerSpec, String>> {
+            let mut s = s;
             let r = (|| {
                 // Runc knows no container of this name (checked above): anything in its
                 // cgroup is left over from one that did not end cleanly.
@@ -742,12 +760,18 @@ impl Agent {
                     Some(layer) => crate::runtime::mount_overlay_rootfs(&l, layer)?,
                     None => crate::runtime::build_rootfs(&l.rootfs(), &workload)?,
                 }
+                let config = s.image.as_ref().and_then(|i| i.config.as_ref());
+                match crate::process::resolve(&preq, config, &n, &l.rootfs()) {
+                    Ok((args, process)) => (s.args, s.process) = (args, process),
+                    Err(why) => return Ok(Err(why)),
+                }
                 crate::runtime::make_mount_points(&l.rootfs())?;
                 crate::runtime::write_config(&l, &s, &host, Some(conf))?;
                 crate::runtime::create_netns(&l, &s, &bridge)?;
-                runc.start(&n, &l.bundle)
+                runc.start(&n, &l.bundle)?;
+                Ok(Ok(s))
             })();
-            if r.is_err() {
+            if !matches!(r, Ok(Ok(_))) {
                 runc.delete_force(&n);
                 crate::runtime::delete_netns(&l);
                 crate::runtime::remove_bundle(&l);
@@ -756,8 +780,10 @@ impl Agent {
         })
         .await
         .map_err(|e| F::internal(e.to_string()))?;
-        if let Err(e) = r {
-            return Err(F::internal(format!("{e:#}")));
+        match r {
+            Ok(Ok(s)) => spec = s,
+            Ok(Err(why)) => return Err(F::bad_request(why)),
+            Err(e) => return Err(F::internal(format!("{e:#}"))),
         }
         let rec = ContainerRecord {
             spec: spec.clone(),

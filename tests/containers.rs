@@ -1,0 +1,465 @@
+//! Containers as users run them elsewhere, end to end: an image runs as its author meant
+//! (entrypoint, command, environment, directory, user) unless `ferry run` says otherwise, and
+//! Docker's capabilities, memory and CPU limits, environment and `/dev/shm` hold on every host
+//! a container migrates to.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use ferry_tests::*;
+use serde_json::Value;
+
+/// A fresh directory under the lab's directory (removed with the lab).
+fn scratch(name: &str) -> PathBuf {
+    let p = PathBuf::from(format!("{LAB_DIR}/test-{name}"));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+/// The container's first process, as `ferry ps` reports it.
+fn pid_of(lab: &Lab, name: &str) -> i32 {
+    lab.container(name).expect("listed")["pid"]
+        .as_i64()
+        .expect("pid") as i32
+}
+
+fn status_field(pid: i32, field: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+fn environ(pid: i32) -> Vec<String> {
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap())
+        .split('\0')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn cmdline(pid: i32) -> Vec<String> {
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+        .split('\0')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn cwd(pid: i32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/cwd"))
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// An HTTP GET of `path` from the client host.
+fn http_get(ip: &str, path: &str) -> String {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "ferry-client",
+            "timeout",
+            "10",
+            "bash",
+            "-c",
+        ])
+        .arg(format!(
+            "exec 3<>/dev/tcp/{ip}/7000 && printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3"
+        ))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Downloads Debian's `pkg` (the version this machine's apt knows) into `dir`; returns the
+/// `.deb`.
+fn debian_package(dir: &Path, pkg: &str) -> PathBuf {
+    let out = Command::new("apt-get")
+        .args(["download", "-q", pkg])
+        .current_dir(dir)
+        .output()
+        .expect("apt-get");
+    assert!(
+        out.status.success(),
+        "apt-get download {pkg} failed (the test builds its image from Debian's packages and \
+         needs Debian's mirror): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{pkg}_")))
+        })
+        .expect("the downloaded .deb")
+}
+
+/// An OCI archive of busybox from Debian's `busybox-static` package, with accounts, a web
+/// root and a config that serves it with `busybox httpd` as user `app` from `/srv/www`.
+fn busybox_image(work: &Path) -> PathBuf {
+    let deb = debian_package(work, "busybox-static");
+    let root = work.join("root");
+    let st = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(st.success(), "dpkg-deb -x {}", deb.display());
+    assert!(root.join("bin/busybox").is_file(), "busybox in the package");
+    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
+    for d in ["etc", "srv/www", "home/app", "tmp", "proc", "sys", "dev"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1234:1234:app:/home/app:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("etc/group"),
+        "root:x:0:\napp:x:1234:\nweb:x:2345:app\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("srv/www/index.html"),
+        "served as its author meant\n",
+    )
+    .unwrap();
+
+    let layout = work.join("layout");
+    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    tar(&root, &work.join("layer.tar.gz"), true);
+    let layer = blob(
+        &layout,
+        &work.join("layer.tar.gz"),
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+    );
+    let config = write_json_blob(
+        &layout,
+        &serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "config": {
+                "Entrypoint": ["/bin/busybox"],
+                "Cmd": ["httpd", "-f", "-p", "7000", "-h", "/srv/www"],
+                "Env": ["PATH=/bin", "GREETING=hello"],
+                "WorkingDir": "/srv/www",
+                "User": "app",
+                "ExposedPorts": {"7000/tcp": {}}
+            },
+            "rootfs": {"type": "layers", "diff_ids": []}
+        }),
+        "application/vnd.oci.image.config.v1+json",
+    );
+    let mut manifest = write_json_blob(
+        &layout,
+        &serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": config, "layers": [layer]}),
+        "application/vnd.oci.image.manifest.v1+json",
+    );
+    manifest["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": "web:1"});
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [manifest]}))
+            .unwrap(),
+    )
+    .unwrap();
+    let archive = work.join("web.tar");
+    tar(&layout, &archive, false);
+    archive
+}
+
+#[test]
+fn an_oci_archive_from_debian_packages_runs_as_its_author_meant_unless_told_otherwise() {
+    let lab = Lab::up();
+    let work = scratch("deb-image");
+    let archive = busybox_image(&work);
+    ferry_ok(&[
+        "image",
+        "import",
+        "--on",
+        "h1",
+        "--name",
+        "web:1",
+        archive.to_str().unwrap(),
+    ]);
+    let listed: Value =
+        serde_json::from_str(&ferry_ok(&["image", "ls", "--on", "h1", "--json"])).unwrap();
+    let config = &listed[0]["images"][0]["config"];
+    assert_eq!(
+        config["entrypoint"],
+        serde_json::json!(["/bin/busybox"]),
+        "{listed}"
+    );
+    assert_eq!(config["user"], "app", "{listed}");
+
+    // No command: the image's entrypoint and command, environment, directory and user.
+    ferry_ok(&["run", "--on", "h1", "--name", "web", "--image", "web:1"]);
+    let ip = lab.container("web").unwrap()["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_port(&ip);
+    let check_web = |pid: i32, host: &str| {
+        assert_eq!(
+            cmdline(pid),
+            [
+                "/bin/busybox",
+                "httpd",
+                "-f",
+                "-p",
+                "7000",
+                "-h",
+                "/srv/www"
+            ],
+            "on {host}"
+        );
+        assert_eq!(
+            status_field(pid, "Uid").split_whitespace().next(),
+            Some("1234")
+        );
+        assert_eq!(
+            status_field(pid, "Gid").split_whitespace().next(),
+            Some("1234")
+        );
+        assert_eq!(
+            status_field(pid, "Groups"),
+            "2345",
+            "supplementary group from /etc/group"
+        );
+        assert_eq!(cwd(pid), "/srv/www", "on {host}");
+        let env = environ(pid);
+        for want in [
+            "PATH=/bin",
+            "GREETING=hello",
+            "HOME=/home/app",
+            "HOSTNAME=web",
+        ] {
+            assert!(
+                env.iter().any(|e| e == want),
+                "{want} missing on {host}: {env:?}"
+            );
+        }
+        assert!(http_get(&ip, "/index.html").contains("served as its author meant"));
+    };
+    check_web(pid_of(&lab, "web"), "h1");
+
+    // It moves with all of it, and h2 learns the image's config with its base.
+    let (code, r) = migrate_json("web", "h2", &[], Duration::from_secs(120));
+    assert_eq!(code, 0, "{r}");
+    check_web(pid_of(&lab, "web"), "h2");
+    let (code, r) = migrate_json("web", "h1", &["--pre-copy"], Duration::from_secs(120));
+    assert_eq!(code, 0, "{r}");
+    check_web(pid_of(&lab, "web"), "h1 again");
+    let on_h2: Value =
+        serde_json::from_str(&ferry_ok(&["image", "ls", "--on", "h2", "--json"])).unwrap();
+    assert_eq!(on_h2[0]["images"][0]["config"], *config, "{on_h2}");
+
+    // Flags override the image as `docker run`'s do: the command follows the entrypoint.
+    ferry_ok(&[
+        "run",
+        "--on",
+        "h2",
+        "--name",
+        "ovr",
+        "--image",
+        "web:1",
+        "--env",
+        "GREETING=bye",
+        "--env",
+        "EXTRA=1",
+        "--workdir",
+        "/tmp",
+        "--user",
+        "0",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    let pid = pid_of(&lab, "ovr");
+    assert_eq!(cmdline(pid), ["/bin/busybox", "sleep", "1000"]);
+    assert_eq!(
+        status_field(pid, "Uid").split_whitespace().next(),
+        Some("0")
+    );
+    assert_eq!(cwd(pid), "/tmp");
+    let env = environ(pid);
+    assert!(env.iter().any(|e| e == "GREETING=bye"), "{env:?}");
+    assert!(env.iter().any(|e| e == "EXTRA=1"), "{env:?}");
+    assert!(
+        env.iter().any(|e| e == "HOME=/root"),
+        "root's home: {env:?}"
+    );
+    ferry_ok(&[
+        "run",
+        "--on",
+        "h2",
+        "--name",
+        "ep",
+        "--image",
+        "web:1",
+        "--entrypoint",
+        "/bin/busybox",
+        "--user",
+        "app:web",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    let pid = pid_of(&lab, "ep");
+    assert_eq!(
+        cmdline(pid),
+        ["/bin/busybox", "sleep", "1000"],
+        "--entrypoint drops Cmd"
+    );
+    assert_eq!(
+        status_field(pid, "Gid").split_whitespace().next(),
+        Some("2345")
+    );
+
+    // What the image cannot run is refused, naming the problem; nothing is left behind.
+    let out = ferry(&[
+        "run", "--on", "h1", "--name", "bad", "--image", "web:1", "--user", "nobody",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("\"nobody\" is not in the image's /etc/passwd"),
+        "{err}"
+    );
+    assert!(lab.container("bad").is_none());
+    assert_clean_host("h1", "bad");
+}
+
+/// Docker's default bounding set (CHOWN, DAC_OVERRIDE, FOWNER, FSETID, KILL, SETGID, SETUID,
+/// SETPCAP, NET_BIND_SERVICE, NET_RAW, SYS_CHROOT, MKNOD, AUDIT_WRITE, SETFCAP).
+const DOCKER_CAPS: u64 = 0xa804_25fb;
+const CAP_NET_RAW: u64 = 1 << 13;
+const CAP_SYS_PTRACE: u64 = 1 << 19;
+
+fn cap_bnd(pid: i32) -> u64 {
+    u64::from_str_radix(&status_field(pid, "CapBnd"), 16).unwrap()
+}
+
+/// The cgroup v1 file `file` of controller `ctrl` for the container on `host`.
+fn cgroup_file(host: &str, name: &str, ctrl: &str, file: &str) -> String {
+    let p = format!("/sys/fs/cgroup/{ctrl}/ferry/{host}/{name}/{file}");
+    std::fs::read_to_string(&p)
+        .unwrap_or_else(|e| panic!("{p}: {e}"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn capabilities_limits_environment_and_shm_are_dockers_and_move_with_the_container() {
+    let lab = Lab::up();
+    let plain = lab.run_echo("h1", "plain");
+    ferry_ok(&[
+        "run",
+        "--on",
+        "h1",
+        "--name",
+        "tuned",
+        "--cap-add",
+        "sys_ptrace",
+        "--cap-drop",
+        "NET_RAW",
+        "--memory",
+        "192m",
+        "--cpus",
+        "0.5",
+        "--env",
+        "MODE=tuned",
+        "--",
+        "/bin/ferry-workload",
+        "echo",
+        "--port",
+        "7000",
+    ]);
+    let tuned = lab.container("tuned").unwrap();
+    wait_port(tuned["ip"].as_str().unwrap());
+
+    let check = |host: &str| {
+        let p = pid_of(&lab, "plain");
+        assert_eq!(cap_bnd(p), DOCKER_CAPS, "Docker's default set on {host}");
+        assert_eq!(
+            u64::from_str_radix(&status_field(p, "CapEff"), 16).unwrap(),
+            DOCKER_CAPS,
+            "root's effective set on {host}"
+        );
+        let t = pid_of(&lab, "tuned");
+        let bnd = cap_bnd(t);
+        assert_eq!(bnd & CAP_NET_RAW, 0, "NET_RAW dropped on {host}");
+        assert_ne!(bnd & CAP_SYS_PTRACE, 0, "SYS_PTRACE added on {host}");
+        assert_eq!(bnd | CAP_NET_RAW, DOCKER_CAPS | CAP_SYS_PTRACE);
+        assert_eq!(
+            cgroup_file(host, "tuned", "memory", "memory.limit_in_bytes"),
+            (192u64 << 20).to_string(),
+            "memory limit on {host}"
+        );
+        assert_eq!(
+            cgroup_file(host, "tuned", "cpu", "cpu.cfs_quota_us"),
+            "50000"
+        );
+        assert_eq!(
+            cgroup_file(host, "tuned", "cpu", "cpu.cfs_period_us"),
+            "100000"
+        );
+        assert_eq!(cgroup_file(host, "plain", "cpu", "cpu.cfs_quota_us"), "-1");
+        assert!(environ(t).iter().any(|e| e == "MODE=tuned"), "on {host}");
+        // /dev/shm: a tmpfs of Docker's 64 MiB.
+        let out = Command::new("stat")
+            .args(["-f", "-c", "%T %b %S"])
+            .arg(format!("/proc/{t}/root/dev/shm"))
+            .output()
+            .unwrap();
+        let s = String::from_utf8_lossy(&out.stdout);
+        let f: Vec<&str> = s.split_whitespace().collect();
+        assert_eq!(f[0], "tmpfs", "{s}");
+        let bytes = f[1].parse::<u64>().unwrap() * f[2].parse::<u64>().unwrap();
+        assert_eq!(bytes, 64 << 20, "/dev/shm size on {host}");
+    };
+    check("h1");
+    for (to, extra) in [("h2", vec![]), ("h1", vec!["--pre-copy"])] {
+        for name in ["plain", "tuned"] {
+            let (code, r) = migrate_json(name, to, &extra, Duration::from_secs(120));
+            assert_eq!(code, 0, "{name} -> {to} {extra:?}: {r}");
+            assert_runs_on(&lab, to, name);
+        }
+        check(to);
+    }
+    assert_eq!(ask_workload(plain["ip"].as_str().unwrap(), "hi"), "1 hi");
+    assert_eq!(ask_workload(tuned["ip"].as_str().unwrap(), "hi"), "1 hi");
+
+    // Options that cannot hold are refused before anything is made.
+    for (args, want) in [
+        (vec!["--cap-add", "CAP_FLY"], "unknown capability"),
+        (vec!["--memory", "1m"], "below the 6 MiB"),
+        (vec!["--cpus", "64"], "this host has"),
+        (vec!["--env", "=x"], "empty key"),
+        (vec!["--workdir", "relative"], "absolute path"),
+    ] {
+        let mut cmd = vec!["run", "--on", "h2", "--name", "refused"];
+        cmd.extend(&args);
+        cmd.extend(["--", "/bin/ferry-workload", "echo", "--port", "7000"]);
+        let out = ferry(&cmd);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(lab.container("refused").is_none());
+}
