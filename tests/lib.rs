@@ -213,6 +213,11 @@ pub struct Probe {
 impl Probe {
     /// Starts probing `ip:7000` every 5 ms.
     pub fn start(ip: &str, tag: &str) -> Probe {
+        Probe::start_at(&format!("{ip}:7000"), tag)
+    }
+
+    /// Starts probing the echo server at `target` (`ADDR:PORT`, `[V6]:PORT`) every 5 ms.
+    pub fn start_at(target: &str, tag: &str) -> Probe {
         let stop = PathBuf::from(format!("{LAB_DIR}/test-probe-{tag}.stop"));
         let _ = std::fs::remove_file(&stop);
         let child = Command::new("ip")
@@ -221,7 +226,7 @@ impl Probe {
             .args([
                 "probe",
                 "--target",
-                &format!("{ip}:7000"),
+                target,
                 "--interval-ms",
                 "5",
                 "--stop-file",
@@ -339,20 +344,26 @@ pub fn assert_runs_on(lab: &Lab, host: &str, name: &str) {
     assert!(rules.is_empty(), "iptables rules left in {ns}: {rules:?}");
 }
 
-/// Every iptables rule (not policies) in namespace `ns`, all tables.
+/// Every iptables and ip6tables rule (not policies) in namespace `ns`, all tables, except the
+/// container's permanent ICMPv6 drops (MLD reports and router solicitations).
 pub fn filter_rules(ns: &str) -> Vec<String> {
     let mut rules = vec![];
-    for table in ["filter", "raw", "nat", "mangle"] {
-        let out = Command::new("ip")
-            .args(["netns", "exec", ns, "iptables", "-w", "-t", table, "-S"])
-            .output()
-            .expect("iptables -S");
-        rules.extend(
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter(|l| l.starts_with("-A"))
-                .map(|l| format!("{table}: {l}")),
-        );
+    for cmd in ["iptables", "ip6tables"] {
+        for table in ["filter", "raw", "nat", "mangle"] {
+            let out = Command::new("ip")
+                .args(["netns", "exec", ns, cmd, "-w", "-t", table, "-S"])
+                .output()
+                .expect("iptables -S");
+            rules.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| l.starts_with("-A"))
+                    .filter(|l| {
+                        !(l.starts_with("-A OUTPUT -p ipv6-icmp") && l.ends_with("-j DROP"))
+                    })
+                    .map(|l| format!("{cmd} {table}: {l}")),
+            );
+        }
     }
     rules
 }

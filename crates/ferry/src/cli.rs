@@ -175,10 +175,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 })
                 .await?;
             println!(
-                "{} running on {} with IP {} (MAC {}){}",
+                "{} running on {} with IP {}{} (MAC {}){}",
                 info.spec.name,
                 info.host,
                 info.spec.ip,
+                info.spec
+                    .ipv6
+                    .map(|v6| format!(" and {v6}"))
+                    .unwrap_or_default(),
                 info.spec.mac,
                 info.spec
                     .image
@@ -194,15 +198,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&all)?);
             } else {
                 println!(
-                    "{:<20} {:<8} {:<15} {:<10} PID",
-                    "NAME", "HOST", "IP", "STATE"
+                    "{:<20} {:<8} {:<15} {:<20} {:<10} PID",
+                    "NAME", "HOST", "IP", "IPV6", "STATE"
                 );
                 for c in all {
                     println!(
-                        "{:<20} {:<8} {:<15} {:<10} {}",
+                        "{:<20} {:<8} {:<15} {:<20} {:<10} {}",
                         c.spec.name,
                         c.host,
                         c.spec.ip,
+                        c.spec
+                            .ipv6
+                            .map(|v6| v6.to_string())
+                            .unwrap_or_else(|| "-".into()),
                         c.state,
                         c.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
                     );

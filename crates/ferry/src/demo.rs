@@ -234,6 +234,7 @@ impl Baseline {
             ip,
             mac: orchestrator_shim::api::mac_for_ip(ip),
             prefix_len: 24,
+            ipv6: None,
             args,
             image: None,
             process: Default::default(),

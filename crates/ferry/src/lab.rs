@@ -330,6 +330,28 @@ pub async fn up(
                 "dev",
                 "br0",
             ])?;
+            // The client speaks IPv6 on the overlay too (containers get fd00:f3::/64 addresses);
+            // the host's other interfaces keep IPv6 off.
+            for k in [
+                "disable_ipv6=0",
+                "accept_dad=0",
+                "accept_ra=0",
+                "autoconf=0",
+            ] {
+                sysctl(&format!("net.ipv6.conf.br0.{k}"))?;
+            }
+            let v6 = orchestrator_shim::api::ipv6_for_ip(CLIENT_OVERLAY_IP);
+            ip([
+                "-n",
+                &ns,
+                "-6",
+                "addr",
+                "add",
+                &format!("{v6}/{}", orchestrator_shim::api::OVERLAY6_PREFIX_LEN),
+                "dev",
+                "br0",
+                "nodad",
+            ])?;
         }
         lab_hosts.push(LabHost {
             name: name.clone(),

@@ -428,6 +428,59 @@ pub fn resolve(
     ))
 }
 
+/// Most environment entries a spec from a peer may carry.
+const MAX_ENV: usize = 4096;
+
+/// Checks the process part of a spec received from a peer, which is used to write runc's
+/// config here: the IPv6 address derived from the IPv4 one, known capabilities, `KEY=VALUE`
+/// entries, an absolute working directory without `..`, limits within what a creation
+/// accepts.
+pub fn check_received(spec: &orchestrator_shim::api::ContainerSpec) -> Result<(), String> {
+    if let Some(v6) = spec.ipv6 {
+        let want = orchestrator_shim::api::ipv6_for_ip(spec.ip);
+        if v6 != want {
+            return Err(format!(
+                "IPv6 address {v6} is not {want}, the one of {}",
+                spec.ip
+            ));
+        }
+    }
+    let p = &spec.process;
+    if let Some(c) = p
+        .capabilities
+        .iter()
+        .find(|c| !ALL_CAPS.contains(&c.as_str()))
+    {
+        return Err(format!("unknown capability {c:?}"));
+    }
+    if p.env.len() > MAX_ENV || p.additional_gids.len() > 64 {
+        return Err(format!(
+            "{} environment entries and {} groups (at most {MAX_ENV} and 64)",
+            p.env.len(),
+            p.additional_gids.len()
+        ));
+    }
+    p.env.iter().try_for_each(|e| check_env(e))?;
+    workdir(
+        &Request {
+            workdir: Some(p.cwd.clone()),
+            ..Request::default()
+        },
+        None,
+    )?;
+    if spec
+        .resources
+        .memory_bytes
+        .is_some_and(|m| m < MIN_MEMORY_BYTES)
+    {
+        return Err("a memory limit below 6 MiB".into());
+    }
+    if spec.resources.cpu_millis == Some(0) {
+        return Err("a CPU limit of 0".into());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -591,6 +644,41 @@ mod tests {
         assert!(user("root:wheel", pw, gr)
             .unwrap_err()
             .contains("/etc/group"));
+    }
+
+    #[test]
+    fn a_spec_from_a_peer_is_checked_before_it_becomes_a_runc_config() {
+        use orchestrator_shim::api::{ipv6_for_ip, mac_for_ip, ContainerSpec};
+        let ip = std::net::Ipv4Addr::new(10, 232, 0, 9);
+        let good = ContainerSpec {
+            name: "c".into(),
+            ip,
+            mac: mac_for_ip(ip),
+            prefix_len: 24,
+            ipv6: Some(ipv6_for_ip(ip)),
+            args: vec!["/bin/true".into()],
+            image: None,
+            process: ProcessSpec::default(),
+            resources: Resources::default(),
+        };
+        check_received(&good).unwrap();
+        let mut s = good.clone();
+        s.ipv6 = Some(ipv6_for_ip(std::net::Ipv4Addr::new(10, 232, 0, 10)));
+        assert!(check_received(&s).unwrap_err().contains("IPv6 address"));
+        let mut s = good.clone();
+        s.process.capabilities.push("CAP_EVERYTHING".into());
+        assert!(check_received(&s)
+            .unwrap_err()
+            .contains("unknown capability"));
+        let mut s = good.clone();
+        s.process.env.push("NOEQUALS".into());
+        assert!(check_received(&s).is_err());
+        let mut s = good.clone();
+        s.process.cwd = "../../etc".into();
+        assert!(check_received(&s).is_err());
+        let mut s = good;
+        s.resources.memory_bytes = Some(1);
+        assert!(check_received(&s).is_err());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use orchestrator_shim::api::ContainerSpec;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::util::{ip, run, run_quiet, short_hash};
+use crate::util::{ip, run, run_quiet, run_with_stdin, short_hash};
 
 /// Drives one runc state root (one per agent, so the same container name can exist on two
 /// hosts during a migration).
@@ -843,7 +843,11 @@ impl Layout {
 }
 
 /// Creates the container's network namespace on this host: veth into the overlay bridge, the
-/// container's IP and MAC, IPv6 off (no stray traffic from a namespace that waits for a restore).
+/// container's IP and MAC, and its IPv6 address if it has one (else IPv6 off). A namespace
+/// that waits for a restore must send nothing: with IPv6 on, the kernel's own chatter is
+/// switched off (no duplicate address detection, no router solicitations, no autoconfigured
+/// addresses) and multicast listener reports are dropped (the overlay floods multicast to
+/// every host anyway), so no frame with the container's MAC leaves before the container does.
 pub fn create_netns(l: &Layout, spec: &ContainerSpec, bridge: &str) -> Result<()> {
     create_netns_in(None, l, spec, bridge)
 }
@@ -868,9 +872,55 @@ pub fn create_netns_in(
     delete_netns(l);
     ip(["netns", "add", ns])?;
     let r = (|| -> Result<()> {
-        for key in ["all", "default"] {
-            let setting = format!("net.ipv6.conf.{key}.disable_ipv6=1");
-            run("ip", ["netns", "exec", ns, "sysctl", "-qw", &setting])?;
+        // One `sysctl` for all settings: each process costs milliseconds.
+        let sysctl = |settings: Vec<String>| {
+            let mut args = vec!["netns", "exec", ns, "sysctl", "-qw"];
+            args.extend(settings.iter().map(String::as_str));
+            run("ip", &args)
+        };
+        if spec.ipv6.is_some() {
+            if !Path::new("/proc/sys/net/ipv6").is_dir() {
+                bail!("this host has no IPv6 (the kernel was started with ipv6.disable=1?) and container {} has an IPv6 address", spec.name);
+            }
+            let settings = [
+                "disable_ipv6=0",
+                "accept_dad=0",
+                "dad_transmits=0",
+                "router_solicitations=0",
+                "accept_ra=0",
+                "autoconf=0",
+            ];
+            sysctl(
+                ["all", "default"]
+                    .iter()
+                    .flat_map(|k| {
+                        settings
+                            .iter()
+                            .map(move |s| format!("net.ipv6.conf.{k}.{s}"))
+                    })
+                    .collect(),
+            )?;
+            // Multicast listener reports (MLDv1 130-132, MLDv2 143) and router solicitations.
+            let rules: String = std::iter::once("*raw\n".to_string())
+                .chain(
+                    ["130", "131", "132", "133", "143"]
+                        .iter()
+                        .map(|t| format!("-A OUTPUT -p ipv6-icmp --icmpv6-type {t} -j DROP\n")),
+                )
+                .chain(std::iter::once("COMMIT\n".to_string()))
+                .collect();
+            run_with_stdin(
+                "ip",
+                &["netns", "exec", ns, "ip6tables-restore", "-w", "--noflush"],
+                rules.as_bytes(),
+            )?;
+        } else {
+            sysctl(
+                ["all", "default"]
+                    .iter()
+                    .map(|k| format!("net.ipv6.conf.{k}.disable_ipv6=1"))
+                    .collect(),
+            )?;
         }
         ip(["-n", ns, "link", "set", "lo", "up"])?;
         host_ip(&[
@@ -890,6 +940,19 @@ pub fn create_netns_in(
             "dev",
             "eth0",
         ])?;
+        if let Some(v6) = spec.ipv6 {
+            ip([
+                "-n",
+                ns,
+                "-6",
+                "addr",
+                "add",
+                &format!("{v6}/{}", orchestrator_shim::api::OVERLAY6_PREFIX_LEN),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+        }
         ip(["-n", ns, "link", "set", "eth0", "up"])?;
         Ok(())
     })();

@@ -33,6 +33,40 @@ where
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Like [`run`], with `input` on the command's standard input.
+pub fn run_with_stdin(prog: &str, args: &[&str], input: &[u8]) -> Result<String> {
+    use std::io::Write;
+    let line = std::iter::once(prog)
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut child = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| {
+            format!("could not start `{prog}`: is it installed? (scripts/setup.sh installs it)")
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input)
+            .with_context(|| format!("writing to `{line}`"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .with_context(|| format!("waiting for `{line}`"))?;
+    if !out.status.success() {
+        bail!(
+            "`{line}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Runs `ip` with the given arguments.
 pub fn ip<I, S>(args: I) -> Result<String>
 where

@@ -1,6 +1,6 @@
 //! Types of the agent's HTTP/JSON API (documented in docs/api.md).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use migrate_core::{Phase, Report, State};
 use serde::{Deserialize, Serialize};
@@ -19,6 +19,11 @@ pub struct ContainerSpec {
     pub mac: String,
     /// Prefix length of the overlay network.
     pub prefix_len: u8,
+    /// Overlay IPv6 address ([`ipv6_for_ip`]), on [`OVERLAY6_PREFIX_LEN`]; stays the same
+    /// across migrations. None: a container made before Ferry gave containers IPv6, which
+    /// keeps IPv6 off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<Ipv6Addr>,
     /// Command and arguments run inside the container.
     pub args: Vec<String>,
     /// The image its root filesystem's base layer comes from (none: a root filesystem of its
@@ -476,6 +481,30 @@ pub struct HostInfo {
     pub peers: Vec<String>,
 }
 
+/// The overlay's IPv6 prefix: a unique local address range (RFC 4193) in which every
+/// container's address carries its IPv4 address in the last 32 bits.
+pub const OVERLAY6_PREFIX: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xf3, 0, 0, 0, 0, 0, 0);
+/// Prefix length of the overlay's IPv6 network (on-link for every container).
+pub const OVERLAY6_PREFIX_LEN: u8 = 64;
+
+/// Derives the overlay IPv6 address of a container from its IPv4 address (`10.232.0.10` ->
+/// `fd00:f3::ae8:a`): as unique and as stable as the IPv4 address, with no allocation of its
+/// own.
+pub fn ipv6_for_ip(ip: Ipv4Addr) -> Ipv6Addr {
+    let p = OVERLAY6_PREFIX.segments();
+    let o = ip.octets();
+    Ipv6Addr::new(
+        p[0],
+        p[1],
+        p[2],
+        p[3],
+        0,
+        0,
+        u16::from_be_bytes([o[0], o[1]]),
+        u16::from_be_bytes([o[2], o[3]]),
+    )
+}
+
 /// Derives the overlay MAC of a container from its IP: locally administered, stable.
 pub fn mac_for_ip(ip: Ipv4Addr) -> String {
     let o = ip.octets();
@@ -495,6 +524,14 @@ pub fn valid_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ipv6_address_carries_the_ipv4_one() {
+        let a = ipv6_for_ip(Ipv4Addr::new(10, 232, 0, 10));
+        assert_eq!(a.to_string(), "fd00:f3::ae8:a");
+        assert_ne!(a, ipv6_for_ip(Ipv4Addr::new(10, 232, 0, 11)));
+        assert!(a.is_unique_local());
+    }
 
     #[test]
     fn mac_is_stable_and_local() {

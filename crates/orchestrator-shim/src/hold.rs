@@ -1,5 +1,6 @@
-//! Holding a container's IPv4 packets at the migration destination while it is frozen: those
-//! that come in, and those a restored copy sends before its commit.
+//! Holding a container's packets (IPv4, and IPv6 when its namespace has IPv6) at the migration
+//! destination while it is frozen: those that come in, and those a restored copy sends before
+//! its commit.
 //!
 //! During a live migration Ferry points the overlay at the destination before the source
 //! container is frozen. Until the restored container is live, its inbound packets must be
@@ -11,7 +12,9 @@
 //! `iptables -w -t raw -I PREROUTING -j NFQUEUE --queue-num N` (without `--queue-bypass`)
 //! sends every inbound IPv4 packet to that queue, and the same rule in `OUTPUT` every packet the
 //! container sends, so that a restored copy cannot talk before the commit (the source may still
-//! roll back and thaw its own). The kernel keeps each queued packet until
+//! roll back and thaw its own). A namespace with IPv6 gets the same rules from `ip6tables`
+//! (one queue takes both families); each family's rules go in and out with one
+//! `iptables-restore --noflush`, both families at once. The kernel keeps each queued packet until
 //! the holder gives a verdict; the holder only records packet ids (metadata-only copy mode).
 //! [`Hold::release`] accepts them in arrival order, [`Hold::discard`] drops them.
 
@@ -185,6 +188,8 @@ struct Inner {
     wake: Arc<EventFd>,
     thread: Option<JoinHandle<Result<(), HoldError>>>,
     rule_installed: bool,
+    /// The address families whose packets are held.
+    families: Vec<Family>,
 }
 
 /// An active hold of every inbound IPv4 packet of one network namespace.
@@ -259,11 +264,13 @@ impl Hold {
                 cmd: cmd_tx,
                 thread: Some(thread),
                 rule_installed: false,
+                families: vec![],
             }),
         };
         if let Some(inner) = hold.inner.as_mut() {
             // On failure `hold` is dropped, which stops the thread and unbinds the queue.
-            iptables(netns, "-I", queue_num)?;
+            inner.families = families(netns);
+            iptables(netns, "-I", queue_num, &inner.families)?;
             inner.rule_installed = true;
         }
         tracing::info!(netns, queue_num, "holding inbound packets");
@@ -391,7 +398,7 @@ impl Inner {
     fn finish(mut self, mode: Mode) -> Result<u64, HoldError> {
         let flushed = self.command(|reply| Cmd::Flush { mode, reply });
         let unruled = if self.rule_installed {
-            let r = iptables(&self.netns, "-D", self.queue_num);
+            let r = iptables(&self.netns, "-D", self.queue_num, &self.families);
             if r.is_ok() {
                 self.rule_installed = false;
             }
@@ -421,13 +428,48 @@ impl Inner {
     }
 }
 
+/// An address family whose packets a hold queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// IPv4: `iptables`.
+    V4,
+    /// IPv6: `ip6tables`.
+    V6,
+}
+
+impl Family {
+    fn tool(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+}
+
+/// The families a hold in `netns` must queue: IPv4, and IPv6 unless the namespace has it off
+/// (`net.ipv6.conf.all.disable_ipv6`, as seen from inside it).
+pub fn families(netns: &str) -> Vec<Family> {
+    let v6 = sdn::in_netns(netns, || {
+        std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+            .is_ok_and(|s| s.trim() == "0")
+    })
+    .unwrap_or(false);
+    if v6 {
+        vec![Family::V4, Family::V6]
+    } else {
+        vec![Family::V4]
+    }
+}
+
 /// Removes the queue rules of a hold whose holder is gone (its process died): every rule of
-/// queue `queue_num` in `netns`, in both chains, if any.
+/// queue `queue_num` in `netns`, in both chains and both families, if any.
 pub fn remove_rule(netns: &str, queue_num: u16) -> Result<(), HoldError> {
-    for chain in CHAINS {
-        for _ in 0..16 {
-            if iptables_chain(netns, "-D", chain, queue_num).is_err() {
-                break;
+    for family in [Family::V4, Family::V6] {
+        for chain in CHAINS {
+            for _ in 0..16 {
+                if iptables_chain(netns, family, "-D", chain, queue_num).is_err() {
+                    break;
+                }
             }
         }
     }
@@ -438,45 +480,113 @@ pub fn remove_rule(netns: &str, queue_num: u16) -> Result<(), HoldError> {
 /// (`OUTPUT`), so that a restored copy stays silent until its commit.
 const CHAINS: [&str; 2] = ["PREROUTING", "OUTPUT"];
 
-/// Installs (`-I`) or removes (`-D`) the queue rule in both [`CHAINS`]; an insert that fails
-/// half-way removes what it added, a removal tries both chains and reports the first error.
-fn iptables(netns: &str, action: &str, queue_num: u16) -> Result<(), HoldError> {
-    if action == "-D" {
-        let mut first = Ok(());
-        for chain in CHAINS {
-            if let Err(e) = iptables_chain(netns, action, chain, queue_num) {
-                if first.is_ok() {
-                    first = Err(e);
-                }
+/// Installs (`-I`) or removes (`-D`) the queue rule in both [`CHAINS`] of every family in
+/// `families`, the families at once. Per family the rules change together or not at all
+/// (`iptables-restore`); an insert that fails for one family removes what the others added; a
+/// removal that fails falls back to removing chain by chain and reports the first error.
+fn iptables(
+    netns: &str,
+    action: &str,
+    queue_num: u16,
+    families: &[Family],
+) -> Result<(), HoldError> {
+    let results: Vec<(Family, Result<(), HoldError>)> = std::thread::scope(|s| {
+        let runs: Vec<_> = families
+            .iter()
+            .map(|&f| (f, s.spawn(move || restore(netns, f, action, queue_num))))
+            .collect();
+        runs.into_iter()
+            .map(|(f, h)| {
+                let r = h.join().unwrap_or_else(|_| {
+                    Err(HoldError::Iptables {
+                        command: format!("{}-restore", f.tool()),
+                        detail: "the thread running it panicked".into(),
+                    })
+                });
+                (f, r)
+            })
+            .collect()
+    });
+    let mut first = Ok(());
+    for (family, r) in results {
+        let Err(e) = r else { continue };
+        if action == "-D" {
+            // One chain may have lost its rule already: remove what is left, chain by chain.
+            for chain in CHAINS {
+                let _ = iptables_chain(netns, family, "-D", chain, queue_num);
             }
         }
-        return first;
+        if first.is_ok() {
+            first = Err(e);
+        }
     }
-    let mut done: Vec<&str> = vec![];
-    for chain in CHAINS {
-        match iptables_chain(netns, action, chain, queue_num) {
-            Ok(()) => done.push(chain),
-            Err(e) => {
-                if action == "-I" {
-                    for c in done {
-                        let _ = iptables_chain(netns, "-D", c, queue_num);
-                    }
-                }
-                return Err(e);
+    if first.is_err() && action == "-I" {
+        for &family in families {
+            for chain in CHAINS {
+                let _ = iptables_chain(netns, family, "-D", chain, queue_num);
             }
         }
     }
+    first
+}
+
+/// Runs `ip netns exec NETNS {ip,ip6}tables-restore -w --noflush` with ACTION for both chains.
+fn restore(netns: &str, family: Family, action: &str, queue_num: u16) -> Result<(), HoldError> {
+    use std::io::Write;
+    let tool = format!("{}-restore", family.tool());
+    let command = format!("ip netns exec {netns} {tool} -w --noflush");
+    let script: String = std::iter::once("*raw\n".to_string())
+        .chain(
+            CHAINS
+                .iter()
+                .map(|c| format!("{action} {c} -j NFQUEUE --queue-num {queue_num}\n")),
+        )
+        .chain(std::iter::once("COMMIT\n".to_string()))
+        .collect();
+    let fail = |detail: String| HoldError::Iptables {
+        command: command.clone(),
+        detail,
+    };
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", netns, &tool, "-w", "--noflush"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(format!("cannot run `ip` (is iproute2 installed?): {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|e| fail(format!("writing the rules: {e}")))?;
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|e| fail(format!("waiting for it: {e}")))?;
+    if !output.status.success() {
+        return Err(fail(format!(
+            "{}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    tracing::debug!(netns, queue_num, action, ?family, "NFQUEUE rules updated");
     Ok(())
 }
 
-/// Runs `ip netns exec NETNS iptables -w -t raw ACTION CHAIN -j NFQUEUE --queue-num N`.
-fn iptables_chain(netns: &str, action: &str, chain: &str, queue_num: u16) -> Result<(), HoldError> {
+/// Runs `ip netns exec NETNS {ip,ip6}tables -w -t raw ACTION CHAIN -j NFQUEUE --queue-num N`.
+fn iptables_chain(
+    netns: &str,
+    family: Family,
+    action: &str,
+    chain: &str,
+    queue_num: u16,
+) -> Result<(), HoldError> {
     let num = queue_num.to_string();
     let args = [
         "netns",
         "exec",
         netns,
-        "iptables",
+        family.tool(),
         "-w",
         "-t",
         "raw",
@@ -505,7 +615,6 @@ fn iptables_chain(netns: &str, action: &str, chain: &str, queue_num: u16) -> Res
             ),
         });
     }
-    tracing::debug!(netns, queue_num, action, "iptables NFQUEUE rule updated");
     Ok(())
 }
 

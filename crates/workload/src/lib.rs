@@ -8,3 +8,10 @@
 #![forbid(unsafe_code)]
 
 pub mod mem;
+
+/// Listens on `port` on every address: IPv6 and IPv4 at once (`[::]`, dual-stack as Linux makes
+/// it by default) where the container has IPv6, IPv4 alone (`0.0.0.0`) where IPv6 is off.
+pub fn listen_any(port: u16) -> std::io::Result<std::net::TcpListener> {
+    std::net::TcpListener::bind(("::", port))
+        .or_else(|_| std::net::TcpListener::bind(("0.0.0.0", port)))
+}

@@ -13,7 +13,7 @@
 #![forbid(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -44,7 +44,7 @@ fn flag(args: &[String], name: &str) -> Option<u16> {
 }
 
 fn echo(port: u16) -> std::io::Result<()> {
-    let listener = TcpListener::bind(("0.0.0.0", port))?;
+    let listener = ferry_workload::listen_any(port)?;
     let counter = Arc::new(AtomicU64::new(0));
     for conn in listener.incoming() {
         let conn = conn?;

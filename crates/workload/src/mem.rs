@@ -35,7 +35,7 @@
 //!
 //! # Protocol
 //!
-//! TCP on `0.0.0.0:P`, one thread per connection, one line per request (`\n`, an optional `\r`
+//! TCP on `[::]:P` (dual-stack; `0.0.0.0:P` where IPv6 is off), one thread per connection, one line per request (`\n`, an optional `\r`
 //! before it is dropped); every reply is one line ending in `\n`.
 //!
 //! * `verify`: the worker checks every page at once, at full speed, then replies
@@ -51,7 +51,7 @@
 
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -602,7 +602,7 @@ fn run(cfg: &Config) -> io::Result<()> {
     std::thread::Builder::new()
         .name("mem-worker".into())
         .spawn(move || worker.run(rx))?;
-    let listener = TcpListener::bind(("0.0.0.0", cfg.port))?;
+    let listener = crate::listen_any(cfg.port)?;
     eprintln!(
         "ferry-workload mem: {} MiB ({pages} pages) filled in {fill_s:.3} s; listening on {}",
         cfg.size_mib,

@@ -286,6 +286,8 @@ impl Agent {
                 spec.args.len()
             );
         }
+        crate::process::check_received(&spec)
+            .map_err(|why| anyhow::anyhow!("refusing container spec for {:?}: {why}", spec.name))?;
         // The base is named by a tree id that becomes a path under the store: anything but 64
         // hex digits (such as "/" or "../..") is refused before any directory is touched.
         if let Some(img) = &spec.image {

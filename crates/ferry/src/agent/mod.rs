@@ -734,6 +734,10 @@ impl Agent {
             ip,
             mac: orchestrator_shim::api::mac_for_ip(ip),
             prefix_len: self.cfg.overlay_prefix_len,
+            // Every container has IPv6 where the host has it.
+            ipv6: std::path::Path::new("/proc/sys/net/ipv6")
+                .is_dir()
+                .then(|| orchestrator_shim::api::ipv6_for_ip(ip)),
             args: vec![],
             image,
             process: Default::default(),
