@@ -533,3 +533,132 @@ fn each_container_has_a_stable_ipv6_address_and_ipv6_connections_survive_its_mov
     ferry_ok(&["rm", "six"]);
     ferry_ok(&["rm", "six-b"]);
 }
+
+/// `field=value` of a `files` workload answer.
+fn field<'a>(answer: &'a str, name: &str) -> &'a str {
+    answer
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(name).and_then(|r| r.strip_prefix('=')))
+        .unwrap_or_else(|| panic!("no {name} in {answer:?}"))
+}
+
+/// The kinds of lock (`POSIX`, `FLOCK`) `/proc/locks` lists for `pid`, sorted.
+fn locks_of(pid: i32) -> Vec<String> {
+    let mut kinds: Vec<String> = std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .filter(|l| l.split_whitespace().nth(4) == Some(&pid.to_string()))
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        .collect();
+    kinds.sort();
+    kinds
+}
+
+#[test]
+fn watches_locks_and_open_files_of_the_image_still_work_after_moves() {
+    let lab = Lab::up();
+    // An image whose root is an overlay: the watched directory and the held file are in its
+    // lower layer.
+    let root = scratch("files").join("rootfs");
+    ferry_ok(&["lab", "rootfs", root.to_str().unwrap()]);
+    std::fs::create_dir_all(root.join("srv/watched")).unwrap();
+    std::fs::write(
+        root.join("srv/held.txt"),
+        "a file of the image\n".repeat(1000),
+    )
+    .unwrap();
+    ferry_ok(&[
+        "image",
+        "import",
+        "--on",
+        "h1",
+        "--name",
+        "files:1",
+        root.to_str().unwrap(),
+    ]);
+    // SYS_ADMIN for fanotify.
+    ferry_ok(&[
+        "run",
+        "--on",
+        "h1",
+        "--name",
+        "files",
+        "--image",
+        "files:1",
+        "--cap-add",
+        "SYS_ADMIN",
+        "--",
+        "/bin/ferry-workload",
+        "files",
+        "--dir",
+        "/srv/watched",
+        "--hold",
+        "/srv/held.txt",
+        "--port",
+        "7000",
+    ]);
+    let ip = lab.container("files").unwrap()["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_port(&ip);
+
+    let mut expected_inotify = 0u64;
+    let mut expected_fanotify = 0u64;
+    let mut check = |host: &str, round: u32| {
+        let pid = pid_of(&lab, "files");
+        assert_eq!(
+            locks_of(pid),
+            ["FLOCK", "POSIX"],
+            "the host's /proc/locks on {host}"
+        );
+        let before = ask_workload(&ip, "status");
+        assert_eq!(
+            field(&before, "hold"),
+            "same",
+            "the image file held open on {host}: {before}"
+        );
+        assert_eq!(
+            field(&before, "inotify"),
+            expected_inotify.to_string(),
+            "{before}"
+        );
+        assert_eq!(
+            field(&before, "fanotify"),
+            expected_fanotify.to_string(),
+            "{before}"
+        );
+        let name = format!("made-on-{host}-{round}");
+        assert_eq!(ask_workload(&ip, &format!("touch {name}")), "ok");
+        // IN_CREATE and IN_CLOSE_WRITE; FAN_CLOSE_WRITE.
+        expected_inotify += 2;
+        expected_fanotify += 1;
+        assert!(
+            eventually(Duration::from_secs(5), || {
+                let s = ask_workload(&ip, "status");
+                field(&s, "inotify") == expected_inotify.to_string()
+                    && field(&s, "fanotify") == expected_fanotify.to_string()
+            }),
+            "the watches did not fire on {host}: {}",
+            ask_workload(&ip, "status")
+        );
+        assert_eq!(field(&ask_workload(&ip, "status"), "last"), name);
+        // Another process of the container finds both locks taken, the POSIX one by the
+        // workload (pid 1 in the container).
+        let locks = ask_workload(&ip, "locks");
+        assert_eq!(field(&locks, "flock"), "held", "{locks}");
+        assert_eq!(
+            field(&locks, "posix"),
+            format!("held-by-{}", field(&locks, "owner")),
+            "{locks}"
+        );
+    };
+    check("h1", 0);
+    let (code, r) = migrate_json("files", "h2", &[], Duration::from_secs(60));
+    assert_eq!(code, 0, "stop-and-copy: {r}");
+    check("h2", 1);
+    let (code, r) = migrate_json("files", "h1", &["--pre-copy"], Duration::from_secs(60));
+    assert_eq!(code, 0, "pre-copy: {r}");
+    check("h1", 2);
+    ferry_ok(&["rm", "files"]);
+}

@@ -12,6 +12,7 @@ mod client;
 mod config;
 mod demo;
 mod goodput;
+mod inspect;
 mod lab;
 mod netns;
 mod probe;

@@ -1,4 +1,4 @@
-//! Workloads that run inside Ferry's test containers. Std only, so the binary is small and only
+//! Workloads that run inside Ferry's test containers. Std and nix only, so the binary is small and only
 //! needs the C library that Ferry copies into the container's root filesystem.
 //!
 //! `ferry-workload echo [--port P]`: a line echo server with in-memory state. Every line received
@@ -9,6 +9,9 @@
 //! `ferry-workload mem [--port P] [--size-mib N] [--dirty-mib-s R] [--verify-mib-s V]`: holds N MiB
 //! of self-checking pages, rewrites R MiB/s of them and checks V MiB/s; see
 //! [`ferry_workload::mem`] for the page format and the protocol.
+//!
+//! `ferry-workload files --dir D --hold F [--port P]`: holds inotify and fanotify watches, file
+//! locks and an open file; see [`ferry_workload::files`].
 
 #![forbid(unsafe_code)]
 
@@ -28,10 +31,13 @@ fn main() {
             }
         }
         Some("mem") => std::process::exit(ferry_workload::mem::cli(&args[1..])),
+        Some("files") => std::process::exit(ferry_workload::files::cli(&args[1..])),
+        Some("lockprobe") => std::process::exit(ferry_workload::files::lockprobe(&args[1..])),
         _ => {
             eprintln!(
-                "usage: ferry-workload echo [--port PORT]\n       {}",
-                ferry_workload::mem::USAGE
+                "usage: ferry-workload echo [--port PORT]\n       {}\n       {}",
+                ferry_workload::mem::USAGE,
+                ferry_workload::files::USAGE
             );
             std::process::exit(2);
         }

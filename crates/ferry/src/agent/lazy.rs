@@ -546,8 +546,9 @@ impl super::source::Driver {
         let runc_root = self.agent.runc.root().to_path_buf();
         let (h, n) = (host.clone(), name.clone());
         let root_start = self.root_diff_beside_dump();
+        let dump_conf = self.dump_conf();
         tokio::task::spawn_blocking(move || -> Result<()> {
-            crate::runtime::freeze_for_dump(&h, &n, &layout, &runc_root, super::CRIU_CONF)?;
+            crate::runtime::freeze_for_dump(&h, &n, &layout, &runc_root, &dump_conf())?;
             root_start.start();
             Ok(())
         })

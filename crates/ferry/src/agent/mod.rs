@@ -167,7 +167,11 @@ pub fn main(cfg: AgentConfig) -> Result<()> {
 ///
 /// `cgroup-yard /sys/fs/cgroup`: CRIU uses the host's cgroup mounts instead of mounting every
 /// controller again in a temporary yard at each dump and restore.
-pub(crate) const CRIU_CONF: &str = "network-lock skip\ncgroup-yard /sys/fs/cgroup\n";
+///
+/// `file-locks`: flock and POSIX locks the container's processes hold are dumped and taken again
+/// at the restore (SQLite, PostgreSQL and many daemons hold one); CRIU refuses a dump with locks
+/// without it.
+pub(crate) const CRIU_CONF: &str = "network-lock skip\ncgroup-yard /sys/fs/cgroup\nfile-locks\n";
 
 async fn run(cfg: AgentConfig) -> Result<()> {
     std::fs::create_dir_all(&cfg.state_dir)?;

@@ -169,6 +169,7 @@ pub(crate) fn start(
                 },
             ) << 20,
             memory_bytes: 0,
+            watch_paths: Default::default(),
             pending: Vec::new(),
             relay_confirm: None,
             dump_pages_stream: None,
@@ -259,6 +260,9 @@ pub(super) struct Driver {
     pub(super) base: Option<migrate_core::BaseReport>,
     /// Why this pre-copy does not restore lazily.
     pub(super) not_lazy: Option<String>,
+    /// Paths of the inodes the container's inotify and fanotify marks watch, found at the
+    /// preflight and again right before the freeze (new watches only), for CRIU.
+    pub(super) watch_paths: Arc<std::sync::Mutex<crate::inspect::WatchPaths>>,
 }
 
 fn phase_of(a: &Action) -> Option<Phase> {
@@ -461,6 +465,7 @@ impl Driver {
                     l.bundle.clone(),
                 );
                 let host = self.agent.cfg.host.clone();
+                let watches = Arc::clone(&self.watch_paths);
                 let (st, size, memory, processes, longest) =
                     tokio::task::spawn_blocking(move || {
                         let memory = crate::runtime::container_memory_bytes(&host, &n);
@@ -473,6 +478,9 @@ impl Driver {
                             .filter_map(|p| memtrack::longest_private_anon_mapping(*p).ok())
                             .max()
                             .unwrap_or(0);
+                        if let Ok(p) = &pids {
+                            watches.lock().unwrap().update(p);
+                        }
                         let processes = pids.map(|p| p.len());
                         (
                             runc.state(&n),
@@ -1288,6 +1296,7 @@ impl Driver {
         let pause = self.faults.pause_in_dump_ms;
         let cancel = Arc::clone(&self.job.cancel);
         let root_start = self.root_diff_beside_dump();
+        let dump_conf = self.dump_conf();
         self.source_link_down = true;
         let r = tokio::task::spawn_blocking(move || {
             if pre.is_none() {
@@ -1296,7 +1305,7 @@ impl Driver {
                 std::fs::create_dir_all(&work)?;
             }
             let t = Instant::now();
-            crate::runtime::freeze_for_dump(&host, &name, &layout, &runc_root, super::CRIU_CONF)?;
+            crate::runtime::freeze_for_dump(&host, &name, &layout, &runc_root, &dump_conf())?;
             root_start.start();
             if pause > 0 {
                 warn!(container = %name, ms = pause, "pausing in the dump (fault hook)");
@@ -1328,6 +1337,31 @@ impl Driver {
 
     /// The root filesystem's diff for the final dump, to start once the container is frozen
     /// ([`RootStart::start`]); its result waits in `self.root_diff` for the images.
+    /// CRIU's configuration for the final dump, made right before the freeze: the agent's
+    /// (`CRIU_CONF`) and the paths of the watched inodes (`inspect`), looked up for new watches
+    /// while the container still runs.
+    pub(super) fn dump_conf(&self) -> impl FnOnce() -> String + Send + 'static {
+        let (host, name) = (self.agent.cfg.host.clone(), self.spec.name.clone());
+        let watches = Arc::clone(&self.watch_paths);
+        move || {
+            let mut w = watches.lock().unwrap_or_else(|e| e.into_inner());
+            if let Ok(pids) = crate::runtime::container_pids(&host, &name) {
+                w.update(&pids);
+            }
+            for u in &w.unresolved {
+                tracing::warn!(
+                    container = %name,
+                    pid = u.pid,
+                    fd = u.fd,
+                    kind = u.kind,
+                    inode = u.inode.ino,
+                    "no path found for a watched inode beneath the container's root; CRIU must find it"
+                );
+            }
+            format!("{}{}", super::CRIU_CONF, w.criu_conf())
+        }
+    }
+
     pub(super) fn root_diff_beside_dump(&mut self) -> RootStart {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.root_diff = Some(RootDiff(rx));
@@ -1384,6 +1418,7 @@ impl Driver {
         let layout = self.agent.layout(&self.spec.name);
         let runc_root = self.agent.runc.root().to_path_buf();
         let root_start = self.root_diff_beside_dump();
+        let dump_conf = self.dump_conf();
         self.source_link_down = true;
         let mut ckpt = tokio::task::spawn_blocking(move || {
             if pre.is_none() {
@@ -1392,7 +1427,7 @@ impl Driver {
                 std::fs::create_dir_all(&work)?;
             }
             let t = Instant::now();
-            crate::runtime::freeze_for_dump(&host, &name, &layout, &runc_root, super::CRIU_CONF)?;
+            crate::runtime::freeze_for_dump(&host, &name, &layout, &runc_root, &dump_conf())?;
             root_start.start();
             let freeze_ms = crate::util::ms(t.elapsed());
             let r = match pre {
