@@ -662,3 +662,90 @@ fn watches_locks_and_open_files_of_the_image_still_work_after_moves() {
     check("h1", 2);
     ferry_ok(&["rm", "files"]);
 }
+
+#[test]
+fn what_criu_cannot_dump_is_refused_before_the_freeze_or_explained_after_it() {
+    let lab = Lab::up();
+    for (name, flag) in [("ring", "--io-uring"), ("zombie", "--zombie-threads")] {
+        ferry_ok(&[
+            "run",
+            "--on",
+            "h1",
+            "--name",
+            name,
+            "--",
+            "/bin/ferry-workload",
+            "objects",
+            flag,
+            "--port",
+            "7000",
+        ]);
+        let ip = lab.container(name).unwrap()["ip"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        wait_port(&ip);
+        for mode in [&[][..], &["--pre-copy"][..]] {
+            let (code, r) = migrate_json(name, "h2", mode, Duration::from_secs(60));
+            assert_eq!(code, 2, "refused: {r}");
+            let reason = r["reason"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no reason in {r}"));
+            assert!(reason.contains("Preflight failed"), "{reason}");
+            assert!(reason.contains("nothing was frozen"), "{reason}");
+            let expected = match name {
+                "ring" => "holds descriptor 3, an io_uring instance (anon_inode:[io_uring])",
+                _ => "is a zombie whose 1 other thread(s) still run",
+            };
+            assert!(reason.contains(expected), "{reason}");
+            assert!(reason.contains("migrate again"), "what to do: {reason}");
+            assert_eq!(r["frozen_ms"].as_f64(), Some(0.0), "never frozen: {r}");
+            assert_runs_on(&lab, "h1", name);
+            assert_eq!(ask_workload(&ip, "hi"), "alive");
+        }
+        ferry_ok(&["rm", name]);
+    }
+
+    // An object made after the preflight (while the migration waits in its prepare phase) is
+    // found by CRIU in the freeze: its log is translated into the same statement.
+    ferry_ok(&[
+        "run",
+        "--on",
+        "h1",
+        "--name",
+        "late",
+        "--",
+        "/bin/ferry-workload",
+        "objects",
+        "--port",
+        "7000",
+    ]);
+    let ip = lab.container("late").unwrap()["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_port(&ip);
+    let pid = pid_of(&lab, "late");
+    let (_, job) = start_migration(
+        "late",
+        "h2",
+        &["--pause-in-phase", "prepare", "--pause-in-phase-ms", "3000"],
+    );
+    wait_job_state(&job, "preparing");
+    assert_eq!(ask_workload(&ip, "ring"), "ok");
+    let r = wait_job(&job);
+    assert_eq!(r["result"], "rolled_back", "{r}");
+    let reason = r["reason"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no reason in {r}"));
+    assert!(
+        reason.starts_with(&format!(
+            "Dump failed: process {pid} (ferry-workload) holds descriptor "
+        )) && reason.contains(", an io_uring instance (anon_inode:[io_uring])"),
+        "{reason}"
+    );
+    assert!(reason.contains("migrate again"), "{reason}");
+    assert_runs_on(&lab, "h1", "late");
+    assert_eq!(ask_workload(&ip, "hi"), "alive");
+    ferry_ok(&["rm", "late"]);
+}

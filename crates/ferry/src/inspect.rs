@@ -1,5 +1,13 @@
-//! What a container's processes hold that CRIU needs help with: inotify and fanotify marks on
-//! inodes whose path CRIU cannot find by itself.
+//! What a container's processes hold that CRIU needs help with or cannot dump at all.
+//!
+//! **Objects CRIU cannot dump** ([`blockers`]) are found at the preflight, while the container
+//! still runs: a zombie whose threads still run, a task that stays in uninterruptible sleep, a
+//! descriptor or a mapping of a kind CRIU does not know (io_uring, perf events, userfaultfd,
+//! BPF programs, any other anonymous inode but the ones CRIU dumps). The migration is refused
+//! with the process, the object and what to do, before anything is frozen. A dump that still
+//! fails has its CRIU log translated into the same form ([`explain_criu_log`]).
+//!
+//! **Watches**: inotify and fanotify marks on inodes whose path CRIU cannot find by itself.
 //!
 //! CRIU dumps a watch by the watched inode's file handle and, to restore it on another host, by
 //! its path. It finds the path by opening the handle, which overlayfs (a container's root from an
@@ -21,6 +29,303 @@ use shared_fs::RootDir;
 const MAX_ENTRIES: usize = 2_000_000;
 /// A search for watched inodes stops after this long.
 const MAX_SEARCH: Duration = Duration::from_secs(20);
+
+/// Anonymous-inode descriptors CRIU dumps (`files.c`, `dump_one_file`); any other is refused.
+const CRIU_ANON_INODES: [&str; 7] = [
+    "[eventfd]",
+    "[eventpoll]",
+    "inotify",
+    "[fanotify]",
+    "[signalfd]",
+    "[timerfd]",
+    "[pidfd]",
+];
+
+/// How often, and how far apart, a task must be seen in uninterruptible sleep to count: a task
+/// in `D` for a moment (a disk read) is normal; one that stays there would hold the freeze.
+const D_SAMPLES: u32 = 4;
+const D_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Something a process of the container holds that CRIU cannot dump.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocker {
+    pub pid: i32,
+    /// The process's name (`/proc/PID/comm`).
+    pub comm: String,
+    /// What it holds.
+    pub object: String,
+    /// What the user can do about it.
+    pub advice: &'static str,
+}
+
+impl std::fmt::Display for Blocker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "process {} ({}) {}: {}",
+            self.pid, self.comm, self.object, self.advice
+        )
+    }
+}
+
+/// Joins blockers into one message (the first five, then how many more).
+pub fn describe(blockers: &[Blocker]) -> String {
+    let mut parts: Vec<String> = blockers.iter().take(5).map(|b| b.to_string()).collect();
+    if blockers.len() > 5 {
+        parts.push(format!("and {} more", blockers.len() - 5));
+    }
+    parts.join("; ")
+}
+
+const ADVICE_ANON: &str =
+    "CRIU cannot checkpoint this kind of object; stop the program from using \
+    it (or restart it without it) and migrate again";
+const ADVICE_ZOMBIE: &str = "CRIU cannot checkpoint a process whose main thread exited while \
+    other threads run; wait until they exit or restart the program, then migrate again";
+const ADVICE_D: &str = "a task stuck in uninterruptible sleep (usually on a device or a network \
+    file system) cannot be frozen; resolve what it waits for and migrate again";
+
+fn comm(proc: &Path, pid: i32) -> String {
+    std::fs::read_to_string(proc.join(format!("{pid}/comm")))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// The state letter of `/proc/.../stat` (after the command name, which may hold spaces and
+/// parentheses).
+fn stat_state(stat: &str) -> Option<char> {
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+fn tasks(proc: &Path, pid: i32) -> Vec<i32> {
+    std::fs::read_dir(proc.join(format!("{pid}/task")))
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn task_state(proc: &Path, pid: i32, tid: i32) -> Option<char> {
+    stat_state(&std::fs::read_to_string(proc.join(format!("{pid}/task/{tid}/stat"))).ok()?)
+}
+
+/// What `pids` (read under `proc`, `/proc` but for tests) hold that CRIU cannot dump. A process
+/// that exits meanwhile holds nothing.
+pub fn blockers(proc: &Path, pids: &[i32]) -> Vec<Blocker> {
+    blockers_of(proc, pids, true)
+}
+
+/// [`blockers`]; `sleepers` false leaves out tasks in uninterruptible sleep (frozen tasks show
+/// as such).
+fn blockers_of(proc: &Path, pids: &[i32], sleepers: bool) -> Vec<Blocker> {
+    let mut out = vec![];
+    let mut maybe_d: Vec<(i32, i32)> = vec![];
+    for &pid in pids {
+        let blocker = |object: String, advice| Blocker {
+            pid,
+            comm: comm(proc, pid),
+            object,
+            advice,
+        };
+        let tids = tasks(proc, pid);
+        let leader = std::fs::read_to_string(proc.join(format!("{pid}/stat")))
+            .ok()
+            .and_then(|s| stat_state(&s));
+        if matches!(leader, Some('Z')) && tids.len() > 1 {
+            out.push(blocker(
+                format!(
+                    "is a zombie whose {} other thread(s) still run",
+                    tids.len() - 1
+                ),
+                ADVICE_ZOMBIE,
+            ));
+        }
+        for &tid in tids.iter().filter(|_| sleepers) {
+            if task_state(proc, pid, tid) == Some('D') {
+                maybe_d.push((pid, tid));
+            }
+        }
+        if let Ok(fds) = std::fs::read_dir(proc.join(format!("{pid}/fd"))) {
+            let mut fds: Vec<(i32, String)> = fds
+                .flatten()
+                .filter_map(|e| {
+                    let fd = e.file_name().to_str()?.parse().ok()?;
+                    let t = std::fs::read_link(e.path()).ok()?;
+                    Some((fd, t.to_string_lossy().into_owned()))
+                })
+                .collect();
+            fds.sort();
+            for (fd, target) in fds {
+                let Some(kind) = target.strip_prefix("anon_inode:") else {
+                    continue;
+                };
+                if !CRIU_ANON_INODES.contains(&kind) {
+                    out.push(blocker(
+                        format!("holds descriptor {fd}, {}", anon_name(kind)),
+                        ADVICE_ANON,
+                    ));
+                }
+            }
+        }
+        if let Ok(maps) = std::fs::read_to_string(proc.join(format!("{pid}/maps"))) {
+            let mut seen = HashSet::new();
+            for l in maps.lines() {
+                let Some(kind) = l
+                    .split_whitespace()
+                    .nth(5)
+                    .and_then(|p| p.strip_prefix("anon_inode:"))
+                else {
+                    continue;
+                };
+                if !CRIU_ANON_INODES.contains(&kind) && seen.insert(kind.to_string()) {
+                    let object = format!("maps the memory of {}", anon_name(kind));
+                    if !out
+                        .iter()
+                        .any(|b| b.pid == pid && b.object.contains(&anon_name(kind)))
+                    {
+                        out.push(blocker(object, ADVICE_ANON));
+                    }
+                }
+            }
+        }
+    }
+    // Tasks in uninterruptible sleep: counted only if they stay there.
+    for _ in 1..D_SAMPLES {
+        if maybe_d.is_empty() {
+            break;
+        }
+        std::thread::sleep(D_INTERVAL);
+        maybe_d.retain(|&(pid, tid)| task_state(proc, pid, tid) == Some('D'));
+    }
+    for (pid, tid) in maybe_d {
+        let wchan = std::fs::read_to_string(proc.join(format!("{pid}/task/{tid}/wchan")))
+            .ok()
+            .filter(|w| !w.is_empty() && w != "0")
+            .map(|w| format!(" in {w}"))
+            .unwrap_or_default();
+        out.push(Blocker {
+            pid,
+            comm: comm(proc, pid),
+            object: format!(
+                "has task {tid} in uninterruptible sleep{wchan} for {} ms and more",
+                (D_INTERVAL * (D_SAMPLES - 1)).as_millis()
+            ),
+            advice: ADVICE_D,
+        });
+    }
+    out
+}
+
+/// A readable name for an anonymous inode kind (`[io_uring]`, `[perf_event]`, ...).
+fn anon_name(kind: &str) -> String {
+    let plain = kind.trim_start_matches('[').trim_end_matches(']');
+    let what = match plain {
+        "io_uring" => "an io_uring instance",
+        "perf_event" => "a perf event",
+        "userfaultfd" => "a userfaultfd",
+        "bpf-prog" => "a BPF program",
+        "bpf-map" => "a BPF map",
+        "bpf_link" | "bpf-link" => "a BPF link",
+        "memfd_secret" | "secretmem" => "secret memory",
+        _ if plain.starts_with("kvm") => "a KVM object",
+        _ => "an object",
+    };
+    format!("{what} (anon_inode:{kind})")
+}
+
+/// Translates the error lines of a failed dump's CRIU log into statements that name the
+/// process, the object and what to do (`None` when no line is one Ferry knows). Process names
+/// are read under `proc` (`/proc`: a failed dump's processes are still there, frozen).
+pub fn explain_criu_log(proc: &Path, log: &str) -> Option<String> {
+    // The process a line is about: CRIU names it in this line or a later one ("(pid: N)").
+    let pid_in = |l: &str| -> Option<i32> {
+        let i = l
+            .find("(pid: ")
+            .map(|i| i + 6)
+            .or_else(|| l.find("pid ").map(|i| i + 4))?;
+        l[i..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("Error (")).collect();
+    let pid = errors.iter().find_map(|l| pid_in(l));
+    let who = |p: Option<i32>| match p {
+        Some(p) => format!("process {p} ({})", comm(proc, p)),
+        None => "a process of the container".into(),
+    };
+    let mut out = vec![];
+    for l in &errors {
+        if l.contains("Zombies with threads are not supported") {
+            out.push(format!(
+                "{} is a zombie whose other threads still run: {ADVICE_ZOMBIE}",
+                who(pid)
+            ));
+        } else if let Some(rest) = l.split("Can't dump file ").nth(1) {
+            // "Can't dump file 5 of that type [600] (anon [io_uring])"
+            let fd = rest.split_whitespace().next().unwrap_or("?");
+            let kind = rest
+                .rsplit_once('(')
+                .map(|(_, k)| k.trim_end_matches(')').trim())
+                .unwrap_or("");
+            let object = match kind.strip_prefix("anon ") {
+                Some(a) => anon_name(a),
+                None => format!("a file CRIU cannot dump ({kind})"),
+            };
+            out.push(format!(
+                "{} holds descriptor {fd}, {object}: {ADVICE_ANON}",
+                who(pid)
+            ));
+        } else if let Some(rest) = l.split("Unseizable non-zombie ").nth(1) {
+            let p = rest.split_whitespace().next().and_then(|p| p.parse().ok());
+            let state = rest
+                .split("state ")
+                .nth(1)
+                .and_then(|s| s.chars().next())
+                .unwrap_or('?');
+            let advice = if state == 'D' {
+                ADVICE_D
+            } else {
+                "it cannot be stopped for the dump; migrate again once it runs normally"
+            };
+            out.push(format!(
+                "{} could not be stopped (state {state}): {advice}",
+                who(p)
+            ));
+        } else if l.contains("Can't dump half of stream unix connection")
+            || l.contains("Can't dump name-less external socket")
+        {
+            out.push(format!(
+                "{} holds a UNIX socket connected to a process outside the container: the connection cannot move; close it or move both ends",
+                who(pid)
+            ));
+        } else if l.contains("fsnotify") && l.contains("Can't dump that handle") {
+            out.push(format!(
+                "{} watches (inotify or fanotify) an inode whose path was not found beneath the container's root: remove the watch or keep the watched file inside the container's root",
+                who(pid)
+            ));
+        } else if l.contains("Open files on overmounted mounts are not supported") {
+            out.push(format!(
+                "{} holds a file open on a mount that another mount hides: CRIU cannot dump it; close it and migrate again",
+                who(pid)
+            ));
+        }
+    }
+    if out.is_empty() {
+        // CRIU failed on a process without saying on what (a descriptor the kernel refuses to
+        // pass to CRIU's parasite, say): what does that process hold that CRIU cannot dump?
+        let named: Vec<i32> = errors.iter().filter_map(|l| pid_in(l)).collect();
+        let found = blockers_of(proc, &named, false);
+        if !found.is_empty() {
+            return Some(describe(&found));
+        }
+    }
+    out.dedup();
+    (!out.is_empty()).then(|| out.join("; "))
+}
 
 /// A watched inode: device (as `major:minor`) and inode number, as the kernel shows them in a
 /// watch's `/proc/PID/fdinfo` line.
@@ -297,6 +602,131 @@ mod tests {
         );
         assert_eq!(parse_fdinfo_line("pos:\t0"), None);
         assert_eq!(parse_fdinfo_line("fanotify flags:0 event-flags:0"), None);
+    }
+
+    /// A fake `/proc` entry: `pid` with its stat state, tasks and descriptor links.
+    fn fake_proc(
+        proc: &Path,
+        pid: i32,
+        comm: &str,
+        state: char,
+        tasks: &[(i32, char)],
+        fds: &[(i32, &str)],
+    ) {
+        let d = proc.join(pid.to_string());
+        std::fs::create_dir_all(d.join("fd")).unwrap();
+        std::fs::write(d.join("comm"), format!("{comm}\n")).unwrap();
+        std::fs::write(d.join("stat"), format!("{pid} (a (b) c) {state} 1 2 3")).unwrap();
+        for (tid, st) in tasks {
+            let t = d.join(format!("task/{tid}"));
+            std::fs::create_dir_all(&t).unwrap();
+            std::fs::write(t.join("stat"), format!("{tid} (x) {st} 1")).unwrap();
+            std::fs::write(t.join("wchan"), "fuse_wait_answer").unwrap();
+        }
+        for (fd, target) in fds {
+            std::os::unix::fs::symlink(target, d.join(format!("fd/{fd}"))).unwrap();
+        }
+        std::fs::write(
+            d.join("maps"),
+            "7f00-7f01 rw-s 00000000 00:0f 1 anon_inode:[io_uring]\n",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn what_criu_cannot_dump_is_named_with_the_process_and_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let proc = dir.path();
+        fake_proc(
+            proc,
+            10,
+            "server",
+            'S',
+            &[(10, 'S'), (11, 'S')],
+            &[
+                (0, "/dev/null"),
+                (3, "anon_inode:[eventpoll]"),
+                (4, "anon_inode:inotify"),
+                (5, "anon_inode:[io_uring]"),
+                (6, "anon_inode:[perf_event]"),
+                (7, "socket:[123]"),
+            ],
+        );
+        fake_proc(proc, 20, "zombie", 'Z', &[(20, 'Z'), (21, 'S')], &[]);
+        fake_proc(proc, 30, "stuck", 'S', &[(30, 'S'), (31, 'D')], &[]);
+        fake_proc(proc, 40, "plain", 'S', &[(40, 'R')], &[(1, "pipe:[5]")]);
+        std::fs::write(proc.join("40/maps"), "").unwrap();
+        let b = blockers(proc, &[10, 20, 30, 40, 99]);
+        let text: Vec<String> = b.iter().map(|b| b.to_string()).collect();
+        assert_eq!(b.iter().filter(|b| b.pid == 10).count(), 2, "{text:#?}");
+        assert!(text[0].starts_with("process 10 (server) holds descriptor 5, an io_uring instance (anon_inode:[io_uring])"), "{text:#?}");
+        assert!(text[1].contains("descriptor 6, a perf event"), "{text:#?}");
+        assert!(
+            text[2]
+                .starts_with("process 20 (zombie) is a zombie whose 1 other thread(s) still run"),
+            "{text:#?}"
+        );
+        assert!(
+            text.iter().any(|t| t.starts_with(
+                "process 30 (stuck) has task 31 in uninterruptible sleep in fuse_wait_answer"
+            )),
+            "{text:#?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.contains("process 20 (zombie) maps the memory of an io_uring")),
+            "{text:#?}"
+        );
+        assert_eq!(b.iter().filter(|b| b.pid == 40).count(), 0);
+        assert!(!describe(&b).is_empty());
+    }
+
+    #[test]
+    fn a_task_in_uninterruptible_sleep_for_a_moment_is_not_a_blocker() {
+        let dir = tempfile::tempdir().unwrap();
+        let proc = dir.path().to_path_buf();
+        fake_proc(&proc, 30, "disk", 'S', &[(30, 'D')], &[]);
+        std::fs::write(proc.join("30/maps"), "").unwrap();
+        let p = proc.clone();
+        let waker = std::thread::spawn(move || {
+            std::thread::sleep(D_INTERVAL / 2);
+            std::fs::write(p.join("30/task/30/stat"), "30 (x) R 1").unwrap();
+        });
+        assert_eq!(blockers(&proc, &[30]), vec![]);
+        waker.join().unwrap();
+    }
+
+    #[test]
+    fn criu_log_errors_are_translated() {
+        let dir = tempfile::tempdir().unwrap();
+        let proc = dir.path();
+        fake_proc(proc, 4144, "ferry-workload", 'S', &[], &[]);
+        let log = "(00.003100) Error (criu/files-ext.c:94): Can't dump file 5 of that type [600] (anon [io_uring])\n\
+                   (00.003147) Error (criu/cr-dump.c:1578): Dump files (pid: 4144) failed with -1\n\
+                   (00.003568) Error (criu/cr-dump.c:2008): Dumping FAILED.\n";
+        assert_eq!(
+            explain_criu_log(proc, log).unwrap(),
+            format!("process 4144 (ferry-workload) holds descriptor 5, an io_uring instance (anon_inode:[io_uring]): {ADVICE_ANON}")
+        );
+        let log = "(00.001) Error (criu/seize.c:882): Zombies with threads are not supported\n";
+        assert!(explain_criu_log(proc, log)
+            .unwrap()
+            .starts_with("a process of the container is a zombie"));
+        let log = "(00.001) Error (compel/src/lib/infect.c:262): Unseizable non-zombie 4144 found, state D, err 0/0\n";
+        assert!(explain_criu_log(proc, log)
+            .unwrap()
+            .starts_with("process 4144 (ferry-workload) could not be stopped (state D)"));
+        assert_eq!(
+            explain_criu_log(proc, "(00.001) Error (x): something else\n"),
+            None
+        );
+        // Without a line that says what: the process CRIU names is looked at.
+        std::os::unix::fs::symlink("anon_inode:[io_uring]", proc.join("4144/fd/4")).unwrap();
+        let log = "(00.004526) Error (compel/src/lib/infect-rpc.c:44): Message reply from daemon is trimmed (12/0)\n\
+                   (00.004531) Error (criu/cr-dump.c:1578): Dump files (pid: 4144) failed with -1\n";
+        assert!(explain_criu_log(proc, log)
+            .unwrap()
+            .starts_with("process 4144 (ferry-workload) holds descriptor 4, an io_uring instance"));
     }
 
     #[test]

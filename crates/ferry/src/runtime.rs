@@ -430,8 +430,10 @@ impl Runc {
                 .map(|l| l.chars().take(400).collect())
                 .collect();
             excerpt = excerpt.split_off(excerpt.len().saturating_sub(2));
+            let mut explained = None;
             if let Some(p) = criu_log {
                 let text = std::fs::read_to_string(p).unwrap_or_default();
+                explained = crate::inspect::explain_criu_log(Path::new("/proc"), &text);
                 let errs: Vec<&str> = text.lines().filter(|l| l.contains("Error")).collect();
                 if !errs.is_empty() {
                     excerpt.push(format!(
@@ -440,6 +442,12 @@ impl Runc {
                         errs[errs.len().saturating_sub(3)..].join(" | ")
                     ));
                 }
+            }
+            if let Some(why) = explained {
+                bail!(
+                    "{why} (runc {op} of container {name:?} failed ({status}): {})",
+                    excerpt.join(" | ")
+                );
             }
             bail!(
                 "runc {op} of container {name:?} failed ({status}): {}",

@@ -32,12 +32,14 @@ fn main() {
         }
         Some("mem") => std::process::exit(ferry_workload::mem::cli(&args[1..])),
         Some("files") => std::process::exit(ferry_workload::files::cli(&args[1..])),
+        Some("objects") => std::process::exit(ferry_workload::unsupported::cli(&args[1..])),
         Some("lockprobe") => std::process::exit(ferry_workload::files::lockprobe(&args[1..])),
         _ => {
             eprintln!(
-                "usage: ferry-workload echo [--port PORT]\n       {}\n       {}",
+                "usage: ferry-workload echo [--port PORT]\n       {}\n       {}\n       {}",
                 ferry_workload::mem::USAGE,
-                ferry_workload::files::USAGE
+                ferry_workload::files::USAGE,
+                ferry_workload::unsupported::USAGE
             );
             std::process::exit(2);
         }

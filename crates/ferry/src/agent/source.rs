@@ -466,7 +466,7 @@ impl Driver {
                 );
                 let host = self.agent.cfg.host.clone();
                 let watches = Arc::clone(&self.watch_paths);
-                let (st, size, memory, processes, longest) =
+                let (st, size, memory, processes, longest, blockers) =
                     tokio::task::spawn_blocking(move || {
                         let memory = crate::runtime::container_memory_bytes(&host, &n);
                         let pids = crate::runtime::container_pids(&host, &n);
@@ -478,9 +478,13 @@ impl Driver {
                             .filter_map(|p| memtrack::longest_private_anon_mapping(*p).ok())
                             .max()
                             .unwrap_or(0);
-                        if let Ok(p) = &pids {
-                            watches.lock().unwrap().update(p);
-                        }
+                        let blockers = match &pids {
+                            Ok(p) => {
+                                watches.lock().unwrap().update(p);
+                                crate::inspect::blockers(std::path::Path::new("/proc"), p)
+                            }
+                            Err(_) => vec![],
+                        };
                         let processes = pids.map(|p| p.len());
                         (
                             runc.state(&n),
@@ -488,6 +492,7 @@ impl Driver {
                             memory,
                             processes,
                             longest,
+                            blockers,
                         )
                     })
                     .await?;
@@ -499,6 +504,14 @@ impl Driver {
                         self.spec.name,
                         self.agent.cfg.host,
                         st.map(|s| s.status).unwrap_or_else(|| "unknown".into())
+                    );
+                }
+                if !blockers.is_empty() {
+                    bail!(
+                        "container {:?} holds what CRIU cannot move (nothing was frozen; it runs on {}): {}",
+                        self.spec.name,
+                        self.agent.cfg.host,
+                        crate::inspect::describe(&blockers)
                     );
                 }
                 let to = self.to.clone();
