@@ -275,6 +275,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             corrupt_images,
             corrupt_memory_page,
             hide_dirty_page,
+            refuse_tracking,
             pause_before_commit_ms,
             corrupt_rootfs,
             pause_in_dump_ms,
@@ -292,6 +293,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 corrupt_images,
                 corrupt_memory_page,
                 hide_dirty_page,
+                refuse_tracking,
                 pause_before_commit_ms,
                 corrupt_rootfs,
                 pause_in_dump_ms,
@@ -646,6 +648,23 @@ pub(crate) fn print_summary(r: &Report) {
                 b.ms / 1000.0,
                 b.chunk_bytes as f64 / (1 << 20) as f64 / (b.ms / 1000.0).max(1e-3)
             );
+        }
+    }
+    if let Some(t) = &r.tracking {
+        let by: Vec<String> = t
+            .processes
+            .iter()
+            .map(|(method, n)| format!("{n} by {method}"))
+            .collect();
+        println!("  tracking: processes followed {}", by.join(", "));
+        for f in &t.fallbacks {
+            println!(
+                "    pid {} ({}) by {}: {}",
+                f.pid, f.command, f.method, f.reason
+            );
+        }
+        if t.fallbacks_not_listed > 0 {
+            println!("    and {} more by page hashes", t.fallbacks_not_listed);
         }
     }
     if let Some(m) = &r.memory {

@@ -1,7 +1,8 @@
 //! What a container's processes hold that CRIU needs help with or cannot dump at all.
 //!
 //! **Objects CRIU cannot dump** ([`blockers`]) are found at the preflight, while the container
-//! still runs: a zombie whose threads still run, a task that stays in uninterruptible sleep, a
+//! still runs: a zombie whose threads still run, a process traced by a debugger, a task that
+//! stays in uninterruptible sleep, a
 //! descriptor or a mapping of a kind CRIU does not know (io_uring, perf events, userfaultfd,
 //! BPF programs, any other anonymous inode but the ones CRIU dumps). The migration is refused
 //! with the process, the object and what to do, before anything is frozen. A dump that still
@@ -82,6 +83,8 @@ const ADVICE_ANON: &str =
     it (or restart it without it) and migrate again";
 const ADVICE_ZOMBIE: &str = "CRIU cannot checkpoint a process whose main thread exited while \
     other threads run; wait until they exit or restart the program, then migrate again";
+const ADVICE_TRACED: &str = "CRIU cannot checkpoint a process that a debugger or strace \
+    traces; detach the tracer and migrate again";
 const ADVICE_D: &str = "a task stuck in uninterruptible sleep (usually on a device or a network \
     file system) cannot be frozen; resolve what it waits for and migrate again";
 
@@ -140,6 +143,20 @@ fn blockers_of(proc: &Path, pids: &[i32], sleepers: bool) -> Vec<Blocker> {
                     tids.len() - 1
                 ),
                 ADVICE_ZOMBIE,
+            ));
+        }
+        let tracer = std::fs::read_to_string(proc.join(format!("{pid}/status")))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("TracerPid:"))
+                    .and_then(|v| v.trim().parse::<i32>().ok())
+            })
+            .unwrap_or(0);
+        if tracer != 0 {
+            out.push(blocker(
+                format!("is traced by process {tracer} ({})", comm(proc, tracer)),
+                ADVICE_TRACED,
             ));
         }
         for &tid in tids.iter().filter(|_| sleepers) {
@@ -287,7 +304,9 @@ pub fn explain_criu_log(proc: &Path, log: &str) -> Option<String> {
                 .and_then(|s| s.chars().next())
                 .unwrap_or('?');
             let advice = if state == 'D' {
-                ADVICE_D
+                "CRIU could not seize it: a task in uninterruptible sleep (on a device or a \
+                 network file system) or one frozen inside execve; migrate again, and if it \
+                 persists resolve what the task waits for"
             } else {
                 "it cannot be stopped for the dump; migrate again once it runs normally"
             };
@@ -617,6 +636,12 @@ mod tests {
         std::fs::create_dir_all(d.join("fd")).unwrap();
         std::fs::write(d.join("comm"), format!("{comm}\n")).unwrap();
         std::fs::write(d.join("stat"), format!("{pid} (a (b) c) {state} 1 2 3")).unwrap();
+        let tracer = if comm == "traced" { 10 } else { 0 };
+        std::fs::write(
+            d.join("status"),
+            format!("Name:\t{comm}\nTracerPid:\t{tracer}\n"),
+        )
+        .unwrap();
         for (tid, st) in tasks {
             let t = d.join(format!("task/{tid}"));
             std::fs::create_dir_all(&t).unwrap();
@@ -656,7 +681,9 @@ mod tests {
         fake_proc(proc, 30, "stuck", 'S', &[(30, 'S'), (31, 'D')], &[]);
         fake_proc(proc, 40, "plain", 'S', &[(40, 'R')], &[(1, "pipe:[5]")]);
         std::fs::write(proc.join("40/maps"), "").unwrap();
-        let b = blockers(proc, &[10, 20, 30, 40, 99]);
+        fake_proc(proc, 50, "traced", 'S', &[(50, 't')], &[]);
+        std::fs::write(proc.join("50/maps"), "").unwrap();
+        let b = blockers(proc, &[10, 20, 30, 40, 50, 99]);
         let text: Vec<String> = b.iter().map(|b| b.to_string()).collect();
         assert_eq!(b.iter().filter(|b| b.pid == 10).count(), 2, "{text:#?}");
         assert!(text[0].starts_with("process 10 (server) holds descriptor 5, an io_uring instance (anon_inode:[io_uring])"), "{text:#?}");
@@ -678,6 +705,11 @@ mod tests {
             "{text:#?}"
         );
         assert_eq!(b.iter().filter(|b| b.pid == 40).count(), 0);
+        assert!(
+            text.iter().any(|t| t
+                .starts_with("process 50 (traced) is traced by process 10 (server): CRIU cannot")),
+            "{text:#?}"
+        );
         assert!(!describe(&b).is_empty());
     }
 

@@ -176,6 +176,10 @@ enum Cmd {
         /// the final dump, as if the dirty tracking had missed it.
         #[arg(long, hide = true)]
         hide_dirty_page: bool,
+        /// Fault injection (tests): pre-copy's main tracking method refuses the first N
+        /// processes, which are tracked by page hashes instead.
+        #[arg(long, hide = true, default_value_t = 0)]
+        refuse_tracking: u32,
         /// Fault injection (tests): pause this long between the restore and the commit.
         #[arg(long, hide = true, default_value_t = 0)]
         pause_before_commit_ms: u64,

@@ -1511,12 +1511,65 @@ pub fn cgroup_path(host: &str, name: &str) -> String {
 /// How often a freeze in progress is checked.
 const FREEZE_POLL: std::time::Duration = std::time::Duration::from_micros(100);
 
+/// How often a freeze that caught a process inside `execve` is undone and tried again.
+const EXEC_FREEZE_RETRIES: u32 = 50;
+
+/// Freezes container `name`'s cgroup. A freeze that catches a process starting another is
+/// undone and tried again after a millisecond (a process that starts programs, through
+/// `posix_spawn` or `vfork` and `exec`, is caught there now and then): a thread frozen in a
+/// `vfork` waits for its child's `exec` and cannot reach the stop CRIU asks for once CRIU holds
+/// the child, and a process frozen inside `execve` holds its credentials lock; either way CRIU
+/// waits for its timeout in the freeze and fails ("Unseizable non-zombie N found, state D").
+pub fn freeze(host: &str, name: &str) -> Result<()> {
+    for attempt in 0.. {
+        freeze_once(host, name)?;
+        let pids = container_pids(host, name).unwrap_or_default();
+        let execing: Vec<i32> = pids.into_iter().filter(|p| spawning(*p)).collect();
+        if execing.is_empty() {
+            if attempt > 0 {
+                tracing::info!(container = %name, attempts = attempt + 1, "frozen while no process starts another");
+            }
+            return Ok(());
+        }
+        if attempt >= EXEC_FREEZE_RETRIES {
+            tracing::warn!(container = %name, pids = ?execing, "still frozen while starting a process; CRIU may not seize them");
+            return Ok(());
+        }
+        thaw(host, name);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    unreachable!()
+}
+
+/// Whether a thread of process `pid` is inside `execve`, `execveat`, `vfork`, `clone` or
+/// `clone3` (`/proc/PID/task/TID/syscall`; a process that vanished is not).
+fn spawning(pid: i32) -> bool {
+    const CALLS: [libc::c_long; 5] = [
+        libc::SYS_execve,
+        libc::SYS_execveat,
+        libc::SYS_vfork,
+        libc::SYS_clone,
+        libc::SYS_clone3,
+    ];
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        std::fs::read_to_string(t.path().join("syscall")).is_ok_and(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<libc::c_long>().ok())
+                .is_some_and(|n| CALLS.contains(&n))
+        })
+    })
+}
+
 /// Freezes the container's cgroup and waits ([`FREEZE_POLL`] steps, at most 2 s) until it is
 /// frozen.
 ///
 /// CRIU freezes a running container itself but checks the freezer only every 100 ms; a cgroup
 /// that is already frozen when CRIU starts costs no such wait.
-pub fn freeze(host: &str, name: &str) -> Result<()> {
+fn freeze_once(host: &str, name: &str) -> Result<()> {
     let rel = cgroup_path(host, name);
     let v1 = PathBuf::from("/sys/fs/cgroup/freezer").join(rel.trim_start_matches('/'));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);

@@ -73,7 +73,7 @@ pub enum Error {
         /// The thread.
         tid: i32,
         /// How long memtrack waited.
-        seconds: u64,
+        seconds: f64,
         /// The thread's state letter from /proc/PID/task/TID/stat.
         state: String,
     },

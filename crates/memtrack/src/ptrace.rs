@@ -18,6 +18,12 @@ use crate::sys::{self, SigInfo, WaitStatus};
 /// How long to wait for a thread to reach the stop that PTRACE_INTERRUPT asks for.
 pub(crate) const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long to wait for a thread to reach its first stop, when it is seized. Usually
+/// microseconds; a thread that takes longer (a process caught in `execve` or a `vfork`, or in
+/// uninterruptible sleep) is left alone at once: the caller tracks that process another way
+/// rather than stall the migration for [`STOP_TIMEOUT`].
+pub(crate) const ATTACH_STOP_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// `PTRACE_EVENT_STOP`: group-stop or PTRACE_INTERRUPT trap of a seized tracee.
 const PTRACE_EVENT_STOP: i32 = 128;
 
@@ -127,7 +133,7 @@ impl Stopped {
             live: true,
         };
         sys::ptrace_interrupt(tid).map_err(|e| me.ptrace_error("PTRACE_INTERRUPT", e))?;
-        match me.wait()? {
+        match me.wait_within(ATTACH_STOP_TIMEOUT)? {
             Stop::Event => {}
             Stop::Signal(sig) => {
                 // A signal arrived before the interrupt trap. The thread is in a ptrace-stop
@@ -182,6 +188,11 @@ impl Stopped {
     /// than SIGTRAP are recorded for redelivery; SIGTRAP is returned for the caller to judge
     /// (single-step trap or a real signal, see [`Stopped::record_signal`]).
     pub(crate) fn wait(&mut self) -> Result<Stop, Error> {
+        self.wait_within(STOP_TIMEOUT)
+    }
+
+    /// [`Stopped::wait`], giving up after `timeout`.
+    fn wait_within(&mut self, timeout: Duration) -> Result<Stop, Error> {
         let start = Instant::now();
         let mut pause = Duration::from_micros(5);
         let mut spins = 0u32;
@@ -190,11 +201,11 @@ impl Stopped {
                 sys::waitpid(self.tid, true).map_err(|e| self.ptrace_error("waitpid", e))?;
             match status {
                 WaitStatus::StillRunning => {
-                    if start.elapsed() > STOP_TIMEOUT {
+                    if start.elapsed() > timeout {
                         return Err(Error::StopTimeout {
                             pid: self.pid,
                             tid: self.tid,
-                            seconds: STOP_TIMEOUT.as_secs(),
+                            seconds: timeout.as_secs_f64(),
                             state: thread_state(self.pid, self.tid),
                         });
                     }

@@ -34,6 +34,7 @@ pub use policy::{
 };
 pub use report::{
     BaseReport, IntegrityReport, MemoryReport, Outcome, PhaseTiming, Report, RoundReport,
+    TrackingFallback, TrackingReport,
 };
 
 use serde::{Deserialize, Serialize};
@@ -281,6 +282,11 @@ impl Migration {
     /// Records how pre-copy tracks dirty pages (for the report).
     pub fn set_dirty_tracking(&mut self, method: &str) {
         self.report.dirty_tracking = Some(method.to_string());
+    }
+
+    /// Records how each process's writes are followed (see [`TrackingReport`]).
+    pub fn set_tracking(&mut self, tracking: TrackingReport) {
+        self.report.tracking = Some(tracking);
     }
 
     /// Records the digest of the root filesystem at the freeze, which the destination matched.

@@ -109,6 +109,10 @@ pub struct Report {
     /// `page-hash`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dirty_tracking: Option<String>,
+    /// How each process's writes were followed (pre-copy): processes per method, and each
+    /// process the main method could not follow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<TrackingReport>,
     /// Why pre-copy stopped and the container was frozen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precopy_stop: Option<FreezeReason>,
@@ -223,6 +227,51 @@ pub struct MemoryReport {
     pub integrity: Option<IntegrityReport>,
 }
 
+/// How pre-copy followed the writes of the container's processes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackingReport {
+    /// Processes tracked by each method (`uffd-wp`, `page-hash`, ...), including processes
+    /// that exited before the freeze.
+    pub processes: std::collections::BTreeMap<String, u64>,
+    /// The processes tracked by page hashing because the main method could not attach to
+    /// them, with why (the first [`TrackingReport::MAX_FALLBACKS`]).
+    pub fallbacks: Vec<TrackingFallback>,
+    /// Fallbacks beyond those listed.
+    #[serde(default)]
+    pub fallbacks_not_listed: u64,
+}
+
+impl TrackingReport {
+    /// How many fallbacks are listed one by one.
+    pub const MAX_FALLBACKS: usize = 32;
+
+    /// Records that `method` tracks a process.
+    pub fn tracked(&mut self, method: &str) {
+        *self.processes.entry(method.to_string()).or_default() += 1;
+    }
+
+    /// Records a process tracked by page hashing instead, and why.
+    pub fn fell_back(&mut self, fallback: TrackingFallback) {
+        if self.fallbacks.len() < Self::MAX_FALLBACKS {
+            self.fallbacks.push(fallback);
+        } else {
+            self.fallbacks_not_listed += 1;
+        }
+    }
+}
+
+/// A process the main tracking method could not follow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackingFallback {
+    pub pid: i32,
+    /// Its name (`/proc/PID/comm`) when tracking began.
+    pub command: String,
+    /// The method it is tracked by instead.
+    pub method: String,
+    /// Why the main method could not attach.
+    pub reason: String,
+}
+
 /// What the integrity check of a lazy restore found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IntegrityReport {
@@ -293,6 +342,7 @@ impl Report {
             rollback: None,
             rounds: vec![],
             dirty_tracking: None,
+            tracking: None,
             precopy_stop: None,
             started_unix_ms: 0.0,
             rootfs_digest: None,

@@ -218,6 +218,10 @@ pub struct FaultHooks {
     /// the dirty tracking missed), so that a lazy restore's integrity check must find it.
     #[serde(default)]
     pub hide_dirty_page: bool,
+    /// Pre-copy's main dirty-page tracking method refuses the first N processes, as if it
+    /// could not attach to them: they are tracked by page hashes instead.
+    #[serde(default)]
+    pub refuse_tracking: u32,
 }
 
 /// `POST /v1/containers/{name}/migrate`.

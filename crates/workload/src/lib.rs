@@ -11,6 +11,7 @@
 
 pub mod files;
 pub mod mem;
+pub mod swarm;
 pub mod unsupported;
 
 /// Listens on `port` on every address: IPv6 and IPv4 at once (`[::]`, dual-stack as Linux makes

@@ -10,6 +10,9 @@
 //! of self-checking pages, rewrites R MiB/s of them and checks V MiB/s; see
 //! [`ferry_workload::mem`] for the page format and the protocol.
 //!
+//! `ferry-workload swarm ...`: many processes and threads writing memory while processes and
+//! threads come and go; see [`ferry_workload::swarm`].
+//!
 //! `ferry-workload files --dir D --hold F [--port P]`: holds inotify and fanotify watches, file
 //! locks and an open file; see [`ferry_workload::files`].
 
@@ -32,12 +35,17 @@ fn main() {
         }
         Some("mem") => std::process::exit(ferry_workload::mem::cli(&args[1..])),
         Some("files") => std::process::exit(ferry_workload::files::cli(&args[1..])),
+        Some("swarm") => std::process::exit(ferry_workload::swarm::cli(&args[1..])),
+        Some("swarm-worker") => std::process::exit(ferry_workload::swarm::worker(&args[1..])),
+        Some("swarm-blip") => std::process::exit(ferry_workload::swarm::blip(&args[1..])),
+        Some("swarm-exit") => std::process::exit(0),
         Some("objects") => std::process::exit(ferry_workload::unsupported::cli(&args[1..])),
         Some("lockprobe") => std::process::exit(ferry_workload::files::lockprobe(&args[1..])),
         _ => {
             eprintln!(
-                "usage: ferry-workload echo [--port PORT]\n       {}\n       {}\n       {}",
+                "usage: ferry-workload echo [--port PORT]\n       {}\n       {}\n       {}\n       {}",
                 ferry_workload::mem::USAGE,
+                ferry_workload::swarm::USAGE,
                 ferry_workload::files::USAGE,
                 ferry_workload::unsupported::USAGE
             );

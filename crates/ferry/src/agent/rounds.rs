@@ -54,6 +54,10 @@ pub(crate) struct Rounds {
     follow_writes: bool,
     /// Lazy restore: where the pages read live, for the destination (see `lazy`).
     pub(crate) placement: Option<Arc<Placement>>,
+    /// How each process is tracked, for the report.
+    pub(crate) tracking: migrate_core::TrackingReport,
+    /// Fault hook `refuse_tracking`: processes the main method still refuses.
+    pub(crate) refuse_tracking: u32,
 }
 
 /// What the readers and streams of a round have done so far, for the link measurement.
@@ -101,6 +105,8 @@ impl Rounds {
             destination_pages: None,
             follow_writes: false,
             placement: None,
+            tracking: Default::default(),
+            refuse_tracking: 0,
         }
     }
 
@@ -193,16 +199,40 @@ impl Rounds {
         }
         let tracked: HashSet<i32> = self.trackers.iter().map(|t| t.pid()).collect();
         for pid in pids.into_iter().filter(|p| !tracked.contains(p)) {
-            let t = match memtrack::start(pid, method) {
-                Ok(t) => t,
-                Err(e) if e.is_process_gone() => continue,
+            let started = if self.refuse_tracking > 0 && method != Method::PageHash {
+                self.refuse_tracking -= 1;
+                Err(None)
+            } else {
+                memtrack::start(pid, method).map_err(Some)
+            };
+            let t = match started {
+                Ok(t) => {
+                    self.tracking.tracked(&method.to_string());
+                    t
+                }
+                Err(Some(e)) if e.is_process_gone() => continue,
                 // One process the method cannot follow (no `syscall` instruction to inject in
                 // a zombie or a process between fork and exec, a process already traced...)
                 // does not stop the migration: its pages are compared by hash instead.
                 Err(e) if method != Method::PageHash => {
+                    let e = e.map(|e| e.to_string()).unwrap_or_else(|| {
+                        format!("{method} refused by the fault hook refuse_tracking")
+                    });
                     warn!(pid, %method, error = %e, "this process is tracked by page hashes instead");
                     match memtrack::start(pid, Method::PageHash) {
-                        Ok(t) => t,
+                        Ok(t) => {
+                            let fallback = Method::PageHash.to_string();
+                            self.tracking.tracked(&fallback);
+                            self.tracking.fell_back(migrate_core::TrackingFallback {
+                                pid,
+                                command: std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                                    .map(|c| c.trim().to_string())
+                                    .unwrap_or_default(),
+                                method: fallback,
+                                reason: e,
+                            });
+                            t
+                        }
                         Err(e) if e.is_process_gone() => continue,
                         Err(e) => {
                             return Err(e).with_context(|| {
@@ -211,9 +241,10 @@ impl Rounds {
                         }
                     }
                 }
-                Err(e) => {
+                Err(Some(e)) => {
                     return Err(e).with_context(|| format!("tracking pid {pid} with {method}"))
                 }
+                Err(None) => unreachable!("the fault hook refuses only the main method"),
             };
             if let Some(p) = &self.placement {
                 match p.note_pid(pid) {

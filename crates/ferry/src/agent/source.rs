@@ -128,6 +128,7 @@ pub(crate) fn start(
     }
     let (a, j) = (Arc::clone(agent), Arc::clone(&job));
     let mut rounds = Rounds::new();
+    rounds.refuse_tracking = req.faults.refuse_tracking;
     rounds.set_follow_writes(req.precopy.as_ref().is_none_or(|p| p.follow_writes));
     rounds.set_lazy(
         req.mode == MigrateMode::PreCopy && req.precopy.as_ref().is_none_or(|p| p.lazy_restore),
@@ -323,6 +324,7 @@ impl Driver {
                     let r = self.copy_round(round, throttle_pct).await;
                     if let Some(method) = self.rounds.method() {
                         m.set_dirty_tracking(&method.to_string());
+                        m.set_tracking(self.rounds.tracking.clone());
                     }
                     r.map(|stats| (stats.bytes_sent, Event::RoundDone(stats)))
                 }
