@@ -6,6 +6,7 @@
 
 mod agent;
 mod bench;
+mod cgroup;
 mod chart;
 mod cli;
 mod client;

@@ -1481,35 +1481,15 @@ pub fn container_memory_bytes(host: &str, name: &str) -> Result<u64> {
 }
 
 pub fn container_pids(host: &str, name: &str) -> Result<Vec<i32>> {
-    let rel = cgroup_path(host, name);
-    let rel = rel.trim_start_matches('/');
-    let candidates = [
-        PathBuf::from("/sys/fs/cgroup/pids").join(rel),
-        PathBuf::from("/sys/fs/cgroup/freezer").join(rel),
-        PathBuf::from("/sys/fs/cgroup").join(rel),
-    ];
-    for dir in &candidates {
-        if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-            return Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect());
-        }
-    }
-    bail!(
-        "no cgroup for container {name:?} (looked in {})",
-        candidates
-            .iter()
-            .map(|c| c.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    )
+    crate::cgroup::Cgroups::host()
+        .procs(&cgroup_path(host, name))
+        .with_context(|| format!("no cgroup for container {name:?}"))
 }
 
 /// The container's cgroup path (`cgroupsPath` in its config).
 pub fn cgroup_path(host: &str, name: &str) -> String {
     format!("/ferry/{host}/{name}")
 }
-
-/// How often a freeze in progress is checked.
-const FREEZE_POLL: std::time::Duration = std::time::Duration::from_micros(100);
 
 /// How often a freeze that caught a process inside `execve` is undone and tried again.
 const EXEC_FREEZE_RETRIES: u32 = 50;
@@ -1564,76 +1544,24 @@ fn spawning(pid: i32) -> bool {
     })
 }
 
-/// Freezes the container's cgroup and waits ([`FREEZE_POLL`] steps, at most 2 s) until it is
-/// frozen.
+/// Freezes the container's cgroup and waits until it is frozen ([`crate::cgroup::Cgroups::freeze`]).
 ///
 /// CRIU freezes a running container itself but checks the freezer only every 100 ms; a cgroup
 /// that is already frozen when CRIU starts costs no such wait.
 fn freeze_once(host: &str, name: &str) -> Result<()> {
-    let rel = cgroup_path(host, name);
-    let v1 = PathBuf::from("/sys/fs/cgroup/freezer").join(rel.trim_start_matches('/'));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    if v1.is_dir() {
-        let state = v1.join("freezer.state");
-        std::fs::write(&state, "FROZEN")
-            .with_context(|| format!("freezing {}", state.display()))?;
-        loop {
-            if std::fs::read_to_string(&state)?.trim() == "FROZEN" {
-                return Ok(());
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = std::fs::write(&state, "THAWED");
-                bail!(
-                    "container {name:?} did not freeze within 2 s ({})",
-                    state.display()
-                );
-            }
-            // A few hundred microseconds usually: this is frozen time.
-            std::thread::sleep(FREEZE_POLL);
-        }
-    }
-    let v2 = PathBuf::from("/sys/fs/cgroup").join(rel.trim_start_matches('/'));
-    std::fs::write(v2.join("cgroup.freeze"), "1").with_context(|| {
-        format!(
-            "no freezer for container {name:?} (looked in {} and {})",
-            v1.display(),
-            v2.display()
-        )
-    })?;
-    loop {
-        if std::fs::read_to_string(v2.join("cgroup.events"))?.contains("frozen 1") {
-            return Ok(());
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = std::fs::write(v2.join("cgroup.freeze"), "0");
-            bail!("container {name:?} did not freeze within 2 s");
-        }
-        std::thread::sleep(FREEZE_POLL);
-    }
+    crate::cgroup::Cgroups::host()
+        .freeze(&cgroup_path(host, name))
+        .with_context(|| format!("freezing container {name:?}"))
 }
 
 /// Whether the container's cgroup exists and is not frozen (nor freezing): its processes run.
 pub fn runs_thawed(host: &str, name: &str) -> bool {
-    let rel = cgroup_path(host, name);
-    let v1 = PathBuf::from("/sys/fs/cgroup/freezer")
-        .join(rel.trim_start_matches('/'))
-        .join("freezer.state");
-    if let Ok(s) = std::fs::read_to_string(&v1) {
-        return s.trim() == "THAWED";
-    }
-    let v2 = PathBuf::from("/sys/fs/cgroup")
-        .join(rel.trim_start_matches('/'))
-        .join("cgroup.freeze");
-    std::fs::read_to_string(v2).is_ok_and(|s| s.trim() == "0")
+    crate::cgroup::Cgroups::host().runs_thawed(&cgroup_path(host, name))
 }
 
 /// Thaws the container's cgroup (after a failed dump); absent is fine.
 pub fn thaw(host: &str, name: &str) {
-    let rel = cgroup_path(host, name);
-    let v1 = PathBuf::from("/sys/fs/cgroup/freezer").join(rel.trim_start_matches('/'));
-    let _ = std::fs::write(v1.join("freezer.state"), "THAWED");
-    let v2 = PathBuf::from("/sys/fs/cgroup").join(rel.trim_start_matches('/'));
-    let _ = std::fs::write(v2.join("cgroup.freeze"), "0");
+    crate::cgroup::Cgroups::host().thaw(&cgroup_path(host, name))
 }
 
 /// How many CRIU logs an agent keeps in its `logs` directory.

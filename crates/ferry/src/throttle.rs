@@ -3,13 +3,16 @@
 //! from it with the CFS bandwidth quota of its cgroup, as QEMU throttles vCPUs.
 //!
 //! `pct` percent means: the container gets `100 - pct` percent of the CPU time it used over the
-//! last measuring interval (from `cpuacct.usage`), enforced over 10 ms periods so that the
-//! throttle bites within a short pre-copy round.
+//! last measuring interval (`cpuacct.usage` on cgroup v1, `cpu.stat` on v2), enforced over 10 ms
+//! periods (`cpu.cfs_quota_us`/`cpu.cfs_period_us`, or `cpu.max`) so that the throttle bites
+//! within a short pre-copy round.
 
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+
+use crate::cgroup::CpuControl;
+use crate::cgroup::{Cgroups, CpuLimit};
 
 /// CFS period used while throttled, microseconds, unless the share is below
 /// [`MIN_QUOTA_US`] per period: then the period grows (up to [`MAX_PERIOD_US`]) so that the
@@ -46,51 +49,32 @@ pub fn quota_us(used_cores: f64, pct: u32) -> (u64, u64) {
 
 /// A container's CPU throttle.
 pub struct CpuThrottle {
-    cpu: PathBuf,
-    usage: PathBuf,
+    cpu: CpuControl,
     last_usage_ns: u64,
     last_at: Instant,
     applied: bool,
     /// Cores used before the first step: every step is a share of this.
     base_cores: Option<f64>,
-    /// The container's own limit, `(quota, period)` as found (`--cpus`; quota -1: none),
-    /// put back when the throttle is lifted.
-    own: (i64, u64),
+    /// The container's own limit as found (`--cpus`, or none), put back when the throttle is
+    /// lifted.
+    own: CpuLimit,
 }
 
 impl CpuThrottle {
-    /// Finds the container's cpu and cpuacct cgroups and starts measuring its usage.
+    /// Finds the container's CPU bandwidth control (cgroup v1 `cpu`/`cpuacct`, or `cpu.max` and
+    /// `cpu.stat` on the unified hierarchy) and starts measuring its usage.
     pub fn new(host: &str, name: &str) -> Result<CpuThrottle> {
         let rel = crate::runtime::cgroup_path(host, name);
-        let rel = rel.trim_start_matches('/');
-        let pick = |candidates: &[&str], file: &str| -> Option<PathBuf> {
-            candidates
-                .iter()
-                .map(|c| Path::new("/sys/fs/cgroup").join(c).join(rel))
-                .find(|d| d.join(file).is_file())
-        };
-        let Some(cpu) = pick(&["cpu", "cpu,cpuacct"], "cpu.cfs_quota_us") else {
-            bail!(
-                "no CPU bandwidth control for container {name:?}: the kernel needs \
-                 CONFIG_CFS_BANDWIDTH and the cgroup v1 cpu controller"
-            );
-        };
-        let Some(acct) = pick(&["cpuacct", "cpu,cpuacct"], "cpuacct.usage") else {
-            bail!("no cpuacct cgroup for container {name:?}");
-        };
-        let usage = acct.join("cpuacct.usage");
-        let last_usage_ns = read_u64(&usage)?;
-        let quota = std::fs::read_to_string(cpu.join("cpu.cfs_quota_us"))
-            .ok()
-            .and_then(|s| s.trim().parse::<i64>().ok())
-            .unwrap_or(-1);
-        let own = (
-            quota,
-            read_u64(&cpu.join("cpu.cfs_period_us")).unwrap_or(100_000),
-        );
+        let cpu = Cgroups::host()
+            .cpu(&rel)
+            .with_context(|| format!("container {name:?}"))?;
+        let last_usage_ns = cpu.usage_ns()?;
+        let own = cpu.limit().unwrap_or(CpuLimit {
+            quota_us: None,
+            period_us: 100_000,
+        });
         Ok(CpuThrottle {
             cpu,
-            usage,
             last_usage_ns,
             last_at: Instant::now(),
             applied: false,
@@ -101,7 +85,7 @@ impl CpuThrottle {
 
     /// CPU cores the container used since the last call (or since `new`).
     fn used_cores(&mut self) -> Result<f64> {
-        let now_ns = read_u64(&self.usage)?;
+        let now_ns = self.cpu.usage_ns()?;
         let secs = self.last_at.elapsed().as_secs_f64();
         let used = now_ns.saturating_sub(self.last_usage_ns) as f64 / 1e9;
         self.last_usage_ns = now_ns;
@@ -121,13 +105,14 @@ impl CpuThrottle {
         // the usage measured before the first step, not of the throttled one.
         let base = *self.base_cores.get_or_insert(used);
         let (period, q) = quota_us(base, pct);
-        // The quota first: a longer period with the old quota could briefly allow more.
-        write(&self.cpu.join("cpu.cfs_quota_us"), q.min(PERIOD_US))?;
-        write(&self.cpu.join("cpu.cfs_period_us"), period)?;
-        write(&self.cpu.join("cpu.cfs_quota_us"), q)?;
+        self.cpu.set_limit(CpuLimit {
+            quota_us: Some(q),
+            period_us: period,
+        })?;
         self.applied = true;
         tracing::info!(
-            cgroup = %self.cpu.display(),
+            cgroup = %self.cpu.dir().display(),
+            hierarchy = %self.cpu.hierarchy,
             pct,
             used_cores = base,
             period_us = period,
@@ -142,17 +127,11 @@ impl CpuThrottle {
         self.applied
     }
 
-    /// Puts the container's own quota back (none, or its `--cpus` limit).
+    /// Puts the container's own limit back (none, or its `--cpus` limit).
     pub fn lift(&mut self) -> Result<()> {
-        let (quota, period) = self.own;
-        // Unlimited first, so that no step in between allows less than the container's own.
-        std::fs::write(self.cpu.join("cpu.cfs_quota_us"), "-1")
-            .with_context(|| format!("lifting the CPU quota of {}", self.cpu.display()))?;
-        let _ = write(&self.cpu.join("cpu.cfs_period_us"), period);
-        if quota > 0 {
-            std::fs::write(self.cpu.join("cpu.cfs_quota_us"), quota.to_string())
-                .with_context(|| format!("restoring the CPU limit of {}", self.cpu.display()))?;
-        }
+        self.cpu
+            .set_limit(self.own)
+            .with_context(|| format!("restoring the CPU limit of {}", self.cpu.dir().display()))?;
         self.applied = false;
         self.base_cores = None;
         Ok(())
@@ -165,17 +144,6 @@ impl Drop for CpuThrottle {
             let _ = self.lift();
         }
     }
-}
-
-fn read_u64(p: &Path) -> Result<u64> {
-    let s = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-    s.trim()
-        .parse()
-        .with_context(|| format!("{} holds {:?}, not a number", p.display(), s.trim()))
-}
-
-fn write(p: &Path, v: u64) -> Result<()> {
-    std::fs::write(p, v.to_string()).with_context(|| format!("writing {v} to {}", p.display()))
 }
 
 #[cfg(test)]

@@ -483,6 +483,9 @@ pub struct HostInfo {
     pub criu_error: Option<String>,
     /// Peers this agent knows.
     pub peers: Vec<String>,
+    /// The cgroup hierarchy containers get here (`cgroup v1`, `cgroup v2 (unified)`).
+    #[serde(default)]
+    pub cgroups: String,
 }
 
 /// The overlay's IPv6 prefix: a unique local address range (RFC 4193) in which every

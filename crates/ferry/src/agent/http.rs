@@ -141,6 +141,7 @@ async fn host(State(a): State<Arc<Agent>>) -> Json<HostInfo> {
         criu: a.criu.as_ref().ok().map(|c| c.version.to_string()),
         criu_error: a.criu.as_ref().err().cloned(),
         peers: a.peer_names(),
+        cgroups: crate::cgroup::Cgroups::host().host_hierarchy().to_string(),
     })
 }
 
