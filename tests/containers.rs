@@ -749,3 +749,76 @@ fn what_criu_cannot_dump_is_refused_before_the_freeze_or_explained_after_it() {
     assert_eq!(ask_workload(&ip, "hi"), "alive");
     ferry_ok(&["rm", "late"]);
 }
+
+#[test]
+fn a_destination_whose_cpu_lacks_instruction_sets_is_refused_unless_told() {
+    let lab = Lab::up();
+    let c = lab.run_echo("h1", "cpu");
+    let ip = c["ip"].as_str().unwrap().to_string();
+    // Two instruction sets this CPU has, hidden from what h2 offers.
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    let flags: Vec<&str> = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("flags").and_then(|r| r.split_once(':')))
+        .map(|(_, v)| v.split_whitespace().collect())
+        .unwrap();
+    let mut hidden: Vec<&str> = ["avx2", "sse4_2", "ssse3", "sse2", "sse"]
+        .into_iter()
+        .filter(|f| flags.contains(f))
+        .take(2)
+        .collect();
+    hidden.sort();
+    assert_eq!(
+        hidden.len(),
+        2,
+        "this CPU has too few of the flags looked for: {flags:?}"
+    );
+    lab.kill_agent("h2");
+    let cfg_path = format!("{LAB_DIR}/h2.json");
+    let mut cfg: Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg["hide_cpu_flags"] = serde_json::json!(hidden);
+    std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+    ferry_ok(&["lab", "start-agent", "h2"]);
+
+    for mode in [&[][..], &["--pre-copy"][..]] {
+        let (code, r) = migrate_json("cpu", "h2", mode, Duration::from_secs(60));
+        assert_eq!(code, 2, "refused: {r}");
+        let reason = r["reason"].as_str().unwrap();
+        assert!(
+            reason.contains(&format!(
+                "h2's CPU lacks instruction sets that h1's has: {}",
+                hidden.join(", ")
+            )),
+            "{reason}"
+        );
+        assert!(
+            reason.contains("SIGILL") && reason.contains("--ignore-cpu-features"),
+            "{reason}"
+        );
+        assert_eq!(
+            r["frozen_ms"].as_f64(),
+            Some(0.0),
+            "refused before the freeze: {r}"
+        );
+        assert_runs_on(&lab, "h1", "cpu");
+        assert_eq!(ask_workload(&ip, "x").split_whitespace().nth(1), Some("x"));
+    }
+    let (code, r) = migrate_json(
+        "cpu",
+        "h2",
+        &["--ignore-cpu-features"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(code, 0, "told to ignore them: {r}");
+    let warnings = r["warnings"].to_string();
+    assert!(
+        warnings.contains("moved anyway (ignore_cpu_features)"),
+        "{r}"
+    );
+    assert_runs_on(&lab, "h2", "cpu");
+    // h1 offers everything h2 does: back without a word.
+    let (code, r) = migrate_json("cpu", "h1", &[], Duration::from_secs(60));
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(r["warnings"].as_array().map(Vec::len), Some(0), "{r}");
+    ferry_ok(&["rm", "cpu"]);
+}

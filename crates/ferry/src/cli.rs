@@ -285,6 +285,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             pause_in_phase_ms,
             dump_deadline_s,
             restore_deadline_s,
+            ignore_cpu_features,
             detach,
         } => {
             let lab = Lab::load(&dir)?;
@@ -320,6 +321,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 precopy: None,
                 deadlines,
                 faults,
+                ignore_cpu_features,
             };
             if pre_copy || post_copy {
                 let mut p = migrate_core::PrecopyPolicy::default();
@@ -585,6 +587,7 @@ pub(crate) fn stop_copy_to(to: &str) -> MigrateRequest {
         precopy: None,
         deadlines: Default::default(),
         faults: FaultHooks::default(),
+        ignore_cpu_features: false,
     }
 }
 

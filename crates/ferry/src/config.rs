@@ -73,6 +73,12 @@ pub struct AgentConfig {
     /// They then count against memory; the preflight refuses a checkpoint that does not fit.
     #[serde(default = "yes")]
     pub scratch_tmpfs: bool,
+    /// CPU instruction-set flags this host does not offer containers moving here, though its
+    /// CPU has them (`/proc/cpuinfo` names): a cluster can be held to a common baseline, and
+    /// tests narrow a destination with it. Sources refuse to move here a container whose host
+    /// has a flag this one lacks.
+    #[serde(default)]
+    pub hide_cpu_flags: Vec<String>,
     /// Remount a cgroup hierarchy with `favordynmods` at start (Linux >= 6.0): moving a
     /// process into a cgroup, which CRIU's restore does while the container is frozen, then
     /// costs microseconds instead of an RCU grace period (7-25 ms here). Global to the host;

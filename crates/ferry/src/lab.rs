@@ -439,6 +439,7 @@ pub async fn up(
             memory_budget_mib: None,
             lazy_restore: true,
             scratch_tmpfs: true,
+            hide_cpu_flags: vec![],
             cgroup_favordynmods: true,
             netns_socket_hash_buckets: 4096,
             lazy_daemon,

@@ -11,6 +11,7 @@ mod chart;
 mod cli;
 mod client;
 mod config;
+mod cpu;
 mod demo;
 mod goodput;
 mod inspect;
@@ -208,6 +209,10 @@ enum Cmd {
         /// (default 120).
         #[arg(long)]
         dump_deadline_s: Option<f64>,
+        /// Move even if the destination's CPU lacks instruction sets the source's has (a
+        /// program of the container that uses one would die with SIGILL there).
+        #[arg(long)]
+        ignore_cpu_features: bool,
         /// Roll back if the restore at the destination takes longer than this, in seconds
         /// (default 120).
         #[arg(long)]

@@ -266,6 +266,9 @@ pub enum PeerResponse {
         /// The longest memory mapping its lazy restore can serve (`None`: any).
         #[serde(default)]
         lazy_max_mapping_bytes: Option<u64>,
+        /// The instruction-set flags its CPU offers containers (`None`: it does not tell).
+        #[serde(default)]
+        cpu_flags: Option<Vec<String>>,
     },
     /// Answer to [`PeerRequest::BaseHave`].
     BaseHeld {

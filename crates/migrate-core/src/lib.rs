@@ -304,6 +304,13 @@ impl Migration {
         self.report.base = Some(base);
     }
 
+    /// Records a warning for the report (once).
+    pub fn warn(&mut self, warning: String) {
+        if !self.report.warnings.contains(&warning) {
+            self.report.warnings.push(warning);
+        }
+    }
+
     /// Records the request round trips between the hosts while the container was frozen.
     pub fn set_frozen_round_trips(&mut self, n: u32) {
         self.report.frozen_round_trips = n;

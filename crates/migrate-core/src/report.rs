@@ -98,7 +98,8 @@ pub struct Report {
     pub total_ms: f64,
     /// Bytes sent over the network, all phases.
     pub bytes_sent: u64,
-    /// Problems after the commit point that did not stop the migration.
+    /// Problems that did not stop the migration (after the commit point, or a check the
+    /// request chose to ignore).
     pub warnings: Vec<String>,
     /// What the rollback undid, if one ran.
     pub rollback: Option<RollbackPlan>,

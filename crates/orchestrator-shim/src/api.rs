@@ -243,6 +243,10 @@ pub struct MigrateRequest {
     /// Fault injection for tests.
     #[serde(default)]
     pub faults: FaultHooks,
+    /// Move even to a destination whose CPU lacks instruction sets the source's has (a
+    /// program that uses one dies with SIGILL there); the report warns.
+    #[serde(default)]
+    pub ignore_cpu_features: bool,
 }
 
 /// How long the phases of a migration may take. A phase past its deadline fails, which rolls

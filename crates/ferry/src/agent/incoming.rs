@@ -255,6 +255,11 @@ impl Agent {
             no_lazy_restore,
             images_free_bytes,
             lazy_max_mapping_bytes: (self.criu_patch < 2).then_some(criu_sys::LAZY_MAPPING_LIMIT),
+            cpu_flags: Some(
+                crate::cpu::host_isa_flags(&self.cfg.hide_cpu_flags)
+                    .into_iter()
+                    .collect(),
+            ),
         })
     }
 

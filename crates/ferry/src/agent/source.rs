@@ -170,6 +170,8 @@ pub(crate) fn start(
                 },
             ) << 20,
             memory_bytes: 0,
+            ignore_cpu_features: req.ignore_cpu_features,
+            warnings: vec![],
             watch_paths: Default::default(),
             pending: Vec::new(),
             relay_confirm: None,
@@ -261,6 +263,10 @@ pub(super) struct Driver {
     pub(super) base: Option<migrate_core::BaseReport>,
     /// Why this pre-copy does not restore lazily.
     pub(super) not_lazy: Option<String>,
+    /// The request moves even to a CPU that lacks instruction sets this host's has.
+    pub(super) ignore_cpu_features: bool,
+    /// Warnings of the phases before the commit, for the report.
+    pub(super) warnings: Vec<String>,
     /// Paths of the inodes the container's inotify and fanotify marks watch, found at the
     /// preflight and again right before the freeze (new watches only), for CRIU.
     pub(super) watch_paths: Arc<std::sync::Mutex<crate::inspect::WatchPaths>>,
@@ -322,6 +328,9 @@ impl Driver {
                     throttle_pct,
                 } => {
                     let r = self.copy_round(round, throttle_pct).await;
+                    for w in self.warnings.drain(..) {
+                        m.warn(w);
+                    }
                     if let Some(method) = self.rounds.method() {
                         m.set_dirty_tracking(&method.to_string());
                         m.set_tracking(self.rounds.tracking.clone());
@@ -361,6 +370,9 @@ impl Driver {
                     }
                     if let Some(b) = self.base.take() {
                         m.set_base(b);
+                    }
+                    for w in self.warnings.drain(..) {
+                        m.warn(w);
                     }
                     r.map(|bytes| (bytes, Event::Done { bytes }))
                 }
@@ -542,8 +554,10 @@ impl Driver {
                         no_lazy_restore,
                         images_free_bytes,
                         lazy_max_mapping_bytes,
+                        cpu_flags,
                         ..
                     } => {
+                        self.check_cpu_features(cpu_flags)?;
                         self.rounds.set_destination_pages(pages_held);
                         let no_lazy_restore = no_lazy_restore.or_else(|| {
                             lazy_max_mapping_bytes.filter(|max| longest > *max).map(|max| {
@@ -1352,6 +1366,38 @@ impl Driver {
 
     /// The root filesystem's diff for the final dump, to start once the container is frozen
     /// ([`RootStart::start`]); its result waits in `self.root_diff` for the images.
+    /// Refuses a destination whose CPU lacks instruction-set flags this host's has, naming
+    /// them, unless the request ignores CPU features (then the report warns).
+    fn check_cpu_features(&mut self, destination: Option<Vec<String>>) -> Result<()> {
+        let Some(destination) = destination else {
+            warn!(to = %self.to, "the destination does not report its CPU features: not compared");
+            return Ok(());
+        };
+        let here = crate::cpu::host_isa_flags(&self.agent.cfg.hide_cpu_flags);
+        let missing = crate::cpu::missing(&here, &destination.into_iter().collect());
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let what = format!(
+            "{}'s CPU lacks instruction sets that {}'s has: {}",
+            self.to,
+            self.agent.cfg.host,
+            missing.join(", ")
+        );
+        if self.ignore_cpu_features {
+            self.warnings.push(format!(
+                "{what}; moved anyway (ignore_cpu_features): a program that uses them dies with SIGILL"
+            ));
+            return Ok(());
+        }
+        bail!(
+            "{what}. A process of container {:?} that uses them would die with SIGILL after the \
+             move: choose a destination with these features, or ignore them (--ignore-cpu-features, \
+             API ignore_cpu_features) if its programs do not use them",
+            self.spec.name
+        )
+    }
+
     /// CRIU's configuration for the final dump, made right before the freeze: the agent's
     /// (`CRIU_CONF`) and the paths of the watched inodes (`inspect`), looked up for new watches
     /// while the container still runs.
