@@ -768,3 +768,17 @@ pub fn tar(dir: &Path, out: &Path, gzip: bool) {
         .unwrap();
     assert!(status.success());
 }
+
+/// Starts `f` on a thread inside the lab's client network namespace (`ferry-client`), where the
+/// overlay's addresses are reachable.
+pub fn spawn_in_client_netns<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open("/run/netns/ferry-client")
+            .expect("the lab's client namespace (/run/netns/ferry-client)");
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("entering the client namespace");
+        f()
+    })
+}
