@@ -413,15 +413,7 @@ fn postgresql_and_nginx_from_debian_keep_every_acknowledged_write_and_answer_thr
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
     let root = apps_rootfs(&work);
-    ferry_ok(&[
-        "image",
-        "import",
-        "--on",
-        "h1",
-        "--name",
-        "apps:1",
-        root.to_str().unwrap(),
-    ]);
+    import_image("h1", "apps:1", &root);
     let _ = std::fs::remove_dir_all(&work);
 
     ferry_ok(&[

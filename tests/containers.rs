@@ -186,15 +186,7 @@ fn an_oci_archive_from_debian_packages_runs_as_its_author_meant_unless_told_othe
     let lab = Lab::up();
     let work = scratch("deb-image");
     let archive = busybox_image(&work);
-    ferry_ok(&[
-        "image",
-        "import",
-        "--on",
-        "h1",
-        "--name",
-        "web:1",
-        archive.to_str().unwrap(),
-    ]);
+    import_image("h1", "web:1", &archive);
     let listed: Value =
         serde_json::from_str(&ferry_ok(&["image", "ls", "--on", "h1", "--json"])).unwrap();
     let config = &listed[0]["images"][0]["config"];
@@ -567,15 +559,7 @@ fn watches_locks_and_open_files_of_the_image_still_work_after_moves() {
         "a file of the image\n".repeat(1000),
     )
     .unwrap();
-    ferry_ok(&[
-        "image",
-        "import",
-        "--on",
-        "h1",
-        "--name",
-        "files:1",
-        root.to_str().unwrap(),
-    ]);
+    import_image("h1", "files:1", &root);
     // SYS_ADMIN for fanotify.
     ferry_ok(&[
         "run",

@@ -406,15 +406,7 @@ fn a_hundred_failed_base_transfers_do_not_block_the_next() {
     // A real base still arrives: a container from an image h2 lacks moves there.
     let root = scratch("base-after-failures");
     ferry_ok(&["lab", "rootfs", root.to_str().unwrap()]);
-    ferry_ok(&[
-        "image",
-        "import",
-        "--on",
-        "h1",
-        "--name",
-        "wl:1",
-        root.to_str().unwrap(),
-    ]);
+    import_image("h1", "wl:1", &root);
     run_from_image(&lab, "h1", "c1", "wl:1");
     let (code, r) = migrate_json("c1", "h2", &[], Duration::from_secs(120));
     assert_eq!(
@@ -433,26 +425,10 @@ fn gc_during_an_incoming_migration_keeps_its_base() {
     let other = scratch("gc-other");
     ferry_ok(&["lab", "rootfs", other.to_str().unwrap()]);
     std::fs::write(other.join("etc/other"), b"another image").unwrap();
-    ferry_ok(&[
-        "image",
-        "import",
-        "--on",
-        "h2",
-        "--name",
-        "wl:1",
-        other.to_str().unwrap(),
-    ]);
+    import_image("h2", "wl:1", &other);
     let root = scratch("gc-base");
     ferry_ok(&["lab", "rootfs", root.to_str().unwrap()]);
-    ferry_ok(&[
-        "image",
-        "import",
-        "--on",
-        "h1",
-        "--name",
-        "wl:1",
-        root.to_str().unwrap(),
-    ]);
+    import_image("h1", "wl:1", &root);
     let c = run_from_image(&lab, "h1", "c1", "wl:1");
     let tree = c["image"]["tree"].as_str().expect("tree").to_string();
     let (_, job) = start_migration("c1", "h2", &["--pause-in-transfer-ms", "4000"]);

@@ -782,3 +782,17 @@ pub fn spawn_in_client_netns<T: Send + 'static>(
         f()
     })
 }
+
+/// Imports the root filesystem or OCI archive at `path` into `host`'s store as image `name`;
+/// returns the CLI's output.
+pub fn import_image(host: &str, name: &str, path: &Path) -> String {
+    ferry_ok(&[
+        "image",
+        "import",
+        "--on",
+        host,
+        "--name",
+        name,
+        path.to_str().expect("a UTF-8 path"),
+    ])
+}
