@@ -55,7 +55,9 @@ fn moved(r: &Value, what: &str) {
 #[test]
 fn a_process_the_main_tracking_cannot_follow_is_tracked_by_hashes_and_moves_intact() {
     let lab = Lab::up();
-    // 6 processes (5 workers of 8 MiB) writing 4 MiB/s in all.
+    // 6 processes (5 workers of 8 MiB) writing 4 MiB/s in all. No process or thread comes
+    // and goes meanwhile (churn every 10 minutes): a process caught in `exec` can fall back to
+    // page hashes by itself, and this test counts the fallbacks it asks for.
     let ip = run_swarm(
         &lab,
         "fallback",
@@ -68,6 +70,8 @@ fn a_process_the_main_tracking_cannot_follow_is_tracked_by_hashes_and_moves_inta
             "8",
             "--dirty-mib-s",
             "4",
+            "--churn-ms",
+            "600000",
         ],
     );
     let before = verify(&ip, "before");

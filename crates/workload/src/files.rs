@@ -137,20 +137,18 @@ fn read_all_at(f: &File) -> io::Result<Vec<u8>> {
 
 fn run(dir: &Path, hold: &Path, port: u16) -> io::Result<()> {
     std::fs::create_dir_all(dir.join("locks"))?;
-    let flock_file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(dir.join("locks/flock.lock"))?;
+    let lock_file = |name: &str| {
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(dir.join("locks").join(name))
+    };
+    let flock_file = lock_file("flock.lock")?;
     let _flock = Flock::lock(flock_file, FlockArg::LockExclusiveNonblock)
         .map_err(|(_, e)| io::Error::other(format!("flock on {}: {e}", dir.display())))?;
-    let posix_file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(dir.join("locks/posix.lock"))?;
+    let posix_file = lock_file("posix.lock")?;
     fcntl(
         posix_file.as_fd(),
         FcntlArg::F_SETLK(&whole_file(libc::F_WRLCK)),
