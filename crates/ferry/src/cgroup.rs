@@ -16,6 +16,10 @@ use anyhow::{bail, Context, Result};
 pub const FREEZE_POLL: Duration = Duration::from_micros(100);
 /// How long a freeze may take before it is undone and reported.
 pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A v1 freeze still in progress after this many polls is thawed and started again.
+const V1_THAW_EVERY: u32 = 50;
+/// How long a v1 freeze that is started again lets the cgroup run first.
+const V1_THAW_PAUSE: Duration = Duration::from_millis(10);
 
 /// Which hierarchy a cgroup is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,12 +108,28 @@ impl Cgroups {
 
     /// Freezes cgroup `rel` and waits ([`FREEZE_POLL`] steps, at most [`FREEZE_TIMEOUT`]) until
     /// it is frozen; a freeze that does not finish is undone.
+    ///
+    /// On v1 the request is written again on every poll and, every [`V1_THAW_EVERY`] polls, the
+    /// cgroup is thawed for [`V1_THAW_PAUSE`] first: a v1 freezer does not reliably catch tasks
+    /// forked while it is freezing and can stay `FREEZING` for as long as processes keep
+    /// appearing; each write freezes the tasks present then (runc's v1 freezer does the same).
     pub fn freeze(&self, rel: &str) -> Result<()> {
         let deadline = Instant::now() + FREEZE_TIMEOUT;
+        let v1 = self.hierarchy(rel) == Hierarchy::V1;
         self.start_freeze(rel)?;
-        loop {
+        for poll in 1u32.. {
             if self.is_frozen(rel)? {
+                if poll > 1 {
+                    tracing::debug!(cgroup = rel, polls = poll, "frozen");
+                }
                 return Ok(());
+            }
+            if v1 {
+                if poll % V1_THAW_EVERY == 0 {
+                    self.thaw(rel);
+                    std::thread::sleep(V1_THAW_PAUSE);
+                }
+                self.start_freeze(rel)?;
             }
             if Instant::now() > deadline {
                 self.thaw(rel);
@@ -122,6 +142,7 @@ impl Cgroups {
             // A few hundred microseconds usually: this is frozen time.
             std::thread::sleep(FREEZE_POLL);
         }
+        unreachable!("the freeze loop ends at its deadline")
     }
 
     /// Thaws cgroup `rel`; absent is fine.
