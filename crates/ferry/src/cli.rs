@@ -5,19 +5,19 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use migrate_core::{Outcome, Phase, Report};
+use migrate_core::Outcome;
 use orchestrator_shim::api::{
-    ContainerInfo, CreateContainer, FaultHooks, JobEventKind, MigrateMode, MigrateRequest,
-    Resolution,
+    CreateContainer, FaultHooks, MigrateMode, MigrateRequest, Resolution,
 };
 
-use crate::lab::Lab;
 use crate::{Cli, Cmd, ImageCmd, LabCmd};
+use ferry_lab::lab::Lab;
+use ferry_lab::ops::{find, find_job, mib, migrate, print_summary, ps, start_migration};
 
 pub(crate) fn dispatch(cli: Cli) -> Result<ExitCode> {
     if let Cmd::Agent { config } = &cli.cmd {
-        let cfg = crate::config::AgentConfig::load(config)?;
-        crate::agent::main(cfg)?;
+        let cfg = ferry_agent::config::AgentConfig::load(config)?;
+        ferry_agent::main(cfg)?;
         return Ok(ExitCode::SUCCESS);
     }
     if let Cmd::Probe {
@@ -42,7 +42,7 @@ pub(crate) fn dispatch(cli: Cli) -> Result<ExitCode> {
         if duration_s.is_some_and(|d| !(0.0..=86_400.0).contains(&d)) {
             bail!("--duration-s must be between 0 and 86400");
         }
-        let cfg = crate::probe::ProbeConfig {
+        let cfg = ferry_lab::probe::ProbeConfig {
             drain: Duration::from_secs_f64(*drain_s),
             target: *target,
             interval: Duration::from_secs_f64(interval_ms / 1000.0),
@@ -51,7 +51,7 @@ pub(crate) fn dispatch(cli: Cli) -> Result<ExitCode> {
             threshold: Duration::from_secs_f64(threshold_ms / 1000.0),
             series: *series,
         };
-        let report = crate::probe::run(&cfg)?;
+        let report = ferry_lab::probe::run(&cfg)?;
         println!("{}", serde_json::to_string(&report)?);
         return Ok(if report.intact {
             ExitCode::SUCCESS
@@ -62,18 +62,16 @@ pub(crate) fn dispatch(cli: Cli) -> Result<ExitCode> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(run(cli))
 }
-
 fn exe_paths() -> Result<(PathBuf, PathBuf)> {
     let exe = std::env::current_exe().context("locating the ferry binary")?;
     let workload = exe.with_file_name("ferry-workload");
     Ok((exe, workload))
 }
-
 async fn run(cli: Cli) -> Result<ExitCode> {
     let dir = cli.lab_dir.clone();
     match cli.cmd {
         Cmd::Lab { cmd } => {
-            crate::util::require_root("ferry lab")?;
+            ferry_runtime::util::require_root("ferry lab")?;
             match cmd {
                 LabCmd::Up {
                     hosts,
@@ -81,25 +79,26 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     lazy_daemon,
                 } => {
                     let (exe, workload) = exe_paths()?;
-                    crate::lab::up(&dir, hosts, &exe, &workload, link_rate, lazy_daemon).await?;
+                    ferry_lab::lab::up(&dir, hosts, &exe, &workload, link_rate, lazy_daemon)
+                        .await?;
                 }
                 LabCmd::Shape { rate } => {
                     let mut lab = Lab::load(&dir)?;
                     let rate = match rate.as_str() {
                         "none" | "unshaped" => None,
                         r => Some(
-                            r.parse::<crate::lab::LinkRate>()
+                            r.parse::<ferry_lab::lab::LinkRate>()
                                 .map_err(anyhow::Error::msg)?,
                         ),
                     };
-                    crate::lab::set_link_rate(&mut lab, rate)?;
+                    ferry_lab::lab::set_link_rate(&mut lab, rate)?;
                     match rate {
                         Some(r) => eprintln!("lab: underlay links shaped to {r}"),
                         None => eprintln!("lab: underlay links unshaped"),
                     }
                 }
                 LabCmd::Down => {
-                    crate::lab::down(&dir)?;
+                    ferry_lab::lab::down(&dir)?;
                     eprintln!("lab: down");
                 }
                 LabCmd::Rootfs { dir: out } => {
@@ -107,25 +106,25 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         bail!("{} exists: give a new directory", out.display());
                     }
                     let (_, workload) = exe_paths()?;
-                    crate::runtime::build_rootfs(&out, &workload)?;
+                    ferry_runtime::bundle::build_rootfs(&out, &workload)?;
                     eprintln!("lab: workload root filesystem written to {}", out.display());
                 }
                 LabCmd::StartAgent { host } => {
                     let lab = Lab::load(&dir)?;
                     let (exe, _) = exe_paths()?;
                     let h = lab.host(&host)?;
-                    crate::lab::start_agent(
+                    ferry_lab::lab::start_agent(
                         &exe,
                         &dir.join(format!("{host}.json")),
                         &h.log,
                         &dir.join(format!("{host}.pid")),
                     )?;
-                    crate::lab::wait_agent(&lab, &host).await?;
+                    ferry_lab::lab::wait_agent(&lab, &host).await?;
                     eprintln!("lab: agent on {host} started");
                 }
                 LabCmd::Exec { host, cmd } => {
                     let lab = Lab::load(&dir)?;
-                    crate::lab::exec(&lab, &host, &cmd)?;
+                    ferry_lab::lab::exec(&lab, &host, &cmd)?;
                 }
             }
         }
@@ -413,9 +412,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             keep,
             no_baseline,
         } => {
-            crate::util::require_root("ferry demo")?;
+            ferry_runtime::util::require_root("ferry demo")?;
             let (exe, workload) = exe_paths()?;
-            return crate::demo::run(&dir, &exe, &workload, json, keep, !no_baseline).await;
+            return ferry_lab::demo::run(&dir, &exe, &workload, json, keep, !no_baseline).await;
         }
         Cmd::Bench {
             quick,
@@ -430,12 +429,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             out,
             keep,
         } => {
-            crate::util::require_root("ferry bench")?;
+            ferry_runtime::util::require_root("ferry bench")?;
             let (exe, workload) = exe_paths()?;
             let mut opts = if quick {
-                crate::bench::BenchOpts::quick(out)
+                ferry_lab::bench::BenchOpts::quick(out)
             } else {
-                crate::bench::BenchOpts::full(out)
+                ferry_lab::bench::BenchOpts::full(out)
             };
             if let Some(v) = sizes_mib {
                 opts.sizes_mib = v;
@@ -462,264 +461,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             opts.baseline = !no_baseline;
             opts.interval_ms = interval_ms;
             opts.keep = keep;
-            return crate::bench::run(&dir, &exe, &workload, opts).await;
+            return ferry_lab::bench::run(&dir, &exe, &workload, opts).await;
         }
         Cmd::Agent { .. } | Cmd::Probe { .. } => unreachable!("handled before the runtime starts"),
     }
     Ok(ExitCode::SUCCESS)
 }
-
-/// Containers on every container host of the lab.
-pub(crate) async fn ps(lab: &Lab) -> Result<Vec<ContainerInfo>> {
-    let mut all = vec![];
-    for h in lab.container_hosts() {
-        match lab.client(&h.name)?.containers().await {
-            Ok(mut cs) => all.append(&mut cs),
-            // One host down must not hide the others' containers.
-            Err(e) => eprintln!("warning: cannot list containers on {}: {e:#}", h.name),
-        }
-    }
-    all.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
-    Ok(all)
-}
-
-/// Finds a container by name anywhere in the lab.
-pub(crate) async fn find(lab: &Lab, name: &str) -> Result<ContainerInfo> {
-    let all = ps(lab).await?;
-    match all.iter().find(|c| c.spec.name == name) {
-        Some(c) => Ok(c.clone()),
-        None if all.is_empty() => bail!(
-            "unknown container {name:?}: no containers are running (start one with `ferry run`)"
-        ),
-        None => bail!(
-            "unknown container {name:?}: running containers are {}",
-            all.iter()
-                .map(|c| c.spec.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    }
-}
-
-async fn find_job(lab: &Lab, id: &str) -> Result<(String, orchestrator_shim::api::JobInfo)> {
-    for h in lab.container_hosts() {
-        if let Ok(info) = lab.client(&h.name)?.job(id).await {
-            return Ok((h.name.clone(), info));
-        }
-    }
-    bail!("unknown job {id:?} on every host of the lab")
-}
-
-async fn start_migration(lab: &Lab, name: &str, req: &MigrateRequest) -> Result<(String, String)> {
-    lab.host(&req.to)?;
-    let c = find(lab, name).await?;
-    let job = lab.client(&c.host)?.migrate(name, req).await?;
-    Ok((c.host, job.id))
-}
-
-/// Starts a migration and follows it to its end; shows progress when `progress`.
-pub(crate) async fn migrate(
-    lab: &Lab,
-    name: &str,
-    req: &MigrateRequest,
-    progress: bool,
-) -> Result<Report> {
-    let to = req.to.as_str();
-    let (src, id) = start_migration(lab, name, req).await?;
-    let client = lab.client(&src)?;
-    let bar = progress.then(|| {
-        let b = indicatif::ProgressBar::new(8);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{bar:16}] {pos}/{len} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        b.enable_steady_tick(Duration::from_millis(80));
-        b.set_message(format!("migrating {name} from {src} to {to} (job {id})"));
-        b
-    });
-    let mut report = None;
-    client
-        .follow(&id, |ev| {
-            if let Some(b) = &bar {
-                match &ev.kind {
-                    JobEventKind::PhaseStarted { phase } => {
-                        b.set_message(format!("{} ...", phase_name(*phase)))
-                    }
-                    JobEventKind::PhaseDone {
-                        phase,
-                        duration_ms,
-                        bytes,
-                    } => {
-                        b.inc(1);
-                        b.println(format!(
-                            "  ok   {:<10} {:>9.1} ms {:>12}",
-                            phase_name(*phase),
-                            duration_ms,
-                            human_bytes(*bytes)
-                        ));
-                    }
-                    JobEventKind::PhaseFailed { phase, error } => {
-                        b.println(format!("  FAIL {:<10} {error}", phase_name(*phase)));
-                    }
-                    JobEventKind::Committed => {
-                        b.println("  commit point passed: the destination owns the container")
-                    }
-                    JobEventKind::Finished { .. } => b.finish_and_clear(),
-                }
-            }
-            if let JobEventKind::Finished { report: r } = &ev.kind {
-                report = Some((**r).clone());
-            }
-        })
-        .await?;
-    match report {
-        Some(r) => Ok(r),
-        None => Ok(client.job(&id).await?.report),
-    }
-}
-
-/// A plain stop-and-copy migration to `to`.
-pub(crate) fn stop_copy_to(to: &str) -> MigrateRequest {
-    MigrateRequest {
-        to: to.into(),
-        mode: MigrateMode::StopCopy,
-        precopy: None,
-        deadlines: Default::default(),
-        faults: FaultHooks::default(),
-        ignore_cpu_features: false,
-    }
-}
-
-pub(crate) fn phase_name(p: Phase) -> &'static str {
-    match p {
-        Phase::Preflight => "preflight",
-        Phase::Prepare => "prepare",
-        Phase::PreCopy => "precopy",
-        Phase::Redirect => "redirect",
-        Phase::Dump => "dump",
-        Phase::Transfer => "transfer",
-        Phase::Restore => "restore",
-        Phase::Commit => "commit",
-        Phase::Cleanup => "cleanup",
-        Phase::Rollback => "rollback",
-    }
-}
-
-pub(crate) fn human_bytes(b: u64) -> String {
-    match b {
-        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
-        b if b >= 1 << 20 => format!("{:.2} MiB", b as f64 / (1u64 << 20) as f64),
-        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
-        b => format!("{b} B"),
-    }
-}
-
-pub(crate) fn print_summary(r: &Report) {
-    match &r.outcome {
-        Outcome::Completed => println!(
-            "{} moved from {} to {} (job {})",
-            r.container, r.from, r.to, r.id
-        ),
-        Outcome::RolledBack { reason } => println!(
-            "{} NOT moved: rolled back, it still runs on {} (job {})\n  reason: {reason}",
-            r.container, r.from, r.id
-        ),
-        Outcome::Failed { reason } => {
-            println!("{} migration FAILED (job {}): {reason}", r.container, r.id)
-        }
-        Outcome::InProgress => {
-            println!("{} migration still in progress (job {})", r.container, r.id)
-        }
-    }
-    println!(
-        "  frozen {:.1} ms (dump {:.1}, transfer {:.1}, restore {:.1}, network switch {:.1}; {} round trips between the hosts); total {:.1} ms; {} sent",
-        r.frozen_ms, r.freeze_to_dump_ms, r.transfer_ms, r.restore_ms, r.network_switch_ms,
-        r.frozen_round_trips, r.total_ms,
-        human_bytes(r.bytes_sent)
-    );
-    if let Some(b) = &r.base {
-        if b.held {
-            println!("  image {}: {} held its base layer already", b.image, r.to);
-        } else {
-            println!(
-                "  image {}: {} of the base layer's {} chunks crossed ({}) in {:.1} s, {:.0} MiB/s, while the container ran",
-                b.image,
-                b.chunks_sent,
-                b.chunks,
-                human_bytes(b.chunk_bytes),
-                b.ms / 1000.0,
-                b.chunk_bytes as f64 / (1 << 20) as f64 / (b.ms / 1000.0).max(1e-3)
-            );
-        }
-    }
-    if let Some(t) = &r.tracking {
-        let by: Vec<String> = t
-            .processes
-            .iter()
-            .map(|(method, n)| format!("{n} by {method}"))
-            .collect();
-        println!("  tracking: processes followed {}", by.join(", "));
-        for f in &t.fallbacks {
-            println!(
-                "    pid {} ({}) by {}: {}",
-                f.pid, f.command, f.method, f.reason
-            );
-        }
-        if t.fallbacks_not_listed > 0 {
-            println!("    and {} more by page hashes", t.fallbacks_not_listed);
-        }
-    }
-    if let Some(m) = &r.memory {
-        match (m.restore.as_str(), &m.fill_error) {
-            ("lazy", Some(e)) => println!("  memory: lazy restore FAILED after the commit: {e}"),
-            ("lazy", None) => println!(
-                "  memory: lazy restore; {} round trips while frozen; {} pages written while frozen ({} dirty, {} never copied, {} changed by the dump, {} that cannot be lazy), {} lazy{}",
-                m.frozen_round_trips,
-                m.final_dirty_pages + m.unplaced_pages + m.reread_pages + m.eager_pages,
-                m.final_dirty_pages,
-                m.unplaced_pages,
-                m.reread_pages,
-                m.eager_pages,
-                m.lazy_pages,
-                match (m.fill_ms, m.fill_mib_s) {
-                    (Some(ms), Some(rate)) => format!(", filled in {ms:.0} ms ({rate:.0} MiB/s)"),
-                    _ => String::new(),
-                }
-            ),
-            _ => println!(
-                "  memory: every page in the final dump ({})",
-                m.not_lazy.as_deref().unwrap_or("not lazy")
-            ),
-        }
-        if m.remote_pages > 0 {
-            println!(
-                "  post-copy: {} pages left at {} at the freeze; {} fetched from its frozen copy ({} on a fault of the container)",
-                m.remote_pages,
-                r.from,
-                m.fetched_pages.map_or("-".into(), |n| n.to_string()),
-                m.fetched_on_fault.map_or("-".into(), |n| n.to_string()),
-            );
-        }
-        if let Some(i) = &m.integrity {
-            println!(
-                "  integrity: {} lazy pages checked against the source's frozen copy, {} mismatched, {} corrected{}",
-                i.pages_checked,
-                i.mismatches,
-                i.corrected,
-                i.incomplete.as_deref().map_or(String::new(), |w| format!(" (incomplete: {w})"))
-            );
-        }
-    }
-    for w in &r.warnings {
-        println!("  warning: {w}");
-    }
-}
-
-fn mib(b: u64) -> String {
-    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
-}
-
 async fn image_cmd(dir: &Path, cmd: ImageCmd) -> Result<ExitCode> {
     let lab = Lab::load(dir)?;
     match cmd {
@@ -732,7 +479,7 @@ async fn image_cmd(dir: &Path, cmd: ImageCmd) -> Result<ExitCode> {
         } => {
             let path = std::fs::canonicalize(&path)
                 .with_context(|| format!("image path {}", path.display()))?;
-            let req = crate::agent::images::ImportImage {
+            let req = ferry_agent::images::ImportImage {
                 name,
                 path,
                 oci_ref,

@@ -4,25 +4,7 @@
 #![allow(unreachable_pub)]
 #![forbid(unsafe_code)]
 
-mod agent;
-mod bench;
-mod cgroup;
-mod chart;
 mod cli;
-mod client;
-mod config;
-mod cpu;
-mod demo;
-mod goodput;
-mod inspect;
-mod lab;
-mod netns;
-mod probe;
-mod process;
-mod proto;
-mod runtime;
-mod throttle;
-mod util;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,7 +16,7 @@ use clap::{Parser, Subcommand};
 #[command(name = "ferry", version, about)]
 struct Cli {
     /// Directory of the local lab's files.
-    #[arg(long, global = true, default_value = lab::LAB_DIR)]
+    #[arg(long, global = true, default_value = ferry_lab::lab::LAB_DIR)]
     lab_dir: PathBuf,
     /// Log filter (e.g. `info`, `ferry=debug`); also FERRY_LOG.
     #[arg(long, global = true)]
@@ -307,7 +289,7 @@ enum Cmd {
         link_rates: Option<Vec<String>>,
         /// Ferry migration modes (default stop-copy,pre-copy).
         #[arg(long, value_delimiter = ',', value_enum)]
-        modes: Option<Vec<bench::Mode>>,
+        modes: Option<Vec<ferry_lab::bench::Mode>>,
         /// Leave out the echo container.
         #[arg(long)]
         no_echo: bool,
@@ -398,11 +380,11 @@ enum LabCmd {
         /// Limit every host's underlay link to this rate (tc token bucket), e.g. `1gbit`,
         /// `100mbit`; unshaped when absent.
         #[arg(long)]
-        link_rate: Option<lab::LinkRate>,
+        link_rate: Option<ferry_lab::lab::LinkRate>,
         /// What serves lazy restores' page faults on every host (`lazy_daemon` in the agent
-        /// config).
-        #[arg(long, value_enum, default_value_t)]
-        lazy_daemon: config::LazyDaemon,
+        /// config): `agent` or `criu`.
+        #[arg(long, default_value_t)]
+        lazy_daemon: ferry_agent::config::LazyDaemon,
     },
     /// Change the underlay links' rate limit of a running lab (`none` removes it).
     Shape {

@@ -435,7 +435,7 @@ pub fn writable_regions(pid: i32) -> Result<Vec<Region>, Error> {
 /// [`PAGE_SIZE`]). Returns the bytes read: short when a page cannot be read (unmapped or
 /// without read permission meanwhile); the caller skips what was not read.
 pub fn read_memory(pid: i32, addr: u64, buf: &mut [u8]) -> Result<usize, Error> {
-    if addr % PAGE_SIZE != 0 || buf.len() as u64 % PAGE_SIZE != 0 {
+    if !addr.is_multiple_of(PAGE_SIZE) || !(buf.len() as u64).is_multiple_of(PAGE_SIZE) {
         return Err(Error::ReadMemory {
             pid,
             addr,

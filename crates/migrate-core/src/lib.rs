@@ -66,6 +66,24 @@ pub enum Phase {
     Rollback,
 }
 
+impl Phase {
+    /// The phase's name in progress lines and summaries.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Preflight => "preflight",
+            Phase::Prepare => "prepare",
+            Phase::PreCopy => "precopy",
+            Phase::Redirect => "redirect",
+            Phase::Dump => "dump",
+            Phase::Transfer => "transfer",
+            Phase::Restore => "restore",
+            Phase::Commit => "commit",
+            Phase::Cleanup => "cleanup",
+            Phase::Rollback => "rollback",
+        }
+    }
+}
+
 /// Where a migration is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
