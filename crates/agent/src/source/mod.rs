@@ -1,6 +1,8 @@
 //! The source side of a migration: drives `migrate_core::Migration` and carries out its actions,
 //! one method per phase ([`phases`]), the final dump in [`dump`].
 
+mod lazy;
+
 mod dump;
 mod phases;
 
