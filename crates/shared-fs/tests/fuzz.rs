@@ -1391,7 +1391,7 @@ fn seed_with_first_entry(seed: usize, key: &str, value: Value) -> Vec<u8> {
 
 /// Found by `tree_mutations_of_valid_trees_follow_the_rules` (seed 1, the mode of its first
 /// entry set to 0o170755): a mode with file-type bits was accepted, though `EntryMeta::mode`
-/// is permission bits only. Fixed in `Tree::validate` (src/store.rs): modes above 0o7777 are
+/// is permission bits only. Fixed in `Tree::validate` (src/store/tree.rs): modes above 0o7777 are
 /// refused.
 #[test]
 fn regression_tree_mode_with_file_type_bits_is_refused() {
