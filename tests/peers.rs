@@ -29,6 +29,15 @@ fn refused(resp: &Value, what: &str) -> String {
     msg
 }
 
+/// Like [`refused`], and the answer carries `code` (see `ErrorCode` in the agent's protocol):
+/// what the requester decides from, never from the message.
+fn refused_with(resp: &Value, what: &str, code: &str) -> String {
+    let msg = refused(resp, what);
+    assert_eq!(resp["code"], code, "{what}: {resp}");
+    assert_eq!(resp["retryable"], false, "{what}: {resp}");
+    msg
+}
+
 /// The VXLAN FDB target of `mac` on `host`, if any.
 fn fdb_target(host: &str, mac: &str) -> Option<String> {
     let out = Command::new("ip")
@@ -97,7 +106,11 @@ fn requests_about_a_job_come_only_from_the_peer_that_prepared_it() {
         json!({"op": "rootfs_round", "job": job}),
     ] {
         let r = peer_request("client", "h2", &req, 0);
-        let msg = refused(&r, &format!("{} from the client host", req["op"]));
+        let msg = refused_with(
+            &r,
+            &format!("{} from the client host", req["op"]),
+            "forbidden",
+        );
         assert!(msg.contains("belongs to h1"), "{req}: {msg}");
     }
     // The job was not disturbed: the migration completes.
@@ -254,7 +267,7 @@ fn a_name_or_an_address_is_taken_once_even_at_once() {
         &json!({"op": "prepare", "job": "h1-dup-1", "spec": spec("dup", &ip, k)}),
         1,
     );
-    let msg = refused(&r, "a prepare with an address in use");
+    let msg = refused_with(&r, "a prepare with an address in use", "conflict");
     assert!(msg.contains("exists or is arriving"), "{msg}");
     // Two prepares of one name and address at the same moment: exactly one is accepted.
     let children: Vec<_> = (0..2)

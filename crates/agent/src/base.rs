@@ -4,6 +4,7 @@
 //! The destination checks the tree (ids, paths, sizes) and every chunk's content before it
 //! stores anything.
 
+use crate::proto::{refuse, ErrorCode};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -146,8 +147,7 @@ impl Agent {
                 return Ok(report);
             }
             PeerResponse::BaseHeld { held: false } => {}
-            PeerResponse::Error { message } => bail!("{to}: {message}"),
-            other => bail!("{to} answered unexpectedly: {other:?}"),
+            other => return Err(other.into_error(&to)),
         }
         let store = Arc::clone(&self.store);
         let id = tree.to_string();
@@ -176,8 +176,7 @@ impl Agent {
         report.bytes_sent += n;
         let count = match resp {
             PeerResponse::BaseMissing { count } => count,
-            PeerResponse::Error { message } => bail!("{to}: {message}"),
-            other => bail!("{to} answered unexpectedly: {other:?}"),
+            other => return Err(other.into_error(&to)),
         };
         let missing = read_missing(&mut recv, count, &uses)
             .await
@@ -220,8 +219,7 @@ impl Agent {
         report.bytes_sent += n;
         match resp {
             PeerResponse::Ok { .. } => {}
-            PeerResponse::Error { message } => bail!("{to}: {message}"),
-            other => bail!("{to} answered unexpectedly: {other:?}"),
+            other => return Err(other.into_error(&to)),
         }
         report.ms = ferry_runtime::util::ms(t.elapsed());
         info!(%tree, %to, chunks = report.chunks_sent, bytes = report.bytes_sent, ms = report.ms, "base layer sent");
@@ -256,7 +254,10 @@ impl Agent {
         recv: &mut Incoming<'_>,
     ) -> Result<Vec<Hash>> {
         if len > MAX_TREE_BYTES {
-            bail!("base tree {tree} is {len} bytes, more than the {MAX_TREE_BYTES} accepted");
+            return Err(refuse(
+                ErrorCode::BadRequest,
+                format!("base tree {tree} is {len} bytes, more than the {MAX_TREE_BYTES} accepted"),
+            ));
         }
         // Memory grows with what arrives, not with what the peer announced.
         let mut bytes = Vec::new();
@@ -287,7 +288,10 @@ impl Agent {
         let mut pending = lock(&self.pending_bases);
         pending.retain(|_, p| p.since.elapsed() < PENDING_TTL);
         if pending.len() >= MAX_PENDING && !pending.contains_key(&tree) {
-            bail!("{MAX_PENDING} base layers are already on their way here; retry later");
+            return Err(refuse(
+                ErrorCode::Busy,
+                format!("{MAX_PENDING} base layers are already on their way here; retry later"),
+            ));
         }
         pending.insert(
             tree,

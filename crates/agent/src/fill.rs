@@ -10,6 +10,7 @@
 //! daemon has copied everything and exited ([`Agent::finish_fill`]); if it fails, the
 //! container is killed rather than left to run on with zero-filled pages.
 
+use crate::proto::{refuse, ErrorCode};
 mod run;
 
 pub(crate) use run::FillRecord;
@@ -719,7 +720,10 @@ pub(crate) async fn read_pages(
         }
     }
     if buf.is_empty() {
-        bail!("page {vaddr:#x} of pid {pid} is not in this host's page store");
+        return Err(refuse(
+            ErrorCode::NotFound,
+            format!("page {vaddr:#x} of pid {pid} is not in this host's page store"),
+        ));
     }
     Ok((buf.len() / PAGE_SIZE) as u64)
 }
@@ -751,8 +755,7 @@ impl Agent {
             .map_err(|e| anyhow::anyhow!("closing a request stream to {}: {e}", source.host))?;
         match transfer::frame::read_msg::<_, PeerResponse>(&mut recv).await? {
             PeerResponse::Fetched { nr_pages } if nr_pages == n => {}
-            PeerResponse::Error { message } => bail!("{}: {message}", source.host),
-            other => bail!("unexpected answer to a page fetch: {other:?}"),
+            other => return Err(other.into_error(&source.host).context("a page fetch")),
         }
         let mut pages = vec![0u8; n as usize * PAGE_SIZE];
         tokio::io::AsyncReadExt::read_exact(&mut recv, &mut pages)

@@ -13,6 +13,7 @@
 //! read: a process that started after the last round, a mapping that is not writable) is read
 //! from the frozen container and sent too, so that the destination never lacks a page.
 
+use crate::proto::{refuse, ErrorCode};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -235,7 +236,7 @@ pub(crate) async fn request_with_locations(
     send.finish()
         .map_err(|e| anyhow::anyhow!("closing a request stream to {}: {e}", conn.peer_host))?;
     match read_msg::<_, PeerResponse>(&mut recv).await? {
-        PeerResponse::Error { message } => bail!("{}: {message}", conn.peer_host),
+        e @ PeerResponse::Error { .. } => Err(e.into_error(&conn.peer_host)),
         r => Ok((r, bytes)),
     }
 }
@@ -326,10 +327,18 @@ impl Agent {
                 .cloned()
                 .with_context(|| format!("no frozen copy of job {job} here"))?;
             if copy.to != peer {
-                bail!("job {job} goes to {}, not {peer}", copy.to);
+                return Err(refuse(
+                    ErrorCode::Forbidden,
+                    format!("job {job} goes to {}, not {peer}", copy.to),
+                ));
             }
             if nr_pages == 0 || nr_pages > MAX_FETCH_PAGES || !vaddr.is_multiple_of(PAGE as u64) {
-                bail!("{nr_pages} pages at {vaddr:#x} asked (1-{MAX_FETCH_PAGES}, page-aligned)");
+                return Err(refuse(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "{nr_pages} pages at {vaddr:#x} asked (1-{MAX_FETCH_PAGES}, page-aligned)"
+                    ),
+                ));
             }
             let end = vaddr + nr_pages * PAGE as u64;
             let host = copy
@@ -354,8 +363,7 @@ impl Agent {
                 Ok(())
             }
             Err(e) => {
-                let message = format!("{e:#}");
-                write_msg(send, &PeerResponse::Error { message }).await?;
+                write_msg(send, &PeerResponse::error(&e)).await?;
                 Err(e)
             }
         }

@@ -576,7 +576,7 @@ impl Agent {
         });
         for (h, r) in futures_util::future::join_all(futs).await {
             if tolerate == Some(h.as_str()) {
-                if let Err(e) | Ok(PeerResponse::Error { message: e }) =
+                if let Err(e) | Ok(PeerResponse::Error { message: e, .. }) =
                     r.map_err(|e| format!("{e:#}"))
                 {
                     warn!(host = %h, error = %e, "overlay not updated there (tolerated)");
@@ -585,7 +585,7 @@ impl Agent {
             }
             match r {
                 Ok(PeerResponse::Ok { .. }) => {}
-                Ok(PeerResponse::Error { message }) => errors.push(format!("{h}: {message}")),
+                Ok(PeerResponse::Error { message, .. }) => errors.push(format!("{h}: {message}")),
                 Ok(other) => errors.push(format!("{h}: unexpected answer {other:?}")),
                 Err(e) => errors.push(format!("{h}: {e:#}")),
             }

@@ -2,6 +2,7 @@
 //! rounds' page streams and root filesystem diffs, and the final dump's page-server relay into
 //! a real `criu page-server` writing the job's images.
 
+use crate::proto::{refuse, ErrorCode};
 use std::collections::HashSet;
 use std::os::fd::AsRawFd;
 use std::process::Stdio;
@@ -34,13 +35,22 @@ impl Agent {
     ) -> Result<T> {
         let mut inc = self.incoming.lock().await;
         match inc.get_mut(job) {
-            Some(i) if i.from() != peer => bail!("job {job} belongs to {}, not {peer}", i.from()),
-            Some(i) if i.is_restored() => bail!("job {job} is already restored"),
+            Some(i) if i.from() != peer => Err(refuse(
+                ErrorCode::Forbidden,
+                format!("job {job} belongs to {}, not {peer}", i.from()),
+            )),
+            Some(i) if i.is_restored() => Err(refuse(
+                ErrorCode::Conflict,
+                format!("job {job} is already restored"),
+            )),
             Some(i) => {
                 i.touch();
                 Ok(f(i))
             }
-            None => bail!("no prepared job {job} here (it expired or was aborted)"),
+            None => Err(refuse(
+                ErrorCode::NotFound,
+                format!("no prepared job {job} here (it expired or was aborted)"),
+            )),
         }
     }
 
@@ -54,7 +64,10 @@ impl Agent {
         recv: &mut super::peer::Incoming<'_>,
     ) -> Result<PeerResponse> {
         if count > MAX_HASHES {
-            bail!("{count} page hashes asked at once; at most {MAX_HASHES}");
+            return Err(refuse(
+                ErrorCode::BadRequest,
+                format!("{count} page hashes asked at once; at most {MAX_HASHES}"),
+            ));
         }
         let _stream = self.with_incoming(peer, job, |i| i.stream()).await?;
         let hashes = transfer::lists::read_hashes(recv, count, MAX_HASHES)
@@ -257,7 +270,7 @@ impl Agent {
         let need = memory_bytes + store_need + margin;
         if need > available {
             let mib = |b: u64| b >> 20;
-            bail!(
+            return Err(refuse(ErrorCode::NoRoom, format!(
                 "{} cannot hold the container: its memory is {} MiB, and {} needs {} MiB for it ({}the running container, {} MiB of margin) but has {} MiB ({source}); free memory there, move a smaller container, or use stop-and-copy (no page store)",
                 self.cfg.host,
                 mib(memory_bytes),
@@ -270,7 +283,7 @@ impl Agent {
                 },
                 mib(margin),
                 mib(available)
-            );
+            )));
         }
         Ok(())
     }
@@ -322,7 +335,12 @@ impl Agent {
     ) -> Result<()> {
         let criu = match &self.criu {
             Ok(c) => c.path.clone(),
-            Err(e) => bail!("CRIU unusable on {}: {e}", self.cfg.host),
+            Err(e) => {
+                return Err(refuse(
+                    ErrorCode::Unavailable,
+                    format!("CRIU unusable on {}: {e}", self.cfg.host),
+                ))
+            }
         };
         let _stream = self
             .with_incoming(peer, job, |i| {

@@ -1,5 +1,6 @@
 //! Serving and sending agent-to-agent requests over QUIC.
 
+use crate::proto::{refuse, ErrorCode};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +35,18 @@ pub(crate) struct Sent {
     ///
     /// [`TreeStats::unsettled`]: transfer::tree::TreeStats::unsettled
     pub(crate) unsettled: Vec<String>,
+}
+
+/// How many times a request refused as retryable ([`crate::proto::ErrorCode::retryable`]) is
+/// sent again, and the pause before the first retry (doubling after each).
+const RETRIES: u32 = 4;
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
+
+/// The pause before sending again a request that failed `attempt` times (from 1) with an answer
+/// that says a retry can help; `None` once [`RETRIES`] retries are spent. Only for requests
+/// that may be sent twice (asked before the freeze, their effect idempotent).
+pub(crate) fn retry_pause(attempt: u32) -> Option<Duration> {
+    (attempt <= RETRIES).then(|| RETRY_PAUSE * (1 << (attempt - 1).min(RETRIES)))
 }
 
 /// Sends `req` and `trees` on a new stream, returns the answer and the bytes sent.
@@ -114,8 +127,7 @@ fn op_name(req: &PeerRequest) -> String {
 pub(crate) fn expect_ok(host: &str, resp: PeerResponse) -> Result<()> {
     match resp {
         PeerResponse::Ok { .. } => Ok(()),
-        PeerResponse::Error { message } => bail!("{host}: {message}"),
-        other => bail!("{host} answered unexpectedly: {other:?}"),
+        other => Err(other.into_error(host)),
     }
 }
 
@@ -219,12 +231,7 @@ async fn handle_stream(
                     },
                     ids,
                 ),
-                Err(e) => (
-                    PeerResponse::Error {
-                        message: format!("{e:#}"),
-                    },
-                    vec![],
-                ),
+                Err(e) => (PeerResponse::error(&e), vec![]),
             };
             let mut w = tokio::io::BufWriter::with_capacity(256 << 10, &mut send);
             let sent = async {
@@ -248,14 +255,10 @@ async fn handle_stream(
             debug!(%peer, op = op_name(&req), read_ms = ferry_runtime::util::ms(t.elapsed()), "peer request read");
             match dispatch(&agent, &peer, conn_id, req, &mut recv).await {
                 Ok(r) => r,
-                Err(e) => PeerResponse::Error {
-                    message: format!("{e:#}"),
-                },
+                Err(e) => PeerResponse::error(&e),
             }
         }
-        Err(e) => PeerResponse::Error {
-            message: format!("bad request: {e}"),
-        },
+        Err(e) => PeerResponse::error(&refuse(ErrorCode::BadRequest, format!("bad request: {e}"))),
     };
     if let Err(e) = write_msg(&mut send, &resp).await {
         warn!(%peer, error = %e, "could not answer peer");
@@ -281,7 +284,7 @@ async fn dispatch(
             pre_copy,
         } => {
             if !(MIN_PROTO_VERSION..=PROTO_VERSION).contains(&version) {
-                bail!("protocol version {version} not supported here (this agent speaks {MIN_PROTO_VERSION} to {PROTO_VERSION}): run the same Ferry release on both hosts");
+                return Err(refuse(ErrorCode::BadRequest, format!("protocol version {version} not supported here (this agent speaks {MIN_PROTO_VERSION} to {PROTO_VERSION}): run the same Ferry release on both hosts")));
             }
             let answer = agent.preflight_incoming(&name).await?;
             agent.check_memory(memory_bytes, pre_copy).await?;
@@ -386,11 +389,28 @@ async fn dispatch(
         PeerRequest::Abort { job } => {
             if let Some(owner) = agent.incoming_owner(&job).await {
                 if owner != peer {
-                    bail!("job {job} belongs to {owner}, not {peer}");
+                    return Err(refuse(
+                        ErrorCode::Forbidden,
+                        format!("job {job} belongs to {owner}, not {peer}"),
+                    ));
                 }
             }
             agent.abort_incoming(&job, "aborted by the source").await;
             Ok(PeerResponse::Ok { bytes: 0 })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_are_bounded_and_back_off() {
+        let pauses: Vec<_> = (1..=10).map_while(retry_pause).collect();
+        assert_eq!(
+            pauses,
+            [250, 500, 1000, 2000].map(Duration::from_millis).to_vec()
+        );
     }
 }

@@ -336,7 +336,215 @@ pub enum PeerResponse {
     },
     /// Refused or failed.
     Error {
+        /// What kind of failure: the requester decides from this, never from the message.
+        #[serde(default)]
+        code: ErrorCode,
+        /// Whether the same request may succeed if sent again later.
+        #[serde(default)]
+        retryable: bool,
         /// What failed, with the value, and what to do.
         message: String,
     },
+}
+
+/// What kind of failure a [`PeerResponse::Error`] reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Malformed, out of bounds, or in a protocol version this peer does not speak.
+    BadRequest,
+    /// The job belongs to another peer, or a fault hook is asked of a host that refuses them.
+    Forbidden,
+    /// No such job (it expired, was aborted or never came) or page here.
+    NotFound,
+    /// Clashes with what this host holds: a container of that name or address, a job already
+    /// received.
+    Conflict,
+    /// This host lacks the room (memory, disk, page store) for it.
+    NoRoom,
+    /// This host cannot do it at all: it runs no containers, or its CRIU or runc is unusable.
+    Unavailable,
+    /// Briefly unable (a limit on work in progress): the same request may succeed later.
+    Busy,
+    /// The work itself failed here (CRIU, runc, I/O, a check of what arrived).
+    #[default]
+    Failed,
+    /// A code this agent does not know (a newer peer's).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// Whether a request refused with this code may succeed if sent again later.
+    pub fn retryable(self) -> bool {
+        matches!(self, ErrorCode::Busy)
+    }
+}
+
+/// A failure with its [`ErrorCode`], raised where a peer's request is handled; the answer
+/// carries the code ([`PeerResponse::error`]). Any other error is answered as
+/// [`ErrorCode::Failed`].
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    /// What kind of failure.
+    pub code: ErrorCode,
+    /// What failed, with the value, and what to do.
+    pub message: String,
+}
+
+/// A [`Refusal`] as an error to return from a request's handler.
+pub fn refuse(code: ErrorCode, message: impl Into<String>) -> anyhow::Error {
+    Refusal {
+        code,
+        message: message.into(),
+    }
+    .into()
+}
+
+/// A peer's error answer as its requester sees it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{host}: {message}")]
+pub struct PeerError {
+    /// The peer that answered.
+    pub host: String,
+    /// What kind of failure.
+    pub code: ErrorCode,
+    /// Whether the same request may succeed if sent again later.
+    pub retryable: bool,
+    /// The peer's message.
+    pub message: String,
+}
+
+impl PeerError {
+    /// The [`PeerError`] in `e`'s chain, if a peer's answer caused it.
+    pub fn of(e: &anyhow::Error) -> Option<&PeerError> {
+        e.chain().find_map(|c| c.downcast_ref::<PeerError>())
+    }
+}
+
+impl PeerResponse {
+    /// The answer to a request whose handling failed with `e`: the code of the first
+    /// [`Refusal`] in its chain, else [`ErrorCode::Failed`]; the message is the whole chain.
+    pub fn error(e: &anyhow::Error) -> PeerResponse {
+        let code = e
+            .chain()
+            .find_map(|c| c.downcast_ref::<Refusal>())
+            .map_or(ErrorCode::Failed, |r| r.code);
+        PeerResponse::Error {
+            code,
+            retryable: code.retryable(),
+            message: format!("{e:#}"),
+        }
+    }
+
+    /// An [`PeerResponse::Error`] answer from `host` as a [`PeerError`]; any other answer is
+    /// unexpected here.
+    pub fn into_error(self, host: &str) -> anyhow::Error {
+        match self {
+            PeerResponse::Error {
+                code,
+                retryable,
+                message,
+            } => PeerError {
+                host: host.to_string(),
+                code,
+                retryable,
+                message,
+            }
+            .into(),
+            other => anyhow::anyhow!("{host} answered unexpectedly: {other:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+
+    #[test]
+    fn an_answer_carries_the_code_of_the_refusal_in_the_chain() {
+        let e = Err::<(), _>(refuse(ErrorCode::Busy, "3 base layers are on their way"))
+            .context("receiving base tree abc")
+            .unwrap_err();
+        match PeerResponse::error(&e) {
+            PeerResponse::Error {
+                code,
+                retryable,
+                message,
+            } => {
+                assert_eq!(code, ErrorCode::Busy);
+                assert!(retryable);
+                assert_eq!(
+                    message,
+                    "receiving base tree abc: 3 base layers are on their way"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Any other failure is final.
+        let e = anyhow::anyhow!("CRIU's restore failed");
+        assert!(matches!(
+            PeerResponse::error(&e),
+            PeerResponse::Error {
+                code: ErrorCode::Failed,
+                retryable: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn the_requester_sees_the_code_not_only_the_message() {
+        let wire = serde_json::to_string(&PeerResponse::error(&refuse(
+            ErrorCode::NotFound,
+            "no prepared job j1 here",
+        )))
+        .unwrap();
+        let resp: PeerResponse = serde_json::from_str(&wire).unwrap();
+        let e = Err::<(), _>(resp.into_error("h2"))
+            .context("the restore")
+            .unwrap_err();
+        let p = PeerError::of(&e).expect("a peer error in the chain");
+        assert_eq!(
+            (p.host.as_str(), p.code, p.retryable),
+            ("h2", ErrorCode::NotFound, false)
+        );
+        assert_eq!(format!("{e:#}"), "the restore: h2: no prepared job j1 here");
+        // A local failure is no peer's answer.
+        assert!(PeerError::of(&anyhow::anyhow!("connection lost")).is_none());
+        // Any other answer where an error is turned into one is unexpected.
+        let e = PeerResponse::Fetched { nr_pages: 1 }.into_error("h2");
+        assert!(PeerError::of(&e).is_none());
+        assert!(format!("{e}").contains("h2 answered unexpectedly"), "{e}");
+    }
+
+    #[test]
+    fn answers_of_older_and_newer_peers_are_read() {
+        // Before codes: a failure, final.
+        let old: PeerResponse =
+            serde_json::from_str(r#"{"result":"error","message":"boom"}"#).unwrap();
+        assert!(matches!(
+            old,
+            PeerResponse::Error {
+                code: ErrorCode::Failed,
+                retryable: false,
+                ..
+            }
+        ));
+        // A code this agent does not know keeps the peer's word on retrying.
+        let newer: PeerResponse = serde_json::from_str(
+            r#"{"result":"error","code":"quota_exceeded","retryable":true,"message":"later"}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            newer,
+            PeerResponse::Error {
+                code: ErrorCode::Unknown,
+                retryable: true,
+                ..
+            }
+        ));
+    }
 }

@@ -616,8 +616,7 @@ impl Agent {
         let bits = match read_msg::<_, PeerResponse>(&mut recv).await? {
             PeerResponse::Held { bitmap } => transfer::lists::decode_bitmap(&bitmap, hashes.len())
                 .context("the destination's held-pages answer")?,
-            PeerResponse::Error { message } => bail!("{message}"),
-            other => bail!("unexpected answer to held-pages: {other:?}"),
+            other => return Err(other.into_error("the destination").context("held pages")),
         };
         let mut known = lock(&rounds.known);
         let mut held = 0u64;
@@ -737,8 +736,9 @@ impl Agent {
                     .map_err(|e| anyhow::anyhow!("closing a page stream: {e}"))?;
                 match read_msg::<_, PeerResponse>(&mut recv).await? {
                     PeerResponse::Ok { .. } => {}
-                    PeerResponse::Error { message } => bail!("{message}"),
-                    other => bail!("unexpected answer to a page stream: {other:?}"),
+                    other => {
+                        return Err(other.into_error("the destination").context("a page stream"))
+                    }
                 }
                 reader.await?;
                 Ok::<_, anyhow::Error>(Sent { pages, bytes })

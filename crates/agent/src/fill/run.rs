@@ -7,6 +7,7 @@ use crate::fill::FillPages;
 use crate::fill::FillStats;
 use crate::fill::FILL_LIMIT;
 use crate::fill::REMOTE;
+use crate::proto::{refuse, ErrorCode};
 use crate::proto::{PeerResponse, MAX_HASHES};
 use crate::{lock, Agent};
 use anyhow::{bail, Context, Result};
@@ -302,11 +303,19 @@ impl Agent {
         let (mut rx, pages) = {
             let fills = crate::lock(&self.fills);
             match fills.get(job) {
-                Some(f) if f.from != peer => bail!("job {job} belongs to {}, not {peer}", f.from),
+                Some(f) if f.from != peer => {
+                    return Err(refuse(
+                        ErrorCode::Forbidden,
+                        format!("job {job} belongs to {}, not {peer}", f.from),
+                    ))
+                }
                 Some(f) => (f.done.subscribe(), Some(Arc::clone(&f.pages))),
                 None => match crate::lock(&self.filled).get(job) {
                     Some(e) if e.from != peer => {
-                        bail!("job {job} belongs to {}, not {peer}", e.from)
+                        return Err(refuse(
+                            ErrorCode::Forbidden,
+                            format!("job {job} belongs to {}, not {peer}", e.from),
+                        ))
                     }
                     Some(e) => (e.done.subscribe(), e.pages.clone()),
                     None => bail!("no lazy restore of job {job} here"),
@@ -340,12 +349,18 @@ impl Agent {
     pub(crate) fn fill_pages(&self, peer: &str, job: &str) -> Result<(Arc<FillPages>, bool)> {
         if let Some(f) = crate::lock(&self.fills).get(job) {
             if f.from != peer {
-                bail!("job {job} belongs to {}, not {peer}", f.from);
+                return Err(refuse(
+                    ErrorCode::Forbidden,
+                    format!("job {job} belongs to {}, not {peer}", f.from),
+                ));
             }
             return Ok((Arc::clone(&f.pages), true));
         }
         match crate::lock(&self.filled).get(job) {
-            Some(e) if e.from != peer => bail!("job {job} belongs to {}, not {peer}", e.from),
+            Some(e) if e.from != peer => Err(refuse(
+                ErrorCode::Forbidden,
+                format!("job {job} belongs to {}, not {peer}", e.from),
+            )),
             Some(Ended { pages: Some(p), .. }) => Ok((Arc::clone(p), false)),
             _ => bail!("no lazy restore of job {job} to check here"),
         }

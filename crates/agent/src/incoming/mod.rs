@@ -4,13 +4,14 @@
 //! a crash removes it; a job whose source disappears (connection closed) or stays silent past its
 //! deadline is aborted here without waiting for anyone.
 
+use crate::proto::{refuse, ErrorCode};
 mod restore;
 mod settle;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use orchestrator_shim::api::ContainerSpec;
 use orchestrator_shim::hold::Hold;
 use serde::{Deserialize, Serialize};
@@ -211,11 +212,19 @@ impl Agent {
 
     pub(crate) async fn preflight_incoming(&self, name: &str) -> Result<PeerResponse> {
         if !self.cfg.runs_containers {
-            bail!("host {} does not run containers", self.cfg.host);
+            return Err(refuse(
+                ErrorCode::Unavailable,
+                format!("host {} does not run containers", self.cfg.host),
+            ));
         }
         let criu = match &self.criu {
             Ok(c) => c.version.to_string(),
-            Err(e) => bail!("CRIU unusable on {}: {e}", self.cfg.host),
+            Err(e) => {
+                return Err(refuse(
+                    ErrorCode::Unavailable,
+                    format!("CRIU unusable on {}: {e}", self.cfg.host),
+                ))
+            }
         };
         let (r, dir) = (self.runc.clone(), self.cfg.state_dir.clone());
         let (runc, free_bytes, images_free_bytes) = tokio::task::spawn_blocking(move || {
@@ -240,10 +249,13 @@ impl Agent {
                 .values()
                 .any(|i| i.spec.name == name)
         {
-            bail!(
-                "a container named {name:?} already exists on {}",
-                self.cfg.host
-            );
+            return Err(refuse(
+                ErrorCode::Conflict,
+                format!(
+                    "a container named {name:?} already exists on {}",
+                    self.cfg.host
+                ),
+            ));
         }
         let pages_held = self.pages.lock().await.len() as u64;
         let no_lazy_restore = if !self.cfg.lazy_restore {
@@ -280,7 +292,10 @@ impl Agent {
         recv: &mut super::peer::Incoming<'_>,
     ) -> Result<PeerResponse> {
         if !orchestrator_shim::api::valid_name(&spec.name) || !valid_job(&job) {
-            bail!("invalid container name {:?} or job id {job:?}", spec.name);
+            return Err(refuse(
+                ErrorCode::BadRequest,
+                format!("invalid container name {:?} or job id {job:?}", spec.name),
+            ));
         }
         // Nothing from a peer is used unchecked: the MAC must be the one derived from the IP,
         // the prefix sensible, the command present.
@@ -289,23 +304,35 @@ impl Agent {
             || spec.args.is_empty()
             || spec.args.len() > 256
         {
-            bail!(
-                "refusing container spec for {:?}: ip {} mac {} prefix /{} args {}",
-                spec.name,
-                spec.ip,
-                spec.mac,
-                spec.prefix_len,
-                spec.args.len()
-            );
+            return Err(refuse(
+                ErrorCode::BadRequest,
+                format!(
+                    "refusing container spec for {:?}: ip {} mac {} prefix /{} args {}",
+                    spec.name,
+                    spec.ip,
+                    spec.mac,
+                    spec.prefix_len,
+                    spec.args.len()
+                ),
+            ));
         }
-        ferry_runtime::process::check_received(&spec)
-            .map_err(|why| anyhow::anyhow!("refusing container spec for {:?}: {why}", spec.name))?;
+        ferry_runtime::process::check_received(&spec).map_err(|why| {
+            refuse(
+                ErrorCode::BadRequest,
+                format!("refusing container spec for {:?}: {why}", spec.name),
+            )
+        })?;
         // The base is named by a tree id that becomes a path under the store: anything but 64
         // hex digits (such as "/" or "../..") is refused before any directory is touched.
         if let Some(img) = &spec.image {
             shared_fs::store::check_id(&img.tree)
                 .and_then(|()| shared_fs::store::check_image_name(&img.name))
-                .with_context(|| format!("refusing container spec for {:?}", spec.name))?;
+                .map_err(|e| {
+                    refuse(
+                        ErrorCode::BadRequest,
+                        format!("refusing container spec for {:?}: {e:#}", spec.name),
+                    )
+                })?;
         }
         // Name and address are checked and reserved in one step against the containers here,
         // the ones being created and the other incoming jobs (the reservation ends below).
@@ -313,7 +340,10 @@ impl Agent {
             let inc = self.incoming.lock().await;
             let mut creating = lock(&self.creating);
             if inc.contains_key(&job) || self.was_committed(&job) {
-                bail!("job {job} is already being received or was received");
+                return Err(refuse(
+                    ErrorCode::Conflict,
+                    format!("job {job} is already being received or was received"),
+                ));
             }
             let taken = lock(&self.containers)
                 .values()
@@ -322,12 +352,12 @@ impl Agent {
                 .chain(inc.values().map(|i| (i.spec.name.clone(), i.spec.ip)))
                 .find(|(n, ip)| *n == spec.name || *ip == spec.ip);
             if let Some((n, ip)) = taken {
-                bail!(
+                return Err(refuse(ErrorCode::Conflict, format!(
                     "container {:?} ({}) cannot come here: {n:?} with address {ip} exists or is arriving on {}",
                     spec.name,
                     spec.ip,
                     self.cfg.host
-                );
+                )));
             }
             creating.push((spec.name.clone(), spec.ip));
         }
@@ -361,12 +391,13 @@ impl Agent {
         recv: &mut super::peer::Incoming<'_>,
     ) -> Result<PeerResponse> {
         if spec.prefix_len != self.cfg.overlay_prefix_len {
-            bail!(
-                "container {:?} comes with prefix /{}, this overlay is /{}",
-                spec.name,
-                spec.prefix_len,
-                self.cfg.overlay_prefix_len
-            );
+            return Err(refuse(
+                ErrorCode::BadRequest,
+                format!(
+                    "container {:?} comes with prefix /{}, this overlay is /{}",
+                    spec.name, spec.prefix_len, self.cfg.overlay_prefix_len
+                ),
+            ));
         }
         let layout = self.layout(&spec.name);
         let rec = self.incoming_record(&job);

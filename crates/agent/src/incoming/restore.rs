@@ -9,6 +9,7 @@ use crate::incoming::RestoreLimits;
 use crate::incoming::DESCRIPTORS;
 use crate::incoming::RESTORED_TTL;
 use crate::proto::PeerResponse;
+use crate::proto::{refuse, ErrorCode};
 use crate::{lock, Agent};
 use anyhow::{bail, Context, Result};
 use std::sync::Arc;
@@ -82,15 +83,28 @@ impl Agent {
         recv: &mut crate::peer::Incoming<'_>,
     ) -> Result<PeerResponse> {
         if (corrupt || corrupt_page || corrupt_rootfs) && !self.cfg.allow_fault_hooks {
-            bail!(
-                "fault hooks are disabled on {} (allow_fault_hooks in its config)",
-                self.cfg.host
-            );
+            return Err(refuse(
+                ErrorCode::Forbidden,
+                format!(
+                    "fault hooks are disabled on {} (allow_fault_hooks in its config)",
+                    self.cfg.host
+                ),
+            ));
         }
         let (_stream, relayed, own) = match self.incoming.lock().await.get_mut(job) {
-            Some(i) if i.from != peer => bail!("job {job} belongs to {}, not {peer}", i.from),
+            Some(i) if i.from != peer => {
+                return Err(refuse(
+                    ErrorCode::Forbidden,
+                    format!("job {job} belongs to {}, not {peer}", i.from),
+                ))
+            }
             Some(i) => (i.stream(), i.pages_relayed, i.layout.own_fs(&i.spec)),
-            None => bail!("no prepared job {job} here (it expired or was aborted)"),
+            None => {
+                return Err(refuse(
+                    ErrorCode::NotFound,
+                    format!("no prepared job {job} here (it expired or was aborted)"),
+                ))
+            }
         };
         let images = self.images_dir(job);
         if !relayed {
@@ -178,7 +192,12 @@ impl Agent {
         limit: Duration,
     ) -> Result<()> {
         let mut rx = match self.incoming.lock().await.get_mut(job) {
-            Some(i) if i.from != peer => bail!("job {job} belongs to {}, not {peer}", i.from),
+            Some(i) if i.from != peer => {
+                return Err(refuse(
+                    ErrorCode::Forbidden,
+                    format!("job {job} belongs to {}, not {peer}", i.from),
+                ))
+            }
             Some(i) => {
                 i.touch();
                 match what {
@@ -186,7 +205,12 @@ impl Agent {
                     Arrival::FinalPages => i.final_pages.subscribe(),
                 }
             }
-            None => bail!("no prepared job {job} here (it expired or was aborted)"),
+            None => {
+                return Err(refuse(
+                    ErrorCode::NotFound,
+                    format!("no prepared job {job} here (it expired or was aborted)"),
+                ))
+            }
         };
         let name = match what {
             Arrival::Images => "images",
@@ -222,15 +246,21 @@ impl Agent {
         }: RestoreLimits,
     ) -> Result<PeerResponse> {
         if pause_ms > 120_000 {
-            bail!(
+            return Err(refuse(
+                ErrorCode::BadRequest,
+                format!(
                 "a restore pause of {pause_ms} ms is refused: fault hooks pause at most 120000 ms"
-            );
+            ),
+            ));
         }
         if pause_ms > 0 && !self.cfg.allow_fault_hooks {
-            bail!(
-                "fault hooks are disabled on {} (allow_fault_hooks in its config)",
-                self.cfg.host
-            );
+            return Err(refuse(
+                ErrorCode::Forbidden,
+                format!(
+                    "fault hooks are disabled on {} (allow_fault_hooks in its config)",
+                    self.cfg.host
+                ),
+            ));
         }
         let t_req = Instant::now();
         if after_pages {
@@ -245,7 +275,12 @@ impl Agent {
         // job's entry is locked so that the store never sees the pages unpinned.
         let (name, layout, abort, fill_pages, prestarted) =
             match self.incoming.lock().await.get_mut(job) {
-                Some(i) if i.from != peer => bail!("job {job} belongs to {}, not {peer}", i.from),
+                Some(i) if i.from != peer => {
+                    return Err(refuse(
+                        ErrorCode::Forbidden,
+                        format!("job {job} belongs to {}, not {peer}", i.from),
+                    ))
+                }
                 Some(i) => {
                     i.restoring = true;
                     let fill_pages = lazy.then(|| {
@@ -272,7 +307,12 @@ impl Agent {
                         i.prestarted.take(),
                     )
                 }
-                None => bail!("no prepared job {job} here (it expired or was aborted)"),
+                None => {
+                    return Err(refuse(
+                        ErrorCode::NotFound,
+                        format!("no prepared job {job} here (it expired or was aborted)"),
+                    ))
+                }
             };
         // Lazy: the daemon that fills the memory in from the page store starts first.
         let mut daemon = None;
@@ -281,7 +321,10 @@ impl Agent {
                 Ok(c) => c.path.clone(),
                 Err(e) => {
                     self.forget_fill(job);
-                    bail!("CRIU unusable on {}: {e}", self.cfg.host)
+                    return Err(refuse(
+                        ErrorCode::Unavailable,
+                        format!("CRIU unusable on {}: {e}", self.cfg.host),
+                    ));
                 }
             };
             let (images, work) = (self.images_dir(job), self.work_dir(job));

@@ -3,8 +3,9 @@
 use crate::incoming::announce;
 use crate::incoming::Record;
 use crate::proto::PeerResponse;
+use crate::proto::{refuse, ErrorCode};
 use crate::{lock, Agent, ContainerRecord};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use ferry_runtime::layout::Layout;
 use orchestrator_shim::api::ContainerSpec;
 use std::sync::Arc;
@@ -43,7 +44,10 @@ impl Agent {
         let mut abort_now = false;
         if let Some(i) = incoming.get(job) {
             if i.from != peer {
-                bail!("job {job} belongs to {}, not {peer}", i.from);
+                return Err(refuse(
+                    ErrorCode::Forbidden,
+                    format!("job {job} belongs to {}, not {peer}", i.from),
+                ));
             }
             if i.abort.load(std::sync::atomic::Ordering::SeqCst) {
                 // Aborted during its restore (its source's connection ended, or an abort):
@@ -53,7 +57,10 @@ impl Agent {
                 });
             }
             if !i.restored && !recovered {
-                bail!("job {job}: container {:?} is not restored yet", i.spec.name);
+                return Err(refuse(
+                    ErrorCode::Conflict,
+                    format!("job {job}: container {:?} is not restored yet", i.spec.name),
+                ));
             }
             // Its source restarted and cannot know how far the job got: a copy not restored
             // by now is never committed.

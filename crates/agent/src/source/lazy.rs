@@ -652,7 +652,7 @@ impl super::Driver {
                 self.agent.forget_frozen_copy(&job);
                 return Ok(());
             }
-            Ok((PeerResponse::Error { message }, _)) => message,
+            Ok((PeerResponse::Error { message, .. }, _)) => message,
             Ok((other, _)) => format!("unexpected answer about the fill: {other:?}"),
             Err(e) => {
                 // Unknown: the copy there may run; this one must not. It is removed.

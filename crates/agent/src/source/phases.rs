@@ -14,8 +14,8 @@ use transfer::tree::Reads;
 use super::dump::root_diff;
 use super::{dir_size, Driver, EAGER_MAX_PROCESSES};
 use crate::journal::OutPhase;
-use crate::peer::{expect_ok, request, request_trees, request_trees_notify, Tree};
-use crate::proto::{PeerRequest, PeerResponse, PROTO_VERSION};
+use crate::peer::{expect_ok, request, request_trees, request_trees_notify, retry_pause, Tree};
+use crate::proto::{PeerError, PeerRequest, PeerResponse, PROTO_VERSION};
 
 impl Driver {
     /// Preflight: the container runs and holds nothing CRIU cannot move; the destination has room,
@@ -88,15 +88,35 @@ impl Driver {
             memory_bytes: self.memory_bytes,
             pre_copy: self.mode == MigrateMode::PreCopy,
         };
-        let (resp, bytes) = match async { request(&self.conn().await?, &req, &[]).await }.await {
-            Ok(r) => r,
-            Err(_) => {
-                // The cached connection may predate a restart of the peer: retry fresh.
-                self.agent.forget_conn(&to).await;
-                self.conn = None;
-                async { request(&self.conn().await?, &req, &[]).await }
-                    .await
-                    .with_context(|| format!("destination {to} unreachable"))?
+        let mut attempt = 0;
+        let (resp, bytes) = loop {
+            let (resp, bytes) = match async { request(&self.conn().await?, &req, &[]).await }.await
+            {
+                Ok(r) => r,
+                Err(_) => {
+                    // The cached connection may predate a restart of the peer: retry fresh.
+                    self.agent.forget_conn(&to).await;
+                    self.conn = None;
+                    async { request(&self.conn().await?, &req, &[]).await }
+                        .await
+                        .with_context(|| format!("destination {to} unreachable"))?
+                }
+            };
+            // Decided from the answer's code: a busy destination is asked again.
+            attempt += 1;
+            match (&resp, retry_pause(attempt)) {
+                (
+                    PeerResponse::Error {
+                        retryable: true,
+                        message,
+                        ..
+                    },
+                    Some(pause),
+                ) => {
+                    warn!(job = %self.job.id, attempt, pause_ms = pause.as_millis() as u64, error = %message, "the destination is busy; preflight again");
+                    tokio::time::sleep(pause).await;
+                }
+                _ => break (resp, bytes),
             }
         };
         match resp {
@@ -168,7 +188,21 @@ impl Driver {
         let mut base_bytes = 0;
         if let Some(image) = self.spec.image.clone() {
             let conn = self.conn().await?;
-            let base = self.agent.send_base(&conn, &image).await?;
+            let mut attempt = 0;
+            let base = loop {
+                attempt += 1;
+                match self.agent.send_base(&conn, &image).await {
+                    // Decided from the answer's code: a busy destination is asked again.
+                    Err(e) if PeerError::of(&e).is_some_and(|p| p.retryable) => {
+                        let Some(pause) = retry_pause(attempt) else {
+                            return Err(e);
+                        };
+                        warn!(job = %self.job.id, attempt, pause_ms = pause.as_millis() as u64, error = %format!("{e:#}"), "the destination is busy; sending the base again");
+                        tokio::time::sleep(pause).await;
+                    }
+                    r => break r?,
+                }
+            };
             base_bytes = base.bytes_sent;
             self.base = Some(base);
         }
