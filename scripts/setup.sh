@@ -137,5 +137,5 @@ fi
 command -v cargo >/dev/null 2>&1 || die "cargo not found: install a stable Rust toolchain (rustup) first"
 say "building Ferry (cargo build --release --locked)"
 cd "$here"
-cargo build --release --locked -q -p ferry -p ferry-workload -p criu-sys || die "cargo build failed"
+cargo build --release --locked -q -p ferry -p ferry-workload -p criu-driver || die "cargo build failed"
 say "built target/release/ferry, ferry-workload and ferry-criu"

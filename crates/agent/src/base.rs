@@ -9,8 +9,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
+use ferry_api::ImageRef;
 use migrate_core::BaseReport;
-use orchestrator_shim::api::ImageRef;
 use shared_fs::store::{Tree, CHUNK_MAX, MAX_TREE_BYTES};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::info;

@@ -4,13 +4,13 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
-use orchestrator_shim::api::{
+use ferry_api::{
     ApiError, ContainerInfo, CreateContainer, HostInfo, JobEvent, JobInfo, MigrateRequest,
     Resolution, ResolveAnswer, ResolveRequest,
 };
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::UnixStream;
@@ -146,7 +146,7 @@ impl Client {
         name: &str,
         ms: u64,
         throttle_pct: u32,
-    ) -> Result<orchestrator_shim::api::DirtyRate> {
+    ) -> Result<ferry_api::DirtyRate> {
         self.call(
             Method::GET,
             &format!("/v1/containers/{name}/dirty-rate?ms={ms}&throttle={throttle_pct}"),

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use orchestrator_shim::api::DirtyRate;
+use ferry_api::DirtyRate;
 use tracing::{info, warn};
 
 /// Tracks every process of container `name` for `interval` with the best method the kernel

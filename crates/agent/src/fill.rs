@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use criu_sys::page_server::{
+use criu_driver::page_server::{
     read_message_async, write_payload_async, write_reply_async, Message, Reply, PAGE_SIZE,
 };
 use tokio::io::AsyncWriteExt;
@@ -424,8 +424,8 @@ impl FillPages {
         }
     }
 
-    /// Learns the dump's lazy memory (`criu_sys::image` pagemaps), which bounds read-ahead.
-    pub(crate) fn set_lazy_memory(&self, maps: &[(u32, Vec<criu_sys::image::PagemapEntry>)]) {
+    /// Learns the dump's lazy memory (`criu_driver::image` pagemaps), which bounds read-ahead.
+    pub(crate) fn set_lazy_memory(&self, maps: &[(u32, Vec<criu_driver::image::PagemapEntry>)]) {
         lock(&self.state)
             .lazy
             .extend(super::lazyd::lazy_ranges(maps));

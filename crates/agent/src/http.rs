@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use orchestrator_shim::api::{
+use ferry_api::{
     ApiError, ContainerInfo, CreateContainer, DirtyRate, HostInfo, JobEventKind, JobInfo,
     MigrateRequest, ResolveAnswer, ResolveRequest,
 };
@@ -276,7 +276,7 @@ async fn cancel(State(a): State<Arc<Agent>>, Path(id): Path<String>) -> ApiResul
 }
 
 /// Settles a job whose destination cannot answer about the commit (see
-/// `orchestrator_shim::api::Resolution`).
+/// `ferry_api::Resolution`).
 async fn resolve(
     State(a): State<Arc<Agent>>,
     Path(id): Path<String>,
@@ -330,11 +330,11 @@ async fn events(State(a): State<Arc<Agent>>, Path(id): Path<String>) -> ApiResul
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
 }
 
-fn is_finished(ev: &orchestrator_shim::api::JobEvent) -> bool {
+fn is_finished(ev: &ferry_api::JobEvent) -> bool {
     matches!(ev.kind, JobEventKind::Finished { .. })
 }
 
-fn line(ev: orchestrator_shim::api::JobEvent) -> Result<String, Infallible> {
+fn line(ev: ferry_api::JobEvent) -> Result<String, Infallible> {
     let mut s = serde_json::to_string(&ev).unwrap_or_default();
     s.push('\n');
     Ok(s)

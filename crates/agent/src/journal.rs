@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use orchestrator_shim::api::{Resolution, ResolveAnswer};
+use ferry_api::{Resolution, ResolveAnswer};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 

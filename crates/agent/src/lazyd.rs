@@ -277,9 +277,9 @@ struct Daemon {
     stop: tokio::sync::watch::Sender<bool>,
 }
 
-/// The dump's lazy memory per pid, from its pagemaps (`criu_sys::image::read_pagemaps`).
+/// The dump's lazy memory per pid, from its pagemaps (`criu_driver::image::read_pagemaps`).
 pub(crate) fn lazy_ranges(
-    maps: &[(u32, Vec<criu_sys::image::PagemapEntry>)],
+    maps: &[(u32, Vec<criu_driver::image::PagemapEntry>)],
 ) -> HashMap<u32, Vec<(u64, u64)>> {
     maps.iter()
         .map(|(pid, entries)| {

@@ -32,11 +32,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
+use ferry_api::{ContainerInfo, ContainerSpec, CreateContainer, JobEvent, JobEventKind, JobInfo};
+use ferry_net::sdn::{Fdb, Mac};
 use migrate_core::{Report, State};
-use orchestrator_shim::api::{
-    ContainerInfo, ContainerSpec, CreateContainer, JobEvent, JobEventKind, JobInfo,
-};
-use orchestrator_shim::sdn::{Fdb, Mac};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, Notify};
 use tracing::{info, warn};
@@ -117,10 +115,10 @@ pub(crate) struct Agent {
     containers: Mutex<BTreeMap<String, ContainerRecord>>,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     incoming: tokio::sync::Mutex<HashMap<String, incoming::Incoming>>,
-    criu: std::result::Result<criu_sys::Criu, String>,
+    criu: std::result::Result<criu_driver::Criu, String>,
     /// Whether CRIU can restore lazily here (see `fill`).
     lazy_pages: std::result::Result<(), String>,
-    /// The version of Ferry's patch in this host's CRIU (0: none; see `criu_sys::Criu`).
+    /// The version of Ferry's patch in this host's CRIU (0: none; see `criu_driver::Criu`).
     criu_patch: u32,
     job_seq: AtomicU64,
     /// Names and addresses of containers being created right now.
@@ -227,11 +225,11 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         }
     }
     let criu = tokio::task::spawn_blocking(|| {
-        let c = criu_sys::Criu::discover()?;
+        let c = criu_driver::Criu::discover()?;
         c.check()?;
         match c.warm_kdat_cache() {
             Ok(true) => info!(
-                path = criu_sys::KDAT_CACHE,
+                path = criu_driver::KDAT_CACHE,
                 "CRIU kernel-feature cache written"
             ),
             Ok(false) => warn!(
@@ -239,7 +237,7 @@ async fn run(cfg: AgentConfig) -> Result<()> {
             ),
             Err(e) => warn!(error = %e, "CRIU kernel-feature cache"),
         }
-        Ok::<_, criu_sys::CriuError>(c)
+        Ok::<_, criu_driver::CriuError>(c)
     })
     .await?
     .map_err(|e| e.to_string());
@@ -639,7 +637,7 @@ impl Agent {
                 self.cfg.host
             )));
         }
-        if !orchestrator_shim::api::valid_name(name) {
+        if !ferry_api::valid_name(name) {
             return Err(F::bad_request(format!(
                 "invalid container name {name:?}: use 1-32 letters, digits, '-' or '_'"
             )));
@@ -718,7 +716,7 @@ impl Agent {
         name: &str,
         ip: Ipv4Addr,
         preq: ferry_runtime::process::Request,
-        resources: orchestrator_shim::api::Resources,
+        resources: ferry_api::Resources,
         image: Option<String>,
     ) -> Result<ContainerInfo, http::ApiFailure> {
         use http::ApiFailure as F;
@@ -735,7 +733,7 @@ impl Agent {
                 .map_err(|e| F::internal(e.to_string()))?
                 .map_err(images::failure)?;
                 (
-                    Some(orchestrator_shim::api::ImageRef {
+                    Some(ferry_api::ImageRef {
                         name: r.name,
                         tree: r.tree,
                         config: r.config,
@@ -748,12 +746,12 @@ impl Agent {
         let mut spec = ContainerSpec {
             name: name.to_string(),
             ip,
-            mac: orchestrator_shim::api::mac_for_ip(ip),
+            mac: ferry_api::mac_for_ip(ip),
             prefix_len: self.cfg.overlay_prefix_len,
             // Every container has IPv6 where the host has it.
             ipv6: std::path::Path::new("/proc/sys/net/ipv6")
                 .is_dir()
-                .then(|| orchestrator_shim::api::ipv6_for_ip(ip)),
+                .then(|| ferry_api::ipv6_for_ip(ip)),
             args: vec![],
             image,
             process: Default::default(),

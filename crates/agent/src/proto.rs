@@ -4,7 +4,7 @@
 //! some requests file trees (see `transfer::tree`), then the sender finishes its side and reads
 //! one framed [`PeerResponse`].
 
-use orchestrator_shim::api::{ContainerInfo, ContainerSpec};
+use ferry_api::{ContainerInfo, ContainerSpec};
 use serde::{Deserialize, Serialize};
 
 /// Protocol version.

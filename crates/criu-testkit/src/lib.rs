@@ -1,6 +1,6 @@
-//! Test support for crates that drive real CRIU (the page-server tests of `criu-sys` and the
+//! Test support for crates that drive real CRIU (the page-server tests of `criu-driver` and the
 //! relay tests of `precopy`): a work directory with an image directory ([`Lab`]), child
-//! processes killed on drop ([`Guard`]), the `criu-sys-testee` program ([`start_testee`]),
+//! processes killed on drop ([`Guard`]), the `criu-driver-testee` program ([`start_testee`]),
 //! `criu page-server` ([`start_page_server`]) and `criu restore` with the testee's memory
 //! check ([`restore_and_check`]).
 //!
@@ -8,9 +8,9 @@
 //! fails the test and says why. Every wait is bounded (by [`STEP`] unless told). Work
 //! directories are removed on drop unless `FERRY_KEEP_TEST_DIRS=1` is set.
 //!
-//! The testee binary is built by `cargo build -p criu-sys`; it is found at
+//! The testee binary is built by `cargo build -p criu-driver`; it is found at
 //! `$FERRY_CRIU_SYS_TESTEE`, else next to the test executable's directory
-//! (`target/<profile>/criu-sys-testee`), unless a test names it with [`Lab::with_testee`].
+//! (`target/<profile>/criu-driver-testee`), unless a test names it with [`Lab::with_testee`].
 
 #![forbid(unsafe_code)]
 
@@ -46,7 +46,7 @@ pub fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The testee binary of criu-sys (canonical path, as /proc/PID/exe shows it), found at
+/// The testee binary of criu-driver (canonical path, as /proc/PID/exe shows it), found at
 /// `$FERRY_CRIU_SYS_TESTEE` or next to the test executable's directory.
 pub fn testee() -> &'static Path {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
@@ -55,11 +55,11 @@ pub fn testee() -> &'static Path {
             Some(p) => PathBuf::from(p),
             None => {
                 let exe = std::env::current_exe().expect("current_exe");
-                // target/<profile>/deps/TEST-HASH -> target/<profile>/criu-sys-testee
+                // target/<profile>/deps/TEST-HASH -> target/<profile>/criu-driver-testee
                 exe.parent()
                     .and_then(Path::parent)
                     .expect("the test binary is in target/<profile>/deps")
-                    .join("criu-sys-testee")
+                    .join("criu-driver-testee")
             }
         };
         canonical_testee(&path)
@@ -69,8 +69,8 @@ pub fn testee() -> &'static Path {
 fn canonical_testee(path: &Path) -> PathBuf {
     path.canonicalize().unwrap_or_else(|e| {
         panic!(
-            "the testee {} is missing ({e}): build it first with `cargo build --release -p criu-sys` \
-             (or `cargo build -p criu-sys` for a debug test run), or set FERRY_CRIU_SYS_TESTEE",
+            "the testee {} is missing ({e}): build it first with `cargo build --release -p criu-driver` \
+             (or `cargo build -p criu-driver` for a debug test run), or set FERRY_CRIU_SYS_TESTEE",
             path.display()
         )
     })
@@ -94,7 +94,7 @@ impl Lab {
             nix::unistd::geteuid().is_root(),
             "the real-CRIU tests need root (CRIU dumps and restores processes); run them as root"
         );
-        let criu = criu_sys::Criu::discover()
+        let criu = criu_driver::Criu::discover()
             .unwrap_or_else(|e| panic!("the real-CRIU tests need CRIU >= 4.2: {e}"));
         // Restored processes are re-parented to us, so we can reap them.
         nix::sys::prctl::set_child_subreaper(true).expect("PR_SET_CHILD_SUBREAPER");

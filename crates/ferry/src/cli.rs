@@ -5,10 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use ferry_api::{CreateContainer, FaultHooks, MigrateMode, MigrateRequest, Resolution};
 use migrate_core::Outcome;
-use orchestrator_shim::api::{
-    CreateContainer, FaultHooks, MigrateMode, MigrateRequest, Resolution,
-};
 
 use crate::{Cli, Cmd, ImageCmd, LabCmd};
 use ferry_lab::lab::Lab;
@@ -307,7 +305,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     .transpose()?,
                 pause_in_phase_ms,
             };
-            let mut deadlines = orchestrator_shim::api::Deadlines::default();
+            let mut deadlines = ferry_api::Deadlines::default();
             if let Some(s) = dump_deadline_s {
                 deadlines.dump_s = s;
             }

@@ -6,8 +6,8 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use ferry_api::{ContainerInfo, CreateContainer};
 use migrate_core::{Outcome, Report};
-use orchestrator_shim::api::{ContainerInfo, CreateContainer};
 use serde::Serialize;
 
 use crate::lab::Lab;
@@ -184,7 +184,7 @@ impl BaselineReport {
 /// A container run and moved by hand with runc, the way an admin would without Ferry: default
 /// CRIU settings, its own runc root per host, the same lab network.
 pub struct Baseline {
-    spec: orchestrator_shim::api::ContainerSpec,
+    spec: ferry_api::ContainerSpec,
     dir: PathBuf,
 }
 
@@ -229,10 +229,10 @@ impl Baseline {
             &used,
         )
         .context("no free overlay address for the baseline container")?;
-        let spec = orchestrator_shim::api::ContainerSpec {
+        let spec = ferry_api::ContainerSpec {
             name: name.into(),
             ip,
-            mac: orchestrator_shim::api::mac_for_ip(ip),
+            mac: ferry_api::mac_for_ip(ip),
             prefix_len: 24,
             ipv6: None,
             args,

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use orchestrator_shim::sdn::{self, Fdb, Mac};
+use ferry_net::sdn::{self, Fdb, Mac};
 use serde::{Deserialize, Serialize};
 
 use ferry_agent::client::Client;
@@ -320,7 +320,7 @@ pub async fn up(
         ])?;
         ip(["-n", &ns, "link", "set", "br0", "mtu", OVERLAY_MTU, "up"])?;
         if name == "client" {
-            let mac = orchestrator_shim::api::mac_for_ip(CLIENT_OVERLAY_IP);
+            let mac = ferry_api::mac_for_ip(CLIENT_OVERLAY_IP);
             ip(["-n", &ns, "link", "set", "br0", "address", &mac])?;
             ip([
                 "-n",
@@ -341,14 +341,14 @@ pub async fn up(
             ] {
                 sysctl(&format!("net.ipv6.conf.br0.{k}"))?;
             }
-            let v6 = orchestrator_shim::api::ipv6_for_ip(CLIENT_OVERLAY_IP);
+            let v6 = ferry_api::ipv6_for_ip(CLIENT_OVERLAY_IP);
             ip([
                 "-n",
                 &ns,
                 "-6",
                 "addr",
                 "add",
-                &format!("{v6}/{}", orchestrator_shim::api::OVERLAY6_PREFIX_LEN),
+                &format!("{v6}/{}", ferry_api::OVERLAY6_PREFIX_LEN),
                 "dev",
                 "br0",
                 "nodad",
@@ -365,7 +365,7 @@ pub async fn up(
     }
 
     // Overlay forwarding: flood entries to every other host, and the client's MAC.
-    let client_mac: Mac = orchestrator_shim::api::mac_for_ip(CLIENT_OVERLAY_IP)
+    let client_mac: Mac = ferry_api::mac_for_ip(CLIENT_OVERLAY_IP)
         .parse()
         .context("client MAC")?;
     let client_vtep = lab_hosts

@@ -4,10 +4,8 @@
 use std::time::Duration;
 
 use anyhow::{bail, Result};
+use ferry_api::{ContainerInfo, FaultHooks, JobEventKind, MigrateMode, MigrateRequest};
 use migrate_core::{Outcome, Report};
-use orchestrator_shim::api::{
-    ContainerInfo, FaultHooks, JobEventKind, MigrateMode, MigrateRequest,
-};
 
 use crate::lab::Lab;
 
@@ -41,7 +39,7 @@ pub async fn find(lab: &Lab, name: &str) -> Result<ContainerInfo> {
         ),
     }
 }
-pub async fn find_job(lab: &Lab, id: &str) -> Result<(String, orchestrator_shim::api::JobInfo)> {
+pub async fn find_job(lab: &Lab, id: &str) -> Result<(String, ferry_api::JobInfo)> {
     for h in lab.container_hosts() {
         if let Ok(info) = lab.client(&h.name)?.job(id).await {
             return Ok((h.name.clone(), info));

@@ -6,7 +6,7 @@
 //! ```
 //!
 //! [`relay_out`] reads CRIU's messages (decoded and validated by
-//! [`criu_sys::page_server`]) and forwards each over the link. For every page of a payload it
+//! [`criu_driver::page_server`]) and forwards each over the link. For every page of a payload it
 //! computes the blake3 hash: a page whose hash is in `known` (the destination holds it, e.g.
 //! from a pre-copy round) crosses as its 32-byte hash; any other page crosses as its contents
 //! and its hash is added to `known`, since the destination keeps it from then on. [`relay_in`]
@@ -41,7 +41,7 @@
 //!
 //! Both ends validate what they read from the link: unknown tags are refused; every header
 //! goes through [`Message::decode`] (known command, flags, ranges, at most
-//! [`MAX_PAYLOAD_PAGES`](criu_sys::page_server::MAX_PAYLOAD_PAGES) pages, which bounds every
+//! [`MAX_PAYLOAD_PAGES`](criu_driver::page_server::MAX_PAYLOAD_PAGES) pages, which bounds every
 //! count); replies through [`decode_reply`]; error texts are capped at
 //! [`MAX_ERROR_LEN`] bytes. Nothing is allocated from a length read off the link: pages are
 //! rebuilt and written to the page server [`CHUNK_PAGES`] at a time. A stream that ends
@@ -59,7 +59,7 @@ use std::hash::BuildHasher;
 use std::io;
 use std::time::{Duration, Instant};
 
-use criu_sys::page_server::{
+use criu_driver::page_server::{
     decode_reply, read_message_async, read_payload_async, read_reply_async, reply_len,
     write_message_async, write_payload_async, write_reply_async, Command, Message, ProtocolError,
     ReplyKind, HEADER_LEN, PAGE_SIZE,
@@ -302,8 +302,10 @@ impl<R: AsyncRead + Unpin> PendingClose<R> {
         check_opened(&mut self.rx, std::mem::take(&mut self.opened), stats).await?;
         if let Some(close) = self.close {
             match read_reply_frame(&mut self.rx, &close, stats).await? {
-                criu_sys::page_server::Reply::Close { status: 0 } => stats.close_status = Some(0),
-                criu_sys::page_server::Reply::Close { status } => {
+                criu_driver::page_server::Reply::Close { status: 0 } => {
+                    stats.close_status = Some(0)
+                }
+                criu_driver::page_server::Reply::Close { status } => {
                     stats.close_status = Some(status);
                     return Err(RelayError::Remote(format!(
                         "the destination's page server closed with status {status}: the dump's pages were not written"
@@ -329,7 +331,7 @@ async fn check_opened<R: AsyncRead + Unpin>(
 ) -> Result<(), RelayError> {
     for open in opened {
         let reply = read_reply_frame(rx, &open, stats).await?;
-        if reply != (criu_sys::page_server::Reply::Open2 { has_parent: false }) {
+        if reply != (criu_driver::page_server::Reply::Open2 { has_parent: false }) {
             return Err(RelayError::Sequence(format!(
                 "the destination's page server answered {reply:?} to {open:?}, which was answered here without a parent image"
             )));
@@ -444,7 +446,7 @@ where
             // here at once (no round trip per process in the freeze), and checked against the
             // destination's own reply before anything else is answered.
             opened.push(msg);
-            let no_parent = criu_sys::page_server::Reply::Open2 { has_parent: false };
+            let no_parent = criu_driver::page_server::Reply::Open2 { has_parent: false };
             answer_criu(&mut criu, &msg, &no_parent).await?;
         } else if local_close && matches!(msg, Message::Close | Message::ForceClose) {
             // CRIU's dump is complete once CLOSE is on the link; the destination's answer is
@@ -452,14 +454,14 @@ where
             tx.flush().await.map_err(link_err("flushing"))?;
             closed = true;
             local_closed = Some(msg);
-            let ok = criu_sys::page_server::Reply::Close { status: 0 };
+            let ok = criu_driver::page_server::Reply::Close { status: 0 };
             answer_criu(&mut criu, &msg, &ok).await?;
         } else if msg.reply_kind().is_some() {
             tx.flush().await.map_err(link_err("flushing"))?;
             stats.round_trips += 1;
             check_opened(&mut rx, std::mem::take(&mut opened), &mut stats).await?;
             let reply = read_reply_frame(&mut rx, &msg, &mut stats).await?;
-            if let criu_sys::page_server::Reply::Close { status } = reply {
+            if let criu_driver::page_server::Reply::Close { status } = reply {
                 stats.close_status = Some(status);
                 closed = true;
             }
@@ -472,7 +474,7 @@ where
 async fn answer_criu<C: AsyncWrite + Unpin>(
     criu: &mut C,
     msg: &Message,
-    reply: &criu_sys::page_server::Reply,
+    reply: &criu_driver::page_server::Reply,
 ) -> Result<(), RelayError> {
     write_reply_async(criu, msg, reply)
         .await
@@ -490,7 +492,7 @@ async fn read_reply_frame<R: AsyncRead + Unpin>(
     rx: &mut R,
     msg: &Message,
     stats: &mut RelayStats,
-) -> Result<criu_sys::page_server::Reply, RelayError> {
+) -> Result<criu_driver::page_server::Reply, RelayError> {
     let tag = read_tag(rx, "reading a reply")
         .await?
         .ok_or(RelayError::Truncated {
@@ -689,7 +691,7 @@ where
             let reply = read_reply_async(&mut ps, &msg)
                 .await
                 .map_err(RelayError::PageServer)?;
-            if let criu_sys::page_server::Reply::Close { status } = reply {
+            if let criu_driver::page_server::Reply::Close { status } = reply {
                 stats.close_status = Some(status);
                 closed = true;
             }

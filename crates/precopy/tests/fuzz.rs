@@ -18,7 +18,7 @@ use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use criu_sys::page_server::{
+use criu_driver::page_server::{
     decode_reply, read_reply_async, reply_len, write_message_async, write_payload_async, DstId,
     Message, PageFlags, Reply, ReplyKind, HEADER_LEN, PAGE_SIZE,
 };

@@ -2,13 +2,13 @@
 //! made of two in-memory pipes (standing in for a QUIC stream pair) into [`relay_in`], into a
 //! real `criu page-server`; then `criu restore` of the images and the testee's memory check.
 //!
-//! Needs root, CRIU >= 4.2 and the testee binary of criu-sys, built first with
-//! `cargo build --release -p criu-sys` (found next to this test's directory, as
-//! `target/<profile>/criu-sys-testee`, or at `$FERRY_CRIU_SYS_TESTEE`). Without them the tests
+//! Needs root, CRIU >= 4.2 and the testee binary of criu-driver, built first with
+//! `cargo build --release -p criu-driver` (found next to this test's directory, as
+//! `target/<profile>/criu-driver-testee`, or at `$FERRY_CRIU_SYS_TESTEE`). Without them the tests
 //! fail and say why. They print their figures with `--nocapture`.
 
 #[allow(dead_code)] // `page_is_intact` and `page_identity` are for the testee.
-#[path = "../../criu-sys/src/bin/criu-sys-testee/pattern.rs"]
+#[path = "../../criu-driver/src/bin/criu-driver-testee/pattern.rs"]
 mod pattern;
 
 use std::collections::HashSet;

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use orchestrator_shim::api::ContainerSpec;
+use ferry_api::ContainerSpec;
 use serde_json::json;
 
 use crate::cgroup_tree::cgroup_path;

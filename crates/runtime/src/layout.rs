@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use orchestrator_shim::api::ContainerSpec;
+use ferry_api::ContainerSpec;
 
 use crate::cgroup_tree::cgroup_path;
 use crate::util::short_hash;

@@ -6,7 +6,7 @@ use nix::sched::{setns, CloneFlags};
 
 /// Moves the calling thread into `/run/netns/NAME`. Call before spawning threads.
 pub fn enter(name: &str) -> Result<()> {
-    let path = orchestrator_shim::sdn::netns_path(name)?;
+    let path = ferry_net::sdn::netns_path(name)?;
     let f = std::fs::File::open(&path)
         .with_context(|| format!("network namespace {name} not found at {}", path.display()))?;
     setns(&f, CloneFlags::CLONE_NEWNET)
@@ -17,7 +17,7 @@ pub fn enter(name: &str) -> Result<()> {
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use orchestrator_shim::api::ContainerSpec;
+use ferry_api::ContainerSpec;
 
 use crate::layout::Layout;
 use crate::util::{ip, run, run_quiet, run_with_stdin};
@@ -127,7 +127,7 @@ pub fn create_netns_in(
                 "-6",
                 "addr",
                 "add",
-                &format!("{v6}/{}", orchestrator_shim::api::OVERLAY6_PREFIX_LEN),
+                &format!("{v6}/{}", ferry_api::OVERLAY6_PREFIX_LEN),
                 "dev",
                 "eth0",
                 "nodad",
@@ -152,7 +152,7 @@ pub fn create_netns_in(
 /// place, its TCP sockets are live again, and a single segment from them (a window probe with a
 /// newer timestamp) would make the client's TCP drop the restored copy's segments (PAWS).
 pub fn set_veth(l: &Layout, up: bool) -> Result<()> {
-    orchestrator_shim::sdn::set_link_up(&l.veth, up)
+    ferry_net::sdn::set_link_up(&l.veth, up)
         .with_context(|| format!("setting {} {}", l.veth, if up { "up" } else { "down" }))
 }
 

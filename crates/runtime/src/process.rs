@@ -20,7 +20,7 @@
 use std::io::Read;
 use std::path::Path;
 
-use orchestrator_shim::api::{ProcessSpec, Resources, DEFAULT_CAPS, DEFAULT_PATH};
+use ferry_api::{ProcessSpec, Resources, DEFAULT_CAPS, DEFAULT_PATH};
 use shared_fs::oci::ImageConfig;
 
 /// Every capability runc knows on this kernel's generation (Linux 5.9+), `CAP_` names.
@@ -435,9 +435,9 @@ const MAX_ENV: usize = 4096;
 /// config here: the IPv6 address derived from the IPv4 one, known capabilities, `KEY=VALUE`
 /// entries, an absolute working directory without `..`, limits within what a creation
 /// accepts.
-pub fn check_received(spec: &orchestrator_shim::api::ContainerSpec) -> Result<(), String> {
+pub fn check_received(spec: &ferry_api::ContainerSpec) -> Result<(), String> {
     if let Some(v6) = spec.ipv6 {
-        let want = orchestrator_shim::api::ipv6_for_ip(spec.ip);
+        let want = ferry_api::ipv6_for_ip(spec.ip);
         if v6 != want {
             return Err(format!(
                 "IPv6 address {v6} is not {want}, the one of {}",
@@ -648,7 +648,7 @@ mod tests {
 
     #[test]
     fn a_spec_from_a_peer_is_checked_before_it_becomes_a_runc_config() {
-        use orchestrator_shim::api::{ipv6_for_ip, mac_for_ip, ContainerSpec};
+        use ferry_api::{ipv6_for_ip, mac_for_ip, ContainerSpec};
         let ip = std::net::Ipv4Addr::new(10, 232, 0, 9);
         let good = ContainerSpec {
             name: "c".into(),

@@ -51,7 +51,7 @@ impl Bound {
     }
 }
 
-/// `ferry-criu` in front of the real CRIU (see criu-sys's `ferry-criu` binary): answers runc's
+/// `ferry-criu` in front of the real CRIU (see criu-driver's `ferry-criu` binary): answers runc's
 /// version query without starting CRIU a second time inside the freeze.
 #[derive(Debug, Clone)]
 pub struct CriuFrontend {
@@ -75,7 +75,7 @@ struct Started {
 const GATE_CLOSED_GRACE: Duration = Duration::from_secs(5);
 
 /// A runc checkpoint or restore started ahead, its CRIU waiting at a gate
-/// ([`criu_sys::swrk_proxy::GATE_ENV`]). [`Prestarted::go`] lets CRIU run and waits for the
+/// ([`criu_driver::swrk_proxy::GATE_ENV`]). [`Prestarted::go`] lets CRIU run and waits for the
 /// command; dropping it closes the gate instead: `ferry-criu` exits without starting CRIU,
 /// runc fails and removes what it created (the command is killed if it takes longer than
 /// [`GATE_CLOSED_GRACE`]). [`Prestarted::cancel`] does the same and waits for the end.
@@ -110,7 +110,7 @@ impl Prestarted {
     }
 
     /// Lets CRIU run and returns as soon as CRIU has answered runc with success (`ferry-criu`
-    /// says so through the gate, [`criu_sys::swrk_proxy::GATE_DONE`]), or else once the command
+    /// says so through the gate, [`criu_driver::swrk_proxy::GATE_DONE`]), or else once the command
     /// has ended: the images are complete, or the restored container runs. runc and CRIU may
     /// still be exiting (a few milliseconds): [`Finishing::wait`] waits for them and fails as
     /// the plain command would; call it before anything depends on runc's end.
@@ -122,7 +122,7 @@ impl Prestarted {
             None => self.accept_at_gate(&bound),
         };
         let opened = conn.and_then(|mut c| {
-            c.write_all(&[criu_sys::swrk_proxy::GATE_OPEN])
+            c.write_all(&[criu_driver::swrk_proxy::GATE_OPEN])
                 .with_context(|| format!("opening the CRIU gate of runc {op} of {name:?}"))?;
             Ok(c)
         });
@@ -251,7 +251,7 @@ impl Drop for Prestarted {
 const CRIU_DONE_POLL: Duration = Duration::from_millis(20);
 
 /// Reads the gate connection `conn` until `ferry-criu` reports CRIU's success
-/// ([`criu_sys::swrk_proxy::GATE_DONE`], true) or closes it, or `bound` runs out (false).
+/// ([`criu_driver::swrk_proxy::GATE_DONE`], true) or closes it, or `bound` runs out (false).
 fn wait_for_criu_done(mut conn: std::os::unix::net::UnixStream, bound: &Bound) -> bool {
     use std::io::Read;
     if conn.set_read_timeout(Some(CRIU_DONE_POLL)).is_err() {
@@ -263,7 +263,7 @@ fn wait_for_criu_done(mut conn: std::os::unix::net::UnixStream, bound: &Bound) -
     let mut b = [0u8; 1];
     loop {
         match conn.read(&mut b) {
-            Ok(1) => return b[0] == criu_sys::swrk_proxy::GATE_DONE,
+            Ok(1) => return b[0] == criu_driver::swrk_proxy::GATE_DONE,
             Ok(_) => return false,
             Err(e)
                 if matches!(
@@ -572,7 +572,7 @@ impl Runc {
         let listener = std::os::unix::net::UnixListener::bind(gate)
             .with_context(|| format!("listening on the CRIU gate {}", gate.display()))?;
         listener.set_nonblocking(true)?;
-        c.env(criu_sys::swrk_proxy::GATE_ENV, gate);
+        c.env(criu_driver::swrk_proxy::GATE_ENV, gate);
         let started = self.spawn_group(op, c)?;
         Ok(Prestarted {
             runc: self.clone(),
@@ -608,7 +608,7 @@ impl Runc {
     /// `ferry-criu`, which hands CRIU a connection to it) and the container left in place,
     /// frozen, so that the source can thaw it if the migration rolls back.
     ///
-    /// With `lazy` the dump is lazy ([`criu_sys::swrk_proxy::relay_dump`]): CRIU writes every
+    /// With `lazy` the dump is lazy ([`criu_driver::swrk_proxy::relay_dump`]): CRIU writes every
     /// image but the contents of lazy memory, then serves those pages from the frozen tree over
     /// the connection to `ps_socket` until the agent closes it.
     pub fn checkpoint_relayed(
@@ -652,10 +652,10 @@ impl Runc {
         let mut c = self.cmd("checkpoint", name);
         c.args(["checkpoint", "--tcp-established", "--leave-running"]);
         if let Some((ps_socket, lazy)) = relay {
-            c.env(criu_sys::swrk_proxy::PAGE_SERVER_SOCKET_ENV, ps_socket);
+            c.env(criu_driver::swrk_proxy::PAGE_SERVER_SOCKET_ENV, ps_socket);
             if lazy {
                 c.env(
-                    criu_sys::swrk_proxy::LAZY_DUMP_CONFIG_ENV,
+                    criu_driver::swrk_proxy::LAZY_DUMP_CONFIG_ENV,
                     work.join("lazy-dump.conf"),
                 );
             }

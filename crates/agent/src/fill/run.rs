@@ -11,7 +11,7 @@ use crate::proto::{refuse, ErrorCode};
 use crate::proto::{PeerResponse, MAX_HASHES};
 use crate::{lock, Agent};
 use anyhow::{bail, Context, Result};
-use criu_sys::page_server::PAGE_SIZE;
+use criu_driver::page_server::PAGE_SIZE;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};

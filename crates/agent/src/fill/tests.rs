@@ -137,7 +137,7 @@ fn remote_and_unplaced_pages_are_fetched_and_then_served_as_fetched() {
     // Within the dump's lazy memory, a background request reads ahead; a fault does not.
     pages.set_lazy_memory(&[(
         1,
-        vec![criu_sys::image::PagemapEntry {
+        vec![criu_driver::image::PagemapEntry {
             vaddr: 0x0,
             nr_pages: 100,
             flags: 2, // PE_LAZY

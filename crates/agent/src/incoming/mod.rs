@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use orchestrator_shim::api::ContainerSpec;
-use orchestrator_shim::hold::Hold;
+use ferry_api::ContainerSpec;
+use ferry_net::hold::Hold;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -273,7 +273,8 @@ impl Agent {
             pages_held,
             no_lazy_restore,
             images_free_bytes,
-            lazy_max_mapping_bytes: (self.criu_patch < 2).then_some(criu_sys::LAZY_MAPPING_LIMIT),
+            lazy_max_mapping_bytes: (self.criu_patch < 2)
+                .then_some(criu_driver::LAZY_MAPPING_LIMIT),
             cpu_flags: Some(
                 ferry_runtime::cpu::host_isa_flags(&self.cfg.hide_cpu_flags)
                     .into_iter()
@@ -291,7 +292,7 @@ impl Agent {
         restore_lazily: bool,
         recv: &mut super::peer::Incoming<'_>,
     ) -> Result<PeerResponse> {
-        if !orchestrator_shim::api::valid_name(&spec.name) || !valid_job(&job) {
+        if !ferry_api::valid_name(&spec.name) || !valid_job(&job) {
             return Err(refuse(
                 ErrorCode::BadRequest,
                 format!("invalid container name {:?} or job id {job:?}", spec.name),
@@ -299,7 +300,7 @@ impl Agent {
         }
         // Nothing from a peer is used unchecked: the MAC must be the one derived from the IP,
         // the prefix sensible, the command present.
-        if spec.mac != orchestrator_shim::api::mac_for_ip(spec.ip)
+        if spec.mac != ferry_api::mac_for_ip(spec.ip)
             || !(8..=30).contains(&spec.prefix_len)
             || spec.args.is_empty()
             || spec.args.len() > 256
@@ -602,10 +603,7 @@ pub(crate) async fn watchdog(agent: Arc<Agent>) {
 impl Agent {
     /// The materialized base layer of `img`, whose tree must be in this host's store. Names
     /// the image here too when the name is free, so that `ferry image ls` shows it.
-    async fn base_layer(
-        &self,
-        img: &orchestrator_shim::api::ImageRef,
-    ) -> Result<std::path::PathBuf> {
+    async fn base_layer(&self, img: &ferry_api::ImageRef) -> Result<std::path::PathBuf> {
         let store = std::sync::Arc::clone(&self.store);
         let img = img.clone();
         tokio::task::spawn_blocking(move || -> Result<std::path::PathBuf> {

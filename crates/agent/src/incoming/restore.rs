@@ -345,7 +345,7 @@ impl Agent {
                         std::fs::create_dir_all(&work)?;
                         // The dump's lazy memory: what the fill copies, and what bounds its
                         // read-ahead from the source.
-                        let maps = match criu_sys::image::read_pagemaps(&images) {
+                        let maps = match criu_driver::image::read_pagemaps(&images) {
                             Ok(maps) => {
                                 fill_pages.set_lazy_memory(&maps);
                                 maps

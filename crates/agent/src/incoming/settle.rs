@@ -6,8 +6,8 @@ use crate::proto::PeerResponse;
 use crate::proto::{refuse, ErrorCode};
 use crate::{lock, Agent, ContainerRecord};
 use anyhow::{Context, Result};
+use ferry_api::ContainerSpec;
 use ferry_runtime::layout::Layout;
-use orchestrator_shim::api::ContainerSpec;
 use std::sync::Arc;
 use std::time::Instant;
 use tracing::{info, warn};
@@ -234,7 +234,7 @@ impl Agent {
             .collect();
         let _ = tokio::task::spawn_blocking(move || {
             for netns in owned {
-                let _ = orchestrator_shim::hold::remove_rule(&netns, 0);
+                let _ = ferry_net::hold::remove_rule(&netns, 0);
             }
         })
         .await;
@@ -275,7 +275,7 @@ impl Agent {
         let (netns, spec) = (layout.netns.clone(), rec.spec.clone());
         let _ = tokio::task::spawn_blocking(move || {
             // The dead agent's hold left its queue rule: without a reader it drops every packet.
-            if let Err(e) = orchestrator_shim::hold::remove_rule(&netns, 0) {
+            if let Err(e) = ferry_net::hold::remove_rule(&netns, 0) {
                 warn!(netns = %netns, error = %e, "removing a packet hold's rule left by a restart");
             }
             announce(&netns, &spec);

@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use std::sync::atomic::Ordering;
 
-use orchestrator_shim::api::MigrateMode;
+use ferry_api::MigrateMode;
 
 use super::Driver;
 use crate::lock;

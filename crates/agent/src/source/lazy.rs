@@ -175,9 +175,9 @@ impl super::Driver {
             };
             // CRIU reads this once its images are written; its answer says they are.
             let (criu_r, mut criu_w) = criu.into_split();
-            criu_sys::page_server::write_message_async(
+            criu_driver::page_server::write_message_async(
                 &mut criu_w,
-                &criu_sys::page_server::Message::Close,
+                &criu_driver::page_server::Message::Close,
             )
             .await
             .context("closing CRIU's lazy page server")?;
@@ -197,21 +197,21 @@ impl super::Driver {
         let (mut criu_r, _criu_w) = accepted?;
         // The close's answer says the images are complete; CRIU may also answer and exit
         // before it is read: the answer then waits in the socket.
-        let close = criu_sys::page_server::Message::Close;
+        let close = criu_driver::page_server::Message::Close;
         let mut dumped = None;
         let answer = tokio::select! {
             biased;
-            r = criu_sys::page_server::read_reply_async(&mut criu_r, &close) => r,
+            r = criu_driver::page_server::read_reply_async(&mut criu_r, &close) => r,
             r = &mut ckpt => {
                 dumped = Some(r.map_err(anyhow::Error::from).and_then(|r| r));
                 match tokio::time::timeout(
                     std::time::Duration::from_secs(1),
-                    criu_sys::page_server::read_reply_async(&mut criu_r, &close),
+                    criu_driver::page_server::read_reply_async(&mut criu_r, &close),
                 )
                 .await
                 {
                     Ok(r) => r,
-                    Err(_) => Err(criu_sys::page_server::ProtocolError::NoReply {
+                    Err(_) => Err(criu_driver::page_server::ProtocolError::NoReply {
                         command: close.command(),
                     }),
                 }
@@ -227,7 +227,7 @@ impl super::Driver {
         // Lazy pages the destination has no location for go now.
         let p = std::sync::Arc::clone(placement);
         let (missing, eager, lazy, regions, reread) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let maps = criu_sys::image::read_pagemaps(&images)?;
+            let maps = criu_driver::image::read_pagemaps(&images)?;
             let (mut missing, mut eager, mut lazy) = (vec![], 0u64, 0u64);
             let mut regions = vec![];
             for (vpid, entries) in maps {
@@ -258,7 +258,7 @@ impl super::Driver {
             // system call writes its results there). Those pages are read again.
             let owners = p.thread_owners();
             let mut reread = 0u64;
-            for t in criu_sys::image::read_thread_cores(&images)? {
+            for t in criu_driver::image::read_thread_cores(&images)? {
                 let mut spans = vec![];
                 if let Some((pointer, size)) = t.rseq {
                     spans.push((pointer, pointer + u64::from(size)));

@@ -11,10 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use ferry_api::{ContainerSpec, FaultHooks, JobEventKind, MigrateMode, MigrateRequest};
 use migrate_core::{Action, Event, Migration, Phase, RollbackPlan, RoundStats};
-use orchestrator_shim::api::{
-    ContainerSpec, FaultHooks, JobEventKind, MigrateMode, MigrateRequest,
-};
 use shared_fs::Snapshot;
 use tokio::sync::{broadcast, Notify};
 use tracing::{info, warn};
@@ -208,7 +206,7 @@ pub(super) struct Driver {
     pub(super) spec: ContainerSpec,
     pub(super) to: String,
     pub(super) faults: FaultHooks,
-    pub(super) deadlines: orchestrator_shim::api::Deadlines,
+    pub(super) deadlines: ferry_api::Deadlines,
     pub(super) mode: MigrateMode,
     pub(super) rounds: Rounds,
     /// The source container's veth was taken down for the final dump (rollback: up again).

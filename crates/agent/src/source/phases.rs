@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use orchestrator_shim::api::{MigrateMode, Resolution};
+use ferry_api::{MigrateMode, Resolution};
 use shared_fs::{Diff, Snapshot};
 use tracing::{info, warn};
 use transfer::tree::Reads;

@@ -24,10 +24,10 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub(super) fn request(self, to: &str) -> orchestrator_shim::api::MigrateRequest {
+    pub(super) fn request(self, to: &str) -> ferry_api::MigrateRequest {
         let mut r = crate::ops::stop_copy_to(to);
         if self != Mode::StopCopy {
-            r.mode = orchestrator_shim::api::MigrateMode::PreCopy;
+            r.mode = ferry_api::MigrateMode::PreCopy;
         }
         if self == Mode::PostCopy {
             r.precopy = Some(migrate_core::PrecopyPolicy {

@@ -1,6 +1,6 @@
 use super::*;
 
-use criu_sys::page_server::{DstId, PageFlags, Reply};
+use criu_driver::page_server::{DstId, PageFlags, Reply};
 use tokio::io::{duplex, DuplexStream};
 
 fn page(seed: u8) -> Vec<u8> {

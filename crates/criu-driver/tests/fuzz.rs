@@ -1,4 +1,4 @@
-//! Property-based and mutation ("fuzz") tests of criu-sys's parsers of untrusted input:
+//! Property-based and mutation ("fuzz") tests of criu-driver's parsers of untrusted input:
 //!
 //! * [`rpc`]: reading and rewriting runc's encoded `criu_req` (random bytes, requests built
 //!   here field by field, and mutations of both). The oracle is an independent protobuf
@@ -19,13 +19,13 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use criu_sys::page_server::{
+use criu_driver::page_server::{
     decode_reply, proxy_io, read_message, read_message_async, read_payload, read_payload_async,
     read_reply, read_reply_async, reply_len, DstId, Message, PageFlags, ProtocolError, ProxyError,
     ProxyOptions, Reply, ReplyKind, ADDRESS_LIMIT, HEADER_LEN, MAX_PAYLOAD_PAGES, PAGE_SIZE,
 };
-use criu_sys::rpc::{self, opt};
-use criu_sys::swrk_proxy::is_relayable;
+use criu_driver::rpc::{self, opt};
+use criu_driver::swrk_proxy::is_relayable;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::{select, Index};

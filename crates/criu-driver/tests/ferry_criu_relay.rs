@@ -1,6 +1,6 @@
 //! `ferry-criu` as runc runs it (`ferry-criu swrk FD`), against real CRIU: a DUMP request with
 //! `opts.ps` = 127.0.0.1:1 goes, with `FERRY_PAGE_SERVER_SOCKET` set, to the agent's UNIX
-//! socket instead (here relayed by [`criu_sys::page_server::proxy_with`] into a real
+//! socket instead (here relayed by [`criu_driver::page_server::proxy_with`] into a real
 //! `criu page-server`); the test answers CRIU's notifications as runc does, then restores the
 //! images and checks the testee's memory. Also: the VERSION request is still answered, and an
 //! unreachable agent socket fails the dump loudly.
@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use criu_sys::page_server::{proxy_with, Message, ProxyOptions};
+use criu_driver::page_server::{proxy_with, Message, ProxyOptions};
 use criu_testkit::{
     restore_and_check, serial, start_page_server, start_testee, Guard, Lab, HEAP_MIB, MEMFD_PAGES,
     STEP,
@@ -33,7 +33,7 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 const FERRY_CRIU: &str = env!("CARGO_BIN_EXE_ferry-criu");
 
 fn lab(name: &str) -> Lab {
-    Lab::new(&format!("criu-sys-{name}")).with_testee(env!("CARGO_BIN_EXE_criu-sys-testee"))
+    Lab::new(&format!("criu-driver-{name}")).with_testee(env!("CARGO_BIN_EXE_criu-driver-testee"))
 }
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
@@ -209,7 +209,7 @@ fn gated_dump(
 }
 
 fn real_criu() -> String {
-    criu_sys::locate()
+    criu_driver::locate()
         .expect("CRIU")
         .to_string_lossy()
         .into_owned()
@@ -225,7 +225,7 @@ impl TempDir {
             .unwrap()
             .subsec_nanos();
         let dir =
-            std::env::temp_dir().join(format!("criu-sys-{name}-{}-{nanos}", std::process::id()));
+            std::env::temp_dir().join(format!("criu-driver-{name}-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
     }
@@ -239,7 +239,7 @@ impl Drop for TempDir {
 
 /// What the agent's end saw: the page-server conversation relayed to `criu page-server`.
 struct Agent {
-    handle: thread::JoinHandle<Result<criu_sys::page_server::ProxyStats, String>>,
+    handle: thread::JoinHandle<Result<criu_driver::page_server::ProxyStats, String>>,
 }
 
 fn start_agent(listener: UnixListener, page_server_port: u16, pages: Arc<Mutex<u64>>) -> Agent {
@@ -414,7 +414,7 @@ fn the_version_request_is_still_answered() {
     runc.send(&[0x08, 0x0a]).unwrap();
     let mut buf = [0u8; 256];
     let n = runc.recv(&mut buf).unwrap();
-    let expected = criu_sys::rpc::version_response(criu_sys::CriuVersion {
+    let expected = criu_driver::rpc::version_response(criu_driver::CriuVersion {
         major: 4,
         minor: 2,
         patch: 1,
@@ -505,7 +505,8 @@ fn behind_the_gate_criu_s_success_is_reported_back_through_it() {
     let stderr = lab.dir.join("ferry-criu.stderr");
     let (mut ferry_criu, runc) = gated_dump(&gate_path, &stderr, &images, &work, pid.as_raw());
     let (mut conn, _) = gate.accept().unwrap();
-    conn.write_all(&[criu_sys::swrk_proxy::GATE_OPEN]).unwrap();
+    conn.write_all(&[criu_driver::swrk_proxy::GATE_OPEN])
+        .unwrap();
     conn.set_read_timeout(Some(STEP)).unwrap();
 
     let resp = final_answer(&runc).unwrap_or_else(|e| {
@@ -525,7 +526,7 @@ fn behind_the_gate_criu_s_success_is_reported_back_through_it() {
     let mut b = [0u8; 1];
     conn.read_exact(&mut b)
         .expect("ferry-criu reports CRIU's success through the gate");
-    assert_eq!(b[0], criu_sys::swrk_proxy::GATE_DONE);
+    assert_eq!(b[0], criu_driver::swrk_proxy::GATE_DONE);
     runc.shutdown(std::net::Shutdown::Write).unwrap();
     let status = ferry_criu.wait(STEP);
     assert!(
@@ -546,7 +547,8 @@ fn behind_the_gate_criu_s_success_is_reported_back_through_it() {
     let stderr = dir.0.join("stderr");
     let (mut ferry_criu, runc) = gated_dump(&gate_path, &stderr, &images, &images, i32::MAX - 1);
     let (mut conn, _) = gate.accept().unwrap();
-    conn.write_all(&[criu_sys::swrk_proxy::GATE_OPEN]).unwrap();
+    conn.write_all(&[criu_driver::swrk_proxy::GATE_OPEN])
+        .unwrap();
     conn.set_read_timeout(Some(STEP)).unwrap();
     let resp = final_answer(&runc).unwrap_or_else(|e| panic!("{e}"));
     assert!(!resp.success, "{resp:?}");

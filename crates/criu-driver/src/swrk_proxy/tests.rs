@@ -118,7 +118,7 @@ fn exit_codes_are_like_a_shell() {
 
 #[test]
 fn the_peers_directories_are_reopened_here() {
-    let dir = std::env::temp_dir().join(format!("criu-sys-adopt-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("criu-driver-adopt-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("work")).unwrap();
     let images = File::open(&dir).unwrap();
     let work = File::open(dir.join("work")).unwrap();

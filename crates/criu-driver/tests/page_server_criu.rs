@@ -1,5 +1,5 @@
 //! The page-server protocol layer against real CRIU: `criu dump --page-server` into
-//! [`criu_sys::page_server::proxy`], into a real `criu page-server`, then `criu restore` of
+//! [`criu_driver::page_server::proxy`], into a real `criu page-server`, then `criu restore` of
 //! the images and a memory check inside the restored process.
 //!
 //! These tests need root and CRIU >= 4.2 (`scripts/setup.sh`); without them they fail and
@@ -7,7 +7,7 @@
 //! `FERRY_KEEP_TEST_DIRS=1` keeps the image directories for inspection.
 
 #[allow(dead_code)] // `page_is_intact` is for the testee.
-#[path = "../src/bin/criu-sys-testee/pattern.rs"]
+#[path = "../src/bin/criu-driver-testee/pattern.rs"]
 mod pattern;
 
 use std::collections::{HashMap, HashSet};
@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use criu_sys::page_server::{
+use criu_driver::page_server::{
     proxy_with, Command, DstId, HookError, ImageKind, Message, PageFlags, ProxyOptions, ProxyStats,
 };
 use criu_testkit::{
@@ -31,7 +31,7 @@ use pattern::{fill_page, page_identity, HEAP_MAGIC, MEMFD_MAGIC, PAGE};
 
 /// A work directory with an `images/` subdirectory, for the testee of this package.
 fn lab(name: &str) -> Lab {
-    Lab::new(&format!("criu-sys-{name}")).with_testee(env!("CARGO_BIN_EXE_criu-sys-testee"))
+    Lab::new(&format!("criu-driver-{name}")).with_testee(env!("CARGO_BIN_EXE_criu-driver-testee"))
 }
 
 type Hook = Box<dyn FnMut(&Message, &mut [u8]) -> Result<(), HookError> + Send>;

@@ -1,4 +1,4 @@
-//! The memory pattern of `criu-sys-testee`, shared with the integration tests
+//! The memory pattern of `criu-driver-testee`, shared with the integration tests
 //! (`tests/page_server_criu.rs` includes this file).
 //!
 //! Page `i` of a region starts with the region's magic and `i`, then 509 pseudo-random words

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use orchestrator_shim::hold::{Hold, HoldError};
-use orchestrator_shim::sdn::in_netns;
+use ferry_net::hold::{Hold, HoldError};
+use ferry_net::sdn::in_netns;
 
 fn require_root() {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -17,7 +17,7 @@ fn require_root() {
     assert_eq!(
         euid, 0,
         "this test needs root (network namespaces, veth pairs and iptables); run \
-         `cargo test -p orchestrator-shim` as root"
+         `cargo test -p ferry-net` as root"
     );
 }
 

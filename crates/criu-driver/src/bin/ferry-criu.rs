@@ -9,7 +9,7 @@
 //! One exception: with `FERRY_PAGE_SERVER_SOCKET` set, a dump to a page server
 //! (`runc checkpoint --page-server ADDR:PORT`) sends its pages to that UNIX socket of the
 //! agent instead. ferry-criu then starts the real CRIU itself and relays the RPC between runc
-//! and CRIU ([`criu_sys::swrk_proxy`]), exiting as CRIU does. With `FERRY_LAZY_DUMP_CONFIG`
+//! and CRIU ([`criu_driver::swrk_proxy`]), exiting as CRIU does. With `FERRY_LAZY_DUMP_CONFIG`
 //! set as well, the dump is lazy: the socket then carries the page server CRIU runs from the
 //! frozen tree for the pages it did not write.
 //!
@@ -29,7 +29,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, ExitCode};
 
-use criu_sys::swrk_proxy::{self, SwrkProxyError};
+use criu_driver::swrk_proxy::{self, SwrkProxyError};
 use nix::sys::socket::{recv, send, MsgFlags};
 
 fn main() -> ExitCode {
@@ -40,7 +40,7 @@ fn main() -> ExitCode {
     };
     let version = std::env::var("FERRY_CRIU_VERSION")
         .ok()
-        .and_then(|v| criu_sys::parse_version(&format!("Version: {v}")).ok());
+        .and_then(|v| criu_driver::parse_version(&format!("Version: {v}")).ok());
     let page_server_socket = std::env::var_os(swrk_proxy::PAGE_SERVER_SOCKET_ENV);
     let fd = (args.get(1).map(String::as_str) == Some("swrk"))
         .then(|| args.get(2).and_then(|a| a.parse::<RawFd>().ok()))
@@ -50,12 +50,12 @@ fn main() -> ExitCode {
         fd.filter(|_| version.is_some() || page_server_socket.is_some() || gate.is_some())
     {
         if let Ok(request) = swrk_proxy::peek_request(fd) {
-            let kind = criu_sys::rpc::request_type(&request);
-            if let (Some(criu_sys::rpc::REQ_VERSION), Some(version)) = (kind, version) {
+            let kind = criu_driver::rpc::request_type(&request);
+            if let (Some(criu_driver::rpc::REQ_VERSION), Some(version)) = (kind, version) {
                 // Consume the request, answer it, done.
                 let mut buf = [0u8; 64];
                 let _ = recv(fd, &mut buf, MsgFlags::empty());
-                let resp = criu_sys::rpc::version_response(version);
+                let resp = criu_driver::rpc::version_response(version);
                 return match send(fd, &resp, MsgFlags::empty()) {
                     Ok(_) => ExitCode::SUCCESS,
                     Err(e) => {

@@ -1,7 +1,7 @@
-//! `criu-sys-testee`: a process for the page-server tests to dump and restore.
+//! `criu-driver-testee`: a process for the page-server tests to dump and restore.
 //!
 //! ```text
-//! criu-sys-testee --heap-mib N --memfd-pages M --ready FILE --result FILE [--lifetime SECS]
+//! criu-driver-testee --heap-mib N --memfd-pages M --ready FILE --result FILE [--lifetime SECS]
 //! ```
 //!
 //! It detaches into its own session (no controlling terminal, so no `--shell-job`), closes
@@ -103,7 +103,7 @@ fn run(args: Args) -> Result<bool, String> {
     let heap = black_box(heap);
 
     let memfd = File::from(
-        memfd_create(c"criu-sys-testee", MFdFlags::MFD_CLOEXEC)
+        memfd_create(c"criu-driver-testee", MFdFlags::MFD_CLOEXEC)
             .map_err(|e| format!("memfd_create: {e}"))?,
     );
     let mut page = vec![0u8; PAGE];
@@ -165,7 +165,7 @@ fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("criu-sys-testee: {e}");
+            eprintln!("criu-driver-testee: {e}");
             return ExitCode::from(2);
         }
     };

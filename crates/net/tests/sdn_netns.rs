@@ -3,7 +3,7 @@
 use std::net::Ipv4Addr;
 use std::process::Command;
 
-use orchestrator_shim::sdn::{in_netns, Fdb, FdbEntry, Mac, SdnError};
+use ferry_net::sdn::{in_netns, Fdb, FdbEntry, Mac, SdnError};
 
 fn require_root() {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -11,7 +11,7 @@ fn require_root() {
     assert_eq!(
         euid, 0,
         "this test needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN to create network namespaces); \
-         run `cargo test -p orchestrator-shim` as root"
+         run `cargo test -p ferry-net` as root"
     );
 }
 
@@ -202,15 +202,15 @@ fn a_link_goes_down_and_up_in_process() {
         v[0]["flags"].to_string()
     };
     assert!(!flags(&ns.0).contains("\"UP\""), "{}", flags(&ns.0));
-    in_netns(&ns.0, || orchestrator_shim::sdn::set_link_up("d0", true))
+    in_netns(&ns.0, || ferry_net::sdn::set_link_up("d0", true))
         .unwrap()
         .unwrap();
     assert!(flags(&ns.0).contains("\"UP\""), "{}", flags(&ns.0));
-    in_netns(&ns.0, || orchestrator_shim::sdn::set_link_up("d0", false))
+    in_netns(&ns.0, || ferry_net::sdn::set_link_up("d0", false))
         .unwrap()
         .unwrap();
     assert!(!flags(&ns.0).contains("\"UP\""), "{}", flags(&ns.0));
-    let missing = in_netns(&ns.0, || orchestrator_shim::sdn::set_link_up("nope0", true)).unwrap();
+    let missing = in_netns(&ns.0, || ferry_net::sdn::set_link_up("nope0", true)).unwrap();
     assert!(
         matches!(missing, Err(SdnError::DeviceNotFound { ref dev }) if dev == "nope0"),
         "{missing:?}"
