@@ -17,7 +17,6 @@ use tracing::info;
 use transfer::frame::{read_msg, write_msg};
 use transfer::lists::Hash;
 
-use super::pages::to_hex;
 use super::peer::Incoming;
 use super::{lock, Agent};
 use crate::proto::{PeerRequest, PeerResponse};
@@ -81,11 +80,11 @@ async fn read_missing(
             let Some(&len) = uses.get(&id) else {
                 bail!(
                     "it asked for chunk {}, which the tree does not use",
-                    to_hex(&id)
+                    hex::encode(id)
                 );
             };
             if !seen.insert(id) {
-                bail!("it asked for chunk {} twice", to_hex(&id));
+                bail!("it asked for chunk {} twice", hex::encode(id));
             }
             Ok((id, len))
         })
@@ -191,7 +190,7 @@ impl Agent {
         let ids: Vec<Hash> = missing.iter().map(|c| c.0).collect();
         let reader = tokio::task::spawn_blocking(move || {
             for id in ids {
-                let c = to_hex(&id);
+                let c = hex::encode(id);
                 let data = store
                     .read_chunk(&c)
                     .with_context(|| format!("reading chunk {c} of the base layer"));
@@ -343,7 +342,7 @@ impl Agent {
             let _shared = store.import_guard();
             let mut batch = store.chunk_batch();
             while let Some((id, data)) = rx.blocking_recv() {
-                batch.put_checked(&to_hex(&id), &data)?;
+                batch.put_checked(&hex::encode(id), &data)?;
             }
             batch.finish()?;
             Ok(())

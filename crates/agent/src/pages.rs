@@ -428,8 +428,3 @@ impl Agent {
         Ok(())
     }
 }
-
-/// Lower-case hex.
-pub(crate) fn to_hex(b: &[u8]) -> String {
-    transfer::lists::to_hex(b)
-}

@@ -205,10 +205,6 @@ async fn read_tag<R: AsyncRead + Unpin>(
     }
 }
 
-fn hex(h: &PageHash) -> String {
-    blake3::Hash::from(*h).to_hex().to_string()
-}
-
 /// Source side: serves the socket `criu dump --page-server` writes into, sends its stream
 /// over `link_tx` (deduplicated against `known`, the hashes the destination holds) and hands
 /// the destination's replies from `link_rx` back to CRIU. Returns once CRIU has closed its
@@ -667,7 +663,9 @@ where
                         let held = store
                             .get(&h)
                             .or_else(|| overflow.get(&h).map(|p| &p[..]))
-                            .ok_or_else(|| RelayError::NotHeld { hash: hex(&h) })?;
+                            .ok_or_else(|| RelayError::NotHeld {
+                                hash: hex::encode(h),
+                            })?;
                         page.copy_from_slice(held);
                         stats.pages_as_reference += 1;
                     }

@@ -99,7 +99,7 @@ fn set_xattrs(path: &Path, wanted: &[crate::Xattr], is_root: bool) -> Result<(),
         }
     }
     for w in wanted {
-        let value = crate::unhex(&w.value).unwrap_or_default();
+        let value = hex::decode(&w.value).unwrap_or_default();
         if have.iter().any(|(n, v)| *n == w.name && *v == value) {
             continue;
         }

@@ -15,7 +15,7 @@ use std::io::{self, Read, Write};
 use std::path::PathBuf;
 
 use crate::store::{ChunkRef, Id, ImportStats, Store, CHUNK_AVG, CHUNK_MAX, CHUNK_MIN};
-use crate::{hex, FsError};
+use crate::FsError;
 
 /// Bytes written before a batch syncs and renames what it holds.
 pub const BATCH_BYTES: u64 = 64 << 20;
@@ -54,7 +54,7 @@ impl<'s> ChunkBatch<'s> {
     /// Adds `data` (once: a chunk the store or the batch holds is kept). Returns its
     /// reference and whether it was new.
     pub fn put(&mut self, data: &[u8]) -> Result<(ChunkRef, bool), FsError> {
-        let id = hex(blake3::hash(data).as_bytes());
+        let id = hex::encode(blake3::hash(data).as_bytes());
         self.put_as(id, data)
     }
 
@@ -118,7 +118,7 @@ impl<'s> ChunkBatch<'s> {
             chunks.push(r);
         }
         stats.bytes += size;
-        Ok((chunks, hex(whole.finalize().as_bytes()), size))
+        Ok((chunks, hex::encode(whole.finalize().as_bytes()), size))
     }
 
     /// Syncs what is pending and renames it into place.
@@ -214,11 +214,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let mut b = store.chunk_batch();
-        let claimed = hex(blake3::hash(b"one thing").as_bytes());
+        let claimed = hex::encode(blake3::hash(b"one thing").as_bytes());
         let e = b.put_checked(&claimed, b"another").unwrap_err();
         assert!(matches!(e, FsError::ChunkMismatch { .. }), "{e}");
         let big = vec![0u8; CHUNK_MAX as usize + 1];
-        let id = hex(blake3::hash(&big).as_bytes());
+        let id = hex::encode(blake3::hash(&big).as_bytes());
         let e = b.put_checked(&id, &big).unwrap_err();
         assert!(matches!(e, FsError::TooLarge { .. }), "{e}");
         b.finish().unwrap();

@@ -126,27 +126,6 @@ pub const MAX_XATTRS: usize = 64;
 /// Largest extended attribute value.
 pub const MAX_XATTR_VALUE: usize = 64 << 10;
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    const D: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(D[usize::from(b >> 4)] as char);
-        s.push(D[usize::from(b & 15)] as char);
-    }
-    s
-}
-
-pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
-    // Hex digits only: `from_str_radix` alone would also take a sign ("+f").
-    if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 /// Checks a list of extended attributes received from anywhere: at most [`MAX_XATTRS`],
 /// names 1-255 bytes without NUL, values hex of at most [`MAX_XATTR_VALUE`] bytes.
 pub(crate) fn check_xattrs(path: &str, xattrs: &[Xattr]) -> Result<(), FsError> {
@@ -161,7 +140,7 @@ pub(crate) fn check_xattrs(path: &str, xattrs: &[Xattr]) -> Result<(), FsError> 
         if x.name.is_empty() || x.name.len() > 255 || x.name.contains('\0') {
             return Err(bad("malformed extended attribute name"));
         }
-        if x.value.len() > 2 * MAX_XATTR_VALUE || unhex(&x.value).is_none() {
+        if x.value.len() > 2 * MAX_XATTR_VALUE || hex::decode(&x.value).is_err() {
             return Err(bad("extended attribute value too large or not hex"));
         }
     }

@@ -214,7 +214,7 @@ fn read_json_blob<T: serde::de::DeserializeOwned>(
     }
     let path = blob_path(layout, &d.digest)?;
     let bytes = read_small(layout, &path, d.size)?;
-    let actual = format!("sha256:{}", crate::hex(&Sha256::digest(&bytes)));
+    let actual = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
     if actual != d.digest || bytes.len() as u64 != d.size {
         return Err(err(
             layout,
@@ -606,7 +606,7 @@ impl<'s> Layers<'s> {
                 ),
             ));
         }
-        let actual = format!("sha256:{}", crate::hex(&raw.hasher.finalize()));
+        let actual = format!("sha256:{}", hex::encode(raw.hasher.finalize()));
         if actual != d.digest {
             return Err(err(
                 layout,
@@ -706,7 +706,7 @@ impl<'s> Layers<'s> {
                         if let Some(n) = k.strip_prefix("SCHILY.xattr.") {
                             xattrs.push(Xattr {
                                 name: n.to_owned(),
-                                value: crate::hex(ext.value_bytes()),
+                                value: hex::encode(ext.value_bytes()),
                             });
                         }
                     }

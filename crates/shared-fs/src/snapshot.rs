@@ -252,7 +252,7 @@ pub fn snapshot(root: &Path) -> Result<Snapshot, FsError> {
             .into_iter()
             .map(|(name, value)| crate::Xattr {
                 name,
-                value: crate::hex(&value),
+                value: hex::encode(&value),
             })
             .collect();
             snap.ids.insert(

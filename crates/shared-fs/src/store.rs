@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{hex, unhex, Applier, EntryKind, EntryMeta, FsError, Limits};
+use crate::{Applier, EntryKind, EntryMeta, FsError, Limits};
 
 mod tree;
 
@@ -139,7 +139,7 @@ pub(crate) fn check_chunk(expected: &str, data: &[u8]) -> Result<Id, FsError> {
             limit: u64::from(CHUNK_MAX),
         });
     }
-    let actual = hex(blake3::hash(data).as_bytes());
+    let actual = hex::encode(blake3::hash(data).as_bytes());
     if actual != expected {
         return Err(FsError::ChunkMismatch {
             expected: expected.chars().take(64).collect(),
@@ -256,7 +256,7 @@ impl Store {
     fn image_path(&self, name: &str) -> PathBuf {
         self.root
             .join("images")
-            .join(format!("{}.json", hex(name.as_bytes())))
+            .join(format!("{}.json", hex::encode(name.as_bytes())))
     }
 
     /// A new empty directory under the store's `tmp/` (emptied at the next [`Store::open`] if
@@ -311,7 +311,7 @@ impl Store {
     /// Stores `data` as a chunk (once: an existing chunk is kept). Returns its reference and
     /// whether it was new.
     pub fn put_chunk(&self, data: &[u8]) -> Result<(ChunkRef, bool), FsError> {
-        let id = hex(blake3::hash(data).as_bytes());
+        let id = hex::encode(blake3::hash(data).as_bytes());
         self.put_chunk_as(&id, data)
     }
 
@@ -360,7 +360,7 @@ impl Store {
             )));
         }
         let data = read_object(&self.chunk_path(id), "chunk", id)?;
-        let actual = hex(blake3::hash(&data).as_bytes());
+        let actual = hex::encode(blake3::hash(&data).as_bytes());
         if actual != id {
             return Err(FsError::ChunkMismatch {
                 expected: id.to_owned(),
@@ -381,7 +381,7 @@ impl Store {
             });
         }
         let bytes = tree.to_bytes();
-        let id = hex(blake3::hash(&bytes).as_bytes());
+        let id = hex::encode(blake3::hash(&bytes).as_bytes());
         let path = self.tree_path(&id);
         if !path.is_file() {
             self.write_atomic(&path, &bytes)?;
@@ -398,7 +398,7 @@ impl Store {
                 limit: MAX_TREE_BYTES,
             });
         }
-        let actual = hex(blake3::hash(bytes).as_bytes());
+        let actual = hex::encode(blake3::hash(bytes).as_bytes());
         if actual != expected {
             return Err(FsError::ChunkMismatch {
                 expected: expected.chars().take(64).collect(),
@@ -495,7 +495,11 @@ impl Store {
                     }
                     w.write_chunk(&data)?;
                 }
-                let b3 = e.blake3.as_deref().and_then(unhex).unwrap_or_default();
+                let b3 = e
+                    .blake3
+                    .as_deref()
+                    .and_then(|s| hex::decode(s).ok())
+                    .unwrap_or_default();
                 let b3: [u8; 32] = b3
                     .try_into()
                     .map_err(|_| invalid_tree(format!("{:?}: malformed blake3", e.meta.path)))?;

@@ -1406,7 +1406,7 @@ fn regression_tree_mode_with_file_type_bits_is_refused() {
 
 /// Found by `tree_mutations_of_valid_trees_follow_the_rules` (seed 0, its first entry given
 /// the extended attribute `user.x` = "+f"): "+f" passed as hex because `u8::from_str_radix`
-/// takes a sign. Fixed in `unhex` (src/lib.rs): hex digits only.
+/// takes a sign. Fixed by decoding with the `hex` crate: hex digits only.
 #[test]
 fn regression_xattr_value_with_a_sign_is_not_hex() {
     let bytes = seed_with_first_entry(0, "xattrs", json!([{"name": "user.x", "value": "+f"}]));

@@ -78,13 +78,13 @@ pub fn encode_bitmap(bits: &[bool]) -> String {
     for (i, _) in bits.iter().enumerate().filter(|(_, b)| **b) {
         bytes[i / 8] |= 1 << (i % 8);
     }
-    to_hex(&bytes)
+    hex::encode(&bytes)
 }
 
 /// Decodes a bitmap answering `count` entries. Refuses text that is not hex, a length other
 /// than `count` bits rounded up to bytes, and bits set past `count`.
 pub fn decode_bitmap(hex: &str, count: usize) -> Result<Vec<bool>, TransferError> {
-    let bytes = from_hex(hex).ok_or_else(|| TransferError::Decode {
+    let bytes = hex::decode(hex).ok().ok_or_else(|| TransferError::Decode {
         what: "a held-pages bitmap",
         reason: format!("{} characters that are not hex", hex.len()),
     })?;
@@ -140,7 +140,7 @@ pub fn parse_id(s: &str) -> Result<Hash, TransferError> {
     if s.len() != 64 || !s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
         return Err(bad());
     }
-    let v = from_hex(s).ok_or_else(bad)?;
+    let v = hex::decode(s).ok().ok_or_else(bad)?;
     let mut h = [0u8; 32];
     h.copy_from_slice(&v);
     Ok(h)
@@ -215,56 +215,31 @@ impl ChunkStream {
             return Err(TransferError::Protocol {
                 reason: format!(
                     "chunk {} of {len} bytes (1..={} allowed)",
-                    to_hex(&id),
+                    hex::encode(id),
                     self.max_len
                 ),
             });
         }
         if !self.expected.contains(&id) {
             return Err(TransferError::Protocol {
-                reason: format!("chunk {} was not asked for", to_hex(&id)),
+                reason: format!("chunk {} was not asked for", hex::encode(id)),
             });
         }
         if !self.seen.insert(id) {
             return Err(TransferError::Protocol {
-                reason: format!("chunk {} came twice", to_hex(&id)),
+                reason: format!("chunk {} came twice", hex::encode(id)),
             });
         }
         let mut data = vec![0u8; len as usize];
         r.read_exact(&mut data).await.map_err(read_err("a chunk"))?;
         if *blake3::hash(&data).as_bytes() != id {
             return Err(TransferError::HashMismatch {
-                path: format!("chunk {}", to_hex(&id)),
+                path: format!("chunk {}", hex::encode(id)),
             });
         }
         self.left -= 1;
         Ok(Some((id, data)))
     }
-}
-
-/// Lower-case hex.
-pub fn to_hex(b: &[u8]) -> String {
-    const D: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        s.push(D[(x >> 4) as usize] as char);
-        s.push(D[(x & 15) as usize] as char);
-    }
-    s
-}
-
-/// Parses lower- or upper-case hex; `None` for anything else.
-pub fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    s.as_bytes()
-        .chunks_exact(2)
-        .map(|p| {
-            let d = |c: u8| (c as char).to_digit(16);
-            Some((d(p[0])? * 16 + d(p[1])?) as u8)
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -274,10 +249,10 @@ mod tests {
     #[test]
     fn hex_round_trip() {
         let b = [0u8, 1, 0x7f, 0x80, 0xff];
-        assert_eq!(to_hex(&b), "00017f80ff");
-        assert_eq!(from_hex(&to_hex(&b)).unwrap(), b);
-        assert_eq!(from_hex("0"), None);
-        assert_eq!(from_hex("zz"), None);
+        assert_eq!(hex::encode(b), "00017f80ff");
+        assert_eq!(hex::decode(hex::encode(b)).unwrap(), b);
+        assert!(hex::decode("0").is_err());
+        assert!(hex::decode("zz").is_err());
     }
 
     #[test]
@@ -294,7 +269,7 @@ mod tests {
 
     #[test]
     fn ids_are_lower_case_hex_of_32_bytes() {
-        let id = to_hex(&[0xab; 32]);
+        let id = hex::encode([0xab; 32]);
         assert_eq!(parse_id(&id).unwrap(), [0xab; 32]);
         assert!(parse_id(&id.to_uppercase()).is_err());
         assert!(parse_id(&id[..62]).is_err());

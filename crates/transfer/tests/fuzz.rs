@@ -1295,7 +1295,7 @@ proptest! {
     fn chunk_id_lists_accept_only_distinct_ids(
         ids in prop::collection::vec(
             prop_oneof![
-                any::<[u8; 32]>().prop_map(|h| transfer::lists::to_hex(&h)),
+                any::<[u8; 32]>().prop_map(hex::encode),
                 "[0-9a-fA-F]{62,66}",
                 ".{0,70}",
             ],
@@ -1316,7 +1316,7 @@ proptest! {
         prop_assert_eq!(got.is_ok(), valid);
         if let Ok(v) = got {
             for (s, h) in ids.iter().zip(v) {
-                prop_assert_eq!(s, &transfer::lists::to_hex(&h));
+                prop_assert_eq!(s, &hex::encode(h));
             }
         }
     }

@@ -131,7 +131,7 @@ impl Agent {
                 {
                     bail!(
                         "a location names page {} at {:#x} of pid {}, which this host does not hold",
-                        crate::pages::to_hex(h),
+                        hex::encode(h),
                         l.vaddr,
                         l.pid
                     );

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{invalid_tree, is_id, Id, TreeEntry, CHUNK_MAX, TREE_VERSION};
 use crate::confine::check_syntax;
-use crate::{hex, EntryKind, EntryMeta, FsError, Limits};
+use crate::{EntryKind, EntryMeta, FsError, Limits};
 
 /// A file tree: entries sorted by path, every parent before its children, every hard link
 /// after the file it links to.
@@ -22,7 +22,7 @@ pub struct Tree {
 impl Tree {
     /// The tree's id: blake3 of its canonical JSON (as stored).
     pub fn id(&self) -> Id {
-        hex(blake3::hash(&self.to_bytes()).as_bytes())
+        hex::encode(blake3::hash(&self.to_bytes()).as_bytes())
     }
 
     pub(super) fn to_bytes(&self) -> Vec<u8> {
