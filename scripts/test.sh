@@ -14,6 +14,8 @@ step "cargo fmt --check"
 cargo fmt --all --check
 step "cargo clippy (warnings are errors)"
 cargo clippy --release --locked --workspace --all-targets -q -- -D warnings
+step "manifests: minimum Rust version, unused dependencies, licenses and sources"
+"$here/scripts/check-manifests.sh"
 step "unit and integration tests (all crates but the end-to-end suite)"
 cargo test --release --locked --workspace --exclude ferry-tests -q
 step "end-to-end tests (real CRIU, runc, namespaces, VXLAN, QUIC)"

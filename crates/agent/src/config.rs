@@ -144,13 +144,8 @@ fn default_socket_hash_buckets() -> u32 {
 
 /// A quarter of the host's memory, at most 8 GiB (256 MiB when it cannot be read).
 fn default_page_store_mib() -> u64 {
-    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| {
-        t.lines()
-            .find(|l| l.starts_with("MemTotal:"))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-    });
-    match total_kib {
-        Some(kib) => (kib / 1024 / 4).clamp(256, 8192),
+    match ferry_runtime::util::mem_total_bytes() {
+        Some(b) => (b >> 20).div_ceil(4).clamp(256, 8192),
         None => 256,
     }
 }

@@ -111,9 +111,14 @@ impl Placement {
         let pids: Vec<i32> = lock(&self.vpids).keys().copied().collect();
         let mut out = HashMap::new();
         for pid in pids {
-            let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
+            let tasks = procfs::process::Process::new(pid).and_then(|p| p.tasks());
             for t in tasks.into_iter().flatten().flatten() {
-                if let Ok(v) = own_nspid(&t.path().join("status")) {
+                if let Some(v) = t
+                    .status()
+                    .ok()
+                    .as_ref()
+                    .and_then(ferry_runtime::util::own_nspid)
+                {
                     out.insert(v, pid);
                 }
             }
@@ -180,18 +185,10 @@ impl Placement {
 /// The pid of host process `pid` in its own (the container's) PID namespace: the last
 /// `NSpid` field of its status.
 pub(crate) fn vpid_of(pid: i32) -> Result<u32> {
-    own_nspid(std::path::Path::new(&format!("/proc/{pid}/status")))
-}
-
-/// The last `NSpid` field of a process or thread `status` file.
-fn own_nspid(path: &std::path::Path) -> Result<u32> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no NSpid in {}", path.display()))
+    let status = procfs::process::Process::new(pid)
+        .and_then(|p| p.status())
+        .with_context(|| format!("reading the status of process {pid}"))?;
+    ferry_runtime::util::own_nspid(&status).with_context(|| format!("no NSpid for process {pid}"))
 }
 
 /// What follows the location records of a request.

@@ -408,18 +408,11 @@ fn machine_summary() -> String {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .unwrap_or(0);
+    let mem = ferry_runtime::util::mem_total_bytes().unwrap_or(0);
     format!(
         "Linux {}, {cpus} CPUs, {:.1} GiB",
         kernel.trim(),
-        mem as f64 / 1024.0 / 1024.0
+        mem as f64 / f64::from(1u32 << 30)
     )
 }
 

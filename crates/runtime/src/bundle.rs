@@ -1,7 +1,7 @@
 //! A container's OCI bundle: its `config.json`, its CRIU configuration, its root filesystem
 //! (copied or an overlay over an image) and the mounts around it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -164,20 +164,18 @@ fn empty_shm(runc_root: &Path, name: &str) -> bool {
     let Some(pid) = pid.filter(|p| *p > 0) else {
         return false;
     };
-    let Ok(mountinfo) = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
+    let Ok(mounts) = i32::try_from(pid)
+        .map_err(|_| procfs::ProcError::Other(format!("pid {pid}")))
+        .and_then(procfs::process::Process::new)
+        .and_then(|p| p.mountinfo())
+    else {
         return false;
     };
-    let at_shm: Vec<&str> = mountinfo
-        .lines()
-        .filter(|l| l.split_whitespace().nth(4) == Some("/dev/shm"))
+    let at_shm: Vec<_> = mounts
+        .iter()
+        .filter(|m| m.mount_point == Path::new("/dev/shm"))
         .collect();
-    let tmpfs = |l: &str| {
-        l.split(" - ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            == Some("tmpfs")
-    };
-    if at_shm.len() != 1 || !tmpfs(at_shm[0]) {
+    if at_shm.len() != 1 || at_shm[0].fs_type != "tmpfs" {
         return false;
     }
     let Ok(root) = shared_fs::RootDir::open(Path::new(&format!("/proc/{pid}/root"))) else {
@@ -380,18 +378,16 @@ pub fn mount_overlay_rootfs(l: &Layout, lower: &Path) -> Result<()> {
 }
 
 /// Mount points of this mount namespace (`/proc/self/mountinfo`, field 5).
-fn mount_points() -> Vec<String> {
-    std::fs::read_to_string("/proc/self/mountinfo")
+fn mount_points() -> Vec<PathBuf> {
+    procfs::process::Process::myself()
+        .and_then(|p| p.mountinfo())
+        .map(|m| m.into_iter().map(|m| m.mount_point).collect())
         .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(4).map(str::to_owned))
-        .collect()
 }
 
 /// Whether `path` is a mount point.
 fn is_mount_point(path: &Path) -> bool {
-    let p = path.to_string_lossy();
-    mount_points().iter().any(|m| *m == p)
+    mount_points().iter().any(|m| m == path)
 }
 
 /// Removes a container's bundle, unmounting its overlay root and its `/dev/shm` tmpfs first
@@ -411,16 +407,16 @@ pub fn remove_bundle(l: &Layout) {
 
 /// Unmounts every mount at or under `dir` (containers' overlay roots), deepest first.
 pub fn unmount_under(dir: &Path) {
-    let prefix = dir.to_string_lossy().trim_end_matches('/').to_string();
-    let mut points: Vec<String> = mount_points()
+    // `starts_with` on paths compares whole components: /a/bc is not under /a/b.
+    let mut points: Vec<PathBuf> = mount_points()
         .into_iter()
-        .filter(|m| *m == prefix || m.starts_with(&format!("{prefix}/")))
+        .filter(|m| m.starts_with(dir))
         .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     points.dedup();
     for p in points {
-        if let Err(e) = nix::mount::umount2(Path::new(&p), nix::mount::MntFlags::MNT_DETACH) {
-            tracing::warn!(path = %p, error = %e, "unmount failed");
+        if let Err(e) = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH) {
+            tracing::warn!(path = %p.display(), error = %e, "unmount failed");
         }
     }
 }

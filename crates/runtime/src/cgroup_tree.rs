@@ -123,18 +123,10 @@ pub fn container_memory_bytes(host: &str, name: &str) -> Result<u64> {
     let mut total = 0u64;
     for pid in container_pids(host, name)? {
         // A process that exits meanwhile holds nothing.
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        let Ok(st) = procfs::process::Process::new(pid).and_then(|p| p.status()) else {
             continue;
         };
-        for l in text.lines() {
-            if let Some(v) = l
-                .strip_prefix("RssAnon:")
-                .or_else(|| l.strip_prefix("RssShmem:"))
-            {
-                let kib: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
-                total += kib * 1024;
-            }
-        }
+        total += (st.rssanon.unwrap_or(0) + st.rssshmem.unwrap_or(0)) * 1024;
     }
     Ok(total)
 }
@@ -158,8 +150,10 @@ pub fn cgroup_path(host: &str, name: &str) -> String {
 /// so one hierarchy is enough; its cost is a slightly slower fork and exit on the host.
 /// Returns the mount point remounted, `None` when one already had the option.
 pub fn favor_cgroup_moves() -> Result<Option<String>> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
-    let mounts: Vec<CgroupMount> = info.lines().filter_map(CgroupMount::parse).collect();
+    let info = procfs::process::Process::myself()
+        .and_then(|p| p.mountinfo())
+        .context("reading mountinfo")?;
+    let mounts: Vec<CgroupMount> = info.iter().filter_map(CgroupMount::from_info).collect();
     if mounts
         .iter()
         .any(|m| m.super_options.iter().any(|o| o == "favordynmods"))
@@ -205,19 +199,14 @@ struct CgroupMount {
 }
 
 impl CgroupMount {
-    fn parse(line: &str) -> Option<CgroupMount> {
+    fn from_info(m: &procfs::process::MountInfo) -> Option<CgroupMount> {
         use nix::mount::MsFlags;
-        let (mount, fs) = line.split_once(" - ")?;
-        let fields: Vec<&str> = mount.split_whitespace().collect();
-        let mut fs = fs.split_whitespace();
-        let fstype = fs.next()?;
-        if fstype != "cgroup" && fstype != "cgroup2" {
+        if m.fs_type != "cgroup" && m.fs_type != "cgroup2" {
             return None;
         }
-        let super_options = fs.nth(1)?.split(',').map(str::to_owned).collect();
         let mut flags = MsFlags::empty();
-        for o in fields.get(5)?.split(',') {
-            flags |= match o {
+        for o in m.mount_options.keys() {
+            flags |= match o.as_str() {
                 "ro" => MsFlags::MS_RDONLY,
                 "nosuid" => MsFlags::MS_NOSUID,
                 "nodev" => MsFlags::MS_NODEV,
@@ -229,9 +218,19 @@ impl CgroupMount {
                 _ => MsFlags::empty(),
             };
         }
+        let mut super_options: Vec<String> = m
+            .super_options
+            .iter()
+            .map(|(k, v)| match v {
+                Some(v) => format!("{k}={v}"),
+                None => k.clone(),
+            })
+            .collect();
+        super_options.sort();
         Some(CgroupMount {
-            point: fields.get(4)?.replace("\\040", " "),
-            v2: fstype == "cgroup2",
+            // procfs leaves mountinfo's escapes in place (a space is `\040`).
+            point: m.mount_point.to_string_lossy().replace("\\040", " "),
+            v2: m.fs_type == "cgroup2",
             flags,
             super_options,
         })
@@ -242,10 +241,12 @@ impl CgroupMount {
 mod cgroup_mount_tests {
     use super::CgroupMount;
     use nix::mount::MsFlags;
+    use procfs::process::MountInfo;
 
     #[test]
     fn a_remount_repeats_the_mounts_flags_and_super_options() {
-        let m = CgroupMount::parse(
+        let parse = |l: &str| CgroupMount::from_info(&MountInfo::from_line(l).expect("a line"));
+        let m = parse(
             "35 24 0:30 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot",
         )
         .expect("a cgroup2 mount");
@@ -257,14 +258,16 @@ mod cgroup_mount_tests {
         );
         assert_eq!(
             m.super_options,
-            ["rw", "nsdelegate", "memory_recursiveprot"]
+            ["memory_recursiveprot", "nsdelegate", "rw"]
         );
-        let v1 = CgroupMount::parse(
-            "40 24 0:34 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu",
-        )
-        .expect("a cgroup v1 mount");
+        let v1 = parse("40 24 0:34 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu")
+            .expect("a cgroup v1 mount");
         assert!(!v1.v2);
-        assert!(CgroupMount::parse("22 1 0:21 / /proc rw - proc proc rw").is_none());
+        // Escaped names are read back (mountinfo writes a space as \040).
+        let spaced = parse("41 24 0:35 / /sys/fs/cgroup/a\\040b rw - cgroup cgroup rw,cpu")
+            .expect("a cgroup v1 mount");
+        assert_eq!(spaced.point, "/sys/fs/cgroup/a b");
+        assert!(parse("22 1 0:21 / /proc rw - proc proc rw").is_none());
     }
 }
 

@@ -495,17 +495,17 @@ impl WatchPaths {
 /// The mount points (relative to `pid`'s root, without the leading `/`) of the file systems
 /// with a device in `devs`.
 fn mount_points(pid: i32, devs: &HashSet<(u32, u32)>) -> Vec<String> {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
+    let Ok(mounts) = procfs::process::Process::new(pid).and_then(|p| p.mountinfo()) else {
         return vec![];
     };
-    let mut out: Vec<String> = text
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let (maj, min) = f.get(2)?.split_once(':')?;
+    let mut out: Vec<String> = mounts
+        .iter()
+        .filter_map(|m| {
+            let (maj, min) = m.majmin.split_once(':')?;
             let dev = (maj.parse().ok()?, min.parse().ok()?);
-            // Escaped names (`\040` for a space) are rare in containers; skipped.
-            let mp = f.get(4)?;
+            let mp = m.mount_point.to_str()?;
+            // Escaped names (`\040` for a space, left so by procfs) are rare in containers;
+            // skipped.
             (devs.contains(&dev) && !mp.contains('\\'))
                 .then(|| mp.trim_start_matches('/').to_string())
         })

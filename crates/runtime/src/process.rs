@@ -20,53 +20,22 @@
 use std::io::Read;
 use std::path::Path;
 
+use caps::Capability;
 use ferry_api::{ProcessSpec, Resources, DEFAULT_CAPS, DEFAULT_PATH};
 use shared_fs::oci::ImageConfig;
 
-/// Every capability runc knows on this kernel's generation (Linux 5.9+), `CAP_` names.
-pub const ALL_CAPS: [&str; 41] = [
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST",
-    "CAP_NET_ADMIN",
-    "CAP_NET_RAW",
-    "CAP_IPC_LOCK",
-    "CAP_IPC_OWNER",
-    "CAP_SYS_MODULE",
-    "CAP_SYS_RAWIO",
-    "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE",
-    "CAP_SYS_PACCT",
-    "CAP_SYS_ADMIN",
-    "CAP_SYS_BOOT",
-    "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME",
-    "CAP_SYS_TTY_CONFIG",
-    "CAP_MKNOD",
-    "CAP_LEASE",
-    "CAP_AUDIT_WRITE",
-    "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP",
-    "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN",
-    "CAP_SYSLOG",
-    "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND",
-    "CAP_AUDIT_READ",
-    "CAP_PERFMON",
-    "CAP_BPF",
-    "CAP_CHECKPOINT_RESTORE",
-];
+/// Every capability the `caps` crate knows (those of Linux 5.9+, as runc), in the kernel's
+/// order, by their `CAP_` names.
+pub fn all_caps() -> Vec<String> {
+    let mut all: Vec<Capability> = caps::all().into_iter().collect();
+    all.sort_by_key(|c| c.index());
+    all.iter().map(Capability::to_string).collect()
+}
+
+/// Whether `name` (`CAP_` form) is a capability.
+fn is_cap(name: &str) -> bool {
+    name.parse::<Capability>().is_ok()
+}
 
 /// Largest `/etc/passwd` or `/etc/group` read from an image.
 const MAX_ACCOUNTS_FILE: u64 = 4 << 20;
@@ -191,12 +160,13 @@ fn cap_name(c: &str) -> Result<String, String> {
     } else {
         format!("CAP_{up}")
     };
-    if ALL_CAPS.contains(&full.as_str()) {
+    if is_cap(&full) {
         Ok(full)
     } else {
+        let known: Vec<String> = all_caps().iter().map(|c| c[4..].to_string()).collect();
         Err(format!(
             "unknown capability {c:?} (known: {}, or ALL)",
-            ALL_CAPS.map(|c| &c[4..]).join(", ")
+            known.join(", ")
         ))
     }
 }
@@ -215,9 +185,8 @@ pub fn capabilities(add: &[String], drop: &[String]) -> Result<Vec<String>, Stri
         .collect::<Result<Vec<_>, _>>()?;
     let all = |v: &[String]| v.iter().any(|c| c == "ALL");
     let mut set: Vec<String> = if all(&add) {
-        ALL_CAPS
-            .iter()
-            .map(|c| c.to_string())
+        all_caps()
+            .into_iter()
             .filter(|c| !drop.contains(c))
             .collect()
     } else if all(&drop) {
@@ -230,7 +199,7 @@ pub fn capabilities(add: &[String], drop: &[String]) -> Result<Vec<String>, Stri
             .chain(add)
             .collect()
     };
-    set.sort_by_key(|c| ALL_CAPS.iter().position(|k| k == c));
+    set.sort_by_key(|c| c.parse::<Capability>().map(|c| c.index()).ok());
     set.dedup();
     Ok(set)
 }
@@ -446,11 +415,7 @@ pub fn check_received(spec: &ferry_api::ContainerSpec) -> Result<(), String> {
         }
     }
     let p = &spec.process;
-    if let Some(c) = p
-        .capabilities
-        .iter()
-        .find(|c| !ALL_CAPS.contains(&c.as_str()))
-    {
+    if let Some(c) = p.capabilities.iter().find(|c| !is_cap(c)) {
         return Err(format!("unknown capability {c:?}"));
     }
     if p.env.len() > MAX_ENV || p.additional_gids.len() > 64 {
@@ -601,10 +566,14 @@ mod tests {
         assert!(s.contains(&"CAP_SYS_PTRACE".to_string()));
         assert!(!s.contains(&"CAP_NET_RAW".to_string()) && !s.contains(&"CAP_MKNOD".to_string()));
         assert_eq!(s.len(), 13);
+        // Linux 5.9's 41, in the kernel's order, as runc knows them.
+        let all = all_caps();
+        assert_eq!(all.len(), 41);
         assert_eq!(
-            capabilities(&["ALL".into()], &[]).unwrap().len(),
-            ALL_CAPS.len()
+            (all[0].as_str(), all[40].as_str()),
+            ("CAP_CHOWN", "CAP_CHECKPOINT_RESTORE")
         );
+        assert_eq!(capabilities(&["ALL".into()], &[]).unwrap(), all);
         assert_eq!(
             capabilities(&["NET_BIND_SERVICE".into()], &["ALL".into()]).unwrap(),
             ["CAP_NET_BIND_SERVICE"],
@@ -614,7 +583,7 @@ mod tests {
             capabilities(&["ALL".into()], &["SYS_ADMIN".into()])
                 .unwrap()
                 .len(),
-            ALL_CAPS.len() - 1
+            all_caps().len() - 1
         );
         let e = capabilities(&["CAP_FLY".into()], &[]).unwrap_err();
         assert!(e.contains("unknown capability \"CAP_FLY\""), "{e}");

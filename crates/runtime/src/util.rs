@@ -249,10 +249,24 @@ pub fn fd_slots(fds: &[std::os::fd::BorrowedFd<'_>]) -> Vec<i32> {
 
 /// The memory the kernel says it can give without swapping (`MemAvailable`), in bytes.
 pub fn mem_available_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    use procfs::Current;
+    procfs::Meminfo::current().ok()?.mem_available
+}
+
+/// The host's usable memory (`MemTotal`), in bytes.
+pub fn mem_total_bytes() -> Option<u64> {
+    use procfs::Current;
+    Some(procfs::Meminfo::current().ok()?.mem_total)
+}
+
+/// The last `NSpid` of a process or thread's status: its id in its own (the container's) PID
+/// namespace.
+pub fn own_nspid(status: &procfs::process::Status) -> Option<u32> {
+    status
+        .nspid
+        .as_ref()?
+        .last()
+        .and_then(|v| u32::try_from(*v).ok())
 }
 
 /// Free bytes on the filesystem holding `dir`.

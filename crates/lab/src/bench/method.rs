@@ -115,15 +115,10 @@ async fn ferry_inner(
 
 /// VmRSS of process `pid` and of its children in the same container (a host pid), bytes.
 fn resident_of(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: u64 = text
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
+    let status = procfs::process::Process::new(i32::try_from(pid).ok()?)
+        .and_then(|p| p.status())
         .ok()?;
-    Some(kib * 1024)
+    Some(status.vmrss? * 1024)
 }
 
 pub(super) async fn run_baseline(
