@@ -30,7 +30,7 @@ cargo metadata --locked --format-version 1 --filter-platform x86_64-unknown-linu
     python3 -c '
 import json, sys
 m = json.load(sys.stdin)
-def v(s): return tuple(int(x) for x in s.split("."))
+def v(s): return tuple((list(map(int, s.split("."))) + [0, 0])[:3])
 members = set(m["workspace_members"])
 resolved = {n["id"] for n in m["resolve"]["nodes"]}
 ours = [p for p in m["packages"] if p["id"] in members]
@@ -55,4 +55,4 @@ cargo-machete
 
 echo "licenses, bans and sources of Cargo.lock (cargo-deny)"
 need cargo-deny cargo-deny 0.20.2
-cargo-deny --offline check bans licenses sources
+cargo-deny --offline check --hide-inclusion-graph bans licenses sources
