@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use ferry_api::{CreateContainer, FaultHooks, MigrateMode, MigrateRequest, Resolution};
 use migrate_core::Outcome;
 
-use crate::{Cli, Cmd, ImageCmd, LabCmd};
+use crate::{Cli, Cmd, FaultArgs, ImageCmd, LabCmd};
 use ferry_lab::lab::Lab;
 use ferry_lab::ops::{find, find_job, mib, migrate, print_summary, ps, start_migration};
 
@@ -268,43 +268,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             no_lazy_restore,
             lazy_min_mib,
             throttle_initial_pct,
-            pause_in_transfer_ms,
-            corrupt_images,
-            corrupt_memory_page,
-            hide_dirty_page,
-            refuse_tracking,
-            pause_before_commit_ms,
-            corrupt_rootfs,
-            pause_in_dump_ms,
-            pause_in_restore_ms,
-            pause_after_commit_ms,
-            pause_in_phase,
-            pause_in_phase_ms,
+            faults,
             dump_deadline_s,
             restore_deadline_s,
             ignore_cpu_features,
             detach,
         } => {
             let lab = Lab::load(&dir)?;
-            let faults = FaultHooks {
-                pause_in_transfer_ms,
-                corrupt_images,
-                corrupt_memory_page,
-                hide_dirty_page,
-                refuse_tracking,
-                pause_before_commit_ms,
-                corrupt_rootfs,
-                pause_in_dump_ms,
-                pause_in_restore_ms,
-                pause_after_commit_ms,
-                pause_in_phase: pause_in_phase
-                    .map(|p| {
-                        serde_json::from_value(serde_json::Value::String(p.clone()))
-                            .map_err(|_| anyhow::anyhow!("--pause-in-phase {p:?}: not a phase"))
-                    })
-                    .transpose()?,
-                pause_in_phase_ms,
-            };
+            let faults = faults.hooks()?;
             let mut deadlines = ferry_api::Deadlines::default();
             if let Some(s) = dump_deadline_s {
                 deadlines.dump_s = s;
@@ -557,4 +528,31 @@ async fn image_cmd(dir: &Path, cmd: ImageCmd) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+impl FaultArgs {
+    /// The fault hooks these flags ask for.
+    fn hooks(self) -> Result<FaultHooks> {
+        let pause_in_phase = match self.pause_in_phase {
+            Some(p) => Some(
+                serde_json::from_value(serde_json::Value::String(p.clone()))
+                    .map_err(|_| anyhow::anyhow!("--pause-in-phase {p:?}: not a phase"))?,
+            ),
+            None => None,
+        };
+        Ok(FaultHooks {
+            pause_in_transfer_ms: self.pause_in_transfer_ms,
+            corrupt_images: self.corrupt_images,
+            corrupt_memory_page: self.corrupt_memory_page,
+            hide_dirty_page: self.hide_dirty_page,
+            refuse_tracking: self.refuse_tracking,
+            pause_before_commit_ms: self.pause_before_commit_ms,
+            corrupt_rootfs: self.corrupt_rootfs,
+            pause_in_dump_ms: self.pause_in_dump_ms,
+            pause_in_restore_ms: self.pause_in_restore_ms,
+            pause_after_commit_ms: self.pause_after_commit_ms,
+            pause_in_phase,
+            pause_in_phase_ms: self.pause_in_phase_ms,
+        })
+    }
 }

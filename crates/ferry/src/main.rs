@@ -25,6 +25,52 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// `ferry migrate`'s fault injection (tests; hidden from its help).
+#[derive(clap::Args)]
+struct FaultArgs {
+    /// Fault injection (tests): pause this long in the transfer phase.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub pause_in_transfer_ms: u64,
+    /// Fault injection (tests): damage the images at the destination.
+    #[arg(long, hide = true)]
+    pub corrupt_images: bool,
+    /// Fault injection (tests): flip a byte in one page of the memory workload in the
+    /// images at the destination.
+    #[arg(long, hide = true)]
+    pub corrupt_memory_page: bool,
+    /// Fault injection (tests): leave one page written since the last pre-copy round out of
+    /// the final dump, as if the dirty tracking had missed it.
+    #[arg(long, hide = true)]
+    pub hide_dirty_page: bool,
+    /// Fault injection (tests): pre-copy's main tracking method refuses the first N
+    /// processes, which are tracked by page hashes instead.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub refuse_tracking: u32,
+    /// Fault injection (tests): pause this long between the restore and the commit.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub pause_before_commit_ms: u64,
+    /// Fault injection (tests): add a stray file to the root at the destination after the
+    /// final diff.
+    #[arg(long, hide = true)]
+    pub corrupt_rootfs: bool,
+    /// Fault injection (tests): pause this long in the dump (stop-and-copy), frozen.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub pause_in_dump_ms: u64,
+    /// Fault injection (tests): pause this long at the destination before its restore.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub pause_in_restore_ms: u64,
+    /// Fault injection (tests): pause this long after the commit, before the source's cleanup.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub pause_after_commit_ms: u64,
+    /// Fault injection (tests): pause at the start of this phase (preflight, prepare,
+    /// pre_copy, redirect, dump, transfer, restore) for --pause-in-phase-ms.
+    #[arg(long, hide = true)]
+    pub pause_in_phase: Option<String>,
+    /// Fault injection (tests): see --pause-in-phase.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub pause_in_phase_ms: u64,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// The local lab: hosts as network namespaces on one machine.
@@ -146,47 +192,8 @@ enum Cmd {
         /// (default 20; up to 99).
         #[arg(long, requires = "pre_copy")]
         throttle_initial_pct: Option<u32>,
-        /// Fault injection (tests): pause this long in the transfer phase.
-        #[arg(long, hide = true, default_value_t = 0)]
-        pause_in_transfer_ms: u64,
-        /// Fault injection (tests): damage the images at the destination.
-        #[arg(long, hide = true)]
-        corrupt_images: bool,
-        /// Fault injection (tests): flip a byte in one page of the memory workload in the
-        /// images at the destination.
-        #[arg(long, hide = true)]
-        corrupt_memory_page: bool,
-        /// Fault injection (tests): leave one page written since the last pre-copy round out of
-        /// the final dump, as if the dirty tracking had missed it.
-        #[arg(long, hide = true)]
-        hide_dirty_page: bool,
-        /// Fault injection (tests): pre-copy's main tracking method refuses the first N
-        /// processes, which are tracked by page hashes instead.
-        #[arg(long, hide = true, default_value_t = 0)]
-        refuse_tracking: u32,
-        /// Fault injection (tests): pause this long between the restore and the commit.
-        #[arg(long, hide = true, default_value_t = 0)]
-        pause_before_commit_ms: u64,
-        /// Fault injection (tests): add a stray file to the root at the destination after the
-        /// final diff.
-        #[arg(long, hide = true)]
-        corrupt_rootfs: bool,
-        /// Fault injection (tests): pause this long in the dump (stop-and-copy), frozen.
-        #[arg(long, hide = true, default_value_t = 0)]
-        pause_in_dump_ms: u64,
-        /// Fault injection (tests): pause this long at the destination before its restore.
-        #[arg(long, hide = true, default_value_t = 0)]
-        pause_in_restore_ms: u64,
-        /// Fault injection (tests): pause this long after the commit, before the source's cleanup.
-        #[arg(long, hide = true, default_value_t = 0)]
-        pause_after_commit_ms: u64,
-        /// Fault injection (tests): pause at the start of this phase (preflight, prepare,
-        /// pre_copy, redirect, dump, transfer, restore) for --pause-in-phase-ms.
-        #[arg(long, hide = true)]
-        pause_in_phase: Option<String>,
-        /// Fault injection (tests): see --pause-in-phase.
-        #[arg(long, hide = true, default_value_t = 0)]
-        pause_in_phase_ms: u64,
+        #[command(flatten)]
+        faults: FaultArgs,
         /// Roll back if the dump (the container frozen) takes longer than this, in seconds
         /// (default 120).
         #[arg(long)]

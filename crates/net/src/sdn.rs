@@ -475,16 +475,21 @@ impl Fdb {
 
     /// Removes every entry for `mac` (all its destinations). Succeeds if there is none.
     pub fn remove(&self, mac: Mac) -> Result<(), SdnError> {
-        let existed = self.request(
+        let existed = self.delete(mac, None)?;
+        tracing::info!(dev = %self.dev, %mac, existed, "FDB entry removed");
+        Ok(())
+    }
+
+    /// `RTM_DELNEIGH` of `mac` (towards `dst` only, if given); whether it existed.
+    fn delete(&self, mac: Mac, dst: Option<Ipv4Addr>) -> Result<bool, SdnError> {
+        self.request(
             "RTM_DELNEIGH",
             RTM_DELNEIGH,
             0,
             mac,
-            None,
+            dst,
             Tolerate::Errno(libc::ENOENT),
-        )?;
-        tracing::info!(dev = %self.dev, %mac, existed, "FDB entry removed");
-        Ok(())
+        )
     }
 
     /// Appends an all-zero-MAC flood entry towards the VTEP `dst`
@@ -505,14 +510,7 @@ impl Fdb {
     /// Removes the all-zero-MAC flood entry towards `dst` only, leaving the other remote
     /// hosts' flood entries alone. Succeeds if there is none.
     pub fn remove_flood(&self, dst: Ipv4Addr) -> Result<(), SdnError> {
-        let existed = self.request(
-            "RTM_DELNEIGH",
-            RTM_DELNEIGH,
-            0,
-            Mac::ZERO,
-            Some(dst),
-            Tolerate::Errno(libc::ENOENT),
-        )?;
+        let existed = self.delete(Mac::ZERO, Some(dst))?;
         tracing::info!(dev = %self.dev, %dst, existed, "FDB flood entry removed");
         Ok(())
     }

@@ -225,22 +225,24 @@ impl Prestarted {
     }
 
     fn close(&mut self) {
-        drop(self.at_gate.take());
-        drop(self.gate.take());
-        let _ = std::fs::remove_file(&self.gate_path);
-        if let Some(s) = self.started.take() {
+        if let Some(s) = self.close_gate() {
             let bound = Bound::new(GATE_CLOSED_GRACE, "the grace after its gate closed", None);
             let _ = self.runc.wait_bounded(self.op, &self.name, s, &bound);
         }
+    }
+
+    /// Closes the gate (a runc waiting at it fails) and takes its runc, if one started.
+    fn close_gate(&mut self) -> Option<Started> {
+        drop(self.at_gate.take());
+        drop(self.gate.take());
+        let _ = std::fs::remove_file(&self.gate_path);
+        self.started.take()
     }
 }
 
 impl Drop for Prestarted {
     fn drop(&mut self) {
-        drop(self.at_gate.take());
-        drop(self.gate.take());
-        let _ = std::fs::remove_file(&self.gate_path);
-        if let Some(s) = self.started.take() {
+        if let Some(s) = self.close_gate() {
             let bound = Bound::new(GATE_CLOSED_GRACE, "the grace after its gate closed", None);
             self.runc.reap_in_background(self.op, &self.name, s, bound);
         }

@@ -65,20 +65,11 @@ async fn ferry_inner(
     let verify = verify_memory(lab, ip, &s.workload).await?;
     let completed = report.outcome == Outcome::Completed;
     let memory_intact = memory_verdict(&probe, verify.as_deref(), &s.workload);
-    let mut error = None;
-    if !completed {
-        error = Some(format!("migration did not complete: {:?}", report.outcome));
-    } else if !probe.intact {
-        error = Some(format!(
-            "the client saw errors: {}",
-            probe.error_messages.join("; ")
-        ));
-    } else if memory_intact == Some(false) {
-        error = Some(format!(
-            "the workload's memory is damaged: {}",
-            verify.clone().unwrap_or_default()
-        ));
-    }
+    let error = if completed {
+        run_error(&probe, memory_intact, verify.as_deref())
+    } else {
+        Some(format!("migration did not complete: {:?}", report.outcome))
+    };
     let downtime = probe.max_gap_ms;
     let fill_rtt = fill_rtt(&probe, &report);
     Ok(Run {
@@ -171,18 +162,7 @@ async fn baseline_inner(
     let steps = steps?;
     let verify = verify_memory(lab, ip, &s.workload).await?;
     let memory_intact = memory_verdict(&probe, verify.as_deref(), &s.workload);
-    let mut error = None;
-    if !probe.intact {
-        error = Some(format!(
-            "the client saw errors: {}",
-            probe.error_messages.join("; ")
-        ));
-    } else if memory_intact == Some(false) {
-        error = Some(format!(
-            "the workload's memory is damaged: {}",
-            verify.clone().unwrap_or_default()
-        ));
-    }
+    let error = run_error(&probe, memory_intact, verify.as_deref());
     Ok(Run {
         method: "baseline".into(),
         ok: error.is_none(),
@@ -376,5 +356,26 @@ impl ByteCounters {
         for (ns, dst) in &self.pairs {
             ferry_runtime::util::run_quiet("ip", counter_rule(ns, "-D", *dst));
         }
+    }
+}
+
+/// What the client or the memory check saw go wrong in a run that moved, if anything.
+fn run_error(
+    probe: &ProbeReport,
+    memory_intact: Option<bool>,
+    verify: Option<&str>,
+) -> Option<String> {
+    if !probe.intact {
+        Some(format!(
+            "the client saw errors: {}",
+            probe.error_messages.join("; ")
+        ))
+    } else if memory_intact == Some(false) {
+        Some(format!(
+            "the workload's memory is damaged: {}",
+            verify.unwrap_or_default()
+        ))
+    } else {
+        None
     }
 }
