@@ -10,8 +10,9 @@
 //!
 //! * [`RootDir`] opens entries of a live tree beneath its root without following symlinks.
 //!
-//! Unsafe code is confined to the private `sys` module (mknod, utimensat, geteuid).
-#![deny(unsafe_code)]
+//! No unsafe code: device nodes, times and extended attributes go through `nix` and `xattr`
+//! (the private `sys` module), links beneath a root through `rustix`.
+#![forbid(unsafe_code)]
 
 mod apply;
 pub mod batch;

@@ -1,121 +1,63 @@
-//! The only unsafe code of the crate: thin wrappers over libc calls that std lacks.
-#![allow(unsafe_code)]
+//! The system calls std lacks, through maintained crates: device nodes and times (`nix`),
+//! extended attributes (`xattr`); none follows a final symlink.
 
-use std::ffi::CString;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-fn cpath(path: &Path) -> io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+use nix::sys::stat::{Mode, SFlag, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+
+fn io_err(e: nix::errno::Errno) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
 }
 
 /// Creates a FIFO or device node. `mode` includes the file type bits (`S_IFIFO`, ...).
 pub(crate) fn mknod(path: &Path, mode: u32, rdev: u64) -> io::Result<()> {
-    let c = cpath(path)?;
-    let mode = libc::mode_t::try_from(mode)
+    let bits = nix::libc::mode_t::try_from(mode)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "mode out of range"))?;
-    let dev = libc::dev_t::try_from(rdev)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "rdev out of range"))?;
-    // SAFETY: `c` is a valid NUL-terminated string that outlives the call; mknod
-    // reads it and has no other memory effects.
-    let rc = unsafe { libc::mknod(c.as_ptr(), mode, dev) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    let kind = SFlag::from_bits_truncate(bits & SFlag::S_IFMT.bits());
+    let perm = Mode::from_bits_truncate(bits & !SFlag::S_IFMT.bits());
+    nix::sys::stat::mknod(path, kind, perm, rdev).map_err(io_err)
 }
 
 /// Sets the modification time of `path` without following a final symlink; atime is left alone.
 pub(crate) fn set_mtime_nofollow(path: &Path, mtime_ns: i64) -> io::Result<()> {
-    let c = cpath(path)?;
     let sec = mtime_ns.div_euclid(1_000_000_000);
     let nsec = mtime_ns.rem_euclid(1_000_000_000);
-    let times = [
-        libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
-        },
-        libc::timespec {
-            tv_sec: sec as libc::time_t,
-            tv_nsec: nsec as libc::c_long,
-        },
-    ];
-    // SAFETY: `c` is a valid NUL-terminated string and `times` is an array of two
-    // initialised timespec values, both living until the call returns; utimensat
-    // only reads them.
-    let rc = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    let mtime = TimeSpec::new(sec, nsec);
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        &TimeSpec::UTIME_OMIT,
+        &mtime,
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(io_err)
 }
 
 /// Whether the process runs with effective uid 0.
 pub(crate) fn is_root() -> bool {
-    // SAFETY: geteuid takes no arguments, cannot fail and touches no memory of ours.
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
 }
 
-/// Extended attributes of `path` (not following a final symlink), sorted by name.
+/// Extended attributes of `path` (not following a final symlink), sorted by name; names that
+/// are not UTF-8 are left out, and a file system without extended attributes has none. The
+/// kernel bounds both the list and each value (64 KiB).
 pub(crate) fn list_xattrs(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
-    let c = cpath(path)?;
-    let mut names = vec![0u8; 4096];
-    let len = loop {
-        // SAFETY: `c` is NUL-terminated and `names` is a writable buffer of the length given;
-        // llistxattr writes at most that many bytes into it.
-        let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
-        if n >= 0 {
-            break n as usize;
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::ERANGE) if names.len() < (1 << 20) => names.resize(names.len() * 4, 0),
-            // Filesystems without xattr support have none.
-            Some(libc::ENOTSUP) => return Ok(vec![]),
-            _ => return Err(e),
-        }
+    let names = match xattr::list(path) {
+        Ok(names) => names,
+        Err(e) if e.raw_os_error() == Some(nix::libc::EOPNOTSUPP) => return Ok(vec![]),
+        Err(e) => return Err(e),
     };
     let mut out = vec![];
-    for name in names[..len].split(|&b| b == 0).filter(|n| !n.is_empty()) {
-        let Ok(name_str) = std::str::from_utf8(name) else {
+    for name in names {
+        let Some(name_str) = name.to_str() else {
             continue;
         };
-        let cname = CString::new(name)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "xattr name with NUL"))?;
-        let mut value = vec![0u8; 256];
-        let vlen = loop {
-            // SAFETY: `c` and `cname` are NUL-terminated; `value` is a writable buffer of the
-            // length given, which lgetxattr does not exceed.
-            let n = unsafe {
-                libc::lgetxattr(
-                    c.as_ptr(),
-                    cname.as_ptr(),
-                    value.as_mut_ptr().cast(),
-                    value.len(),
-                )
-            };
-            if n >= 0 {
-                break n as usize;
-            }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::ERANGE) if value.len() < (1 << 20) => value.resize(value.len() * 4, 0),
-                _ => return Err(e),
-            }
-        };
-        value.truncate(vlen);
-        out.push((name_str.to_owned(), value));
+        // Removed meanwhile: gone from the list too.
+        if let Some(value) = xattr::get(path, &name)? {
+            out.push((name_str.to_owned(), value));
+        }
     }
     out.sort();
     Ok(out)
@@ -123,38 +65,14 @@ pub(crate) fn list_xattrs(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
 
 /// Sets extended attribute `name` of `path` (not following a final symlink).
 pub(crate) fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
-    let c = cpath(path)?;
-    let cname = CString::new(name)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "xattr name with NUL"))?;
-    // SAFETY: `c` and `cname` are NUL-terminated strings and `value` a readable buffer of the
-    // length given, all living until the call returns; lsetxattr only reads them.
-    let rc = unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
-            cname.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    xattr::set(path, name, value)
 }
 
-/// Removes extended attribute `name` of `path` (not following a final symlink).
+/// Removes extended attribute `name` of `path` (not following a final symlink); absent is
+/// fine.
 pub(crate) fn remove_xattr(path: &Path, name: &str) -> io::Result<()> {
-    let c = cpath(path)?;
-    let cname = CString::new(name)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "xattr name with NUL"))?;
-    // SAFETY: `c` and `cname` are NUL-terminated strings living until the call returns;
-    // lremovexattr only reads them.
-    let rc = unsafe { libc::lremovexattr(c.as_ptr(), cname.as_ptr()) };
-    if rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::ENODATA) {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+    match xattr::remove(path, name) {
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENODATA) => Ok(()),
+        r => r,
     }
 }
