@@ -632,7 +632,8 @@ fn open_queue(netns: &str, queue_num: u16) -> Result<nl::Socket, HoldError> {
         op,
         source,
     };
-    let sock = nl::Socket::open(libc::NETLINK_NETFILTER).map_err(|(op, e)| sock_err(op, e))?;
+    let sock = nl::Socket::open(nix::sys::socket::SockProtocol::NetlinkNetFilter)
+        .map_err(|(op, e)| sock_err(op, e))?;
     sock.enable_ext_ack();
     if let Err(e) = sock.set_opt(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, RCVBUF_BYTES) {
         tracing::debug!(netns, queue_num, error = %e, "SO_RCVBUFFORCE refused; using SO_RCVBUF");

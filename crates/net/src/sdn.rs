@@ -15,7 +15,6 @@ use std::fmt;
 use std::fs::File;
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Mutex;
@@ -272,8 +271,7 @@ pub fn set_link_up(dev: &str, up: bool) -> Result<(), SdnError> {
         dev: dev.to_owned(),
         reason: "it contains a NUL byte",
     })?;
-    // SAFETY: `cname` is a valid NUL-terminated string that outlives the call.
-    let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    let ifindex = nix::net::if_::if_nametoindex(cname.as_c_str()).unwrap_or(0);
     if ifindex == 0 {
         return Err(SdnError::DeviceNotFound {
             dev: dev.to_owned(),
@@ -284,7 +282,8 @@ pub fn set_link_up(dev: &str, up: bool) -> Result<(), SdnError> {
         op,
         source,
     };
-    let sock = nl::Socket::open(libc::NETLINK_ROUTE).map_err(|(op, e)| socket_err(op, e))?;
+    let sock = nl::Socket::open(nix::sys::socket::SockProtocol::NetlinkRoute)
+        .map_err(|(op, e)| socket_err(op, e))?;
     sock.enable_ext_ack();
     let mut ifi = [0u8; IFINFOMSG_LEN];
     ifi[0] = libc::AF_UNSPEC as u8;
@@ -355,15 +354,13 @@ pub fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> Result<T, 
         let handle = std::thread::Builder::new()
             .name(format!("netns-{name}"))
             .spawn_scoped(scope, move || {
-                // SAFETY: `file` is an open descriptor of a network namespace file that outlives
-                // this call; setns only changes the network namespace of this (new) thread.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                if rc != 0 {
-                    return Err(SdnError::Setns {
+                // Only this (new) thread changes namespace.
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    SdnError::Setns {
                         name: name.to_owned(),
-                        source: io::Error::last_os_error(),
-                    });
-                }
+                        source: e.into(),
+                    }
+                })?;
                 drop(file);
                 tracing::trace!(netns = name, "thread entered network namespace");
                 Ok(f())
@@ -426,19 +423,19 @@ impl Fdb {
             return Err(invalid("it is longer than 15 bytes"));
         }
         let cname = CString::new(vxlan_dev).map_err(|_| invalid("it contains a NUL byte"))?;
-        // SAFETY: `cname` is a valid NUL-terminated string that outlives the call.
-        let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        let ifindex = nix::net::if_::if_nametoindex(cname.as_c_str()).unwrap_or(0);
         if ifindex == 0 {
             return Err(SdnError::DeviceNotFound {
                 dev: vxlan_dev.to_owned(),
             });
         }
-        let sock =
-            nl::Socket::open(libc::NETLINK_ROUTE).map_err(|(op, source)| SdnError::Socket {
+        let sock = nl::Socket::open(nix::sys::socket::SockProtocol::NetlinkRoute).map_err(
+            |(op, source)| SdnError::Socket {
                 dev: vxlan_dev.to_owned(),
                 op,
                 source,
-            })?;
+            },
+        )?;
         sock.enable_ext_ack();
         tracing::debug!(dev = vxlan_dev, ifindex, "opened VXLAN FDB");
         Ok(Fdb {

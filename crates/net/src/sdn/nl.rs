@@ -1,8 +1,17 @@
-//! Minimal raw netlink plumbing shared by [`Fdb`](super::Fdb) and the packet hold.
+//! Netlink plumbing shared by [`Fdb`](super::Fdb) and the packet hold: the socket through
+//! `nix`, messages framed here. `netlink-packet-core` 0.8 does not read the extended ACK (the
+//! kernel's own words on why it refused a request, which Ferry's errors quote), and
+//! `netlink-packet-netfilter` 0.2 has no nfnetlink_queue messages, so neither is used.
 
 use std::io;
 use std::mem;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    bind, recv, sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol,
+    SockType,
+};
 
 pub(crate) const NLMSG_HDRLEN: usize = 16;
 pub(crate) const NLMSG_ERROR: u16 = 2;
@@ -170,51 +179,27 @@ pub(crate) struct Socket {
     fd: OwnedFd,
 }
 
-fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
-
-fn kernel_addr() -> libc::sockaddr_nl {
-    // SAFETY: sockaddr_nl is plain old data for which all-zero bytes are valid.
-    let mut addr: libc::sockaddr_nl = unsafe { mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    addr
+/// The kernel's end of every netlink socket (port id 0).
+fn kernel_addr() -> NetlinkAddr {
+    NetlinkAddr::new(0, 0)
 }
 
 impl Socket {
     /// Opens and binds a netlink socket of `protocol` in the calling thread's network
     /// namespace. Returns the failing operation's name with the error.
-    pub(crate) fn open(protocol: libc::c_int) -> Result<Self, (&'static str, io::Error)> {
-        // SAFETY: plain socket(2) call with constant arguments; the result is checked.
-        let fd = cvt(unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                protocol,
-            )
-        })
-        .map_err(|e| ("socket", e))?;
-        // SAFETY: `fd` was just returned by socket(2) and is owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let sock = Socket { fd };
-        let addr = kernel_addr();
-        // SAFETY: `addr` is a valid sockaddr_nl and the length passed matches its size.
-        cvt(unsafe {
-            libc::bind(
-                sock.fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_nl).cast(),
-                mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        })
-        .map_err(|e| ("bind", e))?;
-        Ok(sock)
+    pub(crate) fn open(protocol: SockProtocol) -> Result<Self, (&'static str, io::Error)> {
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            protocol,
+        )
+        .map_err(|e| ("socket", e.into()))?;
+        bind(fd.as_raw_fd(), &kernel_addr()).map_err(|e| ("bind", e.into()))?;
+        Ok(Socket { fd })
     }
 
-    /// Sets an integer socket option.
+    /// Sets an integer socket option (netlink's own options, which `nix` does not name).
     pub(crate) fn set_opt(
         &self,
         level: libc::c_int,
@@ -222,7 +207,7 @@ impl Socket {
         value: libc::c_int,
     ) -> io::Result<()> {
         // SAFETY: `value` is a live c_int and the length passed matches its size.
-        cvt(unsafe {
+        let rc = unsafe {
             libc::setsockopt(
                 self.fd.as_raw_fd(),
                 level,
@@ -230,8 +215,12 @@ impl Socket {
                 (&value as *const libc::c_int).cast(),
                 mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
-        })
-        .map(drop)
+        };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 
     /// Asks for extended ACKs (kernel error strings) and capped ACK payloads; best effort.
@@ -242,53 +231,27 @@ impl Socket {
 
     /// Sends one datagram (one or more messages) to the kernel.
     pub(crate) fn send(&self, buf: &[u8]) -> io::Result<()> {
-        let addr = kernel_addr();
         loop {
-            // SAFETY: `buf` is a valid readable slice of `buf.len()` bytes and `addr` a
-            // valid sockaddr_nl of the given length.
-            let rc = unsafe {
-                libc::sendto(
-                    self.fd.as_raw_fd(),
-                    buf.as_ptr().cast(),
-                    buf.len(),
-                    0,
-                    (&addr as *const libc::sockaddr_nl).cast(),
-                    mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-                )
-            };
-            if rc < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err);
+            match sendto(self.fd.as_raw_fd(), buf, &kernel_addr(), MsgFlags::empty()) {
+                Err(Errno::EINTR) => continue,
+                r => return r.map(drop).map_err(io::Error::from),
             }
-            return Ok(());
         }
     }
 
     /// Receives one datagram into `buf`; `nonblocking` uses `MSG_DONTWAIT` (then
     /// `WouldBlock` means nothing is pending). A datagram larger than `buf` is an error.
     pub(crate) fn recv(&self, buf: &mut [u8], nonblocking: bool) -> io::Result<usize> {
-        let flags = libc::MSG_TRUNC | if nonblocking { libc::MSG_DONTWAIT } else { 0 };
+        let mut flags = MsgFlags::MSG_TRUNC;
+        if nonblocking {
+            flags |= MsgFlags::MSG_DONTWAIT;
+        }
         loop {
-            // SAFETY: `buf` is a valid writable slice of `buf.len()` bytes.
-            let rc = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    flags,
-                )
+            // With MSG_TRUNC the datagram's real length comes back, even when longer.
+            let n = match recv(self.fd.as_raw_fd(), buf, flags) {
+                Err(Errno::EINTR) => continue,
+                r => r.map_err(io::Error::from)?,
             };
-            if rc < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err);
-            }
-            let n = rc as usize;
             if n > buf.len() {
                 return Err(io::Error::other(format!(
                     "netlink datagram of {n} bytes truncated to {} bytes",
