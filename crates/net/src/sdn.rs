@@ -596,33 +596,48 @@ impl Fdb {
         conn.sock
             .send(&msg.finish())
             .map_err(self.socket_err("send"))?;
-        let mut buf = vec![0u8; 16 * 1024];
+        self.answers(&conn, 16 * 1024, |m| {
+            if m.msg_type != nl::NLMSG_ERROR || m.seq != seq {
+                return None; // stale reply of an earlier, abandoned request
+            }
+            let Some(err) = nl::parse_error(m.flags, m.payload) else {
+                return Some(Err(self.malformed(format!("short NLMSG_ERROR for {name}"))));
+            };
+            Some(match err.errno {
+                0 => Ok(true),
+                e if matches!(tolerate, Tolerate::Errno(t) if t == e) => {
+                    tracing::debug!(dev = %self.dev, request = name, what = %what, errno = e, "tolerated kernel error");
+                    Ok(false)
+                }
+                errno => Err(SdnError::Kernel {
+                    request: name,
+                    dev: self.dev.clone(),
+                    what: what.clone(),
+                    errno,
+                    reason: err.reason(),
+                }),
+            })
+        })
+    }
+
+    /// Receives the kernel's answers on `conn` (datagrams of at most `buf_len` bytes) until
+    /// `each` settles the request with one of their messages.
+    fn answers<R>(
+        &self,
+        conn: &Conn,
+        buf_len: usize,
+        mut each: impl FnMut(&nl::Msg<'_>) -> Option<Result<R, SdnError>>,
+    ) -> Result<R, SdnError> {
+        let mut buf = vec![0u8; buf_len];
         loop {
             let n = conn
                 .sock
                 .recv(&mut buf, false)
                 .map_err(self.socket_err("recv"))?;
-            let msgs = nl::messages(&buf[..n]).map_err(|d| self.malformed(d))?;
-            for m in msgs {
-                if m.msg_type != nl::NLMSG_ERROR || m.seq != seq {
-                    continue; // stale reply of an earlier, abandoned request
+            for m in nl::messages(&buf[..n]).map_err(|d| self.malformed(d))? {
+                if let Some(r) = each(&m) {
+                    return r;
                 }
-                let err = nl::parse_error(m.flags, m.payload)
-                    .ok_or_else(|| self.malformed(format!("short NLMSG_ERROR for {name}")))?;
-                return match err.errno {
-                    0 => Ok(true),
-                    e if matches!(tolerate, Tolerate::Errno(t) if t == e) => {
-                        tracing::debug!(dev = %self.dev, request = name, what = %what, errno = e, "tolerated kernel error");
-                        Ok(false)
-                    }
-                    errno => Err(SdnError::Kernel {
-                        request: name,
-                        dev: self.dev.clone(),
-                        what,
-                        errno,
-                        reason: err.reason(),
-                    }),
-                };
             }
         }
     }
@@ -640,49 +655,42 @@ impl Fdb {
         conn.sock.send(&msg).map_err(self.socket_err("send"))?;
         let mut entries = Vec::new();
         let mut interrupted = false;
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = conn
-                .sock
-                .recv(&mut buf, false)
-                .map_err(self.socket_err("recv"))?;
-            let msgs = nl::messages(&buf[..n]).map_err(|d| self.malformed(d))?;
-            for m in msgs {
-                if m.seq != seq {
-                    continue;
-                }
-                if m.flags & nl::NLM_F_DUMP_INTR != 0 {
-                    interrupted = true;
-                }
-                match m.msg_type {
-                    nl::NLMSG_DONE => return Ok((entries, interrupted)),
-                    nl::NLMSG_ERROR => {
-                        let err = nl::parse_error(m.flags, m.payload).ok_or_else(|| {
-                            self.malformed("short NLMSG_ERROR for RTM_GETNEIGH".into())
-                        })?;
-                        if err.errno == 0 {
-                            return Ok((entries, interrupted));
-                        }
-                        return Err(SdnError::Kernel {
-                            request: "RTM_GETNEIGH dump",
-                            dev: self.dev.clone(),
-                            what: "all bridge FDB entries".into(),
-                            errno: err.errno,
-                            reason: err.reason(),
-                        });
-                    }
-                    RTM_NEWNEIGH => {
-                        if let Some(entry) = self.parse_neigh(m.payload) {
-                            entries.push(entry);
-                        }
-                    }
-                    _ => {}
-                }
-                if m.flags & nl::NLM_F_MULTI == 0 {
-                    return Ok((entries, interrupted));
-                }
+        self.answers(&conn, 64 * 1024, |m| {
+            if m.seq != seq {
+                return None;
             }
-        }
+            if m.flags & nl::NLM_F_DUMP_INTR != 0 {
+                interrupted = true;
+            }
+            match m.msg_type {
+                nl::NLMSG_DONE => return Some(Ok(())),
+                nl::NLMSG_ERROR => {
+                    let Some(err) = nl::parse_error(m.flags, m.payload) else {
+                        return Some(Err(
+                            self.malformed("short NLMSG_ERROR for RTM_GETNEIGH".into())
+                        ));
+                    };
+                    if err.errno == 0 {
+                        return Some(Ok(()));
+                    }
+                    return Some(Err(SdnError::Kernel {
+                        request: "RTM_GETNEIGH dump",
+                        dev: self.dev.clone(),
+                        what: "all bridge FDB entries".into(),
+                        errno: err.errno,
+                        reason: err.reason(),
+                    }));
+                }
+                RTM_NEWNEIGH => {
+                    if let Some(entry) = self.parse_neigh(m.payload) {
+                        entries.push(entry);
+                    }
+                }
+                _ => {}
+            }
+            (m.flags & nl::NLM_F_MULTI == 0).then_some(Ok(()))
+        })?;
+        Ok((entries, interrupted))
     }
 
     /// Parses one `RTM_NEWNEIGH` dump record; `None` if it is not an IPv4 entry of this device.
