@@ -344,6 +344,17 @@ pub struct RuncState {
     pub pid: u32,
 }
 
+/// What a `runc restore` restores from: the container's bundle, CRIU's images, CRIU's work
+/// directory (its log lands there), and whether memory comes lazily (from the `criu
+/// lazy-pages` daemon listening in `work`, see `ferry_agent::fill`).
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreFrom<'a> {
+    pub bundle: &'a Path,
+    pub images: &'a Path,
+    pub work: &'a Path,
+    pub lazy: bool,
+}
+
 impl Runc {
     /// runc's state directory (`--root`).
     pub fn root(&self) -> &Path {
@@ -673,18 +684,10 @@ impl Runc {
         c
     }
 
-    /// Restores from images, detached; `lazy`: lazy memory comes from the `criu lazy-pages`
-    /// daemon listening in `work` (see `agent::fill`).
-    pub fn restore(
-        &self,
-        name: &str,
-        bundle: &Path,
-        images: &Path,
-        work: &Path,
-        lazy: bool,
-    ) -> Result<()> {
-        let c = self.restore_cmd(name, bundle, images, work, lazy);
-        self.run("restore", name, c, Some(&work.join("restore.log")))
+    /// Restores `name` detached, from `from`.
+    pub fn restore(&self, name: &str, from: &RestoreFrom<'_>) -> Result<()> {
+        let c = self.restore_cmd(name, from);
+        self.run("restore", name, c, Some(&from.work.join("restore.log")))
     }
 
     /// [`Self::restore`] started ahead, with CRIU held at the gate `gate` until
@@ -694,35 +697,31 @@ impl Runc {
     pub fn prestart_restore(
         &self,
         name: &str,
-        bundle: &Path,
-        images: &Path,
-        work: &Path,
-        lazy: bool,
+        from: &RestoreFrom<'_>,
         gate: &Path,
     ) -> Result<Prestarted> {
-        let c = self.restore_cmd(name, bundle, images, work, lazy);
-        self.prestart("restore", name, c, Some(work.join("restore.log")), gate)
+        let c = self.restore_cmd(name, from);
+        self.prestart(
+            "restore",
+            name,
+            c,
+            Some(from.work.join("restore.log")),
+            gate,
+        )
     }
 
-    fn restore_cmd(
-        &self,
-        name: &str,
-        bundle: &Path,
-        images: &Path,
-        work: &Path,
-        lazy: bool,
-    ) -> Command {
+    fn restore_cmd(&self, name: &str, from: &RestoreFrom<'_>) -> Command {
         let mut c = self.cmd("restore", name);
         c.arg("restore");
-        if lazy {
+        if from.lazy {
             c.arg("--lazy-pages");
         }
         c.args(["--detach", "--tcp-established", "--bundle"])
-            .arg(bundle)
+            .arg(from.bundle)
             .arg("--image-path")
-            .arg(images)
+            .arg(from.images)
             .arg("--work-path")
-            .arg(work)
+            .arg(from.work)
             .arg(name);
         c
     }

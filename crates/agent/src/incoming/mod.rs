@@ -520,7 +520,13 @@ impl Agent {
             std::fs::create_dir_all(&images)?;
             std::fs::write(images.join(DESCRIPTORS), STDIO_DESCRIPTORS)?;
             std::fs::create_dir_all(&work)?;
-            runc.prestart_restore(&name, &bundle, &images, &work, lazy, &gate)
+            let from = ferry_runtime::runc::RestoreFrom {
+                bundle: &bundle,
+                images: &images,
+                work: &work,
+                lazy,
+            };
+            runc.prestart_restore(&name, &from, &gate)
         })
         .await
         .map_err(anyhow::Error::from)

@@ -453,6 +453,12 @@ impl Agent {
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
+            let from = ferry_runtime::runc::RestoreFrom {
+                bundle: &layout.bundle,
+                images: &images,
+                work: &work,
+                lazy,
+            };
             let r = match prestarted {
                 Some((was_lazy, p)) if was_lazy == lazy && same_descriptors(&images) => {
                     p.go_until_criu_done(bound).map(Some)
@@ -460,12 +466,9 @@ impl Agent {
                 Some((was_lazy, p)) => {
                     info!(container = %name, was_lazy, lazy, "the runc restore started ahead does not fit these images: starting another");
                     p.cancel();
-                    runc.restore(&name, &layout.bundle, &images, &work, lazy)
-                        .map(|()| None)
+                    runc.restore(&name, &from).map(|()| None)
                 }
-                None => runc
-                    .restore(&name, &layout.bundle, &images, &work, lazy)
-                    .map(|()| None),
+                None => runc.restore(&name, &from).map(|()| None),
             };
             ferry_runtime::logs::keep_log_soon(
                 r.is_ok(),

@@ -558,7 +558,13 @@ impl Driver {
                 let n = name.clone();
                 let r = tokio::task::spawn_blocking(move || {
                     runc.delete_force(&n);
-                    runc.restore(&n, &l.bundle, &images, &work, false)
+                    let from = ferry_runtime::runc::RestoreFrom {
+                        bundle: &l.bundle,
+                        images: &images,
+                        work: &work,
+                        lazy: false,
+                    };
+                    runc.restore(&n, &from)
                 })
                 .await
                 .map_err(|e| anyhow!("{e}"))
