@@ -404,14 +404,9 @@ pub(crate) fn check_alive(pid: i32, pidfd: BorrowedFd<'_>, what: &str) -> Result
 
 /// True while `pid` exists and is not a zombie.
 pub(crate) fn process_alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !matches!(
-            s.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next()),
-            Some("Z") | Some("X") | None
-        ),
-        Err(_) => false,
-    }
+    procfs::process::Process::new(pid)
+        .and_then(|p| p.stat())
+        .is_ok_and(|s| !matches!(s.state, 'Z' | 'X'))
 }
 
 /// Gives the free memory of this process's heap back to the kernel (glibc's `malloc_trim`),

@@ -37,13 +37,10 @@ pub(crate) fn on_tracer_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 
 /// The state letter of a thread ("R", "S", "D", "Z", ...), for messages.
 pub(crate) fn thread_state(pid: i32, tid: i32) -> String {
-    fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let after = s.rsplit_once(')')?.1;
-            after.split_whitespace().next().map(str::to_string)
-        })
-        .unwrap_or_else(|| "?".into())
+    procfs::process::Process::new(pid)
+        .and_then(|p| p.task_from_tid(tid))
+        .and_then(|t| t.stat())
+        .map_or_else(|_| "?".into(), |s| s.state.to_string())
 }
 
 /// The thread ids of a process, the thread-group leader first.
@@ -60,19 +57,21 @@ pub(crate) fn threads(pid: i32) -> Result<Vec<i32>, Error> {
 
 /// The `TracerPid` of a process (0: none), for messages.
 pub(crate) fn tracer_pid(pid: i32) -> i32 {
-    status_field(pid, "TracerPid:").unwrap_or(0)
+    status(pid).map_or(0, |s| s.tracerpid)
 }
 
 /// The seccomp mode of a process from /proc/PID/status (0 none, 1 strict, 2 filter).
 pub(crate) fn seccomp_mode(pid: i32) -> i32 {
-    status_field(pid, "Seccomp:").unwrap_or(0)
+    status(pid)
+        .and_then(|s| s.seccomp)
+        .and_then(|m| i32::try_from(m).ok())
+        .unwrap_or(0)
 }
 
-fn status_field(pid: i32, key: &str) -> Option<i32> {
-    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().parse().ok())
+fn status(pid: i32) -> Option<procfs::process::Status> {
+    procfs::process::Process::new(pid)
+        .and_then(|p| p.status())
+        .ok()
 }
 
 /// A seized thread that is (after a successful [`Stopped::seize`]) in a ptrace-stop.
