@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::page_server::PageFlags;
-use crate::rpc::{fields, varint};
+use crate::rpc::{fields, last_bytes, last_varint};
 
 /// `IMG_COMMON_MAGIC`.
 pub const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
@@ -67,41 +67,37 @@ impl PagemapEntry {
     }
 }
 
+/// The host-order `u32` at byte `i` of `bytes`, if it is all there.
+fn u32_at(bytes: &[u8], i: usize) -> Option<u32> {
+    bytes
+        .get(i..i + 4)
+        .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+}
+
 /// Parses a pagemap image; returns `pages_id` and the entries.
 pub fn parse_pagemap(bytes: &[u8]) -> Result<(u32, Vec<PagemapEntry>), String> {
-    let u32_at = |i: usize| -> Option<u32> {
-        bytes
-            .get(i..i + 4)
-            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-    };
     let mut i = 0;
-    match u32_at(0) {
+    match u32_at(bytes, 0) {
         Some(IMG_COMMON_MAGIC) => i += 4,
         Some(PAGEMAP_MAGIC) => {}
         Some(m) => return Err(format!("magic {m:#x}")),
         None => return Err("too short".into()),
     }
-    if u32_at(i) != Some(PAGEMAP_MAGIC) {
-        return Err(format!("magic {:#x?}, not PAGEMAP_MAGIC", u32_at(i)));
+    if u32_at(bytes, i) != Some(PAGEMAP_MAGIC) {
+        return Err(format!("magic {:#x?}, not PAGEMAP_MAGIC", u32_at(bytes, i)));
     }
     i += 4;
     let mut head = None;
     let mut entries = vec![];
     while i < bytes.len() {
-        let len = u32_at(i).ok_or("a truncated length")? as usize;
+        let len = u32_at(bytes, i).ok_or("a truncated length")? as usize;
         i += 4;
         let msg = bytes
             .get(i..i.checked_add(len).ok_or("a length past the end")?)
             .ok_or("a truncated message")?;
         i += len;
         let fs = fields(msg).ok_or("a malformed message")?;
-        let get = |n: u64| {
-            fs.iter()
-                .rev()
-                .find(|f| f.number == n && f.wire == 0)
-                .and_then(|f| varint(f.value))
-                .map(|v| v.0)
-        };
+        let get = |n: u64| last_varint(&fs, n);
         if head.is_none() {
             head = Some(get(1).ok_or("no pages_id in the head")? as u32);
             continue;
@@ -170,36 +166,24 @@ pub fn parse_core_sp(bytes: &[u8]) -> Result<Option<u64>, String> {
     let Some(regs) = submessage(info, 2)? else {
         return Ok(None);
     };
-    Ok(fields(regs)
-        .ok_or("malformed registers")?
-        .iter()
-        .rev()
-        .find(|f| f.number == 20 && f.wire == 0)
-        .and_then(|f| varint(f.value))
-        .map(|v| v.0))
+    Ok(last_varint(&fields(regs).ok_or("malformed registers")?, 20))
 }
 
 /// The last occurrence of embedded message field `n` of `buf`.
 fn submessage(buf: &[u8], n: u64) -> Result<Option<&[u8]>, String> {
-    Ok(fields(buf)
-        .ok_or("a malformed message")?
-        .iter()
-        .rev()
-        .find(|f| f.number == n && f.wire == 2)
-        .map(|f| f.value))
+    Ok(last_bytes(&fields(buf).ok_or("a malformed message")?, n))
 }
 
 /// The `core_entry` message of a core image.
 fn core_message(bytes: &[u8]) -> Result<&[u8], String> {
-    let u32_at = |i: usize| -> Option<u32> {
-        bytes
-            .get(i..i + 4)
-            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    if u32_at(0) != Some(IMG_COMMON_MAGIC) || u32_at(4) != Some(CORE_MAGIC) {
-        return Err(format!("magic {:#x?} {:#x?}", u32_at(0), u32_at(4)));
+    if u32_at(bytes, 0) != Some(IMG_COMMON_MAGIC) || u32_at(bytes, 4) != Some(CORE_MAGIC) {
+        return Err(format!(
+            "magic {:#x?} {:#x?}",
+            u32_at(bytes, 0),
+            u32_at(bytes, 4)
+        ));
     }
-    let len = u32_at(8).ok_or("a truncated length")? as usize;
+    let len = u32_at(bytes, 8).ok_or("a truncated length")? as usize;
     bytes
         .get(12..12usize.checked_add(len).ok_or("a length past the end")?)
         .ok_or_else(|| "a truncated message".to_string())
@@ -215,13 +199,7 @@ pub fn parse_core_rseq(bytes: &[u8]) -> Result<Option<(u64, u32)>, String> {
         return Ok(None);
     };
     let fs = fields(rseq).ok_or("a malformed rseq_entry")?;
-    let get = |n: u64| {
-        fs.iter()
-            .rev()
-            .find(|f| f.number == n && f.wire == 0)
-            .and_then(|f| varint(f.value))
-            .map(|v| v.0)
-    };
+    let get = |n: u64| last_varint(&fs, n);
     match (get(1), get(2)) {
         (Some(0), _) | (None, _) => Ok(None),
         (Some(p), Some(size)) if size > 0 && size <= 4096 => Ok(Some((p, size as u32))),

@@ -35,12 +35,7 @@ pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 /// protobuf does), an enum, hence the low 32 bits of its varint. `None` if absent or the
 /// message is malformed.
 pub fn request_type(buf: &[u8]) -> Option<u64> {
-    fields(buf)?
-        .iter()
-        .rev()
-        .find(|f| f.number == 1 && f.wire == 0)
-        .and_then(|f| varint(f.value))
-        .map(|(v, _)| u64::from(v as u32))
+    last_varint(&fields(buf)?, 1).map(|v| u64::from(v as u32))
 }
 
 /// `criu_req_type.DUMP`.
@@ -56,13 +51,7 @@ pub fn final_response_success(resp: &[u8], req_type: u64) -> Option<bool> {
     if request_type(resp)? != req_type {
         return None;
     }
-    let top = fields(resp)?;
-    let success = top
-        .iter()
-        .rev()
-        .find(|f| f.number == 2 && f.wire == 0)
-        .and_then(|f| varint(f.value))
-        .is_some_and(|(v, _)| v != 0);
+    let success = last_varint(&fields(resp)?, 2).is_some_and(|v| v != 0);
     Some(success)
 }
 
@@ -75,13 +64,8 @@ pub fn notify_script(resp: &[u8]) -> Option<&[u8]> {
     if request_type(resp)? != REQ_NOTIFY {
         return None;
     }
-    let top = fields(resp)?;
-    let notify = top.iter().rev().find(|f| f.number == 5 && f.wire == 2)?;
-    fields(notify.value)?
-        .into_iter()
-        .rev()
-        .find(|f| f.number == 1 && f.wire == 2)
-        .map(|f| f.value)
+    let notify = last_bytes(&fields(resp)?, 5)?;
+    last_bytes(&fields(notify)?, 1)
 }
 
 /// Whether an encoded `criu_req` is a client's answer to a notification and says the script
@@ -90,14 +74,7 @@ pub fn notify_answer_success(req: &[u8]) -> Option<bool> {
     if request_type(req)? != REQ_NOTIFY {
         return None;
     }
-    let top = fields(req)?;
-    Some(
-        top.iter()
-            .rev()
-            .find(|f| f.number == 3 && f.wire == 0)
-            .and_then(|f| varint(f.value))
-            .is_some_and(|(v, _)| v != 0),
-    )
+    Some(last_varint(&fields(req)?, 3).is_some_and(|v| v != 0))
 }
 
 /// The `criu_req` a client sends when a notified script succeeded: `type` NOTIFY,
@@ -160,6 +137,27 @@ pub(crate) fn fields(buf: &[u8]) -> Option<Vec<Field<'_>>> {
     Some(out)
 }
 
+/// The value of the last varint field `number` among `fields` (protobuf reads the last
+/// occurrence); `None` if there is none or its varint is malformed.
+pub(crate) fn last_varint(fields: &[Field<'_>], number: u64) -> Option<u64> {
+    fields
+        .iter()
+        .rev()
+        .find(|f| f.number == number && f.wire == 0)
+        .and_then(|f| varint(f.value))
+        .map(|v| v.0)
+}
+
+/// The bytes of the last length-delimited field `number` among `fields`; `None` if there is
+/// none.
+pub(crate) fn last_bytes<'a>(fields: &[Field<'a>], number: u64) -> Option<&'a [u8]> {
+    fields
+        .iter()
+        .rev()
+        .find(|f| f.number == number && f.wire == 2)
+        .map(|f| f.value)
+}
+
 fn put_bytes_field(out: &mut Vec<u8>, number: u64, value: &[u8]) {
     put_varint(out, number << 3 | 2);
     put_varint(out, value.len() as u64);
@@ -177,6 +175,21 @@ fn single_opts(top: &[Field<'_>]) -> Option<usize> {
         .filter(|(_, f)| f.number == 2 && f.wire == 2);
     let (at, _) = opts.next()?;
     opts.next().is_none().then_some(at)
+}
+
+/// The request of the top-level fields `top` with its `opts` (the field at `opts_at`) replaced
+/// by `new_opts`; every other field is kept byte for byte.
+fn with_opts(top: &[Field<'_>], opts_at: usize, new_opts: &[u8]) -> Vec<u8> {
+    let kept: usize = top.iter().map(|f| f.whole.len()).sum();
+    let mut out = Vec::with_capacity(kept + new_opts.len() + 16);
+    for (i, f) in top.iter().enumerate() {
+        if i == opts_at {
+            put_bytes_field(&mut out, 2, new_opts);
+        } else {
+            out.extend_from_slice(f.whole);
+        }
+    }
+    out
 }
 
 /// Rewrites an encoded DUMP `criu_req` whose options name a page server by address and port
@@ -206,15 +219,7 @@ pub fn dump_with_page_server_fd(req: &[u8], fd: i32) -> Option<Vec<u8>> {
             new_opts.extend_from_slice(f.whole);
         }
     }
-    let mut out = Vec::with_capacity(req.len() + 8);
-    for (i, f) in top.iter().enumerate() {
-        if i == opts_at {
-            put_bytes_field(&mut out, 2, &new_opts);
-        } else {
-            out.extend_from_slice(f.whole);
-        }
-    }
-    Some(out)
+    Some(with_opts(&top, opts_at, &new_opts))
 }
 
 /// Rewrites an encoded DUMP `criu_req` (as [`dump_with_page_server_fd`] accepts it) into a
@@ -252,15 +257,7 @@ pub fn lazy_dump_with_page_server_fd(
     put_varint(&mut new_opts, opt::LOG_LEVEL << 3);
     put_varint(&mut new_opts, u64::from(log_level));
     put_bytes_field(&mut new_opts, opt::CONFIG_FILE, config.as_bytes());
-    let mut out = Vec::with_capacity(req.len() + config.len() + 16);
-    for (i, f) in top.iter().enumerate() {
-        if i == opts_at {
-            put_bytes_field(&mut out, 2, &new_opts);
-        } else {
-            out.extend_from_slice(f.whole);
-        }
-    }
-    Some((out, earlier))
+    Some((with_opts(&top, opts_at, &new_opts), earlier))
 }
 
 /// Field numbers of `criu_opts` that Ferry reads or rewrites.
@@ -298,22 +295,13 @@ fn opts_fields(req: &[u8]) -> Option<Vec<Field<'_>>> {
 /// The value of the varint field `number` of the request's `criu_opts` (the last one, as
 /// protobuf reads it); `None` if absent or malformed (which includes more than one `opts`).
 pub fn opts_varint(req: &[u8], number: u64) -> Option<u64> {
-    opts_fields(req)?
-        .iter()
-        .rev()
-        .find(|f| f.number == number && f.wire == 0)
-        .and_then(|f| varint(f.value))
-        .map(|v| v.0)
+    last_varint(&opts_fields(req)?, number)
 }
 
 /// The bytes of the length-delimited field `number` of the request's `criu_opts` (the last
 /// one); `None` if absent or malformed.
 pub fn opts_bytes(req: &[u8], number: u64) -> Option<&[u8]> {
-    opts_fields(req)?
-        .iter()
-        .rev()
-        .find(|f| f.number == number && f.wire == 2)
-        .map(|f| f.value)
+    last_bytes(&opts_fields(req)?, number)
 }
 
 /// An int32 field of the request's `criu_opts` holding a descriptor, read as protobuf reads an
@@ -349,15 +337,7 @@ pub fn with_opts_varint(req: &[u8], number: u64, value: u64) -> Option<Vec<u8>> 
             new_opts.extend_from_slice(f.whole);
         }
     }
-    let mut out = Vec::with_capacity(req.len() + 8);
-    for (i, f) in top.iter().enumerate() {
-        if i == opts_at {
-            put_bytes_field(&mut out, 2, &new_opts);
-        } else {
-            out.extend_from_slice(f.whole);
-        }
-    }
-    Some(out)
+    Some(with_opts(&top, opts_at, &new_opts))
 }
 
 /// Encodes the `criu_resp` CRIU sends for a VERSION request.

@@ -354,6 +354,25 @@ fn peer_gone(e: Errno) -> bool {
     matches!(e, Errno::EPIPE | Errno::ECONNRESET | Errno::ENOTCONN)
 }
 
+/// Sends one message with `fds` attached to `side`: `Ok(false)` when that peer has gone
+/// ([`peer_gone`]), an error for any other failure.
+fn relay_message(
+    fd: BorrowedFd<'_>,
+    side: Side,
+    data: &[u8],
+    fds: &[RawFd],
+) -> Result<bool, SwrkProxyError> {
+    match send_message(fd, data, fds) {
+        Ok(()) => Ok(true),
+        Err(e) if peer_gone(e) => Ok(false),
+        Err(source) => Err(SwrkProxyError::Socket {
+            side,
+            op: "sendmsg",
+            source,
+        }),
+    }
+}
+
 /// What [`forward`] relayed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ForwardStats {
@@ -466,21 +485,15 @@ fn forward_with(
                         stats.early_failed += 1;
                     }
                 }
-                Some((n, fds)) if criu_accepts => match send_message(criu, &buf[..n], &fds.0) {
-                    Ok(()) => {
+                Some((n, fds)) if criu_accepts => {
+                    if relay_message(criu, Side::Criu, &buf[..n], &fds.0)? {
                         stats.to_criu += 1;
                         stats.fds += fds.0.len() as u64;
+                    } else {
+                        // CRIU has gone: read what it left, up to its end of stream.
+                        criu_accepts = false;
                     }
-                    // CRIU has gone: read what it left, up to its end of stream.
-                    Err(e) if peer_gone(e) => criu_accepts = false,
-                    Err(source) => {
-                        return Err(SwrkProxyError::Socket {
-                            side: Side::Criu,
-                            op: "sendmsg",
-                            source,
-                        })
-                    }
-                },
+                }
                 Some(_) => {}
             }
         }
@@ -490,8 +503,8 @@ fn forward_with(
                     criu_open = false;
                     criu_accepts = false;
                 }
-                Some((n, fds)) if runc_open => match send_message(runc, &buf[..n], &fds.0) {
-                    Ok(()) => {
+                Some((n, fds)) if runc_open => {
+                    if relay_message(runc, Side::Runc, &buf[..n], &fds.0)? {
                         stats.to_runc += 1;
                         stats.fds += fds.0.len() as u64;
                         let msg = &buf[..n];
@@ -502,34 +515,20 @@ fn forward_with(
                                 });
                             owed.push_back(early);
                             if early && criu_accepts {
-                                match send_message(criu, &rpc::notify_success(), &[]) {
-                                    Ok(()) => stats.answered_early += 1,
-                                    Err(e) if peer_gone(e) => criu_accepts = false,
-                                    Err(source) => {
-                                        return Err(SwrkProxyError::Socket {
-                                            side: Side::Criu,
-                                            op: "sendmsg",
-                                            source,
-                                        })
-                                    }
+                                if relay_message(criu, Side::Criu, &rpc::notify_success(), &[])? {
+                                    stats.answered_early += 1;
+                                } else {
+                                    criu_accepts = false;
                                 }
                             }
                         }
                         observe(msg);
-                    }
-                    Err(e) if peer_gone(e) => {
+                    } else {
                         runc_open = false;
                         stats.dropped += 1;
                         let _ = shutdown(criu.as_raw_fd(), Shutdown::Write);
                     }
-                    Err(source) => {
-                        return Err(SwrkProxyError::Socket {
-                            side: Side::Runc,
-                            op: "sendmsg",
-                            source,
-                        })
-                    }
-                },
+                }
                 Some(_) => stats.dropped += 1,
             }
         }

@@ -203,6 +203,26 @@ pub(crate) fn is_gone(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ESRCH) | Some(libc::ENOENT))
 }
 
+/// A failed ptrace `step` on thread `tid` of `pid`: `ProcessGone` when the caller found the
+/// process gone (`gone` then says what memtrack was doing), `Ptrace` otherwise.
+pub(crate) fn ptrace_failure(
+    pid: i32,
+    tid: i32,
+    step: &'static str,
+    source: io::Error,
+    gone: Option<String>,
+) -> Error {
+    match gone {
+        Some(what) => Error::ProcessGone { pid, what },
+        None => Error::Ptrace {
+            pid,
+            tid,
+            step,
+            source,
+        },
+    }
+}
+
 /// Maps an I/O error on a /proc file to `ProcessGone` or `Proc`.
 pub(crate) fn proc_error(pid: i32, op: &'static str, path: PathBuf, source: io::Error) -> Error {
     if is_gone(&source) {

@@ -18,7 +18,7 @@ use std::os::unix::fs::FileExt;
 
 use tracing::{debug, info, warn};
 
-use crate::error::Error;
+use crate::error::{ptrace_failure, Error};
 use crate::maps::{self, Mapping};
 use crate::ptrace::{self, Stop, Stopped};
 use crate::sys::{self, Regs};
@@ -156,19 +156,9 @@ impl Session {
     }
 
     fn perr(&self, step: &'static str, source: io::Error) -> Error {
-        if !crate::process_alive(self.pid) {
-            Error::ProcessGone {
-                pid: self.pid,
-                what: format!("injecting a system call ({step})"),
-            }
-        } else {
-            Error::Ptrace {
-                pid: self.pid,
-                tid: self.tid,
-                step,
-                source,
-            }
-        }
+        let gone = !crate::process_alive(self.pid);
+        let what = gone.then(|| format!("injecting a system call ({step})"));
+        ptrace_failure(self.pid, self.tid, step, source, what)
     }
 
     /// Executes system call `nr` with `args` in the thread; returns the raw result (a

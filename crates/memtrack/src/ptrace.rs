@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
-use crate::error::Error;
+use crate::error::{ptrace_failure, Error};
 use crate::sys::{self, SigInfo, WaitStatus};
 
 /// How long to wait for a thread to reach the stop that PTRACE_INTERRUPT asks for.
@@ -152,20 +152,12 @@ impl Stopped {
     }
 
     fn ptrace_error(&mut self, step: &'static str, source: std::io::Error) -> Error {
-        if source.raw_os_error() == Some(libc::ESRCH) && !crate::process_alive(self.pid) {
+        let gone = source.raw_os_error() == Some(libc::ESRCH) && !crate::process_alive(self.pid);
+        if gone {
             self.live = false;
-            Error::ProcessGone {
-                pid: self.pid,
-                what: format!("{step} on thread {}", self.tid),
-            }
-        } else {
-            Error::Ptrace {
-                pid: self.pid,
-                tid: self.tid,
-                step,
-                source,
-            }
         }
+        let what = gone.then(|| format!("{step} on thread {}", self.tid));
+        ptrace_failure(self.pid, self.tid, step, source, what)
     }
 
     /// Records the signal of the current signal-delivery-stop so it is delivered again on

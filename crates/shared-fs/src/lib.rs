@@ -148,20 +148,37 @@ pub(crate) fn check_xattrs(path: &str, xattrs: &[Xattr]) -> Result<(), FsError> 
     Ok(())
 }
 
+/// An I/O operation on a local path that failed: the `Io` error of this crate, and of the
+/// transfer layer.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {op} {}: {source}", path.display())]
+pub struct PathIoError {
+    /// What was attempted (e.g. "read directory").
+    pub op: &'static str,
+    /// The path it was attempted on.
+    pub path: PathBuf,
+    /// The underlying error.
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl PathIoError {
+    /// `op` on `path` failed with `source`.
+    pub fn new(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        PathIoError {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
 /// Errors of this crate. Each names the path or value that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
     /// An I/O operation failed.
-    #[error("cannot {op} {}: {source}", path.display())]
-    Io {
-        /// What was attempted (e.g. "read directory").
-        op: &'static str,
-        /// The path it was attempted on.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(PathIoError),
     /// A local path is not valid UTF-8 and cannot be represented in an [`EntryMeta`].
     #[error("path {} is not valid UTF-8; Ferry only transfers UTF-8 names, rename it", path.display())]
     NonUtf8 {
@@ -284,10 +301,6 @@ pub enum FsError {
 
 impl FsError {
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        FsError::Io {
-            op,
-            path: path.into(),
-            source,
-        }
+        FsError::Io(PathIoError::new(op, path, source))
     }
 }

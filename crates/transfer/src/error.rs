@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use shared_fs::PathIoError;
+
 /// Errors of the transfer layer. Each message names the value that failed and, where
 /// possible, what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -16,16 +18,8 @@ pub enum TransferError {
         reason: String,
     },
     /// A local file operation failed.
-    #[error("cannot {op} {}: {source}", path.display())]
-    Io {
-        /// What was attempted.
-        op: &'static str,
-        /// The file involved.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(PathIoError),
     /// Reading or writing a network stream failed.
     #[error("stream I/O failed ({op}): {source}")]
     Stream {
@@ -130,10 +124,6 @@ impl TransferError {
     }
 
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        TransferError::Io {
-            op,
-            path: path.into(),
-            source,
-        }
+        TransferError::Io(PathIoError::new(op, path, source))
     }
 }

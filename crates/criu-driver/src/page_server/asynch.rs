@@ -1,29 +1,34 @@
 //! The wire functions over tokio's `AsyncRead` / `AsyncWrite`, with the same checks as the
 //! blocking ones.
 
-use std::io;
-
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{
-    check_reply, decode_reply, reply_len, Message, ProtocolError, Reply, HEADER_LEN, PAGE_SIZE,
+use super::blocking::{
+    check_whole_pages, header_read, payload_read, reply_bytes, reply_read, Fill,
 };
+use super::{reply_len, Message, ProtocolError, Reply, HEADER_LEN};
 
+/// Reads until `fill`'s buffer is full. Returns the bytes read if the stream ended first.
 async fn read_full<R: AsyncRead + Unpin + ?Sized>(
     r: &mut R,
-    buf: &mut [u8],
-    what: &'static str,
+    mut fill: Fill<'_>,
 ) -> Result<usize, ProtocolError> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]).await {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(ProtocolError::io(what, e)),
-        }
+    while let Some(rest) = fill.rest() {
+        let read = r.read(rest).await;
+        fill.count(read)?;
     }
-    Ok(got)
+    Ok(fill.got())
+}
+
+/// Writes all of `bytes`; `what` names them in errors.
+async fn write_all<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    bytes: &[u8],
+    what: &'static str,
+) -> Result<(), ProtocolError> {
+    w.write_all(bytes)
+        .await
+        .map_err(|e| ProtocolError::io(what, e))
 }
 
 /// Async [`read_message`](super::read_message).
@@ -31,15 +36,8 @@ pub async fn read_message_async<R: AsyncRead + Unpin + ?Sized>(
     r: &mut R,
 ) -> Result<Option<Message>, ProtocolError> {
     let mut b = [0u8; HEADER_LEN];
-    match read_full(r, &mut b, "a message header").await? {
-        0 => Ok(None),
-        HEADER_LEN => Message::decode(&b).map(Some),
-        got => Err(ProtocolError::Truncated {
-            what: "a message header",
-            got: got as u64,
-            expected: HEADER_LEN as u64,
-        }),
-    }
+    let got = read_full(r, Fill::new(&mut b, "a message header")).await?;
+    header_read(&b, got)
 }
 
 /// Async [`write_message`](super::write_message).
@@ -47,10 +45,7 @@ pub async fn write_message_async<W: AsyncWrite + Unpin + ?Sized>(
     w: &mut W,
     msg: &Message,
 ) -> Result<(), ProtocolError> {
-    let b = msg.encode()?;
-    w.write_all(&b)
-        .await
-        .map_err(|e| ProtocolError::io("a message header", e))
+    write_all(w, &msg.encode()?, "a message header").await
 }
 
 /// Async [`read_payload`](super::read_payload).
@@ -58,18 +53,10 @@ pub async fn read_payload_async<R: AsyncRead + Unpin + ?Sized>(
     r: &mut R,
     buf: &mut [u8],
 ) -> Result<(), ProtocolError> {
-    if !buf.len().is_multiple_of(PAGE_SIZE) {
-        return Err(ProtocolError::PartialPage { len: buf.len() });
-    }
-    let got = read_full(r, buf, "page contents").await?;
-    if got != buf.len() {
-        return Err(ProtocolError::Truncated {
-            what: "page contents",
-            got: got as u64,
-            expected: buf.len() as u64,
-        });
-    }
-    Ok(())
+    let len = buf.len();
+    check_whole_pages(len)?;
+    let got = read_full(r, Fill::new(buf, "page contents")).await?;
+    payload_read(got, len)
 }
 
 /// Async [`write_payload`](super::write_payload).
@@ -77,12 +64,8 @@ pub async fn write_payload_async<W: AsyncWrite + Unpin + ?Sized>(
     w: &mut W,
     buf: &[u8],
 ) -> Result<(), ProtocolError> {
-    if !buf.len().is_multiple_of(PAGE_SIZE) {
-        return Err(ProtocolError::PartialPage { len: buf.len() });
-    }
-    w.write_all(buf)
-        .await
-        .map_err(|e| ProtocolError::io("page contents", e))
+    check_whole_pages(buf.len())?;
+    write_all(w, buf, "page contents").await
 }
 
 /// Async [`read_reply`](super::read_reply).
@@ -92,20 +75,8 @@ pub async fn read_reply_async<R: AsyncRead + Unpin + ?Sized>(
 ) -> Result<Reply, ProtocolError> {
     let len = reply_len(request)?;
     let mut b = [0u8; HEADER_LEN];
-    let got = read_full(r, &mut b[..len], "a reply").await?;
-    if got == 0 {
-        return Err(ProtocolError::NoReply {
-            command: request.command(),
-        });
-    }
-    if got != len {
-        return Err(ProtocolError::Truncated {
-            what: "a reply",
-            got: got as u64,
-            expected: len as u64,
-        });
-    }
-    decode_reply(request, &b[..len])
+    let got = read_full(r, Fill::new(&mut b[..len], "a reply")).await?;
+    reply_read(request, &b[..len], got)
 }
 
 /// Async [`write_reply`](super::write_reply).
@@ -114,9 +85,6 @@ pub async fn write_reply_async<W: AsyncWrite + Unpin + ?Sized>(
     request: &Message,
     reply: &Reply,
 ) -> Result<(), ProtocolError> {
-    check_reply(request, reply)?;
-    let (b, len) = reply.encode()?;
-    w.write_all(&b[..len])
-        .await
-        .map_err(|e| ProtocolError::io("a reply", e))
+    let (b, len) = reply_bytes(request, reply)?;
+    write_all(w, &b[..len], "a reply").await
 }
