@@ -95,6 +95,11 @@ pub(crate) fn parse_line(line: &str) -> Option<Mapping> {
 }
 
 /// Parses a whole maps file.
+///
+/// Written here rather than through `procfs`: the classification reads the names as the
+/// kernel writes them (`[anon:NAME]`, `[stack]`, `... (deleted)`), which `procfs` turns into
+/// variants that would have to be turned back into text, and it parses 1.6 x faster
+/// (20,000 mappings: 2.5 ms against 4.1 ms, `maps::measure`).
 pub(crate) fn parse(pid: i32, text: &str) -> Result<Vec<Mapping>, Error> {
     text.lines()
         .filter(|l| !l.is_empty())
@@ -163,5 +168,44 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
         assert!(maps[3].exec);
         assert_eq!(maps[0].start, 0x55d0c0a00000);
         assert!(parse(1, "garbage\n").is_err());
+    }
+}
+
+#[cfg(test)]
+mod measure {
+    use procfs::FromBufRead;
+
+    /// How long parsing a large maps file takes here and through `procfs` (see `parse`).
+    #[test]
+    #[ignore = "a measurement: cargo test --release -p memtrack maps::measure -- --ignored --nocapture"]
+    fn parsing_a_large_maps_file() {
+        let mut text = String::new();
+        for i in 0..20_000u64 {
+            let a = 0x7f00_0000_0000 + i * 0x2000;
+            let path = match i % 4 {
+                0 => "",
+                1 => "/usr/lib/x86_64-linux-gnu/libc.so.6",
+                2 => "[anon:rust]",
+                _ => "[heap]",
+            };
+            text.push_str(&format!(
+                "{a:x}-{:x} rw-p 00000000 00:00 {} {path}\n",
+                a + 0x1000,
+                i % 7
+            ));
+        }
+        let rounds = 20;
+        let t = std::time::Instant::now();
+        for _ in 0..rounds {
+            assert_eq!(super::parse(1, &text).unwrap().len(), 20_000);
+        }
+        let ours = t.elapsed() / rounds;
+        let t = std::time::Instant::now();
+        for _ in 0..rounds {
+            let m = procfs::process::MemoryMaps::from_buf_read(text.as_bytes()).unwrap();
+            assert_eq!(m.len(), 20_000);
+        }
+        let theirs = t.elapsed() / rounds;
+        println!("20000 mappings: maps::parse {ours:?}, procfs {theirs:?}");
     }
 }
