@@ -161,14 +161,10 @@ fn empty_shm(runc_root: &Path, name: &str) -> bool {
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|v| v["init_process_pid"].as_u64());
-    let Some(pid) = pid.filter(|p| *p > 0) else {
+    let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()).filter(|p| *p > 0) else {
         return false;
     };
-    let Ok(mounts) = i32::try_from(pid)
-        .map_err(|_| procfs::ProcError::Other(format!("pid {pid}")))
-        .and_then(procfs::process::Process::new)
-        .and_then(|p| p.mountinfo())
-    else {
+    let Ok(mounts) = procfs::process::Process::new(pid).and_then(|p| p.mountinfo()) else {
         return false;
     };
     let at_shm: Vec<_> = mounts

@@ -82,28 +82,31 @@ impl Cgroups {
         self.root.join(rel.trim_start_matches('/'))
     }
 
+    /// The file that freezes cgroup `rel` and what to write in it, and the file that says
+    /// whether it is frozen, on the hierarchy `h` it is on.
+    fn freezer_files(&self, rel: &str, h: Hierarchy) -> (PathBuf, &'static str, PathBuf) {
+        match h {
+            Hierarchy::V1 => {
+                let state = self.v1_dir("freezer", rel).join("freezer.state");
+                (state.clone(), "FROZEN", state)
+            }
+            Hierarchy::V2 => {
+                let dir = self.v2_dir(rel);
+                (dir.join("cgroup.freeze"), "1", dir.join("cgroup.events"))
+            }
+        }
+    }
+
     /// Starts freezing cgroup `rel`.
     pub fn start_freeze(&self, rel: &str) -> Result<()> {
-        let (file, value) = match self.hierarchy(rel) {
-            Hierarchy::V1 => (self.v1_dir("freezer", rel).join("freezer.state"), "FROZEN"),
-            Hierarchy::V2 => (self.v2_dir(rel).join("cgroup.freeze"), "1"),
-        };
-        std::fs::write(&file, value)
-            .with_context(|| format!("freezing {} (no freezer for this cgroup?)", file.display()))
+        let (file, value, _) = self.freezer_files(rel, self.hierarchy(rel));
+        write_freeze(&file, value)
     }
 
     /// Whether every task of cgroup `rel` is frozen.
     pub fn is_frozen(&self, rel: &str) -> Result<bool> {
-        Ok(match self.hierarchy(rel) {
-            Hierarchy::V1 => {
-                let f = self.v1_dir("freezer", rel).join("freezer.state");
-                read(&f)?.trim() == "FROZEN"
-            }
-            Hierarchy::V2 => {
-                let f = self.v2_dir(rel).join("cgroup.events");
-                read(&f)?.lines().any(|l| l.trim() == "frozen 1")
-            }
-        })
+        let h = self.hierarchy(rel);
+        frozen(h, &self.freezer_files(rel, h).2)
     }
 
     /// Freezes cgroup `rel` and waits ([`FREEZE_POLL`] steps, at most [`FREEZE_TIMEOUT`]) until
@@ -115,34 +118,34 @@ impl Cgroups {
     /// appearing; each write freezes the tasks present then (runc's v1 freezer does the same).
     pub fn freeze(&self, rel: &str) -> Result<()> {
         let deadline = Instant::now() + FREEZE_TIMEOUT;
-        let v1 = self.hierarchy(rel) == Hierarchy::V1;
-        self.start_freeze(rel)?;
-        for poll in 1u32.. {
-            if self.is_frozen(rel)? {
-                if poll > 1 {
-                    tracing::debug!(cgroup = rel, polls = poll, "frozen");
-                }
-                return Ok(());
-            }
-            if v1 {
-                if poll % V1_THAW_EVERY == 0 {
+        // Looked up once: the polls below are frozen time.
+        let h = self.hierarchy(rel);
+        let (request, value, state) = self.freezer_files(rel, h);
+        write_freeze(&request, value)?;
+        let mut poll = 0u32;
+        while !frozen(h, &state)? {
+            poll += 1;
+            if h == Hierarchy::V1 {
+                if poll.is_multiple_of(V1_THAW_EVERY) {
                     self.thaw(rel);
                     std::thread::sleep(V1_THAW_PAUSE);
                 }
-                self.start_freeze(rel)?;
+                write_freeze(&request, value)?;
             }
             if Instant::now() > deadline {
                 self.thaw(rel);
                 bail!(
-                    "cgroup {rel} did not freeze within {} s ({})",
-                    FREEZE_TIMEOUT.as_secs(),
-                    self.hierarchy(rel)
+                    "cgroup {rel} did not freeze within {} s ({h})",
+                    FREEZE_TIMEOUT.as_secs()
                 );
             }
             // A few hundred microseconds usually: this is frozen time.
             std::thread::sleep(FREEZE_POLL);
         }
-        unreachable!("the freeze loop ends at its deadline")
+        if poll > 0 {
+            tracing::debug!(cgroup = rel, polls = poll, "frozen");
+        }
+        Ok(())
     }
 
     /// Thaws cgroup `rel`; absent is fine.
@@ -313,6 +316,20 @@ impl CpuControl {
             }
         }
     }
+}
+
+/// Writes a freeze request.
+fn write_freeze(file: &Path, value: &str) -> Result<()> {
+    std::fs::write(file, value)
+        .with_context(|| format!("freezing {} (no freezer for this cgroup?)", file.display()))
+}
+
+/// Whether the freezer state file `state` of hierarchy `h` says frozen.
+fn frozen(h: Hierarchy, state: &Path) -> Result<bool> {
+    Ok(match h {
+        Hierarchy::V1 => read(state)?.trim() == "FROZEN",
+        Hierarchy::V2 => read(state)?.lines().any(|l| l.trim() == "frozen 1"),
+    })
 }
 
 fn read(p: &Path) -> Result<String> {
