@@ -25,6 +25,15 @@ pub(crate) fn store_bytes_for(memory_bytes: u64) -> u64 {
     memory_bytes.saturating_mul(2).saturating_add(16 << 20)
 }
 
+/// A job of a peer's: which connection's job a request names.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PeerJob<'a> {
+    /// The peer's name, from its certificate.
+    pub peer: &'a str,
+    /// The job id, as the peer sent it.
+    pub job: &'a str,
+}
+
 impl Agent {
     /// Checks that `job` is an incoming job of `peer`, extends its deadline, and runs `f` on it.
     pub(crate) async fn with_incoming<T>(
@@ -58,8 +67,7 @@ impl Agent {
     /// ones for the job (they stay until it ends) and returns the bitmap.
     pub(crate) async fn held_pages(
         &self,
-        peer: &str,
-        job: &str,
+        PeerJob { peer, job }: PeerJob<'_>,
         count: u64,
         recv: &mut super::peer::Incoming<'_>,
     ) -> Result<PeerResponse> {
@@ -93,24 +101,11 @@ impl Agent {
         })
     }
 
-    /// Receives a pre-copy round's page stream for `job` into the page store.
-    pub(crate) async fn receive_pages(
-        &self,
-        peer: &str,
-        job: &str,
-        recv: &mut super::peer::Incoming<'_>,
-    ) -> Result<PeerResponse> {
-        let _stream = self.with_incoming(peer, job, |i| i.stream()).await?;
-        let wire_bytes = self.absorb_page_stream(peer, job, recv).await?;
-        Ok(PeerResponse::Ok { bytes: wire_bytes })
-    }
-
     /// Receives a page stream into the page store and pins its pages for `job`; returns the
     /// bytes it took.
     pub(crate) async fn absorb_page_stream(
         &self,
-        peer: &str,
-        job: &str,
+        PeerJob { peer, job }: PeerJob<'_>,
         recv: &mut super::peer::Incoming<'_>,
     ) -> Result<u64> {
         let cap = self.page_store_cap();
@@ -291,8 +286,7 @@ impl Agent {
     /// Applies a pre-copy round's root filesystem diff.
     pub(crate) async fn rootfs_round(
         &self,
-        peer: &str,
-        job: &str,
+        PeerJob { peer, job }: PeerJob<'_>,
         recv: &mut super::peer::Incoming<'_>,
     ) -> Result<PeerResponse> {
         let (root, _stream) = self
@@ -310,12 +304,13 @@ impl Agent {
     /// job's images. Answers only through the relay's own frames.
     pub(crate) async fn dump_pages(
         &self,
-        peer: &str,
-        job: &str,
+        PeerJob { peer, job }: PeerJob<'_>,
         recv: &mut super::peer::Incoming<'_>,
         send: &mut transfer::SendStream,
     ) -> Result<()> {
-        let r = self.write_dump_pages(peer, job, recv, send).await;
+        let r = self
+            .write_dump_pages(PeerJob { peer, job }, recv, send)
+            .await;
         // A restore the source sent without waiting for the page server's close waits for this.
         let outcome = r.as_ref().map(|_| ()).map_err(|e| format!("{e:#}"));
         self.arrived(peer, job, super::incoming::Arrival::FinalPages, outcome)
@@ -328,8 +323,7 @@ impl Agent {
 
     async fn write_dump_pages(
         &self,
-        peer: &str,
-        job: &str,
+        PeerJob { peer, job }: PeerJob<'_>,
         recv: &mut super::peer::Incoming<'_>,
         send: &mut transfer::SendStream,
     ) -> Result<()> {

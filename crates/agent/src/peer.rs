@@ -1,5 +1,6 @@
 //! Serving and sending agent-to-agent requests over QUIC.
 
+use crate::pages::PeerJob;
 use crate::proto::{refuse, ErrorCode};
 use std::path::Path;
 use std::sync::Arc;
@@ -197,7 +198,17 @@ async fn handle_stream(
     let resp = match read_msg::<_, PeerRequest>(&mut recv).await {
         Ok(PeerRequest::DumpPages { job }) => {
             // The relay owns the stream from here on: it answers with its own frames.
-            if let Err(e) = agent.dump_pages(&peer, &job, &mut recv, &mut send).await {
+            if let Err(e) = agent
+                .dump_pages(
+                    PeerJob {
+                        peer: &peer,
+                        job: &job,
+                    },
+                    &mut recv,
+                    &mut send,
+                )
+                .await
+            {
                 warn!(%peer, %job, error = %format!("{e:#}"), "final dump's pages not received");
             }
             let _ = send.finish();
@@ -308,7 +319,16 @@ async fn dispatch(
             // The page store grows only by what this host can hold (a peer may say anything).
             agent.check_memory(memory_bytes, true).await?;
             let r = agent
-                .prepare(peer, conn_id, job.clone(), *spec, restore_lazily, recv)
+                .prepare(
+                    peer,
+                    super::incoming::Prepare {
+                        conn_id,
+                        job: job.clone(),
+                        spec: *spec,
+                        restore_lazily,
+                    },
+                    recv,
+                )
                 .await;
             if r.is_ok() && memory_bytes > 0 {
                 agent.grant_store(&job, memory_bytes).await;
@@ -345,9 +365,22 @@ async fn dispatch(
                 .await;
             r
         }
-        PeerRequest::HeldPages { job, count } => agent.held_pages(peer, &job, count, recv).await,
-        PeerRequest::Pages { job } => agent.receive_pages(peer, &job, recv).await,
-        PeerRequest::RootfsRound { job } => agent.rootfs_round(peer, &job, recv).await,
+        PeerRequest::HeldPages { job, count } => {
+            agent
+                .held_pages(PeerJob { peer, job: &job }, count, recv)
+                .await
+        }
+        PeerRequest::Pages { job } => {
+            // A pre-copy round's page stream, into the page store.
+            let _stream = agent.with_incoming(peer, &job, |i| i.stream()).await?;
+            let bytes = agent
+                .absorb_page_stream(PeerJob { peer, job: &job }, recv)
+                .await?;
+            Ok(PeerResponse::Ok { bytes })
+        }
+        PeerRequest::RootfsRound { job } => {
+            agent.rootfs_round(PeerJob { peer, job: &job }, recv).await
+        }
         PeerRequest::DumpPages { .. } => bail!("DumpPages is served by the stream handler"),
         PeerRequest::FetchPages { .. } => bail!("FetchPages is served by the stream handler"),
         PeerRequest::PageMap {

@@ -29,7 +29,7 @@
 //!
 //! Destination to source, the page server's answers to OPEN2, PARENT, CLOSE and FORCE_CLOSE,
 //! in order. The source answers OPEN2 (no parent image) itself, and with
-//! [`relay_out_pipelined`] CLOSE too, without waiting: it reads and checks those answers later
+//! [`Close::Pipelined`] CLOSE too, without waiting: it reads and checks those answers later
 //! ([`PendingClose::confirm`]), so that CRIU's frozen dump never waits for a round trip.
 //!
 //! ```text
@@ -205,25 +205,6 @@ async fn read_tag<R: AsyncRead + Unpin>(
     }
 }
 
-/// Source side: serves the socket `criu dump --page-server` writes into, sends its stream
-/// over `link_tx` (deduplicated against `known`, the hashes the destination holds) and hands
-/// the destination's replies from `link_rx` back to CRIU. Returns once CRIU has closed its
-/// connection after CLOSE; pages sent as contents are added to `known`.
-pub async fn relay_out<C, W, R, S>(
-    criu: C,
-    link_tx: W,
-    link_rx: R,
-    known: &mut HashSet<PageHash, S>,
-) -> Result<RelayStats, RelayError>
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    W: AsyncWrite + Unpin,
-    R: AsyncRead + Unpin,
-    S: BuildHasher,
-{
-    relay_out_with(criu, link_tx, link_rx, known, &FastHashes::default()).await
-}
-
 /// Blake3 hashes of page contents already computed (by pre-copy rounds), found by the
 /// contents' XXH3-128, which is about ten times cheaper to compute: the final dump, which reads
 /// every page while the container is frozen, then computes blake3 only for pages whose content
@@ -238,37 +219,33 @@ pub fn fast_key(page: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128(page)
 }
 
-/// [`relay_out`] with blake3 hashes known in advance (see [`FastHashes`]).
-pub async fn relay_out_with<C, W, R, S>(
-    criu: C,
-    link_tx: W,
-    link_rx: R,
-    known: &mut HashSet<PageHash, S>,
-    fast: &FastHashes,
-) -> Result<RelayStats, RelayError>
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    W: AsyncWrite + Unpin,
-    R: AsyncRead + Unpin,
-    S: BuildHasher,
-{
-    let (mut stats, pending) = relay_out_inner(criu, link_tx, link_rx, known, fast, false).await?;
-    pending.confirm(&mut stats).await?;
-    Ok(stats)
+/// How the source relay answers CRIU's CLOSE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// CLOSE is forwarded and CRIU waits for the destination's answer.
+    RoundTrip,
+    /// CLOSE is answered here, with success, as soon as it is on the link, so that CRIU
+    /// finishes its dump without waiting for the destination. The destination's answer is
+    /// still owed: [`PendingClose::confirm`] reads and checks it, and the caller must not rely
+    /// on the destination's copy (restore, commit) before it returns success or before the
+    /// destination itself confirmed that its page server closed cleanly.
+    Pipelined,
 }
 
-/// [`relay_out_with`] without the round trip of CLOSE: CRIU's CLOSE is answered here, with
-/// success, as soon as it is on the link, so that CRIU finishes its dump without waiting for
-/// the destination. The destination's answers are still owed: [`PendingClose::confirm`] reads
-/// and checks them, and the caller must not rely on the destination's copy (restore, commit)
-/// before it returns success or before the destination itself confirmed that its page server
-/// closed cleanly.
-pub async fn relay_out_pipelined<C, W, R, S>(
+/// Source side: serves the socket `criu dump --page-server` writes into, sends its stream
+/// over `link_tx` (deduplicated against `known`, the hashes the destination holds; blake3
+/// hashes already computed are looked up in `fast`, see [`FastHashes`]) and hands the
+/// destination's replies from `link_rx` back to CRIU. Returns once CRIU has closed its
+/// connection after CLOSE; pages sent as contents are added to `known`. The answers the
+/// destination still owes (OPEN2 answered here, and CLOSE with [`Close::Pipelined`]) are
+/// checked by [`PendingClose::confirm`], which the caller must await.
+pub async fn relay_out<C, W, R, S>(
     criu: C,
     link_tx: W,
     link_rx: R,
     known: &mut HashSet<PageHash, S>,
     fast: &FastHashes,
+    close: Close,
 ) -> Result<(RelayStats, PendingClose<R>), RelayError>
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -276,80 +253,7 @@ where
     R: AsyncRead + Unpin,
     S: BuildHasher,
 {
-    relay_out_inner(criu, link_tx, link_rx, known, fast, true).await
-}
-
-/// The destination's answers a relay still has to read and check (see
-/// [`relay_out_pipelined`]).
-#[derive(Debug)]
-pub struct PendingClose<R> {
-    rx: R,
-    /// OPEN2 requests answered at the source, in order.
-    opened: Vec<Message>,
-    /// CLOSE (or FORCE_CLOSE, which CRIU sends on a socket it was given), if it was answered
-    /// at the source.
-    close: Option<Message>,
-}
-
-impl<R: AsyncRead + Unpin> PendingClose<R> {
-    /// Reads the destination's owed answers: every OPEN2 must say "no parent image", and
-    /// CLOSE's status must be 0 (recorded in `stats.close_status`).
-    pub async fn confirm(mut self, stats: &mut RelayStats) -> Result<(), RelayError> {
-        check_opened(&mut self.rx, std::mem::take(&mut self.opened), stats).await?;
-        if let Some(close) = self.close {
-            match read_reply_frame(&mut self.rx, &close, stats).await? {
-                criu_driver::page_server::Reply::Close { status: 0 } => {
-                    stats.close_status = Some(0)
-                }
-                criu_driver::page_server::Reply::Close { status } => {
-                    stats.close_status = Some(status);
-                    return Err(RelayError::Remote(format!(
-                        "the destination's page server closed with status {status}: the dump's pages were not written"
-                    )));
-                }
-                other => {
-                    return Err(RelayError::Sequence(format!(
-                        "the destination answered {other:?} to CLOSE"
-                    )))
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Reads the destination's replies to `opened` (OPEN2 requests answered at the source without
-/// a parent image) and refuses any other answer.
-async fn check_opened<R: AsyncRead + Unpin>(
-    rx: &mut R,
-    opened: Vec<Message>,
-    stats: &mut RelayStats,
-) -> Result<(), RelayError> {
-    for open in opened {
-        let reply = read_reply_frame(rx, &open, stats).await?;
-        if reply != (criu_driver::page_server::Reply::Open2 { has_parent: false }) {
-            return Err(RelayError::Sequence(format!(
-                "the destination's page server answered {reply:?} to {open:?}, which was answered here without a parent image"
-            )));
-        }
-    }
-    Ok(())
-}
-
-async fn relay_out_inner<C, W, R, S>(
-    criu: C,
-    link_tx: W,
-    link_rx: R,
-    known: &mut HashSet<PageHash, S>,
-    fast: &FastHashes,
-    local_close: bool,
-) -> Result<(RelayStats, PendingClose<R>), RelayError>
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    W: AsyncWrite + Unpin,
-    R: AsyncRead + Unpin,
-    S: BuildHasher,
-{
+    let local_close = close == Close::Pipelined;
     let mut criu = BufReader::with_capacity(BUF, criu);
     let mut tx = BufWriter::with_capacity(BUF, link_tx);
     let mut rx = link_rx;
@@ -464,6 +368,62 @@ where
             answer_criu(&mut criu, &msg, &reply).await?;
         }
     }
+}
+
+/// The destination's answers a relay still has to read and check (see [`relay_out`]).
+#[derive(Debug)]
+pub struct PendingClose<R> {
+    rx: R,
+    /// OPEN2 requests answered at the source, in order.
+    opened: Vec<Message>,
+    /// CLOSE (or FORCE_CLOSE, which CRIU sends on a socket it was given), if it was answered
+    /// at the source.
+    close: Option<Message>,
+}
+
+impl<R: AsyncRead + Unpin> PendingClose<R> {
+    /// Reads the destination's owed answers: every OPEN2 must say "no parent image", and
+    /// CLOSE's status must be 0 (recorded in `stats.close_status`).
+    pub async fn confirm(mut self, stats: &mut RelayStats) -> Result<(), RelayError> {
+        check_opened(&mut self.rx, std::mem::take(&mut self.opened), stats).await?;
+        if let Some(close) = self.close {
+            match read_reply_frame(&mut self.rx, &close, stats).await? {
+                criu_driver::page_server::Reply::Close { status: 0 } => {
+                    stats.close_status = Some(0)
+                }
+                criu_driver::page_server::Reply::Close { status } => {
+                    stats.close_status = Some(status);
+                    return Err(RelayError::Remote(format!(
+                        "the destination's page server closed with status {status}: the dump's pages were not written"
+                    )));
+                }
+                other => {
+                    return Err(RelayError::Sequence(format!(
+                        "the destination answered {other:?} to CLOSE"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the destination's replies to `opened` (OPEN2 requests answered at the source without
+/// a parent image) and refuses any other answer.
+async fn check_opened<R: AsyncRead + Unpin>(
+    rx: &mut R,
+    opened: Vec<Message>,
+    stats: &mut RelayStats,
+) -> Result<(), RelayError> {
+    for open in opened {
+        let reply = read_reply_frame(rx, &open, stats).await?;
+        if reply != (criu_driver::page_server::Reply::Open2 { has_parent: false }) {
+            return Err(RelayError::Sequence(format!(
+                "the destination's page server answered {reply:?} to {open:?}, which was answered here without a parent image"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Hands `reply` to `msg` on to CRIU, at once.

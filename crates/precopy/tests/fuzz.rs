@@ -23,8 +23,8 @@ use criu_driver::page_server::{
     Message, PageFlags, Reply, ReplyKind, HEADER_LEN, PAGE_SIZE,
 };
 use precopy::relay::{
-    relay_in, relay_out, RelayError, RelayStats, CHUNK_PAGES, MAX_ERROR_LEN, PAGE_CONTENT,
-    PAGE_REFERENCE, TAG_END, TAG_ERROR, TAG_MSG, TAG_REPLY,
+    relay_in, relay_out, Close, FastHashes, RelayError, RelayStats, CHUNK_PAGES, MAX_ERROR_LEN,
+    PAGE_CONTENT, PAGE_REFERENCE, TAG_END, TAG_ERROR, TAG_MSG, TAG_REPLY,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -361,7 +361,19 @@ async fn source(
     let (criu, relay_criu) = duplex(1 << 16);
     let mut link = Vec::new();
     let (res, got) = tokio::join!(
-        relay_out(relay_criu, &mut link, back, known),
+        async {
+            let (mut stats, pending) = relay_out(
+                relay_criu,
+                &mut link,
+                back,
+                known,
+                &FastHashes::default(),
+                Close::RoundTrip,
+            )
+            .await?;
+            pending.confirm(&mut stats).await?;
+            Ok(stats)
+        },
         fake_criu(criu, dump.clone()),
     );
     (link, res, got)

@@ -20,7 +20,7 @@ use criu_testkit::{
     restore_and_check, serial, start_page_server, start_testee, Lab, HEAP_BYTES, HEAP_MIB,
     HEAP_PAGES, MEMFD_PAGES, STEP,
 };
-use precopy::relay::{relay_in, relay_out, RelayStats};
+use precopy::relay::{relay_in, relay_out, Close, FastHashes, RelayStats};
 use transfer::pages::{hash_page, PageHash, PageStore};
 
 use pattern::{fill_page, HEAP_MAGIC, MEMFD_MAGIC, PAGE};
@@ -77,7 +77,22 @@ fn dump_through_relay(lab: &Lab, known: HashSet<PageHash>, store: PageStore) -> 
                 let mut known = known;
                 let mut store = store;
                 let src = tokio::spawn(async move {
-                    let r = relay_out(from_criu, fwd_tx, back_rx, &mut known).await;
+                    let fast = FastHashes::default();
+                    let r = match relay_out(
+                        from_criu,
+                        fwd_tx,
+                        back_rx,
+                        &mut known,
+                        &fast,
+                        Close::RoundTrip,
+                    )
+                    .await
+                    {
+                        Ok((mut stats, pending)) => {
+                            pending.confirm(&mut stats).await.map(|()| stats)
+                        }
+                        Err(e) => Err(e),
+                    };
                     (r, known)
                 });
                 let dst = tokio::spawn(async move {

@@ -119,7 +119,8 @@ impl Agent {
             .await
             .context("reading page locations")?;
         if with_pages {
-            self.absorb_page_stream(peer, job, recv).await?;
+            self.absorb_page_stream(crate::pages::PeerJob { peer, job }, recv)
+                .await?;
         }
         {
             let store = self.pages.lock().await;

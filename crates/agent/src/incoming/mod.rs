@@ -283,16 +283,16 @@ impl Agent {
         })
     }
 
+    /// Checks a peer's Prepare request, reserves its name and address, and prepares the
+    /// container's arrival (see `prepare_reserved`).
     pub(crate) async fn prepare(
         &self,
         peer: &str,
-        conn_id: usize,
-        job: String,
-        spec: ContainerSpec,
-        restore_lazily: bool,
+        req: Prepare,
         recv: &mut super::peer::Incoming<'_>,
     ) -> Result<PeerResponse> {
-        if !ferry_api::valid_name(&spec.name) || !valid_job(&job) {
+        let (job, spec) = (&req.job, &req.spec);
+        if !ferry_api::valid_name(&spec.name) || !valid_job(job) {
             return Err(refuse(
                 ErrorCode::BadRequest,
                 format!("invalid container name {:?} or job id {job:?}", spec.name),
@@ -317,7 +317,7 @@ impl Agent {
                 ),
             ));
         }
-        ferry_runtime::process::check_received(&spec).map_err(|why| {
+        ferry_runtime::process::check_received(spec).map_err(|why| {
             refuse(
                 ErrorCode::BadRequest,
                 format!("refusing container spec for {:?}: {why}", spec.name),
@@ -340,7 +340,7 @@ impl Agent {
         {
             let inc = self.incoming.lock().await;
             let mut creating = lock(&self.creating);
-            if inc.contains_key(&job) || self.was_committed(&job) {
+            if inc.contains_key(job) || self.was_committed(job) {
                 return Err(refuse(
                     ErrorCode::Conflict,
                     format!("job {job} is already being received or was received"),
@@ -365,32 +365,29 @@ impl Agent {
         if let Some(img) = &spec.image {
             lock(&self.incoming_bases).insert(job.clone(), img.tree.clone());
         }
-        let r = self
-            .prepare_reserved(
-                peer,
-                conn_id,
-                job.clone(),
-                spec.clone(),
-                restore_lazily,
-                recv,
-            )
-            .await;
-        lock(&self.creating).retain(|(n, _)| *n != spec.name);
+        let (job, name) = (job.clone(), spec.name.clone());
+        let r = self.prepare_reserved(peer, req, recv).await;
+        lock(&self.creating).retain(|(n, _)| *n != name);
         if r.is_err() {
             lock(&self.incoming_bases).remove(&job);
         }
         r
     }
 
+    /// Receives the container's own files and readies its bundle, network namespace and
+    /// restore, once its name and address are reserved.
     async fn prepare_reserved(
         &self,
         peer: &str,
-        conn_id: usize,
-        job: String,
-        spec: ContainerSpec,
-        restore_lazily: bool,
+        req: Prepare,
         recv: &mut super::peer::Incoming<'_>,
     ) -> Result<PeerResponse> {
+        let Prepare {
+            conn_id,
+            job,
+            spec,
+            restore_lazily,
+        } = req;
         if spec.prefix_len != self.cfg.overlay_prefix_len {
             return Err(refuse(
                 ErrorCode::BadRequest,
@@ -539,6 +536,16 @@ impl Agent {
             }
         }
     }
+}
+
+/// A peer's request to prepare the arrival of a container.
+pub(crate) struct Prepare {
+    /// The connection it came on (its streams belong to the job).
+    pub conn_id: usize,
+    pub job: String,
+    pub spec: ContainerSpec,
+    /// Whether the container's memory is restored lazily (pages fetched on fault).
+    pub restore_lazily: bool,
 }
 
 pub(crate) fn valid_job(job: &str) -> bool {

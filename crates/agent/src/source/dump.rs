@@ -474,7 +474,15 @@ impl Driver {
             }
         };
         let mut known = known;
-        let relay = precopy::relay::relay_out_pipelined(criu, send, recv, &mut known, &fast).await;
+        let relay = precopy::relay::relay_out(
+            criu,
+            send,
+            recv,
+            &mut known,
+            &fast,
+            precopy::relay::Close::Pipelined,
+        )
+        .await;
         drop(fast);
         let ck = ckpt.await?;
         // The container stays frozen in place: rollback thaws it, the commit removes it.

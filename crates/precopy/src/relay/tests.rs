@@ -3,6 +3,28 @@ use super::*;
 use criu_driver::page_server::{DstId, PageFlags, Reply};
 use tokio::io::{duplex, DuplexStream};
 
+/// [`relay_out`] with CLOSE forwarded, and the destination's owed answers confirmed.
+async fn relay_round_trip<C, W, R, S>(
+    criu: C,
+    link_tx: W,
+    link_rx: R,
+    known: &mut HashSet<PageHash, S>,
+    fast: Option<&FastHashes>,
+) -> Result<RelayStats, RelayError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+    S: BuildHasher,
+{
+    let none = FastHashes::default();
+    let fast = fast.unwrap_or(&none);
+    let (mut stats, pending) =
+        relay_out(criu, link_tx, link_rx, known, fast, Close::RoundTrip).await?;
+    pending.confirm(&mut stats).await?;
+    Ok(stats)
+}
+
 fn page(seed: u8) -> Vec<u8> {
     (0..PAGE_SIZE)
         .map(|i| seed.wrapping_mul(31).wrapping_add((i % 251) as u8))
@@ -87,7 +109,7 @@ async fn round_trip_deduplicates_and_rebuilds_every_page() {
     let (fwd_tx, fwd_rx) = duplex(1 << 16);
     let (back_tx, back_rx) = duplex(1 << 16);
     let (out, inn, (), got) = tokio::join!(
-        relay_out(relay_criu, fwd_tx, back_rx, &mut known),
+        relay_round_trip(relay_criu, fwd_tx, back_rx, &mut known, None),
         relay_in(fwd_rx, back_tx, relay_ps, &mut store),
         fake_criu(criu, a.clone(), b.clone(), c.clone()),
         fake_page_server(ps),
@@ -134,7 +156,7 @@ async fn hashes_known_in_advance_give_the_same_stream() {
     let (fwd_tx, fwd_rx) = duplex(1 << 16);
     let (back_tx, back_rx) = duplex(1 << 16);
     let (out, inn, (), got) = tokio::join!(
-        relay_out_with(relay_criu, fwd_tx, back_rx, &mut known, &fast),
+        relay_round_trip(relay_criu, fwd_tx, back_rx, &mut known, Some(&fast)),
         relay_in(fwd_rx, back_tx, relay_ps, &mut store),
         fake_criu(criu, a.clone(), b.clone(), c.clone()),
         fake_page_server(ps),
@@ -159,7 +181,7 @@ async fn references_resolve_from_the_stream_when_the_store_is_full() {
     let (fwd_tx, fwd_rx) = duplex(1 << 16);
     let (back_tx, back_rx) = duplex(1 << 16);
     let (out, inn, (), got) = tokio::join!(
-        relay_out(relay_criu, fwd_tx, back_rx, &mut known),
+        relay_round_trip(relay_criu, fwd_tx, back_rx, &mut known, None),
         relay_in(fwd_rx, back_tx, relay_ps, &mut store),
         fake_criu(criu, a.clone(), b.clone(), c.clone()),
         fake_page_server(ps),
@@ -316,7 +338,7 @@ async fn relay_out_with_answer(back: Vec<u8>) -> RelayError {
         let _ = fwd_rx.read_to_end(&mut v).await;
     };
     let (res, _criu, ()) = tokio::join!(
-        relay_out(relay_criu, fwd_tx, &back[..], &mut known),
+        relay_round_trip(relay_criu, fwd_tx, &back[..], &mut known, None),
         dump,
         drain
     );
@@ -367,7 +389,14 @@ async fn a_pipelined_relay_answers_close_before_the_destination_and_checks_it_la
     // The dump completes with nothing at the other end of the link yet: CRIU is not kept
     // waiting for the destination.
     let (out, ()) = tokio::join!(
-        relay_out_pipelined(relay_criu, fwd_tx, back_rx, &mut known, &fast),
+        relay_out(
+            relay_criu,
+            fwd_tx,
+            back_rx,
+            &mut known,
+            &fast,
+            Close::Pipelined
+        ),
         fake_criu(criu, a.clone(), b.clone(), c.clone()),
     );
     let (mut stats, pending) = out.unwrap();
@@ -413,7 +442,14 @@ async fn pipelined_confirm(back: Vec<u8>) -> Result<RelayStats, RelayError> {
         let _ = fwd_rx.read_to_end(&mut v).await;
     };
     let (res, (), ()) = tokio::join!(
-        relay_out_pipelined(relay_criu, fwd_tx, &back[..], &mut known, &fast),
+        relay_out(
+            relay_criu,
+            fwd_tx,
+            &back[..],
+            &mut known,
+            &fast,
+            Close::Pipelined
+        ),
         dump,
         drain
     );
@@ -473,7 +509,7 @@ async fn criu_hanging_up_without_close_is_an_error() {
     };
     let empty: &[u8] = &[];
     let (res, (), sent) = tokio::join!(
-        relay_out(relay_criu, fwd_tx, empty, &mut known),
+        relay_round_trip(relay_criu, fwd_tx, empty, &mut known, None),
         dump,
         drain
     );
