@@ -372,26 +372,50 @@ pub fn filter_rules(ns: &str) -> Vec<String> {
 pub fn start_migration(name: &str, to: &str, extra: &[&str]) -> (String, String) {
     let mut args = vec!["migrate", name, "--to", to, "--detach"];
     args.extend_from_slice(extra);
-    let v: Value = serde_json::from_str(&ferry_ok(&args)).expect("migrate --detach json");
+    let out = ferry_ok(&args);
+    let id = out.trim().to_string();
+    assert!(
+        !id.is_empty() && !id.contains(char::is_whitespace),
+        "`ferry migrate --detach` prints the job id alone, got {out:?}"
+    );
+    let v: Value = serde_json::from_str(&ferry_ok(&["job", &id, "--json"])).expect("job json");
     (
-        v["host"].as_str().expect("host").into(),
-        v["job"].as_str().expect("job").into(),
+        v["report"]["from"].as_str().expect("report.from").into(),
+        id,
     )
 }
 
 /// Waits until job `id` reaches `state` (e.g. "transferring").
 pub fn wait_job_state(id: &str, state: &str) {
     let ok = eventually(Duration::from_secs(20), || {
-        let out = ferry(&["job", id]);
+        let out = ferry(&["job", id, "--json"]);
         let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         v["state"] == state
     });
     assert!(ok, "job {id} never reached {state}");
 }
 
-/// Waits for job `id` to end; returns its report.
+/// Waits for job `id` to end; returns its report. `ferry job --wait` exits 0 for a job that
+/// moved the container, 2 for one that rolled back, 1 for one that failed.
 pub fn wait_job(id: &str) -> Value {
-    let v: Value = serde_json::from_str(&ferry_ok(&["job", id, "--wait"])).expect("job json");
+    let out = ferry(&["job", id, "--wait", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "ferry job {id} --wait --json printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let expected = match v["state"].as_str() {
+        Some("done") => 0,
+        Some("rolled_back") => 2,
+        _ => 1,
+    };
+    assert_eq!(
+        out.status.code(),
+        Some(expected),
+        "exit code of `ferry job {id} --wait` for state {}",
+        v["state"]
+    );
     v["report"].clone()
 }
 
@@ -524,7 +548,7 @@ pub fn migrate_json(name: &str, to: &str, extra: &[&str], timeout: Duration) -> 
 pub fn wait_job_state_within(id: &str, state: &str, timeout: Duration) {
     let mut last = Value::Null;
     let ok = eventually(timeout, || {
-        let out = ferry(&["job", id]);
+        let out = ferry(&["job", id, "--json"]);
         let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         last = v["state"].clone();
         v["state"] == state
@@ -540,7 +564,7 @@ pub fn wait_job_state_within(id: &str, state: &str, timeout: Duration) {
 pub fn wait_job_within(id: &str, timeout: Duration) -> Value {
     let mut last = Value::Null;
     let ok = eventually(timeout, || {
-        let out = ferry(&["job", id]);
+        let out = ferry(&["job", id, "--json"]);
         last = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         matches!(
             last["state"].as_str(),

@@ -165,6 +165,11 @@ impl Client {
         .await
     }
 
+    /// `GET /v1/jobs`: this host's jobs, newest first.
+    pub async fn jobs(&self) -> Result<Vec<JobInfo>> {
+        self.call(Method::GET, "/v1/jobs", None::<&()>).await
+    }
+
     /// `GET /v1/jobs/{id}`.
     pub async fn job(&self, id: &str) -> Result<JobInfo> {
         self.call(Method::GET, &format!("/v1/jobs/{id}"), None::<&()>)

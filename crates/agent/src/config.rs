@@ -180,6 +180,10 @@ pub struct Peer {
     pub underlay_ip: Ipv4Addr,
     /// Its QUIC port.
     pub quic_port: u16,
+    /// Whether it runs containers (a migration target); a host that does not (the lab's
+    /// client) is still a peer, but not offered as a target.
+    #[serde(default = "default_true")]
+    pub runs_containers: bool,
 }
 
 impl Peer {
@@ -207,4 +211,8 @@ impl AgentConfig {
     pub fn peer(&self, host: &str) -> Option<&Peer> {
         self.peers.iter().find(|p| p.host == host)
     }
+}
+
+fn default_true() -> bool {
+    true
 }

@@ -5,77 +5,74 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, MethodRouter};
 use axum::{Json, Router};
 use ferry_api::{
-    ApiError, ContainerInfo, CreateContainer, DirtyRate, HostInfo, JobEventKind, JobInfo,
-    MigrateRequest, ResolveAnswer, ResolveRequest,
+    ContainerInfo, CreateContainer, DirtyRate, HostInfo, JobEventKind, JobInfo, MigrateRequest,
+    ResolveAnswer, ResolveRequest,
 };
 
 use super::{lock, Agent};
 
-/// An API error: status plus body.
-#[derive(Debug)]
-pub(crate) struct ApiFailure {
-    status: StatusCode,
-    body: ApiError,
-}
+mod errors;
 
-impl ApiFailure {
-    fn new(status: StatusCode, code: &str, message: String) -> Self {
-        ApiFailure {
-            status,
-            body: ApiError {
-                code: code.into(),
-                message,
-            },
-        }
-    }
-    pub(crate) fn bad_request(m: String) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad_request", m)
-    }
-    pub(crate) fn not_found(code: &str, m: String) -> Self {
-        Self::new(StatusCode::NOT_FOUND, code, m)
-    }
-    pub(crate) fn conflict(m: String) -> Self {
-        Self::new(StatusCode::CONFLICT, "conflict", m)
-    }
-    /// A peer needed for the answer cannot be reached (503, retry later).
-    pub(crate) fn unavailable(m: String) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "peer_unavailable", m)
-    }
-    pub(crate) fn internal(m: String) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m)
-    }
-    pub(crate) fn unknown_host(m: String) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown_host", m)
-    }
-    pub(crate) fn unknown_container(name: &str, host: &str) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "unknown_container",
-            format!("unknown container {name:?} on {host}: `ferry ps` lists containers"),
-        )
-    }
-    fn unknown_job(id: &str) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "unknown_job",
-            format!("unknown job {id:?}"),
-        )
-    }
-}
-
-impl IntoResponse for ApiFailure {
-    fn into_response(self) -> Response {
-        (self.status, Json(self.body)).into_response()
-    }
-}
+pub(crate) use errors::ApiFailure;
+pub(crate) use errors::JsonBody;
+use errors::QueryArgs;
 
 type ApiResult<T> = std::result::Result<T, ApiFailure>;
+
+/// Every route of the API: method and path (`{name}` is one path segment). docs/api.md and
+/// docs/openapi.json describe each; a test checks that they agree.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/v1/host"),
+    ("GET", "/v1/containers"),
+    ("POST", "/v1/containers"),
+    ("GET", "/v1/containers/{name}"),
+    ("DELETE", "/v1/containers/{name}"),
+    ("POST", "/v1/containers/{name}/migrate"),
+    ("GET", "/v1/containers/{name}/dirty-rate"),
+    ("GET", "/v1/pages"),
+    ("DELETE", "/v1/pages"),
+    ("GET", "/v1/images"),
+    ("POST", "/v1/images"),
+    ("POST", "/v1/images/gc"),
+    ("DELETE", "/v1/images/{name}"),
+    ("GET", "/v1/jobs"),
+    ("GET", "/v1/jobs/{id}"),
+    ("POST", "/v1/jobs/{id}/cancel"),
+    ("POST", "/v1/jobs/{id}/resolve"),
+    ("GET", "/v1/jobs/{id}/events"),
+];
+
+/// The handler of one route of [`ROUTES`].
+fn handler(method: &str, path: &str) -> MethodRouter<Arc<Agent>> {
+    use super::images;
+    match (method, path) {
+        ("GET", "/v1/host") => get(host),
+        ("GET", "/v1/containers") => get(list),
+        ("POST", "/v1/containers") => post(create),
+        ("GET", "/v1/containers/{name}") => get(one),
+        ("DELETE", "/v1/containers/{name}") => delete(remove),
+        ("POST", "/v1/containers/{name}/migrate") => post(migrate),
+        ("GET", "/v1/containers/{name}/dirty-rate") => get(dirty_rate),
+        ("GET", "/v1/pages") => get(pages_info),
+        ("DELETE", "/v1/pages") => delete(forget_pages),
+        ("GET", "/v1/images") => get(images::list),
+        ("POST", "/v1/images") => post(images::import),
+        ("POST", "/v1/images/gc") => post(images::gc),
+        ("DELETE", "/v1/images/{name}") => delete(images::remove),
+        ("GET", "/v1/jobs") => get(jobs),
+        ("GET", "/v1/jobs/{id}") => get(job),
+        ("POST", "/v1/jobs/{id}/cancel") => post(cancel),
+        ("POST", "/v1/jobs/{id}/resolve") => post(resolve),
+        ("GET", "/v1/jobs/{id}/events") => get(events),
+        _ => unreachable!("route {method} {path} has no handler"),
+    }
+}
 
 pub(crate) async fn serve(agent: Arc<Agent>) -> Result<()> {
     let sock = agent.cfg.api_socket.clone();
@@ -96,27 +93,14 @@ pub(crate) async fn serve(agent: Arc<Agent>) -> Result<()> {
     }
     std::fs::rename(&staged, &sock)
         .with_context(|| format!("moving the API socket to {}", sock.display()))?;
-    let app = Router::new()
-        .route("/v1/host", get(host))
-        .route("/v1/containers", get(list).post(create))
-        .route("/v1/containers/{name}", get(one).delete(delete))
-        .route("/v1/containers/{name}/migrate", post(migrate))
-        .route("/v1/containers/{name}/dirty-rate", get(dirty_rate))
-        .route("/v1/pages", get(pages_info).delete(forget_pages))
-        .route(
-            "/v1/images",
-            get(super::images::list).post(super::images::import),
-        )
-        .route("/v1/images/gc", post(super::images::gc))
-        .route(
-            "/v1/images/{name}",
-            axum::routing::delete(super::images::remove),
-        )
-        .route("/v1/jobs", get(jobs))
-        .route("/v1/jobs/{id}", get(job))
-        .route("/v1/jobs/{id}/cancel", post(cancel))
-        .route("/v1/jobs/{id}/resolve", post(resolve))
-        .route("/v1/jobs/{id}/events", get(events))
+    let mut app = Router::new();
+    for (method, path) in ROUTES {
+        app = app.route(path, handler(method, path));
+    }
+    let app = app
+        .fallback(errors::no_route)
+        .layer(axum::middleware::from_fn(errors::json_errors))
+        .layer(axum::extract::DefaultBodyLimit::max(errors::MAX_BODY_BYTES))
         .with_state(agent);
     axum::serve(listener, app).await?;
     Ok(())
@@ -141,6 +125,7 @@ async fn host(State(a): State<Arc<Agent>>) -> Json<HostInfo> {
         criu: a.criu.as_ref().ok().map(|c| c.version.to_string()),
         criu_error: a.criu.as_ref().err().cloned(),
         peers: a.peer_names(),
+        targets: a.target_names(),
         cgroups: ferry_runtime::cgroup::Cgroups::host()
             .host_hierarchy()
             .to_string(),
@@ -174,6 +159,7 @@ async fn one(
 }
 
 #[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DirtyRateQuery {
     ms: Option<u64>,
     throttle: Option<u32>,
@@ -182,7 +168,7 @@ struct DirtyRateQuery {
 async fn dirty_rate(
     State(a): State<Arc<Agent>>,
     Path(name): Path<String>,
-    Query(q): Query<DirtyRateQuery>,
+    QueryArgs(q): QueryArgs<DirtyRateQuery>,
 ) -> ApiResult<Json<DirtyRate>> {
     let ms = q.ms.unwrap_or(1000);
     if !(10..=60_000).contains(&ms) {
@@ -217,13 +203,13 @@ async fn dirty_rate(
 
 async fn create(
     State(a): State<Arc<Agent>>,
-    Json(req): Json<CreateContainer>,
+    JsonBody(req): JsonBody<CreateContainer>,
 ) -> ApiResult<(StatusCode, Json<ContainerInfo>)> {
     let info = a.create(req).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 
-async fn delete(
+async fn remove(
     State(a): State<Arc<Agent>>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
@@ -234,14 +220,21 @@ async fn delete(
 async fn migrate(
     State(a): State<Arc<Agent>>,
     Path(name): Path<String>,
-    Json(req): Json<MigrateRequest>,
+    JsonBody(req): JsonBody<MigrateRequest>,
 ) -> ApiResult<(StatusCode, Json<JobInfo>)> {
     let job = super::source::start(&a, &name, req)?;
     Ok((StatusCode::ACCEPTED, Json(job.info())))
 }
 
+/// `GET /v1/jobs`: this host's jobs, newest first.
 async fn jobs(State(a): State<Arc<Agent>>) -> Json<Vec<JobInfo>> {
-    Json(lock(&a.jobs).values().map(|j| j.info()).collect())
+    let mut all: Vec<_> = lock(&a.jobs)
+        .values()
+        .map(|j| (j.started, j.info()))
+        .collect();
+    all.sort_by(|x, y| y.0.cmp(&x.0).then_with(|| y.1.id.cmp(&x.1.id)));
+    let all = all.into_iter().map(|(_, info)| info).collect();
+    Json(all)
 }
 
 fn find_job(a: &Agent, id: &str) -> ApiResult<Arc<super::Job>> {
@@ -266,8 +259,8 @@ async fn cancel(State(a): State<Arc<Agent>>, Path(id): Path<String>) -> ApiResul
     }
     if info.state.is_terminal() {
         return Err(ApiFailure::conflict(format!(
-            "job {id} already ended ({:?})",
-            info.state
+            "job {id} already ended ({})",
+            info.state.name()
         )));
     }
     job.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -280,16 +273,16 @@ async fn cancel(State(a): State<Arc<Agent>>, Path(id): Path<String>) -> ApiResul
 async fn resolve(
     State(a): State<Arc<Agent>>,
     Path(id): Path<String>,
-    Json(req): Json<ResolveRequest>,
+    JsonBody(req): JsonBody<ResolveRequest>,
 ) -> ApiResult<Json<ResolveAnswer>> {
     if let Some(answer) = a.resolve_by_hand(&id, req.outcome) {
         return Ok(Json(answer));
     }
     match lock(&a.jobs).get(&id) {
         Some(job) => Err(ApiFailure::conflict(format!(
-            "job {id} is not waiting for its destination's answer about the commit (state {:?}); \
+            "job {id} is not waiting for its destination's answer about the commit (state {}); \
              only such a job can be settled by hand",
-            job.info().state
+            job.info().state.name()
         ))),
         None => Err(ApiFailure::unknown_job(&id)),
     }

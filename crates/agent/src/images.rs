@@ -18,6 +18,7 @@ use super::Agent;
 /// `POST /v1/images`: import a root filesystem directory or an OCI image layout found on the
 /// agent's host.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ImportImage {
     /// The image's name (letters, digits, `._-:/@`).
     pub name: String,
@@ -97,7 +98,7 @@ pub(crate) async fn list(State(a): State<Arc<Agent>>) -> Result<Json<ImageList>,
 /// `POST /v1/images`.
 pub(crate) async fn import(
     State(a): State<Arc<Agent>>,
-    Json(req): Json<ImportImage>,
+    super::http::JsonBody(req): super::http::JsonBody<ImportImage>,
 ) -> Result<(StatusCode, Json<Imported>), ApiFailure> {
     shared_fs::store::check_image_name(&req.name).map_err(failure)?;
     if !req.path.is_absolute() {

@@ -24,6 +24,9 @@ mod peer;
 mod rounds;
 mod source;
 
+/// The API's routes (method, path), as the agent serves them.
+pub use http::ROUTES;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -62,6 +65,9 @@ pub(crate) struct Job {
     /// Set by a cancel; also kills the runc command of the phase under way (see `Bound`).
     cancel: Arc<AtomicBool>,
     cancel_notify: Notify,
+    /// The memory the pre-copy round under way sets out to send, bytes (0: none or unknown),
+    /// for its progress events.
+    planned_bytes: AtomicU64,
 }
 
 impl Job {
@@ -455,6 +461,16 @@ impl Agent {
         self.cfg.peers.iter().map(|p| p.host.clone()).collect()
     }
 
+    /// The peers a container can migrate to: those that run containers.
+    fn target_names(&self) -> Vec<String> {
+        self.cfg
+            .peers
+            .iter()
+            .filter(|p| p.runs_containers)
+            .map(|p| p.host.clone())
+            .collect()
+    }
+
     /// Forgets the cached connection to `host` (after it failed).
     async fn forget_conn(&self, host: &str) {
         self.conns.lock().await.remove(host);
@@ -641,6 +657,15 @@ impl Agent {
             return Err(F::bad_request(format!(
                 "invalid container name {name:?}: use 1-32 letters, digits, '-' or '_'"
             )));
+        }
+        if let Some(ip) = ip {
+            ferry_api::Overlay {
+                first: self.cfg.overlay_first,
+                prefix_len: self.cfg.overlay_prefix_len,
+                reserved: &self.cfg.reserved,
+            }
+            .check(ip)
+            .map_err(F::bad_request)?;
         }
         let preq = ferry_runtime::process::Request {
             args: req.args.clone(),

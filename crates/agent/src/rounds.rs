@@ -458,6 +458,12 @@ impl Agent {
         if round == 1 && rounds.destination_pages != Some(0) {
             self.ask_held(handle, conn, rounds).await?;
         }
+        let planned: u64 = rounds
+            .todo
+            .iter()
+            .flat_map(|(_, regions)| regions.iter().map(|r| r.end.saturating_sub(r.start)))
+            .sum();
+        handle.planned_bytes.store(planned, Ordering::Relaxed);
         let follow = round == 1 && rounds.follow_writes && rounds.method == Some(Method::UffdWp);
         let (sent, dirty, followed) = if follow {
             self.follow_round(handle, conn, rounds).await?

@@ -120,6 +120,7 @@ pub struct ImageRef {
 
 /// `POST /v1/containers`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreateContainer {
     /// Unique name (letters, digits, `-`, `_`; at most 32).
     pub name: String,
@@ -175,6 +176,7 @@ pub struct ContainerInfo {
 
 /// Test-only fault injection for a migration (used by Ferry's fault tests).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FaultHooks {
     /// Sleep this long at the start of the transfer phase (the container is frozen), so a test
     /// can cut the link, kill a peer or cancel during the transfer.
@@ -226,6 +228,7 @@ pub struct FaultHooks {
 
 /// `POST /v1/containers/{name}/migrate`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
     /// Destination host name.
     pub to: String,
@@ -393,6 +396,26 @@ pub enum JobEventKind {
         /// Why.
         error: String,
     },
+    /// About every second while a phase runs for longer: the bytes the phase has sent to the
+    /// destination so far (all of the link's traffic to it), and for a pre-copy round the
+    /// bytes it set out to send.
+    Progress {
+        /// Which.
+        phase: Phase,
+        /// Since the phase started, ms.
+        elapsed_ms: f64,
+        /// Bytes sent on the link since the phase started.
+        bytes: u64,
+        /// A pre-copy round: the memory it sends, bytes (before deduplication).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        planned_bytes: Option<u64>,
+    },
+    /// A pre-copy round ended (right after its `phase_done`): what it sent, what the container
+    /// dirtied meanwhile, the estimate and what the policy decided.
+    Round {
+        /// The round, as the report lists it.
+        round: migrate_core::RoundReport,
+    },
     /// The destination confirmed the restore: the source will not run again.
     Committed,
     /// The job ended; `report` is final.
@@ -487,6 +510,9 @@ pub struct HostInfo {
     pub criu_error: Option<String>,
     /// Peers this agent knows.
     pub peers: Vec<String>,
+    /// The peers a container here can migrate to (those that run containers).
+    #[serde(default)]
+    pub targets: Vec<String>,
     /// The cgroup hierarchy containers get here (`cgroup v1`, `cgroup v2 (unified)`).
     #[serde(default)]
     pub cgroups: String,
@@ -520,6 +546,46 @@ pub fn ipv6_for_ip(ip: Ipv4Addr) -> Ipv6Addr {
 pub fn mac_for_ip(ip: Ipv4Addr) -> String {
     let o = ip.octets();
     format!("02:fe:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+}
+
+/// The overlay a container address must belong to: the subnet of `first` (the first
+/// address agents allocate) with `prefix_len`, less the addresses of hosts on it.
+#[derive(Debug, Clone)]
+pub struct Overlay<'a> {
+    pub first: Ipv4Addr,
+    pub prefix_len: u8,
+    /// Overlay addresses that are not containers' (such as the lab's client host).
+    pub reserved: &'a [Ipv4Addr],
+}
+
+impl Overlay<'_> {
+    /// Why `ip` cannot be a container's address on this overlay: outside its subnet, the
+    /// subnet's network or broadcast address, or reserved for a host.
+    pub fn check(&self, ip: Ipv4Addr) -> Result<(), String> {
+        let bits = u32::from(self.prefix_len.min(32));
+        let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+        let net = u32::from(self.first) & mask;
+        let broadcast = net | !mask;
+        let subnet = format!("{}/{}", Ipv4Addr::from(net), self.prefix_len);
+        let a = u32::from(ip);
+        if a & mask != net {
+            return Err(format!(
+                "address {ip} is outside the overlay {subnet}: give an address in it, or none to get a free one"
+            ));
+        }
+        if a == net || a == broadcast {
+            return Err(format!(
+                "address {ip} is the {} address of the overlay {subnet}, which no container can have",
+                if a == net { "network" } else { "broadcast" }
+            ));
+        }
+        if self.reserved.contains(&ip) {
+            return Err(format!(
+                "address {ip} of the overlay {subnet} belongs to a host, not a container"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Checks a container name: 1-32 of `[A-Za-z0-9_-]`, not starting with `-`.
@@ -559,5 +625,34 @@ mod tests {
         assert!(!valid_name("../x"));
         assert!(!valid_name("-x"));
         assert!(!valid_name(&"a".repeat(33)));
+    }
+
+    #[test]
+    fn overlay_addresses_are_checked_against_the_subnet_and_its_hosts() {
+        let client = Ipv4Addr::new(10, 232, 0, 2);
+        let o = Overlay {
+            first: Ipv4Addr::new(10, 232, 0, 10),
+            prefix_len: 24,
+            reserved: &[client],
+        };
+        assert_eq!(o.check(Ipv4Addr::new(10, 232, 0, 5)), Ok(()));
+        assert_eq!(o.check(Ipv4Addr::new(10, 232, 0, 254)), Ok(()));
+        for (ip, says) in [
+            ("10.232.0.0", "network address"),
+            ("10.232.0.255", "broadcast address"),
+            ("10.232.1.6", "outside the overlay 10.232.0.0/24"),
+            ("10.99.0.5", "outside the overlay 10.232.0.0/24"),
+            ("10.232.0.2", "belongs to a host"),
+        ] {
+            let e = o.check(ip.parse().unwrap()).unwrap_err();
+            assert!(e.contains(says) && e.contains(ip), "{ip}: {e}");
+        }
+        let wide = Overlay {
+            first: Ipv4Addr::new(10, 0, 0, 1),
+            prefix_len: 8,
+            reserved: &[],
+        };
+        assert!(wide.check(Ipv4Addr::new(10, 200, 3, 4)).is_ok());
+        assert!(wide.check(Ipv4Addr::new(10, 255, 255, 255)).is_err());
     }
 }

@@ -1,16 +1,18 @@
 //! The command-line front end: everything but the agent talks to agents over their API.
 
+pub mod jobs;
+pub mod migrate;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use ferry_api::{CreateContainer, FaultHooks, MigrateMode, MigrateRequest, Resolution};
-use migrate_core::Outcome;
+use ferry_api::{CreateContainer, Resolution};
 
-use crate::{Cli, Cmd, FaultArgs, ImageCmd, LabCmd};
+use crate::{Cli, Cmd, ImageCmd, LabCmd};
 use ferry_lab::lab::Lab;
-use ferry_lab::ops::{find, find_job, mib, migrate, print_summary, ps, start_migration};
+use ferry_lab::ops::{find, mib, ps};
 
 pub(crate) fn dispatch(cli: Cli) -> Result<ExitCode> {
     if let Cmd::Agent { config } = &cli.cmd {
@@ -255,104 +257,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             lab.client(&c.host)?.delete(&name).await?;
             println!("{name} removed from {}", c.host);
         }
-        Cmd::Migrate {
-            name,
-            to,
-            json,
-            pre_copy,
-            downtime_budget_ms,
-            max_rounds,
-            when_stuck,
-            post_copy,
-            no_follow_writes,
-            no_lazy_restore,
-            lazy_min_mib,
-            throttle_initial_pct,
-            faults,
-            dump_deadline_s,
-            restore_deadline_s,
-            ignore_cpu_features,
-            detach,
-        } => {
-            let lab = Lab::load(&dir)?;
-            let faults = faults.hooks()?;
-            let mut deadlines = ferry_api::Deadlines::default();
-            if let Some(s) = dump_deadline_s {
-                deadlines.dump_s = s;
-            }
-            if let Some(s) = restore_deadline_s {
-                deadlines.restore_s = s;
-            }
-            let mut req = MigrateRequest {
-                to: to.clone(),
-                mode: MigrateMode::StopCopy,
-                precopy: None,
-                deadlines,
-                faults,
-                ignore_cpu_features,
-            };
-            if pre_copy || post_copy {
-                let mut p = migrate_core::PrecopyPolicy::default();
-                if let Some(b) = downtime_budget_ms {
-                    p.downtime_budget_ms = b;
-                }
-                if let Some(r) = max_rounds {
-                    p.max_rounds = r;
-                }
-                if let Some(w) = when_stuck {
-                    p.when_stuck = match w.as_str() {
-                        "auto-converge" => migrate_core::WhenStuck::AutoConverge,
-                        "stop-and-copy" => migrate_core::WhenStuck::StopAndCopy,
-                        "post-copy" => migrate_core::WhenStuck::PostCopy,
-                        _ => migrate_core::WhenStuck::Abort,
-                    };
-                }
-                p.post_copy = post_copy;
-                p.follow_writes = !no_follow_writes;
-                p.lazy_restore = !no_lazy_restore;
-                if let Some(m) = lazy_min_mib {
-                    p.lazy_min_mib = m;
-                }
-                if let Some(t) = throttle_initial_pct {
-                    p.throttle_initial_pct = t;
-                    p.throttle_max_pct = p.throttle_max_pct.max(t);
-                }
-                p.validate().map_err(|e| anyhow::anyhow!("pre-copy: {e}"))?;
-                req.mode = MigrateMode::PreCopy;
-                req.precopy = Some(p);
-            }
-            if detach {
-                let (src, job) = start_migration(&lab, &name, &req).await?;
-                println!("{}", serde_json::json!({"job": job, "host": src}));
-                return Ok(ExitCode::SUCCESS);
-            }
-            let report = migrate(&lab, &name, &req, !json).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print_summary(&report);
-            }
-            return Ok(if report.outcome == Outcome::Completed {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(2)
-            });
-        }
-        Cmd::Job { id, wait } => {
-            let lab = Lab::load(&dir)?;
-            let (host, mut info) = find_job(&lab, &id).await?;
-            if wait {
-                lab.client(&host)?.follow(&id, |_| {}).await?;
-                info = lab.client(&host)?.job(&id).await?;
-            }
-            println!("{}", serde_json::to_string_pretty(&info)?);
-        }
-        Cmd::Cancel { id } => {
-            let lab = Lab::load(&dir)?;
-            let (host, _) = find_job(&lab, &id).await?;
-            let info = lab.client(&host)?.cancel(&id).await?;
-            println!("cancel requested for job {id} (state {:?}); it rolls back at the end of the current phase", info.state);
-        }
+        Cmd::Migrate(args) => return migrate::run(&Lab::load(&dir)?, args).await,
+        Cmd::Job { id, wait, json } => return jobs::job(&Lab::load(&dir)?, &id, wait, json).await,
+        Cmd::Jobs { json } => return jobs::jobs(&Lab::load(&dir)?, json).await,
+        Cmd::Cancel { id } => return jobs::cancel(&Lab::load(&dir)?, &id).await,
         Cmd::Resolve {
             id,
             resume_here,
@@ -363,18 +271,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 (false, true) => Resolution::Committed,
                 _ => bail!("give exactly one of --resume-here and --committed"),
             };
-            let lab = Lab::load(&dir)?;
-            let mut refusals = vec![];
-            for h in lab.container_hosts() {
-                match lab.client(&h.name)?.resolve(&id, outcome).await {
-                    Ok(a) => {
-                        println!("{}", serde_json::to_string_pretty(&a)?);
-                        return Ok(ExitCode::SUCCESS);
-                    }
-                    Err(e) => refusals.push(format!("{}: {e:#}", h.name)),
-                }
-            }
-            bail!("no host settled job {id:?}: {}", refusals.join("; "));
+            return jobs::resolve(&Lab::load(&dir)?, &id, outcome).await;
         }
         Cmd::Demo {
             json,
@@ -528,31 +425,4 @@ async fn image_cmd(dir: &Path, cmd: ImageCmd) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-impl FaultArgs {
-    /// The fault hooks these flags ask for.
-    fn hooks(self) -> Result<FaultHooks> {
-        let pause_in_phase = match self.pause_in_phase {
-            Some(p) => Some(
-                serde_json::from_value(serde_json::Value::String(p.clone()))
-                    .map_err(|_| anyhow::anyhow!("--pause-in-phase {p:?}: not a phase"))?,
-            ),
-            None => None,
-        };
-        Ok(FaultHooks {
-            pause_in_transfer_ms: self.pause_in_transfer_ms,
-            corrupt_images: self.corrupt_images,
-            corrupt_memory_page: self.corrupt_memory_page,
-            hide_dirty_page: self.hide_dirty_page,
-            refuse_tracking: self.refuse_tracking,
-            pause_before_commit_ms: self.pause_before_commit_ms,
-            corrupt_rootfs: self.corrupt_rootfs,
-            pause_in_dump_ms: self.pause_in_dump_ms,
-            pause_in_restore_ms: self.pause_in_restore_ms,
-            pause_after_commit_ms: self.pause_after_commit_ms,
-            pause_in_phase,
-            pause_in_phase_ms: self.pause_in_phase_ms,
-        })
-    }
 }

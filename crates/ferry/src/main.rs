@@ -25,52 +25,6 @@ struct Cli {
     cmd: Cmd,
 }
 
-/// `ferry migrate`'s fault injection (tests; hidden from its help).
-#[derive(clap::Args)]
-struct FaultArgs {
-    /// Fault injection (tests): pause this long in the transfer phase.
-    #[arg(long, hide = true, default_value_t = 0)]
-    pub pause_in_transfer_ms: u64,
-    /// Fault injection (tests): damage the images at the destination.
-    #[arg(long, hide = true)]
-    pub corrupt_images: bool,
-    /// Fault injection (tests): flip a byte in one page of the memory workload in the
-    /// images at the destination.
-    #[arg(long, hide = true)]
-    pub corrupt_memory_page: bool,
-    /// Fault injection (tests): leave one page written since the last pre-copy round out of
-    /// the final dump, as if the dirty tracking had missed it.
-    #[arg(long, hide = true)]
-    pub hide_dirty_page: bool,
-    /// Fault injection (tests): pre-copy's main tracking method refuses the first N
-    /// processes, which are tracked by page hashes instead.
-    #[arg(long, hide = true, default_value_t = 0)]
-    pub refuse_tracking: u32,
-    /// Fault injection (tests): pause this long between the restore and the commit.
-    #[arg(long, hide = true, default_value_t = 0)]
-    pub pause_before_commit_ms: u64,
-    /// Fault injection (tests): add a stray file to the root at the destination after the
-    /// final diff.
-    #[arg(long, hide = true)]
-    pub corrupt_rootfs: bool,
-    /// Fault injection (tests): pause this long in the dump (stop-and-copy), frozen.
-    #[arg(long, hide = true, default_value_t = 0)]
-    pub pause_in_dump_ms: u64,
-    /// Fault injection (tests): pause this long at the destination before its restore.
-    #[arg(long, hide = true, default_value_t = 0)]
-    pub pause_in_restore_ms: u64,
-    /// Fault injection (tests): pause this long after the commit, before the source's cleanup.
-    #[arg(long, hide = true, default_value_t = 0)]
-    pub pause_after_commit_ms: u64,
-    /// Fault injection (tests): pause at the start of this phase (preflight, prepare,
-    /// pre_copy, redirect, dump, transfer, restore) for --pause-in-phase-ms.
-    #[arg(long, hide = true)]
-    pub pause_in_phase: Option<String>,
-    /// Fault injection (tests): see --pause-in-phase.
-    #[arg(long, hide = true, default_value_t = 0)]
-    pub pause_in_phase_ms: u64,
-}
-
 #[derive(Subcommand)]
 enum Cmd {
     /// The local lab: hosts as network namespaces on one machine.
@@ -146,70 +100,7 @@ enum Cmd {
         name: String,
     },
     /// Live-migrate a container to another host.
-    Migrate {
-        /// Container name.
-        name: String,
-        /// Destination host.
-        #[arg(long)]
-        to: String,
-        /// Print one JSON report instead of progress and a summary.
-        #[arg(long)]
-        json: bool,
-        /// Copy memory and root filesystem changes in rounds while the container runs; freeze
-        /// only for what changed since the last round.
-        #[arg(long)]
-        pre_copy: bool,
-        /// Pre-copy: freeze once the last dirty set is estimated to take at most this long.
-        #[arg(long, requires = "pre_copy")]
-        downtime_budget_ms: Option<f64>,
-        /// Pre-copy: most rounds before the freeze.
-        #[arg(long, requires = "pre_copy")]
-        max_rounds: Option<u32>,
-        /// Pre-copy: when the container dirties memory faster than the link carries it:
-        /// auto-converge (throttle its CPU step by step), stop-and-copy, post-copy (freeze
-        /// at once; the destination fetches what it lacks while the container runs), or abort.
-        #[arg(long, requires = "pre_copy", value_parser = ["auto-converge", "stop-and-copy", "post-copy", "abort"])]
-        when_stuck: Option<String>,
-        /// Post-copy: freeze at once (no rounds), restore lazily at the destination, which
-        /// fetches every page from the source's frozen copy while the container runs. The
-        /// container's memory exists only partly at either end until the fill ends: if the
-        /// source host dies meanwhile, the container is lost.
-        #[arg(long, conflicts_with_all = ["no_lazy_restore", "when_stuck", "max_rounds", "downtime_budget_ms"])]
-        post_copy: bool,
-        /// Pre-copy: send all memory at once in the first round instead of following the
-        /// container's writes (which sends fewer bytes but may take up to 4 x longer).
-        #[arg(long, requires = "pre_copy")]
-        no_follow_writes: bool,
-        /// Pre-copy: send every page in the final dump instead of restoring lazily from the
-        /// destination's page store.
-        #[arg(long, requires = "pre_copy")]
-        no_lazy_restore: bool,
-        /// Pre-copy: below this much memory (MiB) restore eagerly even when a lazy restore is
-        /// possible (default 16; 0: always lazy).
-        #[arg(long, requires = "pre_copy")]
-        lazy_min_mib: Option<u64>,
-        /// Pre-copy: the first auto-converge step, percent of the container's CPU taken away
-        /// (default 20; up to 99).
-        #[arg(long, requires = "pre_copy")]
-        throttle_initial_pct: Option<u32>,
-        #[command(flatten)]
-        faults: FaultArgs,
-        /// Roll back if the dump (the container frozen) takes longer than this, in seconds
-        /// (default 120).
-        #[arg(long)]
-        dump_deadline_s: Option<f64>,
-        /// Move even if the destination's CPU lacks instruction sets the source's has (a
-        /// program of the container that uses one would die with SIGILL there).
-        #[arg(long)]
-        ignore_cpu_features: bool,
-        /// Roll back if the restore at the destination takes longer than this, in seconds
-        /// (default 120).
-        #[arg(long)]
-        restore_deadline_s: Option<f64>,
-        /// Start the job and print its id without following it.
-        #[arg(long)]
-        detach: bool,
-    },
+    Migrate(cli::migrate::MigrateArgs),
     /// Measure how fast a container writes its memory (dirty pages per second).
     DirtyRate {
         /// Container name.
@@ -225,13 +116,23 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Show a migration job.
+    /// Show a migration job: a summary, or with --wait its progress to the end (exit code 0
+    /// moved, 2 rolled back, 1 failed).
     Job {
         /// Job id.
         id: String,
-        /// Wait for the job to end.
+        /// Follow the job to its end.
         #[arg(long)]
         wait: bool,
+        /// Print the job as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the migration jobs of every host, newest first.
+    Jobs {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Cancel a migration job (before its commit point).
     Cancel {

@@ -410,6 +410,7 @@ pub async fn up(
                 host: o.name.clone(),
                 underlay_ip: o.underlay_ip,
                 quic_port: QUIC_PORT,
+                runs_containers: o.runs_containers,
             })
             .collect();
         let cfg = AgentConfig {

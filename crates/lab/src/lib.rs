@@ -14,3 +14,4 @@ pub mod goodput;
 pub mod lab;
 pub mod ops;
 pub mod probe;
+pub mod progress;

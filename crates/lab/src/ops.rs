@@ -1,13 +1,12 @@
 //! Operations on the lab's agents through their API (list, find, migrate with progress, the
 //! summary of a report), shared by the CLI, the demo and the bench.
 
-use std::time::Duration;
-
 use anyhow::{bail, Result};
 use ferry_api::{ContainerInfo, FaultHooks, JobEventKind, MigrateMode, MigrateRequest};
-use migrate_core::{Outcome, Report};
+use migrate_core::{Outcome, Phase, Report};
 
 use crate::lab::Lab;
+pub use crate::progress::{Follow, Progress};
 
 /// Containers on every container host of the lab.
 pub async fn ps(lab: &Lab) -> Result<Vec<ContainerInfo>> {
@@ -64,53 +63,14 @@ pub async fn migrate(
     req: &MigrateRequest,
     progress: bool,
 ) -> Result<Report> {
-    let to = req.to.as_str();
+    let follow = if progress { Follow::Bar } else { Follow::Quiet };
     let (src, id) = start_migration(lab, name, req).await?;
     let client = lab.client(&src)?;
-    let bar = progress.then(|| {
-        let b = indicatif::ProgressBar::new(8);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{bar:16}] {pos}/{len} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        b.enable_steady_tick(Duration::from_millis(80));
-        b.set_message(format!("migrating {name} from {src} to {to} (job {id})"));
-        b
-    });
+    let mut shown = Progress::new(follow, (name, &src, &req.to, &id), budget(req));
     let mut report = None;
     client
         .follow(&id, |ev| {
-            if let Some(b) = &bar {
-                match &ev.kind {
-                    JobEventKind::PhaseStarted { phase } => {
-                        b.set_message(format!("{} ...", migrate_core::Phase::name(*phase)))
-                    }
-                    JobEventKind::PhaseDone {
-                        phase,
-                        duration_ms,
-                        bytes,
-                    } => {
-                        b.inc(1);
-                        b.println(format!(
-                            "  ok   {:<10} {:>9.1} ms {:>12}",
-                            migrate_core::Phase::name(*phase),
-                            duration_ms,
-                            human_bytes(*bytes)
-                        ));
-                    }
-                    JobEventKind::PhaseFailed { phase, error } => {
-                        b.println(format!(
-                            "  FAIL {:<10} {error}",
-                            migrate_core::Phase::name(*phase)
-                        ));
-                    }
-                    JobEventKind::Committed => {
-                        b.println("  commit point passed: the destination owns the container")
-                    }
-                    JobEventKind::Finished { .. } => b.finish_and_clear(),
-                }
-            }
+            shown.event(ev);
             if let JobEventKind::Finished { report: r } = &ev.kind {
                 report = Some((**r).clone());
             }
@@ -121,6 +81,80 @@ pub async fn migrate(
         None => Ok(client.job(&id).await?.report),
     }
 }
+
+fn budget(req: &MigrateRequest) -> Option<f64> {
+    req.precopy.as_ref().map(|p| p.downtime_budget_ms)
+}
+
+/// [`migrate`] for a person at a terminal: Ctrl-C cancels the job while it is before its
+/// commit point (it rolls back; the report follows) and says so; after the commit point it
+/// says how to follow the job and returns `None` at once.
+pub async fn migrate_interruptible(
+    lab: &Lab,
+    name: &str,
+    req: &MigrateRequest,
+    follow: Follow,
+) -> Result<Option<Report>> {
+    let (src, id) = start_migration(lab, name, req).await?;
+    let client = lab.client(&src)?;
+    let shown = std::cell::RefCell::new(Progress::new(
+        follow,
+        (name, &src, &req.to, &id),
+        budget(req),
+    ));
+    // Messages go to stderr, above the status line.
+    let say = |s: String| shown.borrow().message(&s);
+    let mut report = None;
+    let mut interrupted = false;
+    {
+        let events = client.follow(&id, |ev| {
+            shown.borrow_mut().event(ev);
+            if let JobEventKind::Finished { report: r } = &ev.kind {
+                report = Some((**r).clone());
+            }
+        });
+        tokio::pin!(events);
+        loop {
+            tokio::select! {
+                r = &mut events => { r?; break; }
+                _ = tokio::signal::ctrl_c() => {
+                    if interrupted {
+                        // A second Ctrl-C: leave the job to itself.
+                        say(format!("job {id} goes on without this command: `ferry job {id} --wait` follows it"));
+                        return Ok(None);
+                    }
+                    interrupted = true;
+                    match client.cancel(&id).await {
+                        Ok(_) => say(format!(
+                            "Ctrl-C: cancelling job {id}: it rolls back and {name} stays on {src} (Ctrl-C again to stop following)"
+                        )),
+                        Err(e) => {
+                            say(format!(
+                                "Ctrl-C: job {id} cannot be cancelled any more ({e:#}); it finishes on its own: `ferry job {id} --wait` follows it"
+                            ));
+                            return Ok(None);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    match report {
+        Some(r) => Ok(Some(r)),
+        None => Ok(Some(client.job(&id).await?.report)),
+    }
+}
+
+/// The exit code for a finished migration: 0 moved, 2 rolled back (the container stays where
+/// it was), 1 failed or not finished.
+pub fn exit_code(r: &Report) -> std::process::ExitCode {
+    std::process::ExitCode::from(match r.outcome {
+        Outcome::Completed => 0,
+        Outcome::RolledBack { .. } => 2,
+        Outcome::Failed { .. } | Outcome::InProgress => 1,
+    })
+}
+
 /// A plain stop-and-copy migration to `to`.
 pub fn stop_copy_to(to: &str) -> MigrateRequest {
     MigrateRequest {
@@ -147,7 +181,7 @@ pub fn print_summary(r: &Report) {
             r.container, r.from, r.to, r.id
         ),
         Outcome::RolledBack { reason } => println!(
-            "{} NOT moved: rolled back, it still runs on {} (job {})\n  reason: {reason}",
+            "{} NOT moved: rolled back, it stays on {} (job {})\n  reason: {reason}",
             r.container, r.from, r.id
         ),
         Outcome::Failed { reason } => {
@@ -157,12 +191,51 @@ pub fn print_summary(r: &Report) {
             println!("{} migration still in progress (job {})", r.container, r.id)
         }
     }
-    println!(
-        "  frozen {:.1} ms (dump {:.1}, transfer {:.1}, restore {:.1}, network switch {:.1}; {} round trips between the hosts); total {:.1} ms; {} sent",
-        r.frozen_ms, r.freeze_to_dump_ms, r.transfer_ms, r.restore_ms, r.network_switch_ms,
-        r.frozen_round_trips, r.total_ms,
-        human_bytes(r.bytes_sent)
-    );
+    let ran = |p: Phase| r.phases.iter().any(|t| t.phase == p);
+    if ran(Phase::Dump) {
+        let mut parts = vec![format!("dump {:.1}", r.freeze_to_dump_ms)];
+        for (p, label, ms) in [
+            (Phase::Transfer, "transfer", r.transfer_ms),
+            (Phase::Restore, "restore", r.restore_ms),
+            (Phase::Commit, "network switch", r.network_switch_ms),
+        ] {
+            if ran(p) && ms > 0.0 {
+                parts.push(format!("{label} {ms:.1}"));
+            }
+        }
+        println!(
+            "  frozen {:.1} ms ({}; {} round trips between the hosts); total {:.1} ms; {} sent",
+            r.frozen_ms,
+            parts.join(", "),
+            r.frozen_round_trips,
+            r.total_ms,
+            human_bytes(r.bytes_sent)
+        );
+    } else {
+        println!(
+            "  never frozen; total {:.1} ms; {} sent",
+            r.total_ms,
+            human_bytes(r.bytes_sent)
+        );
+    }
+    let phases: Vec<String> = phase_totals(r)
+        .into_iter()
+        .map(|(p, n, ms)| match n {
+            1 => format!("{} {ms:.1} ms", p.name()),
+            n => format!("{} x{n} {ms:.1} ms", p.name()),
+        })
+        .collect();
+    println!("  phases: {}", phases.join(", "));
+    if !r.rounds.is_empty() {
+        let sent: u64 = r.rounds.iter().map(|x| x.bytes_sent).sum();
+        println!(
+            "  pre-copy: {} round{}, {} sent while the container ran; stopped: {}",
+            r.rounds.len(),
+            if r.rounds.len() == 1 { "" } else { "s" },
+            human_bytes(sent),
+            r.precopy_stop.map_or("-", |s| s.name())
+        );
+    }
     if let Some(b) = &r.base {
         if b.held {
             println!("  image {}: {} held its base layer already", b.image, r.to);
@@ -240,6 +313,21 @@ pub fn print_summary(r: &Report) {
         println!("  warning: {w}");
     }
 }
+/// The phases that ran, in the order they first ran: how often and for how long in all.
+fn phase_totals(r: &Report) -> Vec<(Phase, usize, f64)> {
+    let mut out: Vec<(Phase, usize, f64)> = vec![];
+    for t in &r.phases {
+        match out.iter_mut().find(|(p, _, _)| *p == t.phase) {
+            Some((_, n, ms)) => {
+                *n += 1;
+                *ms += t.duration_ms;
+            }
+            None => out.push((t.phase, 1, t.duration_ms)),
+        }
+    }
+    out
+}
+
 pub fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
 }

@@ -67,12 +67,12 @@ pub enum Phase {
 }
 
 impl Phase {
-    /// The phase's name in progress lines and summaries.
+    /// The phase's name in progress lines, summaries and JSON (the same everywhere).
     pub fn name(self) -> &'static str {
         match self {
             Phase::Preflight => "preflight",
             Phase::Prepare => "prepare",
-            Phase::PreCopy => "precopy",
+            Phase::PreCopy => "pre_copy",
             Phase::Redirect => "redirect",
             Phase::Dump => "dump",
             Phase::Transfer => "transfer",
@@ -119,6 +119,26 @@ pub enum State {
 }
 
 impl State {
+    /// The state's name in messages and JSON (the same everywhere).
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Created => "created",
+            State::Preflight => "preflight",
+            State::Preparing => "preparing",
+            State::PreCopying => "pre_copying",
+            State::Redirecting => "redirecting",
+            State::Dumping => "dumping",
+            State::Transferring => "transferring",
+            State::Restoring => "restoring",
+            State::Committing => "committing",
+            State::CleaningUp => "cleaning_up",
+            State::Done => "done",
+            State::RollingBack => "rolling_back",
+            State::RolledBack => "rolled_back",
+            State::Failed => "failed",
+        }
+    }
+
     /// True once the source must never run again.
     pub fn past_commit_point(self) -> bool {
         matches!(self, State::Committing | State::CleaningUp | State::Done)

@@ -259,6 +259,18 @@ pub enum FreezeReason {
     PostCopy,
 }
 
+impl FreezeReason {
+    /// The reason's name in summaries and JSON (`precopy_stop`).
+    pub fn name(self) -> &'static str {
+        match self {
+            FreezeReason::Converged => "converged",
+            FreezeReason::RoundLimit => "round-limit",
+            FreezeReason::NotConverging => "not-converging",
+            FreezeReason::PostCopy => "post-copy",
+        }
+    }
+}
+
 /// What to do after a round.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "decision", rename_all = "kebab-case")]

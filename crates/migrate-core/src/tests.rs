@@ -255,3 +255,53 @@ fn nothing_moves_a_finished_migration_even_after_a_cancel() {
     assert_eq!(m.state(), State::RolledBack);
     assert_eq!(m.report(), &before);
 }
+
+#[test]
+fn phase_and_state_names_are_their_json_names() {
+    let phases = [
+        Phase::Preflight,
+        Phase::Prepare,
+        Phase::PreCopy,
+        Phase::Redirect,
+        Phase::Dump,
+        Phase::Transfer,
+        Phase::Restore,
+        Phase::Commit,
+        Phase::Cleanup,
+        Phase::Rollback,
+    ];
+    for p in phases {
+        assert_eq!(serde_json::to_value(p).unwrap(), p.name(), "{p:?}");
+    }
+    let states = [
+        State::Created,
+        State::Preflight,
+        State::Preparing,
+        State::PreCopying,
+        State::Redirecting,
+        State::Dumping,
+        State::Transferring,
+        State::Restoring,
+        State::Committing,
+        State::CleaningUp,
+        State::Done,
+        State::RollingBack,
+        State::RolledBack,
+        State::Failed,
+    ];
+    for s in states {
+        assert_eq!(serde_json::to_value(s).unwrap(), s.name(), "{s:?}");
+    }
+}
+
+#[test]
+fn freeze_reason_names_are_their_json_names() {
+    for r in [
+        FreezeReason::Converged,
+        FreezeReason::RoundLimit,
+        FreezeReason::NotConverging,
+        FreezeReason::PostCopy,
+    ] {
+        assert_eq!(serde_json::to_value(r).unwrap(), r.name(), "{r:?}");
+    }
+}

@@ -76,12 +76,22 @@ pub(crate) fn start(
                 agent.cfg.host
             )));
         }
-        if agent.cfg.peer(&req.to).is_none() {
-            return Err(ApiFailure::unknown_host(format!(
-                "unknown destination host {:?}: known hosts are {}",
-                req.to,
-                agent.peer_names().join(", ")
-            )));
+        match agent.cfg.peer(&req.to) {
+            None => {
+                return Err(ApiFailure::unknown_host(format!(
+                    "unknown destination host {:?}: containers here can move to {}",
+                    req.to,
+                    agent.target_names().join(", ")
+                )))
+            }
+            Some(p) if !p.runs_containers => {
+                return Err(ApiFailure::unknown_host(format!(
+                    "host {:?} does not run containers: containers here can move to {}",
+                    req.to,
+                    agent.target_names().join(", ")
+                )))
+            }
+            Some(_) => {}
         }
         rec.migrating = true;
         rec.spec.clone()
@@ -114,6 +124,7 @@ pub(crate) fn start(
         tx,
         cancel: Default::default(),
         cancel_notify: Notify::new(),
+        planned_bytes: Default::default(),
     });
     {
         // Finished jobs stay listed for `ferry job`, the oldest forgotten past MAX_JOBS.
@@ -316,9 +327,10 @@ impl Driver {
             };
             self.job.emit(JobEventKind::PhaseStarted { phase });
             let t = Instant::now();
+            let ticker = self.progress_ticker(phase);
             if self.faults.pause_in_phase == Some(phase) && self.faults.pause_in_phase_ms > 0 {
                 let ms = self.faults.pause_in_phase_ms;
-                warn!(job = %self.job.id, ?phase, ms, "pausing at the start of a phase (fault hook)");
+                warn!(job = %self.job.id, phase = phase.name(), ms, "pausing at the start of a phase (fault hook)");
                 let job = Arc::clone(&self.job);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
@@ -382,6 +394,10 @@ impl Driver {
                     r.map(|bytes| (bytes, Event::Done { bytes }))
                 }
             };
+            if let Some(t) = ticker {
+                t.abort();
+            }
+            let round_done = matches!(result, Ok((_, Event::RoundDone(_))));
             if self.job.cancel.load(Ordering::SeqCst) && !cancel_fed {
                 cancel_fed = true;
                 if let Err(e) = m.handle(Event::Cancel, self.now()) {
@@ -399,7 +415,7 @@ impl Driver {
                 }
                 Err(e) => {
                     let error = format!("{e:#}");
-                    warn!(job = %self.job.id, ?phase, %error, "phase failed");
+                    warn!(job = %self.job.id, phase = phase.name(), %error, "phase failed");
                     self.job.emit(JobEventKind::PhaseFailed {
                         phase,
                         error: error.clone(),
@@ -414,6 +430,13 @@ impl Driver {
                     break;
                 }
             };
+            if round_done {
+                if let Some(round) = m.report().rounds.last() {
+                    self.job.emit(JobEventKind::Round {
+                        round: round.clone(),
+                    });
+                }
+            }
             self.publish(&m);
             if m.report().committed && !committed_announced {
                 committed_announced = true;
@@ -430,6 +453,30 @@ impl Driver {
         self.job.emit(JobEventKind::Finished {
             report: Box::new(report),
         });
+    }
+
+    /// Emits a progress event about every second while `phase` runs, once a connection to
+    /// the destination exists: the bytes sent on it since the phase started.
+    fn progress_ticker(&self, phase: Phase) -> Option<tokio::task::JoinHandle<()>> {
+        let conn = self.conn.as_ref()?.conn.clone();
+        let job = Arc::clone(&self.job);
+        let t0 = Instant::now();
+        let base = conn.stats().udp_tx.bytes;
+        job.planned_bytes.store(0, Ordering::Relaxed);
+        Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let planned = job.planned_bytes.load(Ordering::Relaxed);
+                job.emit(JobEventKind::Progress {
+                    phase,
+                    elapsed_ms: ferry_runtime::util::ms(t0.elapsed()),
+                    bytes: conn.stats().udp_tx.bytes.saturating_sub(base),
+                    planned_bytes: (planned > 0).then_some(planned),
+                });
+            }
+        }))
     }
 
     fn publish(&self, m: &Migration) {
