@@ -180,7 +180,7 @@ impl Session {
         sys::ptrace_setregs(tid, &regs).map_err(|e| self.perr("PTRACE_SETREGS", e))?;
         self.dirty = true;
         for _ in 0..64 {
-            sys::ptrace_singlestep(tid, 0).map_err(|e| self.perr("PTRACE_SINGLESTEP", e))?;
+            sys::ptrace_singlestep(tid).map_err(|e| self.perr("PTRACE_SINGLESTEP", e))?;
             let stop = self.thread().wait()?;
             let now = sys::ptrace_getregs(tid).map_err(|e| self.perr("PTRACE_GETREGS", e))?;
             if now.rip == self.site + 2 {

@@ -6,11 +6,12 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::OnceLock;
 
+use memmap2::MmapMut;
 use tracing::{debug, info};
 
 use crate::error::Error;
 use crate::softdirty::{clear_soft_dirty, read_pagemap, PM_SOFT_DIRTY};
-use crate::sys::{self, AnonMap, PageRegion, PmScanArg, PAGE_SIZE};
+use crate::sys::{self, PageRegion, PmScanArg, PAGE_SIZE};
 use crate::{Method, Region};
 
 /// Whether one method works here.
@@ -171,9 +172,9 @@ fn probe_uffd_wp() -> Result<(), String> {
              (needs Linux >= 6.7 with CONFIG_PTE_MARKER_UFFD_WP)"
         )
     })?;
-    let pages = 8;
-    let mut map = AnonMap::new(pages).map_err(|e| format!("mmap for the probe failed: {e}"))?;
-    let (start, len) = (map.addr(), pages as u64 * PAGE_SIZE);
+    let len = 8 * PAGE_SIZE;
+    let mut map = anon_map(len)?;
+    let start = map.as_ptr() as u64;
     sys::uffdio_register(uffd.as_fd(), start, len, sys::UFFDIO_REGISTER_MODE_WP)
         .map_err(|e| format!("UFFDIO_REGISTER (mode WP) of anonymous memory failed: {e}"))?;
     sys::uffdio_writeprotect(uffd.as_fd(), start, len, sys::UFFDIO_WRITEPROTECT_MODE_WP)
@@ -210,11 +211,11 @@ fn probe_uffd_wp() -> Result<(), String> {
         Ok(())
     };
     scan(&[])?;
-    map.write(2 * PAGE_SIZE as usize, 1);
-    map.write(5 * PAGE_SIZE as usize + 7, 1);
+    map[2 * PAGE_SIZE as usize] = 1;
+    map[5 * PAGE_SIZE as usize + 7] = 1;
     scan(&[2, 5])?;
     // WP_MATCHING must have protected them again.
-    map.write(5 * PAGE_SIZE as usize, 2);
+    map[5 * PAGE_SIZE as usize] = 2;
     scan(&[5])?;
     sys::uffdio_unregister(uffd.as_fd(), start, len)
         .map_err(|e| format!("UFFDIO_UNREGISTER failed: {e}"))?;
@@ -224,17 +225,18 @@ fn probe_uffd_wp() -> Result<(), String> {
 }
 
 fn probe_soft_dirty() -> Result<(), String> {
-    let mut map = AnonMap::new(1).map_err(|e| format!("mmap for the probe failed: {e}"))?;
-    map.write(0, 1);
+    let mut map = anon_map(PAGE_SIZE)?;
+    map[0] = 1;
     let me = sys::getpid();
     clear_soft_dirty(me, "self").map_err(|e| {
         format!("soft-dirty tracking unavailable: writing 4 to /proc/self/clear_refs failed ({e})")
     })?;
     let pagemap =
         File::open("/proc/self/pagemap").map_err(|e| format!("open /proc/self/pagemap: {e}"))?;
+    let start = map.as_ptr() as u64;
     let region = Region {
-        start: map.addr(),
-        end: map.addr() + PAGE_SIZE,
+        start,
+        end: start + PAGE_SIZE,
     };
     let read = |pm: &File| -> Result<u64, String> {
         let mut v = Vec::new();
@@ -243,7 +245,7 @@ fn probe_soft_dirty() -> Result<(), String> {
         Ok(v[0])
     };
     let before = read(&pagemap)?;
-    map.write(0, 2);
+    map[0] = 2;
     let after = read(&pagemap)?;
     if after & PM_SOFT_DIRTY == 0 {
         return Err(
@@ -261,13 +263,21 @@ fn probe_soft_dirty() -> Result<(), String> {
 }
 
 fn probe_page_hash() -> Result<(), String> {
-    let mut map = AnonMap::new(1).map_err(|e| format!("mmap for the probe failed: {e}"))?;
-    map.write(100, 42);
+    let mut map = anon_map(PAGE_SIZE)?;
+    map[100] = 42;
     let mut buf = vec![0u8; PAGE_SIZE as usize];
-    let n = sys::process_vm_readv(sys::getpid(), &mut buf, map.addr())
+    let n = sys::process_vm_readv(sys::getpid(), &mut buf, map.as_ptr() as u64)
         .map_err(|e| format!("process_vm_readv failed: {e}"))?;
     if n != buf.len() || buf[100] != 42 {
         return Err(format!("process_vm_readv read {n} bytes, or wrong content"));
     }
     Ok(())
+}
+
+/// A private anonymous mapping of `len` bytes (read/write, not populated) in our own process,
+/// whose page-table state the probes control. The probes write it with plain stores: its
+/// address came from mmap and goes to the kernel, so the compiler cannot drop a store before
+/// the calls that look at the page.
+fn anon_map(len: u64) -> Result<MmapMut, String> {
+    MmapMut::map_anon(len as usize).map_err(|e| format!("mmap for the probe failed: {e}"))
 }

@@ -414,4 +414,40 @@ mod tests {
         assert!(states.iter().all(|s| s == "t"), "frozen states {states:?}");
         assert_eq!(after, "S", "thread did not go back to sleep");
     }
+
+    /// A signal that arrives while a thread is ours is held back and delivered on release:
+    /// a standard signal and a real-time one (which nix's `Signal` cannot name, so the
+    /// waitpid decoding and PTRACE_DETACH have to take it as a number).
+    #[test]
+    fn a_signal_during_the_stop_is_delivered_on_release() {
+        use std::os::unix::process::ExitStatusExt;
+        for sig in [libc::SIGUSR1, libc::SIGRTMIN() + 4] {
+            let mut child = Command::new("sleep")
+                .arg("30")
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("spawn sleep(1)");
+            let pid = child.id() as i32;
+            std::thread::sleep(Duration::from_millis(50));
+            let stop = on_tracer_thread(|| {
+                let mut t = Stopped::seize(pid, pid, 0).expect("seize");
+                sys::tgkill(pid, pid, sig).expect("tgkill");
+                // Resuming the thread dequeues the signal: a signal-delivery-stop.
+                let mut stop = None;
+                for _ in 0..8 {
+                    sys::ptrace_singlestep(pid).expect("PTRACE_SINGLESTEP");
+                    let s = t.wait().expect("wait");
+                    if s == Stop::Signal(sig) {
+                        stop = Some(s);
+                        break;
+                    }
+                }
+                t.release().expect("release");
+                stop
+            });
+            let status = child.wait().expect("wait for sleep(1)");
+            assert_eq!(stop, Some(Stop::Signal(sig)), "stop for signal {sig}");
+            assert_eq!(status.signal(), Some(sig), "sleep(1) ended with {status}");
+        }
+    }
 }

@@ -6,11 +6,28 @@
 //! once. Constants and structures that the Debian 12 headers lack (PAGEMAP_SCAN is Linux 6.7,
 //! UFFD_FEATURE_WP_ASYNC 6.7, UFFD_FEATURE_WP_UNPOPULATED 6.4) are defined here from the kernel
 //! UAPI (include/uapi/linux/fs.h and userfaultfd.h).
+//!
+//! Calls go through `nix` where it has them (ptrace seize/interrupt/singlestep/getregs/
+//! setregs/getsiginfo/setsiginfo, process_vm_readv, poll, read, recvmsg). These stay raw
+//! `libc` calls because nix 0.31 does not have them, or not for every argument we pass:
+//! - userfaultfd(2), perf_event_open(2), pidfd_open(2), pidfd_getfd(2), tgkill(2): no
+//!   wrapper in nix;
+//! - the UFFDIO_* and PAGEMAP_SCAN ioctls: nix has no wrappers, only macros that generate the
+//!   same unsafe call;
+//! - waitpid(2): nix decodes the status into its `Signal`, which has no real-time signals, and
+//!   fails with EINVAL for a stop or death by one after the status has been reaped;
+//! - PTRACE_DETACH: nix's `detach` takes a `Signal` too, and the signal we deliver on detach
+//!   may be a real-time one;
+//! - malloc_trim(3): glibc, not a system call.
 
 use std::io;
-use std::mem::{size_of, MaybeUninit};
+use std::mem::size_of;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
+
+use nix::errno::Errno;
+use nix::sys::ptrace;
+use nix::unistd::Pid;
 
 /// Size of a page. memtrack supports x86-64 only, where base pages are always 4 KiB.
 pub(crate) const PAGE_SIZE: u64 = 4096;
@@ -172,41 +189,38 @@ const _: () = assert!(UFFDIO_REGISTER == 0xC020_AA00);
 const _: () = assert!(UFFDIO_UNREGISTER == 0x8010_AA01);
 const _: () = assert!(UFFDIO_WRITEPROTECT == 0xC018_AA06);
 
-fn cvt(ret: libc::c_long) -> io::Result<libc::c_long> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
+/// Calls `f` again while it fails with EINTR.
+fn retry_eintr<T>(mut f: impl FnMut() -> nix::Result<T>) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(Errno::EINTR) => {}
+            other => return other.map_err(io::Error::from),
+        }
     }
 }
 
-fn cvt_int(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
+/// The descriptor a system call returned, now owned by us (or the call's error).
+fn owned_fd(ret: libc::c_long) -> io::Result<OwnedFd> {
+    let fd = Errno::result(ret)?;
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 fn ioctl_ptr<T>(fd: BorrowedFd<'_>, request: u64, arg: &mut T) -> io::Result<libc::c_int> {
-    loop {
+    retry_eintr(|| {
         // SAFETY: `arg` is a live, exclusively borrowed value of the `#[repr(C)]` structure
         // that `request` encodes (type and size are checked at compile time above), so the
         // kernel reads and writes only memory we own for the duration of the call.
-        let ret =
-            unsafe { libc::ioctl(fd.as_raw_fd(), request as libc::Ioctl, ptr::from_mut(arg)) };
-        match cvt_int(ret) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            other => return other,
-        }
-    }
+        Errno::result(unsafe {
+            libc::ioctl(fd.as_raw_fd(), request as libc::Ioctl, ptr::from_mut(arg))
+        })
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
 // userfaultfd
 // ---------------------------------------------------------------------------------------------
 
-/// userfaultfd(2) in the calling process (used only by the capability probe).
 /// Returns the free memory of this process's malloc heap to the kernel (glibc `malloc_trim`).
 /// Returns whether memory was released.
 pub(crate) fn malloc_trim() -> bool {
@@ -215,11 +229,10 @@ pub(crate) fn malloc_trim() -> bool {
     unsafe { libc::malloc_trim(0) == 1 }
 }
 
+/// userfaultfd(2) in the calling process (used only by the capability probe).
 pub(crate) fn userfaultfd(flags: i32) -> io::Result<OwnedFd> {
     // SAFETY: userfaultfd takes one integer argument and returns a new file descriptor.
-    let fd = cvt(unsafe { libc::syscall(libc::SYS_userfaultfd, flags as libc::c_long) })?;
-    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    owned_fd(unsafe { libc::syscall(libc::SYS_userfaultfd, flags as libc::c_long) })
 }
 
 /// UFFDIO_API: negotiates the API and enables `features`; returns the features the kernel
@@ -359,7 +372,7 @@ pub(crate) fn perf_dummy_on_self() -> io::Result<OwnedFd> {
     };
     // SAFETY: `attr` is a valid, initialized perf_event_attr of the size it declares and
     // outlives the call, which only reads it; pid 0 / cpu -1 / group -1 are plain integers.
-    let fd = cvt(unsafe {
+    owned_fd(unsafe {
         libc::syscall(
             libc::SYS_perf_event_open,
             &attr as *const PerfEventAttrV0,
@@ -368,9 +381,7 @@ pub(crate) fn perf_dummy_on_self() -> io::Result<OwnedFd> {
             -1 as libc::c_long,
             PERF_FLAG_FD_CLOEXEC,
         )
-    })?;
-    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -380,59 +391,46 @@ pub(crate) fn perf_dummy_on_self() -> io::Result<OwnedFd> {
 /// pidfd_open(2).
 pub(crate) fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and a flags word (0) and returns a new descriptor.
-    let fd = cvt(unsafe {
-        libc::syscall(libc::SYS_pidfd_open, pid as libc::c_long, 0 as libc::c_long)
-    })?;
-    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    owned_fd(unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_long, 0 as libc::c_long) })
 }
 
 /// pidfd_getfd(2): duplicate descriptor `target_fd` of the process behind `pidfd` into ours.
 pub(crate) fn pidfd_getfd(pidfd: BorrowedFd<'_>, target_fd: i32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_getfd takes two descriptors numbers and a flags word (0) by value and
     // returns a new descriptor in our table.
-    let fd = cvt(unsafe {
+    owned_fd(unsafe {
         libc::syscall(
             libc::SYS_pidfd_getfd,
             pidfd.as_raw_fd() as libc::c_long,
             target_fd as libc::c_long,
             0 as libc::c_long,
         )
-    })?;
-    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    })
 }
 
 /// True when the process behind `pidfd` has exited (the pidfd polls readable).
 pub(crate) fn pidfd_has_exited(pidfd: BorrowedFd<'_>) -> io::Result<bool> {
-    let mut p = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    loop {
-        // SAFETY: `p` is one live pollfd; timeout 0 makes the call non-blocking.
-        let ret = unsafe { libc::poll(&mut p, 1, 0) };
-        match cvt_int(ret) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-            Ok(_) => return Ok(p.revents & (libc::POLLIN | libc::POLLHUP) != 0),
-        }
-    }
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut p = [PollFd::new(pidfd, PollFlags::POLLIN)];
+    retry_eintr(|| poll(&mut p, PollTimeout::ZERO))?;
+    // `None`: flags nix does not know, which a pidfd does not report.
+    Ok(p[0]
+        .revents()
+        .is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP)))
 }
 
-/// tgkill(2).
+/// tgkill(2) with signal number `sig` (which may be a real-time signal).
 pub(crate) fn tgkill(tgid: i32, tid: i32, sig: i32) -> io::Result<()> {
     // SAFETY: tgkill takes three integers by value.
-    cvt(unsafe {
+    Errno::result(unsafe {
         libc::syscall(
             libc::SYS_tgkill,
             tgid as libc::c_long,
             tid as libc::c_long,
             sig as libc::c_long,
         )
-    })
-    .map(drop)
+    })?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -446,114 +444,58 @@ pub(crate) type Regs = libc::user_regs_struct;
 /// A signal's information as PTRACE_GETSIGINFO returns it.
 pub(crate) type SigInfo = libc::siginfo_t;
 
-fn ptrace_raw(
-    request: libc::c_uint,
-    tid: i32,
-    addr: *mut libc::c_void,
-    data: *mut libc::c_void,
-) -> io::Result<libc::c_long> {
-    // SAFETY: callers pass either null/integer `addr`/`data` for requests that take values, or
-    // pointers to live, correctly sized structures for requests that read or write memory
-    // (GETREGS/SETREGS: user_regs_struct, GETSIGINFO/SETSIGINFO: siginfo_t).
-    cvt(unsafe { libc::ptrace(request, tid, addr, data) })
-}
-
-/// PTRACE_SEIZE with `options`.
+/// PTRACE_SEIZE with `options` (a `PTRACE_O_*` mask; nix's `Options` lacks
+/// PTRACE_O_SUSPEND_SECCOMP, so unknown bits are passed on as they are).
 pub(crate) fn ptrace_seize(tid: i32, options: i32) -> io::Result<()> {
-    ptrace_raw(
-        libc::PTRACE_SEIZE,
-        tid,
-        ptr::null_mut(),
-        options as usize as *mut libc::c_void,
-    )
-    .map(drop)
+    let options = ptrace::Options::from_bits_retain(options);
+    ptrace::seize(Pid::from_raw(tid), options).map_err(io::Error::from)
 }
 
 /// PTRACE_INTERRUPT.
 pub(crate) fn ptrace_interrupt(tid: i32) -> io::Result<()> {
-    ptrace_raw(
-        libc::PTRACE_INTERRUPT,
-        tid,
-        ptr::null_mut(),
-        ptr::null_mut(),
-    )
-    .map(drop)
+    ptrace::interrupt(Pid::from_raw(tid)).map_err(io::Error::from)
 }
 
-/// PTRACE_SINGLESTEP, delivering `sig` (0: none).
-pub(crate) fn ptrace_singlestep(tid: i32, sig: i32) -> io::Result<()> {
-    ptrace_raw(
-        libc::PTRACE_SINGLESTEP,
-        tid,
-        ptr::null_mut(),
-        sig as usize as *mut libc::c_void,
-    )
-    .map(drop)
+/// PTRACE_SINGLESTEP, delivering no signal.
+pub(crate) fn ptrace_singlestep(tid: i32) -> io::Result<()> {
+    ptrace::step(Pid::from_raw(tid), None).map_err(io::Error::from)
 }
 
-/// PTRACE_DETACH, delivering `sig` (0: none).
+/// PTRACE_DETACH, delivering signal number `sig` (0: none).
 pub(crate) fn ptrace_detach(tid: i32, sig: i32) -> io::Result<()> {
-    ptrace_raw(
-        libc::PTRACE_DETACH,
-        tid,
-        ptr::null_mut(),
-        sig as usize as *mut libc::c_void,
-    )
-    .map(drop)
+    // SAFETY: PTRACE_DETACH takes no pointers: `addr` is ignored and `data` is the signal
+    // number (raw, since it may be a real-time signal, which nix's `Signal` cannot name).
+    Errno::result(unsafe {
+        libc::ptrace(
+            libc::PTRACE_DETACH,
+            tid,
+            ptr::null_mut::<libc::c_void>(),
+            sig as libc::c_long as *mut libc::c_void,
+        )
+    })?;
+    Ok(())
 }
 
 /// PTRACE_GETREGS.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn ptrace_getregs(tid: i32) -> io::Result<Regs> {
-    let mut regs = MaybeUninit::<Regs>::zeroed();
-    ptrace_raw(
-        libc::PTRACE_GETREGS,
-        tid,
-        ptr::null_mut(),
-        regs.as_mut_ptr().cast(),
-    )?;
-    // SAFETY: user_regs_struct consists of integers only, so the zeroed value is valid, and the
-    // kernel filled it in completely on success.
-    Ok(unsafe { regs.assume_init() })
+    ptrace::getregs(Pid::from_raw(tid)).map_err(io::Error::from)
 }
 
 /// PTRACE_SETREGS.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn ptrace_setregs(tid: i32, regs: &Regs) -> io::Result<()> {
-    let mut copy = *regs;
-    ptrace_raw(
-        libc::PTRACE_SETREGS,
-        tid,
-        ptr::null_mut(),
-        ptr::from_mut(&mut copy).cast(),
-    )
-    .map(drop)
+    ptrace::setregs(Pid::from_raw(tid), *regs).map_err(io::Error::from)
 }
 
 /// PTRACE_GETSIGINFO.
 pub(crate) fn ptrace_getsiginfo(tid: i32) -> io::Result<SigInfo> {
-    let mut info = MaybeUninit::<SigInfo>::zeroed();
-    ptrace_raw(
-        libc::PTRACE_GETSIGINFO,
-        tid,
-        ptr::null_mut(),
-        info.as_mut_ptr().cast(),
-    )?;
-    // SAFETY: siginfo_t is plain data (integers and a union of integers/pointers that we never
-    // dereference); zeroed is valid and the kernel filled it in on success.
-    Ok(unsafe { info.assume_init() })
+    ptrace::getsiginfo(Pid::from_raw(tid)).map_err(io::Error::from)
 }
 
 /// PTRACE_SETSIGINFO.
 pub(crate) fn ptrace_setsiginfo(tid: i32, info: &SigInfo) -> io::Result<()> {
-    let mut copy = *info;
-    ptrace_raw(
-        libc::PTRACE_SETSIGINFO,
-        tid,
-        ptr::null_mut(),
-        ptr::from_mut(&mut copy).cast(),
-    )
-    .map(drop)
+    ptrace::setsiginfo(Pid::from_raw(tid), info).map_err(io::Error::from)
 }
 
 /// What `waitpid` reported for a traced thread.
@@ -569,34 +511,27 @@ pub(crate) enum WaitStatus {
     Stopped { sig: i32, event: i32 },
 }
 
-/// waitpid(tid, __WALL [| WNOHANG]), retrying on EINTR.
+/// waitpid(tid, __WALL [| WNOHANG]), retrying on EINTR. Raw, not nix's `waitpid`: that one
+/// fails with EINVAL, the status already reaped, for a stop or death by a real-time signal.
 pub(crate) fn waitpid(tid: i32, nohang: bool) -> io::Result<WaitStatus> {
     let flags = libc::__WALL | if nohang { libc::WNOHANG } else { 0 };
-    loop {
-        let mut status: libc::c_int = 0;
+    let mut status: libc::c_int = 0;
+    let ret = retry_eintr(|| {
         // SAFETY: `status` is a live local the kernel writes one int into.
-        let ret = unsafe { libc::waitpid(tid, &mut status, flags) };
-        if ret < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+        Errno::result(unsafe { libc::waitpid(tid, &mut status, flags) })
+    })?;
+    Ok(if ret == 0 {
+        WaitStatus::StillRunning
+    } else if libc::WIFEXITED(status) {
+        WaitStatus::Exited(libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        WaitStatus::Signaled(libc::WTERMSIG(status))
+    } else {
+        WaitStatus::Stopped {
+            sig: libc::WSTOPSIG(status),
+            event: (status >> 16) & 0xff,
         }
-        if ret == 0 {
-            return Ok(WaitStatus::StillRunning);
-        }
-        return Ok(if libc::WIFEXITED(status) {
-            WaitStatus::Exited(libc::WEXITSTATUS(status))
-        } else if libc::WIFSIGNALED(status) {
-            WaitStatus::Signaled(libc::WTERMSIG(status))
-        } else {
-            WaitStatus::Stopped {
-                sig: libc::WSTOPSIG(status),
-                event: (status >> 16) & 0xff,
-            }
-        });
-    }
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -607,83 +542,13 @@ pub(crate) fn waitpid(tid: i32, nohang: bool) -> io::Result<WaitStatus> {
 /// remote iovec). Returns the number of bytes read, which is short when a remote page cannot
 /// be read.
 pub(crate) fn process_vm_readv(pid: i32, local: &mut [u8], remote: u64) -> io::Result<usize> {
-    let liov = libc::iovec {
-        iov_base: local.as_mut_ptr().cast(),
-        iov_len: local.len(),
-    };
-    let riov = libc::iovec {
-        iov_base: remote as usize as *mut libc::c_void,
-        iov_len: local.len(),
-    };
-    loop {
-        // SAFETY: the local iovec describes `local`, which is exclusively borrowed for the
-        // call; the remote iovec is only interpreted in the address space of `pid`.
-        let ret = unsafe { libc::process_vm_readv(pid, &liov, 1, &riov, 1, 0) };
-        if ret < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        return Ok(ret as usize);
-    }
-}
-
-/// A private anonymous mapping in our own process (used by the capability probes, which need
-/// memory whose page-table state they control).
-pub(crate) struct AnonMap {
-    addr: *mut u8,
-    len: usize,
-}
-
-impl AnonMap {
-    /// mmap(PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS) of `pages` pages.
-    pub(crate) fn new(pages: usize) -> io::Result<Self> {
-        let len = pages * PAGE_SIZE as usize;
-        // SAFETY: anonymous mapping at an address the kernel chooses; no existing memory is
-        // affected.
-        let addr = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Self {
-            addr: addr.cast(),
-            len,
-        })
-    }
-
-    /// Start address.
-    pub(crate) fn addr(&self) -> u64 {
-        self.addr as u64
-    }
-
-    /// Write `value` to byte `offset` with a volatile store (so the write really happens, which
-    /// is what the probes observe).
-    pub(crate) fn write(&mut self, offset: usize, value: u8) {
-        assert!(offset < self.len, "offset {offset} outside mapping");
-        // SAFETY: `offset` is inside the mapping, which is readable and writable and owned by
-        // `self` until drop.
-        unsafe { self.addr.add(offset).write_volatile(value) }
-    }
-}
-
-impl Drop for AnonMap {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping created in `new`; no references into it escape.
-        unsafe {
-            libc::munmap(self.addr.cast(), self.len);
-        }
-    }
+    use nix::sys::uio::RemoteIoVec;
+    let remote = [RemoteIoVec {
+        base: remote as usize,
+        len: local.len(),
+    }];
+    let mut local = [io::IoSliceMut::new(local)];
+    retry_eintr(|| nix::sys::uio::process_vm_readv(Pid::from_raw(pid), &mut local, &remote))
 }
 
 /// Our own process id.
@@ -694,27 +559,15 @@ pub(crate) fn getpid() -> i32 {
 /// Reads one `struct uffd_msg` (32 bytes) from a non-blocking userfaultfd.
 pub(crate) fn read_uffd_msg(fd: BorrowedFd<'_>) -> io::Result<UffdRead> {
     let mut buf = [0u8; 32];
-    loop {
-        // SAFETY: `buf` is a live local array of 32 bytes, the length passed.
-        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => return Ok(UffdRead::Empty),
-                _ => return Err(e),
-            }
-        }
-        if n == 0 {
-            return Ok(UffdRead::Closed);
-        }
-        if n as usize != buf.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("a userfaultfd message of {n} bytes"),
-            ));
-        }
-        return Ok(UffdRead::Msg(buf));
+    match retry_eintr(|| nix::unistd::read(fd, &mut buf)) {
+        Ok(0) => Ok(UffdRead::Closed),
+        Ok(n) if n == buf.len() => Ok(UffdRead::Msg(buf)),
+        Ok(n) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a userfaultfd message of {n} bytes"),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(UffdRead::Empty),
+        Err(e) => Err(e),
     }
 }
 
@@ -754,7 +607,7 @@ pub(crate) fn recv_fd(sock: BorrowedFd<'_>) -> io::Result<Option<OwnedFd>> {
             MsgFlags::MSG_CMSG_CLOEXEC,
         ) {
             Ok(m) => m,
-            Err(nix::errno::Errno::EINTR) => continue,
+            Err(Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
         };
         let mut got = vec![];
