@@ -22,7 +22,7 @@ die()  { printf '\033[31m[setup] error:\033[0m %s\n' "$*" >&2; exit 1; }
 export DEBIAN_FRONTEND=noninteractive
 
 # --- runtime and lab tools ----------------------------------------------------------------------
-RUNTIME_PKGS=(runc attr iptables iproute2 iputils-arping busybox-static procps kmod ca-certificates xz-utils
+RUNTIME_PKGS=(runc attr iptables iproute2 iputils-arping busybox-static procps kmod ca-certificates xz-utils curl
   netcat-openbsd)
 CRIU_BUILD_PKGS=(build-essential pkg-config libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler
   protobuf-compiler python3-protobuf libnl-3-dev libnet1-dev libcap-dev libbsd-dev uuid-dev dpkg-dev patch)

@@ -38,7 +38,7 @@ pub fn require_privileges() {
         "end-to-end tests need root (CRIU, runc, network namespaces): run scripts/test.sh as root"
     );
     for tool in [
-        "runc", "criu", "iptables", "ip", "arping", "busybox", "nsenter", "tc", "nc",
+        "runc", "criu", "iptables", "ip", "arping", "busybox", "nsenter", "tc", "nc", "curl",
     ] {
         let ok = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
