@@ -255,3 +255,61 @@ fn progress_without_a_terminal_is_a_line_per_phase_and_per_round() {
     );
     assert_runs_on(&lab, "h2", "mem");
 }
+
+#[test]
+fn stop_start_and_exec_act_where_the_container_runs() {
+    let lab = Lab::up();
+    let c = lab.run_echo("h1", "echo");
+    let ip = c["ip"].as_str().expect("ip").to_string();
+
+    // exec: the command's output, error output and exit code are the CLI's own.
+    let out = ferry(&[
+        "exec",
+        "echo",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(text(&out.stdout), "out\n");
+    assert!(text(&out.stderr).contains("err"), "{}", text(&out.stderr));
+    let out = ferry_ok(&[
+        "exec", "echo", "-e", "GREETING=hi", "-w", "/tmp", "--", "sh", "-c", "echo $GREETING; pwd",
+    ]);
+    assert_eq!(out, "hi\n/tmp\n");
+    let t = Instant::now();
+    let out = ferry(&["exec", "echo", "--timeout-s", "1", "--", "sleep", "30"]);
+    assert_eq!(out.status.code(), Some(124), "{}", text(&out.stderr));
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+
+    // stop: the container stays listed, stopped; it neither migrates nor runs commands.
+    let said = ferry_ok(&["stop", "echo", "--timeout-s", "2"]);
+    assert!(said.contains("echo stopped on h1"), "{said}");
+    assert_eq!(lab.container("echo").expect("listed")["state"], "stopped");
+    let refused = ferry(&["migrate", "echo", "--to", "h2"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        text(&refused.stderr).contains("is stopped"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let refused = ferry(&["exec", "echo", "--", "true"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(text(&refused.stderr).contains("is stopped"));
+
+    // start: the same container, address and command again; it migrates as before.
+    let said = ferry_ok(&["start", "echo"]);
+    assert!(said.contains("echo running on h1 with IP"), "{said}");
+    wait_port(&ip);
+    assert_eq!(ask_workload(&ip, "again"), "1 again");
+    let (code, report) = migrate_json("echo", "h2", &[], Duration::from_secs(60));
+    assert_eq!(code, 0, "{report}");
+    assert_runs_on(&lab, "h2", "echo");
+    let cmdline = ferry_ok(&["exec", "echo", "--", "cat", "/proc/1/cmdline"]);
+    assert!(cmdline.contains("ferry-workload"), "{cmdline:?}");
+
+    let unknown = ferry(&["stop", "nobody"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(text(&unknown.stderr).contains("unknown container \"nobody\""));
+}

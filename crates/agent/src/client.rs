@@ -165,6 +165,31 @@ impl Client {
         .await
     }
 
+    /// `POST /v1/containers/{name}/stop?timeout_s=N`.
+    pub async fn stop(&self, name: &str, timeout_s: u64) -> Result<ContainerInfo> {
+        let path = format!(
+            "/v1/containers/{}/stop?timeout_s={timeout_s}",
+            percent_encode(name)
+        );
+        self.call(Method::POST, &path, None::<&()>).await
+    }
+
+    /// `POST /v1/containers/{name}/start`.
+    pub async fn start(&self, name: &str) -> Result<ContainerInfo> {
+        let path = format!("/v1/containers/{}/start", percent_encode(name));
+        self.call(Method::POST, &path, None::<&()>).await
+    }
+
+    /// `POST /v1/containers/{name}/exec`.
+    pub async fn exec(
+        &self,
+        name: &str,
+        req: &ferry_api::ExecRequest,
+    ) -> Result<ferry_api::ExecResult> {
+        let path = format!("/v1/containers/{}/exec", percent_encode(name));
+        self.call(Method::POST, &path, Some(req)).await
+    }
+
     /// `GET /v1/jobs`: this host's jobs, newest first.
     pub async fn jobs(&self) -> Result<Vec<JobInfo>> {
         self.call(Method::GET, "/v1/jobs", None::<&()>).await

@@ -34,6 +34,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/containers/{name}"),
     ("DELETE", "/v1/containers/{name}"),
     ("POST", "/v1/containers/{name}/migrate"),
+    ("POST", "/v1/containers/{name}/stop"),
+    ("POST", "/v1/containers/{name}/start"),
+    ("POST", "/v1/containers/{name}/exec"),
     ("GET", "/v1/containers/{name}/dirty-rate"),
     ("GET", "/v1/pages"),
     ("DELETE", "/v1/pages"),
@@ -58,6 +61,9 @@ fn handler(method: &str, path: &str) -> MethodRouter<Arc<Agent>> {
         ("GET", "/v1/containers/{name}") => get(one),
         ("DELETE", "/v1/containers/{name}") => delete(remove),
         ("POST", "/v1/containers/{name}/migrate") => post(migrate),
+        ("POST", "/v1/containers/{name}/stop") => post(stop),
+        ("POST", "/v1/containers/{name}/start") => post(start),
+        ("POST", "/v1/containers/{name}/exec") => post(exec),
         ("GET", "/v1/containers/{name}/dirty-rate") => get(dirty_rate),
         ("GET", "/v1/pages") => get(pages_info),
         ("DELETE", "/v1/pages") => delete(forget_pages),
@@ -215,6 +221,46 @@ async fn remove(
 ) -> ApiResult<Json<serde_json::Value>> {
     a.delete(&name).await?;
     Ok(Json(serde_json::json!({"deleted": name})))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StopQuery {
+    timeout_s: Option<u64>,
+}
+
+/// `POST /v1/containers/{name}/stop?timeout_s=N`: TERM, and KILL after N s (default 10).
+async fn stop(
+    State(a): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    QueryArgs(q): QueryArgs<StopQuery>,
+) -> ApiResult<Json<ContainerInfo>> {
+    let grace = q.timeout_s.unwrap_or(10);
+    if grace > 3600 {
+        return Err(ApiFailure::bad_request(format!(
+            "timeout_s must be between 0 and 3600, got {grace}"
+        )));
+    }
+    Ok(Json(
+        a.stop(&name, std::time::Duration::from_secs(grace)).await?,
+    ))
+}
+
+/// `POST /v1/containers/{name}/start`: runs a stopped container again.
+async fn start(
+    State(a): State<Arc<Agent>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<ContainerInfo>> {
+    Ok(Json(a.start(&name).await?))
+}
+
+/// `POST /v1/containers/{name}/exec`: runs a command in the container.
+async fn exec(
+    State(a): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<ferry_api::ExecRequest>,
+) -> ApiResult<Json<ferry_api::ExecResult>> {
+    Ok(Json(a.exec(&name, req).await?))
 }
 
 async fn migrate(

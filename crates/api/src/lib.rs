@@ -497,6 +497,42 @@ pub struct DirtyRate {
     pub allowed_cores: Option<f64>,
 }
 
+/// `POST /v1/containers/{name}/exec`: a command to run in a running container, as its
+/// process runs (user, environment, capabilities), without a terminal or input.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// The command and its arguments.
+    pub args: Vec<String>,
+    /// `KEY=VALUE` entries added to the container's environment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// Working directory (absolute; default: the container's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// Killed after this many seconds (default 60, at most 3600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u64>,
+}
+
+/// What `POST /v1/containers/{name}/exec` ran.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecResult {
+    /// The exit code (128 + N for signal N); null when the command outlived its timeout and
+    /// was killed.
+    pub exit_code: Option<i32>,
+    /// Standard output (lossy UTF-8), at most 1 MiB.
+    pub stdout: String,
+    /// Standard error (lossy UTF-8), at most 1 MiB.
+    pub stderr: String,
+    /// Whether an output said more than 1 MiB (the rest was dropped).
+    pub truncated: bool,
+    /// The command had ended by its timeout, but a process it left in the background kept its
+    /// output open until then (redirect such a process's output: `cmd > /dev/null 2>&1 &`).
+    #[serde(default)]
+    pub output_held_open: bool,
+}
+
 /// `GET /v1/host`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostInfo {

@@ -1,5 +1,6 @@
 //! The command-line front end: everything but the agent talks to agents over their API.
 
+pub mod containers;
 pub mod jobs;
 pub mod migrate;
 
@@ -256,6 +257,25 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let c = find(&lab, &name).await?;
             lab.client(&c.host)?.delete(&name).await?;
             println!("{name} removed from {}", c.host);
+        }
+        Cmd::Stop { name, timeout_s } => {
+            return containers::stop(&Lab::load(&dir)?, &name, timeout_s).await
+        }
+        Cmd::Start { name } => return containers::start(&Lab::load(&dir)?, &name).await,
+        Cmd::Exec {
+            name,
+            env,
+            workdir,
+            timeout_s,
+            cmd,
+        } => {
+            let req = ferry_api::ExecRequest {
+                args: cmd,
+                env,
+                workdir,
+                timeout_s: Some(timeout_s),
+            };
+            return containers::exec(&Lab::load(&dir)?, &name, req).await;
         }
         Cmd::Migrate(args) => return migrate::run(&Lab::load(&dir)?, args).await,
         Cmd::Job { id, wait, json } => return jobs::job(&Lab::load(&dir)?, &id, wait, json).await,

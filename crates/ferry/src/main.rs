@@ -94,6 +94,38 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Stop a container (TERM, then KILL after --timeout-s); it keeps its name, address and
+    /// root, and `ferry start` runs it again.
+    Stop {
+        /// Container name.
+        name: String,
+        /// Seconds between TERM and KILL.
+        #[arg(long, default_value_t = 10)]
+        timeout_s: u64,
+    },
+    /// Run a stopped container again.
+    Start {
+        /// Container name.
+        name: String,
+    },
+    /// Run a command in a running container (no terminal, no input); its output and exit code
+    /// are this command's.
+    Exec {
+        /// Container name.
+        name: String,
+        /// Environment variable `KEY=VALUE` added to the container's; repeat for more.
+        #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Working directory (default: the container's).
+        #[arg(long, short = 'w')]
+        workdir: Option<String>,
+        /// Kill the command after this many seconds (exit code 124).
+        #[arg(long, default_value_t = 60)]
+        timeout_s: u64,
+        /// Command and arguments.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
     /// Stop and remove a container.
     Rm {
         /// Container name.

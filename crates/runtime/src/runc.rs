@@ -11,7 +11,10 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 use crate::cgroup_tree::{cgroup_path, kill_cgroup_procs};
+
+mod lifecycle;
 use crate::util::run;
+pub use lifecycle::ExecOutput;
 
 /// Drives one runc state root (one per agent, so the same container name can exist on two
 /// hosts during a migration).

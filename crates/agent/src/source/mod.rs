@@ -32,6 +32,11 @@ pub(crate) fn start(
     name: &str,
     req: MigrateRequest,
 ) -> Result<Arc<Job>, ApiFailure> {
+    if lock(&agent.containers).contains_key(name) && !agent.is_running(name) {
+        return Err(ApiFailure::conflict(format!(
+            "container {name:?} is stopped: only a running container migrates (`ferry start {name}` runs it again)"
+        )));
+    }
     let spec = {
         let mut cs = lock(&agent.containers);
         let Some(rec) = cs.get_mut(name) else {
