@@ -48,6 +48,8 @@ pub struct Progress {
     last: Option<(f64, u64)>,
     /// When the last progress line was printed ([`Follow::Lines`]).
     printed: Option<Instant>,
+    /// The last finished round's dirty rate (bytes/s) and expected downtime (ms).
+    last_round: Option<(f64, f64)>,
 }
 
 impl Progress {
@@ -78,6 +80,7 @@ impl Progress {
             round: 0,
             last: None,
             printed: None,
+            last_round: None,
         }
     }
 
@@ -131,19 +134,23 @@ impl Progress {
                     _ => *bytes as f64 / (elapsed_ms / 1000.0).max(1e-3),
                 };
                 self.last = Some((*elapsed_ms, *bytes));
-                let mut s = format!(
-                    "{}: {} sent in {:.0} s, {}/s",
-                    self.label(*phase),
-                    human_bytes(*bytes),
-                    elapsed_ms / 1000.0,
-                    human_bytes(rate as u64)
-                );
+                let mut s = format!("{}: {}", self.label(*phase), human_bytes(*bytes));
                 if let Some(planned) = planned_bytes {
-                    s.push_str(&format!(" of {} memory", human_bytes(*planned)));
-                    if rate > 0.0 && *planned > *bytes {
-                        let eta = (planned - bytes) as f64 / rate;
-                        s.push_str(&format!(", ETA {}", eta_text(eta)));
-                    }
+                    s.push_str(&format!(" of {}", human_bytes(*planned)));
+                }
+                s.push_str(&format!(" sent, {}/s", human_bytes(rate as u64)));
+                if let Some(planned) = planned_bytes.filter(|p| *p > *bytes && rate > 0.0) {
+                    let eta = (planned - bytes) as f64 / rate;
+                    s.push_str(&format!(", ETA {}", eta_text(eta)));
+                }
+                if let (Phase::PreCopy, Some((dirty, downtime))) = (phase, self.last_round) {
+                    s.push_str(&format!(
+                        "; dirtied {}/s, downtime est. {downtime:.0}{} ms",
+                        human_bytes(dirty as u64),
+                        self.budget_ms
+                            .map(|b| format!("/{b:.0}"))
+                            .unwrap_or_default()
+                    ));
                 }
                 if self.mode == Follow::Lines {
                     if self.printed.is_none_or(|p| p.elapsed() >= QUIET_PROGRESS) {
@@ -169,6 +176,10 @@ impl Progress {
                 }
             }
             JobEventKind::Round { round } => {
+                self.last_round = Some((
+                    round.estimate.dirty_pages_s * 4096.0,
+                    round.estimate.expected_downtime_ms,
+                ));
                 let s = round_line(round, self.budget_ms);
                 self.line(&s);
             }
@@ -240,6 +251,39 @@ pub fn round_line(r: &RoundReport, budget_ms: Option<f64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_round_line_says_what_was_sent_what_is_dirty_and_what_follows() {
+        let r = RoundReport {
+            round: 2,
+            pages_sent: 25_600,
+            bytes_sent: 100 << 20,
+            dirty_pages: 2_560,
+            duration_ms: 2_000.0,
+            waited_ms: 0.0,
+            throttle_pct: 20,
+            estimate: migrate_core::Estimate {
+                bandwidth_bytes_s: 50.0 * (1 << 20) as f64,
+                bytes_per_page: 4096.0,
+                dirty_pages_s: 1_280.0,
+                expected_downtime_ms: 200.0,
+            },
+            decision: Decision::Freeze {
+                reason: migrate_core::FreezeReason::RoundLimit,
+            },
+        };
+        let line = round_line(&r, Some(50.0));
+        for part in [
+            "pre_copy round 2",
+            "100.00 MiB (50.00 MiB/s)",
+            "throttled 20 %",
+            "dirty again 10.00 MiB (5.00 MiB/s)",
+            "expected downtime 200 ms (budget 50 ms)",
+            "-> freeze (round-limit)",
+        ] {
+            assert!(line.contains(part), "{line:?} lacks {part:?}");
+        }
+    }
 
     #[test]
     fn times_left_read_naturally() {
