@@ -19,6 +19,7 @@ mod incoming;
 mod journal;
 mod lazy;
 mod lazyd;
+mod metrics;
 mod pages;
 mod peer;
 mod rounds;
@@ -152,6 +153,8 @@ pub(crate) struct Agent {
     store_grants: Mutex<HashMap<String, usize>>,
     /// Outgoing lazy jobs' frozen copies, which their destinations may read, by job.
     frozen_copies: Mutex<HashMap<String, Arc<lazy::FrozenCopy>>>,
+    /// Prometheus metrics (`GET /v1/metrics`).
+    metrics: metrics::Metrics,
 }
 
 /// Entry point of `ferry agent`. Enters the configured network namespace first, then starts
@@ -327,6 +330,7 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         filled: Default::default(),
         store_grants: Default::default(),
         frozen_copies: Default::default(),
+        metrics: metrics::Metrics::new(),
         cfg,
     });
     agent.settle_unfinished_fills().await;
