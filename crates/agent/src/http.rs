@@ -49,6 +49,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/jobs/{id}/cancel"),
     ("POST", "/v1/jobs/{id}/resolve"),
     ("GET", "/v1/jobs/{id}/events"),
+    ("GET", "/v1/metrics"),
 ];
 
 /// The handler of one route of [`ROUTES`].
@@ -76,6 +77,7 @@ fn handler(method: &str, path: &str) -> MethodRouter<Arc<Agent>> {
         ("POST", "/v1/jobs/{id}/cancel") => post(cancel),
         ("POST", "/v1/jobs/{id}/resolve") => post(resolve),
         ("GET", "/v1/jobs/{id}/events") => get(events),
+        ("GET", "/v1/metrics") => get(super::metrics::serve),
         _ => unreachable!("route {method} {path} has no handler"),
     }
 }

@@ -20,6 +20,7 @@ mod incoming;
 mod journal;
 mod lazy;
 mod lazyd;
+mod metrics;
 mod pages;
 mod peer;
 mod rounds;
@@ -153,6 +154,8 @@ pub(crate) struct Agent {
     store_grants: Mutex<HashMap<String, usize>>,
     /// Outgoing lazy jobs' frozen copies, which their destinations may read, by job.
     frozen_copies: Mutex<HashMap<String, Arc<lazy::FrozenCopy>>>,
+    /// Prometheus metrics (`GET /v1/metrics`).
+    metrics: metrics::Metrics,
 }
 
 /// Entry point of `ferry agent`. Enters the configured network namespace first, then starts
@@ -328,6 +331,7 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         filled: Default::default(),
         store_grants: Default::default(),
         frozen_copies: Default::default(),
+        metrics: metrics::Metrics::new(),
         cfg,
     });
     agent.settle_unfinished_fills().await;

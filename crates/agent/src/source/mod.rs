@@ -201,6 +201,7 @@ pub(crate) fn start(
             frozen_round_trips: 0,
             images_answer: None,
             images_delivered_ms: None,
+            page_share: 0.0,
             base: None,
             memory: None,
             not_lazy: (req.mode == MigrateMode::PreCopy
@@ -278,6 +279,9 @@ pub(super) struct Driver {
     pub(super) images_answer: Option<tokio::task::JoinHandle<Result<(u64, f64)>>>,
     /// When the destination answered the images (ms from the start of the transfer).
     pub(super) images_delivered_ms: Option<f64>,
+    /// The memory pages' share (CRIU's `pages-*.img`) of the file bytes the transfer sent,
+    /// 0 to 1, for the metrics.
+    pub(super) page_share: f64,
     /// Pre-copy: how memory crossed the freeze, for the report.
     pub(super) memory: Option<migrate_core::MemoryReport>,
     /// How the image's base layer reached the destination, for the report.
@@ -454,6 +458,7 @@ impl Driver {
         }
         self.agent.save_containers();
         let report = m.finalize();
+        self.agent.metrics.migration_ended(&report, self.page_share);
         info!(job = %self.job.id, outcome = ?report.outcome, frozen_ms = report.frozen_ms, total_ms = report.total_ms, "migration ended");
         self.job.emit(JobEventKind::Finished {
             report: Box::new(report),

@@ -321,6 +321,20 @@ impl Driver {
             img_diff.changed.len(),
             fs_diff.changed.len() + fs_diff.removed.len(),
         );
+        // The memory pages' share of the files sent (the metrics count it as memory).
+        let raw = |d: &Diff, pages: bool| -> u64 {
+            d.changed
+                .iter()
+                .filter(|e| !pages || is_page_image(&e.path))
+                .map(|e| e.size)
+                .sum()
+        };
+        let all = raw(&img_diff, false) + raw(&fs_diff, false);
+        self.page_share = if all > 0 {
+            raw(&img_diff, true) as f64 / all as f64
+        } else {
+            0.0
+        };
         // The answer is not waited for here: the restore request follows at once and
         // the destination restores once the images are in (`images_answer`).
         let (conn, to, own) = (self.conn().await?, self.to.clone(), l.own_fs(&self.spec));
@@ -591,4 +605,11 @@ impl Driver {
             self.spec.name
         )
     }
+}
+
+/// Whether `path` (in the images directory) is one of CRIU's page images, `pages-N.img`: the
+/// memory pages of a dump written here.
+fn is_page_image(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    name.starts_with("pages-") && name.ends_with(".img")
 }
