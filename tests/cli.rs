@@ -275,7 +275,16 @@ fn stop_start_and_exec_act_where_the_container_runs() {
     assert_eq!(text(&out.stdout), "out\n");
     assert!(text(&out.stderr).contains("err"), "{}", text(&out.stderr));
     let out = ferry_ok(&[
-        "exec", "echo", "-e", "GREETING=hi", "-w", "/tmp", "--", "sh", "-c", "echo $GREETING; pwd",
+        "exec",
+        "echo",
+        "-e",
+        "GREETING=hi",
+        "-w",
+        "/tmp",
+        "--",
+        "sh",
+        "-c",
+        "echo $GREETING; pwd",
     ]);
     assert_eq!(out, "hi\n/tmp\n");
     let t = Instant::now();
