@@ -98,7 +98,7 @@ impl Client {
     }
 
     /// `DELETE /v1/containers/{name}`.
-    pub async fn delete(&self, name: &str) -> Result<serde_json::Value> {
+    pub async fn delete(&self, name: &str) -> Result<ferry_api::ContainerDeleted> {
         self.call(
             Method::DELETE,
             &format!("/v1/containers/{name}"),
@@ -136,7 +136,7 @@ impl Client {
     }
 
     /// `DELETE /v1/pages`: the agent forgets the pages no running migration needs.
-    pub async fn forget_pages(&self) -> Result<serde_json::Value> {
+    pub async fn forget_pages(&self) -> Result<ferry_api::PagesForgotten> {
         self.call(Method::DELETE, "/v1/pages", None::<&()>).await
     }
 

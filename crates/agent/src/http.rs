@@ -11,22 +11,26 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, MethodRouter};
 use axum::{Json, Router};
 use ferry_api::{
-    ContainerInfo, CreateContainer, DirtyRate, HostInfo, JobEventKind, JobInfo, MigrateRequest,
-    ResolveAnswer, ResolveRequest,
+    ContainerDeleted, ContainerInfo, CreateContainer, DirtyRate, HostInfo, JobEventKind, JobInfo,
+    MigrateRequest, PageStoreInfo, PagesForgotten, ResolveAnswer, ResolveRequest,
 };
+use schemars::JsonSchema;
 
 use super::{lock, Agent};
 
 mod errors;
+mod openapi;
 
 pub(crate) use errors::ApiFailure;
 pub(crate) use errors::JsonBody;
 use errors::QueryArgs;
+pub use openapi::openapi;
 
 type ApiResult<T> = std::result::Result<T, ApiFailure>;
 
 /// Every route of the API: method and path (`{name}` is one path segment). docs/api.md and
-/// docs/openapi.json describe each; a test checks that they agree.
+/// docs/openapi.json describe each ([`openapi`] generates the latter; its tests check that it
+/// documents every route and nothing else, and that the committed file is what it generates).
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/host"),
     ("GET", "/v1/containers"),
@@ -115,15 +119,21 @@ pub(crate) async fn serve(agent: Arc<Agent>) -> Result<()> {
 }
 
 /// `GET /v1/pages`: the page store's size.
-async fn pages_info(State(a): State<Arc<Agent>>) -> Json<serde_json::Value> {
+async fn pages_info(State(a): State<Arc<Agent>>) -> Json<PageStoreInfo> {
     let (pages, cap) = a.page_store_stats().await;
-    Json(serde_json::json!({ "pages": pages, "max_pages": cap }))
+    Json(PageStoreInfo {
+        pages: pages as u64,
+        max_pages: cap as u64,
+    })
 }
 
 /// `DELETE /v1/pages`: forgets every page no running migration relies on.
-async fn forget_pages(State(a): State<Arc<Agent>>) -> Json<serde_json::Value> {
+async fn forget_pages(State(a): State<Arc<Agent>>) -> Json<PagesForgotten> {
     let (forgotten, kept) = a.forget_pages().await;
-    Json(serde_json::json!({ "forgotten": forgotten, "kept": kept }))
+    Json(PagesForgotten {
+        forgotten: forgotten as u64,
+        kept: kept as u64,
+    })
 }
 
 async fn host(State(a): State<Arc<Agent>>) -> Json<HostInfo> {
@@ -166,11 +176,25 @@ async fn one(
     }
 }
 
-#[derive(serde::Deserialize)]
+/// The query string of `GET /v1/containers/{name}/dirty-rate`.
+#[derive(serde::Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct DirtyRateQuery {
-    ms: Option<u64>,
-    throttle: Option<u32>,
+    /// Measuring interval, ms.
+    #[serde(default = "DirtyRateQuery::default_ms")]
+    #[schemars(range(min = 10, max = 60_000))]
+    ms: u64,
+    /// Throttle the container's CPU while measuring by this percentage of what it used just
+    /// before (pre-copy's auto-converge), lifted afterwards; 0: not throttled.
+    #[serde(default)]
+    #[schemars(range(max = 99))]
+    throttle: u32,
+}
+
+impl DirtyRateQuery {
+    fn default_ms() -> u64 {
+        1000
+    }
 }
 
 async fn dirty_rate(
@@ -178,13 +202,13 @@ async fn dirty_rate(
     Path(name): Path<String>,
     QueryArgs(q): QueryArgs<DirtyRateQuery>,
 ) -> ApiResult<Json<DirtyRate>> {
-    let ms = q.ms.unwrap_or(1000);
+    let ms = q.ms;
     if !(10..=60_000).contains(&ms) {
         return Err(ApiFailure::bad_request(format!(
             "ms must be between 10 and 60000, got {ms}"
         )));
     }
-    let throttle = q.throttle.unwrap_or(0);
+    let throttle = q.throttle;
     if throttle > 99 {
         return Err(ApiFailure::bad_request(format!(
             "throttle must be between 0 and 99 percent, got {throttle}"
@@ -220,15 +244,25 @@ async fn create(
 async fn remove(
     State(a): State<Arc<Agent>>,
     Path(name): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<ContainerDeleted>> {
     a.delete(&name).await?;
-    Ok(Json(serde_json::json!({"deleted": name})))
+    Ok(Json(ContainerDeleted { deleted: name }))
 }
 
-#[derive(serde::Deserialize)]
+/// The query string of `POST /v1/containers/{name}/stop`.
+#[derive(serde::Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct StopQuery {
-    timeout_s: Option<u64>,
+    /// Seconds between TERM to the container's init and KILL to every process.
+    #[serde(default = "StopQuery::default_timeout_s")]
+    #[schemars(range(max = 3600))]
+    timeout_s: u64,
+}
+
+impl StopQuery {
+    fn default_timeout_s() -> u64 {
+        10
+    }
 }
 
 /// `POST /v1/containers/{name}/stop?timeout_s=N`: TERM, and KILL after N s (default 10).
@@ -237,7 +271,7 @@ async fn stop(
     Path(name): Path<String>,
     QueryArgs(q): QueryArgs<StopQuery>,
 ) -> ApiResult<Json<ContainerInfo>> {
-    let grace = q.timeout_s.unwrap_or(10);
+    let grace = q.timeout_s;
     if grace > 3600 {
         return Err(ApiFailure::bad_request(format!(
             "timeout_s must be between 0 and 3600, got {grace}"
@@ -379,4 +413,29 @@ fn line(ev: ferry_api::JobEvent) -> Result<String, Infallible> {
     let mut s = serde_json::to_string(&ev).unwrap_or_default();
     s.push('\n');
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query<T: serde::de::DeserializeOwned>(q: &str) -> Option<T> {
+        let uri = format!("http://agent/v1{q}").parse().expect("a URI");
+        axum::extract::Query::<T>::try_from_uri(&uri)
+            .ok()
+            .map(|q| q.0)
+    }
+
+    #[test]
+    fn query_strings_take_their_defaults_and_refuse_unknown_names() {
+        let d = query::<DirtyRateQuery>("").unwrap();
+        assert_eq!((d.ms, d.throttle), (1000, 0));
+        let d = query::<DirtyRateQuery>("?ms=50&throttle=20").unwrap();
+        assert_eq!((d.ms, d.throttle), (50, 20));
+        assert!(query::<DirtyRateQuery>("?ms=soon").is_none());
+        assert!(query::<DirtyRateQuery>("?interval=5").is_none());
+        assert_eq!(query::<StopQuery>("").unwrap().timeout_s, 10);
+        assert_eq!(query::<StopQuery>("?timeout_s=0").unwrap().timeout_s, 0);
+        assert!(query::<StopQuery>("?timeout=5").is_none());
+    }
 }

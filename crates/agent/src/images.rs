@@ -7,6 +7,7 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use shared_fs::store::{GcStats, ImageRecord, ImportStats, Usage};
 use shared_fs::FsError;
@@ -17,7 +18,7 @@ use super::Agent;
 
 /// `POST /v1/images`: import a root filesystem directory or an OCI image layout found on the
 /// agent's host.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImportImage {
     /// The image's name (letters, digits, `._-:/@`).
@@ -30,7 +31,7 @@ pub struct ImportImage {
 }
 
 /// What an import did.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct Imported {
     /// The image as named.
     pub image: ImageRecord,
@@ -41,7 +42,7 @@ pub struct Imported {
 }
 
 /// `GET /v1/images`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct ImageList {
     /// The host.
     pub host: String,

@@ -26,6 +26,8 @@ mod peer;
 mod rounds;
 mod source;
 
+/// The API as an OpenAPI document (docs/openapi.json).
+pub use http::openapi;
 /// The API's routes (method, path), as the agent serves them.
 pub use http::ROUTES;
 

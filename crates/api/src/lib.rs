@@ -10,6 +10,7 @@ pub const API_PREFIX: &str = "/v1";
 
 /// What a container is, independent of the host it runs on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ContainerSpec {
     /// Unique name.
     pub name: String,
@@ -19,9 +20,10 @@ pub struct ContainerSpec {
     pub mac: String,
     /// Prefix length of the overlay network.
     pub prefix_len: u8,
-    /// Overlay IPv6 address ([`ipv6_for_ip`]), on [`OVERLAY6_PREFIX_LEN`]; stays the same
-    /// across migrations. None: a container made before Ferry gave containers IPv6, which
-    /// keeps IPv6 off.
+    /// Overlay IPv6 address: the IPv4 address in the last 32 bits of fd00:f3::/64
+    /// ([`ipv6_for_ip`], on [`OVERLAY6_PREFIX_LEN`]); stays the same across migrations. None
+    /// (left out): a host without IPv6, or a container made before Ferry gave containers IPv6,
+    /// which keeps IPv6 off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv6: Option<Ipv6Addr>,
     /// Command and arguments run inside the container.
@@ -63,6 +65,7 @@ pub const DEFAULT_CAPS: [&str; 14] = [
 /// How a container's process runs. A spec saved before these fields existed reads as root in
 /// `/` with `PATH` and `HOME` set and Docker's capabilities.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ProcessSpec {
     /// Environment, `KEY=VALUE` each.
     pub env: Vec<String>,
@@ -94,6 +97,7 @@ impl Default for ProcessSpec {
 
 /// A container's limits (none: unlimited).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Resources {
     /// Memory limit, bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,6 +111,7 @@ pub struct Resources {
 /// layer is the image's tree, materialized once per host, and whose upper layer is the
 /// container's own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ImageRef {
     /// The image's name on the host it was started on.
     pub name: String,
@@ -120,6 +125,7 @@ pub struct ImageRef {
 
 /// `POST /v1/containers`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateContainer {
     /// Unique name (letters, digits, `-`, `_`; at most 32).
@@ -162,13 +168,14 @@ pub struct CreateContainer {
 
 /// A container as listed by `GET /v1/containers`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ContainerInfo {
     /// Its spec.
     #[serde(flatten)]
     pub spec: ContainerSpec,
     /// The host it runs on.
     pub host: String,
-    /// `running`, `stopped`, `migrating` or `unknown`.
+    /// `running`, `paused` or `stopped` (as runc reports it), or `migrating`.
     pub state: String,
     /// Init process id in the host's PID namespace, while running.
     pub pid: Option<u32>,
@@ -176,6 +183,7 @@ pub struct ContainerInfo {
 
 /// Test-only fault injection for a migration (used by Ferry's fault tests).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct FaultHooks {
     /// Sleep this long at the start of the transfer phase (the container is frozen), so a test
@@ -228,6 +236,7 @@ pub struct FaultHooks {
 
 /// `POST /v1/containers/{name}/migrate`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
     /// Destination host name.
@@ -257,6 +266,7 @@ pub struct MigrateRequest {
 /// are killed. Transfers are not bounded in total time, only by progress: QUIC closes a
 /// connection that carries nothing for its idle timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Deadlines {
     /// The checkpoint (CRIU's dump, the container frozen), seconds.
@@ -328,6 +338,7 @@ impl Deadlines {
 
 /// How a migration moves memory.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum MigrateMode {
     /// Freeze, dump everything, send it, restore.
@@ -350,6 +361,7 @@ impl MigrateMode {
 
 /// A job as returned by `GET /v1/jobs/{id}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct JobInfo {
     /// Job id.
     pub id: String,
@@ -361,6 +373,7 @@ pub struct JobInfo {
 
 /// One entry of the event stream `GET /v1/jobs/{id}/events` (newline-delimited JSON).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct JobEvent {
     /// Sequence number from 0.
     pub seq: u64,
@@ -373,6 +386,7 @@ pub struct JobEvent {
 
 /// What a job event says.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum JobEventKind {
     /// A phase began.
@@ -428,6 +442,7 @@ pub enum JobEventKind {
 /// What an operator asserts about a job whose destination cannot say whether it committed
 /// (it is gone, or unreachable for good). Until then the container stays frozen at the source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Resolution {
     /// The destination runs the container: the source removes its frozen copy.
@@ -440,6 +455,7 @@ pub enum Resolution {
 /// `POST /v1/jobs/{id}/resolve`: settles a job waiting for its destination's answer about
 /// the commit.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ResolveRequest {
     /// What the operator knows of the destination.
@@ -448,6 +464,7 @@ pub struct ResolveRequest {
 
 /// Answer to [`ResolveRequest`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ResolveAnswer {
     /// The job.
     pub job: String,
@@ -461,6 +478,7 @@ pub struct ResolveAnswer {
 
 /// Body of every error response.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ApiError {
     /// Stable machine-readable code, e.g. `unknown_container`.
     pub code: String,
@@ -468,10 +486,40 @@ pub struct ApiError {
     pub message: String,
 }
 
+/// Answer to `DELETE /v1/containers/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct ContainerDeleted {
+    /// The container removed.
+    pub deleted: String,
+}
+
+/// `GET /v1/pages`: the memory pages this host keeps by content hash (pre-copied pages of
+/// incoming jobs, pages of containers that left or passed through).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct PageStoreInfo {
+    /// Pages held.
+    pub pages: u64,
+    /// The most it holds.
+    pub max_pages: u64,
+}
+
+/// Answer to `DELETE /v1/pages`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct PagesForgotten {
+    /// Pages forgotten.
+    pub forgotten: u64,
+    /// Pages kept because a running migration relies on them.
+    pub kept: u64,
+}
+
 /// `GET /v1/containers/{name}/dirty-rate?ms=N[&throttle=P]`: how fast a container writes its
 /// memory, measured over N ms with the best dirty-page tracking method of the host, optionally
 /// with its CPU throttled by P percent (what pre-copy's auto-converge would do).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DirtyRate {
     /// Container name.
     pub container: String,
@@ -500,6 +548,7 @@ pub struct DirtyRate {
 /// `POST /v1/containers/{name}/exec`: a command to run in a running container, as its
 /// process runs (user, environment, capabilities), without a terminal or input.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     /// The command and its arguments.
@@ -517,6 +566,7 @@ pub struct ExecRequest {
 
 /// What `POST /v1/containers/{name}/exec` ran.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ExecResult {
     /// The exit code (128 + N for signal N); null when the command outlived its timeout and
     /// was killed.
@@ -535,6 +585,7 @@ pub struct ExecResult {
 
 /// `GET /v1/host`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct HostInfo {
     /// Host name.
     pub host: String,

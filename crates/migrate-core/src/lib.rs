@@ -42,6 +42,7 @@ use std::time::Duration;
 
 /// A step of a migration, as reported to users.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// Both sides checked: CRIU, runtime, space, name.
@@ -86,6 +87,7 @@ impl Phase {
 
 /// Where a migration is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     /// Not started.
@@ -222,6 +224,7 @@ pub enum Action {
 
 /// What a rollback must undo, derived from how far the migration got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct RollbackPlan {
     /// The overlay must point back at the source.
     pub redirect_back: bool,

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 /// What to do when the dirty set does not shrink or the round limit is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum WhenStuck {
     /// Throttle the container's CPU, step by step, until the rounds converge; at the largest
@@ -33,6 +34,7 @@ pub enum WhenStuck {
 
 /// Pre-copy settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct PrecopyPolicy {
     /// Largest estimated time to send the last dirty set while frozen, ms.
@@ -41,8 +43,9 @@ pub struct PrecopyPolicy {
     pub max_rounds: u32,
     /// When the dirty set does not shrink.
     pub when_stuck: WhenStuck,
-    /// At the round limit: `StopAndCopy` freezes with what is left, `Abort` rolls back
-    /// (`AutoConverge` acts like `StopAndCopy` here).
+    /// At the round limit: `stop-and-copy` freezes with what is left, `abort` rolls back,
+    /// `post-copy` freezes and restores lazily at once (`auto-converge` acts like
+    /// `stop-and-copy` here).
     pub at_round_limit: WhenStuck,
     /// The dirty set counts as not shrinking when a round ends with more than this fraction of
     /// the pages it sent dirty again.
@@ -233,6 +236,7 @@ pub fn hold_unwritten(v: &FirstRoundView) -> bool {
 
 /// The policy's view after a round.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Estimate {
     /// Bandwidth the rounds achieved, bytes/s.
     pub bandwidth_bytes_s: f64,
@@ -246,6 +250,7 @@ pub struct Estimate {
 
 /// Why the rounds stop and the container is frozen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum FreezeReason {
     /// The estimate fits the budget.
@@ -273,6 +278,7 @@ impl FreezeReason {
 
 /// What to do after a round.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "decision", rename_all = "kebab-case")]
 pub enum Decision {
     /// Run another round with the container's CPU throttled by `throttle_pct` (0: none).

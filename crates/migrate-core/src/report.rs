@@ -7,6 +7,7 @@ use crate::{ms, Decision, Estimate, FreezeReason, Phase, RollbackPlan};
 
 /// How a migration ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Outcome {
     /// Still running.
@@ -27,6 +28,7 @@ pub enum Outcome {
 
 /// The duration and traffic of one phase.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PhaseTiming {
     /// Which phase.
     pub phase: Phase,
@@ -40,6 +42,7 @@ pub struct PhaseTiming {
 
 /// One pre-copy round, as the report lists it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct RoundReport {
     /// Round number, from 1.
     pub round: u32,
@@ -65,6 +68,7 @@ pub struct RoundReport {
 
 /// The report of one migration; `ferry migrate --json` prints it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Report {
     /// Job id.
     pub id: String,
@@ -149,6 +153,7 @@ pub struct Report {
 /// How the base layer of a container's image reached the destination (before the freeze,
 /// while the container ran).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct BaseReport {
     /// The image's name at the source.
     pub image: String,
@@ -170,6 +175,7 @@ pub struct BaseReport {
 
 /// How a pre-copy migration's memory crossed the freeze.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MemoryReport {
     /// `lazy`: the destination restored with CRIU's lazy pages and filled the memory in from
     /// its own page store; `eager`: the final dump carried every page.
@@ -230,12 +236,13 @@ pub struct MemoryReport {
 
 /// How pre-copy followed the writes of the container's processes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct TrackingReport {
     /// Processes tracked by each method (`uffd-wp`, `page-hash`, ...), including processes
     /// that exited before the freeze.
     pub processes: std::collections::BTreeMap<String, u64>,
     /// The processes tracked by page hashing because the main method could not attach to
-    /// them, with why (the first [`TrackingReport::MAX_FALLBACKS`]).
+    /// them, with why (the first 32: [`TrackingReport::MAX_FALLBACKS`]).
     pub fallbacks: Vec<TrackingFallback>,
     /// Fallbacks beyond those listed.
     #[serde(default)]
@@ -263,7 +270,9 @@ impl TrackingReport {
 
 /// A process the main tracking method could not follow.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct TrackingFallback {
+    /// Its process id.
     pub pid: i32,
     /// Its name (`/proc/PID/comm`) when tracking began.
     pub command: String,
@@ -275,6 +284,7 @@ pub struct TrackingFallback {
 
 /// What the integrity check of a lazy restore found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct IntegrityReport {
     /// Lazy pages of the frozen copy compared with the destination's.
     pub pages_checked: u64,

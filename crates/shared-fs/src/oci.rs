@@ -43,6 +43,7 @@ pub struct OciImport {
 /// config blob. `ferry run --image` without a command runs `entrypoint` + `cmd` with `env`,
 /// in `working_dir`, as `user`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ImageConfig {
     /// `Entrypoint`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

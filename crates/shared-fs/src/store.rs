@@ -70,6 +70,7 @@ pub struct TreeEntry {
 
 /// A named image.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ImageRecord {
     /// Its name.
     pub name: String,
@@ -90,6 +91,7 @@ pub struct ImageRecord {
 
 /// What a [`Store::gc`] removed.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct GcStats {
     /// Chunks removed.
     pub chunks: u64,
@@ -103,6 +105,7 @@ pub struct GcStats {
 
 /// What a store holds.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Usage {
     /// Chunks.
     pub chunks: u64,
@@ -116,6 +119,7 @@ pub struct Usage {
 
 /// What an import found.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ImportStats {
     /// Entries of the tree.
     pub entries: u64,
