@@ -322,3 +322,55 @@ fn stop_start_and_exec_act_where_the_container_runs() {
     assert_eq!(unknown.status.code(), Some(1));
     assert!(text(&unknown.stderr).contains("unknown container \"nobody\""));
 }
+
+#[test]
+fn at_the_round_limit_the_migration_does_what_at_round_limit_says() {
+    let lab = Lab::up();
+    lab.run_mem("h1", "mem", 64, 32);
+    let out = ferry(&[
+        "migrate",
+        "mem",
+        "--to",
+        "h2",
+        "--pre-copy",
+        "--max-rounds",
+        "1",
+        "--downtime-budget-ms",
+        "0.01",
+        "--at-round-limit",
+        "abort",
+    ]);
+    let said = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{said}\n{}", text(&out.stderr));
+    assert!(
+        said.contains("-> abort: pre-copy did not converge in 1 rounds"),
+        "{said}"
+    );
+    assert!(
+        said.contains("NOT moved: rolled back, it stays on h1"),
+        "{said}"
+    );
+    assert!(said.contains("never frozen"), "{said}");
+    assert_runs_on(&lab, "h1", "mem");
+    let bad = ferry(&["migrate", "mem", "--to", "h2", "--at-round-limit", "abort"]);
+    assert_eq!(
+        bad.status.code(),
+        Some(1),
+        "refused without --pre-copy: an error, not a rollback"
+    );
+    let bad = ferry(&[
+        "migrate",
+        "mem",
+        "--to",
+        "h2",
+        "--pre-copy",
+        "--at-round-limit",
+        "auto-converge",
+    ]);
+    assert_eq!(
+        bad.status.code(),
+        Some(1),
+        "a value it does not list is refused: an error, not a rollback"
+    );
+    assert_runs_on(&lab, "h1", "mem");
+}
