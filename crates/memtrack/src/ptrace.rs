@@ -408,7 +408,13 @@ mod tests {
             f.thaw().expect("thaw");
             frozen
         });
-        let after = thread_state(pid, pid);
+        // Released, the thread runs again, if only to go back to its sleep.
+        let mut after = thread_state(pid, pid);
+        let until = std::time::Instant::now() + Duration::from_secs(2);
+        while after != "S" && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+            after = thread_state(pid, pid);
+        }
         let _ = child.kill();
         let _ = child.wait();
         assert!(states.iter().all(|s| s == "t"), "frozen states {states:?}");
