@@ -135,8 +135,10 @@ impl Progress {
                 };
                 self.last = Some((*elapsed_ms, *bytes));
                 let mut s = format!("{}: {}", self.label(*phase), human_bytes(*bytes));
-                if let Some(planned) = planned_bytes {
-                    s.push_str(&format!(" of {}", human_bytes(*planned)));
+                // Pages written again while the round runs go again: the link may carry more
+                // than the round set out to send.
+                if let Some(planned) = planned_bytes.filter(|p| *p >= *bytes) {
+                    s.push_str(&format!(" of {}", human_bytes(planned)));
                 }
                 s.push_str(&format!(" sent, {}/s", human_bytes(rate as u64)));
                 if let Some(planned) = planned_bytes.filter(|p| *p > *bytes && rate > 0.0) {
