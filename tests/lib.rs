@@ -305,6 +305,11 @@ pub fn assert_clean_host(host: &str, name: &str) {
         !Path::new(&bundle).exists(),
         "bundle {bundle} left on {host}"
     );
+    let console = format!("{LAB_DIR}/{host}/console/{name}");
+    assert!(
+        !Path::new(&console).exists(),
+        "logs {console} left on {host}"
+    );
     for d in ["images", "work", "incoming"] {
         let p = format!("{LAB_DIR}/{host}/{d}");
         assert!(

@@ -218,17 +218,45 @@ impl Client {
     }
 
     /// Follows `GET /v1/jobs/{id}/events`, calling `f` for each event until the stream ends.
-    pub async fn follow(&self, id: &str, mut f: impl FnMut(&JobEvent)) -> Result<()> {
-        let resp = self
-            .send(Method::GET, &format!("/v1/jobs/{id}/events"), None)
-            .await?;
+    pub async fn follow(&self, id: &str, f: impl FnMut(&JobEvent)) -> Result<()> {
+        let path = format!("/v1/jobs/{id}/events");
+        self.ndjson(&path, &format!("events of job {id}"), f).await
+    }
+
+    /// `GET /v1/containers/{name}/logs`, calling `f` for each record until the answer ends
+    /// (with `follow`, when the container stops or leaves its host).
+    pub async fn logs(
+        &self,
+        name: &str,
+        tail: Option<usize>,
+        follow: bool,
+        f: impl FnMut(&ferry_api::LogRecord),
+    ) -> Result<()> {
+        let mut path = format!(
+            "/v1/containers/{}/logs?follow={follow}",
+            percent_encode(name)
+        );
+        if let Some(t) = tail {
+            path.push_str(&format!("&tail={t}"));
+        }
+        self.ndjson(&path, &format!("logs of {name:?}"), f).await
+    }
+
+    /// A newline-delimited JSON answer to `GET path`, a value at a time.
+    async fn ndjson<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        what: &str,
+        mut f: impl FnMut(&T),
+    ) -> Result<()> {
+        let resp = self.send(Method::GET, path, None).await?;
         if resp.status() != StatusCode::OK {
             let status = resp.status();
             let bytes = resp.into_body().collect().await?.to_bytes();
-            bail!(
-                "events of job {id}: {status} {}",
-                String::from_utf8_lossy(&bytes)
-            );
+            if let Ok(e) = serde_json::from_slice::<ApiError>(&bytes) {
+                bail!("{}", e.message);
+            }
+            bail!("{what}: {status} {}", String::from_utf8_lossy(&bytes));
         }
         let mut body = resp.into_body();
         let mut buf: Vec<u8> = vec![];
@@ -239,9 +267,9 @@ impl Client {
                 while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
                     let line: Vec<u8> = buf.drain(..=pos).collect();
                     if line.len() > 1 {
-                        let ev: JobEvent = serde_json::from_slice(&line)
-                            .context("agent sent an invalid job event")?;
-                        f(&ev);
+                        let v: T = serde_json::from_slice(&line)
+                            .with_context(|| format!("agent sent an invalid line in the {what}"))?;
+                        f(&v);
                     }
                 }
             }

@@ -102,6 +102,14 @@ pub struct AgentConfig {
     /// daemon through a page-server socket (`criu`).
     #[serde(default)]
     pub lazy_daemon: LazyDaemon,
+    /// The program run as each container's console shim, with `console-shim` as its first
+    /// argument (`ferry_runtime::console`); default: this agent's own binary (`ferry`).
+    #[serde(default)]
+    pub console_shim: Option<PathBuf>,
+    /// Size at which a container's log file is started again, the one before kept (so a
+    /// container keeps up to twice this, plus what earlier hosts kept, up to 32 MiB).
+    #[serde(default = "default_log_max_bytes")]
+    pub log_max_bytes: u64,
 }
 
 /// See [`AgentConfig::lazy_daemon`].
@@ -136,6 +144,10 @@ impl std::str::FromStr for LazyDaemon {
             )),
         }
     }
+}
+
+fn default_log_max_bytes() -> u64 {
+    ferry_runtime::console::DEFAULT_MAX_BYTES
 }
 
 fn default_socket_hash_buckets() -> u32 {

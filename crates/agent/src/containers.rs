@@ -189,6 +189,11 @@ impl Agent {
             resources,
         };
         let l = self.layout(name);
+        let console = self.log_dir(name);
+        let spawn = {
+            let (shim, max) = (self.console_shim(), self.cfg.log_max_bytes);
+            move |dir: &std::path::Path| ferry_runtime::console::Console::spawn(&shim?, dir, max)
+        };
         let (runc, workload, host, bridge, conf) = (
             self.runc.clone(),
             self.cfg.workload_bin.clone(),
@@ -217,13 +222,17 @@ impl Agent {
                 ferry_runtime::bundle::make_mount_points(&l.rootfs())?;
                 ferry_runtime::bundle::write_config(&l, &s, &host, Some(conf))?;
                 ferry_runtime::netns::create_netns(&l, &s, &bridge)?;
-                runc.start(&n, &l.bundle)?;
+                // A new container: nothing of an earlier one of this name is its output.
+                let _ = std::fs::remove_dir_all(&console);
+                let con = spawn(&console)?;
+                runc.start(&n, &l.bundle, Some(&con))?;
                 Ok(Ok(s))
             })();
             if !matches!(r, Ok(Ok(_))) {
                 runc.delete_force(&n);
                 ferry_runtime::netns::delete_netns(&l);
                 ferry_runtime::bundle::remove_bundle(&l);
+                let _ = std::fs::remove_dir_all(&console);
             }
             r
         })
@@ -262,10 +271,12 @@ impl Agent {
             )));
         }
         let (runc, l, n) = (self.runc.clone(), self.layout(name), name.to_string());
+        let console = self.log_dir(name);
         tokio::task::spawn_blocking(move || {
             ferry_runtime::netns::delete_netns(&l);
             runc.delete_force(&n);
             ferry_runtime::bundle::remove_bundle(&l);
+            let _ = std::fs::remove_dir_all(console);
         })
         .await
         .map_err(|e| http::ApiFailure::internal(e.to_string()))?;
@@ -327,10 +338,17 @@ impl Agent {
             )));
         }
         let (runc, l, n) = (self.runc.clone(), self.layout(name), name.to_string());
+        let (console, shim, max) = (
+            self.log_dir(name),
+            self.console_shim(),
+            self.cfg.log_max_bytes,
+        );
         tokio::task::spawn_blocking(move || {
             // A stop leaves nothing in runc; a container that ended by itself is still listed.
             runc.delete_force(&n);
-            runc.start(&n, &l.bundle)
+            // Its output goes on in the same log.
+            let con = ferry_runtime::console::Console::spawn(&shim?, &console, max)?;
+            runc.start(&n, &l.bundle, Some(&con))
         })
         .await
         .map_err(|e| http::ApiFailure::internal(e.to_string()))?

@@ -41,6 +41,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/containers/{name}/stop"),
     ("POST", "/v1/containers/{name}/start"),
     ("POST", "/v1/containers/{name}/exec"),
+    ("GET", "/v1/containers/{name}/logs"),
     ("GET", "/v1/containers/{name}/dirty-rate"),
     ("GET", "/v1/pages"),
     ("DELETE", "/v1/pages"),
@@ -69,6 +70,7 @@ fn handler(method: &str, path: &str) -> MethodRouter<Arc<Agent>> {
         ("POST", "/v1/containers/{name}/stop") => post(stop),
         ("POST", "/v1/containers/{name}/start") => post(start),
         ("POST", "/v1/containers/{name}/exec") => post(exec),
+        ("GET", "/v1/containers/{name}/logs") => get(logs),
         ("GET", "/v1/containers/{name}/dirty-rate") => get(dirty_rate),
         ("GET", "/v1/pages") => get(pages_info),
         ("DELETE", "/v1/pages") => delete(forget_pages),
@@ -288,6 +290,33 @@ async fn start(
     Path(name): Path<String>,
 ) -> ApiResult<Json<ContainerInfo>> {
     Ok(Json(a.start(&name).await?))
+}
+
+/// The query string of `GET /v1/containers/{name}/logs`.
+#[derive(serde::Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LogsQuery {
+    /// Only the last this many lines (all when absent).
+    #[serde(default)]
+    tail: Option<usize>,
+    /// Keep the answer open and send new lines as the container writes them, until it
+    /// stops, leaves this host, or the client goes.
+    #[serde(default)]
+    follow: bool,
+}
+
+/// `GET /v1/containers/{name}/logs[?tail=N][&follow=true]`: newline-delimited
+/// [`ferry_api::LogRecord`]s, oldest first.
+async fn logs(
+    State(a): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    QueryArgs(q): QueryArgs<LogsQuery>,
+) -> ApiResult<Response> {
+    let body = a.logs(&name, q.tail, q.follow).await?;
+    Ok(Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
 }
 
 /// `POST /v1/containers/{name}/exec`: runs a command in the container.

@@ -188,12 +188,16 @@ impl Agent {
         let _ = std::fs::remove_file(self.outgoing_dir().join(format!("{job}.json")));
     }
 
-    /// Destination: records (synced) that incoming job `job` is committed here. This is the
-    /// commit point of a migration. Keeps the newest [`COMMITTED_KEPT`] records.
-    pub(crate) fn record_committed(&self, job: &str) -> Result<()> {
+    /// Destination: records (synced) that incoming job `job`, which brought container `name`
+    /// from peer `from`, is committed here. This is the commit point of a migration. Keeps the
+    /// newest [`COMMITTED_KEPT`] records.
+    pub(crate) fn record_committed(&self, job: &str, from: &str, name: &str) -> Result<()> {
         let dir = self.committed_dir();
-        write_durable(&dir.join(job), b"committed\n")
-            .with_context(|| format!("recording the commit of job {job} in {}", dir.display()))?;
+        write_durable(
+            &dir.join(job),
+            format!("committed\n{from}\n{name}\n").as_bytes(),
+        )
+        .with_context(|| format!("recording the commit of job {job} in {}", dir.display()))?;
         if let Ok(rd) = std::fs::read_dir(&dir) {
             let mut all: Vec<(std::time::SystemTime, PathBuf)> = rd
                 .flatten()
@@ -207,6 +211,18 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// Destination: the peer and the container of incoming job `job`, if it was committed here
+    /// (and recorded them).
+    pub(crate) fn committed_move(&self, job: &str) -> Option<(String, String)> {
+        if !super::incoming::valid_job(job) {
+            return None;
+        }
+        let rec = std::fs::read_to_string(self.committed_dir().join(job)).ok()?;
+        let mut lines = rec.lines();
+        (lines.next()? == "committed").then_some(())?;
+        Some((lines.next()?.to_string(), lines.next()?.to_string()))
     }
 
     /// Destination: whether incoming job `job` was committed here.
@@ -288,7 +304,8 @@ impl Agent {
                 Ok(PeerResponse::Ok { .. }) => {
                     info!(job = %rec.job, container = %rec.name, to = %rec.to,
                         "the destination committed: removing the frozen copy here");
-                    self.remove_departed(&rec.job, &rec.name, false).await;
+                    self.remove_departed(&rec.job, &rec.name, &rec.to, false)
+                        .await;
                     self.forget_outgoing(&rec.job);
                     return;
                 }
@@ -309,7 +326,8 @@ impl Agent {
             match waiting.wait(wait).await {
                 Some(Resolution::Committed) => {
                     info!(job = %rec.job, container = %rec.name, "settled by hand as committed: removing the frozen copy here");
-                    self.remove_departed(&rec.job, &rec.name, false).await;
+                    self.remove_departed(&rec.job, &rec.name, &rec.to, false)
+                        .await;
                     self.forget_outgoing(&rec.job);
                     return;
                 }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod proto;
 
 mod base;
+mod console;
 mod containers;
 mod dirty;
 mod fill;

@@ -315,6 +315,7 @@ async fn dispatch(
             spec,
             memory_bytes,
             restore_lazily,
+            descriptors,
         } => {
             // The page store grows only by what this host can hold (a peer may say anything).
             agent.check_memory(memory_bytes, true).await?;
@@ -326,6 +327,7 @@ async fn dispatch(
                         job: job.clone(),
                         spec: *spec,
                         restore_lazily,
+                        descriptors,
                     },
                     recv,
                 )
@@ -415,6 +417,9 @@ async fn dispatch(
                 after_pages,
             };
             agent.restore_incoming(peer, &job, limits).await
+        }
+        PeerRequest::Logs { job, name, bytes } => {
+            agent.receive_history(peer, &job, &name, bytes, recv).await
         }
         PeerRequest::Commit { job, recovered } => {
             agent.commit_incoming(peer, &job, recovered).await

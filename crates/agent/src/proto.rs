@@ -60,6 +60,11 @@ pub enum PeerRequest {
         /// its `runc restore` ahead in that mode.
         #[serde(default)]
         restore_lazily: bool,
+        /// What the container's first process holds as descriptors 0, 1 and 2 (runc's
+        /// `descriptors.json`: `/dev/null`, `pipe:[inode]`): a runc restore started ahead reads
+        /// them before the images come.
+        #[serde(default)]
+        descriptors: Option<Vec<String>>,
     },
     /// Point `mac` at `host`'s VTEP in your overlay (`None`: forget it).
     Route {
@@ -222,6 +227,16 @@ pub enum PeerRequest {
         /// not restored here yet is aborted (answered `Aborted`) instead of waited for.
         #[serde(default)]
         recovered: bool,
+    },
+    /// After the commit of `job`, which moved container `name` here: what its old host kept of
+    /// its output; `bytes` bytes of log records (`ferry_runtime::console`) follow.
+    Logs {
+        /// Job id.
+        job: String,
+        /// Container name.
+        name: String,
+        /// Bytes that follow (at most `console::HISTORY_CAP`).
+        bytes: u64,
     },
     /// Forget `job`: remove everything it created here.
     Abort {

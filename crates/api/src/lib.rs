@@ -494,6 +494,31 @@ pub struct ContainerDeleted {
     pub deleted: String,
 }
 
+/// Which of a container's output streams a [`LogRecord`] came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum LogStream {
+    /// The container's standard output.
+    Stdout,
+    /// The container's standard error.
+    Stderr,
+}
+
+/// One line of a container's output, as `GET /v1/containers/{name}/logs` answers it (one JSON
+/// object per line) and as the host keeps it (Docker's `json-file` format).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct LogRecord {
+    /// When the host read it, RFC 3339 in UTC with nanoseconds.
+    pub time: String,
+    /// The stream it was written to.
+    pub stream: LogStream,
+    /// The text, with its newline; a line longer than 16 KiB or left unfinished comes in
+    /// pieces without one. Bytes that are not UTF-8 read as U+FFFD.
+    pub log: String,
+}
+
 /// `GET /v1/pages`: the memory pages this host keeps by content hash (pre-copied pages of
 /// incoming jobs, pages of containers that left or passed through).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -21,6 +21,13 @@ pub(crate) fn dispatch(cli: Cli) -> Result<ExitCode> {
         ferry_agent::main(cfg)?;
         return Ok(ExitCode::SUCCESS);
     }
+    if let Cmd::ConsoleShim { dir, max_bytes } = &cli.cmd {
+        ferry_runtime::console::run_shim(&ferry_runtime::console::ShimArgs {
+            dir: dir.clone(),
+            max_bytes: *max_bytes,
+        })?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Cmd::Probe {
         target,
         interval_ms,
@@ -262,6 +269,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             return containers::stop(&Lab::load(&dir)?, &name, timeout_s).await
         }
         Cmd::Start { name } => return containers::start(&Lab::load(&dir)?, &name).await,
+        Cmd::Logs {
+            name,
+            tail,
+            follow,
+            timestamps,
+        } => {
+            let lab = Lab::load(&dir)?;
+            return containers::logs(&lab, &name, tail, follow, timestamps).await;
+        }
         Cmd::Exec {
             name,
             env,
@@ -349,7 +365,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             opts.keep = keep;
             return ferry_lab::bench::run(&dir, &exe, &workload, opts).await;
         }
-        Cmd::Agent { .. } | Cmd::Probe { .. } => unreachable!("handled before the runtime starts"),
+        Cmd::Agent { .. } | Cmd::Probe { .. } | Cmd::ConsoleShim { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -126,6 +126,30 @@ enum Cmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
+    /// Print a container's output (stdout and stderr), kept across its moves.
+    Logs {
+        /// Container name.
+        name: String,
+        /// Only the last N lines.
+        #[arg(long, short = 'n')]
+        tail: Option<usize>,
+        /// Keep printing what the container writes, until it stops or leaves its host.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Prefix each line with the time its host read it (RFC 3339, UTC).
+        #[arg(long, short = 't')]
+        timestamps: bool,
+    },
+    /// Reads a container's output into its log; the agent starts one per container.
+    #[command(name = "console-shim", hide = true)]
+    ConsoleShim {
+        /// The container's log directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Size at which a log file is started again.
+        #[arg(long, default_value_t = ferry_runtime::console::DEFAULT_MAX_BYTES)]
+        max_bytes: u64,
+    },
     /// Stop and remove a container.
     Rm {
         /// Container name.

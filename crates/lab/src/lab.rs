@@ -446,6 +446,8 @@ pub async fn up(
             cgroup_favordynmods: true,
             netns_socket_hash_buckets: 4096,
             lazy_daemon,
+            console_shim: Some(exe.to_owned()),
+            log_max_bytes: ferry_runtime::console::DEFAULT_MAX_BYTES,
         };
         let cfg_path = dir.join(format!("{}.json", h.name));
         std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)?;

@@ -11,6 +11,7 @@
 pub mod bundle;
 pub mod cgroup;
 pub mod cgroup_tree;
+pub mod console;
 pub mod cpu;
 pub mod freeze;
 pub mod inspect;

@@ -356,6 +356,19 @@ pub struct RestoreFrom<'a> {
     pub images: &'a Path,
     pub work: &'a Path,
     pub lazy: bool,
+    /// The pipes the restored container's output goes to: runc hands them to CRIU for the
+    /// pipes `descriptors.json` names ([`crate::console`]).
+    pub console: Option<&'a crate::console::Console>,
+}
+
+/// Points a runc command's stdout and stderr at `console`'s pipes: a detached container
+/// without a terminal inherits them, and a restore hands them to CRIU.
+fn attach(c: &mut Command, console: Option<&crate::console::Console>) -> Result<()> {
+    if let Some(con) = console {
+        let (out, err) = con.stdio()?;
+        c.stdout(out).stderr(err);
+    }
+    Ok(())
 }
 
 impl Runc {
@@ -602,9 +615,15 @@ impl Runc {
         })
     }
 
-    /// Starts a container detached.
-    pub fn start(&self, name: &str, bundle: &Path) -> Result<()> {
+    /// Starts a container detached, its output into `console` (else `/dev/null`).
+    pub fn start(
+        &self,
+        name: &str,
+        bundle: &Path,
+        console: Option<&crate::console::Console>,
+    ) -> Result<()> {
         let mut c = self.cmd("run", name);
+        attach(&mut c, console)?;
         c.args(["run", "--detach", "--bundle"])
             .arg(bundle)
             .arg(name);
@@ -689,7 +708,7 @@ impl Runc {
 
     /// Restores `name` detached, from `from`.
     pub fn restore(&self, name: &str, from: &RestoreFrom<'_>) -> Result<()> {
-        let c = self.restore_cmd(name, from);
+        let c = self.restore_cmd(name, from)?;
         self.run("restore", name, c, Some(&from.work.join("restore.log")))
     }
 
@@ -703,7 +722,7 @@ impl Runc {
         from: &RestoreFrom<'_>,
         gate: &Path,
     ) -> Result<Prestarted> {
-        let c = self.restore_cmd(name, from);
+        let c = self.restore_cmd(name, from)?;
         self.prestart(
             "restore",
             name,
@@ -713,8 +732,9 @@ impl Runc {
         )
     }
 
-    fn restore_cmd(&self, name: &str, from: &RestoreFrom<'_>) -> Command {
+    fn restore_cmd(&self, name: &str, from: &RestoreFrom<'_>) -> Result<Command> {
         let mut c = self.cmd("restore", name);
+        attach(&mut c, from.console)?;
         c.arg("restore");
         if from.lazy {
             c.arg("--lazy-pages");
@@ -726,7 +746,7 @@ impl Runc {
             .arg("--work-path")
             .arg(from.work)
             .arg(name);
-        c
+        Ok(c)
     }
 
     /// Kills and deletes a container; absent is fine. With a host ([`Runc::for_host`]), also

@@ -15,6 +15,11 @@
 //!
 //! `ferry-workload files --dir D --hold F [--port P]`: holds inotify and fanotify watches, file
 //! locks and an open file; see [`ferry_workload::files`].
+//!
+//! `ferry-workload chatter [--interval-ms N]`: writes `out K` to its standard output and then
+//! `err K` to its standard error every N ms (default 20), K counting from 0; a reader of its
+//! logs that sees every K once, in order, on both streams knows nothing was lost or doubled. It
+//! ends (exit 1) if a write fails.
 
 #![forbid(unsafe_code)]
 
@@ -40,10 +45,14 @@ fn main() {
         Some("swarm-blip") => std::process::exit(ferry_workload::swarm::blip(&args[1..])),
         Some("swarm-exit") => std::process::exit(0),
         Some("objects") => std::process::exit(ferry_workload::unsupported::cli(&args[1..])),
+        Some("chatter") => {
+            let ms = flag(&args, "--interval-ms").unwrap_or(20);
+            std::process::exit(chatter(std::time::Duration::from_millis(u64::from(ms))))
+        }
         Some("lockprobe") => std::process::exit(ferry_workload::files::lockprobe(&args[1..])),
         _ => {
             eprintln!(
-                "usage: ferry-workload echo [--port PORT]\n       {}\n       {}\n       {}\n       {}",
+                "usage: ferry-workload echo [--port PORT]\n       ferry-workload chatter [--interval-ms N]\n       {}\n       {}\n       {}\n       {}",
                 ferry_workload::mem::USAGE,
                 ferry_workload::swarm::USAGE,
                 ferry_workload::files::USAGE,
@@ -52,6 +61,20 @@ fn main() {
             std::process::exit(2);
         }
     }
+}
+
+/// See the module's documentation.
+fn chatter(every: std::time::Duration) -> i32 {
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    for k in 0u64.. {
+        if writeln!(out, "out {k}").and_then(|()| out.flush()).is_err()
+            || writeln!(err, "err {k}").and_then(|()| err.flush()).is_err()
+        {
+            return 1;
+        }
+        std::thread::sleep(every);
+    }
+    0
 }
 
 fn flag(args: &[String], name: &str) -> Option<u16> {

@@ -18,12 +18,12 @@ use schemars::{JsonSchema, SchemaGenerator};
 use serde_json::{json, Map, Value};
 
 use super::errors::MAX_BODY_BYTES;
-use super::{DirtyRateQuery, StopQuery, ROUTES};
+use super::{DirtyRateQuery, LogsQuery, StopQuery, ROUTES};
 use crate::images::{ImageList, ImportImage, Imported};
 use ferry_api::{
     ApiError, ContainerDeleted, ContainerInfo, CreateContainer, DirtyRate, ExecRequest, ExecResult,
-    HostInfo, JobEvent, JobInfo, MigrateRequest, PageStoreInfo, PagesForgotten, ResolveAnswer,
-    ResolveRequest,
+    HostInfo, JobEvent, JobInfo, LogRecord, MigrateRequest, PageStoreInfo, PagesForgotten,
+    ResolveAnswer, ResolveRequest,
 };
 use shared_fs::store::{GcStats, ImageRecord};
 
@@ -392,6 +392,26 @@ fn operation(method: &str, path: &str, s: &mut Schemas) -> Option<Operation> {
                     "What the command wrote, and how it ended.",
                     s.answer::<ExecResult>(),
                 ),
+            )
+        },
+        ("GET", "/v1/containers/{name}/logs") => Operation {
+            query: s.query::<LogsQuery>(),
+            errors: vec![
+                (
+                    400,
+                    "`bad_request`: a query string that does not parse, or an unknown field",
+                ),
+                unknown_container,
+            ],
+            ..op(
+                "getContainerLogs",
+                "A container's output",
+                "Newline-delimited JSON: what the container wrote to its standard output and \
+                 error, a record per line, oldest first, including what earlier hosts kept \
+                 before it moved here. With `follow`, new lines follow as they are written \
+                 until the container stops or leaves this host.",
+                200,
+                NdJson("One `LogRecord` per line.", s.answer::<LogRecord>()),
             )
         },
         ("GET", "/v1/containers/{name}/dirty-rate") => Operation {

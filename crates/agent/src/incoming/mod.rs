@@ -24,14 +24,23 @@ use ferry_runtime::layout::Layout;
 /// The file of a checkpoint where runc lists the container's stdio (read by its restore).
 const DESCRIPTORS: &str = "descriptors.json";
 /// runc's `descriptors.json` for a container whose stdio is `/dev/null`, as every container
-/// Ferry starts (`ferry_runtime::runc::Runc`).
+/// of a Ferry older than the console shims had (a source that does not say).
 const STDIO_DESCRIPTORS: &str = r#"["/dev/null","/dev/null","/dev/null"]"#;
 
+/// What a runc restore started ahead reads as `descriptors.json`: what the source said, else
+/// what every container of an older Ferry had.
+fn expected_descriptors(said: Option<&[String]>) -> Vec<String> {
+    match said {
+        Some(d) => d.to_vec(),
+        None => serde_json::from_str(STDIO_DESCRIPTORS).unwrap_or_default(),
+    }
+}
+
 /// Whether the images' `descriptors.json` in `images` lists what a runc started ahead read.
-fn same_descriptors(images: &std::path::Path) -> bool {
-    let read = |b: &[u8]| serde_json::from_slice::<Vec<String>>(b).ok();
-    let ours = read(STDIO_DESCRIPTORS.as_bytes());
-    std::fs::read(images.join(DESCRIPTORS)).is_ok_and(|b| read(&b).is_some_and(|d| Some(d) == ours))
+fn same_descriptors(images: &std::path::Path, said: Option<&[String]>) -> bool {
+    let ours = expected_descriptors(said);
+    std::fs::read(images.join(DESCRIPTORS))
+        .is_ok_and(|b| serde_json::from_slice::<Vec<String>>(&b).is_ok_and(|d| d == ours))
 }
 
 /// How long a prepared job may wait for its images.
@@ -67,6 +76,12 @@ pub(crate) struct Incoming {
     /// `runc restore` started at the prepare, in lazy mode or not, its CRIU held at a gate
     /// until the images are here (see [`Agent::prestart_restore`]).
     prestarted: Option<(bool, ferry_runtime::runc::Prestarted)>,
+    /// What the source said the container's descriptors 0 to 2 are: the prestarted restore's
+    /// `descriptors.json`.
+    descriptors: Option<Vec<String>>,
+    /// The pipes of the console shim the restored container writes into (the agent's copies
+    /// of their writing ends close with the job).
+    console: Option<Arc<ferry_runtime::console::Console>>,
     /// The restore's runc, still exiting after CRIU reported success: the commit waits for it
     /// (runc fails, and removes the container, if its own last steps fail).
     finishing: Option<ferry_runtime::runc::Finishing>,
@@ -387,6 +402,7 @@ impl Agent {
             job,
             spec,
             restore_lazily,
+            descriptors,
         } = req;
         if spec.prefix_len != self.cfg.overlay_prefix_len {
             return Err(refuse(
@@ -443,14 +459,29 @@ impl Agent {
                 Ok(Hold::start(&l.netns, 0)?)
             })
             .await??;
+            // Output into pipes: the restored container writes into a shim of this host.
+            let console = match descriptors
+                .as_ref()
+                .filter(|d| d.iter().any(|f| f.starts_with("pipe:")))
+            {
+                Some(_) => Some(Arc::new(self.start_console_fresh(&spec.name).await?)),
+                None => None,
+            };
             let prestarted = self
-                .prestart_restore(&job, &layout, &spec.name, restore_lazily)
+                .prestart_restore(
+                    &job,
+                    &layout,
+                    &spec.name,
+                    restore_lazily,
+                    descriptors.as_deref(),
+                    console.clone(),
+                )
                 .await;
-            Ok::<_, anyhow::Error>((stats, hold, prestarted))
+            Ok::<_, anyhow::Error>((stats, hold, prestarted, console))
         }
         .await;
         match r {
-            Ok((stats, hold, prestarted)) => {
+            Ok((stats, hold, prestarted, console)) => {
                 info!(%job, container = %spec.name, from = peer, bytes = stats.wire_bytes, "prepared");
                 self.incoming.lock().await.insert(
                     job,
@@ -470,6 +501,8 @@ impl Agent {
                         index: Default::default(),
                         filling: false,
                         prestarted,
+                        descriptors,
+                        console,
                         finishing: None,
                         images: tokio::sync::watch::channel(None).0,
                         final_pages: tokio::sync::watch::channel(None).0,
@@ -491,8 +524,8 @@ impl Agent {
     /// Starts `runc restore` for job `job` now, its CRIU held at a gate until the images are
     /// here ([`ferry_runtime::runc::Runc::prestart_restore`]): runc's start-up then happens while
     /// the source is still dumping, not in the frozen window. The images directory starts with
-    /// the `descriptors.json` runc writes for every container Ferry runs (its stdio is
-    /// `/dev/null`); the restore checks that the images brought the same. `None` (with a
+    /// the `descriptors.json` the source said it will bring; the restore checks that the
+    /// images brought the same. `None` (with a
     /// warning) if it cannot start: the restore then starts runc itself.
     async fn prestart_restore(
         &self,
@@ -500,6 +533,8 @@ impl Agent {
         layout: &Layout,
         name: &str,
         lazy: bool,
+        descriptors: Option<&[String]>,
+        console: Option<Arc<ferry_runtime::console::Console>>,
     ) -> Option<(bool, ferry_runtime::runc::Prestarted)> {
         if !self.runc.has_criu_frontend() {
             return None;
@@ -511,17 +546,19 @@ impl Agent {
         let (images, work) = (self.images_dir(job), self.work_dir(job));
         let gate = self.run_socket(job, "restore-gate");
         let (runc, bundle, name) = (self.runc.clone(), layout.bundle.clone(), name.to_string());
+        let expected = serde_json::to_vec(&expected_descriptors(descriptors));
         let r = tokio::task::spawn_blocking(move || {
             let gate = gate?;
             let _ = std::fs::remove_dir_all(&images);
             std::fs::create_dir_all(&images)?;
-            std::fs::write(images.join(DESCRIPTORS), STDIO_DESCRIPTORS)?;
+            std::fs::write(images.join(DESCRIPTORS), expected?)?;
             std::fs::create_dir_all(&work)?;
             let from = ferry_runtime::runc::RestoreFrom {
                 bundle: &bundle,
                 images: &images,
                 work: &work,
                 lazy,
+                console: console.as_deref(),
             };
             runc.prestart_restore(&name, &from, &gate)
         })
@@ -546,6 +583,9 @@ pub(crate) struct Prepare {
     pub spec: ContainerSpec,
     /// Whether the container's memory is restored lazily (pages fetched on fault).
     pub restore_lazily: bool,
+    /// The container's descriptors 0 to 2 as the source reads them (see
+    /// [`crate::proto::PeerRequest::Prepare`]).
+    pub descriptors: Option<Vec<String>>,
 }
 
 pub(crate) fn valid_job(job: &str) -> bool {

@@ -273,7 +273,7 @@ impl Agent {
         }
         // Lazy: the fill takes over the job's pinned pages and its index, registered while the
         // job's entry is locked so that the store never sees the pages unpinned.
-        let (name, layout, abort, fill_pages, prestarted) =
+        let (name, layout, abort, fill_pages, prestarted, descriptors, console) =
             match self.incoming.lock().await.get_mut(job) {
                 Some(i) if i.from != peer => {
                     return Err(refuse(
@@ -305,6 +305,8 @@ impl Agent {
                         std::sync::Arc::clone(&i.abort),
                         fill_pages,
                         i.prestarted.take(),
+                        i.descriptors.clone(),
+                        i.console.clone(),
                     )
                 }
                 None => {
@@ -458,9 +460,12 @@ impl Agent {
                 images: &images,
                 work: &work,
                 lazy,
+                console: console.as_deref(),
             };
             let r = match prestarted {
-                Some((was_lazy, p)) if was_lazy == lazy && same_descriptors(&images) => {
+                Some((was_lazy, p))
+                    if was_lazy == lazy && same_descriptors(&images, descriptors.as_deref()) =>
+                {
                     p.go_until_criu_done(bound).map(Some)
                 }
                 Some((was_lazy, p)) => {

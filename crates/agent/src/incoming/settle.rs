@@ -17,7 +17,7 @@ pub(super) struct Leftovers {
     runc: ferry_runtime::runc::Runc,
     name: String,
     layout: Layout,
-    dirs: [std::path::PathBuf; 2],
+    dirs: [std::path::PathBuf; 3],
     record: std::path::PathBuf,
 }
 
@@ -101,7 +101,7 @@ impl Agent {
         };
         // The commit point: recorded (synced) before anything else, under the lock that keeps
         // the watchdog and aborts away from this job.
-        if let Err(e) = self.record_committed(job) {
+        if let Err(e) = self.record_committed(job, &inc.from, &inc.spec.name) {
             incoming.insert(job.to_string(), inc);
             return Err(e);
         }
@@ -316,7 +316,8 @@ impl Agent {
             runc: self.runc.clone(),
             name: name.to_string(),
             layout,
-            dirs: [self.images_dir(job), self.work_dir(job)],
+            // The container's output here: it never ran here.
+            dirs: [self.images_dir(job), self.work_dir(job), self.log_dir(name)],
             record: self.incoming_record(job),
         }
     }

@@ -172,6 +172,7 @@ pub(crate) fn start(
             root_diff: None,
             commit_may_be_sent: false,
             rootfs_digest: None,
+            stdio: None,
             lazy_dumped: false,
             lazy_regions: Vec::new(),
             hot_chunks: Vec::new(),
@@ -238,6 +239,9 @@ pub(super) struct Driver {
     pub(super) commit_may_be_sent: bool,
     /// Digest of the root filesystem at the freeze, sent for the destination to match.
     pub(super) rootfs_digest: Option<String>,
+    /// The container's first process and its descriptors 0 to 2 at the prepare (runc's
+    /// `descriptors.json` is written again from them at the freeze: see `transfer`).
+    pub(super) stdio: Option<(i32, Vec<String>)>,
     /// The final dump was lazy: the destination restores lazily (see `lazy`).
     pub(super) lazy_dumped: bool,
     /// The frozen copy's lazy memory, for the integrity check.
@@ -613,13 +617,17 @@ impl Driver {
                     self.agent.work_dir(&job),
                 );
                 let n = name.clone();
+                let agent = Arc::clone(&self.agent);
                 let r = tokio::task::spawn_blocking(move || {
                     runc.delete_force(&n);
+                    // Its output goes on into its log here, through a new shim.
+                    let console = agent.spawn_console(&n)?;
                     let from = ferry_runtime::runc::RestoreFrom {
                         bundle: &l.bundle,
                         images: &images,
                         work: &work,
                         lazy: false,
+                        console: Some(&console),
                     };
                     runc.restore(&n, &from)
                 })
@@ -729,8 +737,15 @@ impl Agent {
     /// After the destination committed: removes the copy left here, frozen (network first: it
     /// still has live sockets, which must not send FIN or RST when it is killed), its bundle,
     /// images and record. With `keep_pages`, the frozen copy's memory is kept in the page store
-    /// first, so that the container sends only what changed if it comes back.
-    pub(crate) async fn remove_departed(self: &Arc<Self>, job: &str, name: &str, keep_pages: bool) {
+    /// first, so that the container sends only what changed if it comes back. Then what this
+    /// host kept of its output follows it to `to` ([`Agent::send_history`]).
+    pub(crate) async fn remove_departed(
+        self: &Arc<Self>,
+        job: &str,
+        name: &str,
+        to: &str,
+        keep_pages: bool,
+    ) {
         lock(&self.containers).remove(name);
         self.save_containers();
         if keep_pages {
@@ -746,6 +761,7 @@ impl Agent {
             let _ = std::fs::remove_dir_all(work);
         })
         .await;
+        self.send_history(job, name, to).await;
     }
 }
 

@@ -210,6 +210,12 @@ impl Driver {
         let root = own.clone();
         let snap = tokio::task::spawn_blocking(move || shared_fs::snapshot(&root)).await??;
         let full = shared_fs::diff(&Snapshot::default(), &snap);
+        let (runc, name) = (self.agent.runc.clone(), self.spec.name.clone());
+        self.stdio = tokio::task::spawn_blocking(move || {
+            let pid = runc.state(&name)?.pid as i32;
+            Some((pid, ferry_runtime::console::descriptors(pid).ok()?))
+        })
+        .await?;
         let req = PeerRequest::Prepare {
             job: job.clone(),
             spec: Box::new(self.spec.clone()),
@@ -219,6 +225,7 @@ impl Driver {
                 0
             },
             restore_lazily: self.mode == MigrateMode::PreCopy && self.rounds.placement.is_some(),
+            descriptors: self.stdio.as_ref().map(|(_, d)| d.clone()),
         };
         // The container runs: what changes under this first copy goes again with the
         // next diff (a round, or the final one while it is frozen).
@@ -296,8 +303,12 @@ impl Driver {
             Some(r) => r.result().await,
             None => None,
         };
+        let stdio = self.stdio.clone();
         let (img_diff, fs_diff, digest) =
             tokio::task::spawn_blocking(move || -> Result<(Diff, Diff, String)> {
+                if let Some((pid, said)) = stdio {
+                    correct_descriptors(&images, pid, said)?;
+                }
                 let img = shared_fs::diff(&Snapshot::default(), &shared_fs::snapshot(&images)?);
                 let (diff, digest) = match ahead {
                     Some(d) => d,
@@ -522,7 +533,7 @@ impl Driver {
             self.wait_for_fill().await?;
         }
         self.agent
-            .remove_departed(&job, &name, self.mode == MigrateMode::PreCopy)
+            .remove_departed(&job, &name, &self.to, self.mode == MigrateMode::PreCopy)
             .await;
         // A lazy dump left its trackers; the processes are gone, so this is quick.
         self.stop_tracking_off_the_freeze().await;
@@ -612,4 +623,19 @@ impl Driver {
 fn is_page_image(path: &str) -> bool {
     let name = path.rsplit('/').next().unwrap_or(path);
     name.starts_with("pages-") && name.ends_with(".img")
+}
+
+/// Writes runc's `descriptors.json` in `images` again with what the container's first process
+/// `pid` holds now, while frozen (`said`, read at the prepare, if it is gone). runc writes what
+/// it saw when it started or restored the container, and a restored container's pipes are not
+/// the ones it started with: the restore hands runc's own stdout and stderr to CRIU for the
+/// pipes named here, which must be the ones the dump found.
+fn correct_descriptors(images: &std::path::Path, pid: i32, said: Vec<String>) -> Result<()> {
+    let file = images.join("descriptors.json");
+    if !file.is_file() {
+        return Ok(());
+    }
+    let now = ferry_runtime::console::descriptors(pid).unwrap_or(said);
+    std::fs::write(&file, serde_json::to_vec(&now)?)
+        .with_context(|| format!("writing {}", file.display()))
 }

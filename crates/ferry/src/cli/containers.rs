@@ -62,3 +62,39 @@ pub async fn exec(lab: &Lab, name: &str, req: ExecRequest) -> Result<ExitCode> {
     };
     Ok(ExitCode::from(code))
 }
+
+/// `ferry logs`: the container's output from the host it runs on, each line to the stream it
+/// was written to.
+pub async fn logs(
+    lab: &Lab,
+    name: &str,
+    tail: Option<usize>,
+    follow: bool,
+    timestamps: bool,
+) -> Result<ExitCode> {
+    let c = find(lab, name).await?;
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    let mut failed = None;
+    lab.client(&c.host)?
+        .logs(name, tail, follow, |r| {
+            let w: &mut dyn Write = match r.stream {
+                ferry_api::LogStream::Stdout => &mut out,
+                ferry_api::LogStream::Stderr => &mut err,
+            };
+            let res = if timestamps {
+                write!(w, "{} {}", r.time, r.log)
+            } else {
+                w.write_all(r.log.as_bytes())
+            }
+            .and_then(|()| w.flush());
+            if let Err(e) = res {
+                failed.get_or_insert(e);
+            }
+        })
+        .await?;
+    match failed {
+        // A closed pipe (`ferry logs x | head`) is not an error.
+        Some(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(ExitCode::SUCCESS),
+    }
+}
