@@ -1,8 +1,8 @@
 //! `ferry` as an admin and a script use it: `--detach` prints the job id alone, `ferry job
 //! --wait` and `ferry migrate` exit 0 when the container moved and 2 when it rolled back,
 //! `ferry jobs` lists jobs newest first, Ctrl-C cancels a migration before its commit point
-//! (and only says how to follow it after), and progress without a terminal is a line per
-//! phase and per round.
+//! (and only says how to follow it after), progress without a terminal is a line per phase
+//! and per round, and in a terminal a status line with the round, bytes, rate and ETA.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -253,6 +253,58 @@ fn progress_without_a_terminal_is_a_line_per_phase_and_per_round() {
         !said.contains("PreCopying") && !said.contains("precopy "),
         "{said}"
     );
+    assert_runs_on(&lab, "h2", "mem");
+}
+
+#[test]
+fn in_a_terminal_a_status_line_shows_round_bytes_rate_and_eta() {
+    let lab = Lab::up();
+    lab.run_mem("h1", "mem", 64, 8);
+    let _slow = Shaped::new("100mbit");
+    // `script` runs the command on a pseudo-terminal and copies what it drew (util-linux,
+    // part of every Debian).
+    let cmd = format!("{} migrate mem --to h2 --pre-copy", ferry_bin().display());
+    let out = Command::new("script")
+        .args(["-qefc", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("script (util-linux)");
+    let drawn = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{drawn}\n{}", text(&out.stderr));
+    // The status line is drawn again and again in place: split at carriage returns and
+    // line clears to read each drawing.
+    let frames: Vec<&str> = drawn
+        .split(['\r', '\n'])
+        .flat_map(|f| f.split("\x1b[2K"))
+        .collect();
+    let status: Vec<&&str> = frames
+        .iter()
+        .filter(|f| f.contains("pre_copy round 1: ") && f.contains(" sent, "))
+        .collect();
+    assert!(!status.is_empty(), "no status line of round 1: {drawn:?}");
+    assert!(
+        status
+            .iter()
+            .any(|f| f.contains(" of ") && f.contains("/s") && f.contains("ETA")),
+        "no status line with bytes of the round, rate and ETA: {status:?}"
+    );
+    // A phase bar that counts phases overshot past its end (`9/8`); there is none.
+    let overshoot = frames.iter().find(|f| {
+        f.split_whitespace().any(|w| {
+            w.split_once('/').is_some_and(
+                |(a, b)| matches!((a.parse::<u32>(), b.parse::<u32>()), (Ok(x), Ok(y)) if x > y),
+            )
+        })
+    });
+    assert!(overshoot.is_none(), "{overshoot:?}");
+    for part in [
+        "  ok   pre_copy round 1 ",
+        "  ok   dump ",
+        "pre-copy: ",
+        "stopped: ",
+    ] {
+        assert!(drawn.contains(part), "{part:?} not drawn: {drawn:?}");
+    }
     assert_runs_on(&lab, "h2", "mem");
 }
 

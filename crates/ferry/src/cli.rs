@@ -21,10 +21,16 @@ pub(crate) fn dispatch(cli: Cli) -> Result<ExitCode> {
         ferry_agent::main(cfg)?;
         return Ok(ExitCode::SUCCESS);
     }
-    if let Cmd::ConsoleShim { dir, max_bytes } = &cli.cmd {
+    if let Cmd::ConsoleShim {
+        dir,
+        max_bytes,
+        detached,
+    } = &cli.cmd
+    {
         ferry_runtime::console::run_shim(&ferry_runtime::console::ShimArgs {
             dir: dir.clone(),
             max_bytes: *max_bytes,
+            detached: *detached,
         })?;
         return Ok(ExitCode::SUCCESS);
     }

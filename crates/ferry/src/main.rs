@@ -149,6 +149,9 @@ enum Cmd {
         /// Size at which a log file is started again.
         #[arg(long, default_value_t = ferry_runtime::console::DEFAULT_MAX_BYTES)]
         max_bytes: u64,
+        /// Run as the shim that stays (the first one starts it and ends).
+        #[arg(long)]
+        detached: bool,
     },
     /// Stop and remove a container.
     Rm {

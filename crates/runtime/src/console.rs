@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use ferry_api::{LogRecord, LogStream};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
@@ -78,19 +78,25 @@ impl Console {
             .arg(max_bytes.to_string())
             .stdin(Stdio::from(out_r))
             .stdout(Stdio::from(err_r))
-            .stderr(Stdio::null());
-        let mut child = c
+            .stderr(Stdio::piped());
+        // The shim checks its directory, starts its detached self and ends at once: nothing
+        // waits for the shim that stays (init reaps it), and a failure is known here.
+        let started = c
             .spawn()
+            .and_then(|child| child.wait_with_output())
             .with_context(|| format!("starting the console shim {}", shim.display()))?;
-        let pid = child.id();
-        // The shim outlives this call (and the agent, which may restart): reaped here while
-        // the agent lives, by init after.
-        std::thread::Builder::new()
-            .name("console-reap".into())
-            .spawn(move || {
-                let _ = child.wait();
-            })
-            .context("starting the console shim's reaper")?;
+        if !started.status.success() {
+            bail!(
+                "the console shim {} did not start ({}): {}",
+                shim.display(),
+                started.status,
+                String::from_utf8_lossy(&started.stderr).trim()
+            );
+        }
+        let pid = std::fs::read_to_string(dir.join(PID_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
         Ok(Console {
             stdout: out_w,
             stderr: err_w,
@@ -132,12 +138,35 @@ pub struct ShimArgs {
     pub dir: PathBuf,
     /// [`DEFAULT_MAX_BYTES`] unless set.
     pub max_bytes: u64,
+    /// This is the shim that stays (started by the one the agent started, `--detached`).
+    pub detached: bool,
 }
 
 /// The console shim: reads its standard input (the container's stdout pipe) and its standard
 /// output (the stderr pipe, read) until both end, writing a
 /// [`LogRecord`] per line. Runs in a session of its own, deaf to hang-ups and interrupts.
+///
+/// Started by the agent, it checks that it can write the log, starts itself again detached
+/// (with the pipes), records that one's pid and ends; the detached one does the work.
 pub fn run_shim(args: &ShimArgs) -> Result<()> {
+    let pid_file = args.dir.join(PID_FILE);
+    if !args.detached {
+        drop(LogWriter::open(&args.dir, args.max_bytes)?);
+        let me = std::env::current_exe().context("finding the shim's own binary")?;
+        let child = Command::new(me)
+            .arg(SHIM_SUBCOMMAND)
+            .arg("--dir")
+            .arg(&args.dir)
+            .arg("--max-bytes")
+            .arg(args.max_bytes.to_string())
+            .arg("--detached")
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the detached shim")?;
+        std::fs::write(&pid_file, format!("{}\n", child.id()))
+            .with_context(|| format!("writing {}", pid_file.display()))?;
+        return Ok(());
+    }
     let _ = nix::unistd::setsid();
     // Blocked, not handled: a hang-up or an interrupt meant for a terminal stays pending.
     let mut deaf = nix::sys::signal::SigSet::empty();
@@ -157,9 +186,6 @@ pub fn run_shim(args: &ShimArgs) -> Result<()> {
     let out = take(std::io::stdin().as_fd(), "stdout")?;
     let err = take(std::io::stdout().as_fd(), "stderr")?;
     let pid = std::process::id();
-    let pid_file = args.dir.join(PID_FILE);
-    std::fs::write(&pid_file, format!("{pid}\n"))
-        .with_context(|| format!("writing {}", pid_file.display()))?;
     let mut log = LogWriter::open(&args.dir, args.max_bytes)?;
     let r = pump(&mut log, [out, err]);
     if std::fs::read_to_string(&pid_file).is_ok_and(|s| s.trim() == pid.to_string()) {

@@ -181,9 +181,10 @@ impl Agent {
                 self.images_dir(job),
                 self.work_dir(job),
                 self.incoming_record(job),
+                self.log_dir(&name),
             );
             let _ = tokio::task::spawn_blocking(move || {
-                let (runc, images, work, rec) = this;
+                let (runc, images, work, rec, console) = this;
                 // A runc started ahead ends first (it fails at its closed gate).
                 if let Some((_, p)) = prestarted {
                     p.cancel();
@@ -202,6 +203,8 @@ impl Agent {
                 let _ = std::fs::remove_dir_all(images);
                 let _ = std::fs::remove_dir_all(work);
                 let _ = std::fs::remove_file(rec);
+                // The copy never ran here: its output (if any) is the source's.
+                let _ = std::fs::remove_dir_all(console);
             })
             .await;
         }
