@@ -1,4 +1,5 @@
-//! HTTP/JSON client of an agent's API over its Unix socket.
+//! HTTP/JSON client of an agent's API: over its Unix socket on the same host, or over TCP with
+//! mutual TLS (`api_listen`) from anywhere holding an operator's certificate.
 
 use std::path::PathBuf;
 
@@ -18,28 +19,89 @@ use tokio::net::UnixStream;
 /// A client of one agent.
 #[derive(Debug, Clone)]
 pub struct Client {
-    socket: PathBuf,
+    to: Transport,
+}
+
+/// How a [`Client`] reaches its agent.
+#[derive(Clone)]
+enum Transport {
+    Unix(PathBuf),
+    Tls {
+        addr: std::net::SocketAddr,
+        /// The agent's host name, which its certificate must carry.
+        host: String,
+        config: std::sync::Arc<tokio_rustls::rustls::ClientConfig>,
+    },
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Transport::Unix(p) => write!(f, "unix:{}", p.display()),
+            Transport::Tls { addr, host, .. } => write!(f, "https://{addr} ({host})"),
+        }
+    }
 }
 
 type Conn = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
+/// How long connecting to an agent over TCP, TLS included, may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Client {
     /// A client of the agent listening on `socket`.
     pub fn new(socket: PathBuf) -> Self {
-        Client { socket }
+        Client {
+            to: Transport::Unix(socket),
+        }
+    }
+
+    /// A client of host `host`'s agent at `addr` over TCP with mutual TLS: `tls` is the
+    /// operator's certificate, key and the cluster's CA (`ferry pki operator`).
+    pub fn tls(addr: std::net::SocketAddr, host: &str, tls: &transfer::TlsFiles) -> Result<Self> {
+        let (_, config) = transfer::https_configs(tls)?;
+        Ok(Client {
+            to: Transport::Tls {
+                addr,
+                host: host.to_string(),
+                config,
+            },
+        })
     }
 
     async fn connect(&self) -> Result<Conn> {
-        let stream = UnixStream::connect(&self.socket).await.with_context(|| {
-            format!(
-                "cannot reach the agent at {}: is it running? (`ferry lab up` starts the lab's agents)",
-                self.socket.display()
-            )
-        })?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let (sender, conn) = match &self.to {
+            Transport::Unix(socket) => {
+                let stream = UnixStream::connect(socket).await.with_context(|| {
+                    format!(
+                        "cannot reach the agent at {}: is it running? (`ferry lab up` starts the lab's agents)",
+                        socket.display()
+                    )
+                })?;
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                (sender, tokio::spawn(async move { conn.await.map(|_| ()) }))
+            }
+            Transport::Tls { addr, host, config } => {
+                let stream = tokio::time::timeout(CONNECT_TIMEOUT, async {
+                    let tcp = tokio::net::TcpStream::connect(addr).await.with_context(|| {
+                        format!("cannot reach {host}'s agent at {addr}: is it running with api_listen set, and is the address right?")
+                    })?;
+                    let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.clone())
+                        .with_context(|| format!("{host:?} is not a host name"))?;
+                    tokio_rustls::TlsConnector::from(config.clone())
+                        .connect(name, tcp)
+                        .await
+                        .with_context(|| format!("TLS with {host}'s agent at {addr} failed: check that its certificate is for {host:?} and of the same CA as yours"))
+                })
+                .await
+                .with_context(|| format!("{host}'s agent at {addr} did not answer within {} s", CONNECT_TIMEOUT.as_secs()))??;
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                (sender, tokio::spawn(async move { conn.await.map(|_| ()) }))
+            }
+        };
+        drop(conn);
         Ok(sender)
     }
 
@@ -56,7 +118,18 @@ impl Client {
             .header("host", "ferry-agent")
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        Ok(conn.send_request(req).await?)
+        conn.send_request(req).await.map_err(|e| {
+            let e = anyhow::Error::from(e);
+            let text = format!("{e:#}");
+            match &self.to {
+                // With TLS 1.3 the agent judges the client's certificate after the client
+                // thinks the handshake is over: its refusal arrives with the first request.
+                Transport::Tls { host, addr, .. } if text.contains("fatal alert") => anyhow::anyhow!(
+                    "TLS with {host}'s agent at {addr} failed: it refused this certificate ({text}); use an operator certificate of the cluster's CA (`ferry pki operator`)"
+                ),
+                _ => e.context(format!("request to the agent at {:?}", self.to)),
+            }
+        })
     }
 
     async fn call<T: DeserializeOwned>(

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// One agent's configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     /// This host's name; also the DNS name in its certificate.
     pub host: String,
@@ -18,8 +19,13 @@ pub struct AgentConfig {
     pub underlay_ip: Ipv4Addr,
     /// QUIC port.
     pub quic_port: u16,
-    /// Unix socket of the HTTP/JSON API.
+    /// Unix socket of the HTTP/JSON API (root only: for local use).
     pub api_socket: PathBuf,
+    /// Also serve the API over TCP on this address (e.g. `10.0.0.5:7443`), HTTPS with mutual
+    /// TLS: clients present an operator's certificate of the cluster's CA (`ferry pki
+    /// operator`). Absent: the Unix socket only.
+    #[serde(default)]
+    pub api_listen: Option<std::net::SocketAddr>,
     /// Where bundles, images and state live.
     pub state_dir: PathBuf,
     /// Mutual TLS material.
@@ -174,6 +180,7 @@ fn default_idle() -> u64 {
 
 /// Paths of the CA certificate, this host's certificate and key.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TlsPaths {
     /// CA certificate (PEM) that peers must chain to.
     pub ca: PathBuf,
@@ -185,6 +192,7 @@ pub struct TlsPaths {
 
 /// Another agent.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Peer {
     /// Its host name.
     pub host: String,
@@ -206,6 +214,15 @@ impl Peer {
 }
 
 impl AgentConfig {
+    /// The TLS files of [`AgentConfig::tls`].
+    pub fn tls_files(&self) -> transfer::TlsFiles {
+        transfer::TlsFiles {
+            ca: self.tls.ca.clone(),
+            cert: self.tls.cert.clone(),
+            key: self.tls.key.clone(),
+        }
+    }
+
     /// Pages the page store may hold (`page_store_mib`).
     pub fn page_store_pages(&self) -> usize {
         (self.page_store_mib << 20) as usize / transfer::pages::PAGE

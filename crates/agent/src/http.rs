@@ -20,6 +20,7 @@ use super::{lock, Agent};
 
 mod errors;
 mod openapi;
+mod tls;
 
 pub(crate) use errors::ApiFailure;
 pub(crate) use errors::JsonBody;
@@ -114,9 +115,21 @@ pub(crate) async fn serve(agent: Arc<Agent>) -> Result<()> {
     let app = app
         .fallback(errors::no_route)
         .layer(axum::middleware::from_fn(errors::json_errors))
-        .layer(axum::extract::DefaultBodyLimit::max(errors::MAX_BODY_BYTES))
-        .with_state(agent);
-    axum::serve(listener, app).await?;
+        .layer(axum::extract::DefaultBodyLimit::max(errors::MAX_BODY_BYTES));
+    let local = axum::serve(listener, app.clone().with_state(Arc::clone(&agent)));
+    let Some(addr) = agent.cfg.api_listen else {
+        local.await?;
+        return Ok(());
+    };
+    let tcp = tls::bind(addr, &agent.cfg.tls_files()).await?;
+    let remote = axum::serve(
+        tcp,
+        app.layer(axum::middleware::from_fn(tls::operators_only))
+            .with_state(agent)
+            .into_make_service_with_connect_info::<tls::ApiPeer>(),
+    );
+    use std::future::IntoFuture;
+    tokio::try_join!(local.into_future(), remote.into_future())?;
     Ok(())
 }
 

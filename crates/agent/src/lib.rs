@@ -260,11 +260,7 @@ async fn run(cfg: AgentConfig) -> Result<()> {
             warn!(error = %e, "CRIU not usable: migrations from or to this host will be refused")
         }
     }
-    let tls = transfer::TlsFiles {
-        ca: cfg.tls.ca.clone(),
-        cert: cfg.tls.cert.clone(),
-        key: cfg.tls.key.clone(),
-    };
+    let tls = cfg.tls_files();
     let endpoint = transfer::Endpoint::bind_with_idle_timeout(
         SocketAddr::from((cfg.underlay_ip, cfg.quic_port)),
         &tls,

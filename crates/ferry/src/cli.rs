@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use ferry_api::{CreateContainer, Resolution};
 
-use crate::{Cli, Cmd, ImageCmd, LabCmd};
+use crate::{Cli, Cmd, ImageCmd, LabCmd, PkiCmd};
 use ferry_lab::lab::Lab;
 use ferry_lab::ops::{find, mib, ps};
 
@@ -19,6 +19,13 @@ pub(crate) fn dispatch(cli: Cli) -> Result<ExitCode> {
     if let Cmd::Agent { config } = &cli.cmd {
         let cfg = ferry_agent::config::AgentConfig::load(config)?;
         ferry_agent::main(cfg)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(c) = &cli.cluster {
+        ferry_lab::lab::use_cluster(c.clone());
+    }
+    if let Cmd::Pki { cmd } = &cli.cmd {
+        pki(cmd)?;
         return Ok(ExitCode::SUCCESS);
     }
     if let Cmd::ConsoleShim {
@@ -371,7 +378,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             opts.keep = keep;
             return ferry_lab::bench::run(&dir, &exe, &workload, opts).await;
         }
-        Cmd::Agent { .. } | Cmd::Probe { .. } | Cmd::ConsoleShim { .. } => {
+        Cmd::Agent { .. } | Cmd::Probe { .. } | Cmd::ConsoleShim { .. } | Cmd::Pki { .. } => {
             unreachable!("handled before the runtime starts")
         }
     }
@@ -469,4 +476,49 @@ async fn image_cmd(dir: &Path, cmd: ImageCmd) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `ferry pki`.
+fn pki(cmd: &PkiCmd) -> Result<()> {
+    match cmd {
+        PkiCmd::Init { dir, name } => {
+            let existed = dir.join("ca.pem").exists();
+            transfer::pki::create_ca(dir, name)?;
+            if existed {
+                println!("CA kept: {} (already there)", dir.join("ca.pem").display());
+            } else {
+                println!(
+                    "CA created: {} and {} (keep the key root-only; it signs every certificate)",
+                    dir.join("ca.pem").display(),
+                    dir.join("ca.key").display()
+                );
+            }
+        }
+        PkiCmd::Issue {
+            host,
+            ips,
+            dir,
+            out,
+        } => {
+            let out = out.as_deref().unwrap_or(dir);
+            transfer::pki::issue_host_cert_with_ips(dir, host, ips, out)?;
+            println!(
+                "{host}: {} and {} (tls.cert and tls.key of its agent; tls.ca is {})",
+                out.join(format!("{host}.pem")).display(),
+                out.join(format!("{host}.key")).display(),
+                dir.join("ca.pem").display()
+            );
+        }
+        PkiCmd::Operator { name, dir, out } => {
+            let out = out.as_deref().unwrap_or(dir);
+            transfer::pki::issue_operator_cert(dir, name, out)?;
+            println!(
+                "operator {name}: {} and {} (cert and key of a cluster file; ca is {})",
+                out.join(format!("{name}.pem")).display(),
+                out.join(format!("{name}.key")).display(),
+                dir.join("ca.pem").display()
+            );
+        }
+    }
+    Ok(())
 }

@@ -18,6 +18,11 @@ struct Cli {
     /// Directory of the local lab's files.
     #[arg(long, global = true, default_value = ferry_lab::lab::LAB_DIR)]
     lab_dir: PathBuf,
+    /// Reach the agents over TCP with mutual TLS as this cluster file says (the operator's
+    /// certificate and each host's API address; see docs/deploy.md), not the local lab's
+    /// sockets; also FERRY_CLUSTER.
+    #[arg(long, global = true)]
+    cluster: Option<PathBuf>,
     /// Log filter (e.g. `info`, `ferry=debug`); also FERRY_LOG.
     #[arg(long, global = true)]
     log: Option<String>,
@@ -31,6 +36,11 @@ enum Cmd {
     Lab {
         #[command(subcommand)]
         cmd: LabCmd,
+    },
+    /// Certificates for a cluster: its CA, a host's, an operator's.
+    Pki {
+        #[command(subcommand)]
+        cmd: PkiCmd,
     },
     /// Run the agent of one host.
     Agent {
@@ -334,6 +344,47 @@ enum ImageCmd {
         /// Host.
         #[arg(long)]
         on: String,
+    },
+}
+
+/// `ferry pki`: certificates for a cluster.
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Create the cluster's CA (ca.pem, ca.key) in DIR; an existing one is kept.
+    Init {
+        /// Where the CA lives (keep ca.key there, readable by root only).
+        #[arg(long, default_value = "/etc/ferry/pki")]
+        dir: PathBuf,
+        /// The CA's name.
+        #[arg(long, default_value = "ferry cluster CA")]
+        name: String,
+    },
+    /// Issue HOST.pem and HOST.key for a host's agent (peers and API), signed by the CA.
+    Issue {
+        /// The host's name, as agents and the cluster file call it (a DNS name).
+        host: String,
+        /// An address of the host (its underlay address, where its API listens); repeat for
+        /// more.
+        #[arg(long = "ip", value_name = "ADDR")]
+        ips: Vec<std::net::IpAddr>,
+        /// The CA's directory.
+        #[arg(long, default_value = "/etc/ferry/pki")]
+        dir: PathBuf,
+        /// Where to write the certificate and key (default: the CA's directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Issue NAME.pem and NAME.key for an operator (a person or an orchestrator): the agents'
+    /// API over TCP serves it, not hosts' certificates.
+    Operator {
+        /// The operator's name.
+        name: String,
+        /// The CA's directory.
+        #[arg(long, default_value = "/etc/ferry/pki")]
+        dir: PathBuf,
+        /// Where to write the certificate and key (default: the CA's directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 

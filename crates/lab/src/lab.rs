@@ -23,6 +23,11 @@ const UNDERLAY_NS: &str = "ferry-ul";
 /// Prefix of every namespace the lab creates.
 pub use ferry_runtime::layout::NS_PREFIX;
 const QUIC_PORT: u16 = 7700;
+/// Port of the agents' API over TCP with mutual TLS in the lab (`api_listen`).
+pub const API_PORT: u16 = 7443;
+/// The lab's cluster file: how a machine with an operator's certificate reaches every agent
+/// over TCP (`ferry --cluster`), written by `lab up`.
+pub const CLUSTER_FILE: &str = "cluster.json";
 /// Overlay address of the lab's client host.
 pub const CLIENT_OVERLAY_IP: Ipv4Addr = Ipv4Addr::new(10, 232, 0, 250);
 const OVERLAY_MTU: &str = "1450";
@@ -37,6 +42,92 @@ pub struct Lab {
     /// Rate limit of every host's underlay link, when shaped.
     #[serde(default)]
     pub link_rate: Option<LinkRate>,
+    /// Reach agents over TCP with these TLS files (an operator's), not through their Unix
+    /// sockets: set when read from a cluster file ([`Cluster`]).
+    #[serde(skip)]
+    pub remote: Option<transfer::TlsFiles>,
+}
+
+/// A cluster as a machine away from its hosts sees it: the operator's certificate and each
+/// agent's API address (`ferry --cluster FILE`, or `FERRY_CLUSTER`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    /// The cluster's CA certificate (PEM).
+    pub ca: PathBuf,
+    /// The operator's certificate (PEM, `ferry pki operator`).
+    pub cert: PathBuf,
+    /// The operator's key (PEM).
+    pub key: PathBuf,
+    /// Every host, with the address of its agent's API (its `api_listen`).
+    pub hosts: Vec<ClusterHost>,
+}
+
+/// One host of a [`Cluster`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterHost {
+    /// The host's name (its certificate's DNS name).
+    pub name: String,
+    /// Where its agent's API listens.
+    pub api: std::net::SocketAddr,
+    /// Whether it runs containers.
+    #[serde(default = "yes")]
+    pub runs_containers: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+static CLUSTER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Makes [`Lab::load`] read the cluster file `path` instead of a local lab.
+pub fn use_cluster(path: PathBuf) {
+    let _ = CLUSTER.set(path);
+}
+
+impl Cluster {
+    /// Reads a cluster file.
+    pub fn load(path: &Path) -> Result<Cluster> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the cluster file {}", path.display()))?;
+        let c: Cluster = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a valid cluster file", path.display()))?;
+        if c.hosts.is_empty() {
+            bail!("the cluster file {} lists no host", path.display());
+        }
+        Ok(c)
+    }
+
+    /// The cluster as the CLI's [`Lab`]: clients over TCP with mutual TLS.
+    pub fn into_lab(self, file: &Path) -> Lab {
+        Lab {
+            hosts: self
+                .hosts
+                .iter()
+                .map(|h| LabHost {
+                    name: h.name.clone(),
+                    netns: String::new(),
+                    underlay_ip: match h.api.ip() {
+                        std::net::IpAddr::V4(v4) => v4,
+                        std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+                    },
+                    api_socket: PathBuf::new(),
+                    api: Some(h.api),
+                    log: PathBuf::new(),
+                    runs_containers: h.runs_containers,
+                })
+                .collect(),
+            dir: file.parent().unwrap_or(Path::new("/")).to_path_buf(),
+            link_rate: None,
+            remote: Some(transfer::TlsFiles {
+                ca: self.ca,
+                cert: self.cert,
+                key: self.key,
+            }),
+        }
+    }
 }
 
 /// A link rate for `tc`'s token bucket filter, in bits per second.
@@ -147,6 +238,9 @@ pub struct LabHost {
     pub underlay_ip: Ipv4Addr,
     /// Agent API socket.
     pub api_socket: PathBuf,
+    /// Its agent's API over TCP with mutual TLS, when it has one.
+    #[serde(default)]
+    pub api: Option<std::net::SocketAddr>,
     /// Agent log.
     pub log: PathBuf,
     /// Whether it runs containers.
@@ -154,8 +248,16 @@ pub struct LabHost {
 }
 
 impl Lab {
-    /// Reads the lab description; explains how to create one when missing.
+    /// Reads the lab description (or the cluster file given to [`use_cluster`], else named by
+    /// `FERRY_CLUSTER`); explains how to create one when missing.
     pub fn load(dir: &Path) -> Result<Lab> {
+        let cluster = CLUSTER
+            .get()
+            .cloned()
+            .or_else(|| std::env::var_os("FERRY_CLUSTER").map(PathBuf::from));
+        if let Some(file) = cluster {
+            return Ok(Cluster::load(&file)?.into_lab(&file));
+        }
         let path = dir.join("lab.json");
         let text = std::fs::read_to_string(&path).with_context(|| {
             format!(
@@ -182,7 +284,16 @@ impl Lab {
 
     /// An API client for a host's agent.
     pub fn client(&self, host: &str) -> Result<Client> {
-        Ok(Client::new(self.host(host)?.api_socket.clone()))
+        let h = self.host(host)?;
+        match &self.remote {
+            Some(tls) => {
+                let addr = h
+                    .api
+                    .with_context(|| format!("the cluster file gives no API address for {host}"))?;
+                Client::tls(addr, &h.name, tls)
+            }
+            None => Ok(Client::new(h.api_socket.clone())),
+        }
     }
 
     /// Hosts that run containers.
@@ -359,6 +470,8 @@ pub async fn up(
             netns: ns,
             underlay_ip: ul_ip,
             api_socket: dir.join(format!("{name}.sock")),
+            // Hosts that run containers also serve their API over TCP with mutual TLS.
+            api: (name != "client").then(|| std::net::SocketAddr::from((ul_ip, API_PORT))),
             log: dir.join(format!("{name}.log")),
             runs_containers: name != "client",
         });
@@ -393,13 +506,32 @@ pub async fn up(
         .context("programming the VXLAN forwarding database")?;
     }
 
-    // PKI: a lab CA and one certificate per host.
+    // PKI: a lab CA, one certificate per host, and an operator's for the API over TCP.
     let pki = dir.join("pki");
     transfer::pki::create_ca(&pki, "ferry lab CA").context("creating the lab CA")?;
     for h in &lab_hosts {
-        transfer::pki::issue_host_cert(&pki, &h.name, &pki)
+        let ips: Vec<std::net::IpAddr> = vec![h.underlay_ip.into()];
+        transfer::pki::issue_host_cert_with_ips(&pki, &h.name, &ips, &pki)
             .with_context(|| format!("issuing a certificate for {}", h.name))?;
     }
+    transfer::pki::issue_operator_cert(&pki, "operator", &pki)
+        .context("issuing the lab operator's certificate")?;
+    let cluster = Cluster {
+        ca: pki.join("ca.pem"),
+        cert: pki.join("operator.pem"),
+        key: pki.join("operator.key"),
+        hosts: lab_hosts
+            .iter()
+            .filter_map(|h| {
+                Some(ClusterHost {
+                    name: h.name.clone(),
+                    api: h.api?,
+                    runs_containers: h.runs_containers,
+                })
+            })
+            .collect(),
+    };
+    std::fs::write(dir.join(CLUSTER_FILE), serde_json::to_vec_pretty(&cluster)?)?;
 
     // One agent per host.
     for h in &lab_hosts {
@@ -419,6 +551,7 @@ pub async fn up(
             underlay_ip: h.underlay_ip,
             quic_port: QUIC_PORT,
             api_socket: h.api_socket.clone(),
+            api_listen: h.api,
             state_dir: dir.join(&h.name),
             tls: TlsPaths {
                 ca: pki.join("ca.pem"),
@@ -457,6 +590,7 @@ pub async fn up(
         hosts: lab_hosts,
         dir: dir.to_owned(),
         link_rate: None,
+        remote: None,
     };
     for h in &lab.hosts {
         wait_agent(&lab, &h.name).await?;

@@ -11,12 +11,20 @@ pub use crate::progress::{Follow, Progress};
 /// Containers on every container host of the lab.
 pub async fn ps(lab: &Lab) -> Result<Vec<ContainerInfo>> {
     let mut all = vec![];
+    let (mut asked, mut failed) = (0, vec![]);
     for h in lab.container_hosts() {
+        asked += 1;
         match lab.client(&h.name)?.containers().await {
             Ok(mut cs) => all.append(&mut cs),
             // One host down must not hide the others' containers.
-            Err(e) => eprintln!("warning: cannot list containers on {}: {e:#}", h.name),
+            Err(e) => failed.push(format!("{}: {e:#}", h.name)),
         }
+    }
+    if asked > 0 && failed.len() == asked {
+        bail!("no agent answered: {}", failed.join("; "));
+    }
+    for f in &failed {
+        eprintln!("warning: cannot list containers on {f}");
     }
     all.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
     Ok(all)

@@ -62,11 +62,11 @@ fn transport(idle: Duration) -> Result<Arc<TransportConfig>, TransferError> {
     Ok(Arc::new(t))
 }
 
-/// Builds the quinn server and client configurations from PEM files.
-fn configs(
+/// TLS 1.3 server and client configurations from PEM files, each side requiring a
+/// certificate of the CA from the other.
+fn tls_configs(
     tls: &TlsFiles,
-    idle: Duration,
-) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TransferError> {
+) -> Result<(rustls::ServerConfig, rustls::ClientConfig), TransferError> {
     let ca = load_certs(&tls.ca)?;
     let chain = load_certs(&tls.cert)?;
     let key = load_key(&tls.key)?;
@@ -83,7 +83,7 @@ fn configs(
     let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
         .build()
         .map_err(|e| TransferError::tls("client certificate verifier", e))?;
-    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&versions)
         .map_err(|e| TransferError::tls("TLS server config", e))?
         .with_client_cert_verifier(verifier)
@@ -94,13 +94,7 @@ fn configs(
                 e,
             )
         })?;
-    server.alpn_protocols = vec![ALPN.to_vec()];
-    let server = QuicServerConfig::try_from(server)
-        .map_err(|e| TransferError::tls("QUIC server config", e))?;
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
-    server.transport_config(transport(idle)?);
-
-    let mut client = rustls::ClientConfig::builder_with_provider(provider)
+    let client = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&versions)
         .map_err(|e| TransferError::tls("TLS client config", e))?
         .with_root_certificates(roots)
@@ -111,6 +105,32 @@ fn configs(
                 e,
             )
         })?;
+    Ok((server, client))
+}
+
+/// The agents' HTTPS API (HTTP/1.1 over TLS 1.3 on TCP): a server that requires a client
+/// certificate of the CA, and a client that presents its own and checks the agent's.
+pub fn https_configs(
+    tls: &TlsFiles,
+) -> Result<(Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>), TransferError> {
+    let (mut server, mut client) = tls_configs(tls)?;
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    client.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok((Arc::new(server), Arc::new(client)))
+}
+
+/// Builds the quinn server and client configurations from PEM files.
+fn configs(
+    tls: &TlsFiles,
+    idle: Duration,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TransferError> {
+    let (mut server, mut client) = tls_configs(tls)?;
+    server.alpn_protocols = vec![ALPN.to_vec()];
+    let server = QuicServerConfig::try_from(server)
+        .map_err(|e| TransferError::tls("QUIC server config", e))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
+    server.transport_config(transport(idle)?);
+
     client.alpn_protocols = vec![ALPN.to_vec()];
     let client = QuicClientConfig::try_from(client)
         .map_err(|e| TransferError::tls("QUIC client config", e))?;

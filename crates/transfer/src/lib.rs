@@ -24,7 +24,7 @@ pub mod pki;
 mod slab;
 pub mod tree;
 
-pub use endpoint::{Connection, Endpoint, ALPN, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT};
+pub use endpoint::{https_configs, Connection, Endpoint, ALPN, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT};
 pub use error::TransferError;
 pub use pki::TlsFiles;
 pub use quinn::{RecvStream, SendStream};

@@ -137,6 +137,60 @@ pub fn issue_host_cert(ca_dir: &Path, host: &str, out_dir: &Path) -> Result<(), 
     issue_host_cert_valid(ca_dir, host, out_dir, from, until)
 }
 
+/// [`issue_host_cert`] that also names the host's addresses `ips` (IP subject alternative
+/// names), for clients that reach its API by address and check it.
+pub fn issue_host_cert_with_ips(
+    ca_dir: &Path,
+    host: &str,
+    ips: &[std::net::IpAddr],
+    out_dir: &Path,
+) -> Result<(), TransferError> {
+    let (from, until) = validity(HOST_VALIDITY_DAYS);
+    issue(ca_dir, Subject::Host { host, ips }, out_dir, from, until)
+}
+
+/// The subject organization of an operator's certificate ([`issue_operator_cert`]): an
+/// agent's API over TCP serves these certificates' holders, not other hosts.
+pub const OPERATOR_ORG: &str = "Ferry operator";
+
+/// Issues a client certificate for operator `name` (a person, an orchestrator) signed by the
+/// CA in `ca_dir`: `out_dir/{name}.pem` and `out_dir/{name}.key` (mode 0600). It names no host
+/// and is valid for TLS client authentication only, with [`OPERATOR_ORG`] as its
+/// organization, for [`HOST_VALIDITY_DAYS`].
+pub fn issue_operator_cert(ca_dir: &Path, name: &str, out_dir: &Path) -> Result<(), TransferError> {
+    let (from, until) = validity(HOST_VALIDITY_DAYS);
+    issue(ca_dir, Subject::Operator { name }, out_dir, from, until)
+}
+
+/// The operator named by a verified leaf certificate `der`: its common name, if its
+/// organization is [`OPERATOR_ORG`].
+pub fn operator_of(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert.subject();
+    let org = subject.iter_organization().next()?.as_str().ok()?;
+    if org != OPERATOR_ORG {
+        return None;
+    }
+    let name = subject
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
+    Some(name)
+}
+
+/// Whom a certificate is for.
+enum Subject<'a> {
+    /// A host: its DNS name (and addresses), server and client authentication.
+    Host {
+        host: &'a str,
+        ips: &'a [std::net::IpAddr],
+    },
+    /// An operator: client authentication only.
+    Operator { name: &'a str },
+}
+
 /// [`issue_host_cert`] valid from `from` until `until` (a test may issue one that has
 /// expired).
 pub fn issue_host_cert_valid(
@@ -146,6 +200,27 @@ pub fn issue_host_cert_valid(
     from: time::OffsetDateTime,
     until: time::OffsetDateTime,
 ) -> Result<(), TransferError> {
+    issue(
+        ca_dir,
+        Subject::Host { host, ips: &[] },
+        out_dir,
+        from,
+        until,
+    )
+}
+
+fn issue(
+    ca_dir: &Path,
+    subject: Subject<'_>,
+    out_dir: &Path,
+    from: time::OffsetDateTime,
+    until: time::OffsetDateTime,
+) -> Result<(), TransferError> {
+    let host = match &subject {
+        Subject::Host { host, .. } => *host,
+        Subject::Operator { name } => *name,
+    };
+    // Both become file names and names in certificates: DNS-name syntax for both.
     let dns =
         rustls::pki_types::DnsName::try_from(host).map_err(|e| TransferError::InvalidHost {
             host: host.to_string(),
@@ -170,20 +245,33 @@ pub fn issue_host_cert_valid(
         .map_err(rc_err(format!("loading the CA from {}", ca_dir.display())))?;
 
     let key = KeyPair::generate().map_err(rc_err(format!("generating the key of {host}")))?;
-    let mut params = CertificateParams::new(vec![dns.as_ref().to_string()])
-        .map_err(rc_err(format!("certificate parameters for {host}")))?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, host);
+    let mut params = match &subject {
+        Subject::Host { ips, .. } => {
+            let mut p = CertificateParams::new(vec![dns.as_ref().to_string()])
+                .map_err(rc_err(format!("certificate parameters for {host}")))?;
+            p.subject_alt_names
+                .extend(ips.iter().map(|ip| rcgen::SanType::IpAddress(*ip)));
+            p.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            p
+        }
+        Subject::Operator { .. } => {
+            dn.push(DnType::OrganizationName, OPERATOR_ORG);
+            let mut p = CertificateParams::default();
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            p
+        }
+    };
     params.distinguished_name = dn;
     params.is_ca = IsCa::ExplicitNoCa;
     (params.not_before, params.not_after) = (from, until);
     params.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,
-    ];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
     ];
     params.use_authority_key_identifier_extension = true;
     let cert = params

@@ -316,3 +316,69 @@ fn time_now() -> i64 {
         .unwrap()
         .as_secs() as i64
 }
+
+fn leaf_der(pem: &Path) -> Vec<u8> {
+    let text = std::fs::read_to_string(pem).unwrap();
+    let (_, der) = x509_parser::pem::parse_x509_pem(text.as_bytes()).unwrap();
+    der.contents
+}
+
+#[test]
+fn operator_certificates_name_their_operator_and_host_certificates_none() {
+    let l = lab();
+    transfer::pki::issue_operator_cert(&l.ca, "alice", &l.certs).unwrap();
+    let ip: std::net::IpAddr = "10.0.0.5".parse().unwrap();
+    transfer::pki::issue_host_cert_with_ips(&l.ca, "epsilon", &[ip], &l.certs).unwrap();
+    assert_eq!(
+        transfer::pki::operator_of(&leaf_der(&l.certs.join("alice.pem"))),
+        Some("alice".to_string())
+    );
+    for host in ["alpha", "epsilon"] {
+        assert_eq!(
+            transfer::pki::operator_of(&leaf_der(&l.certs.join(format!("{host}.pem")))),
+            None,
+            "{host} is a host, not an operator"
+        );
+    }
+    assert_eq!(transfer::pki::operator_of(b"not a certificate"), None);
+    // The host certificate names its address; the operator's names no host and serves no
+    // TLS server.
+    let der = leaf_der(&l.certs.join("epsilon.pem"));
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    assert!(
+        san.value.general_names.iter().any(|n| matches!(
+            n,
+            x509_parser::extensions::GeneralName::IPAddress(b) if *b == [10, 0, 0, 5]
+        )),
+        "{:?}",
+        san.value.general_names
+    );
+    let der = leaf_der(&l.certs.join("alice.pem"));
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    assert!(cert.subject_alternative_name().unwrap().is_none());
+    let eku = cert.extended_key_usage().unwrap().unwrap();
+    assert!(eku.value.client_auth && !eku.value.server_auth);
+    // An operator's name is a file name too: no path tricks.
+    assert!(transfer::pki::issue_operator_cert(&l.ca, "../evil", &l.certs).is_err());
+}
+
+#[tokio::test]
+async fn an_operator_certificate_is_no_peer() {
+    let l = lab();
+    transfer::pki::issue_operator_cert(&l.ca, "alice", &l.certs).unwrap();
+    let server = Arc::new(Endpoint::bind(lo(), &l.files("alpha")).unwrap());
+    let addr = server.local_addr().unwrap();
+    let srv = {
+        let server = server.clone();
+        tokio::spawn(async move { server.accept().await.map(|r| r.map(|c| c.peer_host)) })
+    };
+    let alice = Endpoint::bind(lo(), &l.files("alice")).unwrap();
+    let _ = ping(&alice, addr, "alpha").await;
+    match srv.await.unwrap() {
+        Some(Err(TransferError::PeerRejected { reason, .. })) => {
+            assert!(reason.contains("DNS"), "{reason}")
+        }
+        other => panic!("an operator's certificate was taken as a peer: {other:?}"),
+    }
+}
