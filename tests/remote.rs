@@ -2,7 +2,9 @@
 //! the cluster file `lab up` writes (an operator's certificate, each agent's API address),
 //! reaches every agent over TCP with mutual TLS and runs, lists, moves and reads a container;
 //! an orchestrator's plain `curl` does the same; a host's certificate is answered 403, and a
-//! certificate of another CA, or none, never gets past the handshake.
+//! certificate of another CA, or none, never gets past the handshake. An agent refuses a
+//! config it cannot run with (a misspelt field, overlay devices that are missing or wrong) at
+//! start, naming the field.
 
 use std::process::{Command, Output};
 
@@ -178,4 +180,44 @@ fn an_operator_away_from_the_hosts_runs_moves_and_reads_containers_over_mutual_t
         text(&refused.stderr)
     );
     assert_runs_on(&lab, "h2", "far");
+}
+
+/// `ferry agent --config` with h1's lab config changed by `edit`: (exit code, stderr).
+fn agent_with(edit: impl FnOnce(&mut Value)) -> (i32, String) {
+    let mut cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{LAB_DIR}/h1.json")).expect("h1's config"),
+    )
+    .expect("JSON");
+    edit(&mut cfg);
+    let path = format!("{LAB_DIR}/h1-edited.json");
+    std::fs::write(&path, cfg.to_string()).expect("writing the config");
+    let out = Command::new(ferry_bin())
+        .args(["agent", "--config", &path])
+        .output()
+        .expect("ferry agent");
+    (out.status.code().unwrap_or(-1), text(&out.stderr))
+}
+
+#[test]
+fn an_agent_refuses_a_config_it_cannot_run_with_and_says_which_field() {
+    let _lab = Lab::up();
+    // A misspelt field is not silently ignored.
+    let (code, err) = agent_with(|c| {
+        c["undelay_ip"] = c["underlay_ip"].clone();
+    });
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("unknown field `undelay_ip`"), "{err}");
+    // The overlay devices are checked at start, not at the first container.
+    let (code, err) = agent_with(|c| c["vxlan"] = "vx9".into());
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("\"vx9\" (config `vxlan`) does not exist") && err.contains("docs/deploy.md"),
+        "{err}"
+    );
+    let (code, err) = agent_with(|c| c["bridge"] = "vx0".into());
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not a bridge"), "{err}");
+    let (code, err) = agent_with(|c| c["underlay_ip"] = "10.231.0.77".into());
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("sends from \"10.231.0.1\""), "{err}");
 }

@@ -168,6 +168,7 @@ pub fn main(cfg: AgentConfig) -> Result<()> {
     if let Some(ns) = &cfg.netns {
         ferry_runtime::netns::enter(ns)?;
     }
+    ferry_runtime::netns::check_overlay_devices(&cfg.bridge, &cfg.vxlan, cfg.underlay_ip)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -185,3 +185,59 @@ pub fn set_child_socket_hashes(buckets: u32) -> Vec<String> {
     }
     done
 }
+
+/// Checks, in the current network namespace, the overlay devices an agent is configured with:
+/// `bridge` is a bridge, `vxlan` a VXLAN device attached to it whose local address is
+/// `underlay`. The agent does not create them (docs/deploy.md, step 2); without this check a
+/// missing device showed only at the first container or migration.
+pub fn check_overlay_devices(
+    bridge: &str,
+    vxlan: &str,
+    underlay: std::net::Ipv4Addr,
+) -> Result<()> {
+    let hint =
+        "create it as docs/deploy.md says (\"The overlay devices\"), or fix the agent's config";
+    let link = |name: &str, field: &str| -> Result<serde_json::Value> {
+        let out = crate::util::ip(["-d", "-j", "link", "show", "dev", name]).map_err(|_| {
+            anyhow::anyhow!(
+                "the device {name:?} (config `{field}`) does not exist on this host: {hint}"
+            )
+        })?;
+        let v: serde_json::Value = serde_json::from_str(&out)
+            .with_context(|| format!("`ip -d -j link show dev {name}` printed no JSON"))?;
+        Ok(v.get(0).cloned().unwrap_or_default())
+    };
+    let br = link(bridge, "bridge")?;
+    let kind = |v: &serde_json::Value| {
+        v["linkinfo"]["info_kind"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    if kind(&br) != "bridge" {
+        anyhow::bail!(
+            "{bridge:?} (config `bridge`) is a {:?} device, not a bridge: {hint}",
+            kind(&br)
+        );
+    }
+    let vx = link(vxlan, "vxlan")?;
+    if kind(&vx) != "vxlan" {
+        anyhow::bail!(
+            "{vxlan:?} (config `vxlan`) is a {:?} device, not a VXLAN device: {hint}",
+            kind(&vx)
+        );
+    }
+    if vx["master"].as_str() != Some(bridge) {
+        anyhow::bail!(
+            "the VXLAN device {vxlan:?} is not attached to the bridge {bridge:?} (its master is {}): `ip link set {vxlan} master {bridge}`",
+            vx["master"].as_str().unwrap_or("none")
+        );
+    }
+    let local = vx["linkinfo"]["info_data"]["local"].as_str().unwrap_or("");
+    if local != underlay.to_string() {
+        anyhow::bail!(
+            "the VXLAN device {vxlan:?} sends from {local:?}, but the agent's underlay_ip is {underlay}: its tunnels would not match the peers' (recreate it with `local {underlay}`)"
+        );
+    }
+    Ok(())
+}
