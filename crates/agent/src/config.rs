@@ -116,6 +116,10 @@ pub struct AgentConfig {
     /// container keeps up to twice this, plus what earlier hosts kept, up to 32 MiB).
     #[serde(default = "default_log_max_bytes")]
     pub log_max_bytes: u64,
+    /// Webhooks every migration from this host calls (`ferry_api::Hook`; a request adds its
+    /// own): `pre_migrate` may veto it; `committed`, `rolled_back` and `finished` are told.
+    #[serde(default)]
+    pub hooks: Vec<ferry_api::Hook>,
 }
 
 /// See [`AgentConfig::lazy_daemon`].

@@ -15,6 +15,7 @@ mod containers;
 mod dirty;
 mod fill;
 mod firstpass;
+mod hooks;
 mod http;
 pub mod images;
 mod incoming;

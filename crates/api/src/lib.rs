@@ -259,6 +259,9 @@ pub struct MigrateRequest {
     /// program that uses one dies with SIGILL there); the report warns.
     #[serde(default)]
     pub ignore_cpu_features: bool,
+    /// Webhooks this migration calls (besides the source host's `hooks`): see [`Hook`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hooks: Vec<Hook>,
 }
 
 /// How long the phases of a migration may take. A phase past its deadline fails, which rolls
@@ -517,6 +520,102 @@ pub struct LogRecord {
     /// The text, with its newline; a line longer than 16 KiB or left unfinished comes in
     /// pieces without one. Bytes that are not UTF-8 read as U+FFFD.
     pub log: String,
+}
+
+/// A webhook an orchestrator gives a migration (`MigrateRequest.hooks`) or a host gives every
+/// migration from it (the agent's `hooks`): the source agent POSTs a [`HookCall`] to `url` at
+/// each of `events`. A `pre_migrate` hook may veto the migration (see [`HookAnswer`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Hook {
+    /// `http://host:port/path` (plain HTTP: put the receiver on a trusted network or
+    /// loopback).
+    pub url: String,
+    /// When to call it (default: at every event).
+    #[serde(default = "Hook::all_events")]
+    pub events: Vec<HookEvent>,
+    /// How long a call may take, ms (default 5000, at most 60000). A `pre_migrate` hook that
+    /// does not answer in time vetoes the migration.
+    #[serde(default = "Hook::default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+impl Hook {
+    fn all_events() -> Vec<HookEvent> {
+        vec![
+            HookEvent::PreMigrate,
+            HookEvent::Committed,
+            HookEvent::RolledBack,
+            HookEvent::Finished,
+        ]
+    }
+    fn default_timeout_ms() -> u64 {
+        5000
+    }
+
+    /// Why this hook cannot be used, if it cannot.
+    pub fn check(&self) -> Result<(), String> {
+        let rest = self
+            .url
+            .strip_prefix("http://")
+            .ok_or_else(|| format!("hook url {:?}: only http:// URLs are called", self.url))?;
+        let authority = rest.split('/').next().unwrap_or_default();
+        if authority.is_empty() || self.url.len() > 2048 {
+            return Err(format!("hook url {:?} names no host", self.url));
+        }
+        if !(1..=60_000).contains(&self.timeout_ms) {
+            return Err(format!(
+                "hook timeout_ms must be between 1 and 60000, got {}",
+                self.timeout_ms
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// When a [`Hook`] is called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum HookEvent {
+    /// Before anything moves: the hook may veto the migration.
+    PreMigrate,
+    /// The commit point passed: the destination owns the container.
+    Committed,
+    /// The migration rolled back: the container runs on at the source.
+    RolledBack,
+    /// The job ended, whatever its outcome (the report is final).
+    Finished,
+}
+
+/// The body of a hook's call.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct HookCall {
+    /// Why it is called.
+    pub event: HookEvent,
+    /// The host calling (the source).
+    pub host: String,
+    /// The job: id, state and report so far.
+    pub job: JobInfo,
+}
+
+/// What a `pre_migrate` hook may answer: any 2xx allows the migration unless its body is this
+/// with `allow: false`; any other status vetoes it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct HookAnswer {
+    /// Whether the migration may go on (default true).
+    #[serde(default = "yes")]
+    pub allow: bool,
+    /// Why not, for the job's error.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `GET /v1/pages`: the memory pages this host keeps by content hash (pre-copied pages of

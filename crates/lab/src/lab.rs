@@ -580,6 +580,7 @@ pub async fn up(
             netns_socket_hash_buckets: 4096,
             lazy_daemon,
             console_shim: Some(exe.to_owned()),
+            hooks: vec![],
             log_max_bytes: ferry_runtime::console::DEFAULT_MAX_BYTES,
         };
         let cfg_path = dir.join(format!("{}.json", h.name));

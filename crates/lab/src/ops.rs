@@ -172,6 +172,7 @@ pub fn stop_copy_to(to: &str) -> MigrateRequest {
         deadlines: Default::default(),
         faults: FaultHooks::default(),
         ignore_cpu_features: false,
+        hooks: vec![],
     }
 }
 pub fn human_bytes(b: u64) -> String {

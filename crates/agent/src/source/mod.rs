@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use ferry_api::{ContainerSpec, FaultHooks, JobEventKind, MigrateMode, MigrateRequest};
+use ferry_api::{
+    ContainerSpec, FaultHooks, HookEvent, JobEventKind, JobInfo, MigrateMode, MigrateRequest,
+};
 use migrate_core::{Action, Event, Migration, Phase, RollbackPlan, RoundStats};
 use shared_fs::Snapshot;
 use tokio::sync::{broadcast, Notify};
@@ -63,6 +65,15 @@ pub(crate) fn start(
             )));
         }
         if let Err(e) = req.deadlines.validate() {
+            return Err(ApiFailure::bad_request(e));
+        }
+        if req.hooks.len() > 16 {
+            return Err(ApiFailure::bad_request(format!(
+                "{} hooks: at most 16 per migration",
+                req.hooks.len()
+            )));
+        }
+        if let Some(e) = req.hooks.iter().find_map(|h| h.check().err()) {
             return Err(ApiFailure::bad_request(e));
         }
         if req.precopy.is_some() && req.mode != MigrateMode::PreCopy {
@@ -148,6 +159,7 @@ pub(crate) fn start(
         jobs.insert(id.clone(), Arc::clone(&job));
     }
     let (a, j) = (Arc::clone(agent), Arc::clone(&job));
+    let a_hooks: Vec<ferry_api::Hook> = agent.cfg.hooks.iter().chain(&req.hooks).cloned().collect();
     let mut rounds = Rounds::new();
     rounds.refuse_tracking = req.faults.refuse_tracking;
     rounds.set_follow_writes(req.precopy.as_ref().is_none_or(|p| p.follow_writes));
@@ -193,6 +205,7 @@ pub(crate) fn start(
             ) << 20,
             memory_bytes: 0,
             ignore_cpu_features: req.ignore_cpu_features,
+            hooks: a_hooks,
             warnings: vec![],
             watch_paths: Default::default(),
             pending: Vec::new(),
@@ -239,6 +252,8 @@ pub(super) struct Driver {
     pub(super) commit_may_be_sent: bool,
     /// Digest of the root filesystem at the freeze, sent for the destination to match.
     pub(super) rootfs_digest: Option<String>,
+    /// The webhooks of this migration: the host's, then the request's ([`crate::hooks`]).
+    pub(super) hooks: Vec<ferry_api::Hook>,
     /// The container's first process and its descriptors 0 to 2 at the prepare (runc's
     /// `descriptors.json` is written again from them at the freeze: see `transfer`).
     pub(super) stdio: Option<(i32, Vec<String>)>,
@@ -454,6 +469,13 @@ impl Driver {
             if m.report().committed && !committed_announced {
                 committed_announced = true;
                 self.job.emit(JobEventKind::Committed);
+                let host = self.agent.cfg.host.clone();
+                if let Ok(w) =
+                    crate::hooks::call(&self.hooks, HookEvent::Committed, &host, &self.job.info())
+                        .await
+                {
+                    self.warnings.extend(w);
+                }
             }
         }
         // The container is no longer "migrating" wherever it ended up.
@@ -461,7 +483,19 @@ impl Driver {
             rec.migrating = false;
         }
         self.agent.save_containers();
+        let state = m.state();
         let report = m.finalize();
+        // The last hooks see the final report; what they say is only logged.
+        let info = JobInfo {
+            id: self.job.id.clone(),
+            state,
+            report: report.clone(),
+        };
+        let host = self.agent.cfg.host.clone();
+        if matches!(report.outcome, migrate_core::Outcome::RolledBack { .. }) {
+            let _ = crate::hooks::call(&self.hooks, HookEvent::RolledBack, &host, &info).await;
+        }
+        let _ = crate::hooks::call(&self.hooks, HookEvent::Finished, &host, &info).await;
         self.agent.metrics.migration_ended(&report, self.page_share);
         info!(job = %self.job.id, outcome = ?report.outcome, frozen_ms = report.frozen_ms, total_ms = report.total_ms, "migration ended");
         self.job.emit(JobEventKind::Finished {

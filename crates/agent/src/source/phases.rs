@@ -22,6 +22,16 @@ impl Driver {
     /// the CPU features and what a lazy restore needs.
     pub(super) async fn preflight(&mut self) -> Result<u64> {
         let _job = self.job.id.clone();
+        // An orchestrator's hook may veto the migration before anything moves.
+        let host = self.agent.cfg.host.clone();
+        let w = crate::hooks::call(
+            &self.hooks,
+            ferry_api::HookEvent::PreMigrate,
+            &host,
+            &self.job.info(),
+        )
+        .await?;
+        self.warnings.extend(w);
         let l = self.agent.layout(&self.spec.name);
         if let Err(e) = &self.agent.criu {
             bail!("CRIU unusable on {}: {e}", self.agent.cfg.host);

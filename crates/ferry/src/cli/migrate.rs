@@ -72,6 +72,11 @@ pub struct MigrateArgs {
     /// program of the container that uses one would die with SIGILL there).
     #[arg(long)]
     pub ignore_cpu_features: bool,
+    /// A webhook to call (`http://host:port/path`): a JSON POST at pre_migrate (a non-2xx
+    /// answer, `{"allow": false}` or no answer within 5 s vetoes), committed, rolled_back and
+    /// finished; repeat for more (docs/api.md, "Hooks").
+    #[arg(long = "hook", value_name = "URL")]
+    pub hooks: Vec<String>,
     /// Roll back if the restore at the destination takes longer than this, in seconds
     /// (default 120).
     #[arg(long)]
@@ -158,6 +163,14 @@ impl MigrateArgs {
             deadlines,
             faults: self.faults.hooks()?,
             ignore_cpu_features: self.ignore_cpu_features,
+            hooks: self
+                .hooks
+                .iter()
+                .map(|url| {
+                    serde_json::from_value(serde_json::json!({ "url": url }))
+                        .map_err(anyhow::Error::from)
+                })
+                .collect::<anyhow::Result<_>>()?,
         };
         if self.pre_copy || self.post_copy {
             let mut p = migrate_core::PrecopyPolicy::default();
