@@ -455,14 +455,19 @@ impl Agent {
         *rounds = r_back;
         started?;
         // A destination that holds no pages cannot hold any of these: no need to ask.
+        let mut to_send = None;
         if round == 1 && rounds.destination_pages != Some(0) {
-            self.ask_held(handle, conn, rounds).await?;
+            to_send = self.ask_held(handle, conn, rounds).await?;
         }
-        let planned: u64 = rounds
-            .todo
-            .iter()
-            .flat_map(|(_, regions)| regions.iter().map(|r| r.end.saturating_sub(r.start)))
-            .sum();
+        // What the round sends: the distinct pages the destination lacks when it was asked
+        // (a container coming back sends little), else every page of the round's regions.
+        let planned: u64 = to_send.map(|pages| pages * PAGE as u64).unwrap_or_else(|| {
+            rounds
+                .todo
+                .iter()
+                .flat_map(|(_, regions)| regions.iter().map(|r| r.end.saturating_sub(r.start)))
+                .sum()
+        });
         handle.planned_bytes.store(planned, Ordering::Relaxed);
         let follow = round == 1 && rounds.follow_writes && rounds.method == Some(Method::UffdWp);
         let (sent, dirty, followed) = if follow {
@@ -570,13 +575,14 @@ impl Agent {
     }
 
     /// First round: hashes everything it will copy and asks the destination which pages it
-    /// already holds (a container coming back finds most of its memory there).
+    /// already holds (a container coming back finds most of its memory there); those join
+    /// `known`. Returns how many distinct pages it lacks (`None`: too many to ask, all go).
     async fn ask_held(
         &self,
         handle: &Arc<Job>,
         conn: &transfer::Connection,
         rounds: &mut Rounds,
-    ) -> Result<()> {
+    ) -> Result<Option<u64>> {
         let job = handle.id.as_str();
         let todo = rounds.todo.clone();
         let h2 = Arc::clone(handle);
@@ -601,7 +607,7 @@ impl Agent {
         .await?;
         if hashes.len() as u64 > crate::proto::MAX_HASHES {
             // Too large to ask at once: copy everything.
-            return Ok(());
+            return Ok(None);
         }
         let (mut send, mut recv) = conn.open().await?;
         {
@@ -631,7 +637,7 @@ impl Agent {
             held += 1;
         }
         info!(%job, distinct_pages = hashes.len(), held, "destination's page holdings");
-        Ok(())
+        Ok(Some(hashes.len() as u64 - held))
     }
 
     /// Reads, hashes and sends the pages of the batches from `work` the destination does not

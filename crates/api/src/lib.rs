@@ -423,7 +423,9 @@ pub enum JobEventKind {
         elapsed_ms: f64,
         /// Bytes sent on the link since the phase started.
         bytes: u64,
-        /// A pre-copy round: the memory it sends, bytes (before deduplication).
+        /// A pre-copy round: the memory it sends, bytes (in the first round, the distinct
+        /// pages the destination lacks once it was asked; else every page of the round, before
+        /// deduplication).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         planned_bytes: Option<u64>,
     },
