@@ -84,6 +84,15 @@ fn receiver() -> (String, Calls) {
     (url, calls)
 }
 
+/// A command's stdout and stderr, as one text.
+fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 fn events(calls: &Calls, path: &str) -> Vec<String> {
     calls
         .lock()
@@ -109,11 +118,7 @@ fn a_pre_migrate_hook_vetoes_and_every_hook_is_called_with_the_job() {
         "--hook",
         &format!("{url}/veto"),
     ]);
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = output_text(&out);
     assert_eq!(out.status.code(), Some(2), "{said}");
     assert!(
         said.contains("vetoed by the pre_migrate hook") && said.contains("maintenance window"),
@@ -136,8 +141,7 @@ fn a_pre_migrate_hook_vetoes_and_every_hook_is_called_with_the_job() {
             "--hook",
             &format!("{url}{path}"),
         ]);
-        let err = String::from_utf8_lossy(&out.stderr).into_owned()
-            + &String::from_utf8_lossy(&out.stdout);
+        let err = output_text(&out);
         assert_eq!(out.status.code(), Some(2), "{err}");
         assert!(err.contains(says), "{path}: {err}");
         assert_runs_on(&lab, "h1", "echo");

@@ -55,8 +55,6 @@ pub fn log_dir(state_dir: &Path, name: &str) -> PathBuf {
 pub struct Console {
     stdout: OwnedFd,
     stderr: OwnedFd,
-    /// The shim's process id.
-    pub pid: u32,
 }
 
 impl Console {
@@ -93,14 +91,9 @@ impl Console {
                 String::from_utf8_lossy(&started.stderr).trim()
             );
         }
-        let pid = std::fs::read_to_string(dir.join(PID_FILE))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0);
         Ok(Console {
             stdout: out_w,
             stderr: err_w,
-            pid,
         })
     }
 
