@@ -23,7 +23,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 # --- runtime and lab tools ----------------------------------------------------------------------
 RUNTIME_PKGS=(runc attr iptables iproute2 iputils-arping busybox-static procps kmod ca-certificates xz-utils curl
-  netcat-openbsd)
+  netcat-openbsd etcd-server etcd-client protobuf-compiler)
 CRIU_BUILD_PKGS=(build-essential pkg-config libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler
   protobuf-compiler python3-protobuf libnl-3-dev libnet1-dev libcap-dev libbsd-dev uuid-dev dpkg-dev patch)
 

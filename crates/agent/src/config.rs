@@ -120,6 +120,12 @@ pub struct AgentConfig {
     /// own): `pre_migrate` may veto it; `committed`, `rolled_back` and `finished` are told.
     #[serde(default)]
     pub hooks: Vec<ferry_api::Hook>,
+    /// The cluster's state in etcd (`ferry_cluster::EtcdConfig`): host leases, container
+    /// ownership, address leases, overlay routes (this agent programs its FDB from them) and
+    /// jobs. Absent: containers and routes are kept by the agents themselves, each migration
+    /// telling every peer directly.
+    #[serde(default)]
+    pub etcd: Option<ferry_cluster::EtcdConfig>,
 }
 
 /// See [`AgentConfig::lazy_daemon`].

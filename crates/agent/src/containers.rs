@@ -93,10 +93,24 @@ impl Agent {
         ferry_runtime::process::workdir(&preq, None).map_err(F::bad_request)?;
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let resources = ferry_runtime::process::resources(&preq, cpus).map_err(F::bad_request)?;
-        let all = self
-            .list_everywhere()
-            .await
-            .map_err(|e| F::unavailable(format!("{e:#}")))?;
+        // With etcd, names and addresses are claimed there atomically (below); without, every
+        // peer is asked what it runs.
+        let (all, in_etcd) = match self.cluster() {
+            Some(c) => {
+                let used = c
+                    .store
+                    .addresses()
+                    .await
+                    .map_err(|e| F::unavailable(e.to_string()))?;
+                (vec![], used)
+            }
+            None => (
+                self.list_everywhere()
+                    .await
+                    .map_err(|e| F::unavailable(format!("{e:#}")))?,
+                vec![],
+            ),
+        };
         if let Some(c) = all.iter().find(|c| c.spec.name == name) {
             return Err(F::conflict(format!(
                 "a container named {name:?} already exists on {}",
@@ -119,10 +133,21 @@ impl Agent {
                 .map(|c| c.spec.ip)
                 .chain(creating.iter().map(|(_, ip)| *ip))
                 .chain(self.cfg.reserved.iter().copied())
+                .chain(in_etcd.iter().filter_map(|a| match a {
+                    std::net::IpAddr::V4(v4) => Some(*v4),
+                    std::net::IpAddr::V6(_) => None,
+                }))
                 .collect();
             let ip = match ip {
                 Some(ip) if used.contains(&ip) => {
-                    return Err(F::conflict(format!("address {ip} is already in use")))
+                    let whose = if self.cluster().is_some() {
+                        " (etcd's address leases)"
+                    } else {
+                        ""
+                    };
+                    return Err(F::conflict(format!(
+                        "address {ip} is already in use{whose}"
+                    )));
                 }
                 Some(ip) => ip,
                 None => ferry_runtime::util::first_free(
@@ -188,6 +213,11 @@ impl Agent {
             process: Default::default(),
             resources,
         };
+        // The name and both addresses, taken in etcd in one transaction (no-op without).
+        self.claim_in_etcd(&spec).await.map_err(|e| match e {
+            ferry_cluster::ClusterError::Taken(m) => F::conflict(m),
+            e => F::unavailable(e.to_string()),
+        })?;
         let l = self.layout(name);
         let console = self.log_dir(name);
         let spawn = {
@@ -240,8 +270,14 @@ impl Agent {
         .map_err(|e| F::internal(e.to_string()))?;
         match r {
             Ok(Ok(s)) => spec = s,
-            Ok(Err(why)) => return Err(F::bad_request(why)),
-            Err(e) => return Err(F::internal(format!("{e:#}"))),
+            Ok(Err(why)) => {
+                self.release_in_etcd(name).await;
+                return Err(F::bad_request(why));
+            }
+            Err(e) => {
+                self.release_in_etcd(name).await;
+                return Err(F::internal(format!("{e:#}")));
+            }
         }
         let rec = ContainerRecord {
             spec: spec.clone(),
@@ -249,11 +285,14 @@ impl Agent {
         };
         lock(&self.containers).insert(name.to_string(), rec.clone());
         self.save_containers();
-        if let Err(e) = self
-            .route_everywhere(&spec.mac, Some(&self.cfg.host.clone()), None)
-            .await
-        {
-            warn!(container = name, error = %format!("{e:#}"), "overlay not updated on every host");
+        // With etcd the claim set the route, and every host follows it.
+        if self.cluster().is_none() {
+            if let Err(e) = self
+                .route_everywhere(&spec.mac, Some(&self.cfg.host.clone()), None)
+                .await
+            {
+                warn!(container = name, error = %format!("{e:#}"), "overlay not updated on every host");
+            }
         }
         info!(container = name, ip = %spec.ip, "container started");
         Ok(self.container_info(&rec))
@@ -282,7 +321,9 @@ impl Agent {
         .map_err(|e| http::ApiFailure::internal(e.to_string()))?;
         lock(&self.containers).remove(name);
         self.save_containers();
-        if let Err(e) = self.route_everywhere(&rec.spec.mac, None, None).await {
+        if self.cluster().is_some() {
+            self.release_in_etcd(name).await;
+        } else if let Err(e) = self.route_everywhere(&rec.spec.mac, None, None).await {
             warn!(container = name, error = %format!("{e:#}"), "overlay not updated on every host");
         }
         Ok(())

@@ -362,8 +362,7 @@ impl Agent {
             .get(&rec.name)
             .map(|c| c.spec.mac.clone());
         if let Some(mac) = mac {
-            let me = self.cfg.host.clone();
-            if let Err(e) = self.route_everywhere(&mac, Some(&me), None).await {
+            if let Err(e) = self.route_back_here(&rec.name, &mac, None).await {
                 warn!(job = %rec.job, error = %format!("{e:#}"), "pointing the overlay back here");
             }
         }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod proto;
 
 mod base;
+mod cluster;
 mod console;
 mod containers;
 mod dirty;
@@ -160,6 +161,8 @@ pub(crate) struct Agent {
     frozen_copies: Mutex<HashMap<String, Arc<lazy::FrozenCopy>>>,
     /// Prometheus metrics (`GET /v1/metrics`).
     metrics: metrics::Metrics,
+    /// The cluster's etcd, when configured (`cluster`): routes, ownership, leases.
+    cluster: Option<cluster::Cluster>,
 }
 
 /// Entry point of `ferry agent`. Enters the configured network namespace first, then starts
@@ -304,6 +307,7 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         warn!(version = criu_patch, "CRIU lacks Ferry's patch (scripts/setup.sh builds it): lazy dumps splice every page, and a lazy restore here cannot serve a mapping of 2 GiB or more");
     }
     let containers = load_containers(&cfg.state_dir.join("containers.json"))?;
+    let cluster = cluster::connect(&cfg).await?;
     let store_dir = cfg.state_dir.join("store");
     let store = Arc::new(
         shared_fs::Store::open(&store_dir)
@@ -332,12 +336,18 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         filled: Default::default(),
         store_grants: Default::default(),
         frozen_copies: Default::default(),
-        metrics: metrics::Metrics::new(),
+        metrics: metrics::Metrics::new(cluster.is_some()),
+        cluster,
         cfg,
     });
     agent.settle_unfinished_fills().await;
     agent.clean_stale_incoming().await;
     agent.recover_outgoing().await;
+    if agent.cluster().is_some() {
+        agent.adopt_containers().await;
+        tokio::spawn(Arc::clone(&agent).route_controller());
+        tokio::spawn(Arc::clone(&agent).host_updates());
+    }
     info!(host = %agent.cfg.host, api = %agent.cfg.api_socket.display(), "agent up");
 
     let quic = tokio::spawn(peer::serve(Arc::clone(&agent)));

@@ -76,7 +76,35 @@ pub(crate) struct Metrics {
     image_store_images: Gauge,
     jobs_in_flight: Gauge,
     containers: Gauge,
+    /// Registered only when the agent uses etcd.
+    cluster: Option<ClusterMetrics>,
 }
+
+/// The etcd side of a host's metrics (`etcd` configured).
+struct ClusterMetrics {
+    connected: Gauge,
+    lease_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    lease_regrants: Gauge,
+    watching: Gauge,
+    watch_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
+    revision: Gauge,
+    routes: Gauge,
+    fdb_changes: Gauge,
+    resyncs: Gauge,
+    switch: Histogram,
+}
+
+/// What the etcd side says at one scrape.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ClusterSample {
+    pub(crate) lease: ferry_cluster::store::LeaseState,
+    pub(crate) routes: super::cluster::RouteStatus,
+}
+
+/// Upper bounds of the route-switch buckets, seconds: 1 ms to 10 s.
+const SWITCH_BUCKETS: [f64; 12] = [
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 10.0,
+];
 
 /// What the host's gauges say at one scrape.
 #[derive(Debug, Clone, Default)]
@@ -90,6 +118,8 @@ pub(crate) struct Sample {
     pub(crate) jobs_in_flight: usize,
     /// Containers on this host.
     pub(crate) containers: usize,
+    /// The etcd side, when the agent uses etcd.
+    pub(crate) cluster: Option<ClusterSample>,
 }
 
 /// Bytes a migration sent, by kind (`ferry_migration_bytes_total`), derived from its report.
@@ -181,7 +211,7 @@ fn gauge_value(n: u64) -> i64 {
 }
 
 impl Metrics {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(with_cluster: bool) -> Self {
         let mut registry = Registry::default();
         let migrations = Family::<Ended, Counter>::default();
         registry.register(
@@ -262,6 +292,69 @@ impl Metrics {
             "Migration jobs of this host (as the source) that have not ended",
         );
         let containers = gauge(&mut registry, "ferry_containers", "Containers on this host");
+        let cluster = with_cluster.then(|| {
+            let lease_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+            registry.register_with_unit(
+                "ferry_etcd_lease_age",
+                "Time since this host's lease was last renewed in etcd",
+                Unit::Seconds,
+                lease_age.clone(),
+            );
+            let watch_lag = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+            registry.register_with_unit(
+                "ferry_etcd_watch_lag",
+                "Time from the last route change's write in etcd to its programming here",
+                Unit::Seconds,
+                watch_lag.clone(),
+            );
+            let switch = Histogram::new(SWITCH_BUCKETS.iter().copied());
+            registry.register_with_unit(
+                "ferry_route_switch",
+                "Network switches of migrations from this host: the etcd transaction until every live host programmed it",
+                Unit::Seconds,
+                switch.clone(),
+            );
+            ClusterMetrics {
+                connected: gauge(
+                    &mut registry,
+                    "ferry_etcd_connected",
+                    "1 when the last renewal of this host's lease reached etcd",
+                ),
+                lease_age,
+                lease_regrants: gauge(
+                    &mut registry,
+                    "ferry_etcd_lease_regrants",
+                    "Leases granted anew after this host's lapsed (it was cut off from etcd)",
+                ),
+                watching: gauge(
+                    &mut registry,
+                    "ferry_etcd_watching",
+                    "1 when the watch of the routes in etcd is open",
+                ),
+                watch_lag,
+                revision: gauge(
+                    &mut registry,
+                    "ferry_etcd_revision",
+                    "The etcd revision this host's overlay FDB agrees with",
+                ),
+                routes: gauge(
+                    &mut registry,
+                    "ferry_overlay_routes",
+                    "Routes (MACs) in etcd this host has programmed",
+                ),
+                fdb_changes: gauge(
+                    &mut registry,
+                    "ferry_overlay_fdb_changes",
+                    "Changes made to this host's VXLAN FDB from etcd since the agent started",
+                ),
+                resyncs: gauge(
+                    &mut registry,
+                    "ferry_etcd_resyncs",
+                    "Times the routes were listed again after the watch broke",
+                ),
+                switch,
+            }
+        });
         // Every series from the start, at 0: a rate over a series that appears with its first
         // event would miss that event.
         for mode in MODES {
@@ -289,6 +382,14 @@ impl Metrics {
             image_store_images,
             jobs_in_flight,
             containers,
+            cluster,
+        }
+    }
+
+    /// Counts a migration's network switch through etcd, seconds.
+    pub(crate) fn observe_route_switch(&self, s: f64) {
+        if let Some(c) = &self.cluster {
+            c.switch.observe(s);
         }
     }
 
@@ -331,6 +432,18 @@ impl Metrics {
         self.jobs_in_flight
             .set(gauge_value(now.jobs_in_flight as u64));
         self.containers.set(gauge_value(now.containers as u64));
+        if let (Some(m), Some(c)) = (&self.cluster, &now.cluster) {
+            m.connected.set(i64::from(c.lease.connected));
+            let age_ms = ferry_cluster::records::now_ms().saturating_sub(c.lease.renewed_ms);
+            m.lease_age.set(age_ms as f64 / 1000.0);
+            m.lease_regrants.set(gauge_value(c.lease.regranted));
+            m.watching.set(i64::from(c.routes.watching));
+            m.watch_lag.set(c.routes.last_lag_ms as f64 / 1000.0);
+            m.revision.set(c.routes.revision);
+            m.routes.set(gauge_value(c.routes.routes));
+            m.fdb_changes.set(gauge_value(c.routes.changes));
+            m.resyncs.set(gauge_value(c.routes.resyncs));
+        }
         let mut out = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)?;
         Ok(out)
@@ -356,6 +469,10 @@ impl Agent {
             store: usage,
             jobs_in_flight,
             containers: lock(&self.containers).len(),
+            cluster: self.cluster().map(|c| ClusterSample {
+                lease: c.reg.state(),
+                routes: lock(&c.status).clone(),
+            }),
         })
     }
 }

@@ -316,6 +316,7 @@ async fn dispatch(
             memory_bytes,
             restore_lazily,
             descriptors,
+            fence,
         } => {
             // The page store grows only by what this host can hold (a peer may say anything).
             agent.check_memory(memory_bytes, true).await?;
@@ -328,6 +329,7 @@ async fn dispatch(
                         spec: *spec,
                         restore_lazily,
                         descriptors,
+                        fence,
                     },
                     recv,
                 )

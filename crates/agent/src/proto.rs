@@ -65,6 +65,11 @@ pub enum PeerRequest {
         /// them before the images come.
         #[serde(default)]
         descriptors: Option<Vec<String>>,
+        /// The container's fencing token in etcd (the revision of its record the source
+        /// read at the preflight): the destination's commit moves the record only if it is
+        /// unchanged. Absent without etcd.
+        #[serde(default)]
+        fence: Option<i64>,
     },
     /// Point `mac` at `host`'s VTEP in your overlay (`None`: forget it).
     Route {

@@ -98,9 +98,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     hosts,
                     link_rate,
                     lazy_daemon,
+                    etcd,
                 } => {
                     let (exe, workload) = exe_paths()?;
-                    ferry_lab::lab::up(&dir, hosts, &exe, &workload, link_rate, lazy_daemon)
+                    ferry_lab::lab::up(&dir, hosts, &exe, &workload, link_rate, lazy_daemon, etcd)
                         .await?;
                 }
                 LabCmd::Shape { rate } => {
@@ -142,6 +143,30 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     )?;
                     ferry_lab::lab::wait_agent(&lab, &host).await?;
                     eprintln!("lab: agent on {host} started");
+                }
+                LabCmd::StartEtcd { member } => {
+                    let lab = Lab::load(&dir)?;
+                    let m = lab
+                        .etcd
+                        .iter()
+                        .find(|m| m.name == member)
+                        .with_context(|| {
+                            format!(
+                                "no etcd member {member:?} in this lab (it has {})",
+                                lab.etcd
+                                    .iter()
+                                    .map(|m| m.name.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )
+                        })?;
+                    ferry_lab::lab::start_etcd_member(&lab, m)?;
+                    eprintln!("lab: etcd member {member} started");
+                }
+                LabCmd::Etcdctl { args } => {
+                    let lab = Lab::load(&dir)?;
+                    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                    print!("{}", ferry_lab::lab::etcdctl(&lab, &args)?);
                 }
                 LabCmd::Exec { host, cmd } => {
                     let lab = Lab::load(&dir)?;

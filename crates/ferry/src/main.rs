@@ -403,6 +403,12 @@ enum LabCmd {
         /// config): `agent` or `criu`.
         #[arg(long, default_value_t)]
         lazy_daemon: ferry_agent::config::LazyDaemon,
+        /// Keep the cluster's state in a real three-member etcd cluster inside the lab
+        /// (Debian's etcd-server; mutual TLS with the lab's CA): hosts register under leases,
+        /// containers and addresses are claimed there, and every agent programs its overlay
+        /// from the routes in it.
+        #[arg(long)]
+        etcd: bool,
     },
     /// Change the underlay links' rate limit of a running lab (`none` removes it).
     Shape {
@@ -421,6 +427,18 @@ enum LabCmd {
     StartAgent {
         /// Host name.
         host: String,
+    },
+    /// Start a member of the lab's etcd cluster again (`lab up --etcd`; after it was stopped).
+    StartEtcd {
+        /// Member name (`etcd1`, `etcd2`, `etcd3`).
+        member: String,
+    },
+    /// Run etcdctl against the lab's etcd cluster (`lab up --etcd`), with the operator's
+    /// certificate: `ferry lab etcdctl -- get --prefix /ferry/routes/`.
+    Etcdctl {
+        /// etcdctl's arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Run a command inside a lab host.
     Exec {

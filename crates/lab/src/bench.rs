@@ -329,7 +329,7 @@ pub async fn run(dir: &Path, exe: &Path, workload: &Path, opts: BenchOpts) -> Re
         eprintln!("bench: replacing the running lab at {}", dir.display());
     }
     crate::lab::down(dir)?;
-    let mut lab = crate::lab::up(dir, 2, exe, workload, None, Default::default()).await?;
+    let mut lab = crate::lab::up(dir, 2, exe, workload, None, Default::default(), false).await?;
     let r = async {
         let counters = ByteCounters::install(&lab, FROM, TO)?;
         let mut bare = vec![];

@@ -560,7 +560,7 @@ pub async fn run(
     baseline: bool,
 ) -> Result<ExitCode> {
     crate::lab::down(dir)?;
-    let lab = crate::lab::up(dir, 2, exe, workload, None, Default::default()).await?;
+    let lab = crate::lab::up(dir, 2, exe, workload, None, Default::default(), false).await?;
     let r = demo(&lab, exe, workload, json, baseline).await;
     if !keep {
         crate::lab::down(dir)?;

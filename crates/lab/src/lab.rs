@@ -42,6 +42,9 @@ pub struct Lab {
     /// Rate limit of every host's underlay link, when shaped.
     #[serde(default)]
     pub link_rate: Option<LinkRate>,
+    /// The lab's etcd cluster (`lab up --etcd`): its members, which the agents use.
+    #[serde(default)]
+    pub etcd: Vec<EtcdMember>,
     /// Reach agents over TCP with these TLS files (an operator's), not through their Unix
     /// sockets: set when read from a cluster file ([`Cluster`]).
     #[serde(skip)]
@@ -120,6 +123,7 @@ impl Cluster {
                 })
                 .collect(),
             dir: file.parent().unwrap_or(Path::new("/")).to_path_buf(),
+            etcd: vec![],
             link_rate: None,
             remote: Some(transfer::TlsFiles {
                 ca: self.ca,
@@ -227,6 +231,163 @@ pub fn set_link_rate(lab: &mut Lab, rate: Option<LinkRate>) -> Result<()> {
     Ok(())
 }
 
+/// One member of the lab's etcd cluster, in a namespace of its own on the underlay.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EtcdMember {
+    /// Its name (`etcd1`...).
+    pub name: String,
+    /// Its network namespace.
+    pub netns: String,
+    /// Its underlay address (clients on port 2379, peers on 2380, both with mutual TLS).
+    pub ip: Ipv4Addr,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// Its log.
+    pub log: PathBuf,
+    /// Its pid file.
+    pub pid_file: PathBuf,
+}
+
+impl EtcdMember {
+    /// Its client URL.
+    pub fn client_url(&self) -> String {
+        format!("https://{}:{ETCD_CLIENT_PORT}", self.ip)
+    }
+
+    fn peer_url(&self) -> String {
+        format!("https://{}:{ETCD_PEER_PORT}", self.ip)
+    }
+}
+
+/// Members of the lab's etcd cluster.
+const ETCD_MEMBERS: usize = 3;
+/// etcd's client port.
+pub const ETCD_CLIENT_PORT: u16 = 2379;
+const ETCD_PEER_PORT: u16 = 2380;
+
+/// Starts one etcd member of the lab (again, after a test stopped it: same data directory).
+pub fn start_etcd_member(lab: &Lab, m: &EtcdMember) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let pki = lab.dir.join("pki");
+    let cluster: Vec<String> = lab
+        .etcd
+        .iter()
+        .map(|o| format!("{}={}", o.name, o.peer_url()))
+        .collect();
+    let state = if m.data_dir.join("member").is_dir() {
+        "existing"
+    } else {
+        "new"
+    };
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&m.log)?;
+    let cert = pki.join(format!("{}.pem", m.name));
+    let key = pki.join(format!("{}.key", m.name));
+    let ca = pki.join("ca.pem");
+    let child = Command::new("ip")
+        .args(["netns", "exec", &m.netns, "etcd"])
+        .arg("--name")
+        .arg(&m.name)
+        .arg("--data-dir")
+        .arg(&m.data_dir)
+        .args(["--listen-client-urls", &m.client_url()])
+        .args(["--advertise-client-urls", &m.client_url()])
+        .args(["--listen-peer-urls", &m.peer_url()])
+        .args(["--initial-advertise-peer-urls", &m.peer_url()])
+        .args(["--initial-cluster", &cluster.join(",")])
+        .args(["--initial-cluster-token", "ferry-lab"])
+        .args(["--initial-cluster-state", state])
+        .arg("--client-cert-auth")
+        .arg("--cert-file")
+        .arg(&cert)
+        .arg("--key-file")
+        .arg(&key)
+        .arg("--trusted-ca-file")
+        .arg(&ca)
+        .arg("--peer-client-cert-auth")
+        .arg("--peer-cert-file")
+        .arg(&cert)
+        .arg("--peer-key-file")
+        .arg(&key)
+        .arg("--peer-trusted-ca-file")
+        .arg(&ca)
+        // A lab's members share one machine's disk: short heartbeats, no fsync stalls
+        // mistaken for a dead leader.
+        .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+        .args(["--logger", "zap", "--log-level", "warn"])
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting etcd member {} (is etcd installed? scripts/setup.sh installs Debian's etcd-server)", m.name))?;
+    std::fs::write(&m.pid_file, child.id().to_string())?;
+    Ok(())
+}
+
+/// `etcdctl` against the lab's cluster, run in a member's namespace with the operator's
+/// certificate; its standard output.
+pub fn etcdctl(lab: &Lab, args: &[&str]) -> Result<String> {
+    let m = lab
+        .etcd
+        .first()
+        .context("this lab has no etcd (ferry lab up --etcd)")?;
+    let pki = lab.dir.join("pki");
+    let endpoints: Vec<String> = lab.etcd.iter().map(|m| m.client_url()).collect();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &m.netns, "etcdctl"])
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", endpoints.join(",")))
+        .arg(format!("--cacert={}", pki.join("ca.pem").display()))
+        .arg(format!("--cert={}", pki.join("operator.pem").display()))
+        .arg(format!("--key={}", pki.join("operator.key").display()))
+        .args(["--command-timeout=5s"])
+        .args(args)
+        .output()
+        .context("running etcdctl")?;
+    if !out.status.success() {
+        bail!(
+            "etcdctl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Waits until every member of the lab's etcd answers.
+fn wait_etcd(lab: &Lab) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match etcdctl(lab, &["endpoint", "health", "--cluster"]) {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() > deadline => {
+                let logs: Vec<String> = lab
+                    .etcd
+                    .iter()
+                    .map(|m| {
+                        let t = std::fs::read_to_string(&m.log).unwrap_or_default();
+                        let tail: Vec<&str> = t.lines().rev().take(3).collect();
+                        format!(
+                            "{} ({}):\n{}",
+                            m.name,
+                            m.log.display(),
+                            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                        )
+                    })
+                    .collect();
+                bail!(
+                    "the lab's etcd did not become healthy within 30 s ({e:#}); logs:\n{}",
+                    logs.join("\n")
+                );
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
 /// One lab host.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LabHost {
@@ -314,6 +475,7 @@ pub async fn up(
     workload: &Path,
     link_rate: Option<LinkRate>,
     lazy_daemon: ferry_agent::config::LazyDaemon,
+    etcd: bool,
 ) -> Result<Lab> {
     if !(1..=20).contains(&hosts) {
         bail!("--hosts must be between 1 and 20, got {hosts}");
@@ -477,6 +639,69 @@ pub async fn up(
         });
     }
 
+    // The etcd cluster's members, each in a namespace of its own on the underlay.
+    let members: Vec<EtcdMember> = if etcd {
+        (1..=ETCD_MEMBERS)
+            .map(|i| {
+                let name = format!("etcd{i}");
+                EtcdMember {
+                    netns: host_ns(&name),
+                    ip: Ipv4Addr::new(10, 231, 0, 240 + i as u8),
+                    data_dir: dir.join("etcd").join(&name),
+                    log: dir.join(format!("{name}.log")),
+                    pid_file: dir.join(format!("{name}.pid")),
+                    name,
+                }
+            })
+            .collect()
+    } else {
+        vec![]
+    };
+    for m in &members {
+        eprintln!(
+            "lab: etcd member {} (namespace {}, underlay {})",
+            m.name, m.netns, m.ip
+        );
+        ip(["netns", "add", &m.netns])?;
+        ip(["-n", &m.netns, "link", "set", "lo", "up"])?;
+        let port = format!("ul-{}", m.name);
+        ip([
+            "-n",
+            UNDERLAY_NS,
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ul0",
+            "netns",
+            &m.netns,
+        ])?;
+        ip([
+            "-n",
+            UNDERLAY_NS,
+            "link",
+            "set",
+            &port,
+            "master",
+            "ul0",
+            "up",
+        ])?;
+        ip([
+            "-n",
+            &m.netns,
+            "addr",
+            "add",
+            &format!("{}/24", m.ip),
+            "dev",
+            "ul0",
+        ])?;
+        ip(["-n", &m.netns, "link", "set", "ul0", "up"])?;
+        std::fs::create_dir_all(&m.data_dir)?;
+    }
+
     // Overlay forwarding: flood entries to every other host, and the client's MAC.
     let client_mac: Mac = ferry_api::mac_for_ip(CLIENT_OVERLAY_IP)
         .parse()
@@ -516,6 +741,49 @@ pub async fn up(
     }
     transfer::pki::issue_operator_cert(&pki, "operator", &pki)
         .context("issuing the lab operator's certificate")?;
+    for m in &members {
+        transfer::pki::issue_host_cert_with_ips(&pki, &m.name, &[m.ip.into()], &pki)
+            .with_context(|| format!("issuing a certificate for {}", m.name))?;
+    }
+    let etcd_cfg = if members.is_empty() {
+        None
+    } else {
+        let probe = Lab {
+            hosts: vec![],
+            dir: dir.to_owned(),
+            link_rate: None,
+            etcd: members.clone(),
+            remote: None,
+        };
+        for m in &members {
+            start_etcd_member(&probe, m)?;
+        }
+        wait_etcd(&probe)?;
+        // The client is on the overlay but runs no container: its MAC's route is static.
+        let route = serde_json::json!({
+            "host": "client",
+            "vtep": client_vtep,
+            "owner": "client",
+            "at_ms": 0,
+        });
+        etcdctl(
+            &probe,
+            &[
+                "put",
+                &format!("/ferry/routes/{client_mac}"),
+                &route.to_string(),
+            ],
+        )
+        .context("recording the client's route in etcd")?;
+        eprintln!("lab: etcd cluster of {} members up", members.len());
+        Some(ferry_cluster::EtcdConfig {
+            endpoints: members.iter().map(|m| m.client_url()).collect(),
+            prefix: "/ferry".into(),
+            tls: None,
+            lease_ttl_s: 3,
+            timeout_ms: 2000,
+        })
+    };
     let cluster = Cluster {
         ca: pki.join("ca.pem"),
         cert: pki.join("operator.pem"),
@@ -582,6 +850,7 @@ pub async fn up(
             console_shim: Some(exe.to_owned()),
             hooks: vec![],
             log_max_bytes: ferry_runtime::console::DEFAULT_MAX_BYTES,
+            etcd: etcd_cfg.clone(),
         };
         let cfg_path = dir.join(format!("{}.json", h.name));
         std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)?;
@@ -591,6 +860,7 @@ pub async fn up(
         hosts: lab_hosts,
         dir: dir.to_owned(),
         link_rate: None,
+        etcd: members,
         remote: None,
     };
     for h in &lab.hosts {
@@ -673,7 +943,11 @@ pub fn down(dir: &Path) -> Result<()> {
                     // Only a Ferry agent: a stale pid file may name a reused pid.
                     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
                     let cmdline = String::from_utf8_lossy(&cmdline);
-                    if cmdline.contains("ferry") && cmdline.contains("agent") {
+                    let agent = cmdline.contains("ferry") && cmdline.contains("agent");
+                    // The lab's etcd members run with their data under the lab directory.
+                    let etcd =
+                        cmdline.starts_with("etcd") && cmdline.contains(&*dir.to_string_lossy());
+                    if agent || etcd {
                         let pid = nix::unistd::Pid::from_raw(pid);
                         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
                     }

@@ -79,6 +79,8 @@ pub(crate) struct Incoming {
     /// What the source said the container's descriptors 0 to 2 are: the prestarted restore's
     /// `descriptors.json`.
     descriptors: Option<Vec<String>>,
+    /// The container's fencing token in etcd, from the source (see `commit_incoming`).
+    fence: Option<i64>,
     /// The pipes of the console shim the restored container writes into (the agent's copies
     /// of their writing ends close with the job).
     console: Option<Arc<ferry_runtime::console::Console>>,
@@ -403,7 +405,17 @@ impl Agent {
             spec,
             restore_lazily,
             descriptors,
+            fence,
         } = req;
+        if self.cluster().is_some() && fence.is_none() {
+            return Err(refuse(
+                ErrorCode::BadRequest,
+                format!(
+                    "job {job}: this host keeps the cluster's state in etcd and {peer} sent no fencing revision for {:?}: configure {peer}'s agent with etcd too",
+                    spec.name
+                ),
+            ));
+        }
         if spec.prefix_len != self.cfg.overlay_prefix_len {
             return Err(refuse(
                 ErrorCode::BadRequest,
@@ -502,6 +514,7 @@ impl Agent {
                         filling: false,
                         prestarted,
                         descriptors,
+                        fence,
                         console,
                         finishing: None,
                         images: tokio::sync::watch::channel(None).0,
@@ -586,6 +599,8 @@ pub(crate) struct Prepare {
     /// The container's descriptors 0 to 2 as the source reads them (see
     /// [`crate::proto::PeerRequest::Prepare`]).
     pub descriptors: Option<Vec<String>>,
+    /// The container's fencing token in etcd (see [`crate::proto::PeerRequest::Prepare`]).
+    pub fence: Option<i64>,
 }
 
 pub(crate) fn valid_job(job: &str) -> bool {

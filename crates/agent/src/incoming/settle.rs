@@ -99,6 +99,25 @@ impl Agent {
                 job: job.to_string(),
             });
         };
+        // With etcd, the commit point is the transaction that moves the container's record
+        // here, only if it is still at the revision the source read (its fencing token): a
+        // copy whose ownership did not move never runs. An outcome etcd cannot tell yet
+        // keeps the job (the source asks again); a refusal aborts it.
+        if let Err(e) = self.commit_in_etcd(job, &inc.spec, inc.fence).await {
+            if e.is_unavailable() {
+                incoming.insert(job.to_string(), inc);
+                return Err(anyhow::Error::new(e).context(format!(
+                    "job {job}: the container's ownership could not be moved in etcd yet"
+                )));
+            }
+            warn!(%job, error = %e, "ownership not moved in etcd: the copy here is never run");
+            incoming.insert(job.to_string(), inc);
+            drop(incoming);
+            self.abort_incoming(job, &format!("{e}")).await;
+            return Ok(PeerResponse::Aborted {
+                job: job.to_string(),
+            });
+        }
         // The commit point: recorded (synced) before anything else, under the lock that keeps
         // the watchdog and aborts away from this job.
         if let Err(e) = self.record_committed(job, &inc.from, &inc.spec.name) {

@@ -78,7 +78,7 @@ fn value(text: &str, series: &str) -> f64 {
 
 #[test]
 fn finished_reports_are_counted_by_result_mode_and_kind() {
-    let metrics = Metrics::new();
+    let metrics = Metrics::new(false);
     let completed = drive(
         with_base(Migration::new("j1", "c", "h1", "h2")),
         None,
@@ -233,7 +233,7 @@ fn page_images_take_their_share_of_the_transfer() {
 
 #[test]
 fn gauges_are_those_of_the_sample() {
-    let metrics = Metrics::new();
+    let metrics = Metrics::new(false);
     let now = Sample {
         pages: 12,
         max_pages: 1 << 20,
@@ -245,8 +245,13 @@ fn gauges_are_those_of_the_sample() {
         },
         jobs_in_flight: 1,
         containers: 4,
+        cluster: None,
     };
     let text = metrics.encode(&now).unwrap();
+    assert!(
+        !text.contains("ferry_etcd"),
+        "no etcd series without etcd:\n{text}"
+    );
     for (series, v) in [
         ("ferry_page_store_pages", 12.0),
         ("ferry_page_store_max_pages", f64::from(1 << 20)),
@@ -269,4 +274,44 @@ fn gauges_are_those_of_the_sample() {
         text.contains("# TYPE ferry_migration_frozen_seconds histogram"),
         "{text}"
     );
+}
+
+#[test]
+fn etcd_gauges_are_those_of_the_sample() {
+    let metrics = Metrics::new(true);
+    metrics.observe_route_switch(0.004);
+    let now = Sample {
+        cluster: Some(super::ClusterSample {
+            lease: ferry_cluster::store::LeaseState {
+                lease: 99,
+                connected: true,
+                renewed_ms: ferry_cluster::records::now_ms(),
+                regranted: 2,
+            },
+            routes: crate::cluster::RouteStatus {
+                watching: true,
+                revision: 41,
+                routes: 5,
+                changes: 9,
+                resyncs: 1,
+                last_lag_ms: 3,
+            },
+        }),
+        ..Default::default()
+    };
+    let text = metrics.encode(&now).unwrap();
+    for (series, v) in [
+        ("ferry_etcd_connected", 1.0),
+        ("ferry_etcd_lease_regrants", 2.0),
+        ("ferry_etcd_watching", 1.0),
+        ("ferry_etcd_watch_lag_seconds", 0.003),
+        ("ferry_etcd_revision", 41.0),
+        ("ferry_overlay_routes", 5.0),
+        ("ferry_overlay_fdb_changes", 9.0),
+        ("ferry_etcd_resyncs", 1.0),
+        ("ferry_route_switch_seconds_count", 1.0),
+    ] {
+        assert_eq!(value(&text, series), v, "{series} in:\n{text}");
+    }
+    assert!(value(&text, "ferry_etcd_lease_age_seconds") < 5.0, "{text}");
 }

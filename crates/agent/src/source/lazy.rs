@@ -709,11 +709,10 @@ impl super::Driver {
 
     /// After a failed fill: points the overlay back here, and lets the frozen copy run on.
     pub(crate) async fn resume_frozen_copy(&mut self) -> Result<()> {
-        let me = self.agent.cfg.host.clone();
         // The destination removed its copy (and its routes) before it answered.
         let routed = self
             .agent
-            .route_everywhere(&self.spec.mac, Some(&me), None)
+            .route_back_here(&self.spec.name, &self.spec.mac, None)
             .await;
         self.resume_source();
         self.stop_tracking_off_the_freeze().await;

@@ -207,6 +207,7 @@ pub(crate) fn start(
             ignore_cpu_features: req.ignore_cpu_features,
             hooks: a_hooks,
             warnings: vec![],
+            fence: None,
             watch_paths: Default::default(),
             pending: Vec::new(),
             relay_confirm: None,
@@ -311,6 +312,9 @@ pub(super) struct Driver {
     pub(super) ignore_cpu_features: bool,
     /// Warnings of the phases before the commit, for the report.
     pub(super) warnings: Vec<String>,
+    /// The container's fencing token in etcd (its record's revision at the preflight), when
+    /// the cluster uses etcd: the network switch and the destination's commit require it.
+    pub(super) fence: Option<i64>,
     /// Paths of the inodes the container's inotify and fanotify marks watch, found at the
     /// preflight and again right before the freeze (new watches only), for CRIU.
     pub(super) watch_paths: Arc<std::sync::Mutex<ferry_runtime::inspect::WatchPaths>>,
@@ -681,11 +685,10 @@ impl Driver {
             }
         }
         if plan.redirect_back {
-            let me = self.agent.cfg.host.clone();
             // The destination may be the unreachable one; every other host must follow.
             if let Err(e) = self
                 .agent
-                .route_everywhere(&self.spec.mac, Some(&me), Some(&self.to))
+                .route_back_here(&self.spec.name, &self.spec.mac, Some(&self.to))
                 .await
             {
                 errors.push(format!("{e:#}"));

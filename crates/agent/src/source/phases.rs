@@ -32,6 +32,9 @@ impl Driver {
         )
         .await?;
         self.warnings.extend(w);
+        // The cluster must say this host owns the container; its record's revision now is
+        // what every later step of the move requires unchanged.
+        self.fence = self.agent.fence_of(&self.spec).await?;
         let l = self.agent.layout(&self.spec.name);
         if let Err(e) = &self.agent.criu {
             bail!("CRIU unusable on {}: {e}", self.agent.cfg.host);
@@ -236,6 +239,7 @@ impl Driver {
             },
             restore_lazily: self.mode == MigrateMode::PreCopy && self.rounds.placement.is_some(),
             descriptors: self.stdio.as_ref().map(|(_, d)| d.clone()),
+            fence: self.fence,
         };
         // The container runs: what changes under this first copy goes again with the
         // next diff (a round, or the final one while it is frozen).
@@ -264,9 +268,18 @@ impl Driver {
         // runc checkpoint gets ready first: from the redirect on, the container's
         // packets wait at the destination.
         self.start_dump_ahead().await;
-        self.agent
-            .route_everywhere(&self.spec.mac, Some(&self.to), None)
-            .await?;
+        match self.fence {
+            Some(fence) => {
+                self.agent
+                    .switch_route(&self.spec.name, fence, &self.spec.mac, &self.to)
+                    .await?
+            }
+            None => {
+                self.agent
+                    .route_everywhere(&self.spec.mac, Some(&self.to), None)
+                    .await?
+            }
+        }
         Ok(0)
     }
 
