@@ -239,6 +239,11 @@ impl Agent {
             .ok_or_else(|| anyhow!("no etcd configured"))?;
         let t = std::time::Instant::now();
         let route = self.route_to(to, name)?;
+        let synced = c
+            .store
+            .watch_synced()
+            .await
+            .with_context(|| format!("switching {name}'s route to {to} in etcd"))?;
         let rev = c
             .store
             .switch_route(name, fence, mac, &route)
@@ -246,7 +251,7 @@ impl Agent {
             .with_context(|| format!("switching {name}'s route to {to} in etcd"))?;
         self.set_route_local(mac, Some(to))?;
         c.store
-            .wait_synced(rev, &self.cfg.host, c.sync_wait)
+            .wait_synced(synced, rev, &self.cfg.host, c.sync_wait)
             .await
             .with_context(|| format!("switching {name}'s route to {to}"))?;
         let ms = t.elapsed().as_secs_f64() * 1000.0;

@@ -523,12 +523,23 @@ impl Store {
         .await
     }
 
+    /// Opens a watch of how far each host has programmed the routes, from now on: open it
+    /// before the change to wait for ([`Store::wait_synced`]), so that no report is missed.
+    pub async fn watch_synced(&self) -> Result<WatchStream, ClusterError> {
+        let mut c = self.ops();
+        // No start revision: the watch begins at the current one and is in step with etcd
+        // at once (a watch from an older revision is caught up in etcd's 100 ms batches).
+        self.run(c.watch(self.keys.synced(), Some(WatchOptions::new().with_prefix())))
+            .await
+    }
+
     /// Waits until every registered host but `except` has programmed the routes up to
     /// revision `rev` (each host writes how far it got, [`Registration::synced`]), for at most
-    /// `within`. A host whose lease lapses meanwhile is not waited for. Errors name the hosts
-    /// still behind.
+    /// `within`, reading `stream` ([`Store::watch_synced`], opened before the change). A host
+    /// whose lease lapses meanwhile is not waited for. Errors name the hosts still behind.
     pub async fn wait_synced(
         &self,
+        mut stream: WatchStream,
         rev: i64,
         except: &str,
         within: Duration,
@@ -541,9 +552,8 @@ impl Store {
                 .map(|h| h.host.clone())
                 .collect()
         };
-        let hosts = self.hosts().await?;
-        let (list, read) = self.list::<i64>(self.keys.synced()).await?;
         let prefix = self.keys.synced();
+        let (hosts, (list, _)) = tokio::try_join!(self.hosts(), self.list::<i64>(prefix.clone()))?;
         let mut synced: BTreeMap<String, i64> = list
             .into_iter()
             .filter_map(|(k, r, _)| Some((k.strip_prefix(prefix.as_str())?.to_string(), r)))
@@ -551,19 +561,6 @@ impl Store {
         if behind(&hosts, &synced).is_empty() {
             return Ok(());
         }
-        let mut c = self.ops();
-        let mut stream = self
-            .run(
-                c.watch(
-                    prefix.clone(),
-                    Some(
-                        WatchOptions::new()
-                            .with_prefix()
-                            .with_start_revision(read + 1),
-                    ),
-                ),
-            )
-            .await?;
         loop {
             let msg = tokio::time::timeout_at(deadline, stream.message()).await;
             match msg {

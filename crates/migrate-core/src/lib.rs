@@ -34,7 +34,7 @@ pub use policy::{
 };
 pub use report::{
     BaseReport, IntegrityReport, MemoryReport, Outcome, PhaseTiming, Report, RoundReport,
-    TrackingFallback, TrackingReport,
+    RouteSwitch, TrackingFallback, TrackingReport,
 };
 
 use serde::{Deserialize, Serialize};
@@ -338,6 +338,14 @@ impl Migration {
     /// Records when the destination had every image (ms from the start of the transfer).
     pub fn set_images_delivered_ms(&mut self, ms: f64) {
         self.report.images_delivered_ms = Some(ms);
+    }
+
+    /// Records how the overlay's switch went.
+    pub fn set_route_switch(&mut self, via: &str, ms: f64) {
+        self.report.route_switch = Some(report::RouteSwitch {
+            via: via.to_string(),
+            ms,
+        });
     }
 
     /// Records how the image's base layer reached the destination.

@@ -5,6 +5,17 @@ use std::time::Duration;
 
 use crate::{ms, Decision, Estimate, FreezeReason, Phase, RollbackPlan};
 
+/// How a migration's overlay switch went (see [`Report::route_switch`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct RouteSwitch {
+    /// `etcd` (one fenced transaction, hosts follow their watch) or `direct` (the source
+    /// tells every host).
+    pub via: String,
+    /// How long it took, ms.
+    pub ms: f64,
+}
+
 /// How a migration ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -142,6 +153,11 @@ pub struct Report {
     /// request follows at once, without waiting for this answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub images_delivered_ms: Option<f64>,
+    /// The overlay's switch to the destination, inside the redirect phase: from its start
+    /// until every host delivers the container's MAC there (told directly, or through etcd's
+    /// transaction and each host's watch), ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_switch: Option<RouteSwitch>,
     /// The container's image: whether the destination held its base layer, and what crossed
     /// if not (absent for a container without an image).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -360,6 +376,7 @@ impl Report {
             memory: None,
             frozen_round_trips: 0,
             images_delivered_ms: None,
+            route_switch: None,
             base: None,
             started_at: Duration::ZERO,
         }

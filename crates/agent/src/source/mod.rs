@@ -208,6 +208,7 @@ pub(crate) fn start(
             hooks: a_hooks,
             warnings: vec![],
             fence: None,
+            route_switch: None,
             watch_paths: Default::default(),
             pending: Vec::new(),
             relay_confirm: None,
@@ -315,6 +316,8 @@ pub(super) struct Driver {
     /// The container's fencing token in etcd (its record's revision at the preflight), when
     /// the cluster uses etcd: the network switch and the destination's commit require it.
     pub(super) fence: Option<i64>,
+    /// How the overlay's switch went: `etcd` or `direct`, and its ms.
+    pub(super) route_switch: Option<(&'static str, f64)>,
     /// Paths of the inodes the container's inotify and fanotify marks watch, found at the
     /// preflight and again right before the freeze (new watches only), for CRIU.
     pub(super) watch_paths: Arc<std::sync::Mutex<ferry_runtime::inspect::WatchPaths>>,
@@ -416,6 +419,9 @@ impl Driver {
                     m.set_frozen_round_trips(self.frozen_round_trips);
                     if let Some(ms) = self.images_delivered_ms {
                         m.set_images_delivered_ms(ms);
+                    }
+                    if let Some((via, ms)) = self.route_switch {
+                        m.set_route_switch(via, ms);
                     }
                     if let Some(b) = self.base.take() {
                         m.set_base(b);

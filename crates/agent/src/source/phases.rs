@@ -268,18 +268,22 @@ impl Driver {
         // runc checkpoint gets ready first: from the redirect on, the container's
         // packets wait at the destination.
         self.start_dump_ahead().await;
-        match self.fence {
+        let t = std::time::Instant::now();
+        let via = match self.fence {
             Some(fence) => {
                 self.agent
                     .switch_route(&self.spec.name, fence, &self.spec.mac, &self.to)
-                    .await?
+                    .await?;
+                "etcd"
             }
             None => {
                 self.agent
                     .route_everywhere(&self.spec.mac, Some(&self.to), None)
-                    .await?
+                    .await?;
+                "direct"
             }
-        }
+        };
+        self.route_switch = Some((via, t.elapsed().as_secs_f64() * 1000.0));
         Ok(0)
     }
 
