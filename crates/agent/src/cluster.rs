@@ -113,7 +113,7 @@ pub(crate) async fn connect(cfg: &AgentConfig) -> Result<Option<Cluster>> {
 }
 
 /// One-minute load average times 100 (0 when unreadable).
-fn load_x100() -> u32 {
+pub(crate) fn load_x100() -> u32 {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())

@@ -162,6 +162,10 @@ async fn host(State(a): State<Arc<Agent>>) -> Json<HostInfo> {
         cgroups: ferry_runtime::cgroup::Cgroups::host()
             .host_hierarchy()
             .to_string(),
+        mem_available_bytes: ferry_runtime::util::mem_available_bytes().unwrap_or(0),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        load1: crate::cluster::load_x100() as f64 / 100.0,
+        containers: crate::lock(&a.containers).len() as u32,
     })
 }
 

@@ -438,6 +438,15 @@ impl Agent {
         ContainerInfo {
             spec: rec.spec.clone(),
             host: self.cfg.host.clone(),
+            memory_bytes: (state == "running")
+                .then(|| {
+                    ferry_runtime::cgroup_tree::container_memory_bytes(
+                        &self.cfg.host,
+                        &rec.spec.name,
+                    )
+                    .ok()
+                })
+                .flatten(),
             state,
             pid: st.filter(|s| s.pid > 0).map(|s| s.pid),
         }

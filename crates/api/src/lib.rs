@@ -179,6 +179,10 @@ pub struct ContainerInfo {
     pub state: String,
     /// Init process id in the host's PID namespace, while running.
     pub pid: Option<u32>,
+    /// Resident memory of its processes, bytes (what a checkpoint of it carries), while
+    /// running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
 }
 
 /// Test-only fault injection for a migration (used by Ferry's fault tests).
@@ -729,6 +733,19 @@ pub struct HostInfo {
     /// The cgroup hierarchy containers get here (`cgroup v1`, `cgroup v2 (unified)`).
     #[serde(default)]
     pub cgroups: String,
+    /// Memory the kernel can give without swapping (`MemAvailable`), bytes: what
+    /// `ferry drain` places containers by.
+    #[serde(default)]
+    pub mem_available_bytes: u64,
+    /// CPUs this host has.
+    #[serde(default)]
+    pub cpus: u32,
+    /// One-minute load average.
+    #[serde(default)]
+    pub load1: f64,
+    /// Containers on this host.
+    #[serde(default)]
+    pub containers: u32,
 }
 
 /// The overlay's IPv6 prefix: a unique local address range (RFC 4193) in which every

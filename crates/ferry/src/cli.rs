@@ -332,6 +332,44 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             return containers::exec(&Lab::load(&dir)?, &name, req).await;
         }
         Cmd::Migrate(args) => return migrate::run(&Lab::load(&dir)?, args).await,
+        Cmd::Drain {
+            host,
+            parallel,
+            stop_copy,
+            heavy_mib,
+            reserve_mib,
+            dry_run,
+            json,
+        } => {
+            let mode = if stop_copy {
+                ferry_api::MigrateMode::StopCopy
+            } else {
+                ferry_api::MigrateMode::PreCopy
+            };
+            let placement = ferry_lab::drain::Placement {
+                reserve_bytes: reserve_mib << 20,
+                heavy_bytes: heavy_mib << 20,
+            };
+            let say = |line: String| eprintln!("{line}");
+            let r = ferry_lab::drain::drain(
+                &Lab::load(&dir)?,
+                &host,
+                parallel,
+                mode,
+                placement,
+                dry_run,
+                &say,
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            }
+            return Ok(std::process::ExitCode::from(if r.stayed == 0 {
+                0
+            } else {
+                2
+            }));
+        }
         Cmd::Job { id, wait, json } => return jobs::job(&Lab::load(&dir)?, &id, wait, json).await,
         Cmd::Jobs { json } => return jobs::jobs(&Lab::load(&dir)?, json).await,
         Cmd::Cancel { id } => return jobs::cancel(&Lab::load(&dir)?, &id).await,

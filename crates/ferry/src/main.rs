@@ -170,6 +170,33 @@ enum Cmd {
     },
     /// Live-migrate a container to another host.
     Migrate(cli::migrate::MigrateArgs),
+    /// Move every container off a host (before maintenance, say): destinations chosen by
+    /// the free memory and CPU load each agent reports, memory-heavy containers kept apart,
+    /// refused before anything moves when the other hosts lack room. Exit code 0 when all
+    /// moved, 2 when some stayed.
+    Drain {
+        /// The host to empty.
+        host: String,
+        /// Most migrations at a time.
+        #[arg(long, default_value_t = 2)]
+        parallel: usize,
+        /// Move with stop-and-copy (all memory while frozen) instead of pre-copy (memory
+        /// copied while the containers run, the shortest freeze).
+        #[arg(long)]
+        stop_copy: bool,
+        /// Containers with at least this much memory (MiB) are kept apart.
+        #[arg(long, default_value_t = 512)]
+        heavy_mib: u64,
+        /// Memory each destination keeps free after its new containers (MiB).
+        #[arg(long, default_value_t = 256)]
+        reserve_mib: u64,
+        /// Print the plan only; nothing moves.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the drain's report as JSON on stdout (progress stays on stderr).
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure how fast a container writes its memory (dirty pages per second).
     DirtyRate {
         /// Container name.

@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod chart;
 pub mod demo;
+pub mod drain;
 pub mod goodput;
 pub mod lab;
 pub mod ops;

@@ -397,6 +397,7 @@ fn openapi_schemas_accept_what_the_agent_writes_and_refuse_other_shapes() {
         host: "h1".into(),
         state: "running".into(),
         pid: Some(4242),
+        memory_bytes: Some(8 << 20),
     };
     let json = valid(&doc, "ContainerInfo", &info);
     assert_eq!(json["ipv6"], "fd00:f3::ae8:a");
@@ -463,6 +464,10 @@ fn openapi_schemas_accept_what_the_agent_writes_and_refuse_other_shapes() {
             peers: vec!["h2".into()],
             targets: vec!["h2".into()],
             cgroups: "cgroup v2 (unified)".into(),
+            mem_available_bytes: 3 << 30,
+            cpus: 2,
+            load1: 0.5,
+            containers: 1,
         },
     );
     valid(
