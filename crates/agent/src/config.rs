@@ -126,6 +126,19 @@ pub struct AgentConfig {
     /// telling every peer directly.
     #[serde(default)]
     pub etcd: Option<ferry_cluster::EtcdConfig>,
+    /// This host's own address on the overlay (on its bridge; outside the allocatable range):
+    /// connections to published ports reach containers from it, so that answers come back
+    /// through the host that took the connection. Absent: this host publishes no port.
+    #[serde(default)]
+    pub overlay_host_ip: Option<Ipv4Addr>,
+    /// How long a host keeps forwarding a container's published ports after the container
+    /// left it, seconds (default an hour).
+    #[serde(default = "default_redirect_ttl")]
+    pub redirect_ttl_s: u64,
+}
+
+fn default_redirect_ttl() -> u64 {
+    3600
 }
 
 /// See [`AgentConfig::lazy_daemon`].

@@ -64,6 +64,9 @@ impl Agent {
                 "invalid container name {name:?}: use 1-32 letters, digits, '-' or '_'"
             )));
         }
+        if let Some(why) = self.publish_conflict(name, &req.publish) {
+            return Err(F::conflict(why));
+        }
         if let Some(ip) = ip {
             ferry_api::Overlay {
                 first: self.cfg.overlay_first,
@@ -161,7 +164,7 @@ impl Agent {
             ip
         };
         let r = self
-            .create_reserved(name, ip, preq, resources, req.image)
+            .create_reserved(name, ip, preq, resources, req.image, req.publish.clone())
             .await;
         lock(&self.creating).retain(|(n, _)| n != name);
         r
@@ -174,6 +177,7 @@ impl Agent {
         preq: ferry_runtime::process::Request,
         resources: ferry_api::Resources,
         image: Option<String>,
+        published: Vec<ferry_api::Published>,
     ) -> Result<ContainerInfo, http::ApiFailure> {
         use http::ApiFailure as F;
         // An image's tree is materialized once per host; every container from it shares it.
@@ -212,6 +216,7 @@ impl Agent {
             image,
             process: Default::default(),
             resources,
+            published,
         };
         // The name and both addresses, taken in etcd in one transaction (no-op without).
         self.claim_in_etcd(&spec).await.map_err(|e| match e {
@@ -285,6 +290,7 @@ impl Agent {
         };
         lock(&self.containers).insert(name.to_string(), rec.clone());
         self.save_containers();
+        self.publish_kick.notify_one();
         // With etcd the claim set the route, and every host follows it.
         if self.cluster().is_none() {
             if let Err(e) = self
@@ -321,6 +327,8 @@ impl Agent {
         .map_err(|e| http::ApiFailure::internal(e.to_string()))?;
         lock(&self.containers).remove(name);
         self.save_containers();
+        lock(&self.redirects).retain(|r| r.name != name);
+        self.publish_kick.notify_one();
         if self.cluster().is_some() {
             self.release_in_etcd(name).await;
         } else if let Err(e) = self.route_everywhere(&rec.spec.mac, None, None).await {

@@ -26,6 +26,7 @@ mod lazyd;
 mod metrics;
 mod pages;
 mod peer;
+mod publish;
 mod rounds;
 mod source;
 
@@ -163,6 +164,12 @@ pub(crate) struct Agent {
     metrics: metrics::Metrics,
     /// The cluster's etcd, when configured (`cluster`): routes, ownership, leases.
     cluster: Option<cluster::Cluster>,
+    /// Containers that left, whose published ports this host still forwards.
+    redirects: Mutex<Vec<publish::Redirect>>,
+    /// Wakes the task that keeps the published ports up to date.
+    publish_kick: Notify,
+    /// The published ports' rules last written.
+    published_now: Mutex<Option<Vec<ferry_runtime::publish::Rule>>>,
 }
 
 /// Entry point of `ferry agent`. Enters the configured network namespace first, then starts
@@ -338,11 +345,18 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         frozen_copies: Default::default(),
         metrics: metrics::Metrics::new(cluster.is_some()),
         cluster,
+        redirects: Mutex::new(Agent::load_redirects(&cfg.state_dir)),
+        publish_kick: Notify::new(),
+        published_now: Mutex::new(None),
         cfg,
     });
     agent.settle_unfinished_fills().await;
     agent.clean_stale_incoming().await;
     agent.recover_outgoing().await;
+    if let Err(e) = agent.setup_host_overlay().await {
+        warn!(error = %format!("{e:#}"), "published ports unavailable on this host");
+    }
+    tokio::spawn(Arc::clone(&agent).publish_loop());
     if agent.cluster().is_some() {
         agent.adopt_containers().await;
         tokio::spawn(Arc::clone(&agent).route_controller());

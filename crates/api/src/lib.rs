@@ -39,6 +39,39 @@ pub struct ContainerSpec {
     /// Its memory and CPU limits.
     #[serde(default)]
     pub resources: Resources,
+    /// Ports published on its host's underlay address (and, after it moves, on every host it
+    /// left, for a while: see `redirect_ttl_s`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub published: Vec<Published>,
+}
+
+/// A TCP port of a container published on its host's underlay address (`ferry run --publish
+/// HOSTPORT:PORT`): connections to `HOST:host_port` reach the container's `port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Published {
+    /// The port on the host's underlay address.
+    pub host_port: u16,
+    /// The container's port.
+    pub port: u16,
+}
+
+impl std::str::FromStr for Published {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad =
+            || format!("invalid published port {s:?}: expected HOSTPORT:PORT, such as 8080:80");
+        let (h, c) = s.split_once(':').ok_or_else(bad)?;
+        let p = Published {
+            host_port: h.parse().map_err(|_| bad())?,
+            port: c.parse().map_err(|_| bad())?,
+        };
+        if p.host_port == 0 || p.port == 0 {
+            return Err(bad());
+        }
+        Ok(p)
+    }
 }
 
 /// Docker's default `PATH`.
@@ -164,6 +197,9 @@ pub struct CreateContainer {
     /// CPU limit, cores (`1.5`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<f64>,
+    /// TCP ports to publish on the host's underlay address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<Published>,
 }
 
 /// A container as listed by `GET /v1/containers`.

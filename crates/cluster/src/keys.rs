@@ -11,6 +11,7 @@ use std::net::IpAddr;
 /// | `P/ipam/v4/ADDR`, `P/ipam/v6/ADDR` | the name of the container holding the address |
 /// | `P/routes/MAC` | [`crate::RouteRecord`]: the host the overlay delivers the MAC to |
 /// | `P/synced/NAME` | the revision up to which the host has programmed the routes, under its lease |
+/// | `P/redirects/NAME/HOST` | a host forwarding a container's published ports after it left, under a lease |
 /// | `P/jobs/ID` | a migration job's JSON |
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
@@ -92,6 +93,21 @@ impl Keys {
     /// The revision up to which `host` has programmed the routes (under its lease).
     pub fn synced_host(&self, host: &str) -> String {
         format!("{}{host}", self.synced())
+    }
+
+    /// Prefix of the redirects of one container.
+    pub fn redirects_of(&self, name: &str) -> String {
+        format!("{}/redirects/{name}/", self.prefix)
+    }
+
+    /// Prefix of every redirect.
+    pub fn redirects(&self) -> String {
+        format!("{}/redirects/", self.prefix)
+    }
+
+    /// A host's redirect of a container that left it.
+    pub fn redirect(&self, name: &str, host: &str) -> String {
+        format!("{}{host}", self.redirects_of(name))
     }
 
     /// A job's record.

@@ -400,6 +400,10 @@ impl Store {
             dels.push(TxnOp::delete(self.keys.address(ip), None));
         }
         dels.push(TxnOp::delete(self.keys.route(&rec.mac), None));
+        dels.push(TxnOp::delete(
+            self.keys.redirects_of(name),
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        ));
         let mut c = self.ops();
         let r = self
             .run(
@@ -595,6 +599,48 @@ impl Store {
                 }
             }
         }
+    }
+
+    /// Records that `host` forwards container `name`'s published ports (for `ttl_s`).
+    pub async fn put_redirect(
+        &self,
+        name: &str,
+        host: &str,
+        json: Vec<u8>,
+        ttl_s: u64,
+    ) -> Result<(), ClusterError> {
+        let mut c = self.ops();
+        let lease = self
+            .run(c.lease_grant(ttl_s.max(1) as i64, None))
+            .await?
+            .id();
+        self.run(c.put(
+            self.keys.redirect(name, host),
+            json,
+            Some(PutOptions::new().with_lease(lease)),
+        ))
+        .await?;
+        Ok(())
+    }
+
+    /// The containers whose published ports `host` forwards (its redirects etcd holds).
+    pub async fn redirects_of(&self, host: &str) -> Result<Vec<String>, ClusterError> {
+        let mut c = self.ops();
+        let r = self
+            .run(c.get(
+                self.keys.redirects(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            ))
+            .await?;
+        let prefix = self.keys.redirects();
+        Ok(r.kvs()
+            .iter()
+            .filter_map(|kv| {
+                let k = String::from_utf8_lossy(kv.key()).into_owned();
+                let (name, h) = k.strip_prefix(prefix.as_str())?.split_once('/')?;
+                (h == host).then(|| name.to_string())
+            })
+            .collect())
     }
 
     /// Records a migration job's JSON (kept for a day).

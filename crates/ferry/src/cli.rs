@@ -187,6 +187,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             cap_drop,
             memory,
             cpus,
+            publish,
             cmd,
         } => {
             let lab = Lab::load(&dir)?;
@@ -217,6 +218,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     cap_drop,
                     memory_bytes: memory,
                     cpus,
+                    publish,
                 })
                 .await?;
             println!(

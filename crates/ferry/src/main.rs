@@ -89,6 +89,10 @@ enum Cmd {
         /// CPU limit in cores (1.5).
         #[arg(long)]
         cpus: Option<f64>,
+        /// Publish a TCP port on the host's underlay address: HOSTPORT:PORT (repeat for
+        /// more). After the container moves, the old host forwards it there for a while.
+        #[arg(long, short = 'p')]
+        publish: Vec<ferry_api::Published>,
         /// Command and arguments (default: the image's).
         #[arg(last = true)]
         cmd: Vec<String>,

@@ -239,6 +239,7 @@ impl Baseline {
             image: None,
             process: Default::default(),
             resources: Default::default(),
+            published: vec![],
         };
         let b = Baseline {
             spec,

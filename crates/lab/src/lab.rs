@@ -463,6 +463,12 @@ impl Lab {
     }
 }
 
+/// The overlay address of the lab's `i`-th host (from 0), for its published ports: outside the
+/// containers' range.
+fn host_overlay_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 232, 0, 230 + i as u8)
+}
+
 fn host_ns(name: &str) -> String {
     format!("{NS_PREFIX}{name}")
 }
@@ -591,6 +597,11 @@ pub async fn up(
             "learning",
             "off",
         ])?;
+        if name != "client" {
+            // A MAC of its own overlay address (given by its agent, `overlay_host_ip`).
+            let mac = ferry_api::mac_for_ip(host_overlay_ip(i));
+            ip(["-n", &ns, "link", "set", "br0", "address", &mac])?;
+        }
         ip(["-n", &ns, "link", "set", "br0", "mtu", OVERLAY_MTU, "up"])?;
         if name == "client" {
             let mac = ferry_api::mac_for_ip(CLIENT_OVERLAY_IP);
@@ -716,6 +727,16 @@ pub async fn up(
             .filter(|o| o.name != h.name)
             .map(|o| o.underlay_ip)
             .collect();
+        // Other hosts' bridges (their overlay addresses answer published ports' connections).
+        let bridges: Vec<(Mac, Ipv4Addr)> = lab_hosts
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.name != h.name && o.runs_containers)
+            .filter_map(|(i, o)| {
+                let mac: Mac = ferry_api::mac_for_ip(host_overlay_ip(i)).parse().ok()?;
+                Some((mac, o.underlay_ip))
+            })
+            .collect();
         let is_client = !h.runs_containers;
         sdn::in_netns(&h.netns, move || -> Result<(), sdn::SdnError> {
             let fdb = Fdb::open("vx0")?;
@@ -724,6 +745,9 @@ pub async fn up(
             }
             if !is_client {
                 fdb.set(client_mac, client_vtep)?;
+            }
+            for (mac, vtep) in bridges {
+                fdb.set(mac, vtep)?;
             }
             Ok(())
         })
@@ -802,7 +826,7 @@ pub async fn up(
     std::fs::write(dir.join(CLUSTER_FILE), serde_json::to_vec_pretty(&cluster)?)?;
 
     // One agent per host.
-    for h in &lab_hosts {
+    for (i, h) in lab_hosts.iter().enumerate() {
         let peers = lab_hosts
             .iter()
             .filter(|o| o.name != h.name)
@@ -830,8 +854,10 @@ pub async fn up(
             vxlan: "vx0".into(),
             overlay_prefix_len: 24,
             overlay_first: Ipv4Addr::new(10, 232, 0, 10),
-            overlay_last: Ipv4Addr::new(10, 232, 0, 249),
-            reserved: vec![CLIENT_OVERLAY_IP],
+            overlay_last: Ipv4Addr::new(10, 232, 0, 229),
+            reserved: std::iter::once(CLIENT_OVERLAY_IP)
+                .chain((0..lab_hosts.len()).map(host_overlay_ip))
+                .collect(),
             peers,
             runc: "runc".into(),
             workload_bin: workload.to_owned(),
@@ -851,6 +877,8 @@ pub async fn up(
             hooks: vec![],
             log_max_bytes: ferry_runtime::console::DEFAULT_MAX_BYTES,
             etcd: etcd_cfg.clone(),
+            overlay_host_ip: h.runs_containers.then(|| host_overlay_ip(i)),
+            redirect_ttl_s: 3600,
         };
         let cfg_path = dir.join(format!("{}.json", h.name));
         std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)?;

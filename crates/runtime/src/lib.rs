@@ -19,6 +19,7 @@ pub mod layout;
 pub mod logs;
 pub mod netns;
 pub mod process;
+pub mod publish;
 pub mod runc;
 pub mod throttle;
 pub mod util;

@@ -629,6 +629,7 @@ mod tests {
             image: None,
             process: ProcessSpec::default(),
             resources: Resources::default(),
+            published: vec![],
         };
         check_received(&good).unwrap();
         let mut s = good.clone();

@@ -407,6 +407,12 @@ impl Agent {
             descriptors,
             fence,
         } = req;
+        if let Some(why) = self.publish_conflict(&spec.name, &spec.published) {
+            return Err(refuse(
+                ErrorCode::Conflict,
+                format!("cannot take {:?}: {why}", spec.name),
+            ));
+        }
         if self.cluster().is_some() && fence.is_none() {
             return Err(refuse(
                 ErrorCode::BadRequest,

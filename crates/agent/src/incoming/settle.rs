@@ -325,6 +325,7 @@ impl Agent {
             },
         );
         lock(&self.incoming_bases).remove(job);
+        self.publish_kick.notify_one();
     }
 
     /// [`Self::adopt`]'s part on disk: the container list saved, then the job's record dropped.

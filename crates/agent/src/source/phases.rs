@@ -559,6 +559,8 @@ impl Driver {
             // fill fails, it runs on here.
             self.wait_for_fill().await?;
         }
+        // Clients that keep using this host's address follow the container.
+        self.agent.record_redirect(&self.spec, &self.to).await;
         self.agent
             .remove_departed(&job, &name, &self.to, self.mode == MigrateMode::PreCopy)
             .await;

@@ -391,6 +391,10 @@ fn openapi_schemas_accept_what_the_agent_writes_and_refuse_other_shapes() {
             memory_bytes: Some(64 << 20),
             cpu_millis: None,
         },
+        published: vec![ferry_api::Published {
+            host_port: 8080,
+            port: 80,
+        }],
     };
     let info = ContainerInfo {
         spec,
@@ -410,6 +414,7 @@ fn openapi_schemas_accept_what_the_agent_writes_and_refuse_other_shapes() {
         image: Some("nginx".into()),
         env: vec!["A=1".into()],
         cpus: Some(1.5),
+        publish: vec!["8080:80".parse().unwrap()],
         memory_bytes: Some(64 << 20),
         ..Default::default()
     };
