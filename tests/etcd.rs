@@ -229,6 +229,15 @@ fn with_etcd_routes_move_in_one_transaction_and_every_fdb_follows() {
         let rec = etcd_container("echo");
         assert_eq!(rec["host"], to, "{rec}");
         assert_eq!(rec["job"], report["id"], "{rec} {report}");
+        // The job's record is in etcd too, once it ended.
+        let id = report["id"].as_str().expect("id");
+        let ok = eventually(Duration::from_secs(5), || {
+            etcd_get(&format!("/ferry/jobs/{id}"))
+                .values()
+                .next()
+                .is_some_and(|j| j.contains("\"state\":\"done\""))
+        });
+        assert!(ok, "no finished record of job {id} in etcd");
         assert_eq!(etcd_routes()[&mac].0, to);
         assert_fdbs_match_etcd(&HOSTS, Duration::from_secs(5));
     }

@@ -334,6 +334,12 @@ impl Agent {
                 info!(%job, container = %spec.name, revision = rev, "ownership moved here in etcd");
                 Ok(())
             }
+            // Moved by this very job already (an earlier attempt whose answer was lost).
+            Err(e @ ClusterError::Fenced { .. }) => match self.owned_here_by(&spec.name, job).await
+            {
+                Some(true) => Ok(()),
+                _ => Err(e),
+            },
             Err(e) if e.is_unavailable() => {
                 // Applied or not? Read until etcd says.
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -357,6 +363,16 @@ impl Agent {
                 }
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// Whether etcd says container `name` is owned here by job `job` (`None`: etcd cannot say).
+    pub(crate) async fn owned_here_by(&self, name: &str, job: &str) -> Option<bool> {
+        let c = self.cluster()?;
+        match c.store.container(name).await {
+            Ok(Some((r, _))) => Some(r.host == self.cfg.host && r.job.as_deref() == Some(job)),
+            Ok(None) => Some(false),
+            Err(_) => None,
         }
     }
 

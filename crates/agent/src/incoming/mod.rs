@@ -655,15 +655,39 @@ pub(crate) async fn watchdog(agent: Arc<Agent>) {
     loop {
         tick.tick().await;
         let now = Instant::now();
-        let expired: Vec<(String, bool)> = agent
+        let expired: Vec<(String, bool, String, String, Instant)> = agent
             .incoming
             .lock()
             .await
             .iter()
             .filter(|(_, i)| i.expired(now))
-            .map(|(j, i)| (j.clone(), i.restored))
+            .map(|(j, i)| {
+                (
+                    j.clone(),
+                    i.restored,
+                    i.from.clone(),
+                    i.spec.name.clone(),
+                    i.deadline,
+                )
+            })
             .collect();
-        for (j, restored) in expired {
+        for (j, restored, from, name, deadline) in expired {
+            // With etcd, a restored copy whose ownership moved here (a commit transaction
+            // whose answer was lost) is committed, not aborted; while etcd cannot say, it
+            // waits up to a minute more.
+            if restored && agent.cluster().is_some() {
+                match agent.owned_here_by(&name, &j).await {
+                    Some(true) => {
+                        warn!(job = %j, container = %name, "no commit from the source in time, but etcd says the container is owned here: committing");
+                        if let Err(e) = agent.commit_incoming(&from, &j, true).await {
+                            warn!(job = %j, error = %format!("{e:#}"), "committing after etcd's answer");
+                        }
+                        continue;
+                    }
+                    None if now < deadline + Duration::from_secs(60) => continue,
+                    _ => {}
+                }
+            }
             let why = if restored {
                 "no commit from the source in time"
             } else {

@@ -507,6 +507,13 @@ impl Driver {
         }
         let _ = crate::hooks::call(&self.hooks, HookEvent::Finished, &host, &info).await;
         self.agent.metrics.migration_ended(&report, self.page_share);
+        // With etcd, the job's record is the cluster's too (kept a day).
+        if let Some(c) = self.agent.cluster() {
+            let json = serde_json::to_vec(&info).unwrap_or_default();
+            if let Err(e) = c.store.put_job(&self.job.id, json).await {
+                warn!(job = %self.job.id, error = %e, "job not recorded in etcd");
+            }
+        }
         info!(job = %self.job.id, outcome = ?report.outcome, frozen_ms = report.frozen_ms, total_ms = report.total_ms, "migration ended");
         self.job.emit(JobEventKind::Finished {
             report: Box::new(report),
