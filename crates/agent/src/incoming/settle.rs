@@ -280,6 +280,28 @@ impl Agent {
             let undo = self.leftovers(&rec.job, self.layout(&rec.spec.name), &rec.spec.name);
             let _ = tokio::task::spawn_blocking(move || undo.remove()).await;
         }
+        self.sweep_incoming_scratch();
+    }
+
+    /// At start: images and work files of incoming jobs (ids of other hosts' jobs) that no
+    /// record names any more: a job adopted just before the previous run died had not
+    /// removed them yet. This host's own jobs' images stay (a failed rollback keeps them for a
+    /// restore by hand).
+    fn sweep_incoming_scratch(&self) {
+        let own = format!("{}-", self.cfg.host);
+        for sub in ["images", "work"] {
+            let Ok(rd) = std::fs::read_dir(self.cfg.state_dir.join(sub)) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let job = e.file_name().to_string_lossy().into_owned();
+                if job.starts_with(&own) || self.incoming_record(&job).exists() {
+                    continue;
+                }
+                info!(%job, dir = sub, "removing what an incoming job left");
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
     }
 
     /// At start: an incoming job that committed before this agent died owns its container;
