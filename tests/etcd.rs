@@ -99,47 +99,11 @@ fn assert_fdbs_match_etcd(hosts: &[&str], within: Duration) {
 
 const HOSTS: [&str; 4] = ["h1", "h2", "h3", "client"];
 
-/// iptables rules that cut `host` off from etcd's client port (its gRPC connections stall).
-struct EtcdCut {
-    host: String,
-}
-
+/// iptables rules that cut a host off from etcd's client port (its gRPC connections stall).
 const ETCD_CUT: [&[&str]; 2] = [
     &["OUTPUT", "-p", "tcp", "--dport", "2379", "-j", "DROP"],
     &["INPUT", "-p", "tcp", "--sport", "2379", "-j", "DROP"],
 ];
-
-fn etcd_cut_rule(host: &str, action: &str, rule: &[&str]) -> bool {
-    Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &format!("ferry-{host}"),
-            "iptables",
-            "-w",
-            action,
-        ])
-        .args(rule)
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-impl EtcdCut {
-    fn new(host: &str) -> EtcdCut {
-        for r in ETCD_CUT {
-            assert!(etcd_cut_rule(host, "-I", r), "iptables -I {r:?} in {host}");
-        }
-        EtcdCut { host: host.into() }
-    }
-}
-
-impl Drop for EtcdCut {
-    fn drop(&mut self) {
-        for r in ETCD_CUT {
-            etcd_cut_rule(&self.host, "-D", r);
-        }
-    }
-}
 
 /// The value of a metric series on `host`.
 fn metric(host: &str, series: &str) -> f64 {
@@ -271,7 +235,7 @@ fn a_source_cut_off_from_etcd_never_moves_the_container() {
         &["--pause-in-phase", "prepare", "--pause-in-phase-ms", "3000"],
     );
     wait_job_state(&job, "preparing");
-    let cut = EtcdCut::new("h1");
+    let cut = LinkCut::with_rules("h1", &ETCD_CUT);
     let report = wait_job(&job);
     assert_eq!(report["result"], "rolled_back", "{report}");
     let why = report["reason"].as_str().unwrap_or_default();
@@ -344,6 +308,11 @@ fn a_migration_completes_while_an_etcd_member_is_killed_and_hosts_converge_after
 
     // A host down during a migration converges when it comes back.
     lab.kill_agent("h3");
+    // Its lease lapses (3 s in the lab): it is down for the rest of the cluster.
+    let down = eventually(Duration::from_secs(10), || {
+        !etcd_get("/ferry/hosts/").contains_key("/ferry/hosts/h3")
+    });
+    assert!(down, "h3's lease never lapsed: {:?}", etcd_get("/ferry/hosts/"));
     let (code, report) = migrate_json("echo", "h1", &[], Duration::from_secs(60));
     assert_eq!(code, 0, "{report}");
     assert_eq!(
@@ -352,6 +321,7 @@ fn a_migration_completes_while_an_etcd_member_is_killed_and_hosts_converge_after
         "h3 missed the move while down"
     );
     ferry_ok(&["lab", "start-agent", "h3"]);
+    assert!(etcd_get("/ferry/hosts/").contains_key("/ferry/hosts/h3"), "h3 registered again");
     assert_fdbs_match_etcd(&["h3"], Duration::from_secs(10));
 
     // Every agent restarted: each FDB still matches etcd, and the container still answers.

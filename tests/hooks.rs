@@ -105,7 +105,8 @@ fn events(calls: &Calls, path: &str) -> Vec<String> {
 
 #[test]
 fn a_pre_migrate_hook_vetoes_and_every_hook_is_called_with_the_job() {
-    let lab = Lab::up();
+    // In a lab whose state is in etcd, as a real cluster's would be.
+    let lab = Lab::up_with(&["--etcd"]);
     lab.run_echo("h1", "echo");
     let (url, calls) = receiver();
 

@@ -424,9 +424,12 @@ pub fn wait_job(id: &str) -> Value {
     v["report"].clone()
 }
 
-/// Drops QUIC (UDP 7700) in and out of lab host `host` until dropped: a cut underlay link.
+/// Drops traffic in and out of lab host `host` until dropped: QUIC (UDP 7700), a cut
+/// underlay link between agents ([`LinkCut::new`]), or what other rules say
+/// ([`LinkCut::with_rules`]).
 pub struct LinkCut {
     host: String,
+    rules: &'static [&'static [&'static str]],
 }
 
 const CUT_RULES: [&[&str]; 2] = [
@@ -453,16 +456,25 @@ fn cut_rule(host: &str, action: &str, rule: &[&str]) -> bool {
 impl LinkCut {
     /// Cuts `host`'s QUIC traffic.
     pub fn new(host: &str) -> LinkCut {
-        for r in CUT_RULES {
+        LinkCut::with_rules(host, &CUT_RULES)
+    }
+
+    /// Inserts iptables `rules` (chain and match, e.g. `["OUTPUT", "-p", "tcp", ..., "-j",
+    /// "DROP"]`) in `host` until dropped.
+    pub fn with_rules(host: &str, rules: &'static [&'static [&'static str]]) -> LinkCut {
+        for r in rules {
             assert!(cut_rule(host, "-I", r), "iptables -I {r:?} in {host}");
         }
-        LinkCut { host: host.into() }
+        LinkCut {
+            host: host.into(),
+            rules,
+        }
     }
 }
 
 impl Drop for LinkCut {
     fn drop(&mut self) {
-        for r in CUT_RULES {
+        for r in self.rules {
             cut_rule(&self.host, "-D", r);
         }
     }

@@ -463,6 +463,39 @@ impl Lab {
     }
 }
 
+/// Plugs namespace `ns` into the underlay bridge (port `ul-NAME`, device `ul0` inside) with
+/// address `addr`/24.
+fn attach_underlay(ns: &str, name: &str, addr: Ipv4Addr) -> Result<()> {
+    let port = format!("ul-{name}");
+    ip([
+        "-n",
+        UNDERLAY_NS,
+        "link",
+        "add",
+        &port,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "ul0",
+        "netns",
+        ns,
+    ])?;
+    ip([
+        "-n",
+        UNDERLAY_NS,
+        "link",
+        "set",
+        &port,
+        "master",
+        "ul0",
+        "up",
+    ])?;
+    ip(["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "ul0"])?;
+    ip(["-n", ns, "link", "set", "ul0", "up"])?;
+    Ok(())
+}
+
 /// The overlay address of the lab's `i`-th host (from 0), for its published ports: outside the
 /// containers' range.
 fn host_overlay_ip(i: usize) -> Ipv4Addr {
@@ -528,41 +561,7 @@ pub async fn up(
         sysctl("net.ipv6.conf.all.disable_ipv6=1")?;
         sysctl("net.ipv6.conf.default.disable_ipv6=1")?;
         ip(["-n", &ns, "link", "set", "lo", "up"])?;
-        let port = format!("ul-{name}");
-        ip([
-            "-n",
-            UNDERLAY_NS,
-            "link",
-            "add",
-            &port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "ul0",
-            "netns",
-            &ns,
-        ])?;
-        ip([
-            "-n",
-            UNDERLAY_NS,
-            "link",
-            "set",
-            &port,
-            "master",
-            "ul0",
-            "up",
-        ])?;
-        ip([
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{ul_ip}/24"),
-            "dev",
-            "ul0",
-        ])?;
-        ip(["-n", &ns, "link", "set", "ul0", "up"])?;
+        attach_underlay(&ns, name, ul_ip)?;
         ip(["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
         ip([
             "-n",
@@ -675,41 +674,7 @@ pub async fn up(
         );
         ip(["netns", "add", &m.netns])?;
         ip(["-n", &m.netns, "link", "set", "lo", "up"])?;
-        let port = format!("ul-{}", m.name);
-        ip([
-            "-n",
-            UNDERLAY_NS,
-            "link",
-            "add",
-            &port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "ul0",
-            "netns",
-            &m.netns,
-        ])?;
-        ip([
-            "-n",
-            UNDERLAY_NS,
-            "link",
-            "set",
-            &port,
-            "master",
-            "ul0",
-            "up",
-        ])?;
-        ip([
-            "-n",
-            &m.netns,
-            "addr",
-            "add",
-            &format!("{}/24", m.ip),
-            "dev",
-            "ul0",
-        ])?;
-        ip(["-n", &m.netns, "link", "set", "ul0", "up"])?;
+        attach_underlay(&m.netns, &m.name, m.ip)?;
         std::fs::create_dir_all(&m.data_dir)?;
     }
 
