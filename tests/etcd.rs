@@ -312,7 +312,11 @@ fn a_migration_completes_while_an_etcd_member_is_killed_and_hosts_converge_after
     let down = eventually(Duration::from_secs(10), || {
         !etcd_get("/ferry/hosts/").contains_key("/ferry/hosts/h3")
     });
-    assert!(down, "h3's lease never lapsed: {:?}", etcd_get("/ferry/hosts/"));
+    assert!(
+        down,
+        "h3's lease never lapsed: {:?}",
+        etcd_get("/ferry/hosts/")
+    );
     let (code, report) = migrate_json("echo", "h1", &[], Duration::from_secs(60));
     assert_eq!(code, 0, "{report}");
     assert_eq!(
@@ -321,7 +325,10 @@ fn a_migration_completes_while_an_etcd_member_is_killed_and_hosts_converge_after
         "h3 missed the move while down"
     );
     ferry_ok(&["lab", "start-agent", "h3"]);
-    assert!(etcd_get("/ferry/hosts/").contains_key("/ferry/hosts/h3"), "h3 registered again");
+    assert!(
+        etcd_get("/ferry/hosts/").contains_key("/ferry/hosts/h3"),
+        "h3 registered again"
+    );
     assert_fdbs_match_etcd(&["h3"], Duration::from_secs(10));
 
     // Every agent restarted: each FDB still matches etcd, and the container still answers.
